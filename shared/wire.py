@@ -1,0 +1,482 @@
+# The wire contract between devices and the gateway (MQTT topics + binary messages).
+# Runs unchanged under MicroPython and CPython: only struct, no classes from typing/dataclasses.
+# Layouts, limits and the reasons for a binary encoding are in docs/wire.md.
+import struct
+
+VERSION = 1
+MAGIC = 0xE5
+
+# Message types (byte 2 of every message).
+MSG_READINGS = 1  # batch of raw readings, fixed 12-byte records
+MSG_RECORDS = 2  # batch of window / cep / anomaly / status / gap records
+MSG_ACK = 3  # gateway -> device
+MSG_HELLO = 4  # device birth: firmware, backlog
+MSG_STATE = 5  # device online/offline (retained; offline is the last will)
+MSG_GW_STATE = 6  # gateway online/offline (retained; offline is its last will)
+
+# Record kinds. Identity of every record is (device_id, boot, seq).
+KIND_READING = 1
+KIND_WINDOW = 2
+KIND_CEP = 3
+KIND_ANOMALY = 4
+KIND_STATUS = 5
+KIND_GAP = 6  # seq ranges the device dropped by policy (outbox full)
+KIND_NAMES = {1: "reading", 2: "window", 3: "cep", 4: "anomaly", 5: "status", 6: "gap"}
+
+# Record flags.
+FLAG_UNSYNCED = 1  # t is ms since boot, not epoch: the device had no clock yet
+FLAG_CLAMPED = 2  # value saturated to the int32 range
+
+# Values travel as fixed point: value * SCALE as a signed 32-bit integer.
+SCALE = 1000
+I32_MIN = -2147483648
+I32_MAX = 2147483647
+
+MAX_PAYLOAD = 65536  # bytes; larger payloads are rejected before parsing
+MAX_DEVICE_ID = 32
+MAX_RULE_ID = 32
+MAX_EVIDENCE = 8
+MAX_GAP_RANGES = 16
+MAX_FW = 32
+
+_HDR = ">BBBBIIqH"  # magic, version, type, id length, boot, base_seq, base_time, count
+HDR_SIZE = struct.calcsize(_HDR)  # 22, followed by the device id bytes
+_READING = ">HiBBi"  # seq offset, time offset, channel, flags, value
+READING_SIZE = struct.calcsize(_READING)  # 12
+_REC = ">BHiB"  # kind, seq offset, time offset, flags
+REC_SIZE = struct.calcsize(_REC)  # 8
+_WINDOW = ">BIIiiiIII"  # channel, size_ms, count, min, max, mean, std, first_dt, last_dt
+_ANOMALY = ">BBiii"  # channel, detector, score, value, baseline
+_STATUS = ">IIIIIiII"  # uptime_s, outbox_records, outbox_bytes, dropped, late, clock_offset_ms, free_mem, reconnects
+_CEP = ">BIB"  # severity, span_ms, evidence count (rule id and evidence follow)
+_GAP = ">IB"  # boot of the dropped records, range count; then (first_seq u32, length u16) each
+_ACK = ">BBBBIIqIB"  # magic, version, type, flags, boot, seq, gw_time_ms, credits, replay (0/1)
+_HELLO = ">IIIB"  # backlog records, oldest boot, oldest seq, fw length
+_STATE = ">BB"  # online, reserved
+
+DETECTOR_ZSCORE = 1
+DETECTOR_EWMA = 2
+
+# Ack flags.
+ACK_HAS_TIME = 1  # gw_time_ms is a valid time beacon
+ACK_NONE = 2  # nothing of this boot committed yet (seq is meaningless)
+
+
+class WireError(ValueError):
+    """The one error every decoder raises; .reason is a short machine-readable cause."""
+
+    def __init__(self, reason, detail=""):
+        super().__init__(reason + (": " + detail if detail else ""))
+        self.reason = reason
+        self.detail = detail
+
+
+# ---------------------------------------------------------------- topics
+
+
+class Topics:
+    """Topic layout under a prefix (default 'edgeflow').
+
+    device -> gateway: {p}/d/{id}/data (QoS 1), {p}/d/{id}/hello (QoS 1),
+                       {p}/d/{id}/state (retained; 'offline' is the last will)
+    gateway -> device: {p}/d/{id}/ack (QoS 1), {p}/gw/state (retained; last will)
+    """
+
+    def __init__(self, prefix="edgeflow"):
+        check_topic_part(prefix, "prefix", 64, True)
+        self.prefix = prefix
+        self.gw_state = prefix + "/gw/state"
+        self.sub_data = prefix + "/d/+/data"
+        self.sub_hello = prefix + "/d/+/hello"
+        self.sub_state = prefix + "/d/+/state"
+
+    def data(self, dev):
+        return self.prefix + "/d/" + dev + "/data"
+
+    def hello(self, dev):
+        return self.prefix + "/d/" + dev + "/hello"
+
+    def state(self, dev):
+        return self.prefix + "/d/" + dev + "/state"
+
+    def ack(self, dev):
+        return self.prefix + "/d/" + dev + "/ack"
+
+    def parse(self, topic):
+        """Return (device_id, leaf) for a device topic, raise WireError otherwise."""
+        if isinstance(topic, (bytes, bytearray)):
+            topic = bytes(topic).decode()
+        p = self.prefix + "/d/"
+        if not topic.startswith(p):
+            raise WireError("bad_topic", topic)
+        rest = topic[len(p):]
+        i = rest.find("/")
+        if i <= 0:
+            raise WireError("bad_topic", topic)
+        dev = rest[:i]
+        leaf = rest[i + 1:]
+        check_device_id(dev)
+        if leaf not in ("data", "hello", "state", "ack"):
+            raise WireError("bad_topic", topic)
+        return dev, leaf
+
+
+_ID_CHARS = "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789_-"
+
+
+def check_topic_part(s, what, limit, allow_slash=False):
+    if not isinstance(s, str) or not s or len(s) > limit:
+        raise WireError("bad_" + what, repr(s))
+    for c in s:
+        if c not in _ID_CHARS and not (allow_slash and c == "/"):
+            raise WireError("bad_" + what, repr(s))
+    return s
+
+
+def check_device_id(dev):
+    """Device ids are 1..32 of [A-Za-z0-9_-]: safe in topics and file names."""
+    return check_topic_part(dev, "device_id", MAX_DEVICE_ID)
+
+
+# ---------------------------------------------------------------- helpers
+
+
+def to_fixed(x):
+    """float -> fixed point int (value * SCALE), saturated to int32. Not for the per-sample path."""
+    v = int(round(x * SCALE))
+    if v > I32_MAX:
+        return I32_MAX
+    if v < I32_MIN:
+        return I32_MIN
+    return v
+
+
+def _u32(v, what):
+    if not isinstance(v, int) or v < 0 or v > 0xFFFFFFFF:
+        raise WireError("bad_" + what, repr(v))
+    return v
+
+
+def _i32(v, what):
+    if not isinstance(v, int) or v < I32_MIN or v > I32_MAX:
+        raise WireError("bad_" + what, repr(v))
+    return v
+
+
+def _need(buf, off, size, what):
+    if off + size > len(buf):
+        raise WireError("truncated", what)
+
+
+def _ascii(b, what):
+    try:
+        s = bytes(b).decode()
+    except Exception:
+        raise WireError("bad_" + what, "not utf-8")
+    return s
+
+
+# ---------------------------------------------------------------- data messages
+
+
+def _header(mtype, device_id, boot, base_seq, base_time, n):
+    check_device_id(device_id)
+    _u32(boot, "boot")
+    _u32(base_seq, "seq")
+    if not isinstance(base_time, int):
+        raise WireError("bad_time", repr(base_time))
+    if n > 0xFFFF:
+        raise WireError("too_many_records", str(n))
+    idb = device_id.encode()
+    return struct.pack(_HDR, MAGIC, VERSION, mtype, len(idb), boot, base_seq, base_time, n) + idb
+
+
+def _offsets(seq, t, base_seq, base_time):
+    ds = seq - base_seq
+    if ds < 0 or ds > 0xFFFF:
+        raise WireError("seq_span", "seq %d base %d" % (seq, base_seq))
+    dt = t - base_time
+    if dt < I32_MIN or dt > I32_MAX:
+        raise WireError("time_span", "t %d base %d" % (t, base_time))
+    return ds, dt
+
+
+def encode_readings(device_id, boot, readings):
+    """readings: list of (seq, t_ms, channel, flags, value_fixed), seq ascending.
+
+    One message per call; seqs must lie within 65535 of the first and times within +-24 days.
+    """
+    n = len(readings)
+    if n == 0:
+        raise WireError("empty")
+    base_seq = readings[0][0]
+    base_time = readings[0][1]
+    out = bytearray(_header(MSG_READINGS, device_id, boot, base_seq, base_time, n))
+    off = len(out)
+    out.extend(bytes(n * READING_SIZE))
+    for r in readings:
+        ds, dt = _offsets(r[0], r[1], base_seq, base_time)
+        if r[2] < 0 or r[2] > 255 or r[3] < 0 or r[3] > 255:
+            raise WireError("bad_channel", repr(r))
+        struct.pack_into(_READING, out, off, ds, dt, r[2], r[3], _i32(r[4], "value"))
+        off += READING_SIZE
+    if len(out) > MAX_PAYLOAD:
+        raise WireError("oversize", str(len(out)))
+    return bytes(out)
+
+
+def encode_body(kind, body):
+    """Kind-specific bytes of a non-reading record. body is a tuple, see docs/wire.md."""
+    if kind == KIND_WINDOW:
+        ch, size_ms, count, mn, mx, mean, std, first_dt, last_dt = body
+        return struct.pack(_WINDOW, ch, size_ms, count, _i32(mn, "min"), _i32(mx, "max"),
+                           _i32(mean, "mean"), _u32(std, "std"), first_dt, last_dt)
+    if kind == KIND_CEP:
+        rule_id, severity, span_ms, evidence = body
+        check_topic_part(rule_id, "rule_id", MAX_RULE_ID)
+        if len(evidence) > MAX_EVIDENCE:
+            raise WireError("bad_evidence", "more than %d values" % MAX_EVIDENCE)
+        rb = rule_id.encode()
+        out = bytearray(struct.pack(">B", len(rb)) + rb + struct.pack(_CEP, severity, _u32(span_ms, "span"), len(evidence)))
+        for v in evidence:
+            out.extend(struct.pack(">i", _i32(v, "evidence")))
+        return bytes(out)
+    if kind == KIND_ANOMALY:
+        ch, detector, score, value, baseline = body
+        return struct.pack(_ANOMALY, ch, detector, _i32(score, "score"), _i32(value, "value"), _i32(baseline, "baseline"))
+    if kind == KIND_STATUS:
+        up, ob_n, ob_b, dropped, late, offset, free, reconnects = body
+        return struct.pack(_STATUS, up, ob_n, ob_b, dropped, late, _i32(offset, "offset"), free, reconnects)
+    if kind == KIND_GAP:
+        gboot, ranges = body
+        if not ranges or len(ranges) > MAX_GAP_RANGES:
+            raise WireError("bad_gap", "1..%d ranges" % MAX_GAP_RANGES)
+        out = bytearray(struct.pack(_GAP, _u32(gboot, "boot"), len(ranges)))
+        for first, length in ranges:
+            if length < 1 or length > 0xFFFF:
+                raise WireError("bad_gap", "length %r" % length)
+            out.extend(struct.pack(">IH", _u32(first, "seq"), length))
+        return bytes(out)
+    raise WireError("unknown_kind", str(kind))
+
+
+def encode_records(device_id, boot, records):
+    """records: list of (kind, seq, t_ms, flags, body), seq ascending; kind != READING."""
+    n = len(records)
+    if n == 0:
+        raise WireError("empty")
+    base_seq = records[0][1]
+    base_time = records[0][2]
+    out = bytearray(_header(MSG_RECORDS, device_id, boot, base_seq, base_time, n))
+    for kind, seq, t, flags, body in records:
+        ds, dt = _offsets(seq, t, base_seq, base_time)
+        b = encode_body(kind, body)
+        out.extend(struct.pack(_REC, kind, ds, dt, flags))
+        out.extend(b)
+    if len(out) > MAX_PAYLOAD:
+        raise WireError("oversize", str(len(out)))
+    return bytes(out)
+
+
+def _decode_body(kind, buf, off):
+    """Return (body tuple, new offset)."""
+    if kind == KIND_WINDOW:
+        size = 33
+        _need(buf, off, size, "window")
+        return struct.unpack_from(_WINDOW, buf, off), off + size
+    if kind == KIND_CEP:
+        _need(buf, off, 1, "cep")
+        ln = buf[off]
+        off += 1
+        _need(buf, off, ln + 6, "cep")
+        rule = _ascii(buf[off:off + ln], "rule_id")
+        check_topic_part(rule, "rule_id", MAX_RULE_ID)
+        off += ln
+        sev, span, ne = struct.unpack_from(_CEP, buf, off)
+        off += 6
+        if ne > MAX_EVIDENCE:
+            raise WireError("bad_evidence", str(ne))
+        _need(buf, off, 4 * ne, "cep evidence")
+        ev = struct.unpack_from(">" + "i" * ne, buf, off) if ne else ()
+        return (rule, sev, span, tuple(ev)), off + 4 * ne
+    if kind == KIND_ANOMALY:
+        _need(buf, off, 14, "anomaly")
+        b = struct.unpack_from(_ANOMALY, buf, off)
+        if b[1] not in (DETECTOR_ZSCORE, DETECTOR_EWMA):
+            raise WireError("bad_detector", str(b[1]))
+        return b, off + 14
+    if kind == KIND_STATUS:
+        _need(buf, off, 32, "status")
+        return struct.unpack_from(_STATUS, buf, off), off + 32
+    if kind == KIND_GAP:
+        _need(buf, off, 5, "gap")
+        gboot, nr = struct.unpack_from(_GAP, buf, off)
+        off += 5
+        if nr < 1 or nr > MAX_GAP_RANGES:
+            raise WireError("bad_gap", str(nr))
+        _need(buf, off, 6 * nr, "gap ranges")
+        ranges = []
+        for i in range(nr):
+            first, length = struct.unpack_from(">IH", buf, off)
+            if length < 1:
+                raise WireError("bad_gap", "empty range")
+            ranges.append((first, length))
+            off += 6
+        return (gboot, tuple(ranges)), off
+    raise WireError("unknown_kind", str(kind))
+
+
+def _check_max(payload, max_size):
+    if not isinstance(payload, (bytes, bytearray, memoryview)):
+        raise WireError("not_bytes", str(type(payload)))
+    if len(payload) > max_size:
+        raise WireError("oversize", "%d > %d bytes" % (len(payload), max_size))
+    if len(payload) < 4:
+        raise WireError("truncated", "%d bytes" % len(payload))
+    if payload[0] != MAGIC:
+        raise WireError("bad_magic", "0x%02x" % payload[0])
+    if payload[1] != VERSION:
+        if payload[1] > VERSION:
+            raise WireError("newer_version", "v%d, this side speaks v%d" % (payload[1], VERSION))
+        raise WireError("unknown_version", "v%d" % payload[1])
+
+
+def decode_data(payload, max_size=MAX_PAYLOAD):
+    """Decode a MSG_READINGS or MSG_RECORDS payload.
+
+    Returns (mtype, device_id, boot, records). Readings are tuples
+    (seq, t, channel, flags, value); other records (kind, seq, t, flags, body).
+    Every problem raises WireError.
+    """
+    _check_max(payload, max_size)
+    buf = payload
+    _need(buf, 0, HDR_SIZE, "header")
+    _m, _v, mtype, idlen, boot, base_seq, base_time, n = struct.unpack_from(_HDR, buf, 0)
+    if mtype != MSG_READINGS and mtype != MSG_RECORDS:
+        raise WireError("unexpected_type", str(mtype))
+    if n == 0:
+        raise WireError("empty")
+    _need(buf, HDR_SIZE, idlen, "device id")
+    dev = _ascii(buf[HDR_SIZE:HDR_SIZE + idlen], "device_id")
+    check_device_id(dev)
+    off = HDR_SIZE + idlen
+    out = []
+    last = -1
+    if mtype == MSG_READINGS:
+        if len(buf) != off + n * READING_SIZE:
+            raise WireError("bad_length", "%d readings need %d bytes, got %d" % (n, off + n * READING_SIZE, len(buf)))
+        for i in range(n):
+            ds, dt, ch, fl, v = struct.unpack_from(_READING, buf, off)
+            off += READING_SIZE
+            if ds <= last:
+                raise WireError("seq_order", "offset %d after %d" % (ds, last))
+            last = ds
+            out.append((base_seq + ds, base_time + dt, ch, fl, v))
+    else:
+        for i in range(n):
+            _need(buf, off, REC_SIZE, "record header")
+            kind, ds, dt, fl = struct.unpack_from(_REC, buf, off)
+            off += REC_SIZE
+            if kind == KIND_READING or kind not in KIND_NAMES:
+                raise WireError("unknown_kind", str(kind))
+            if ds <= last:
+                raise WireError("seq_order", "offset %d after %d" % (ds, last))
+            last = ds
+            body, off = _decode_body(kind, buf, off)
+            out.append((kind, base_seq + ds, base_time + dt, fl, body))
+        if off != len(buf):
+            raise WireError("trailing_bytes", str(len(buf) - off))
+    if base_seq + last > 0xFFFFFFFF:
+        raise WireError("bad_seq", "seq beyond u32")
+    return mtype, dev, boot, out
+
+
+# ---------------------------------------------------------------- control messages
+
+
+def encode_ack(boot, seq, gw_time_ms, credits, replay=True, flags=ACK_HAS_TIME):
+    """Gateway -> device: every record of `boot` with seq <= `seq` is committed.
+
+    credits: backlog records the device may replay now; replay False holds replay.
+    """
+    return struct.pack(_ACK, MAGIC, VERSION, MSG_ACK, flags, _u32(boot, "boot"), _u32(seq, "seq"),
+                       gw_time_ms, _u32(credits, "credits"), 1 if replay else 0)
+
+
+ACK_SIZE = struct.calcsize(_ACK)
+
+
+def decode_ack(payload):
+    """Returns (boot, seq, gw_time_ms or None, credits, replay, flags)."""
+    _check_max(payload, 256)
+    if len(payload) != ACK_SIZE:
+        raise WireError("bad_length", "ack is %d bytes" % ACK_SIZE)
+    _m, _v, mtype, flags, boot, seq, t, credits, replay = struct.unpack_from(_ACK, payload, 0)
+    if mtype != MSG_ACK:
+        raise WireError("unexpected_type", str(mtype))
+    return boot, seq, (t if flags & ACK_HAS_TIME else None), credits, replay == 1, flags
+
+
+def encode_hello(device_id, boot, next_seq, now_ms, backlog, oldest_boot, oldest_seq, fw, flags=0):
+    """Device birth, sent on every connect: who it is, its backlog and firmware."""
+    fwb = fw.encode()
+    if len(fwb) > MAX_FW:
+        raise WireError("bad_fw", fw)
+    return (_header(MSG_HELLO, device_id, boot, next_seq, now_ms, flags)
+            + struct.pack(_HELLO, _u32(backlog, "backlog"), _u32(oldest_boot, "boot"), _u32(oldest_seq, "seq"), len(fwb)) + fwb)
+
+
+def decode_hello(payload):
+    """Returns a dict: device_id, boot, next_seq, now_ms, flags, backlog, oldest_boot, oldest_seq, fw."""
+    _check_max(payload, 512)
+    _need(payload, 0, HDR_SIZE, "header")
+    _m, _v, mtype, idlen, boot, next_seq, now, flags = struct.unpack_from(_HDR, payload, 0)
+    if mtype != MSG_HELLO:
+        raise WireError("unexpected_type", str(mtype))
+    _need(payload, HDR_SIZE, idlen + 13, "hello")
+    dev = check_device_id(_ascii(payload[HDR_SIZE:HDR_SIZE + idlen], "device_id"))
+    off = HDR_SIZE + idlen
+    backlog, ob, os_, fl = struct.unpack_from(_HELLO, payload, off)
+    off += 13
+    if len(payload) != off + fl:
+        raise WireError("bad_length", "hello")
+    fw = _ascii(payload[off:off + fl], "fw")
+    return {"device_id": dev, "boot": boot, "next_seq": next_seq, "now_ms": now, "flags": flags,
+            "backlog": backlog, "oldest_boot": ob, "oldest_seq": os_, "fw": fw}
+
+
+def encode_state(online, gateway=False):
+    """Device or gateway presence (retained). The offline form is the last will."""
+    return bytes((MAGIC, VERSION, MSG_GW_STATE if gateway else MSG_STATE, 0, 1 if online else 0, 0))
+
+
+def decode_state(payload, gateway=False):
+    """Returns True for online, False for offline."""
+    _check_max(payload, 64)
+    if len(payload) != 6:
+        raise WireError("bad_length", "state is 6 bytes")
+    if payload[2] != (MSG_GW_STATE if gateway else MSG_STATE):
+        raise WireError("unexpected_type", str(payload[2]))
+    if payload[4] > 1:
+        raise WireError("bad_state", str(payload[4]))
+    return payload[4] == 1
+
+
+# ---------------------------------------------------------------- event time
+
+
+MIN_TIME_MS = 1577836800000  # 2020-01-01T00:00:00Z
+MAX_FUTURE_MS = 86400000  # one day ahead of the gateway's clock
+
+
+def check_event_time(t, now_ms, max_future=MAX_FUTURE_MS):
+    """Gateway-side validation of an epoch-ms event time. Returns None or a reason."""
+    if t < MIN_TIME_MS:
+        if t >= 1577836800 and t < 4102444800:
+            return "seconds_not_ms"
+        return "before_2020"
+    if t > now_ms + max_future:
+        if t >= 1577836800000000:
+            return "micros_not_ms"
+        return "far_future"
+    return None
