@@ -1,0 +1,91 @@
+# Event time on the device: the ticks-to-epoch mapping of this boot.
+#
+# boot_ms(): ms since boot, built from wrapping ticks (call it at least once per ticks period,
+# 2**30 ms ~ 12.4 days; the app's tasks call it every second).
+# boot_epoch: epoch ms at boot_ms == 0, known after the first NTP answer or gateway time beacon.
+# Records taken before that carry FLAG_UNSYNCED and t = boot ms; stamp() converts records of the
+# CURRENT boot to epoch at send time. Records of earlier boots that never synced stay flagged:
+# their boot's epoch is unknowable, so they are never stamped wrong.
+#
+# Sources: NTP when reachable (preferred); else the gateway's ack time beacon. A later reference
+# only measures the offset (offset_ms = our estimate - reference) unless it differs by more than
+# max_step_ms, then the mapping steps. A beacon never overrides an NTP mapping of this boot.
+from shared import wire
+
+_I32_MAX = 2147483647
+
+
+class Clock:
+    def __init__(self, hal, boot, max_step_ms=1000, use_beacon=True):
+        self.hal = hal
+        self.boot = boot
+        self.max_step = max_step_ms
+        self.use_beacon = use_beacon
+        self._last = hal.ticks_ms()
+        self._ms = self._last  # ticks start at 0 at reset: ms since boot
+        self.boot_epoch = None
+        self.source = None
+        self.offset_ms = 0
+        self.syncs = 0
+        self.steps = 0
+
+    def boot_ms(self):
+        now = self.hal.ticks_ms()
+        d = self.hal.ticks_diff(now, self._last)
+        if d > 0:
+            self._ms += d
+            self._last = now
+        return self._ms
+
+    @property
+    def synced(self):
+        return self.boot_epoch is not None
+
+    def now(self):
+        """Epoch ms now, or None before the first sync."""
+        if self.boot_epoch is None:
+            return None
+        return self.boot_epoch + self.boot_ms()
+
+    def stamp_now(self):
+        """(t, flags) for a record made now: epoch if synced, else boot ms + FLAG_UNSYNCED."""
+        b = self.boot_ms()
+        if self.boot_epoch is None:
+            return b, wire.FLAG_UNSYNCED
+        return self.boot_epoch + b, 0
+
+    def set_time(self, epoch_ms, source, at_boot_ms=None):
+        """A reference time (source 'ntp' or 'gw') valid at at_boot_ms (default now).
+        Returns True when the mapping was set or stepped."""
+        if epoch_ms is None or epoch_ms < wire.MIN_TIME_MS:
+            return False
+        if source == "gw" and not self.use_beacon:
+            return False
+        b = self.boot_ms() if at_boot_ms is None else at_boot_ms
+        new = epoch_ms - b
+        self.syncs += 1
+        if self.boot_epoch is None:
+            self.boot_epoch = new
+            self.source = source
+            self.offset_ms = 0
+            return True
+        off = self.boot_epoch - new
+        if off > _I32_MAX:
+            off = _I32_MAX
+        elif off < -_I32_MAX:
+            off = -_I32_MAX
+        self.offset_ms = off
+        if source == "gw" and self.source == "ntp":
+            return False
+        if off > self.max_step or off < -self.max_step or (source == "ntp" and self.source != "ntp"):
+            self.boot_epoch = new
+            self.source = source
+            self.steps += 1
+            return True
+        return False
+
+    def stamp(self, boot, t, flags):
+        """Send-time conversion: (t, flags) of a stored record as it goes on the wire."""
+        if flags & wire.FLAG_UNSYNCED and boot == self.boot and self.boot_epoch is not None:
+            return self.boot_epoch + t, flags & ~wire.FLAG_UNSYNCED
+        return t, flags

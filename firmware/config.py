@@ -1,0 +1,225 @@
+# Device configuration (config.json at the board root): validation and defaults.
+#
+#   cfg = load(dict_or_json_text)  -> a new dict with every default filled in
+#   raises ConfigError(path, reason): str(e) == "config.broker.port: must be ... (got ...)"
+#
+# Used at boot (errors printed on the serial console) and by tools/deploy.py before copying.
+# Every field and default is listed in docs/firmware.md. Sections the edge pipeline owns
+# (window, rules, anomaly, cep, ring, pipeline) are checked for type only and passed through.
+import json
+
+from shared import wire
+
+
+class ConfigError(ValueError):
+    def __init__(self, path, reason):
+        super().__init__("config.%s: %s" % (path, reason))
+        self.path = path
+        self.reason = reason
+
+
+_CHANNELS = ("temp", "hum", "pot")
+
+# (section, key, kind, default, lo, hi); kind: int, bool, str
+_FIELDS = (
+    ("broker", "port", "int", 1883, 1, 65535),
+    ("broker", "keepalive_s", "int", 30, 5, 600),
+    ("broker", "timeout_ms", "int", 5000, 500, 60000),
+    ("raw", "send", "bool", True, None, None),
+    ("raw", "every", "int", 1, 1, 3600),
+    ("outbox", "max_bytes", "int", 262144, 4096, 16777216),
+    ("outbox", "segment_bytes", "int", 8192, 256, 1048576),
+    ("outbox", "batch_records", "int", 16, 1, 256),
+    ("outbox", "batch_ms", "int", 2000, 0, 600000),
+    ("outbox", "ack_persist_ms", "int", 10000, 0, 3600000),
+    ("outbox", "dir", "str", "ob", 1, 16),
+    ("uplink", "batch_max", "int", 50, 1, 1000),
+    ("uplink", "resend_ms", "int", 30000, 1000, 3600000),
+    ("uplink", "backoff_base_ms", "int", 1000, 10, 600000),
+    ("uplink", "backoff_cap_ms", "int", 60000, 10, 3600000),
+    ("uplink", "wifi_timeout_ms", "int", 20000, 1000, 600000),
+    ("uplink", "max_inflight", "int", 16, 1, 256),
+    ("clock", "ntp_host", "str", "pool.ntp.org", 0, 64),
+    ("clock", "ntp_every_s", "int", 3600, 0, 604800),
+    ("clock", "use_beacon", "bool", True, None, None),
+    ("clock", "max_step_ms", "int", 1000, 10, 86400000),
+)
+_TOP = (
+    ("prefix", "str", "edgeflow", 1, 64),
+    ("sample_ms", "int", 1000, 10, 3600000),
+    ("status_every_s", "int", 60, 0, 86400),
+    ("watchdog_ms", "int", 30000, 0, 600000),
+)
+_SECTIONS = ("broker", "wifi", "raw", "outbox", "uplink", "clock")
+_PASS = {"window": (dict,), "rules": (list,), "anomaly": (dict,), "ring": (dict, int), "count_window": (int,)}
+
+
+def _is_int(v):
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _check(path, v, kind, lo, hi):
+    if kind == "int":
+        if not _is_int(v):
+            raise ConfigError(path, "must be an integer (got %r)" % (v,))
+        if v < lo or v > hi:
+            raise ConfigError(path, "must be %d..%d (got %d)" % (lo, hi, v))
+    elif kind == "bool":
+        if not isinstance(v, bool):
+            raise ConfigError(path, "must be true or false (got %r)" % (v,))
+    elif kind == "str":
+        if not isinstance(v, str):
+            raise ConfigError(path, "must be a string (got %r)" % (v,))
+        if len(v) < lo or len(v) > hi:
+            raise ConfigError(path, "must be %d..%d characters (got %d)" % (lo, hi, len(v)))
+    return v
+
+
+def load(src):
+    """Validate a config (dict or JSON text); returns a new dict with defaults filled in."""
+    if isinstance(src, (bytes, bytearray)):
+        src = bytes(src).decode()
+    if isinstance(src, str):
+        try:
+            src = json.loads(src)
+        except ValueError as e:
+            raise ConfigError("json", "not valid JSON (%s)" % e)
+    if not isinstance(src, dict):
+        raise ConfigError("json", "must be a JSON object")
+    for k in src:
+        if not isinstance(k, str):
+            raise ConfigError(repr(k), "keys must be strings")
+        if k.startswith("_") or k == "device_id" or k in _SECTIONS or k in _PASS:
+            continue
+        known = False
+        for t in _TOP:
+            if t[0] == k:
+                known = True
+        if k == "channels":
+            known = True
+        if not known:
+            raise ConfigError(k, "unknown field (typo?)")
+    cfg = {}
+    dev = src.get("device_id")
+    if dev is None:
+        raise ConfigError("device_id", "is required")
+    try:
+        wire.check_device_id(dev)
+    except wire.WireError:
+        raise ConfigError("device_id", "must be 1..32 of A-Z a-z 0-9 _ - (got %r)" % (dev,))
+    cfg["device_id"] = dev
+    for key, kind, default, lo, hi in _TOP:
+        cfg[key] = _check(key, src.get(key, default), kind, lo, hi)
+    try:
+        wire.check_topic_part(cfg["prefix"], "prefix", 64, True)
+    except wire.WireError:
+        raise ConfigError("prefix", "must be 1..64 of A-Z a-z 0-9 _ - / (got %r)" % (cfg["prefix"],))
+    if cfg["watchdog_ms"] and cfg["watchdog_ms"] < 2000:
+        raise ConfigError("watchdog_ms", "must be 0 (off) or >= 2000 (got %d)" % cfg["watchdog_ms"])
+    # sections
+    for sec in _SECTIONS:
+        v = src.get(sec, {})
+        if not isinstance(v, dict):
+            raise ConfigError(sec, "must be an object")
+        known = [f[1] for f in _FIELDS if f[0] == sec]
+        if sec == "broker":
+            known += ["host", "user", "password", "client_id"]
+        if sec == "wifi":
+            known += ["ssid", "password"]
+        for k in v:
+            if k not in known:
+                raise ConfigError(sec + "." + str(k), "unknown field (typo?)")
+        cfg[sec] = {}
+    for sec, key, kind, default, lo, hi in _FIELDS:
+        cfg[sec][key] = _check(sec + "." + key, src.get(sec, {}).get(key, default), kind, lo, hi)
+    b = src.get("broker", {})
+    host = b.get("host")
+    if not isinstance(host, str) or not host or len(host) > 253:
+        raise ConfigError("broker.host", "is required: a host name or IP address (got %r)" % (host,))
+    cfg["broker"]["host"] = host
+    for k in ("user", "password"):
+        if k in b:
+            cfg["broker"][k] = _check("broker." + k, b[k], "str", 0, 128)
+    cid = b.get("client_id", dev)
+    cfg["broker"]["client_id"] = _check("broker.client_id", cid, "str", 1, 64)
+    w = src.get("wifi", {})
+    cfg["wifi"]["ssid"] = _check("wifi.ssid", w.get("ssid", ""), "str", 0, 32)
+    pw = _check("wifi.password", w.get("password", ""), "str", 0, 64)
+    if pw and len(pw) < 8:
+        raise ConfigError("wifi.password", "must be empty (open network) or 8..64 characters")
+    cfg["wifi"]["password"] = pw
+    ob = cfg["outbox"]
+    if ob["segment_bytes"] * 2 > ob["max_bytes"]:
+        raise ConfigError("outbox.segment_bytes", "must be at most half of outbox.max_bytes (%d)" % ob["max_bytes"])
+    for c in ob["dir"]:
+        if c not in wire._ID_CHARS:
+            raise ConfigError("outbox.dir", "must be a plain name of A-Z a-z 0-9 _ - (got %r)" % ob["dir"])
+    up = cfg["uplink"]
+    if up["backoff_cap_ms"] < up["backoff_base_ms"]:
+        raise ConfigError("uplink.backoff_cap_ms", "must be >= uplink.backoff_base_ms")
+    chans = src.get("channels", list(_CHANNELS))
+    if isinstance(chans, dict):
+        # {name: channel number on the wire}; names are the sensors the HAL knows
+        for nm in chans:
+            if nm not in _CHANNELS:
+                raise ConfigError("channels." + str(nm), "unknown channel (known: %s)" % ", ".join(_CHANNELS))
+            _check("channels." + nm, chans[nm], "int", 0, 255)
+        if not chans:
+            raise ConfigError("channels", "no channel")
+        cfg["channels"] = dict(chans)
+    else:
+        if not isinstance(chans, list) or not chans:
+            raise ConfigError("channels", "must be a non-empty list of %s (or a {name: number} map)" % ", ".join(_CHANNELS))
+        seen = []
+        for i in range(len(chans)):
+            c = chans[i]
+            if c not in _CHANNELS:
+                raise ConfigError("channels[%d]" % i, "unknown channel %r (known: %s)" % (c, ", ".join(_CHANNELS)))
+            if c in seen:
+                raise ConfigError("channels[%d]" % i, "duplicate channel %r" % c)
+            seen.append(c)
+        cfg["channels"] = seen
+    for k in _PASS:
+        if k in src:
+            v = src[k]
+            ok = False
+            for t in _PASS[k]:
+                if isinstance(v, t) and not isinstance(v, bool):
+                    ok = True
+            if not ok:
+                raise ConfigError(k, "must be a JSON %s" % " or ".join(
+                    ["array" if t is list else "object" if t is dict else "integer" for t in _PASS[k]]))
+            cfg[k] = v
+    for k in src:
+        if k.startswith("_"):
+            cfg[k] = src[k]
+    _check_pipeline(cfg)
+    return cfg
+
+
+def channel_map(cfg):
+    """[(name, wire channel number)] of a loaded config."""
+    ch = cfg["channels"]
+    if isinstance(ch, dict):
+        return sorted(ch.items(), key=lambda kv: kv[1])
+    from firmware.hal import CHANNELS
+    return [(nm, CHANNELS[nm]) for nm in ch]
+
+
+def _check_pipeline(cfg):
+    """The edge pipeline validates its own sections (window, rules, anomaly, ...): build it once."""
+    try:
+        from firmware.pipeline import Pipeline
+    except ImportError:
+        return
+    try:
+        Pipeline(cfg, _ignore)
+    except ValueError as e:
+        path = getattr(e, "rule_id", None) or "pipeline"
+        if path not in ("window", "rules", "anomaly", "ring", "count_window", "channels") and "." not in path:
+            path = "rules." + path  # a rule id
+        raise ConfigError(path, getattr(e, "reason", str(e)))
+
+
+def _ignore(*a):
+    pass

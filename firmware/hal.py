@@ -1,0 +1,192 @@
+# Hardware abstraction layer: the interface every HAL implements, plus portable helpers.
+#
+# Everything above the HAL (outbox, clock, uplink, app, pipeline) imports no hardware
+# module; it talks to a HAL object:
+#   firmware.hal_esp32.Esp32Hal  the board (machine, network, dht, ntptime)
+#   firmware.hal_sim.SimHal      CPython and MicroPython without hardware (tests, fleet simulator)
+#
+# HAL methods (see Hal below for the defaults):
+#   ticks_ms() / ticks_diff(a, b)          monotonic ms (wraps like time.ticks_ms)
+#   async sleep_ms(ms)                     sleep on the HAL's clock (virtual in the simulator)
+#   read(ch) -> fixed int or None           one channel (CH_*), value * 1000; None = sensor missing
+#   fs                                      tiny filesystem: open/rename/remove/listdir/stat/mkdir
+#   wifi_connect(ssid, pw) / wifi_connected()
+#   ntp() -> epoch ms or None               one NTP query (None when unreachable)
+#   open_connection(host, port)            asyncio streams (reader, writer)
+#   led(on), button() -> bool, wdt_start(ms), wdt_feed(), reset(), mem_free(), mem_alloc(), rand(n)
+import os
+import time
+import asyncio
+
+# Channel ids (the u8 channel in readings and windows).
+CH_TEMP = 0  # DHT22 temperature, degC * 1000
+CH_HUM = 1  # DHT22 relative humidity, % * 1000
+CH_POT = 2  # potentiometer, % of full scale * 1000
+CHANNELS = {"temp": CH_TEMP, "hum": CH_HUM, "pot": CH_POT}
+
+# ---------------------------------------------------------------- portable time helpers
+
+try:
+    ticks_ms = time.ticks_ms
+    ticks_diff = time.ticks_diff
+    ticks_add = time.ticks_add
+except AttributeError:  # CPython
+    _T0 = time.monotonic()
+    _PERIOD = 1 << 30
+    _HALF = _PERIOD >> 1
+
+    def ticks_ms():
+        return int((time.monotonic() - _T0) * 1000) & (_PERIOD - 1)
+
+    def ticks_diff(a, b):
+        return ((a - b + _HALF) & (_PERIOD - 1)) - _HALF
+
+    def ticks_add(a, d):
+        return (a + d) & (_PERIOD - 1)
+
+
+async def sleep_ms(ms):
+    """asyncio sleep in ms on both runtimes (real time)."""
+    if hasattr(asyncio, "sleep_ms"):
+        await asyncio.sleep_ms(ms)
+    else:
+        await asyncio.sleep(ms / 1000)
+
+
+def epoch_2000_offset_s():
+    """Seconds to add to time.time() to get Unix time (some MicroPython ports count from 2000)."""
+    try:
+        return 946684800 if time.gmtime(0)[0] == 2000 else 0
+    except Exception:
+        return 0
+
+
+# ---------------------------------------------------------------- filesystem
+
+
+class PosixFS:
+    """The FS interface over `os` and `open`, rooted at a directory (flash root on the board)."""
+
+    def __init__(self, root=""):
+        self.root = root.rstrip("/")
+
+    def _p(self, path):
+        return self.root + "/" + path if self.root else path
+
+    def open(self, path, mode):
+        return open(self._p(path), mode)
+
+    def rename(self, a, b):
+        try:
+            os.rename(self._p(a), self._p(b))
+        except OSError:
+            # FAT and some VFS refuse to rename over an existing file; LittleFS replaces atomically.
+            if not self.exists(b):
+                raise
+            os.remove(self._p(b))
+            os.rename(self._p(a), self._p(b))
+
+    def remove(self, path):
+        os.remove(self._p(path))
+
+    def listdir(self, path=""):
+        return os.listdir(self._p(path) if path else (self.root or "."))
+
+    def stat_size(self, path):
+        return os.stat(self._p(path))[6]
+
+    def exists(self, path):
+        try:
+            os.stat(self._p(path))
+            return True
+        except OSError:
+            return False
+
+    def mkdir(self, path):
+        if not self.exists(path):
+            os.mkdir(self._p(path))
+
+
+def fs_read(fs, path):
+    """Whole file as bytes, or None when missing/unreadable."""
+    try:
+        f = fs.open(path, "rb")
+    except OSError:
+        return None
+    try:
+        return f.read()
+    finally:
+        f.close()
+
+
+# ---------------------------------------------------------------- the interface
+
+
+class Hal:
+    """Base class with no-hardware defaults; a HAL overrides what it has."""
+
+    fs = None
+    name = "base"
+
+    def ticks_ms(self):
+        return ticks_ms()
+
+    def ticks_diff(self, a, b):
+        return ticks_diff(a, b)
+
+    async def sleep_ms(self, ms):
+        await sleep_ms(ms)
+
+    def read(self, ch):
+        return None
+
+    def wifi_connect(self, ssid, password):
+        pass
+
+    def wifi_connected(self):
+        return True
+
+    def ntp(self, host=None):
+        return None
+
+    async def open_connection(self, host, port):
+        return await asyncio.open_connection(host, port)
+
+    def led(self, on):
+        pass
+
+    def button(self):
+        return False
+
+    def wdt_start(self, ms):
+        pass
+
+    def wdt_feed(self):
+        pass
+
+    def reset(self):
+        raise SystemExit("reset")
+
+    def mem_free(self):
+        try:
+            import gc
+            return gc.mem_free()
+        except AttributeError:
+            return 0
+
+    def mem_alloc(self):
+        try:
+            import gc
+            return gc.mem_alloc()
+        except AttributeError:
+            return 0
+
+    def rand(self, n):
+        """Uniform int in [0, n)."""
+        if n <= 1:
+            return 0
+        import random
+        return random.getrandbits(30) % n
+
+    def console(self, line):
+        print(line)

@@ -1,0 +1,146 @@
+# The ESP32 HAL (device only: imports machine, network, dht). Pins come from firmware/pins.py.
+#
+# Sensor values are fixed point (value * 1000) computed without floats:
+#   DHT22 from its raw 5-byte frame (tenths of degC / %RH) -> x100; re-measured at most every
+#   2 s (the sensor's minimum interval), the cached frame is used in between.
+#   pot from ADC read_u16() (11 dB attenuation, ~0..3.3 V) -> % of full scale x1000.
+import time
+import gc
+import asyncio
+
+import machine
+import network
+
+from firmware import pins
+from firmware import hal as _hal
+
+_DHT_MIN_MS = 2100
+
+
+class Esp32Hal(_hal.Hal):
+    name = "esp32"
+
+    def __init__(self, cfg=None, root=""):
+        self.fs = _hal.PosixFS(root)
+        self._adc = machine.ADC(machine.Pin(pins.POT_ADC))
+        try:
+            self._adc.atten(machine.ADC.ATTN_11DB)
+        except AttributeError:
+            pass
+        self._dht = None
+        try:
+            import dht
+            self._dht = dht.DHT22(machine.Pin(pins.DHT22_DATA))
+        except Exception as e:
+            print("edgeflow: no DHT22 driver (%r)" % (e,))
+        self._dht_at = None
+        self._dht_ok = False
+        self._led = machine.Pin(pins.STATUS_LED, machine.Pin.OUT)
+        self._btn = machine.Pin(pins.BUTTON, machine.Pin.IN, machine.Pin.PULL_UP)
+        self._wdt = None
+        self._wlan = network.WLAN(network.STA_IF)
+        self._epoch_fix = _hal.epoch_2000_offset_s()
+
+    # ---- time
+    def ticks_ms(self):
+        return time.ticks_ms()
+
+    def ticks_diff(self, a, b):
+        return time.ticks_diff(a, b)
+
+    async def sleep_ms(self, ms):
+        await asyncio.sleep_ms(ms)
+
+    # ---- sensors
+    def _dht_measure(self):
+        now = time.ticks_ms()
+        if self._dht_at is not None and time.ticks_diff(now, self._dht_at) < _DHT_MIN_MS:
+            return self._dht_ok
+        self._dht_at = now
+        try:
+            self._dht.measure()
+            self._dht_ok = True
+        except OSError:
+            self._dht_ok = False
+        return self._dht_ok
+
+    def read(self, ch):
+        if ch == _hal.CH_POT:
+            return (self._adc.read_u16() * 3125) >> 11  # 65535 -> 99998 (= 99.998 %)
+        if self._dht is None or not self._dht_measure():
+            return None
+        b = self._dht.buf
+        if ch == _hal.CH_TEMP:
+            v = ((b[2] & 0x7F) << 8 | b[3]) * 100
+            return -v if b[2] & 0x80 else v
+        if ch == _hal.CH_HUM:
+            return (b[0] << 8 | b[1]) * 100
+        return None
+
+    # ---- network
+    def wifi_connect(self, ssid, password):
+        w = self._wlan
+        w.active(True)
+        if not w.isconnected():
+            try:
+                w.connect(ssid, password)  # returns at once; wifi_connected() polls
+            except OSError as e:
+                print("edgeflow: wifi connect error %r" % (e,))
+
+    def wifi_connected(self):
+        return self._wlan.isconnected()
+
+    def ntp(self, host=None):
+        """One SNTP query (blocks up to 1 s); epoch ms with ms resolution, or None."""
+        import socket
+        import struct
+        s = None
+        try:
+            addr = socket.getaddrinfo(host or "pool.ntp.org", 123)[0][-1]
+            s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+            s.settimeout(1)
+            q = bytearray(48)
+            q[0] = 0x1B
+            s.sendto(q, addr)
+            msg = s.recv(48)
+            if len(msg) < 48:
+                return None
+            secs, frac = struct.unpack_from("!II", msg, 40)
+            if secs == 0:
+                return None
+            return (secs - 2208988800) * 1000 + (frac * 1000 >> 32)
+        except Exception:
+            return None
+        finally:
+            if s is not None:
+                s.close()
+
+    # ---- board
+    def led(self, on):
+        self._led.value(1 if on else 0)
+
+    def button(self):
+        return self._btn.value() == 0
+
+    def wdt_start(self, ms):
+        self._wdt = machine.WDT(timeout=ms)
+
+    def wdt_feed(self):
+        if self._wdt is not None:
+            self._wdt.feed()
+
+    def reset(self):
+        machine.reset()
+
+    def mem_free(self):
+        return gc.mem_free()
+
+    def mem_alloc(self):
+        return gc.mem_alloc()
+
+    def rand(self, n):
+        if n <= 1:
+            return 0
+        import os
+        b = os.urandom(4)
+        return ((b[0] << 22) | (b[1] << 14) | (b[2] << 6) | (b[3] >> 2)) % n

@@ -1,0 +1,87 @@
+# Device identity on flash: the boot counter, and a power-cut-safe two-slot store.
+#
+# Slots: two small files <name>.0 / <name>.1, each `gen u32 | len u16 | payload | crc32 u32`.
+# A write goes to the slot NOT holding the newest valid generation, so a power cut at any byte
+# of a write leaves the previous generation intact; the reader takes the valid slot with the
+# highest generation. One small write per update, no rename needed.
+import struct
+import binascii
+
+_HDR = ">IH"
+
+
+class Slots:
+    def __init__(self, fs, name):
+        self.fs = fs
+        self.name = name
+        self.gen = 0
+        self.slot = 1  # slot holding the newest generation (next write goes to the other)
+
+    def _read(self, i):
+        try:
+            f = self.fs.open("%s.%d" % (self.name, i), "rb")
+        except OSError:
+            return None
+        try:
+            data = f.read()
+        finally:
+            f.close()
+        if len(data) < 10:
+            return None
+        gen, n = struct.unpack_from(_HDR, data, 0)
+        if len(data) != 6 + n + 4:
+            return None
+        crc = struct.unpack_from(">I", data, 6 + n)[0]
+        if binascii.crc32(data[:6 + n]) & 0xFFFFFFFF != crc:
+            return None
+        return gen, data[6:6 + n]
+
+    def load(self):
+        """Newest valid payload (bytes) or None."""
+        best = None
+        for i in (0, 1):
+            r = self._read(i)
+            if r is not None and (best is None or r[0] > best[0]):
+                best = (r[0], r[1], i)
+        if best is None:
+            return None
+        self.gen = best[0]
+        self.slot = best[2]
+        return best[1]
+
+    def store(self, payload):
+        gen = self.gen + 1
+        slot = 1 - self.slot
+        head = struct.pack(_HDR, gen, len(payload)) + payload
+        data = head + struct.pack(">I", binascii.crc32(head) & 0xFFFFFFFF)
+        f = self.fs.open("%s.%d" % (self.name, slot), "wb")
+        try:
+            f.write(data)
+            if hasattr(f, "flush"):
+                f.flush()
+        finally:
+            f.close()
+        self.gen = gen
+        self.slot = slot
+
+
+class Identity:
+    """The flash boot counter. `Identity(fs).boot` is this boot's number (1 on a fresh device).
+
+    Incremented once per construction (= once per boot). If the power is cut while the
+    counter is written, the old value stays valid and that aborted boot produced no records,
+    so reusing its number is safe.
+    """
+
+    def __init__(self, fs, name="boot"):
+        self.slots = Slots(fs, name)
+        raw = self.slots.load()
+        prev = struct.unpack(">I", raw)[0] if raw is not None and len(raw) == 4 else 0
+        self.boot = (prev + 1) & 0xFFFFFFFF or 1
+        self.slots.store(struct.pack(">I", self.boot))
+        self.seq = 0
+
+    def next_seq(self):
+        s = self.seq
+        self.seq = s + 1
+        return s

@@ -1,0 +1,432 @@
+# A small asyncio MQTT 3.1.1 client for MicroPython that runs unchanged under CPython.
+#
+# QoS 0 and 1 (PUBACK tracking, bounded in-flight window, retransmit with DUP after a
+# reconnect), last will, keepalive pings, subscribe, clean reconnect. Streams come from
+# asyncio.open_connection (both runtimes; MicroPython's Stream has write/drain/readexactly)
+# or an injected open_connection (the simulated HAL uses it to cut connections).
+#
+# The packet encoders/decoders at the top are pure functions (tested under both runtimes).
+# The client never reconnects on its own: the owner (firmware.uplink) watches `connected`
+# and calls connect() again with its backoff.
+import struct
+import asyncio
+
+from firmware.hal import ticks_ms, ticks_diff, sleep_ms
+
+CONNECT = 1
+CONNACK = 2
+PUBLISH = 3
+PUBACK = 4
+SUBSCRIBE = 8
+SUBACK = 9
+UNSUBSCRIBE = 10
+UNSUBACK = 11
+PINGREQ = 12
+PINGRESP = 13
+DISCONNECT = 14
+
+PINGREQ_PACKET = b"\xc0\x00"
+DISCONNECT_PACKET = b"\xe0\x00"
+MAX_PACKET = 268435455
+
+
+class MQTTError(Exception):
+    pass
+
+
+# ---------------------------------------------------------------- pure packet functions
+
+
+def varlen(n):
+    if n < 0 or n > MAX_PACKET:
+        raise MQTTError("bad length %d" % n)
+    out = bytearray()
+    while True:
+        b = n & 0x7F
+        n >>= 7
+        if n:
+            out.append(b | 0x80)
+        else:
+            out.append(b)
+            return bytes(out)
+
+
+def decode_varlen(buf, off=0):
+    """(value, offset after) from buf at off; raises MQTTError if truncated or too long."""
+    n = 0
+    mult = 1
+    for i in range(4):
+        if off >= len(buf):
+            raise MQTTError("truncated length")
+        b = buf[off]
+        off += 1
+        n += (b & 0x7F) * mult
+        if not b & 0x80:
+            return n, off
+        mult *= 128
+    raise MQTTError("length over 4 bytes")
+
+
+def _s(s):
+    if isinstance(s, str):
+        s = s.encode()
+    if len(s) > 0xFFFF:
+        raise MQTTError("string too long")
+    return struct.pack(">H", len(s)) + s
+
+
+def _packet(first, body):
+    return bytes((first,)) + varlen(len(body)) + body
+
+
+def connect_packet(client_id, keepalive=30, clean=True, will=None, user=None, password=None):
+    """will: (topic, payload, qos, retain) or None."""
+    flags = 0x02 if clean else 0
+    payload = _s(client_id)
+    if will is not None:
+        topic, msg, qos, retain = will
+        flags |= 0x04 | (qos << 3) | (0x20 if retain else 0)
+        payload += _s(topic) + _s(msg)
+    if user is not None:
+        flags |= 0x80
+        payload += _s(user)
+        if password is not None:
+            flags |= 0x40
+            payload += _s(password)
+    body = _s("MQTT") + bytes((4, flags)) + struct.pack(">H", keepalive) + payload
+    return _packet(CONNECT << 4, body)
+
+
+def publish_packet(topic, payload, qos=0, retain=False, dup=False, pid=0):
+    if qos not in (0, 1):
+        raise MQTTError("qos %r not supported" % qos)
+    first = (PUBLISH << 4) | (qos << 1) | (1 if retain else 0) | (0x08 if dup and qos else 0)
+    body = _s(topic)
+    if qos:
+        if not 0 < pid <= 0xFFFF:
+            raise MQTTError("bad packet id")
+        body += struct.pack(">H", pid)
+    return _packet(first, body + payload)
+
+
+def set_dup(packet):
+    """The same PUBLISH with the DUP flag set (retransmission)."""
+    return bytes((packet[0] | 0x08,)) + packet[1:]
+
+
+def subscribe_packet(pid, topics):
+    """topics: list of (topic, qos)."""
+    body = struct.pack(">H", pid)
+    for t, q in topics:
+        body += _s(t) + bytes((q,))
+    return _packet((SUBSCRIBE << 4) | 0x02, body)
+
+
+def puback_packet(pid):
+    return struct.pack(">BBH", PUBACK << 4, 2, pid)
+
+
+def parse(first, body):
+    """Decode one packet (fixed-header first byte + body) into a tuple:
+    ('connack', session_present, rc) ('publish', topic, payload, qos, retain, dup, pid)
+    ('puback', pid) ('suback', pid, codes) ('unsuback', pid) ('pingresp',) ('pingreq',)."""
+    t = first >> 4
+    if t == PUBLISH:
+        qos = (first >> 1) & 3
+        if qos > 1:
+            raise MQTTError("qos 2 not supported")
+        if len(body) < 2:
+            raise MQTTError("truncated publish")
+        tl = (body[0] << 8) | body[1]
+        off = 2 + tl
+        if off > len(body):
+            raise MQTTError("truncated topic")
+        topic = bytes(body[2:off]).decode()
+        pid = 0
+        if qos:
+            if off + 2 > len(body):
+                raise MQTTError("truncated packet id")
+            pid = (body[off] << 8) | body[off + 1]
+            off += 2
+        return ("publish", topic, bytes(body[off:]), qos, bool(first & 1), bool(first & 8), pid)
+    if t == CONNACK:
+        if len(body) != 2:
+            raise MQTTError("bad connack")
+        return ("connack", body[0] & 1, body[1])
+    if t == PUBACK:
+        if len(body) != 2:
+            raise MQTTError("bad puback")
+        return ("puback", (body[0] << 8) | body[1])
+    if t == SUBACK:
+        if len(body) < 3:
+            raise MQTTError("bad suback")
+        return ("suback", (body[0] << 8) | body[1], tuple(body[2:]))
+    if t == UNSUBACK:
+        return ("unsuback", (body[0] << 8) | body[1])
+    if t == PINGRESP:
+        return ("pingresp",)
+    if t == PINGREQ:
+        return ("pingreq",)
+    raise MQTTError("unexpected packet type %d" % t)
+
+
+def split(buf):
+    """Parse a byte stream into packets (for tests and tools)."""
+    out = []
+    off = 0
+    while off < len(buf):
+        first = buf[off]
+        n, o = decode_varlen(buf, off + 1)
+        if o + n > len(buf):
+            raise MQTTError("truncated packet")
+        out.append(parse(first, buf[o:o + n]))
+        off = o + n
+    return out
+
+
+# ---------------------------------------------------------------- the client
+
+
+def _close_stream(w):
+    try:
+        w.close()
+    except Exception:
+        pass
+    s = getattr(w, "s", None)  # MicroPython Stream: close() is a no-op, the socket is .s
+    if s is not None:
+        try:
+            s.close()
+        except Exception:
+            pass
+
+
+class MQTTClient:
+    def __init__(self, client_id, host, port=1883, keepalive=30, will=None, clean=True, user=None,
+                 password=None, open_connection=None, on_message=None, max_inflight=16,
+                 timeout_ms=5000):
+        self.client_id = client_id
+        self.host = host
+        self.port = port
+        self.keepalive = keepalive
+        self.will = will
+        self.clean = clean
+        self.user = user
+        self.password = password
+        self.open_connection = open_connection or asyncio.open_connection
+        self.on_message = on_message
+        self.max_inflight = max_inflight
+        self.timeout_ms = timeout_ms
+        self.connected = False
+        self.inflight = []  # [pid, packet] awaiting PUBACK, oldest first (bounded)
+        self._pid = 0
+        self._r = None
+        self._w = None
+        self._lock = asyncio.Lock()
+        self._tasks = []
+        self._subacks = {}
+        self._last_rx = 0
+        self._last_tx = 0
+        self.last_error = None
+        # counters
+        self.connects = 0
+        self.published = 0
+        self.received = 0
+        self.pubacks = 0
+        self.retransmits = 0
+        self.pings = 0
+
+    def _next_pid(self):
+        for _ in range(0x10000):
+            self._pid = self._pid % 0xFFFF + 1
+            busy = False
+            for p in self.inflight:
+                if p[0] == self._pid:
+                    busy = True
+                    break
+            if not busy:
+                return self._pid
+        raise MQTTError("no free packet id")
+
+    async def connect(self):
+        """Open the connection, CONNECT, wait for CONNACK, retransmit in-flight QoS 1 (DUP)."""
+        if self.connected:
+            return
+        t = self.timeout_ms / 1000
+        r, w = await asyncio.wait_for(self.open_connection(self.host, self.port), t)
+        try:
+            w.write(connect_packet(self.client_id, self.keepalive, self.clean, self.will, self.user, self.password))
+            await w.drain()
+            pkt = await asyncio.wait_for(self._read_packet(r), t)
+        except BaseException:
+            _close_stream(w)
+            raise
+        if pkt[0] != "connack" or pkt[2] != 0:
+            _close_stream(w)
+            raise MQTTError("connect refused: %r" % (pkt,))
+        self._r = r
+        self._w = w
+        self.connected = True
+        self.connects += 1
+        self._last_rx = self._last_tx = ticks_ms()
+        self._tasks = [asyncio.create_task(self._reader(r)), asyncio.create_task(self._pinger())]
+        try:
+            for p in list(self.inflight):
+                p[1] = set_dup(p[1])
+                self.retransmits += 1
+                await self._send(p[1])
+        except Exception as e:
+            self._drop(e)
+            raise
+
+    async def _read_packet(self, r):
+        first = (await r.readexactly(1))[0]
+        n = 0
+        mult = 1
+        for i in range(4):
+            b = (await r.readexactly(1))[0]
+            n += (b & 0x7F) * mult
+            if not b & 0x80:
+                break
+            mult *= 128
+        body = await r.readexactly(n) if n else b""
+        return parse(first, body)
+
+    async def _send(self, pkt):
+        if not self.connected:
+            raise MQTTError("not connected")
+        w = self._w
+        async with self._lock:
+            w.write(pkt)
+            await w.drain()
+        self._last_tx = ticks_ms()
+
+    async def publish(self, topic, payload, qos=0, retain=False):
+        """QoS 1 waits (up to timeout_ms) for room in the in-flight window; returns the pid."""
+        if qos:
+            t0 = ticks_ms()
+            while len(self.inflight) >= self.max_inflight:
+                if not self.connected or ticks_diff(ticks_ms(), t0) > self.timeout_ms:
+                    raise MQTTError("in-flight window full")
+                await sleep_ms(5)
+        if not self.connected:
+            raise MQTTError("not connected")
+        pid = self._next_pid() if qos else 0
+        pkt = publish_packet(topic, payload, qos, retain, False, pid)
+        if qos:
+            self.inflight.append([pid, pkt])
+        try:
+            await self._send(pkt)
+        except Exception as e:
+            self._drop(e)
+            raise MQTTError("publish failed: %r" % e)
+        self.published += 1
+        return pid
+
+    async def subscribe(self, topic, qos=1):
+        pid = self._next_pid()
+        ev = asyncio.Event()
+        self._subacks[pid] = [ev, None]
+        try:
+            await self._send(subscribe_packet(pid, [(topic, qos)]))
+            await asyncio.wait_for(ev.wait(), self.timeout_ms / 1000)
+            codes = self._subacks[pid][1]
+        finally:
+            self._subacks.pop(pid, None)
+        if codes is None or codes[0] == 0x80:
+            raise MQTTError("subscribe refused: %s" % topic)
+        return codes[0]
+
+    async def wait_inflight(self, timeout_ms=5000):
+        """Wait until every QoS 1 publish got its PUBACK. Returns True if so."""
+        t0 = ticks_ms()
+        while self.inflight:
+            if ticks_diff(ticks_ms(), t0) > timeout_ms:
+                return False
+            await sleep_ms(5)
+        return True
+
+    async def _reader(self, r):
+        try:
+            while True:
+                pkt = await self._read_packet(r)
+                self._last_rx = ticks_ms()
+                k = pkt[0]
+                if k == "publish":
+                    self.received += 1
+                    if self.on_message is not None:
+                        try:
+                            self.on_message(pkt[1], pkt[2], pkt[4])
+                        except Exception as e:
+                            self.last_error = e
+                    if pkt[3]:
+                        await self._send(puback_packet(pkt[6]))
+                elif k == "puback":
+                    for i in range(len(self.inflight)):
+                        if self.inflight[i][0] == pkt[1]:
+                            self.inflight.pop(i)
+                            self.pubacks += 1
+                            break
+                elif k == "suback":
+                    s = self._subacks.get(pkt[1])
+                    if s is not None:
+                        s[1] = pkt[2]
+                        s[0].set()
+        except asyncio.CancelledError:
+            raise
+        except Exception as e:
+            self._drop(e)
+
+    async def _pinger(self):
+        ka = self.keepalive * 1000
+        try:
+            while self.connected:
+                await sleep_ms(min(1000, ka // 4 + 1))
+                now = ticks_ms()
+                if ticks_diff(now, self._last_rx) > ka + ka // 2:
+                    self._drop(MQTTError("keepalive timeout"))
+                    return
+                if ticks_diff(now, self._last_tx) >= ka // 2:
+                    self.pings += 1
+                    await self._send(PINGREQ_PACKET)
+        except asyncio.CancelledError:
+            raise
+        except Exception as e:
+            self._drop(e)
+
+    def _drop(self, err=None):
+        """Connection lost or closed: stop the tasks, close the socket. In-flight stays."""
+        if err is not None:
+            self.last_error = err
+        was = self.connected
+        self.connected = False
+        cur = None
+        try:
+            cur = asyncio.current_task()
+        except Exception:
+            pass
+        for t in self._tasks:
+            if t is not cur:
+                try:
+                    t.cancel()
+                except Exception:
+                    pass
+        self._tasks = []
+        if self._w is not None:
+            _close_stream(self._w)
+            self._w = None
+        for s in self._subacks.values():
+            s[0].set()
+        return was
+
+    async def disconnect(self):
+        """Clean disconnect (the broker discards the will)."""
+        if self.connected:
+            try:
+                await asyncio.wait_for(self._send(DISCONNECT_PACKET), 1)
+            except Exception:
+                pass
+        self._drop()
+
+    def close(self):
+        """Abrupt close (the broker publishes the will)."""
+        self._drop()

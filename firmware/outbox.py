@@ -1,0 +1,591 @@
+# Store-and-forward outbox on flash: every record is written here before it is sent, and
+# deleted only when the gateway acknowledges it.
+#
+# Flash layout (under `dir`, default "ob"; docs/firmware.md has the full picture):
+#   s00000042        segment files, append-only, at most seg_bytes each (one boot per segment)
+#   t00000042        temporary file of a compaction (renamed over its segment)
+#   ack.0 / ack.1    acked (boot, seq) per boot, two CRC slots (firmware.identity.Slots)
+# Frame: 0xA5 | len u16 | payload | crc32 u32 (over magic, len and payload)
+# Payload: boot u32 | seq u32 | t i64 | kind u8 | flags u8 | body
+#   reading body: channel u8 | value i32; other kinds: the wire body (shared.wire.encode_body)
+#
+# Records are batched in RAM and appended + closed per batch (every batch_records records or
+# batch_ms ms, at once for CEP/anomaly/gap records): on LittleFS a close is a sync, so a power
+# cut loses at most the unflushed RAM batch. A torn frame (power cut mid-write on a filesystem
+# that shows partial appends) fails its CRC: the scan stops there, the records before it are
+# kept, and that segment is never appended to again (a new boot starts a new segment).
+#
+# Full (total bytes > max_bytes): the oldest segment holding the least important records is
+# rewritten without them (raw readings and status first, then windows, then CEP/anomaly; gap
+# records are never dropped). The dropped seq ranges go out as KIND_GAP records (written before
+# the rewrite) and are counted in `dropped`. A new record less important than everything stored
+# is refused instead (it gets no seq, so it leaves no gap; it is still counted in `dropped`).
+import struct
+import binascii
+
+from shared import wire
+
+MAGIC = 0xA5
+_PAY = ">IIqBB"  # boot, seq, t, kind, flags
+_PAY_SIZE = 18
+_RBODY = ">Bi"
+
+# Drop order when full: lowest first. Gap records (3) are never dropped.
+PRIO = {wire.KIND_READING: 0, wire.KIND_STATUS: 0, wire.KIND_WINDOW: 1,
+        wire.KIND_ANOMALY: 2, wire.KIND_CEP: 2, wire.KIND_GAP: 3}
+_URGENT = 2  # records of this priority or more are flushed at once
+
+
+class Seg:
+    def __init__(self, num, boot):
+        self.num = num
+        self.boot = boot
+        self.first = -1
+        self.last = -1
+        self.count = 0
+        self.bytes = 0
+        self.pc = [0, 0, 0, 0]  # records per priority
+
+    def add(self, seq, prio, nbytes):
+        if self.count == 0:
+            self.first = seq
+        self.last = seq
+        self.count += 1
+        self.pc[prio] += 1
+        self.bytes += nbytes
+
+
+def encode_frame(boot, seq, t, kind, flags, body_bytes):
+    n = _PAY_SIZE + len(body_bytes)
+    head = struct.pack(">BH" + _PAY[1:], MAGIC, n, boot, seq, t, kind, flags) + body_bytes
+    return head + struct.pack(">I", binascii.crc32(head) & 0xFFFFFFFF)
+
+
+def decode_payload(data, off, n):
+    """(boot, seq, t, kind, flags, body) from a verified frame payload at data[off:off+n]."""
+    boot, seq, t, kind, flags = struct.unpack_from(_PAY, data, off)
+    bo = off + _PAY_SIZE
+    if kind == wire.KIND_READING:
+        body = struct.unpack_from(_RBODY, data, bo)
+    else:
+        body, end = wire._decode_body(kind, data, bo)
+        if end != off + n:
+            raise wire.WireError("bad_length", "outbox body")
+    return (boot, seq, t, kind, flags, body)
+
+
+def read_frame(f):
+    """Next (frame bytes, record) from an open segment file; None at the end or at a torn /
+    corrupt frame (everything after it in that file is ignored)."""
+    h = f.read(3)
+    if len(h) < 3 or h[0] != MAGIC:
+        return None
+    n = (h[1] << 8) | h[2]
+    if n < _PAY_SIZE:
+        return None
+    rest = f.read(n + 4)
+    if len(rest) != n + 4:
+        return None
+    crc = binascii.crc32(h)
+    crc = binascii.crc32(memoryview(rest)[:n], crc) & 0xFFFFFFFF
+    if crc != struct.unpack_from(">I", rest, n)[0]:
+        return None
+    try:
+        rec = decode_payload(rest, 0, n)
+    except (ValueError, KeyError):
+        return None
+    return h + rest, rec
+
+
+def _ranges(seqs):
+    """Sorted seqs -> [(first, length)] runs, each length <= 65535."""
+    out = []
+    for s in seqs:
+        if out and out[-1][0] + out[-1][1] == s and out[-1][1] < 0xFFFF:
+            out[-1] = (out[-1][0], out[-1][1] + 1)
+        else:
+            out.append((s, 1))
+    return out
+
+
+class Outbox:
+    def __init__(self, fs, boot, dir="ob", max_bytes=262144, seg_bytes=8192, batch_records=16,
+                 batch_ms=2000, ack_persist_ms=10000, live_max=256):
+        self.fs = fs
+        self.boot = boot
+        self.dir = dir
+        self.max_bytes = max_bytes
+        self.seg_bytes = seg_bytes
+        self.batch_records = batch_records
+        self.batch_ms = batch_ms
+        self.ack_persist_ms = ack_persist_ms
+        self.live_max = live_max
+        self.seq = 0  # next seq of this boot
+        self.segs = []  # Seg, oldest first
+        self.acked = {}  # boot -> highest acked seq
+        self._cur = None  # Seg being appended to
+        self._next_num = 0
+        self._pend = []  # (frame, record) not yet on flash
+        self._pend_bytes = 0
+        self._pend_since = None
+        self._ack_dirty = False
+        self._ack_at = None
+        from firmware.identity import Slots
+        self._slots = Slots(fs, dir + "/ack")
+        # session state (see begin_session)
+        self.live = False
+        self._flushed = []
+        self._L = (boot, 0)
+        self._rseg = -1
+        self._roff = 0
+        self._rlast = None
+        self._rdone = False
+        # counters
+        self.dropped = 0  # records dropped by policy (with a seq: also in a gap record)
+        self.refused = 0  # records refused at the door when full (no seq given)
+        self.rejected = 0  # records the wire encoder refused (bad body)
+        self.write_errors = 0
+        self.flushes = 0
+        self.flushed_records = 0
+        self.torn = 0  # torn/corrupt tails found at load
+        self.need_rewind = False
+        self.stamp = None  # optional () -> (t, flags) for records the outbox makes itself (gaps)
+
+    # ------------------------------------------------------------ load / recovery
+
+    def _name(self, num, pre="s"):
+        return "%s/%s%08d" % (self.dir, pre, num)
+
+    def load(self):
+        """Scan flash after a boot: rebuild segment index, acked positions, drop garbage."""
+        try:
+            self.fs.mkdir(self.dir)
+        except OSError:
+            pass
+        raw = self._slots.load()
+        if raw:
+            n = raw[0]
+            for i in range(n):
+                b, s = struct.unpack_from(">II", raw, 1 + 8 * i)
+                self.acked[b] = s
+        nums = []
+        try:
+            names = self.fs.listdir(self.dir)
+        except OSError:
+            names = []
+        for nm in names:
+            if len(nm) == 9 and nm[0] in "st" and nm[1:].isdigit():
+                if nm[0] == "t":
+                    self._rm(self.dir + "/" + nm)  # a compaction interrupted before its rename
+                else:
+                    nums.append(int(nm[1:]))
+        nums.sort()
+        for num in nums:
+            seg = self._scan(num)
+            if seg is None or seg.count == 0 or self.acked.get(seg.boot, -1) >= seg.last:
+                self._rm(self._name(num))
+            else:
+                self.segs.append(seg)
+            self._next_num = num + 1
+        # forget acked positions of boots with nothing stored (keep this boot's)
+        keep = {}
+        for s in self.segs:
+            if s.boot in self.acked:
+                keep[s.boot] = self.acked[s.boot]
+        self.acked = keep
+        return self
+
+    def _scan(self, num):
+        name = self._name(num)
+        try:
+            f = self.fs.open(name, "rb")
+        except OSError:
+            return None
+        seg = None
+        good = 0
+        try:
+            while True:
+                r = read_frame(f)
+                if r is None:
+                    break
+                frame, rec = r
+                if seg is None:
+                    seg = Seg(num, rec[0])
+                if rec[0] != seg.boot:
+                    break
+                seg.add(rec[1], PRIO.get(rec[3], 0), len(frame))
+                good += len(frame)
+        finally:
+            f.close()
+        if seg is not None:
+            try:
+                size = self.fs.stat_size(name)
+            except OSError:
+                size = good
+            if size != good:
+                self.torn += 1
+            seg.bytes = size
+        return seg
+
+    def _rm(self, path):
+        try:
+            self.fs.remove(path)
+        except OSError:
+            pass
+
+    # ------------------------------------------------------------ append / flush
+
+    def total_bytes(self):
+        n = self._pend_bytes
+        for s in self.segs:
+            n += s.bytes
+        return n
+
+    def stored_records(self):
+        n = len(self._pend)
+        for s in self.segs:
+            n += s.count
+        return n
+
+    def append(self, kind, t, flags, body, now_ms=None):
+        """Store a record of this boot; returns its seq, or None when refused."""
+        if kind == wire.KIND_READING:
+            bb = struct.pack(_RBODY, body[0], body[1])
+        else:
+            try:
+                bb = wire.encode_body(kind, body)
+            except (ValueError, TypeError, KeyError):
+                self.rejected += 1
+                return None
+        prio = PRIO.get(kind, 0)
+        size = 3 + _PAY_SIZE + len(bb) + 4
+        if prio < 3 and not self._make_room(size, prio):
+            self.refused += 1
+            return None
+        seq = self.seq
+        self.seq = seq + 1
+        frame = encode_frame(self.boot, seq, t, kind, flags, bb)
+        rec = (self.boot, seq, t, kind, flags, body)
+        self._pend.append((frame, rec))
+        self._pend_bytes += len(frame)
+        if self._pend_since is None:
+            self._pend_since = now_ms
+        if prio >= _URGENT:
+            self.flush()
+        elif len(self._pend) >= self.batch_records:
+            self.flush()
+        return seq
+
+    def reading(self, ch, t, flags, value, now_ms=None):
+        return self.append(wire.KIND_READING, t, flags, (ch, value), now_ms)
+
+    def tick(self, now_ms):
+        """Call periodically: flushes an old batch, persists ack positions."""
+        if self._pend and (self._pend_since is None or now_ms - self._pend_since >= self.batch_ms):
+            self.flush()
+        if self._ack_dirty and (self._ack_at is None or now_ms - self._ack_at >= self.ack_persist_ms):
+            self.persist_acks()
+            self._ack_at = now_ms
+
+    def flush(self):
+        """Append the RAM batch to the current segment (one open/write/close). Returns the number
+        of records written, -1 on a write error (the batch stays in RAM and is retried)."""
+        if not self._pend:
+            return 0
+        data = b"".join([p[0] for p in self._pend])
+        cur = self._cur
+        if cur is None or cur.bytes + len(data) > self.seg_bytes:
+            cur = Seg(self._next_num, self.boot)
+            self._next_num += 1
+            self.segs.append(cur)
+            self._cur = cur
+        try:
+            f = self.fs.open(self._name(cur.num), "ab")
+            try:
+                f.write(data)
+            finally:
+                f.close()
+        except OSError:
+            self.write_errors += 1
+            self._cur = None  # the file may hold a torn tail: never append to it again
+            if cur.count == 0:
+                self.segs.remove(cur)
+                self._rm(self._name(cur.num))
+            else:
+                try:
+                    cur.bytes = self.fs.stat_size(self._name(cur.num))
+                except OSError:
+                    pass
+            if len(self._pend) > 4 * self.batch_records:
+                self._drop_pending()
+            return -1
+        n = len(self._pend)
+        for frame, rec in self._pend:
+            cur.add(rec[1], PRIO.get(rec[3], 0), len(frame))
+        if self.live:
+            if len(self._flushed) + n > self.live_max:
+                self._flushed = []
+                self.need_rewind = True
+            else:
+                for p in self._pend:
+                    self._flushed.append(p[1])
+        self._pend = []
+        self._pend_bytes = 0
+        self._pend_since = None
+        self.flushes += 1
+        self.flushed_records += n
+        return n
+
+    def _drop_pending(self):
+        """Flash keeps failing: drop the RAM batch (except gap records) and account for it."""
+        keep = []
+        seqs = []
+        for p in self._pend:
+            if p[1][3] == wire.KIND_GAP:
+                keep.append(p)
+            else:
+                seqs.append(p[1][1])
+        self._pend = keep
+        self._pend_bytes = 0
+        for p in keep:
+            self._pend_bytes += len(p[0])
+        self.dropped += len(seqs)
+        self._emit_gaps(self.boot, seqs)
+
+    def take_live(self):
+        """Records flushed since the last call while a session is live (to send now)."""
+        out = self._flushed
+        self._flushed = []
+        return out
+
+    # ------------------------------------------------------------ full policy
+
+    def _lowest(self):
+        q = None
+        for s in self.segs:
+            for p in range(3):
+                if s.pc[p]:
+                    if q is None or p < q:
+                        q = p
+                    break
+        return q
+
+    def _make_room(self, size, prio):
+        guard = 0
+        while self.total_bytes() + size > self.max_bytes and guard < 64:
+            guard += 1
+            q = self._lowest()
+            if q is None or q > prio:
+                return False
+            seg = None
+            for s in self.segs:
+                if s.pc[q]:
+                    seg = s
+                    break
+            if not self._compact(seg, q):
+                return False
+        return self.total_bytes() + size <= self.max_bytes
+
+    def _compact(self, seg, q):
+        """Rewrite seg without its records of priority <= q (and without acked ones)."""
+        name = self._name(seg.num)
+        keep = []
+        dropped = []
+        a = self.acked.get(seg.boot, -1)
+        try:
+            f = self.fs.open(name, "rb")
+        except OSError:
+            f = None
+        if f is not None:
+            try:
+                while True:
+                    r = read_frame(f)
+                    if r is None:
+                        break
+                    frame, rec = r
+                    if rec[1] <= a:
+                        continue
+                    if PRIO.get(rec[3], 0) <= q:
+                        dropped.append(rec[1])
+                    else:
+                        keep.append((frame, rec))
+            finally:
+                f.close()
+        if seg is self._cur:
+            self._cur = None
+        # 1. the gap records are durable before anything is deleted
+        self.dropped += len(dropped)
+        self._emit_gaps(seg.boot, dropped)
+        self.flush()
+        if self._pend:
+            return False  # flash refuses writes: keep everything, refuse the new record
+        # 2. rewrite (temp + rename) or delete
+        if not keep:
+            self._rm(name)
+            self.segs.remove(seg)
+        else:
+            tmp = self._name(seg.num, "t")
+            f = self.fs.open(tmp, "wb")
+            try:
+                for frame, rec in keep:
+                    f.write(frame)
+            finally:
+                f.close()
+            self.fs.rename(tmp, name)
+            ns = Seg(seg.num, seg.boot)
+            for frame, rec in keep:
+                ns.add(rec[1], PRIO.get(rec[3], 0), len(frame))
+            seg.first, seg.last, seg.count, seg.bytes, seg.pc = ns.first, ns.last, ns.count, ns.bytes, ns.pc
+        if self._rseg == seg.num:
+            self._roff = 0
+        return True
+
+    def _emit_gaps(self, gboot, seqs):
+        if not seqs:
+            return
+        rs = _ranges(seqs)
+        i = 0
+        while i < len(rs):
+            t, fl = self.stamp() if self.stamp is not None else (0, wire.FLAG_UNSYNCED)
+            self.append(wire.KIND_GAP, t, fl, (gboot, rs[i:i + wire.MAX_GAP_RANGES]))
+            i += wire.MAX_GAP_RANGES
+
+    # ------------------------------------------------------------ acks
+
+    def on_ack(self, boot, seq):
+        """Gateway committed every record of `boot` with seq <= `seq`: trim. Returns True if new."""
+        if seq <= self.acked.get(boot, -1):
+            return False
+        self.acked[boot] = seq
+        self._ack_dirty = True
+        keep = []
+        for s in self.segs:
+            if s.boot == boot and s.last <= seq and s.count > 0:
+                self._rm(self._name(s.num))
+                if s is self._cur:
+                    self._cur = None
+            else:
+                keep.append(s)
+        self.segs = keep
+        return True
+
+    def persist_acks(self):
+        boots = {}
+        for s in self.segs:
+            boots[s.boot] = 1
+        items = [(b, self.acked[b]) for b in sorted(boots) if b in self.acked][-30:]
+        out = bytearray(1 + 8 * len(items))
+        out[0] = len(items)
+        for i, (b, s) in enumerate(items):
+            struct.pack_into(">II", out, 1 + 8 * i, b, s)
+        self._slots.store(bytes(out))
+        self._ack_dirty = False
+        # forget boots that left the outbox
+        for b in list(self.acked):
+            if b != self.boot and b not in boots:
+                del self.acked[b]
+
+    def unacked(self):
+        """Approximate number of stored records not yet acked (exact unless a segment is
+        partially acked and has holes from a compaction)."""
+        n = len(self._pend)
+        for s in self.segs:
+            a = self.acked.get(s.boot, -1)
+            if a >= s.last:
+                continue
+            if a < s.first:
+                n += s.count
+            else:
+                n += s.count * (s.last - a) // (s.last - s.first + 1)
+        return n
+
+    def oldest(self):
+        """(boot, seq) of the oldest unacked stored record, or (boot, next seq) when empty."""
+        for s in self.segs:
+            a = self.acked.get(s.boot, -1)
+            if a < s.last:
+                return s.boot, (s.first if s.first > a else a + 1)
+        return self.boot, self.seq
+
+    # ------------------------------------------------------------ sessions, backlog replay
+
+    def begin_session(self):
+        """A new connection: flush, then everything stored becomes backlog (replayed within
+        credits, oldest first); records flushed from now on are live."""
+        self.flush()
+        self.live = True
+        self._flushed = []
+        self.rewind()
+
+    def end_session(self):
+        self.live = False
+        self._flushed = []
+
+    def rewind(self):
+        """Resend policy: everything stored and unacked becomes backlog again."""
+        self.flush()
+        self._flushed = []
+        self._L = (self.boot, self.seq)
+        self._rseg = -1
+        self._roff = 0
+        self._rlast = None
+        self._rdone = False
+        self.need_rewind = False
+
+    def has_backlog(self):
+        return not self._rdone
+
+    def read_backlog(self, n):
+        """Up to n backlog records (boot, seq, t, kind, flags, body), oldest first."""
+        out = []
+        if self._rdone or n <= 0:
+            return out
+        L = self._L
+        for s in list(self.segs):
+            if s.num < self._rseg:
+                continue
+            a = self.acked.get(s.boot, -1)
+            if a >= s.last or (s.boot, s.first) >= L:
+                if (s.boot, s.first) >= L:
+                    self._rdone = True
+                    return out
+                continue
+            try:
+                f = self.fs.open(self._name(s.num), "rb")
+            except OSError:
+                continue
+            try:
+                off = self._roff if s.num == self._rseg else 0
+                if off:
+                    f.seek(off)
+                while True:
+                    r = read_frame(f)
+                    if r is None:
+                        break
+                    frame, rec = r
+                    off += len(frame)
+                    key = (rec[0], rec[1])
+                    if key >= L:
+                        self._rdone = True
+                        self._rseg = s.num
+                        self._roff = off - len(frame)
+                        return out
+                    if rec[1] <= self.acked.get(rec[0], -1):
+                        continue
+                    if self._rlast is not None and key <= self._rlast:
+                        continue
+                    out.append(rec)
+                    self._rlast = key
+                    self._rseg = s.num
+                    self._roff = off
+                    if len(out) >= n:
+                        return out
+            finally:
+                f.close()
+        self._rdone = True
+        return out
+
+    def stats(self):
+        return {"records": self.stored_records(), "bytes": self.total_bytes(), "segments": len(self.segs),
+                "dropped": self.dropped, "refused": self.refused, "rejected": self.rejected,
+                "write_errors": self.write_errors, "flushes": self.flushes, "torn": self.torn}

@@ -1,0 +1,265 @@
+# The edge pipeline: ring buffer -> tumbling windows -> CEP rules -> anomaly detectors.
+#
+#   p = Pipeline(config, emit)        emit(kind, t_ms, flags, body): one window/cep/anomaly record
+#   p.set_base(base_ms, synced)       epoch ms (synced) or boot ms (unsynced) at relative time 0
+#   p.sample(ch, value_fixed, t_rel)  per sample; t_rel = small-int ms since the base
+#   p.tick(t_rel)                     periodic: closes due windows, checks absence rules
+#   p.flush(t_rel)                    closes every open window (shutdown, clock sync)
+#   p.rebase(new_base_ms)             move the origin (the app calls it before t_rel nears 2**29)
+#
+# The per-sample path never touches epoch ms (a long int on MicroPython) and allocates
+# nothing in steady state; emits convert to absolute ms (allocation is fine there: rare).
+# Config format, time rules and figures: docs/pipeline.md.
+from shared import wire
+from firmware.ring import TimedRing
+from firmware.window import EventWindow, CountWindow
+from firmware.cep import ConfigError, load_rules, integer, Absence, MAX_CHANNEL
+from firmware.anomaly import load_anomaly
+
+# Channel numbers for a config that lists names only (the HAL's CH_* ids, firmware/hal.py).
+DEFAULT_CHANNELS = {"temp": 0, "hum": 1, "pot": 2}
+DEFAULT_WINDOW_MS = 60000
+MAX_WINDOW_MS = 0x10000000  # 2**28 ms (~3 days): window arithmetic stays in small ints
+DEFAULT_RING = 64
+
+__all__ = ("Pipeline", "ConfigError", "example_config")
+
+
+def example_config():
+    """The documented example (docs/pipeline.md): 3 channels, 60 s windows, 5 rules, 2 detectors."""
+    return {
+        "channels": {"temp": 0, "hum": 1, "pot": 2},
+        "window": {"size_ms": 60000, "offset_ms": 0},
+        "ring": {"capacity": 64},
+        "rules": [
+            {"id": "hot", "type": "threshold", "channel": "temp", "enter": 30, "leave": 28,
+             "min_duration_ms": 5000, "severity": 2},
+            {"id": "hot_then_dry", "type": "sequence", "first": {"channel": "temp", "op": ">", "value": 30},
+             "then": {"channel": "hum", "op": "<", "value": 20}, "within_ms": 10000, "severity": 3},
+            {"id": "pot_burst", "type": "count", "channel": "pot", "op": ">=", "value": 90, "count": 5,
+             "within_ms": 2000},
+            {"id": "temp_dead", "type": "absence", "channel": "temp", "within_ms": 30000, "severity": 2},
+            {"id": "hum_jump", "type": "rate", "channel": "hum", "delta": 10, "within_ms": 5000},
+        ],
+        "anomaly": {"zscore": {"channels": ["temp"], "window": 32, "k": 4, "min_std": 0.05},
+                    "ewma": {"channels": ["hum"], "alpha_shift": 4, "k": 6, "min_dev": 0.1}},
+    }
+
+
+def _channels(cfg):
+    ch = cfg.get("channels", DEFAULT_CHANNELS)
+    out = {}
+    if isinstance(ch, dict):
+        items = list(ch.items())
+    elif isinstance(ch, list):
+        items = []
+        for nm in ch:
+            if nm not in DEFAULT_CHANNELS:
+                raise ConfigError("channels", "unknown channel %r: give a {name: number} map" % (nm,))
+            items.append((nm, DEFAULT_CHANNELS[nm]))
+    else:
+        raise ConfigError("channels", "must be a {name: number} map or a list of names")
+    if not items:
+        raise ConfigError("channels", "no channel")
+    used = {}
+    for nm, n in items:
+        if not isinstance(nm, str) or not isinstance(n, int) or isinstance(n, bool) or n < 0 or n > MAX_CHANNEL:
+            raise ConfigError("channels", "%r: channel numbers are 0..%d" % (nm, MAX_CHANNEL))
+        if n in used:
+            raise ConfigError("channels", "channel number %d used twice" % n)
+        used[n] = 1
+        out[nm] = n
+    return out
+
+
+class Pipeline:
+    """On-device stream processing for every configured channel. See module comment."""
+
+    def __init__(self, config, emit):
+        if not isinstance(config, dict):
+            raise ConfigError("pipeline", "config must be an object")
+        self.emit = emit
+        self.channels = _channels(config)
+        nch = max(self.channels.values()) + 1
+        self.nch = nch
+        w = config.get("window")
+        if w is None:
+            w = {}
+        if not isinstance(w, dict):
+            raise ConfigError("window", "must be an object")
+        self.size_ms = integer(w, "size_ms", "window", DEFAULT_WINDOW_MS, 1, MAX_WINDOW_MS)
+        self.offset_ms = integer(w, "offset_ms", "window", 0, 0, MAX_WINDOW_MS) % self.size_ms
+        grace = integer(w, "grace_ms", "window", 0, 0, MAX_WINDOW_MS)
+        cw = config.get("count_window")
+        if cw is not None:
+            cw = integer(config, "count_window", "count_window", None, 1, 1000000)
+        elif "count" in w:  # same thing inside the "window" section of the device config
+            cw = integer(w, "count", "window", None, 1, 1000000)
+        ring = config.get("ring")
+        rcap = DEFAULT_RING
+        if isinstance(ring, dict):
+            rcap = integer(ring, "capacity", "ring", DEFAULT_RING, 1, 4096)
+        elif ring is not None:
+            rcap = integer(config, "ring", "ring", DEFAULT_RING, 1, 4096)
+        self.known = [False] * nch
+        self.rings = [None] * nch
+        self.windows = [None] * nch
+        self.cwindows = [None] * nch
+        for n in self.channels.values():
+            self.known[n] = True
+            self.rings[n] = TimedRing(rcap)
+            self.windows[n] = EventWindow(n, self.size_ms, self.offset_ms, self, grace)
+            if cw is not None:
+                self.cwindows[n] = CountWindow(n, cw, self)
+        self.rules = load_rules(config.get("rules"), self.channels, self)
+        self.by_ch = [[] for _ in range(nch)]
+        self.absence = []
+        for r in self.rules:
+            for n in range(nch):
+                if r.mask & (1 << n):
+                    self.by_ch[n].append(r)
+            if isinstance(r, Absence):
+                self.absence.append(r)
+        self.detectors = load_anomaly(config.get("anomaly"), self.channels, self)
+        self.det_by_ch = [[] for _ in range(nch)]
+        for d in self.detectors:
+            self.det_by_ch[d.ch].append(d)
+        self.base_ms = 0
+        self.synced = False
+        self.flags = wire.FLAG_UNSYNCED
+        self.late = 0  # samples older than their channel's open window: not in a device window
+        self.unknown = 0  # samples on a channel the config does not name
+        self.emitted = 0
+        self.set_base(0, False)
+
+    # ------------------------------------------------------------ time
+
+    def set_base(self, base_ms, synced, shift_ms=0):
+        """New meaning of relative time 0: epoch ms (synced) or boot ms (unsynced).
+
+        Open windows are closed first, under the old base and flags. shift_ms is how far the
+        relative origin itself moves (0 when the caller keeps its t_rel, as the app does on
+        clock sync); internal timestamps move by -shift_ms.
+        """
+        self.close_windows()
+        if shift_ms:
+            self._shift(shift_ms)
+        self.base_ms = base_ms
+        self.synced = bool(synced)
+        self.flags = 0 if synced else wire.FLAG_UNSYNCED
+        for w in self.windows:
+            if w is not None:
+                w.reframe()
+                w.set_phase(base_ms)
+
+    def rebase(self, new_base_ms):
+        """Same clock, new origin: every internal time moves by base - new_base_ms. Open
+        windows stay open. Call it well before relative times reach 2**29 ms (~6 days)."""
+        dt = new_base_ms - self.base_ms
+        self._shift(dt)
+        self.base_ms = new_base_ms
+        for w in self.windows:
+            if w is not None:
+                w.set_phase(new_base_ms)
+
+    def _shift(self, dt):
+        for n in range(self.nch):
+            if self.known[n]:
+                self.rings[n].shift(dt)
+                self.windows[n].shift(dt)
+                if self.cwindows[n] is not None:
+                    self.cwindows[n].shift(dt)
+        for r in self.rules:
+            r.shift(dt)
+        for d in self.detectors:
+            d.shift(dt)
+
+    def to_abs(self, t_rel):
+        return self.base_ms + t_rel
+
+    def to_rel(self, t_ms):
+        return t_ms - self.base_ms
+
+    # ------------------------------------------------------------ per sample
+
+    def sample(self, ch, v, t):
+        """One sample: channel number, fixed-point value (x1000), t = ms since the base."""
+        if ch < 0 or ch >= self.nch or not self.known[ch]:
+            self.unknown += 1
+            return
+        self.rings[ch].push(t, v)
+        if self.windows[ch].add(v, t):
+            self.late += 1
+        cw = self.cwindows[ch]
+        if cw is not None:
+            cw.add(v, t)
+        for r in self.by_ch[ch]:
+            r.sample(ch, v, t)
+        for r in self.absence:
+            r.check(t)
+        for d in self.det_by_ch[ch]:
+            d.sample(v, t)
+
+    def tick(self, t):
+        """Periodic call (e.g. once per sampling round): due windows close, absence is checked."""
+        for w in self.windows:
+            if w is not None:
+                w.tick(t)
+        for r in self.absence:
+            r.check(t)
+
+    def flush(self, t=None):
+        """Close every open window, time and count (shutdown, before a clock change)."""
+        self.close_windows()
+
+    def close_windows(self):
+        for n in range(self.nch):
+            if self.known[n]:
+                self.windows[n].close()
+                if self.cwindows[n] is not None:
+                    self.cwindows[n].close()
+
+    # ------------------------------------------------------------ sinks (emits: may allocate)
+
+    def on_window(self, w):
+        a = w.agg
+        n, mn, mx, mean, std = a.result()
+        self._emit(wire.KIND_WINDOW, w.start,
+                   (w.ch, w.size, n, mn, mx, mean, std, a.t0 - w.start, a.t1 - w.start))
+
+    def on_count_window(self, cw):
+        a = cw.agg
+        n, mn, mx, mean, std = a.result()
+        # size_ms 0 marks a count window; t is its first sample.
+        self._emit(wire.KIND_WINDOW, a.t0, (cw.ch, 0, n, mn, mx, mean, std, 0, a.t1 - a.t0))
+
+    def on_cep(self, rule, t, span, evidence):
+        self._emit(wire.KIND_CEP, t, (rule.id, rule.severity, span, evidence))
+
+    def on_anomaly(self, det, t, body):
+        self._emit(wire.KIND_ANOMALY, t, body)
+
+    def _emit(self, kind, t_rel, body):
+        self.emitted += 1
+        self.emit(kind, self.base_ms + t_rel, self.flags, body)
+
+    # ------------------------------------------------------------ status
+
+    def stats(self):
+        """Counters for the status record and the console (allocates: not per sample)."""
+        ow = 0
+        for r in self.rings:
+            if r is not None:
+                ow += r.overwritten
+        sup = 0
+        for d in self.detectors:
+            sup += d.suppressed
+        return {"late": self.late, "unknown": self.unknown, "emitted": self.emitted, "overwritten": ow,
+                "suppressed": sup, "matches": dict((r.id, r.matches) for r in self.rules)}
+
+    def latest(self, ch):
+        """(t_rel, value) of the newest sample of a channel, or None."""
+        r = self.rings[ch] if 0 <= ch < self.nch else None
+        if r is None or r.n == 0:
+            return None
+        return r.latest_t(0), r.latest_v(0)

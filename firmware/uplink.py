@@ -1,0 +1,288 @@
+# The uplink: Wi-Fi -> MQTT session -> hello, live send, backlog replay within credits,
+# ack handling (outbox trim), time beacon (clock). Protocol: docs/firmware.md "Uplink".
+#
+# - Live records (flushed to flash during this session, seq >= the hello's next_seq) are sent
+#   as they come.
+# - Backlog (stored but not sent in this session: outages, earlier boots) is replayed oldest
+#   first, only while the gateway's retained state says online, the latest ack's replay flag
+#   is set, and within the credits granted by acks (additive grants; an ack with replay 0
+#   drops the allowance).
+# - Acks: every record of (boot, seq <= acked) is committed -> outbox.on_ack trims flash.
+# - Resend: unacked records are replayed again after a reconnect, or when acks make no
+#   progress for resend_ms while records are outstanding (gateway dedup absorbs duplicates).
+# - Reconnect: exponential backoff with full jitter; Wi-Fi and broker outages are separate
+#   states. Nothing here blocks sampling: every wait is an asyncio sleep.
+import asyncio
+
+from shared import wire
+from firmware.mqtt import MQTTClient
+from firmware.backoff import Backoff
+from firmware.hal import ticks_ms, ticks_diff, sleep_ms
+
+
+_MAX_CREDITS = 1 << 24
+
+
+class Uplink:
+    def __init__(self, cfg, hal, outbox, clock, fw, console=None):
+        self.cfg = cfg
+        self.hal = hal
+        self.outbox = outbox
+        self.clock = clock
+        self.fw = fw
+        self.console = console or hal.console
+        self.dev = cfg["device_id"]
+        self.topics = wire.Topics(cfg["prefix"])
+        self.t_ack = self.topics.ack(self.dev)
+        self.t_data = self.topics.data(self.dev)
+        up = cfg["uplink"]
+        self.batch_max = up["batch_max"]
+        self.resend_ms = up["resend_ms"]
+        self.backoff = Backoff(up["backoff_base_ms"], up["backoff_cap_ms"], rng=hal.rand)
+        self.wifi_backoff = Backoff(1000, up["wifi_timeout_ms"], rng=hal.rand)
+        b = cfg["broker"]
+        self.client = MQTTClient(
+            b["client_id"], b["host"], b["port"], keepalive=b["keepalive_s"],
+            will=(self.topics.state(self.dev), wire.encode_state(False), 1, True),
+            clean=True, user=b.get("user"), password=b.get("password"),
+            open_connection=hal.open_connection, on_message=self._on_message,
+            max_inflight=up["max_inflight"], timeout_ms=b["timeout_ms"])
+        self.running = True
+        self.gw_online = False
+        self._gw_changed = False
+        self.credits = 0
+        self.replay = False
+        self._acks = []
+        self._sent_max = {}
+        self._progress = ticks_ms()
+        self.wake = asyncio.Event()
+        self.session = False
+        # counters
+        self.c = {"connects": 0, "connect_failures": 0, "reconnects": 0, "wifi_outages": 0,
+                  "msgs": 0, "sent": 0, "live": 0, "replayed": 0, "acks": 0, "bad_msgs": 0,
+                  "rewinds": 0, "hellos": 0, "encode_errors": 0, "beacons": 0}
+
+    # ------------------------------------------------------------ incoming
+
+    def _on_message(self, topic, payload, retain):
+        try:
+            if topic == self.t_ack:
+                a = wire.decode_ack(payload)
+                if len(self._acks) >= 32:
+                    self._acks.pop(0)  # acks are cumulative: the newest ones matter
+                self._acks.append(a)
+            elif topic == self.topics.gw_state:
+                on = wire.decode_state(payload, True)
+                if on != self.gw_online:
+                    self.gw_online = on
+                    self._gw_changed = True
+            self.wake.set()
+        except wire.WireError:
+            self.c["bad_msgs"] += 1
+
+    def handle_ack(self, a):
+        boot, seq, gw_time, credits, replay, flags = a
+        self.c["acks"] += 1
+        if not flags & wire.ACK_NONE:
+            if self.outbox.on_ack(boot, seq):
+                self._progress = ticks_ms()
+        # credits are additive grants; replay 0 drops the allowance and holds replay
+        if replay:
+            c = self.credits + credits
+            self.credits = c if c < _MAX_CREDITS else _MAX_CREDITS
+        else:
+            self.credits = 0
+        self.replay = replay
+        if gw_time is not None:
+            self.c["beacons"] += 1
+            self.clock.set_time(gw_time, "gw")
+        self.backoff.reset()
+
+    def outstanding(self):
+        for b in self._sent_max:
+            if self._sent_max[b] > self.outbox.acked.get(b, -1):
+                return True
+        return False
+
+    # ------------------------------------------------------------ outgoing
+
+    async def hello(self):
+        b, s = self.outbox.oldest()
+        now = self.clock.now() or 0
+        p = wire.encode_hello(self.dev, self.outbox.boot, self.outbox.seq, now, self.outbox.unacked(), b, s, self.fw)
+        await self.client.publish(self.topics.hello(self.dev), p, 1)
+        self.c["hellos"] += 1
+
+    async def send(self, recs):
+        """Publish records (boot, seq, t, kind, flags, body) as few data messages as allowed."""
+        i = 0
+        n = len(recs)
+        while i < n:
+            r = recs[i]
+            boot = r[0]
+            reading = r[3] == wire.KIND_READING
+            t, fl = self.clock.stamp(boot, r[2], r[4])
+            base_seq = r[1]
+            group = [self._row(r, t, fl, reading)]
+            j = i + 1
+            while j < n and len(group) < self.batch_max:
+                r2 = recs[j]
+                if r2[0] != boot or (r2[3] == wire.KIND_READING) != reading or r2[1] - base_seq > 0xFFFF:
+                    break
+                t2, fl2 = self.clock.stamp(boot, r2[2], r2[4])
+                if t2 - t > wire.I32_MAX or t - t2 > wire.I32_MAX:
+                    break
+                group.append(self._row(r2, t2, fl2, reading))
+                j += 1
+            try:
+                if reading:
+                    payload = wire.encode_readings(self.dev, boot, group)
+                else:
+                    payload = wire.encode_records(self.dev, boot, group)
+            except wire.WireError:
+                self.c["encode_errors"] += 1
+                i = j
+                continue
+            await self.client.publish(self.t_data, payload, 1)
+            last = recs[j - 1][1]
+            if last > self._sent_max.get(boot, -1):
+                self._sent_max[boot] = last
+            self.c["msgs"] += 1
+            self.c["sent"] += j - i
+            i = j
+
+    def _row(self, r, t, fl, reading):
+        if reading:
+            return (r[1], t, r[5][0], fl, r[5][1])
+        return (r[3], r[1], t, fl, r[5])
+
+    # ------------------------------------------------------------ session
+
+    async def _sleep(self, ms):
+        """Real-time sleep in slices, ends early on stop()."""
+        while ms > 0 and self.running:
+            d = ms if ms < 200 else 200
+            await sleep_ms(d)
+            ms -= d
+
+    async def run(self):
+        wifi_started = None
+        while self.running:
+            if not self.hal.wifi_connected():
+                now = ticks_ms()
+                if wifi_started is None or ticks_diff(now, wifi_started) > self.cfg["uplink"]["wifi_timeout_ms"]:
+                    self.c["wifi_outages"] += 1
+                    wifi_started = now
+                    try:
+                        self.hal.wifi_connect(self.cfg["wifi"]["ssid"], self.cfg["wifi"]["password"])
+                    except Exception as e:
+                        self.console("wifi error %r" % (e,))
+                await self._sleep(250)
+                continue
+            wifi_started = None
+            try:
+                del self.client.inflight[:]  # the outbox replays what was not acked
+                await self.client.connect()
+                self.c["connects"] += 1
+            except Exception as e:
+                self.c["connect_failures"] += 1
+                d = self.backoff.next()
+                self.console("mqtt connect failed (%s), retry in %d ms" % (_err(e), d))
+                await self._sleep(d)
+                continue
+            try:
+                await self._session()
+            except Exception as e:
+                if self.running:
+                    self.console("mqtt session ended (%s)" % _err(e))
+            self.session = False
+            self.outbox.end_session()
+            self.client.close()
+            if self.running:
+                self.c["reconnects"] += 1
+                await self._sleep(self.backoff.next())
+
+    async def _session(self):
+        cl = self.client
+        self.gw_online = False
+        self._gw_changed = False
+        self.credits = 0
+        self.replay = False
+        self._acks = []
+        self._sent_max = {}
+        await cl.subscribe(self.t_ack, 1)
+        await cl.subscribe(self.topics.gw_state, 1)
+        await cl.publish(self.topics.state(self.dev), wire.encode_state(True), 1, True)
+        # the broker sends the retained gateway state right after the SUBACK: take it before
+        # the hello so one hello per connect suffices (a later offline->online sends another)
+        t0 = ticks_ms()
+        while not self._gw_changed and cl.connected and ticks_diff(ticks_ms(), t0) < 300:
+            await sleep_ms(10)
+        self._gw_changed = False
+        self.outbox.begin_session()
+        self.session = True
+        await self.hello()
+        self._progress = ticks_ms()
+        while self.running and cl.connected:
+            if not self.hal.wifi_connected():
+                cl.close()
+                break
+            while self._acks:
+                self.handle_ack(self._acks.pop(0))
+            if self._gw_changed:
+                self._gw_changed = False
+                if self.gw_online:
+                    await self.hello()
+            if self.outbox.need_rewind:
+                await self._rewind()
+            live = self.outbox.take_live()
+            if live:
+                await self.send(live)
+                self.c["live"] += len(live)
+            if self.gw_online and self.replay and self.credits > 0 and self.outbox.has_backlog():
+                n = self.credits if self.credits < self.batch_max else self.batch_max
+                recs = self.outbox.read_backlog(n)
+                if recs:
+                    self.credits -= len(recs)
+                    await self.send(recs)
+                    self.c["replayed"] += len(recs)
+                    continue
+            if self.outstanding():
+                if ticks_diff(ticks_ms(), self._progress) > self.resend_ms:
+                    await self._rewind()
+                    self._progress = ticks_ms()
+            else:
+                self._progress = ticks_ms()
+            self.wake.clear()
+            try:
+                await asyncio.wait_for(self.wake.wait(), 0.1)
+            except asyncio.TimeoutError:
+                pass
+
+    async def _rewind(self):
+        """Everything unacked becomes backlog again; a fresh hello tells the gateway the new
+        backlog and live boundary (it grants credits for backlog only)."""
+        self.outbox.rewind()
+        self.c["rewinds"] += 1
+        await self.hello()
+
+    async def shutdown(self):
+        """Graceful: announce offline (retained) and disconnect (no will)."""
+        self.running = False
+        if self.client.connected:
+            try:
+                await self.client.publish(self.topics.state(self.dev), wire.encode_state(False), 1, True)
+                await self.client.wait_inflight(1000)
+            except Exception:
+                pass
+            await self.client.disconnect()
+
+    def kill(self):
+        self.running = False
+        self.client.close()
+        self.wake.set()
+
+
+def _err(e):
+    s = str(e)
+    return "%s %s" % (type(e).__name__, s) if s else type(e).__name__

@@ -1,0 +1,287 @@
+# Outbox: store-and-forward on flash. Runs under CPython and MicroPython.
+from shared import wire
+from firmware.outbox import Outbox, read_frame, encode_frame, _ranges
+from firmware.hal_sim import MemFS, FailingFS, PowerCut
+from firmware.hal import PosixFS
+from firmware.identity import Identity
+from tests.logic.util import raises
+
+
+def _val(boot, seq):
+    return boot * 100000 + seq * 7 - 5000
+
+
+def _ob(fs, boot, **kw):
+    args = {"max_bytes": 1 << 20, "seg_bytes": 600, "batch_records": 4, "batch_ms": 1000}
+    args.update(kw)
+    return Outbox(fs, boot, **args).load()
+
+
+def _fill(ob, n, boot):
+    seqs = []
+    for i in range(n):
+        s = ob.reading(i % 3, 1000 + i, wire.FLAG_UNSYNCED, _val(boot, ob.seq), now_ms=i)
+        seqs.append(s)
+    return seqs
+
+
+def _drain(ob, n=100000):
+    ob.begin_session()
+    out = []
+    while True:
+        got = ob.read_backlog(7)
+        if not got:
+            break
+        out.extend(got)
+        if len(out) > n:
+            break
+    return out
+
+
+def test_frame_roundtrip_and_crc():
+    fr = encode_frame(3, 9, 1700000000000, wire.KIND_READING, 0, b"\x01\x00\x00\x00\x05")
+    fs = MemFS()
+    with fs.open("x", "wb") as f:
+        f.write(fr)
+        f.write(fr[:-1] + bytes([fr[-1] ^ 1]))  # second frame: bad CRC
+    f = fs.open("x", "rb")
+    frame, rec = read_frame(f)
+    assert rec == (3, 9, 1700000000000, wire.KIND_READING, 0, (1, 5))
+    assert read_frame(f) is None
+    f.close()
+
+
+def test_ranges():
+    assert _ranges([1, 2, 3, 7, 9, 10]) == [(1, 3), (7, 1), (9, 2)]
+    assert _ranges([]) == []
+
+
+def test_batching_writes_once_per_batch():
+    fs = MemFS()
+    ob = _ob(fs, 1, batch_records=8)
+    _fill(ob, 20, 1)
+    assert ob.flushes == 2  # 2 full batches of 8, 4 still in RAM
+    assert ob.stored_records() == 20
+    ob.tick(5000)  # batch_ms elapsed
+    assert ob.flushes == 3 and not ob._pend
+
+
+def test_urgent_records_flush_at_once():
+    fs = MemFS()
+    ob = _ob(fs, 1)
+    ob.reading(0, 1, 0, 5)
+    ob.append(wire.KIND_CEP, 10, 0, ("hot", 2, 500, (1, 2)))
+    assert ob.flushes == 1 and ob.stored_records() == 2 and not ob._pend
+
+
+def test_reboot_resumes_backlog_with_original_identity():
+    fs = MemFS()
+    ob = _ob(fs, 1)
+    _fill(ob, 10, 1)
+    ob.append(wire.KIND_WINDOW, 1000, 0, (0, 10000, 10, -5, 5, 0, 2, 0, 9000))
+    ob.flush()
+    # reboot: boot 2 sees boot 1's records with their (boot, seq)
+    ob2 = _ob(fs, 2)
+    _fill(ob2, 3, 2)
+    ob2.flush()
+    recs = _drain(ob2)
+    keys = [(r[0], r[1]) for r in recs]
+    assert keys == [(1, i) for i in range(11)] + [(2, 0), (2, 1), (2, 2)], keys
+    for r in recs:
+        if r[3] == wire.KIND_READING:
+            assert r[5][1] == _val(r[0], r[1])
+    assert recs[10][5] == (0, 10000, 10, -5, 5, 0, 2, 0, 9000)
+
+
+def test_ack_trims_segments_and_survives_reboot():
+    fs = MemFS()
+    ob = _ob(fs, 1, seg_bytes=200)
+    _fill(ob, 24, 1)
+    ob.flush()
+    nseg = len(ob.segs)
+    assert nseg >= 3
+    ob.on_ack(1, 11)
+    assert len(ob.segs) < nseg
+    ob.persist_acks()
+    ob2 = _ob(fs, 2, seg_bytes=200)
+    keys = [(r[0], r[1]) for r in _drain(ob2)]
+    assert keys == [(1, i) for i in range(12, 24)], keys
+    # ack everything: no segment left
+    ob2.on_ack(1, 23)
+    assert not ob2.segs
+    ob2.persist_acks()
+    assert [n for n in fs.listdir("ob") if n.startswith("s")] == []
+
+
+def test_backlog_within_credits_and_live_split():
+    fs = MemFS()
+    ob = _ob(fs, 1)
+    _fill(ob, 10, 1)
+    ob.begin_session()
+    first = ob.read_backlog(4)
+    assert [r[1] for r in first] == [0, 1, 2, 3]
+    # live records made now are not backlog
+    _fill(ob, 4, 1)
+    live = ob.take_live()
+    assert [r[1] for r in live] == [10, 11, 12, 13]
+    rest = ob.read_backlog(100)
+    assert [r[1] for r in rest] == [4, 5, 6, 7, 8, 9]
+    assert ob.read_backlog(100) == []
+    # acked records are skipped after a rewind (resend policy)
+    ob.on_ack(1, 8)
+    ob.rewind()
+    assert [r[1] for r in ob.read_backlog(100)] == [9, 10, 11, 12, 13]
+
+
+def test_unsent_live_overflow_rewinds():
+    fs = MemFS()
+    ob = _ob(fs, 1, live_max=6)
+    ob.begin_session()
+    _fill(ob, 12, 1)
+    assert ob.need_rewind
+    ob.rewind()
+    assert [r[1] for r in ob.read_backlog(100)] == list(range(12))
+
+
+def test_full_outbox_drops_raw_first_and_reports_gaps():
+    fs = MemFS()
+    ob = _ob(fs, 1, max_bytes=1500, seg_bytes=300)
+    cep = []
+    for i in range(120):
+        ob.reading(0, i, 0, i)
+        if i % 10 == 0:
+            cep.append(ob.append(wire.KIND_CEP, i, 0, ("r%d" % i, 1, 10, (i,))))
+    ob.flush()
+    assert ob.total_bytes() <= 1500
+    assert ob.dropped > 0
+    recs = _drain(ob)
+    seqs = [r[1] for r in recs]
+    gaps = [r for r in recs if r[3] == wire.KIND_GAP]
+    assert gaps
+    # every CEP event survives; every seq ever given is either stored or in a gap range
+    for s in cep:
+        assert s in seqs
+    covered = {}
+    for g in gaps:
+        assert g[5][0] == 1
+        for first, n in g[5][1]:
+            for s in range(first, first + n):
+                covered[s] = 1
+    for s in range(ob.seq):
+        assert s in seqs or s in covered, s
+    assert len(covered) == ob.dropped
+
+
+def test_full_of_important_records_refuses_raw():
+    fs = MemFS()
+    ob = _ob(fs, 1, max_bytes=600, seg_bytes=200)
+    for i in range(40):
+        ob.append(wire.KIND_CEP, i, 0, ("c", 1, 1, ()))
+    ob.flush()
+    dropped = ob.dropped
+    ceps = len([r for r in _drain(ob) if r[3] == wire.KIND_CEP])
+    for i in range(30):
+        ob.reading(0, 1, 0, 1)  # less important than everything stored: refused when no room
+    ob.flush()
+    assert ob.refused > 0 and ob.dropped == dropped
+    assert len([r for r in _drain(ob) if r[3] == wire.KIND_CEP]) == ceps
+    assert ob.total_bytes() <= 600
+
+
+def test_power_cut_at_every_byte_offset():
+    # reference run without failure: how many bytes the scenario writes
+    def scenario(fs, committed, acked):
+        Identity(fs)
+        ob = _ob(fs, 1, seg_bytes=120, batch_records=3, ack_persist_ms=0)
+        for i in range(9):
+            ob.reading(0, i, 0, _val(1, i))
+            if len(ob._pend) == 0:
+                committed[:] = list(range(i + 1))
+        acked[0] = 2  # the gateway committed 0..2: they may go
+        ob.on_ack(1, 2)
+        ob.persist_acks()
+        acked[1] = 2
+        ob.append(wire.KIND_CEP, 50, 0, ("x", 1, 1, (1,)))
+        committed.append(9)
+
+    c, a = [], [-1, -1]
+    probe = FailingFS(MemFS())
+    scenario(probe, c, a)
+    total = probe.written
+    assert total > 300
+    for budget in range(total + 1):
+        mem = MemFS()
+        committed, acked = [], [-1, -1]
+        try:
+            scenario(FailingFS(mem, budget), committed, acked)
+        except PowerCut:
+            pass
+        # restart on the surviving flash
+        boot2 = Identity(mem).boot
+        assert boot2 in (1, 2)
+        ob = _ob(mem, boot2)
+        recs = _drain(ob)
+        got = {}
+        for r in recs:
+            assert r[0] == 1
+            assert r[1] not in got  # no duplicates
+            got[r[1]] = r
+            if r[3] == wire.KIND_READING:
+                assert r[5][1] == _val(1, r[1])  # nothing corrupt
+        for s in committed:
+            assert s in got or s <= acked[0], (budget, s)
+        # nothing acked and persisted comes back
+        for s in got:
+            assert s > acked[1], (budget, s)
+
+
+def test_posix_fs_roundtrip():
+    import os
+    root = "/tmp/edgeflow_ob_test"
+    try:
+        os.mkdir(root)
+    except OSError:
+        pass
+    fs = PosixFS(root)
+    try:
+        for n in fs.listdir("ob"):
+            fs.remove("ob/" + n)
+    except OSError:
+        pass
+    ob = _ob(fs, 1)
+    _fill(ob, 6, 1)
+    ob.flush()
+    ob.on_ack(1, 1)
+    ob.persist_acks()
+    ob2 = _ob(fs, 2)
+    assert [r[1] for r in _drain(ob2)] == [2, 3, 4, 5]
+    for n in fs.listdir("ob"):
+        fs.remove("ob/" + n)
+
+
+def test_write_error_keeps_batch_and_uses_new_segment():
+    class Flaky(MemFS):
+        fail = 0
+
+        def open(self, path, mode):
+            if "a" in mode and self.fail:
+                self.fail -= 1
+                raise OSError(28, "ENOSPC")
+            return MemFS.open(self, path, mode)
+
+    fs = Flaky()
+    ob = _ob(fs, 1)
+    _fill(ob, 4, 1)
+    fs.fail = 1
+    _fill(ob, 4, 1)
+    assert ob.write_errors == 1 and len(ob._pend) == 4
+    ob.flush()
+    assert not ob._pend
+    assert [r[1] for r in _drain(ob)] == list(range(8))
+
+
+def test_bad_body_is_rejected_not_stored():
+    ob = _ob(MemFS(), 1)
+    assert ob.append(wire.KIND_CEP, 1, 0, ("bad id!", 1, 1, ())) is None
+    assert ob.rejected == 1 and ob.seq == 0
+    raises(KeyError, lambda: {}["x"])

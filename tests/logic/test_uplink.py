@@ -1,0 +1,98 @@
+# Uplink logic without a network: ack/credit handling, message grouping, send-time stamping.
+# Coroutines are driven by hand (the fake client never really waits), so this also runs under
+# the MicroPython test build, which has no asyncio.run.
+from shared import wire
+from firmware import config
+from firmware.outbox import Outbox
+from firmware.clock import Clock
+from firmware.uplink import Uplink
+from firmware.hal_sim import SimHal
+
+EPOCH = 1767225600000
+
+
+def _run(coro):
+    try:
+        while True:
+            coro.send(None)
+    except StopIteration as e:
+        return e.value
+
+
+class FakeClient:
+    def __init__(self):
+        self.pubs = []
+        self.connected = True
+        self.inflight = []
+
+    async def publish(self, topic, payload, qos=0, retain=False):
+        self.pubs.append((topic, payload, qos, retain))
+        return len(self.pubs)
+
+
+def _setup(batch_max=50):
+    hal = SimHal(seed=1, console=False)
+    cfg = config.load({"device_id": "d1", "broker": {"host": "h"}, "uplink": {"batch_max": batch_max}})
+    ob = Outbox(hal.fs, 2, batch_records=4).load()
+    ck = Clock(hal, 2)
+    up = Uplink(cfg, hal, ob, ck, "t")
+    up.client = FakeClient()
+    return hal, ob, ck, up
+
+
+def test_credits_are_additive_and_replay_zero_holds():
+    hal, ob, ck, up = _setup()
+    up.handle_ack((2, 0, None, 5, True, wire.ACK_NONE))
+    up.handle_ack((2, 0, None, 7, True, wire.ACK_NONE))
+    assert up.credits == 12 and up.replay
+    up.handle_ack((2, 0, None, 9, False, wire.ACK_NONE))
+    assert up.credits == 0 and not up.replay
+
+
+def test_ack_trims_and_beacon_sets_clock():
+    hal, ob, ck, up = _setup()
+    for i in range(8):
+        ob.reading(0, i, wire.FLAG_UNSYNCED, i)
+    ob.flush()
+    assert ob.unacked() == 8
+    up.handle_ack((2, 7, EPOCH, 0, True, wire.ACK_HAS_TIME))
+    assert ob.unacked() == 0 and not ob.segs
+    assert ck.synced and ck.source == "gw"
+
+
+def test_send_groups_by_boot_and_type_and_stamps_current_boot():
+    hal, ob, ck, up = _setup(batch_max=3)
+    ck.boot_epoch = EPOCH
+    recs = [(1, 5, 100, wire.KIND_READING, wire.FLAG_UNSYNCED, (0, 1)),  # earlier boot: stays unsynced
+            (1, 6, 200, wire.KIND_READING, wire.FLAG_UNSYNCED, (0, 2)),
+            (2, 0, 300, wire.KIND_READING, wire.FLAG_UNSYNCED, (1, 3)),  # this boot: converted
+            (2, 1, EPOCH + 400, wire.KIND_READING, 0, (1, 4)),
+            (2, 2, EPOCH + 500, wire.KIND_CEP, 0, ("hot", 2, 100, (1,))),
+            (2, 3, EPOCH + 600, wire.KIND_READING, 0, (1, 5)),
+            (2, 4, EPOCH + 700, wire.KIND_READING, 0, (1, 6)),
+            (2, 5, EPOCH + 800, wire.KIND_READING, 0, (1, 7)),
+            (2, 6, EPOCH + 900, wire.KIND_READING, 0, (1, 8))]
+    _run(up.send(recs))
+    msgs = [wire.decode_data(p[1]) for p in up.client.pubs]
+    assert all(p[0] == "edgeflow/d/d1/data" and p[2] == 1 for p in up.client.pubs)
+    shape = [(m[0], m[2], [r[0] if m[0] == wire.MSG_READINGS else r[1] for r in m[3]]) for m in msgs]
+    assert shape == [(wire.MSG_READINGS, 1, [5, 6]), (wire.MSG_READINGS, 2, [0, 1]),
+                     (wire.MSG_RECORDS, 2, [2]), (wire.MSG_READINGS, 2, [3, 4, 5]),
+                     (wire.MSG_READINGS, 2, [6])]
+    assert msgs[0][3][0] == (5, 100, 0, wire.FLAG_UNSYNCED, 1)
+    assert msgs[1][3][0] == (0, EPOCH + 300, 1, 0, 3)
+    assert msgs[2][3][0] == (wire.KIND_CEP, 2, EPOCH + 500, 0, ("hot", 2, 100, (1,)))
+    assert up.c["sent"] == 9 and up.c["msgs"] == 5
+    assert up.outstanding()
+
+
+def test_hello_reports_backlog_and_live_boundary():
+    hal, ob, ck, up = _setup()
+    for i in range(6):
+        ob.reading(0, i, wire.FLAG_UNSYNCED, i)
+    ob.begin_session()
+    _run(up.hello())
+    t, p, q, r = up.client.pubs[0]
+    h = wire.decode_hello(p)
+    assert t == "edgeflow/d/d1/hello" and q == 1
+    assert (h["boot"], h["next_seq"], h["backlog"], h["oldest_boot"], h["oldest_seq"], h["fw"]) == (2, 6, 6, 2, 0, "t")

@@ -1,0 +1,156 @@
+"""firmware/mqtt.py (the device's asyncio MQTT client) under CPython against a real mosquitto."""
+import asyncio
+
+import pytest
+
+from firmware.mqtt import MQTTClient, MQTTError
+
+pytestmark = pytest.mark.broker
+
+
+def run(coro, timeout=40):
+    return asyncio.run(asyncio.wait_for(coro, timeout))
+
+
+class Inbox:
+    def __init__(self):
+        self.msgs = []
+
+    def __call__(self, topic, payload, retain):
+        self.msgs.append((topic, payload, retain))
+
+    async def wait(self, n, timeout=10):
+        for _ in range(int(timeout * 100)):
+            if len(self.msgs) >= n:
+                return True
+            await asyncio.sleep(0.01)
+        return False
+
+
+def test_publish_subscribe_qos0_qos1_retained(broker):
+    async def main():
+        inbox = Inbox()
+        sub = MQTTClient("sub1", "127.0.0.1", broker.port, keepalive=10, on_message=inbox)
+        await sub.connect()
+        assert await sub.subscribe("t/#", 1) == 1
+        pub = MQTTClient("pub1", "127.0.0.1", broker.port, keepalive=10)
+        await pub.connect()
+        await pub.publish("t/a", b"zero", 0)
+        for i in range(50):
+            await pub.publish("t/b", b"%d" % i, 1)
+        await pub.publish("t/r", b"kept", 1, retain=True)
+        assert await pub.wait_inflight(5)
+        assert pub.pubacks == 51
+        assert await inbox.wait(52)
+        assert [m[1] for m in inbox.msgs if m[0] == "t/b"] == [b"%d" % i for i in range(50)]
+        # a new subscriber gets the retained message with the retain flag
+        inbox2 = Inbox()
+        sub2 = MQTTClient("sub2", "127.0.0.1", broker.port, on_message=inbox2)
+        await sub2.connect()
+        await sub2.subscribe("t/r", 1)
+        assert await inbox2.wait(1)
+        assert inbox2.msgs[0] == ("t/r", b"kept", True)
+        for c in (sub, sub2, pub):
+            await c.disconnect()
+        assert not pub.connected
+    run(main())
+
+
+def test_last_will_on_abrupt_close_not_on_disconnect(broker):
+    async def main():
+        inbox = Inbox()
+        sub = MQTTClient("w-sub", "127.0.0.1", broker.port, on_message=inbox)
+        await sub.connect()
+        await sub.subscribe("w/#", 1)
+        a = MQTTClient("w-a", "127.0.0.1", broker.port, will=("w/a", b"gone", 1, False))
+        await a.connect()
+        await a.disconnect()
+        b = MQTTClient("w-b", "127.0.0.1", broker.port, will=("w/b", b"gone", 1, False))
+        await b.connect()
+        b.close()  # no DISCONNECT: the broker publishes the will
+        assert await inbox.wait(1)
+        await asyncio.sleep(0.3)
+        assert inbox.msgs == [("w/b", b"gone", False)]
+        await sub.disconnect()
+    run(main())
+
+
+def test_keepalive_pings_keep_the_connection(broker):
+    async def main():
+        c = MQTTClient("ka", "127.0.0.1", broker.port, keepalive=1)
+        await c.connect()
+        await asyncio.sleep(2.6)
+        assert c.connected and c.pings >= 2
+        await c.disconnect()
+    run(main())
+
+
+def test_connect_refused_when_broker_down(broker):
+    async def main():
+        broker.stop()
+        c = MQTTClient("down", "127.0.0.1", broker.port, timeout_ms=1000)
+        with pytest.raises(OSError):
+            await c.connect()
+        assert not c.connected
+        with pytest.raises(MQTTError):
+            await c.publish("x", b"", 0)
+    run(main())
+
+
+def test_broker_restart_mid_stream_loses_nothing(broker):
+    """A QoS 1 stream survives a broker crash/restart: the publishes the broker never
+    acknowledged are retransmitted with DUP after the reconnect and reach the subscriber.
+    (The broker here cannot persist sessions, so the subscriber resubscribes first.)"""
+    import signal
+    N = 300
+    CUT = 100
+
+    async def reconnect(c, sub=False):
+        for _ in range(150):
+            try:
+                await c.connect()
+                if sub:
+                    await c.subscribe("s/#", 1)
+                return
+            except (OSError, MQTTError, asyncio.TimeoutError):
+                await asyncio.sleep(0.1)
+        raise AssertionError("no reconnect")
+
+    async def main():
+        loop = asyncio.get_running_loop()
+        inbox = Inbox()
+        sub = MQTTClient("rs-sub", "127.0.0.1", broker.port, on_message=inbox, timeout_ms=2000)
+        await reconnect(sub, True)
+        pub = MQTTClient("rs-pub", "127.0.0.1", broker.port, max_inflight=20, timeout_ms=2000)
+        await pub.connect()
+        for i in range(CUT):
+            await pub.publish("s/n", b"%d" % i, 1)
+        assert await pub.wait_inflight(5) and await inbox.wait(CUT)
+        # freeze the broker: these publishes are written but never acknowledged
+        broker.proc.send_signal(signal.SIGSTOP)
+        for i in range(CUT, CUT + 10):
+            await pub.publish("s/n", b"%d" % i, 1)
+        assert len(pub.inflight) == 10
+        broker.proc.kill()
+        await loop.run_in_executor(None, broker.proc.wait)
+        broker.proc = None
+        await loop.run_in_executor(None, broker.start)
+        i = CUT + 10
+        while i < N:
+            if not sub.connected:
+                await reconnect(sub, True)
+            if not pub.connected:
+                await reconnect(pub)
+            try:
+                await pub.publish("s/n", b"%d" % i, 1)
+                i += 1
+            except MQTTError:
+                await asyncio.sleep(0.05)
+        assert await pub.wait_inflight(5)
+        assert pub.retransmits >= 10 and pub.connects == 2
+        assert await inbox.wait(N, 10)
+        got = [int(m[1]) for m in inbox.msgs]
+        assert set(got) == set(range(N)), sorted(set(range(N)) - set(got))[:20]
+        await pub.disconnect()
+        await sub.disconnect()
+    run(main(), 60)
