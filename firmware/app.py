@@ -17,32 +17,11 @@ from firmware.identity import Identity
 from firmware.outbox import Outbox
 from firmware.clock import Clock
 from firmware.uplink import Uplink
+from firmware.pipeline import Pipeline
 
 FW_VERSION = "0.1.0"
 _MP = sys.implementation.name == "micropython"
 _REBASE_MS = 1 << 28  # rebase the pipeline's relative time well before small ints overflow
-
-
-class _NoPipeline:
-    """Used when firmware.pipeline is not on the board: raw readings only."""
-
-    def __init__(self, cfg, emit):
-        pass
-
-    def sample(self, ch, value, t_rel):
-        pass
-
-    def tick(self, t_rel):
-        pass
-
-    def flush(self, t_rel):
-        pass
-
-    def set_base(self, base_ms, synced):
-        pass
-
-    def rebase(self, new_base_ms):
-        pass
 
 
 def _u32(v):
@@ -94,11 +73,6 @@ class App:
             hal.console("outbox: %d torn segment tail(s) skipped" % self.outbox.torn)
 
     def _make_pipeline(self):
-        """The edge pipeline (firmware.pipeline, another module); raw readings only without it."""
-        try:
-            from firmware.pipeline import Pipeline
-        except ImportError:
-            return _NoPipeline(self.cfg, self._emit)
         return Pipeline(self.cfg, self._emit)
 
     def _sync_pipeline(self):

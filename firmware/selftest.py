@@ -3,9 +3,8 @@
 #   mpremote connect PORT exec "import firmware.selftest as t; t.run()"
 #   mpremote connect PORT run firmware/selftest.py
 #
-# Each check is small and asserts a real result. A module that is not on the board (firmware
-# modules land one by one) or whose API the check does not recognise is reported as SKIP, never
-# as passed. The last line is "selftest: N passed, F failed, S skipped"; run() returns (N, F, S).
+# Each check is small and asserts a real result. A module missing on the board (a partial
+# deploy) is reported as SKIP, never as passed. The last line is "selftest: N passed, F failed, S skipped"; run() returns (N, F, S).
 # Runs unchanged under CPython (python -m firmware.selftest).
 
 
@@ -92,39 +91,64 @@ def check_outbox():
 
 
 def check_ring():
-    m = _need("firmware.ring")
-    cls = getattr(m, "Ring", None) or getattr(m, "RingBuffer", None)
-    if cls is None:
-        raise Skip("firmware.ring: no Ring class")
-    r = cls(4)
-    put = getattr(r, "push", None) or getattr(r, "append", None) or getattr(r, "put", None)
-    if put is None:
-        raise Skip("firmware.ring: no push/append/put")
+    m = _need("firmware.ring", "Ring")
+    r = m.Ring(4)
     for v in range(6):
-        put(v)
-    assert len(r) == 4, len(r)
+        r.push(v)
+    assert r.n == 4 and r.overwritten == 2, (r.n, r.overwritten)
+    assert r.latest(0) == 5 and r.at(0) == 2, (r.latest(0), r.at(0))
+    assert r.min() == 2 and r.max() == 5 and r.sum() == 14
 
 
 def check_window():
-    m = _need("firmware.window")
-    fn = getattr(m, "window_start", None) or getattr(m, "align", None)
-    if fn is None:
-        raise Skip("firmware.window: no window_start/align")
-    assert fn(125000, 60000) == 120000
-    assert fn(0, 60000) == 0
-    assert fn(59999, 60000) == 0
+    m = _need("firmware.window", "EventWindow")
+    w = _need("shared.wire")
+    got = []
+    p = _need("firmware.pipeline", "Pipeline")
+    pl = p.Pipeline({"channels": {"temp": 0}, "window": {"size_ms": 1000}, "rules": []},
+                    lambda kind, t, flags, body: got.append((kind, t, body)))
+    pl.set_base(0, True)
+    for i, v in enumerate((1000, 3000, 2000)):
+        pl.sample(0, v, 100 + i * 300)  # [0, 1000): three samples
+    pl.sample(0, 9000, 1000)  # exactly at the end: next window, closes the first
+    assert len(got) == 1, got
+    kind, t, body = got[0]
+    assert kind == w.KIND_WINDOW and t == 0, got
+    assert body[2] == 3 and body[3] == 1000 and body[4] == 3000 and body[5] == 2000, body
 
 
 def check_cep():
-    m = _need("firmware.cep")
-    if not (hasattr(m, "Rule") or hasattr(m, "Engine") or hasattr(m, "CEP")):
-        raise Skip("firmware.cep: API not recognised")
-    raise Skip("firmware.cep: present; add a check for its API")
+    p = _need("firmware.pipeline", "Pipeline", "ConfigError")
+    w = _need("shared.wire")
+    got = []
+    cfg = {"channels": {"temp": 0, "hum": 1}, "window": {"size_ms": 60000}, "rules": [
+        {"id": "hot_then_dry", "type": "sequence", "first": {"channel": "temp", "op": ">", "value": 30},
+         "then": {"channel": "hum", "op": "<", "value": 20}, "within_ms": 10000, "severity": 3}]}
+    pl = p.Pipeline(cfg, lambda kind, t, flags, body: got.append((kind, t, body)))
+    pl.set_base(0, True)
+    pl.sample(0, 31000, 1000)
+    pl.sample(1, 19000, 11000)  # exactly within_ms later: inclusive
+    cep = [g for g in got if g[0] == w.KIND_CEP]
+    assert len(cep) == 1 and cep[0][2][0] == "hot_then_dry" and cep[0][2][2] == 10000, got
+    try:
+        p.Pipeline({"channels": {"temp": 0}, "rules": [{"id": "x", "type": "nope"}]}, None)
+    except p.ConfigError:
+        return
+    raise AssertionError("unknown rule type accepted")
 
 
 def check_pipeline():
-    m = _need("firmware.pipeline")
-    raise Skip("firmware.pipeline: present; add a check for its API")
+    p = _need("firmware.pipeline", "Pipeline", "example_config")
+    got = []
+    pl = p.Pipeline(p.example_config(), lambda kind, t, flags, body: got.append(kind))
+    pl.set_base(1767225600000, True)
+    for i in range(200):
+        pl.sample(0, 21000 + (i % 5), i * 100)
+        pl.sample(1, 45000, i * 100)
+        pl.tick(i * 100)
+    assert pl.late == 0 and pl.unknown == 0, (pl.late, pl.unknown)
+    pl.flush(20000)
+    assert got, "flush emitted no window"
 
 
 CHECKS = (check_wire_readings, check_wire_rejects_garbage, check_wire_ack, check_wire_topics,

@@ -69,8 +69,9 @@ class Broker:
 
 
 def broker_config(port, data_dir):
+    import getpass
     from tools.brokerconf import render
-    return render(port, data_dir, bind="127.0.0.1")
+    return render(port, data_dir, bind="127.0.0.1", user=getpass.getuser())
 
 
 @pytest.fixture

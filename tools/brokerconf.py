@@ -7,7 +7,7 @@ messages in bursts to a slower subscriber; a fleet's gateway needs more room.
 TEMPLATE = """\
 # edgeflow broker config (tools/brokerconf.py)
 listener {port} {bind}
-allow_anonymous true
+{user_line}allow_anonymous true
 persistence {persistence}
 persistence_location {data_dir}/
 autosave_interval 30
@@ -22,8 +22,11 @@ set_tcp_nodelay true
 """
 
 
-def render(port=1883, data_dir="/var/lib/mosquitto", bind="127.0.0.1", persistence=True):
-    return TEMPLATE.format(port=port, bind=bind, data_dir=data_dir.rstrip("/"),
+def render(port=1883, data_dir="/var/lib/mosquitto", bind="127.0.0.1", persistence=True, user=None):
+    """user: run as this user (mosquitto started as root drops to 'mosquitto' otherwise,
+    which then cannot write a test's temporary persistence folder)."""
+    user_line = "user %s\n" % user if user else ""
+    return TEMPLATE.format(port=port, bind=bind, data_dir=data_dir.rstrip("/"), user_line=user_line,
                            persistence="true" if persistence else "false")
 
 
