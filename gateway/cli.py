@@ -1,0 +1,184 @@
+"""edgeflow-gateway: run | status | export."""
+import argparse
+import asyncio
+import csv
+import json
+import os
+import signal
+import sqlite3
+import sys
+import time
+
+from .config import Config, ConfigError
+from .store import OUTPUT_TABLES, STATE_TABLES
+
+
+def _broker(s):
+    host, _, port = s.rpartition(":")
+    if not host or not port.isdigit():
+        raise argparse.ArgumentTypeError("expected host:port, got %r" % s)
+    return host, int(port)
+
+
+def build_parser():
+    p = argparse.ArgumentParser(prog="edgeflow-gateway",
+                                description="edgeflow gateway: MQTT -> dedup -> watermarks -> windows -> SQLite")
+    sub = p.add_subparsers(dest="cmd", required=True)
+    r = sub.add_parser("run", help="run the gateway (defaults: broker 127.0.0.1:1883, ./edgeflow.db)")
+    r.add_argument("--config", "-c", help="TOML config file (see gateway.example.toml)")
+    r.add_argument("--broker", type=_broker, help="host:port, overrides mqtt.host/port")
+    r.add_argument("--db", help="SQLite path, overrides store.path")
+    r.add_argument("--metrics-port", type=int, help="Prometheus port (0 disables), overrides metrics.port")
+    r.add_argument("--log-format", choices=("kv", "json"), help="overrides log.format")
+    r.add_argument("--check", action="store_true", help="validate the config, print it as JSON and exit")
+    s = sub.add_parser("status", help="devices, watermark lag, backlog, drops, recent alerts (from the database)")
+    s.add_argument("--db", default=None, help="SQLite path (default: store.path of --config, or edgeflow.db)")
+    s.add_argument("--config", "-c")
+    s.add_argument("--alerts", type=int, default=10, help="recent alerts to show")
+    s.add_argument("--json", action="store_true")
+    e = sub.add_parser("export", help="a table as CSV or JSON")
+    e.add_argument("table", choices=OUTPUT_TABLES + STATE_TABLES)
+    e.add_argument("--db", default=None)
+    e.add_argument("--config", "-c")
+    e.add_argument("--format", choices=("csv", "json"), default="csv")
+    e.add_argument("--out", "-o", help="file (default stdout)")
+    e.add_argument("--where", help="SQL condition, e.g. \"device = 'n1'\"")
+    return p
+
+
+def main(argv=None):
+    args = build_parser().parse_args(argv)
+    try:
+        if args.cmd == "run":
+            return cmd_run(args)
+        if args.cmd == "status":
+            return cmd_status(args)
+        return cmd_export(args)
+    except ConfigError as e:
+        print("edgeflow-gateway: config error: %s" % e, file=sys.stderr)
+        return 2
+
+
+def _load(args):
+    ov = {}
+    if getattr(args, "broker", None):
+        ov["mqtt.host"], ov["mqtt.port"] = args.broker
+    if getattr(args, "db", None):
+        ov["store.path"] = args.db
+    if getattr(args, "metrics_port", None) is not None:
+        ov["metrics.port"] = args.metrics_port
+    if getattr(args, "log_format", None):
+        ov["log.format"] = args.log_format
+    return Config.load(args.config, ov)
+
+
+def cmd_run(args):
+    cfg = _load(args)
+    if args.check:
+        print(json.dumps(cfg.as_dict(), indent=2))
+        return 0
+    from . import logs
+    from .service import Gateway
+    logs.setup(cfg.log.level, cfg.log.format)
+    gw = Gateway(cfg)
+
+    async def go():
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, gw.stop)
+        await gw.run()
+
+    try:
+        asyncio.run(go())
+    except Exception as e:  # noqa: BLE001 - fatal: reported, exit non-zero, systemd restarts
+        logs.error("gateway_failed", error=repr(e))
+        return 1
+    return 0
+
+
+def _connect(args):
+    path = args.db or _load(args).store.path
+    if not os.path.exists(path):
+        raise ConfigError("no database at %s" % path)
+    db = sqlite3.connect("file:%s?mode=ro" % path, uri=True)
+    db.row_factory = sqlite3.Row
+    return db
+
+
+def cmd_status(args):
+    db = _connect(args)
+    cfg = _load(args)
+    delay = cfg.watermark.out_of_orderness_ms + 1
+    now = int(time.time() * 1000)
+    wms = {r["device"]: r["max_t"] for r in db.execute("SELECT device, max_t FROM device_watermarks")}
+    devices = []
+    for r in db.execute("SELECT * FROM devices ORDER BY device"):
+        mt = wms.get(r["device"])
+        devices.append({
+            "device": r["device"], "online": bool(r["online"]), "fw": r["fw"],
+            "last_seen_s_ago": round((now - r["last_seen_ms"]) / 1000.0, 1) if r["last_seen_ms"] else None,
+            "watermark": None if mt is None else mt - delay,
+            "watermark_lag_s": None if mt is None else round((now - (mt - delay)) / 1000.0, 1),
+            "backlog_announced": r["backlog"], "received": r["received"], "duplicates": r["duplicates"],
+            "late": r["late"], "quarantined": r["quarantined"], "unsynced": r["unsynced"],
+            "dropped_by_device": r["dropped_by_device"], "outbox_records": r["outbox_records"],
+            "outbox_dropped": r["outbox_dropped"], "reconnects": r["reconnects"],
+        })
+    alerts = []
+    q = ("SELECT 'cep' AS type, device, t, rule AS what, severity AS level FROM cep_events "
+         "UNION ALL SELECT 'anomaly', device, t, 'channel ' || channel || ' score ' || (score / 1000.0), detector "
+         "FROM anomalies ORDER BY t DESC LIMIT ?")
+    for r in db.execute(q, (args.alerts,)):
+        alerts.append(dict(r))
+    meta = dict(db.execute("SELECT k, v FROM meta").fetchall())
+    gwm = meta.get("global_watermark")
+    counts = {t: db.execute("SELECT count(*) FROM %s" % t).fetchone()[0]
+              for t in ("readings", "window_results", "late", "quarantine", "unsynced")}
+    summary = {"global_watermark": gwm, "global_lag_s": None if gwm is None else round((now - gwm) / 1000.0, 1),
+               "rows": counts, "devices": devices, "recent_alerts": alerts}
+    if args.json:
+        print(json.dumps(summary, indent=2))
+        return 0
+    print("global watermark: %s (lag %s s)   rows: %s" % (gwm, summary["global_lag_s"],
+                                                          " ".join("%s=%d" % kv for kv in counts.items())))
+    cols = ("device", "online", "last_seen_s_ago", "watermark_lag_s", "backlog_announced", "received",
+            "duplicates", "late", "quarantined", "dropped_by_device", "outbox_dropped")
+    rows = [[str(d[c]) for c in cols] for d in devices]
+    widths = [max([len(c)] + [len(r[i]) for r in rows]) for i, c in enumerate(cols)]
+    print("  ".join(c.ljust(w) for c, w in zip(cols, widths)))
+    for r in rows:
+        print("  ".join(v.ljust(w) for v, w in zip(r, widths)))
+    print("recent alerts:")
+    for a in alerts:
+        print("  %(t)s %(type)s %(device)s %(what)s (%(level)s)" % a)
+    return 0
+
+
+def cmd_export(args):
+    db = _connect(args)
+    sql = "SELECT * FROM %s" % args.table  # table name checked by argparse choices
+    if args.where:
+        sql += " WHERE " + args.where
+    cur = db.execute(sql)
+    names = [c[0] for c in cur.description]
+    f = open(args.out, "w", newline="") if args.out else sys.stdout
+    try:
+        if args.format == "csv":
+            w = csv.writer(f)
+            w.writerow(names)
+            for r in cur:
+                w.writerow([v.hex() if isinstance(v, bytes) else v for v in r])
+        else:
+            f.write("[")
+            for i, r in enumerate(cur):
+                f.write(("," if i else "") + "\n" + json.dumps(
+                    {k: (v.hex() if isinstance(v, bytes) else v) for k, v in zip(names, r)}))
+            f.write("\n]\n")
+    finally:
+        if args.out:
+            f.close()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

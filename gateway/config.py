@@ -1,0 +1,206 @@
+"""Gateway configuration: TOML file -> validated, typed sections with defaults.
+
+Every key has a default, so an empty file (or none) runs against a broker on
+127.0.0.1:1883. Unknown keys and wrong types are errors, reported with the
+dotted key name so a typo never silently falls back to a default.
+"""
+import os
+
+try:
+    import tomllib
+except ImportError:  # python < 3.11
+    import tomli as tomllib
+
+from shared import wire
+
+
+class ConfigError(ValueError):
+    pass
+
+
+# section -> key -> (default, type, check or None, help). The help text also
+# feeds docs/gateway.md's reference table.
+SCHEMA = {
+    "mqtt": {
+        "host": ("127.0.0.1", str, None, "broker host"),
+        "port": (1883, int, (1, 65535), "broker port"),
+        "client_id": ("edgeflow-gateway", str, None, "fixed client id: the persistent session lives under it"),
+        "prefix": ("edgeflow", str, None, "topic prefix (wire.Topics)"),
+        "keepalive": (30, int, (5, 600), "MQTT keepalive seconds"),
+        "queue_size": (1000, int, (10, 100000), "bounded ingest queue (messages); reading pauses when full"),
+        "buffered_reads": (True, bool, None, "read the socket in 64 KiB chunks instead of paho's byte-per-syscall header reads"),
+        "reconnect_max_s": (10.0, float, (0.1, 600), "cap of the reconnect backoff"),
+    },
+    "store": {
+        "path": ("edgeflow.db", str, None, "SQLite database file"),
+        "synchronous": ("FULL", str, ("NORMAL", "FULL"), "SQLite synchronous mode in WAL (FULL: acked records survive power loss)"),
+        "retain_readings": (True, bool, None, "keep every raw reading in table readings"),
+    },
+    "checkpoint": {
+        "interval_ms": (200, int, (1, 60000), "commit at least this often when there is pending work"),
+        "max_records": (50000, int, (1, 10000000), "commit when this many records are pending"),
+        "max_messages": (400, int, (1, 100000), "commit when this many MQTT messages await their PUBACK (keep below the broker's max_inflight_messages)"),
+        "ack_interval_ms": (100, int, (0, 60000), "at most one ack per device per interval; acks in between are merged (they are cumulative)"),
+    },
+    "dedup": {
+        "window": (4096, int, (64, 1 << 20), "seq bitmap above the contiguous high-water mark, per (device, boot)"),
+        "max_boots": (16, int, (1, 1024), "boots tracked per device; the oldest beyond this is retired"),
+    },
+    "watermark": {
+        "out_of_orderness_ms": (5000, int, (0, 1 << 40), "bounded out-of-orderness: device watermark = max_t - this - 1"),
+        "idle_timeout_ms": (60000, int, (1, 1 << 40), "processing time without data after which a device leaves the global minimum"),
+    },
+    "windows": {
+        "size_ms": (60000, int, (1, 1 << 40), "tumbling window size"),
+        "offset_ms": (0, int, (0, 1 << 40), "window alignment offset from the epoch"),
+        "allowed_lateness_ms": (60000, int, (0, 1 << 40), "late records within this amend a fired window (revision 1, 2, ...)"),
+        "groups": ([], list, None, "list of {name, devices (list or ['*']), channel}: windows over several devices"),
+    },
+    "admission": {
+        "replay_rate": (50000.0, float, (1, 1e9), "backlog records per second granted to replaying devices (token bucket)"),
+        "replay_burst": (100000, int, (1, 1 << 40), "token bucket capacity"),
+        "max_replayers": (32, int, (1, 1 << 20), "devices replaying backlog at once; others wait"),
+        "credit_chunk": (2000, int, (1, 1 << 31), "most credits outstanding per replayer"),
+        "replay_timeout_s": (30.0, float, (0.1, 86400), "a replayer that sends no backlog for this long loses its slot"),
+        "pause_queue_fraction": (0.5, float, (0.0, 1.0), "no new credits while the ingest queue is fuller than this"),
+    },
+    "time": {
+        "max_future_ms": (wire.MAX_FUTURE_MS, int, (0, 1 << 40), "event times further ahead of the gateway clock are quarantined"),
+    },
+    "metrics": {
+        "port": (9108, int, (0, 65535), "Prometheus endpoint port; 0 disables it"),
+        "host": ("127.0.0.1", str, None, "Prometheus endpoint address"),
+    },
+    "log": {
+        "level": ("info", str, ("debug", "info", "warning", "error"), "log level"),
+        "format": ("kv", str, ("kv", "json"), "key=value or JSON lines on stderr"),
+    },
+}
+
+
+class Section:
+    def __init__(self, name, values):
+        self._name = name
+        for k, v in values.items():
+            setattr(self, k, v)
+
+    def as_dict(self):
+        return {k: v for k, v in self.__dict__.items() if not k.startswith("_")}
+
+    def __repr__(self):
+        return "Section(%s, %r)" % (self._name, self.as_dict())
+
+
+class Group:
+    __slots__ = ("name", "devices", "channel")
+
+    def __init__(self, name, devices, channel):
+        self.name, self.devices, self.channel = name, devices, channel
+
+    def matches(self, dev):
+        return self.devices is None or dev in self.devices
+
+
+class Config:
+    """Typed view: cfg.mqtt.host, cfg.store.path, cfg.windows.groups (list of Group) ..."""
+
+    def __init__(self, data=None):
+        data = {} if data is None else data
+        if not isinstance(data, dict):
+            raise ConfigError("config must be a table")
+        for sec in data:
+            if sec not in SCHEMA:
+                raise ConfigError("unknown section [%s] (known: %s)" % (sec, ", ".join(SCHEMA)))
+        for sec, keys in SCHEMA.items():
+            given = data.get(sec, {})
+            if not isinstance(given, dict):
+                raise ConfigError("[%s] must be a table" % sec)
+            for k in given:
+                if k not in keys:
+                    raise ConfigError("unknown key %s.%s (known: %s)" % (sec, k, ", ".join(keys)))
+            vals = {}
+            for k, (default, typ, check, _help) in keys.items():
+                v = given.get(k, default)
+                vals[k] = _check("%s.%s" % (sec, k), v, typ, check)
+            setattr(self, sec, Section(sec, vals))
+        self.windows.groups = _groups(self.windows.groups)
+        if self.store.synchronous not in ("NORMAL", "FULL"):
+            raise ConfigError("store.synchronous must be NORMAL or FULL")
+        try:
+            wire.Topics(self.mqtt.prefix)
+        except wire.WireError as e:
+            raise ConfigError("mqtt.prefix: %s" % e)
+
+    @classmethod
+    def load(cls, path=None, overrides=None):
+        data = {}
+        if path:
+            if not os.path.exists(path):
+                raise ConfigError("config file not found: %s" % path)
+            try:
+                with open(path, "rb") as f:
+                    data = tomllib.load(f)
+            except tomllib.TOMLDecodeError as e:
+                raise ConfigError("%s: %s" % (path, e))
+        for dotted, v in (overrides or {}).items():
+            sec, key = dotted.split(".", 1)
+            data.setdefault(sec, {})[key] = v
+        return cls(data)
+
+    def as_dict(self):
+        out = {sec: getattr(self, sec).as_dict() for sec in SCHEMA}
+        out["windows"]["groups"] = [{"name": g.name, "devices": sorted(g.devices) if g.devices else ["*"],
+                                     "channel": g.channel} for g in self.windows.groups]
+        return out
+
+
+def _check(name, v, typ, check):
+    if typ is float and isinstance(v, int) and not isinstance(v, bool):
+        v = float(v)
+    if typ is int and isinstance(v, bool) or not isinstance(v, typ):
+        raise ConfigError("%s must be %s, got %r" % (name, typ.__name__, v))
+    if isinstance(check, tuple) and typ in (int, float):
+        lo, hi = check
+        if not lo <= v <= hi:
+            raise ConfigError("%s must be within %s..%s, got %r" % (name, lo, hi, v))
+    elif isinstance(check, tuple) and typ is str and v not in check and v.upper() not in check:
+        raise ConfigError("%s must be one of %s, got %r" % (name, "/".join(check), v))
+    if typ is str and check and check[0].isupper():
+        v = v.upper()
+    return v
+
+
+def _groups(raw):
+    out, seen = [], set()
+    for i, g in enumerate(raw):
+        where = "windows.groups[%d]" % i
+        if not isinstance(g, dict):
+            raise ConfigError(where + " must be a table {name, devices, channel}")
+        extra = set(g) - {"name", "devices", "channel"}
+        if extra:
+            raise ConfigError("%s: unknown keys %s" % (where, ", ".join(sorted(extra))))
+        name = g.get("name")
+        try:
+            wire.check_topic_part(name, "group", 64)
+        except wire.WireError:
+            raise ConfigError(where + ".name must be 1..64 of [A-Za-z0-9_-], got %r" % (name,))
+        if name in seen:
+            raise ConfigError("%s: duplicate group name %r" % (where, name))
+        seen.add(name)
+        devs = g.get("devices", ["*"])
+        if not isinstance(devs, list) or not devs or not all(isinstance(d, str) for d in devs):
+            raise ConfigError(where + ".devices must be a non-empty list of device ids or ['*']")
+        if "*" in devs:
+            devs = None
+        else:
+            for d in devs:
+                try:
+                    wire.check_device_id(d)
+                except wire.WireError:
+                    raise ConfigError("%s.devices: bad device id %r" % (where, d))
+            devs = frozenset(devs)
+        ch = g.get("channel")
+        if not isinstance(ch, int) or isinstance(ch, bool) or not 0 <= ch <= 255:
+            raise ConfigError(where + ".channel must be an integer 0..255")
+        out.append(Group(name, devs, ch))
+    return out

@@ -1,0 +1,215 @@
+"""Exactly-once filter by record identity (device, boot, seq).
+
+Per (device, boot): `hwm`, the highest seq such that every seq <= hwm is accounted
+for (received or reported dropped; -1 before the first), and `bits`, an
+anti-replay bitmap of `window` seqs above it (bit i <=> seq hwm+1+i accounted).
+The bitmap is normalised after every change so bit 0 is always clear: hwm is the
+contiguous mark the gateway acks.
+
+A seq more than `window` above hwm is BEYOND: not processed, not acked, not
+stored. The device keeps it and resends it; it fits once the gap below it is
+filled (by the missing records or a gap record). State stays bounded by
+`window` bits per boot and `max_boots` boots per device.
+
+Boots below a device's `min_boot` are retired: every record of them is a
+duplicate. The device's hello retires boots below its oldest backlog boot.
+"""
+
+NEW = 0
+DUP = 1
+BEYOND = 2
+
+
+class _Dev:
+    __slots__ = ("min_boot", "boots")
+
+    def __init__(self, min_boot=0):
+        self.min_boot = min_boot
+        self.boots = {}  # boot -> [hwm, bits]
+
+
+def _normalise(st):
+    bits = st[1]
+    if bits & 1:
+        low_zero = ~bits & (bits + 1)  # lowest clear bit as a power of two
+        n = low_zero.bit_length() - 1
+        st[1] = bits >> n
+        st[0] += n
+
+
+class Dedup:
+    def __init__(self, window=4096, max_boots=16):
+        self.window = window
+        self.max_boots = max_boots
+        self.devs = {}
+        self.dirty = set()  # (dev, boot) changed since the last export
+        self.removed = set()  # (dev, boot) retired since the last export
+        self.dirty_devs = set()  # min_boot changed
+        self.evicted_boots = 0
+
+    # ------------------------------------------------------------ lookups
+
+    def _state(self, dev, boot, create=True):
+        d = self.devs.get(dev)
+        if d is None:
+            if not create:
+                return None
+            d = self.devs[dev] = _Dev()
+            self.dirty_devs.add(dev)
+        if boot < d.min_boot:
+            return None
+        st = d.boots.get(boot)
+        if st is None and create:
+            st = d.boots[boot] = [-1, 0]
+            self.removed.discard((dev, boot))
+            if len(d.boots) > self.max_boots:
+                self._retire_below(dev, d, min(d.boots) + 1)
+                self.evicted_boots += 1
+                if boot < d.min_boot:
+                    return None
+        return st
+
+    def hwm(self, dev, boot):
+        """Contiguous mark: every seq <= it is accounted for. -1: none; 0xFFFFFFFF: boot retired."""
+        d = self.devs.get(dev)
+        if d is None:
+            return -1
+        if boot < d.min_boot:
+            return 0xFFFFFFFF
+        st = d.boots.get(boot)
+        return -1 if st is None else st[0]
+
+    def min_boot(self, dev):
+        d = self.devs.get(dev)
+        return 0 if d is None else d.min_boot
+
+    def peek(self, dev, boot, seq):
+        st = self._state(dev, boot, create=False)
+        if st is None:
+            d = self.devs.get(dev)
+            return DUP if d is not None and boot < d.min_boot else (NEW if seq < self.window else BEYOND)
+        off = seq - st[0] - 1
+        if off < 0:
+            return DUP
+        if off >= self.window:
+            return BEYOND
+        return DUP if st[1] >> off & 1 else NEW
+
+    # ------------------------------------------------------------ marking
+
+    def mark(self, dev, boot, seq):
+        """Account one record; returns NEW, DUP or BEYOND (BEYOND leaves no trace)."""
+        st = self._state(dev, boot)
+        if st is None:
+            return DUP
+        off = seq - st[0] - 1
+        if off < 0:
+            return DUP
+        if off >= self.window:
+            return BEYOND
+        m = 1 << off
+        if st[1] & m:
+            return DUP
+        st[1] |= m
+        if off == 0:
+            _normalise(st)
+        self.dirty.add((dev, boot))
+        return NEW
+
+    def mark_run(self, dev, boot, first, n):
+        """Fast path for seqs first..first+n-1: NEW or DUP if the whole run is one, else None."""
+        st = self._state(dev, boot)
+        if st is None:
+            return DUP
+        hwm = st[0]
+        if first == hwm + 1 and st[1] == 0:
+            st[0] = hwm + n
+            self.dirty.add((dev, boot))
+            return NEW
+        if first + n - 1 <= hwm:
+            return DUP
+        return None
+
+    def mark_range(self, dev, boot, first, length, limit=True):
+        """Account seqs first..first+length-1 (a device-reported gap, or a hello floor).
+
+        Returns how many were newly accounted, or None if part lies beyond the window
+        (nothing changed) and limit is set.
+        """
+        st = self._state(dev, boot)
+        if st is None:
+            return 0
+        last = first + length - 1
+        hwm = st[0]
+        if last <= hwm:
+            return 0
+        if first <= hwm + 1:
+            span = last - hwm
+            below = st[1] & ((1 << span) - 1)
+            newly = span - bin(below).count("1")
+            st[1] >>= span
+            st[0] = last
+            _normalise(st)
+        else:
+            off0 = first - hwm - 1
+            if last - hwm - 1 >= self.window:
+                if limit:
+                    return None
+            mask = ((1 << length) - 1) << off0
+            newly = length - bin(st[1] & mask).count("1")
+            st[1] |= mask
+        if newly:
+            self.dirty.add((dev, boot))
+        return newly
+
+    def hello(self, dev, oldest_boot, oldest_seq):
+        """The device holds nothing older than (oldest_boot, oldest_seq).
+
+        Retires older boots and raises the mark of oldest_boot to oldest_seq - 1.
+        Returns how many seqs were accounted only by this (never received, no gap record).
+        """
+        d = self.devs.get(dev)
+        if d is None:
+            d = self.devs[dev] = _Dev()
+            self.dirty_devs.add(dev)
+        if oldest_boot < d.min_boot:
+            return 0  # a stale hello: newer information is already in
+        self._retire_below(dev, d, oldest_boot)
+        if oldest_seq > 0:
+            return self.mark_range(dev, oldest_boot, 0, oldest_seq, limit=False) or 0
+        return 0
+
+    def _retire_below(self, dev, d, boot):
+        if boot <= d.min_boot:
+            return
+        d.min_boot = boot
+        self.dirty_devs.add(dev)
+        for b in [b for b in d.boots if b < boot]:
+            del d.boots[b]
+            self.dirty.discard((dev, b))
+            self.removed.add((dev, b))
+
+    # ------------------------------------------------------------ checkpoint
+
+    def export(self):
+        """Rows changed since the last export: (upserts, deletes, {dev: min_boot})."""
+        nbytes = (self.window + 7) // 8 + 1
+        ups = []
+        for dev, boot in self.dirty:
+            st = self.devs[dev].boots[boot]
+            ups.append((dev, boot, st[0], st[1].to_bytes(nbytes, "little")))
+        dels = list(self.removed)
+        mins = {dev: self.devs[dev].min_boot for dev in self.dirty_devs}
+        self.dirty = set()
+        self.removed = set()
+        self.dirty_devs = set()
+        return ups, dels, mins
+
+    def restore(self, rows, min_boots):
+        for dev, mb in min_boots.items():
+            self.devs[dev] = _Dev(mb)
+        for dev, boot, hwm, bits in rows:
+            d = self.devs.get(dev)
+            if d is None:
+                d = self.devs[dev] = _Dev()
+            d.boots[boot] = [hwm, int.from_bytes(bits, "little")]

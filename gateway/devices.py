@@ -1,0 +1,81 @@
+"""What the gateway knows about each device (checkpointed; read by `status`)."""
+
+# Counter columns, in table order.
+COUNTERS = ("received", "duplicates", "dropped_by_device", "skipped_by_hello", "quarantined",
+            "late", "unsynced", "deferred", "live", "backlog_received")
+
+
+class Device:
+    __slots__ = ("dev", "fw", "hello_boot", "hello_next_seq", "backlog", "oldest_boot", "oldest_seq",
+                 "online", "last_seen", "last_hello", "status") + COUNTERS
+
+    def __init__(self, dev):
+        self.dev = dev
+        self.fw = ""
+        self.hello_boot = -1  # no hello yet: every record counts as live
+        self.hello_next_seq = 0
+        self.backlog = 0
+        self.oldest_boot = 0
+        self.oldest_seq = 0
+        self.online = 1
+        self.last_seen = 0
+        self.last_hello = 0
+        self.status = None  # latest KIND_STATUS body
+        for c in COUNTERS:
+            setattr(self, c, 0)
+
+    def backlog_count(self, boot, seqs_first, seqs_last, n):
+        """How many of n records of `boot` with seqs in [first, last] are backlog."""
+        hb = self.hello_boot
+        if boot > hb:
+            return 0
+        if boot < hb:
+            return n
+        ns = self.hello_next_seq
+        if seqs_first >= ns:
+            return 0
+        if seqs_last < ns:
+            return n
+        return -1  # mixed: caller counts one by one
+
+
+COLUMNS = ("device", "fw", "hello_boot", "hello_next_seq", "backlog", "oldest_boot", "oldest_seq", "online",
+           "last_seen_ms", "last_hello_ms") + COUNTERS + ("status_t", "uptime_s", "outbox_records", "outbox_bytes",
+                                                           "outbox_dropped", "device_late", "clock_offset_ms",
+                                                           "free_mem", "reconnects")
+
+
+class Registry:
+    def __init__(self):
+        self.devs = {}
+        self.dirty = set()
+
+    def get(self, dev):
+        d = self.devs.get(dev)
+        if d is None:
+            d = self.devs[dev] = Device(dev)
+        self.dirty.add(dev)
+        return d
+
+    def row(self, d):
+        st = d.status or (None,) * 9
+        return ((d.dev, d.fw, d.hello_boot, d.hello_next_seq, d.backlog, d.oldest_boot, d.oldest_seq, d.online,
+                 d.last_seen, d.last_hello) + tuple(getattr(d, c) for c in COUNTERS) + tuple(st))
+
+    def export(self):
+        rows = [self.row(self.devs[dev]) for dev in self.dirty]
+        self.dirty = set()
+        return rows
+
+    def restore(self, rows):
+        for r in rows:
+            rec = dict(zip(COLUMNS, r))
+            d = self.devs[rec["device"]] = Device(rec["device"])
+            d.fw = rec["fw"]
+            d.hello_boot, d.hello_next_seq, d.backlog = rec["hello_boot"], rec["hello_next_seq"], rec["backlog"]
+            d.oldest_boot, d.oldest_seq, d.online = rec["oldest_boot"], rec["oldest_seq"], rec["online"]
+            d.last_seen, d.last_hello = rec["last_seen_ms"], rec["last_hello_ms"]
+            for c in COUNTERS:
+                setattr(d, c, rec[c])
+            if rec["status_t"] is not None:
+                d.status = tuple(rec[c] for c in COLUMNS[-9:])

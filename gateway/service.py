@@ -1,0 +1,696 @@
+"""The gateway service: the data path, top to bottom.
+
+  MQTT (ingest.py, bounded queue)
+    -> _handle: topic -> data / hello / state
+    -> decode (shared.wire; a fast path for reading batches) -> bad input to quarantine
+    -> dedup.py (device, boot, seq)        duplicates counted, never processed twice
+    -> time checks, unsynced records       quarantine / table unsynced
+    -> windows.py (device and group windows, late side output)
+    -> watermark.py (device and global watermarks fire windows)
+    -> checkpoint: one SQLite transaction (store.py) with outputs + state
+    -> after the commit: PUBACKs to the broker, acks with credits (admission.py) to devices
+
+Threading: one asyncio loop runs everything; paho is driven from it (no
+network thread) and aiosqlite runs the commits in its own thread while the
+loop keeps processing the next batch. Error model: bad input is quarantined,
+never raised; an unexpected exception while handling one message quarantines
+that message as internal_error; a failed commit stops the gateway (nothing is
+acked that is not committed; systemd restarts it and state is restored).
+"""
+import asyncio
+import hashlib
+import json
+import logging
+import struct
+import time
+from itertools import compress, repeat
+from operator import mul
+
+from shared import wire
+
+from . import logs, metrics
+from .admission import Admission
+from .config import Config
+from .dedup import BEYOND, DUP, Dedup
+from .devices import Registry
+from .ingest import Ingest
+from .store import Store
+from .watermark import Watermarks
+from .windows import LATE, WindowSet
+
+_HDR = struct.Struct(">BBBBIIqH")
+_READINGS_FMT = {}  # count -> Struct for count readings, unpacked flat
+_RANGES = {}  # count -> tuple(range(count))
+_UNSYNCED = wire.FLAG_UNSYNCED
+_CEP, _ANOMALY, _STATUS, _WINDOW, _GAP = wire.KIND_CEP, wire.KIND_ANOMALY, wire.KIND_STATUS, wire.KIND_WINDOW, wire.KIND_GAP
+
+
+def _now_ms():
+    return int(time.time() * 1000)
+
+
+def _readings_struct(n):
+    s = _READINGS_FMT.get(n)
+    if s is None:
+        s = _READINGS_FMT[n] = struct.Struct(">" + "HiBBi" * n)
+        _RANGES[n] = tuple(range(n))
+    return s
+
+
+class Outputs:
+    """Everything produced since the last checkpoint (rows per table)."""
+
+    __slots__ = ("readings", "unsynced", "device_windows", "cep_events", "anomalies", "device_status", "gaps",
+                 "late", "quarantine", "mids", "touched", "records")
+
+    def __init__(self):
+        for k in self.__slots__:
+            setattr(self, k, [])
+        self.touched = set()  # (device, boot) to ack after the commit
+        self.records = 0
+
+
+class Gateway:
+    """Python API: Gateway(config).run() until stop(); config is a Config, a dict of sections or None."""
+
+    def __init__(self, config=None):
+        if config is None or isinstance(config, dict):
+            config = Config(config)
+        self.cfg = cfg = config
+        self.topics = wire.Topics(cfg.mqtt.prefix)
+        self.stats = metrics.Stats()
+        self.store = Store(cfg.store.path, cfg.store.synchronous)
+        self.dedup = Dedup(cfg.dedup.window, cfg.dedup.max_boots)
+        self.watermarks = Watermarks(cfg.watermark.out_of_orderness_ms, cfg.watermark.idle_timeout_ms)
+        w = cfg.windows
+        self.dev_windows = WindowSet("device", w.size_ms, w.offset_ms, w.allowed_lateness_ms)
+        self.group_windows = WindowSet("group", w.size_ms, w.offset_ms, w.allowed_lateness_ms)
+        self.groups = w.groups
+        a = cfg.admission
+        self.admission = Admission(a.replay_rate, a.replay_burst, a.max_replayers, a.credit_chunk,
+                                   a.replay_timeout_s, _now_ms())
+        self.devices = Registry()
+        self.out = Outputs()
+        self.ingest = None
+        self.metrics_server = None
+        self.metrics_registry = None
+        self.retain = cfg.store.retain_readings
+        self.max_future = cfg.time.max_future_ms
+        self._topic_cache = {}
+        self._groups_cache = {}
+        self._committed = {}  # dev -> {boot: committed contiguous mark}
+        self._ack_due = {}  # dev -> boots whose committed mark is not acked yet
+        self._last_ack = {}  # dev -> processing ms of the last ack
+        self._group_wm = None
+        self._commit_task = None
+        self._ckpt_lock = None
+        self._stop = None
+        self._loop = None
+        self.started = asyncio.Event()  # set once run() is connected and processing
+        self.last_error = None
+
+    # ================================================================ lifecycle
+
+    async def open(self):
+        """Open the database and restore the checkpointed state (run() does this first)."""
+        self._loop = asyncio.get_running_loop()
+        self._stop = asyncio.Event()
+        self._ckpt_lock = asyncio.Lock()
+        await self.store.open()
+        await self._restore()
+
+    async def run(self):
+        await self.open()
+        self.metrics_server = metrics.serve(self, self.cfg.metrics.host, self.cfg.metrics.port)
+        self.ingest = Ingest(self.cfg, self.stats)
+        await self.ingest.start()
+        tasks = [asyncio.create_task(self._process_loop(), name="process"),
+                 asyncio.create_task(self._timer_loop(), name="timer")]
+        stop = asyncio.create_task(self._stop.wait())
+        logs.info("gateway_started", db=self.cfg.store.path, broker="%s:%d" % (self.cfg.mqtt.host, self.cfg.mqtt.port),
+                  devices=len(self.devices.devs), metrics_port=self.cfg.metrics.port)
+        self.started.set()
+        failed = None
+        try:
+            done, _ = await asyncio.wait(tasks + [stop], return_when=asyncio.FIRST_COMPLETED)
+            for t in done:
+                if t is not stop and t.exception() is not None:
+                    failed = t.exception()
+        finally:
+            self.ingest.pause()
+            for t in tasks + [stop]:
+                t.cancel()
+            await asyncio.gather(*tasks, stop, return_exceptions=True)
+            if failed is None:
+                try:
+                    await self.checkpoint()
+                    if self._commit_task:
+                        await self._commit_task
+                except Exception as e:  # noqa: BLE001 - reported below
+                    failed = e
+            await self.ingest.stop(offline=True)
+            await self.store.close()
+            if self.metrics_server is not None:
+                self.metrics_server.shutdown()
+            logs.info("gateway_stopped", error=repr(failed) if failed else "")
+        if failed is not None:
+            self.last_error = failed
+            raise failed
+
+    def stop(self):
+        """Ask run() to finish (final checkpoint, offline state). Safe from any thread."""
+        if self.ingest is not None:
+            self.ingest.closing = True  # also ends a connect loop waiting for a broker
+        if self._loop is None or self._stop is None:
+            return
+        try:
+            running = asyncio.get_running_loop()
+        except RuntimeError:
+            running = None
+        if running is self._loop:
+            self._stop.set()
+        else:
+            self._loop.call_soon_threadsafe(self._stop.set)
+
+    def queue_depth(self):
+        return len(self.ingest.queue) if self.ingest else 0
+
+    async def _restore(self):
+        st = await self.store.load_state()
+        now = _now_ms()
+        self.dedup.restore(st["dedup"], st["dedup_devices"])
+        gwm = st["meta"].get("global_watermark")
+        self.watermarks.restore(st["watermarks"], gwm, now)
+        self._group_wm = self.watermarks.global_wm
+        self.devices.restore(st["devices"])
+        dev_rows, grp_rows = [], []
+        for r in st["open_windows"]:
+            (dev_rows if r[0] == "device" else grp_rows).append(r[1:])
+        self.dev_windows.restore(dev_rows)
+        self.group_windows.restore(grp_rows)
+        for d in self.devices.devs.values():
+            if d.hello_boot >= 0:
+                self._committed[d.dev] = {d.hello_boot: self.dedup.hwm(d.dev, d.hello_boot)}
+        if st["devices"]:
+            logs.info("state_restored", devices=len(st["devices"]), open_windows=len(st["open_windows"]),
+                      global_watermark=gwm)
+
+    # ================================================================ processing loop
+
+    async def _process_loop(self):
+        q = self.ingest.queue
+        wake = self.ingest.wake
+        ck = self.cfg.checkpoint
+        max_msgs, max_recs = ck.max_messages, ck.max_records
+        handle = self._handle
+        while True:
+            if not q:
+                wake.clear()
+                await wake.wait()
+                continue
+            now = _now_ms()
+            n = min(len(q), 512)
+            for _ in range(n):
+                topic, payload, mid, qos = q.popleft()
+                try:
+                    handle(topic, payload, now)
+                except Exception as e:  # noqa: BLE001 - input must never stop the gateway
+                    logging.getLogger("edgeflow.gateway").exception("message_failed")
+                    self._quarantine(topic, None, "internal_error", repr(e), payload, now)
+                out = self.out
+                out.mids.append((mid, qos))
+                if len(out.mids) >= max_msgs or out.records >= max_recs:
+                    # While a commit runs keep processing (up to twice the limits): the next
+                    # checkpoint starts as soon as it finishes, so the two overlap.
+                    if self._commit_task is None or self._commit_task.done() or \
+                            len(out.mids) >= 2 * max_msgs or out.records >= 2 * max_recs:
+                        await self.checkpoint()
+            self.stats.messages += n
+            self.ingest.maybe_resume()
+            await asyncio.sleep(0)
+
+    async def _timer_loop(self):
+        interval = self.cfg.checkpoint.interval_ms
+        tick = min(interval, 50) / 1000.0
+        last = _now_ms()
+        while True:
+            await asyncio.sleep(tick)
+            now = _now_ms()
+            self.watermarks.tick(now)
+            self._advance_groups()
+            paused = self._replay_paused()
+            for dev in self.admission.tick(now, paused):
+                self._send_grant(dev, now)
+            self._flush_acks(now)
+            if now - last >= interval:
+                last = now
+                await self.checkpoint()
+
+    def _handle(self, topic, payload, now):
+        parsed = self._topic_cache.get(topic)
+        if parsed is None:
+            try:
+                dev, leaf = self.topics.parse(topic)
+            except wire.WireError as e:
+                self._quarantine(topic, None, e.reason, e.detail, payload, now)
+                return
+            if len(self._topic_cache) > 100000:  # bounded: fleets are smaller than this
+                self._topic_cache.clear()
+            parsed = self._topic_cache[topic] = (dev, leaf, dev.encode())
+        dev, leaf, devb = parsed
+        if leaf == "data":
+            self._on_data(topic, dev, devb, payload, now)
+        elif leaf == "hello":
+            self._on_hello(topic, dev, payload, now)
+        elif leaf == "state":
+            self._on_state(topic, dev, payload, now)
+        else:
+            self._quarantine(topic, dev, "unexpected_topic", leaf, payload, now)
+
+    # ================================================================ data
+
+    def _on_data(self, topic, dev, devb, payload, now):
+        size = len(payload)
+        if 22 <= size <= wire.MAX_PAYLOAD and payload[2] == wire.MSG_READINGS and payload[0] == wire.MAGIC \
+                and payload[1] == wire.VERSION:
+            _m, _v, _t, idlen, boot, base, base_t, n = _HDR.unpack_from(payload)
+            off = 22 + idlen
+            if n and size == off + 12 * n and payload[22:off] == devb and base + n <= 0x100000000:
+                flat = _readings_struct(n).unpack_from(payload, off)
+                offs = flat[0::5]
+                if offs == _RANGES[n]:  # seqs base..base+n-1: the common batch
+                    self._readings_fast(topic, dev, boot, base, base_t, n, flat, now)
+                    return
+        # anything unusual: the full decoder says exactly what is wrong
+        try:
+            mtype, pdev, boot, recs = wire.decode_data(payload)
+        except wire.WireError as e:
+            self._quarantine(topic, dev, e.reason, e.detail, payload, now)
+            return
+        if pdev != dev:
+            self._quarantine(topic, dev, "spoofed_device_id", "payload says %r" % pdev, payload, now)
+            return
+        if mtype == wire.MSG_READINGS:
+            self._readings(topic, dev, boot, recs, now)
+        else:
+            self._records(topic, dev, boot, recs, now)
+
+    def _readings_fast(self, topic, dev, boot, base, base_t, n, flat, now):
+        toffs = flat[1::5]
+        flags = flat[3::5]
+        tmin = base_t + min(toffs)
+        tmax = base_t + max(toffs)
+        fset = set(flags)
+        clean = (fset == {0} or not any(f & _UNSYNCED for f in fset)) and \
+            wire.check_event_time(tmin, now, self.max_future) is None and \
+            wire.check_event_time(tmax, now, self.max_future) is None
+        res = self.dedup.mark_run(dev, boot, base, n) if clean else None
+        out = self.out
+        out.touched.add((dev, boot))
+        if res is None:  # mixed duplicates, bad times or unsynced records: one by one
+            recs = list(zip(range(base, base + n), map(base_t.__add__, toffs), flat[2::5], flags, flat[4::5]))
+            self._readings(topic, dev, boot, recs, now)
+            return
+        d = self.devices.get(dev)
+        d.last_seen = now
+        if res == DUP:
+            d.duplicates += n
+            self.stats.duplicates += n
+            return
+        chans = flat[2::5]
+        vals = flat[4::5]
+        d.received += n
+        self.stats.readings += n
+        out.records += n
+        self._count_live(d, dev, boot, base, base + n - 1, n, now)
+        if self.retain:
+            out.readings.extend(zip(repeat(dev, n), repeat(boot, n), range(base, base + n),
+                                    map(base_t.__add__, toffs), chans, flags, vals))
+        wm_d = self.watermarks.device_wm(dev)
+        gwm = self.watermarks.global_wm
+        dw = self.dev_windows
+        start = tmin - (tmin - dw.offset) % dw.size
+        last = start + dw.size - 1
+        gmap = self._groups_of(dev)
+        if tmax <= last and (wm_d is None or wm_d < last) and (not gmap or gwm is None or gwm < last):
+            # one window, not due yet: aggregate the batch per channel in C loops
+            nc = len(set(chans))
+            if nc == 1:
+                split = ((chans[0], vals),)
+            elif chans[nc:] == chans[:-nc] and len(set(chans[:nc])) == nc:  # channels interleaved per tick
+                split = tuple((chans[i], vals[i::nc]) for i in range(nc))
+            else:
+                split = tuple((ch, list(compress(vals, map(ch.__eq__, chans)))) for ch in set(chans))
+            for ch, vs in split:
+                agg = (len(vs), sum(vs), sum(map(mul, vs, vs)), min(vs), max(vs))
+                dw.add_agg(dev, ch, start, *agg, wm_d)
+                for name in gmap.get(ch, ()):
+                    self.group_windows.add_agg(name, ch, start, *agg, gwm)
+        else:
+            seqs = range(base, base + n)
+            self._window_records(dev, boot, zip(seqs, map(base_t.__add__, toffs), chans, vals), wm_d, gwm, gmap, d)
+        self._observe(dev, tmax, wm_d, now)
+
+    def _readings(self, topic, dev, boot, recs, now):
+        """Readings one at a time: (seq, t, channel, flags, value)."""
+        d = self.devices.get(dev)
+        d.last_seen = now
+        out = self.out
+        out.touched.add((dev, boot))
+        mark = self.dedup.mark
+        good = []
+        maxt = None
+        st = self.stats
+        for rec in recs:
+            seq, t, ch, fl, v = rec
+            c = mark(dev, boot, seq)
+            if c == DUP:
+                d.duplicates += 1
+                st.duplicates += 1
+                continue
+            if c == BEYOND:
+                d.deferred += 1
+                st.deferred += 1
+                continue
+            d.received += 1
+            out.records += 1
+            self._count_live(d, dev, boot, seq, seq, 1, now)
+            if fl & _UNSYNCED:
+                out.unsynced.append((dev, boot, seq, t, "reading", ch, fl, v))
+                d.unsynced += 1
+                st.unsynced += 1
+                continue
+            why = wire.check_event_time(t, now, self.max_future)
+            if why:
+                self._quarantine(topic, dev, why, "reading t=%d ch=%d v=%d" % (t, ch, v), None, now, boot, seq)
+                continue
+            st.readings += 1
+            good.append((seq, t, ch, v))
+            if self.retain:
+                out.readings.append((dev, boot, seq, t, ch, fl, v))
+            if maxt is None or t > maxt:
+                maxt = t
+        if good:
+            wm_d = self.watermarks.device_wm(dev)
+            self._window_records(dev, boot, good, wm_d, self.watermarks.global_wm, self._groups_of(dev), d)
+            self._observe(dev, maxt, wm_d, now)
+
+    def _window_records(self, dev, boot, recs, wm_d, gwm, gmap, d):
+        """Add (seq, t, channel, value) one by one (revisions and late records are per record)."""
+        dw, gw = self.dev_windows, self.group_windows
+        late = self.out.late
+        for seq, t, ch, v in recs:
+            if dw.add(dev, ch, t, v, wm_d) == LATE:
+                late.append((dev, boot, seq, t, ch, v, "device", dev, dw.start_of(t), wm_d, "beyond_allowed_lateness"))
+                d.late += 1
+                self.stats.late += 1
+            for name in gmap.get(ch, ()):
+                if gw.add(name, ch, t, v, gwm) == LATE:
+                    late.append((dev, boot, seq, t, ch, v, "group", name, gw.start_of(t), gwm,
+                                 "beyond_allowed_lateness"))
+                    d.late += 1
+                    self.stats.late += 1
+
+    def _observe(self, dev, maxt, wm_before, now):
+        """Event time maxt seen from dev: advance its watermark, fire what is due."""
+        wm = self.watermarks.observe(dev, maxt, now)
+        if wm != wm_before:
+            self.dev_windows.advance(dev, wm)
+        if self.watermarks.global_wm != self._group_wm:
+            self._advance_groups()
+
+    def _advance_groups(self):
+        g = self.watermarks.global_wm
+        if g is not None and g != self._group_wm:
+            self._group_wm = g
+            self.group_windows.advance_all(g)
+
+    def _groups_of(self, dev):
+        """{channel: (group names)} for a device."""
+        m = self._groups_cache.get(dev)
+        if m is None:
+            m = {}
+            for g in self.groups:
+                if g.matches(dev):
+                    m.setdefault(g.channel, []).append(g.name)
+            m = self._groups_cache[dev] = {ch: tuple(v) for ch, v in m.items()}
+        return m
+
+    def _count_live(self, d, dev, boot, first, last, n, now):
+        """Split n new records (seqs first..last of boot) into live and backlog (see admission.py)."""
+        bk = d.backlog_count(boot, first, last, n)
+        if bk < 0:  # run straddles next_seq
+            bk = max(0, min(last, d.hello_next_seq - 1) - first + 1)
+        if bk:
+            d.backlog_received += bk
+            self.stats.backlog += bk
+            self.admission.backlog_received(dev, bk, now)
+        d.live += n - bk
+        self.stats.live += n - bk
+
+    def _records(self, topic, dev, boot, recs, now):
+        """Window summaries, CEP events, anomalies, status and gap records."""
+        d = self.devices.get(dev)
+        d.last_seen = now
+        out = self.out
+        out.touched.add((dev, boot))
+        dd = self.dedup
+        st = self.stats
+        maxt = None
+        for kind, seq, t, fl, body in recs:
+            if kind == _GAP:
+                c = dd.peek(dev, boot, seq)
+            else:
+                c = dd.mark(dev, boot, seq)
+            if c == DUP:
+                d.duplicates += 1
+                st.duplicates += 1
+                continue
+            if c == BEYOND:
+                d.deferred += 1
+                st.deferred += 1
+                continue
+            if kind == _GAP:
+                if not self._gap(dev, boot, seq, t, body, d):
+                    d.deferred += 1
+                    st.deferred += 1
+                    continue
+                dd.mark(dev, boot, seq)
+            d.received += 1
+            out.records += 1
+            st.records += 1
+            self._count_live(d, dev, boot, seq, seq, 1, now)
+            if kind == _GAP:
+                continue
+            synced = not fl & _UNSYNCED
+            if synced:
+                why = wire.check_event_time(t, now, self.max_future)
+                if why:
+                    self._quarantine(topic, dev, why, "%s t=%d" % (wire.KIND_NAMES[kind], t), None, now, boot, seq)
+                    continue
+                if maxt is None or t > maxt:
+                    maxt = t
+            else:
+                d.unsynced += 1
+                st.unsynced += 1
+            if kind == _WINDOW:
+                out.device_windows.append((dev, boot, seq, t, fl) + tuple(body))
+            elif kind == _CEP:
+                rule, sev, span, ev = body
+                out.cep_events.append((dev, boot, seq, t, fl, rule, sev, span, json.dumps(list(ev))))
+                st.alerts += 1
+            elif kind == _ANOMALY:
+                out.anomalies.append((dev, boot, seq, t, fl) + tuple(body))
+                st.alerts += 1
+            elif kind == _STATUS:
+                out.device_status.append((dev, boot, seq, t, fl) + tuple(body))
+                d.status = (t,) + tuple(body)
+        if maxt is not None:
+            self._observe(dev, maxt, self.watermarks.device_wm(dev), now)
+
+    def _gap(self, dev, boot, seq, t, body, d):
+        """Apply a gap record; False if a range lies beyond the dedup window (resent later).
+        Ranges applied before that stay applied: they are true and idempotent."""
+        gboot, ranges = body
+        rows = []
+        for first, length in ranges:
+            newly = self.dedup.mark_range(dev, gboot, first, length)
+            if newly is None:
+                return False
+            rows.append((dev, boot, seq, t, gboot, first, length, newly))
+            d.dropped_by_device += newly
+            self.stats.dropped_by_device += newly
+            if gboot != boot:
+                self.out.touched.add((dev, gboot))
+        self.out.gaps.extend(rows)
+        return True
+
+    # ================================================================ control
+
+    def _on_hello(self, topic, dev, payload, now):
+        try:
+            h = wire.decode_hello(payload)
+        except wire.WireError as e:
+            self._quarantine(topic, dev, e.reason, e.detail, payload, now)
+            return
+        if h["device_id"] != dev:
+            self._quarantine(topic, dev, "spoofed_device_id", "payload says %r" % h["device_id"], payload, now)
+            return
+        self.stats.hellos += 1
+        d = self.devices.get(dev)
+        d.fw = h["fw"]
+        d.hello_boot, d.hello_next_seq, d.backlog = h["boot"], h["next_seq"], h["backlog"]
+        d.oldest_boot, d.oldest_seq = h["oldest_boot"], h["oldest_seq"]
+        d.last_hello = d.last_seen = now
+        d.online = 1
+        # Everything before the oldest record the device still holds is accounted for.
+        if h["backlog"] > 0:
+            floor_boot, floor_seq = h["oldest_boot"], h["oldest_seq"]
+        else:
+            floor_boot, floor_seq = h["boot"], h["next_seq"]
+        skipped = self.dedup.hello(dev, floor_boot, floor_seq)
+        if skipped:
+            d.skipped_by_hello += skipped
+            self.stats.skipped_by_hello += skipped
+        self.admission.hello(dev, h["backlog"], now)
+        self.watermarks.set_online(dev, True)
+        self.out.touched.add((dev, h["boot"]))
+        if floor_boot != h["boot"]:
+            self.out.touched.add((dev, floor_boot))
+
+    def _on_state(self, topic, dev, payload, now):
+        try:
+            online = wire.decode_state(payload)
+        except wire.WireError as e:
+            self._quarantine(topic, dev, e.reason, e.detail, payload, now)
+            return
+        d = self.devices.get(dev)
+        d.online = 1 if online else 0
+        self.watermarks.set_online(dev, online)
+        if not online:
+            self.stats.offline_wills += 1
+            self.admission.leave(dev)
+            self._advance_groups()
+
+    def _quarantine(self, topic, dev, reason, detail, payload, now, boot=None, seq=None):
+        """Bad input: a row with the reason, a counter, never an exception."""
+        if isinstance(topic, (bytes, bytearray)):
+            topic = bytes(topic).decode("utf-8", "replace")
+        digest = None
+        if payload is not None:
+            payload = bytes(payload[:wire.MAX_PAYLOAD])
+            # a redelivered bad message (crash before its PUBACK) must not make a second row
+            digest = hashlib.sha1(topic.encode() + b"\0" + payload).digest()[:16]
+        self.out.quarantine.append((now, topic, dev, boot, seq, reason, detail, payload, digest))
+        self.out.records += 1
+        self.stats.quarantine(reason)
+        if dev is not None:
+            self.devices.get(dev).quarantined += 1
+
+    # ================================================================ checkpoint and acks
+
+    async def checkpoint(self):
+        """Commit everything since the last checkpoint; acks follow the commit.
+
+        The snapshot is taken synchronously, so processing continues while the
+        transaction runs in aiosqlite's thread; only one commit is in flight."""
+        async with self._ckpt_lock:
+            if self._commit_task is not None:
+                await asyncio.shield(self._commit_task)
+                self._commit_task = None
+            out = self.out
+            self.out = Outputs()
+            dd_ups, dd_dels, mins = self.dedup.export()
+            global_changed = self.watermarks.global_dirty
+            wm_rows, gwm = self.watermarks.export()
+            ow1, owd1, res1 = self.dev_windows.export()
+            ow2, owd2, res2 = self.group_windows.export()
+            results = res1 + res2
+            self.stats.window_results += sum(1 for r in results if r[5] == 0)
+            self.stats.window_revisions += sum(1 for r in results if r[5] > 0)
+            writes = [
+                ("readings", out.readings), ("unsynced", out.unsynced), ("device_windows", out.device_windows),
+                ("cep_events", out.cep_events), ("anomalies", out.anomalies), ("device_status", out.device_status),
+                ("gaps", out.gaps), ("late", out.late), ("quarantine", out.quarantine),
+                ("window_revisions", results), ("window_results", results),
+                ("devices", self.devices.export()),
+                ("dedup", dd_ups), ("dedup_del", dd_dels), ("dedup_devices", list(mins.items())),
+                ("device_watermarks", [(dev, mt, on) for dev, (mt, on) in wm_rows.items()]),
+                ("open_windows", ow1 + ow2), ("open_windows_del", owd1 + owd2),
+                ("meta", [("global_watermark", gwm)] if global_changed else []),
+            ]
+            rows = sum(len(r) for _k, r in writes)
+            if not rows and not out.mids and not out.touched:
+                return
+            # the marks acked are the ones this transaction commits
+            acks = sorted((dev, boot, self.dedup.hwm(dev, boot)) for dev, boot in out.touched)
+            self._commit_task = asyncio.ensure_future(self._commit(writes, rows, out.mids, acks))
+
+    async def _commit(self, writes, rows, mids, acks):
+        t0 = time.perf_counter()
+        if rows:
+            await self.store.commit(writes)
+        dt = time.perf_counter() - t0
+        s = self.stats
+        s.checkpoints += 1
+        s.checkpoint_seconds += dt
+        s.checkpoint_last_s = dt
+        s.checkpoint_last_rows = rows
+        # committed: now the broker may forget the messages and devices their records
+        self.ingest.puback(mids)
+        for dev, boot, hwm in acks:
+            self._committed.setdefault(dev, {})[boot] = hwm
+            self._ack_due.setdefault(dev, set()).add(boot)
+        self._flush_acks(_now_ms())
+        ck = self.cfg.checkpoint
+        if len(self.out.mids) >= ck.max_messages or self.out.records >= ck.max_records:
+            asyncio.ensure_future(self.checkpoint())  # work piled up during this commit
+        if dt > 1.0:
+            logs.warning("slow_checkpoint", seconds=round(dt, 3), rows=rows)
+        else:
+            logs.event(logging.DEBUG, "checkpoint", ms=round(dt * 1000, 2), rows=rows, messages=len(mids),
+                       acks=len(acks))
+
+    def _flush_acks(self, now):
+        """Send the committed marks that are due. Acks are cumulative, so at most one per
+        device per ack_interval_ms carries them all; credits ride on the first."""
+        interval = self.cfg.checkpoint.ack_interval_ms
+        paused = None
+        for dev in list(self._ack_due):
+            if now - self._last_ack.get(dev, -interval) < interval:
+                continue
+            if paused is None:
+                paused = self._replay_paused()
+            boots = sorted(self._ack_due.pop(dev))
+            marks = self._committed[dev]
+            credits, replay = self.admission.grant(dev, now, paused)
+            for boot in boots:
+                self._send_ack(dev, boot, marks[boot], now, credits, replay)
+                credits = 0
+            self._last_ack[dev] = now
+            if len(marks) > 1:  # forget boots the device has retired
+                mb = self.dedup.min_boot(dev)
+                for b in [b for b in marks if b < mb and b not in boots]:
+                    del marks[b]
+
+    def _send_ack(self, dev, boot, hwm, now, credits, replay):
+        flags = wire.ACK_HAS_TIME
+        if hwm < 0:
+            flags |= wire.ACK_NONE
+        self.ingest.publish(self.topics.ack(dev), wire.encode_ack(boot, max(hwm, 0), now, credits, replay, flags))
+        self.stats.acks_sent += 1
+
+    def _send_grant(self, dev, now):
+        """An ack that only carries credits; its (boot, seq) repeats a committed mark."""
+        credits, replay = self.admission.grant(dev, now)
+        if credits <= 0:
+            return
+        d = self.devices.devs.get(dev)
+        boot = max(d.hello_boot, 0) if d else 0
+        hwm = self._committed.get(dev, {}).get(boot, -1)
+        self._send_ack(dev, boot, hwm, now, credits, replay)
+        self._last_ack[dev] = now
+
+    def _replay_paused(self):
+        f = self.cfg.admission.pause_queue_fraction
+        return self.ingest is not None and len(self.ingest.queue) > f * self.ingest.maxsize and f < 1.0

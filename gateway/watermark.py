@@ -1,0 +1,136 @@
+"""Event-time watermarks, per device and across the fleet.
+
+Formulas (Flink's bounded-out-of-orderness conventions):
+  device watermark  W_d = max_t_d - out_of_orderness - 1      (None before the first record)
+  global watermark  W   = max(W_previous, min over active devices of W_d)
+
+A device is active from its first synced record until it is idle: no data for
+idle_timeout of processing time, or its last will / state says offline. It
+rejoins the minimum with its next record. W never goes backwards: a rejoining
+device whose W_d is below W does not pull W down; its records that fall into
+group windows already closed beyond the allowed lateness (end - 1 + lateness
+<= W) are late. If no device is active W stays where it is.
+
+The minimum is kept in a heap of (max_t, device) with lazy deletion, so a record
+costs O(log devices), not a scan of the fleet.
+"""
+import heapq
+
+
+class _DevWm:
+    __slots__ = ("max_t", "last_data", "active", "online")
+
+    def __init__(self):
+        self.max_t = None
+        self.last_data = 0
+        self.active = False
+        self.online = True
+
+
+class Watermarks:
+    def __init__(self, out_of_orderness_ms, idle_timeout_ms):
+        self.delay = out_of_orderness_ms + 1
+        self.idle_timeout = idle_timeout_ms
+        self.devs = {}
+        self.global_wm = None
+        self._heap = []  # (max_t, dev); stale entries are skipped when they surface
+        self.dirty = set()
+        self.global_dirty = False
+        self.idle_transitions = 0
+        self.rejoins = 0
+
+    def device_wm(self, dev):
+        d = self.devs.get(dev)
+        return None if d is None or d.max_t is None else d.max_t - self.delay
+
+    def observe(self, dev, max_t, now):
+        """Records up to event time max_t arrived from dev. Returns the device's watermark."""
+        d = self.devs.get(dev)
+        if d is None:
+            d = self.devs[dev] = _DevWm()
+        d.last_data = now
+        if d.max_t is None or max_t > d.max_t:
+            d.max_t = max_t
+            self.dirty.add(dev)
+            advanced = True
+        else:
+            advanced = False
+        if not d.active:
+            d.active = True
+            d.online = True
+            self.rejoins += 1
+            advanced = True
+        if advanced:
+            heapq.heappush(self._heap, (d.max_t, dev))
+            if len(self._heap) > 4 * len(self.devs) + 64:
+                self._rebuild()
+            self._recompute()
+        return d.max_t - self.delay
+
+    def set_online(self, dev, online):
+        d = self.devs.get(dev)
+        if d is None:
+            d = self.devs[dev] = _DevWm()
+        d.online = online
+        self.dirty.add(dev)
+        if not online and d.active:
+            d.active = False
+            self.idle_transitions += 1
+            self._recompute()
+
+    def tick(self, now):
+        """Processing-time check for idle devices."""
+        changed = False
+        for d in self.devs.values():
+            if d.active and now - d.last_data >= self.idle_timeout:
+                d.active = False
+                self.idle_transitions += 1
+                changed = True
+        if changed:
+            self._recompute()
+
+    def _rebuild(self):
+        self._heap = [(d.max_t, dev) for dev, d in self.devs.items() if d.active and d.max_t is not None]
+        heapq.heapify(self._heap)
+
+    def _recompute(self):
+        h, devs = self._heap, self.devs
+        while h:
+            mt, dev = h[0]
+            d = devs[dev]
+            if d.active and d.max_t == mt:
+                w = mt - self.delay
+                if self.global_wm is None or w > self.global_wm:
+                    self.global_wm = w
+                    self.global_dirty = True
+                return
+            heapq.heappop(h)  # stale: the device advanced or went idle
+
+    def lag(self, dev, now):
+        w = self.device_wm(dev)
+        return None if w is None else now - w
+
+    def active_count(self):
+        return sum(1 for d in self.devs.values() if d.active)
+
+    # ------------------------------------------------------------ checkpoint
+
+    def export(self):
+        rows = {dev: (self.devs[dev].max_t, 1 if self.devs[dev].online else 0) for dev in self.dirty}
+        self.dirty = set()
+        self.global_dirty = False
+        return rows, self.global_wm
+
+    def restore(self, rows, global_wm, now):
+        """rows: (dev, max_t, online). Restored online devices are active with a fresh
+        idle timeout, so a restart does not let the first device to speak race ahead."""
+        for dev, max_t, online in rows:
+            d = self.devs[dev] = _DevWm()
+            d.max_t = max_t
+            d.online = bool(online)
+            d.active = bool(online) and max_t is not None
+            d.last_data = now
+        self.global_wm = global_wm
+        self._rebuild()
+        self._recompute()
+        self.global_dirty = False

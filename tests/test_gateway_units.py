@@ -1,0 +1,329 @@
+"""Pure-Python units of the gateway: dedup, watermarks, windows, admission, config (no broker)."""
+import pytest
+
+from gateway import dedup as dd
+from gateway.admission import Admission
+from gateway.config import Config, ConfigError
+from gateway.watermark import Watermarks
+from gateway.windows import AMENDED, LATE, OK, WindowSet
+
+# ------------------------------------------------------------------ dedup
+
+
+def test_dedup_in_order_and_duplicates():
+    d = dd.Dedup(window=64)
+    assert [d.mark("a", 1, s) for s in range(5)] == [dd.NEW] * 5
+    assert d.hwm("a", 1) == 4
+    assert d.mark("a", 1, 3) == dd.DUP
+    assert d.mark("a", 1, 4) == dd.DUP
+    assert d.hwm("a", 2) == -1  # other boots are separate
+
+
+def test_dedup_bitmap_fills_hole_and_advances():
+    d = dd.Dedup(window=64)
+    d.mark("a", 1, 0)
+    assert d.mark("a", 1, 2) == dd.NEW and d.mark("a", 1, 3) == dd.NEW
+    assert d.hwm("a", 1) == 0  # hole at 1
+    assert d.mark("a", 1, 3) == dd.DUP  # in the bitmap
+    assert d.mark("a", 1, 1) == dd.NEW
+    assert d.hwm("a", 1) == 3  # contiguous again, bitmap shifted out
+
+
+def test_dedup_window_edges():
+    d = dd.Dedup(window=64)
+    # hwm = -1: seq 63 is the last inside the window, 64 is beyond
+    assert d.mark("a", 1, 63) == dd.NEW
+    assert d.mark("a", 1, 64) == dd.BEYOND
+    assert d.peek("a", 1, 64) == dd.BEYOND
+    assert d.hwm("a", 1) == -1
+    for s in range(63):
+        d.mark("a", 1, s)
+    assert d.hwm("a", 1) == 63
+    assert d.mark("a", 1, 64) == dd.NEW  # fits now that the window moved
+    assert d.hwm("a", 1) == 64
+    assert d.mark("a", 1, 64 + 65) == dd.BEYOND  # hwm + 1 + window
+    assert d.mark("a", 1, 64 + 64) == dd.NEW
+
+
+def test_dedup_beyond_leaves_no_trace():
+    d = dd.Dedup(window=64)
+    d.export()
+    assert d.mark("a", 1, 1000) == dd.BEYOND
+    ups, dels, mins = d.export()
+    assert ups == [] or all(r[2] == -1 and int.from_bytes(r[3], "little") == 0 for r in ups)
+
+
+def test_dedup_run_fast_path():
+    d = dd.Dedup(window=64)
+    assert d.mark_run("a", 1, 0, 50) == dd.NEW
+    assert d.hwm("a", 1) == 49
+    assert d.mark_run("a", 1, 0, 50) == dd.DUP
+    assert d.mark_run("a", 1, 40, 20) is None  # half old, half new: one by one
+    d.mark("a", 1, 52)
+    assert d.mark_run("a", 1, 50, 10) is None  # bitmap not empty
+
+
+def test_dedup_gap_ranges():
+    d = dd.Dedup(window=64)
+    for s in range(10):
+        d.mark("a", 1, s)
+    assert d.mark_range("a", 1, 10, 5) == 5  # contiguous: advances hwm
+    assert d.hwm("a", 1) == 14
+    assert d.mark_range("a", 1, 10, 5) == 0  # idempotent
+    assert d.mark_range("a", 1, 20, 5) == 5  # above a hole: bitmap
+    assert d.hwm("a", 1) == 14
+    assert d.mark("a", 1, 22) == dd.DUP
+    assert d.mark_range("a", 1, 13, 10) == 5  # overlap counts only new ones (15..19)
+    assert d.hwm("a", 1) == 24
+    assert d.mark_range("a", 1, 200, 3) is None  # beyond the window: nothing changes
+    assert d.mark_range("a", 1, 25, 10000) == 10000  # long contiguous range is fine
+    assert d.hwm("a", 1) == 10024
+
+
+def test_dedup_hello_retires_boots_and_sets_floor():
+    d = dd.Dedup(window=64)
+    d.mark("a", 1, 0)
+    d.mark("a", 2, 5)
+    skipped = d.hello("a", 2, 10)  # device holds nothing before (2, 10)
+    assert d.mark("a", 1, 1) == dd.DUP  # boot 1 retired
+    assert d.hwm("a", 1) == 0xFFFFFFFF
+    assert d.hwm("a", 2) == 9
+    assert skipped == 9  # 0..9 except 5, never received
+    assert d.hello("a", 1, 0) == 0  # a stale hello changes nothing
+    assert d.mark("a", 1, 7) == dd.DUP
+
+
+def test_dedup_max_boots_bounded():
+    d = dd.Dedup(window=64, max_boots=3)
+    for b in range(1, 6):
+        d.mark("a", b, 0)
+    assert len(d.devs["a"].boots) == 3
+    assert d.evicted_boots == 2
+    assert d.mark("a", 1, 1) == dd.DUP
+
+
+def test_dedup_export_restore_roundtrip():
+    d = dd.Dedup(window=64)
+    for s in (0, 1, 2, 5, 9):
+        d.mark("a", 3, s)
+    d.hello("b", 4, 7)
+    ups, dels, mins = d.export()
+    e = dd.Dedup(window=64)
+    e.restore(ups, mins)
+    for s in range(20):
+        assert e.peek("a", 3, s) == d.peek("a", 3, s)
+    assert e.hwm("b", 4) == 6 and e.min_boot("b") == 4
+
+
+# ------------------------------------------------------------------ watermarks
+
+
+def test_watermark_formula_and_min():
+    w = Watermarks(out_of_orderness_ms=100, idle_timeout_ms=1000)
+    assert w.observe("a", 10000, now=0) == 10000 - 100 - 1
+    assert w.global_wm == 9899
+    w.observe("b", 5000, now=0)
+    assert w.global_wm == 9899  # monotonic: b joining lower does not pull it back
+    w.observe("a", 20000, now=0)
+    assert w.global_wm == 9899  # b (4899) holds the minimum below the current value
+    w.observe("b", 15000, now=0)
+    assert w.global_wm == 14899
+
+
+def test_watermark_idle_leaves_min_and_rejoin_is_monotonic():
+    w = Watermarks(out_of_orderness_ms=0, idle_timeout_ms=1000)
+    w.observe("a", 1000, now=0)
+    w.observe("b", 500, now=0)
+    assert w.global_wm == 999  # first value: a alone; b joined lower, no step back
+    w.observe("a", 5000, now=900)
+    assert w.global_wm == 999  # b still the minimum (499)
+    w.tick(now=999)
+    assert w.devs["b"].active  # 999 ms without data: not yet idle
+    w.tick(now=1000)
+    assert not w.devs["b"].active
+    assert w.global_wm == 4999  # b left the minimum
+    w.observe("b", 600, now=1200)  # rejoins far behind
+    assert w.devs["b"].active and w.global_wm == 4999  # never backwards
+    w.observe("b", 9000, now=1300)
+    assert w.global_wm == 4999  # a (4999) is the minimum again
+    w.observe("a", 9500, now=1300)
+    assert w.global_wm == 8999
+
+
+def test_watermark_offline_state_leaves_min():
+    w = Watermarks(out_of_orderness_ms=0, idle_timeout_ms=10 ** 9)
+    w.observe("a", 1000, now=0)
+    w.observe("b", 2000, now=0)
+    w.observe("a", 1500, now=0)
+    assert w.global_wm == 1499
+    w.set_online("a", False)
+    assert w.global_wm == 1999
+
+
+def test_watermark_restore_keeps_devices_active():
+    w = Watermarks(0, 1000)
+    w.observe("a", 100, now=0)
+    w.observe("b", 200, now=0)
+    rows, g = w.export()
+    v = Watermarks(0, 1000)
+    v.restore([(dev, mt, on) for dev, (mt, on) in rows.items()], g, now=50)
+    assert v.global_wm == g == 99
+    v.observe("b", 300, now=60)
+    assert v.global_wm == 99  # a still holds it: a restart does not let b race ahead
+
+
+# ------------------------------------------------------------------ windows
+
+
+def ws(lateness=0, size=1000, offset=0):
+    return WindowSet("device", size, offset, lateness)
+
+
+def test_window_alignment_and_offset():
+    w = ws(size=1000, offset=250)
+    assert w.start_of(1250) == 1250 and w.start_of(1249) == 250 and w.start_of(2249) == 1250
+
+
+def test_window_fires_exactly_at_end_minus_one():
+    w = ws()
+    assert w.add("a", 0, 1000, 5, None) == OK
+    assert w.add("a", 0, 1999, 7, None) == OK
+    w.advance("a", 1998)
+    assert w.results == []
+    w.advance("a", 1999)  # watermark == end - 1
+    (r,) = w.results
+    assert r[:6] == ("device", "a", 0, 1000, 2000, 0)
+    assert r[6:10] == (2, 12, 5, 7)  # count, sum, min, max
+    assert r[10] == 6.0 and r[11] == 1.0  # mean, population std (fixed point)
+    assert "a" not in w.keys  # lateness 0: purged at once
+
+
+def test_window_late_boundary_follows_flink():
+    w = ws(lateness=100)
+    w.add("a", 0, 1500, 1, None)
+    w.advance("a", 1999)  # fired, kept until 1999 + 100
+    assert w.add("a", 0, 1600, 2, 2098) == AMENDED  # 1999 + 100 > 2098: within lateness
+    assert w.add("a", 0, 1700, 3, 2099) == LATE  # end - 1 + lateness <= watermark
+    revs = [r[5] for r in w.results]
+    assert revs == [0, 1]
+    assert w.results[1][6:8] == (2, 3)
+
+
+def test_window_revisions_numbered_per_record():
+    w = ws(lateness=1000)
+    w.add("a", 0, 100, 10, None)
+    w.advance("a", 999)
+    for i, t in enumerate((200, 300, 400)):
+        assert w.add("a", 0, t, i, 999) == AMENDED
+    assert [r[5] for r in w.results] == [0, 1, 2, 3]
+    assert w.results[-1][6] == 4
+    w.advance("a", 1998)
+    assert "a" in w.keys
+    w.advance("a", 1999)  # 999 + 1000: purged
+    assert "a" not in w.keys and w.purged
+
+
+def test_window_opened_after_watermark_fires_at_once():
+    w = ws(lateness=5000)
+    assert w.add("a", 0, 100, 1, 2500) == OK  # window [0,1000) already passed, within lateness
+    assert [r[5] for r in w.results] == [0]
+    assert w.add("a", 0, 200, 1, 2500) == AMENDED
+
+
+def test_window_agg_equals_one_by_one():
+    vals = [3, -7, 11, 0, 2 ** 31 - 1, -2 ** 31]
+    a, b = ws(), ws()
+    for v in vals:
+        a.add("k", 1, 500, v, None)
+    assert b.add_agg("k", 1, 0, len(vals), sum(vals), sum(v * v for v in vals), min(vals), max(vals), None)
+    a.advance("k", 999)
+    b.advance("k", 999)
+    assert a.results == b.results
+    assert not ws().add_agg("k", 1, 0, 1, 1, 1, 1, 1, 999)  # due: refuses the fast path
+
+
+def test_window_export_restore():
+    a = ws(lateness=1000)
+    a.add("k", 2, 100, 5, None)
+    a.add("k", 2, 1100, 6, None)
+    a.advance("k", 999)
+    ups, dels, res = a.export()
+    b = ws(lateness=1000)
+    b.restore([u[1:] for u in ups])
+    assert b.add("k", 2, 150, 1, 999) == AMENDED
+    assert b.results[-1][5] == 1 and b.results[-1][6] == 2
+
+
+# ------------------------------------------------------------------ admission
+
+
+def test_admission_bucket_and_cap():
+    a = Admission(rate=1000, burst=100, max_replayers=1, chunk=60, timeout_s=5, now=0)
+    assert a.hello("d1", 150, now=0)
+    assert not a.hello("d2", 10, now=0)  # cap of 1 replayer: waits
+    assert a.grant("d2", now=0) == (0, False)  # held
+    assert a.grant("d1", now=0) == (60, True)  # chunk
+    assert a.grant("d1", now=0) == (0, True)  # 60 outstanding
+    a.backlog_received("d1", 60, now=10)
+    assert a.grant("d1", now=10) == (50, True)  # bucket: 100 - 60 + 10 ms * 1 token/ms
+    a.backlog_received("d1", 50, now=20)
+    c, _ = a.grant("d1", now=100)
+    assert c == 40 and "d1" not in a.active  # whole backlog granted: slot freed
+    assert a.tick(now=100) == ["d2"]
+    assert a.grant("d2", now=100)[1] is True
+    assert a.credits_granted >= 150
+
+
+def test_admission_no_backlog_and_pause():
+    a = Admission(rate=1000, burst=100, max_replayers=2, chunk=50, timeout_s=5, now=0)
+    assert not a.hello("d", 0, now=0)
+    assert a.grant("d", now=0) == (0, True)
+    a.hello("e", 10, now=0)
+    assert a.grant("e", now=0, paused=True) == (0, True)
+    assert a.tick(now=0, paused=True) == []
+
+
+def test_admission_stalled_replayer_times_out():
+    a = Admission(rate=1000, burst=100, max_replayers=1, chunk=10, timeout_s=1, now=0)
+    a.hello("d1", 100, now=0)
+    a.hello("d2", 100, now=0)
+    a.grant("d1", now=0)
+    assert a.tick(now=999) == []
+    assert a.tick(now=1000) == ["d2"] and a.timeouts == 1
+
+
+# ------------------------------------------------------------------ config
+
+
+def test_config_defaults_run_against_local_broker():
+    c = Config()
+    assert (c.mqtt.host, c.mqtt.port, c.store.synchronous) == ("127.0.0.1", 1883, "FULL")
+
+
+@pytest.mark.parametrize("data, msg", [
+    ({"mqtt": {"prot": 1}}, "unknown key mqtt.prot"),
+    ({"mqtt": {"port": 0}}, "mqtt.port must be within"),
+    ({"mqtt": {"port": "x"}}, "mqtt.port must be int"),
+    ({"windows": {"groups": [{"name": "g", "channel": 1, "devices": "all"}]}}, "devices must be"),
+    ({"windows": {"groups": [{"name": "g g", "channel": 1}]}}, ".name must be"),
+    ({"store": {"synchronous": "OFF"}}, "store.synchronous"),
+    ({"mqtt": {"prefix": "a b"}}, "mqtt.prefix"),
+    ({"bogus": {}}, "unknown section"),
+])
+def test_config_errors_are_clear(data, msg):
+    with pytest.raises(ConfigError, match=msg):
+        Config(data)
+
+
+def test_config_file_and_overrides(tmp_path):
+    p = tmp_path / "gw.toml"
+    p.write_text('[mqtt]\nport = 1999\n[[windows.groups]]\nname = "hall"\ndevices = ["n1", "n2"]\nchannel = 3\n')
+    c = Config.load(str(p), {"store.path": "/tmp/x.db"})
+    assert c.mqtt.port == 1999 and c.store.path == "/tmp/x.db"
+    (g,) = c.windows.groups
+    assert g.matches("n1") and not g.matches("n3") and g.channel == 3
+    with pytest.raises(ConfigError, match="not found"):
+        Config.load(str(tmp_path / "missing.toml"))
+    (tmp_path / "bad.toml").write_text("[mqtt\n")
+    with pytest.raises(ConfigError):
+        Config.load(str(tmp_path / "bad.toml"))
