@@ -22,6 +22,7 @@ from firmware.pipeline import Pipeline
 FW_VERSION = "0.1.0"
 _MP = sys.implementation.name == "micropython"
 _REBASE_MS = 1 << 28  # rebase the pipeline's relative time well before small ints overflow
+_HI = 1 << 28  # firmware.clock: boot ms = ms_hi * 2**28 + ms_lo
 
 
 def _u32(v):
@@ -44,6 +45,12 @@ class App:
         self.pipeline = None
         self._tasks = []
         self._pbase = 0  # boot ms at the pipeline's t_rel == 0
+        self._phi = 0  # ... as the clock's (ms_hi, ms_lo): t_rel from small ints only
+        self._plo = 0
+        self._chans = []  # (HAL channel id, wire channel) sampled
+        self._raw = True
+        self._every = 1
+        self._n = 0  # sampling rounds mod raw.every
         self._psynced = False
         self._pepoch = None
         self.c = {"samples": 0, "missing": 0, "readings": 0, "records": 0, "windows": 0, "cep": 0,
@@ -66,7 +73,13 @@ class App:
         self.outbox.stamp = self.clock.stamp_now
         self.pipeline = self._make_pipeline()
         self._pbase = self.clock.boot_ms()
+        self._phi = self.clock.ms_hi
+        self._plo = self.clock.ms_lo
         self._sync_pipeline()
+        self._chans = [(_hal.CHANNELS[nm], num) for nm, num in _config.channel_map(cfg)]
+        self._raw = cfg["raw"]["send"]
+        self._every = cfg["raw"]["every"]
+        self._n = 0
         self.uplink = Uplink(cfg, hal, self.outbox, self.clock, self.fw)
         hal.console("edgeflow boot device=%s boot=%d fw=%s" % (cfg["device_id"], self.boot, self.fw))
         if self.outbox.torn:
@@ -108,46 +121,70 @@ class App:
 
     # ------------------------------------------------------------ tasks
 
+    def sample_step(self):
+        """One sampling round: each channel from the HAL -> pipeline.sample -> (every
+        raw.every rounds) the raw reading into the outbox's RAM batch; then pipeline.tick.
+        The per-sample path: allocates nothing on MicroPython in steady state; only a window
+        close, a rule or detector firing, a batch flush and the rebase every 2**28 ms do
+        (tests/logic/test_sample_path.py). Returns t_rel."""
+        ck = self.clock
+        ck.update()
+        lo = ck.ms_lo
+        t_rel = (ck.ms_hi - self._phi) * _HI + (lo - self._plo)
+        if t_rel >= _REBASE_MS:
+            self._rebase()
+            t_rel = 0
+        hal = self.hal
+        p = self.pipeline
+        ob = self.outbox
+        c = self.c
+        keep = self._raw and self._n == 0
+        tb = ck.tb
+        fl = ck.tfl
+        for hc, ch in self._chans:
+            v = hal.read(hc)
+            if v is None:
+                c["missing"] += 1
+                continue
+            p.sample(ch, v, t_rel)
+            if keep:
+                if ob.reading_at(ch, v, tb, fl, lo) is None:
+                    c["refused"] += 1
+                else:
+                    c["readings"] += 1
+        p.tick(t_rel)
+        c["samples"] += 1
+        n = self._n + 1
+        self._n = n if n < self._every else 0
+        return t_rel
+
+    def _rebase(self):
+        ck = self.clock
+        b = ck.boot_ms()
+        self._pbase = b
+        self._phi = ck.ms_hi
+        self._plo = ck.ms_lo
+        self.pipeline.rebase((self._pepoch + b) if self._psynced else b)
+
     async def _sampler(self):
-        cfg = self.cfg
         hal = self.hal
         ck = self.clock
-        ob = self.outbox
-        chans = [(_hal.CHANNELS[nm], num) for nm, num in _config.channel_map(cfg)]  # (HAL id, wire channel)
-        period = cfg["sample_ms"]
-        raw = cfg["raw"]["send"]
-        every = cfg["raw"]["every"]
-        n = 0
-        nxt = ck.boot_ms()
+        period = self.cfg["sample_ms"]
+        ck.update()
+        h0 = ck.ms_hi  # schedule in ms since (h0, 0): small ints, no long boot ms per round
+        nxt = ck.ms_lo
         while self.running:
-            b = ck.boot_ms()
-            t_rel = b - self._pbase
-            if t_rel >= _REBASE_MS:
-                self._pbase = b
-                base = (self._pepoch + b) if self._psynced else b
-                self.pipeline.rebase(base)
-                t_rel = 0
-            keep = raw and n % every == 0
-            for hc, ch in chans:
-                v = hal.read(hc)
-                if v is None:
-                    self.c["missing"] += 1
-                    continue
-                self.pipeline.sample(ch, v, t_rel)
-                if keep:
-                    t, fl = ck.stamp_now()
-                    if ob.reading(ch, t, fl, v, b) is None:
-                        self.c["refused"] += 1
-                    else:
-                        self.c["readings"] += 1
-            self.pipeline.tick(t_rel)
-            self.c["samples"] += 1
-            n += 1
+            self.sample_step()
             nxt += period
-            d = nxt - ck.boot_ms()
+            ck.update()
+            now = (ck.ms_hi - h0) * _HI + ck.ms_lo
+            d = nxt - now
             if d < 0:
-                nxt = ck.boot_ms()  # fell behind: skip, never burst
+                nxt = now  # fell behind: skip, never burst
                 d = 0
+            if nxt >= _HI:
+                nxt -= _HI
+                h0 += 1
             await hal.sleep_ms(d)
 
     async def _store(self):

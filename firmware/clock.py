@@ -1,7 +1,9 @@
 # Event time on the device: the ticks-to-epoch mapping of this boot.
 #
 # boot_ms(): ms since boot, built from wrapping ticks (call it at least once per ticks period,
-# 2**30 ms ~ 12.4 days; the app's tasks call it every second).
+# 2**30 ms ~ 12.4 days; the app's tasks call it every second). It is kept as two small ints,
+# ms_hi * 2**28 + ms_lo, so update() (the per-sample path) never makes a long int; tb / tfl are
+# the per-sample time base: stamp_now() == (tb as an i64 + ms_lo, tfl).
 # boot_epoch: epoch ms at boot_ms == 0, known after the first NTP answer or gateway time beacon.
 # Records taken before that carry FLAG_UNSYNCED and t = boot ms; stamp() converts records of the
 # CURRENT boot to epoch at send time. Records of earlier boots that never synced stay flagged:
@@ -10,9 +12,12 @@
 # Sources: NTP when reachable (preferred); else the gateway's ack time beacon. A later reference
 # only measures the offset (offset_ms = our estimate - reference) unless it differs by more than
 # max_step_ms, then the mapping steps. A beacon never overrides an NTP mapping of this boot.
+from array import array
+
 from shared import wire
 
 _I32_MAX = 2147483647
+_HI = 1 << 28  # boot ms = ms_hi * 2**28 + ms_lo: both stay small ints (no heap on MicroPython)
 
 
 class Clock:
@@ -22,20 +27,56 @@ class Clock:
         self.max_step = max_step_ms
         self.use_beacon = use_beacon
         self._last = hal.ticks_ms()
-        self._ms = self._last  # ticks start at 0 at reset: ms since boot
+        ms = self._last  # ticks start at 0 at reset: ms since boot
+        self.ms_hi = ms // _HI
+        self.ms_lo = ms % _HI
+        # time base of the per-sample path: t = tb (4 big-endian u16 limbs of an i64) + ms_lo,
+        # with flags tfl; kept equal to stamp_now() by update() (see firmware/outbox.py)
+        self.tb = array("H", [0, 0, 0, 0])
+        self.tfl = wire.FLAG_UNSYNCED
+        self._tb_e = self._tb_hi = -1
         self.boot_epoch = None
         self.source = None
         self.offset_ms = 0
         self.syncs = 0
         self.steps = 0
 
-    def boot_ms(self):
-        now = self.hal.ticks_ms()
-        d = self.hal.ticks_diff(now, self._last)
+    def update(self):
+        """Advance ms_hi / ms_lo from the ticks and keep tb / tfl current. The per-sample
+        path: allocates nothing unless the time base changes (sync, step, every 2**28 ms)."""
+        hal = self.hal
+        now = hal.ticks_ms()
+        d = hal.ticks_diff(now, self._last)
         if d > 0:
-            self._ms += d
+            lo = self.ms_lo + d
+            if lo >= _HI:
+                self.ms_hi += lo // _HI
+                lo = lo % _HI
+            self.ms_lo = lo
             self._last = now
-        return self._ms
+        if self.boot_epoch is not self._tb_e or self.ms_hi != self._tb_hi:
+            self._set_tb()
+
+    def _set_tb(self):
+        e = self.boot_epoch
+        base = self.ms_hi * _HI
+        if e is None:
+            self.tfl = wire.FLAG_UNSYNCED
+        else:
+            base += e
+            self.tfl = 0
+        base &= 0xFFFFFFFFFFFFFFFF
+        tb = self.tb
+        tb[0] = (base >> 48) & 0xFFFF
+        tb[1] = (base >> 32) & 0xFFFF
+        tb[2] = (base >> 16) & 0xFFFF
+        tb[3] = base & 0xFFFF
+        self._tb_e = e
+        self._tb_hi = self.ms_hi
+
+    def boot_ms(self):
+        self.update()
+        return self.ms_hi * _HI + self.ms_lo
 
     @property
     def synced(self):

@@ -9,6 +9,7 @@
 #   ticks_ms() / ticks_diff(a, b)          monotonic ms (wraps like time.ticks_ms)
 #   async sleep_ms(ms)                     sleep on the HAL's clock (virtual in the simulator)
 #   read(ch) -> fixed int or None           one channel (CH_*), value * 1000; None = sensor missing
+#                                           (per-sample path: must not allocate, no float / long int)
 #   fs                                      tiny filesystem: open/rename/remove/listdir/stat/mkdir
 #   wifi_connect(ssid, pw) / wifi_connected()
 #   ntp() -> epoch ms or None               one NTP query (None when unreachable)

@@ -41,6 +41,17 @@ class _MemFile:
         self.pos += len(out)
         return out
 
+    def readinto(self, b):
+        data = self.fs.files.get(self.path, b"")
+        n = len(data) - self.pos
+        if n > len(b):
+            n = len(b)
+        if n <= 0:
+            return 0
+        b[0:n] = data[self.pos:self.pos + n]
+        self.pos += n
+        return n
+
     def write(self, b):
         buf = self.fs.files[self.path]
         if "a" in self.mode:
@@ -131,6 +142,14 @@ class _FailFile:
     def read(self, n=-1):
         self.ffs._check()
         return self.f.read(n)
+
+    def readinto(self, b):
+        self.ffs._check()
+        if hasattr(self.f, "readinto"):
+            return self.f.readinto(b)
+        d = self.f.read(len(b))
+        b[0:len(d)] = d
+        return len(d)
 
     def write(self, b):
         return self.ffs._write(self.f, b)
@@ -229,9 +248,9 @@ class Rng:
 
     def next(self):
         s = self.s
-        s ^= (s << 13) & 0x3FFFFFFF
+        s ^= (s & 0x1FFFF) << 13  # mask before the shift: no long int (MicroPython heap)
         s ^= s >> 17
-        s ^= (s << 5) & 0x3FFFFFFF
+        s ^= (s & 0x1FFFFFF) << 5
         self.s = s or 1
         return self.s
 
@@ -268,17 +287,38 @@ class Signal:
         if self.amp and self.period > 0:
             ph = t_ms % self.period
             half = self.period // 2
-            # triangle in [-amp, amp]; amp * ph stays a small int for sane amps/periods
+            # triangle in [-amp, amp]; _muldiv keeps amp * ph from becoming a long int
             if ph < half:
-                v += -self.amp + (2 * self.amp * ph) // half
+                v += -self.amp + _muldiv(ph, 2 * self.amp, half)
             else:
-                v += self.amp - (2 * self.amp * (ph - half)) // half
+                v += self.amp - _muldiv(ph - half, 2 * self.amp, half)
         if self.noise:
             v += self.rng.below(2 * self.noise + 1) - self.noise
         if self.spike_every and self.n % self.spike_every == 0:
             v += self.spike
         self.last = v
         return v
+
+
+def _muldiv(a, k, c):
+    """(a * k) // c for 0 <= a <= c, c > 0, with only small ints when a * k would not be one
+    (exact long division in base 16; MicroPython: no heap allocation, c < 2**25)."""
+    kk = k if k >= 0 else -k
+    if a == 0 or kk <= 0x3FFFFFFF // a or c >= 0x2000000:
+        return (a * k) // c
+    sh = 0
+    while (kk >> sh) >= 16:
+        sh += 4
+    q = 0
+    r = 0
+    while sh >= 0:
+        r = r * 16 + a * ((kk >> sh) & 15)
+        q = q * 16 + r // c
+        r = r % c
+        sh -= 4
+    if k < 0:
+        return -q - 1 if r else -q
+    return q
 
 
 def default_signals(seed=1):
@@ -290,6 +330,9 @@ def default_signals(seed=1):
 
 
 # ---------------------------------------------------------------- the simulated board
+
+
+_MONO = hasattr(time, "monotonic")  # CPython; MicroPython has only ticks
 
 
 def _mono_ms():
@@ -336,9 +379,20 @@ class SimHal(_hal.Hal):
     def _boot_clock(self):
         self._t0 = _mono_ms()
         self._jump = 0
+        if not _MONO:
+            self._tk = time.ticks_ms()
+            self._tms = 0
 
     def now_ms(self):
         """Virtual ms since boot (not wrapped)."""
+        if not _MONO and self.speed == 1:
+            # MicroPython at real speed: integer ticks only (no float per call, no heap use)
+            t = time.ticks_ms()
+            d = time.ticks_diff(t, self._tk)
+            if d > 0:
+                self._tk = t
+                self._tms += d
+            return self._tms + self._jump
         return int((_mono_ms() - self._t0) * self.speed) + self._jump
 
     def ticks_ms(self):

@@ -10,7 +10,9 @@
 #   reading body: channel u8 | value i32; other kinds: the wire body (shared.wire.encode_body)
 #
 # Records are batched in RAM and appended + closed per batch (every batch_records records or
-# batch_ms ms, at once for CEP/anomaly/gap records): on LittleFS a close is a sync, so a power
+# batch_ms ms, at once for CEP/anomaly/gap records). The RAM batch is a preallocated bytearray
+# of complete frames; their CRCs are filled in at flush, so reading_at() (the per-sample path)
+# allocates nothing on MicroPython. On LittleFS a close is a sync, so a power
 # cut loses at most the unflushed RAM batch. A torn frame (power cut mid-write on a filesystem
 # that shows partial appends) fails its CRC: the scan stops there, the records before it are
 # kept, and that segment is never appended to again (a new boot starts a new segment).
@@ -29,6 +31,11 @@ MAGIC = 0xA5
 _PAY = ">IIqBB"  # boot, seq, t, kind, flags
 _PAY_SIZE = 18
 _RBODY = ">Bi"
+_KR = wire.KIND_READING
+_RLEN = _PAY_SIZE + 5  # payload length of a reading
+_RFRAME = 3 + _RLEN + 4  # 30 bytes per reading on flash
+# a whole reading frame but its crc, t as four big-endian u16 limbs (small ints only)
+_FAST = ">BHIIHHHHBBBi"
 
 # Drop order when full: lowest first. Gap records (3) are never dropped.
 PRIO = {wire.KIND_READING: 0, wire.KIND_STATUS: 0, wire.KIND_WINDOW: 1,
@@ -97,6 +104,75 @@ def read_frame(f):
     return h + rest, rec
 
 
+class _Frames:
+    """The frames of one segment file, read through one reusable buffer (readinto): per frame
+    only the CRC check allocates (a memoryview slice and the crc int) until the caller decodes
+    it. Same verdicts as read_frame."""
+
+    def __init__(self, size=1024):
+        self.buf = bytearray(size)
+        self.crc = bytearray(4)
+        self.f = None
+        self.s = 0  # next frame at buf[s:], valid data up to e
+        self.e = 0
+        self.p = 0  # payload offset of the frame next() returned
+
+    def start(self, f):
+        self.f = f
+        self.s = self.e = 0
+
+    def _need(self, k):
+        """buf[s:s + k] holds the next k bytes of the file; False at its end."""
+        if self.e - self.s >= k:
+            return True
+        buf = self.buf
+        n = self.e - self.s
+        if k > len(buf):
+            nb = bytearray(k + 256)
+            nb[0:n] = buf[self.s:self.e]
+            self.buf = buf = nb
+        elif self.s:
+            buf[0:n] = buf[self.s:self.e]
+        self.s = 0
+        self.e = n
+        f = self.f
+        while n < k:
+            if hasattr(f, "readinto"):
+                got = f.readinto(memoryview(buf)[n:])
+            else:
+                d = f.read(len(buf) - n)
+                got = len(d)
+                buf[n:n + got] = d
+            if not got:
+                return False
+            n += got
+            self.e = n
+        return True
+
+    def next(self):
+        """Payload length of the next intact frame (its payload at buf[p:]), -1 at the end or
+        at a torn / corrupt frame."""
+        if not self._need(3):
+            return -1
+        buf = self.buf
+        s = self.s
+        if buf[s] != MAGIC:
+            return -1
+        n = (buf[s + 1] << 8) | buf[s + 2]
+        if n < _PAY_SIZE or not self._need(n + 7):
+            return -1
+        buf = self.buf
+        s = self.s
+        e = s + 3 + n
+        c = self.crc
+        struct.pack_into(">I", c, 0, binascii.crc32(memoryview(buf)[s:e]) & 0xFFFFFFFF)
+        if c[0] != buf[e] or c[1] != buf[e + 1] or c[2] != buf[e + 2] or c[3] != buf[e + 3]:
+            return -1
+        self.p = s + 3
+        self.s = e + 4
+        return n
+
+
 def _ranges(seqs):
     """Sorted seqs -> [(first, length)] runs, each length <= 65535."""
     out = []
@@ -125,9 +201,12 @@ class Outbox:
         self.acked = {}  # boot -> highest acked seq
         self._cur = None  # Seg being appended to
         self._next_num = 0
-        self._pend = []  # (frame, record) not yet on flash
+        # RAM batch (not yet on flash): complete frames in _buf[:_pend_bytes], CRCs filled at flush
+        self._cap0 = batch_records * _RFRAME + 512
+        self._buf = bytearray(self._cap0)
         self._pend_bytes = 0
-        self._pend_since = None
+        self._pend_n = 0
+        self._pend_since = None  # now_ms of the batch's first record; -1: set by the next tick
         self._ack_dirty = False
         self._ack_at = None
         from firmware.identity import Slots
@@ -138,7 +217,9 @@ class Outbox:
         self._L = (boot, 0)
         self._rseg = -1
         self._roff = 0
-        self._rlast = None
+        self._rlb = -1  # (boot, seq) of the last record replayed, -1: none
+        self._rls = -1
+        self._rd = None  # _Frames of read_backlog, made on first use
         self._rdone = False
         # counters
         self.dropped = 0  # records dropped by policy (with a seq: also in a gap record)
@@ -241,8 +322,12 @@ class Outbox:
             n += s.bytes
         return n
 
+    def pending(self):
+        """Records in the RAM batch (not yet on flash)."""
+        return self._pend_n
+
     def stored_records(self):
-        n = len(self._pend)
+        n = self._pend_n
         for s in self.segs:
             n += s.count
         return n
@@ -263,26 +348,71 @@ class Outbox:
             self.refused += 1
             return None
         seq = self.seq
+        off = self._reserve(size)
+        buf = self._buf
+        struct.pack_into(">BH" + _PAY[1:], buf, off, MAGIC, size - 7, self.boot, seq, t, kind, flags)
+        buf[off + 3 + _PAY_SIZE:off + size - 4] = bb
         self.seq = seq + 1
-        frame = encode_frame(self.boot, seq, t, kind, flags, bb)
-        rec = (self.boot, seq, t, kind, flags, body)
-        self._pend.append((frame, rec))
-        self._pend_bytes += len(frame)
+        self._pend_bytes = off + size
+        self._pend_n += 1
         if self._pend_since is None:
             self._pend_since = now_ms
         if prio >= _URGENT:
             self.flush()
-        elif len(self._pend) >= self.batch_records:
+        elif self._pend_n >= self.batch_records:
             self.flush()
         return seq
 
     def reading(self, ch, t, flags, value, now_ms=None):
         return self.append(wire.KIND_READING, t, flags, (ch, value), now_ms)
 
+    def reading_at(self, ch, value, tb, flags, lo):
+        """The per-sample path: store a raw reading of this boot at t = tb + lo, where tb is
+        an i64 as four big-endian u16 limbs and 0 <= lo < 2**28 (firmware.clock: tb, tfl,
+        ms_lo). Returns its seq, or None when refused. Allocates nothing on MicroPython
+        unless the batch is flushed (batch full) or the outbox is full."""
+        if not self._make_room(_RFRAME, 0):
+            self.refused += 1
+            return None
+        off = self._pend_bytes
+        if off + _RFRAME > len(self._buf):
+            off = self._reserve(_RFRAME)
+        x = tb[3] + (lo & 0xFFFF)
+        l3 = x & 0xFFFF
+        x = tb[2] + (lo >> 16) + (x >> 16)
+        l2 = x & 0xFFFF
+        x = tb[1] + (x >> 16)
+        l1 = x & 0xFFFF
+        l0 = (tb[0] + (x >> 16)) & 0xFFFF
+        seq = self.seq
+        struct.pack_into(_FAST, self._buf, off, MAGIC, _RLEN, self.boot, seq, l0, l1, l2, l3, _KR, flags, ch, value)
+        self.seq = seq + 1
+        self._pend_bytes = off + _RFRAME
+        self._pend_n += 1
+        if self._pend_since is None:
+            self._pend_since = -1  # the batch's age counts from the next tick()
+        if self._pend_n >= self.batch_records:
+            self.flush()
+        return seq
+
+    def _reserve(self, nbytes):
+        """Offset for nbytes more in the RAM batch, growing the buffer when needed (rare:
+        flash write errors, big records)."""
+        off = self._pend_bytes
+        if off + nbytes > len(self._buf):
+            nb = bytearray(max(2 * len(self._buf), off + nbytes))
+            nb[0:off] = self._buf[0:off]
+            self._buf = nb
+        return off
+
     def tick(self, now_ms):
         """Call periodically: flushes an old batch, persists ack positions."""
-        if self._pend and (self._pend_since is None or now_ms - self._pend_since >= self.batch_ms):
-            self.flush()
+        if self._pend_n:
+            s = self._pend_since
+            if s == -1:
+                s = self._pend_since = now_ms
+            if s is None or now_ms - s >= self.batch_ms:
+                self.flush()
         if self._ack_dirty and (self._ack_at is None or now_ms - self._ack_at >= self.ack_persist_ms):
             self.persist_acks()
             self._ack_at = now_ms
@@ -290,11 +420,20 @@ class Outbox:
     def flush(self):
         """Append the RAM batch to the current segment (one open/write/close). Returns the number
         of records written, -1 on a write error (the batch stays in RAM and is retried)."""
-        if not self._pend:
+        n = self._pend_n
+        if not n:
             return 0
-        data = b"".join([p[0] for p in self._pend])
+        size = self._pend_bytes
+        buf = self._buf
+        mv = memoryview(buf)
+        off = 0
+        while off < size:  # seal: the CRC of every frame (idempotent, so a retry redoes it)
+            e = off + 3 + ((buf[off + 1] << 8) | buf[off + 2])
+            struct.pack_into(">I", buf, e, binascii.crc32(mv[off:e]) & 0xFFFFFFFF)
+            off = e + 4
+        data = mv[0:size]  # written from the batch buffer itself: no copy
         cur = self._cur
-        if cur is None or cur.bytes + len(data) > self.seg_bytes:
+        if cur is None or cur.bytes + size > self.seg_bytes:
             cur = Seg(self._next_num, self.boot)
             self._next_num += 1
             self.segs.append(cur)
@@ -316,39 +455,52 @@ class Outbox:
                     cur.bytes = self.fs.stat_size(self._name(cur.num))
                 except OSError:
                     pass
-            if len(self._pend) > 4 * self.batch_records:
+            if self._pend_n > 4 * self.batch_records:
                 self._drop_pending()
             return -1
-        n = len(self._pend)
-        for frame, rec in self._pend:
-            cur.add(rec[1], PRIO.get(rec[3], 0), len(frame))
-        if self.live:
-            if len(self._flushed) + n > self.live_max:
-                self._flushed = []
-                self.need_rewind = True
-            else:
-                for p in self._pend:
-                    self._flushed.append(p[1])
-        self._pend = []
+        live = self.live
+        if live and len(self._flushed) + n > self.live_max:
+            self._flushed = []
+            self.need_rewind = True
+            live = False
+        data = mv = None
+        off = 0
+        while off < size:
+            ln = (buf[off + 1] << 8) | buf[off + 2]
+            seq = (buf[off + 7] << 24) | (buf[off + 8] << 16) | (buf[off + 9] << 8) | buf[off + 10]
+            cur.add(seq, PRIO.get(buf[off + 19], 0), ln + 7)
+            if live:
+                self._flushed.append(decode_payload(buf, off + 3, ln))
+            off += ln + 7
         self._pend_bytes = 0
+        self._pend_n = 0
         self._pend_since = None
+        if len(buf) > self._cap0:
+            self._buf = bytearray(self._cap0)
         self.flushes += 1
         self.flushed_records += n
         return n
 
     def _drop_pending(self):
         """Flash keeps failing: drop the RAM batch (except gap records) and account for it."""
-        keep = []
+        buf = self._buf
+        size = self._pend_bytes
         seqs = []
-        for p in self._pend:
-            if p[1][3] == wire.KIND_GAP:
-                keep.append(p)
+        out = 0
+        kept = 0
+        off = 0
+        while off < size:
+            fl = 7 + ((buf[off + 1] << 8) | buf[off + 2])
+            if buf[off + 19] == wire.KIND_GAP:
+                if out != off:
+                    buf[out:out + fl] = buf[off:off + fl]
+                out += fl
+                kept += 1
             else:
-                seqs.append(p[1][1])
-        self._pend = keep
-        self._pend_bytes = 0
-        for p in keep:
-            self._pend_bytes += len(p[0])
+                seqs.append(struct.unpack_from(">I", buf, off + 7)[0])
+            off += fl
+        self._pend_bytes = out
+        self._pend_n = kept
         self.dropped += len(seqs)
         self._emit_gaps(self.boot, seqs)
 
@@ -417,7 +569,7 @@ class Outbox:
         self.dropped += len(dropped)
         self._emit_gaps(seg.boot, dropped)
         self.flush()
-        if self._pend:
+        if self._pend_n:
             return False  # flash refuses writes: keep everything, refuse the new record
         # 2. rewrite (temp + rename) or delete
         if not keep:
@@ -488,7 +640,7 @@ class Outbox:
     def unacked(self):
         """Approximate number of stored records not yet acked (exact unless a segment is
         partially acked and has holes from a compaction)."""
-        n = len(self._pend)
+        n = self._pend_n
         for s in self.segs:
             a = self.acked.get(s.boot, -1)
             if a >= s.last:
@@ -528,7 +680,7 @@ class Outbox:
         self._L = (self.boot, self.seq)
         self._rseg = -1
         self._roff = 0
-        self._rlast = None
+        self._rlb = self._rls = -1
         self._rdone = False
         self.need_rewind = False
 
@@ -554,28 +706,40 @@ class Outbox:
                 f = self.fs.open(self._name(s.num), "rb")
             except OSError:
                 continue
+            Lb, Ls = L
+            rd = self._rd
+            if rd is None:
+                rd = self._rd = _Frames()
             try:
                 off = self._roff if s.num == self._rseg else 0
                 if off:
                     f.seek(off)
+                rd.start(f)
                 while True:
-                    r = read_frame(f)
-                    if r is None:
+                    ln = rd.next()
+                    if ln < 0:
                         break
-                    frame, rec = r
-                    off += len(frame)
-                    key = (rec[0], rec[1])
-                    if key >= L:
+                    off += ln + 7
+                    buf = rd.buf
+                    p = rd.p
+                    b = (buf[p] << 24) | (buf[p + 1] << 16) | (buf[p + 2] << 8) | buf[p + 3]
+                    q = (buf[p + 4] << 24) | (buf[p + 5] << 16) | (buf[p + 6] << 8) | buf[p + 7]
+                    if b > Lb or (b == Lb and q >= Ls):
                         self._rdone = True
                         self._rseg = s.num
-                        self._roff = off - len(frame)
+                        self._roff = off - ln - 7
                         return out
-                    if rec[1] <= self.acked.get(rec[0], -1):
+                    if q <= self.acked.get(b, -1):
                         continue
-                    if self._rlast is not None and key <= self._rlast:
+                    if b < self._rlb or (b == self._rlb and q <= self._rls):
                         continue
+                    try:
+                        rec = decode_payload(buf, p, ln)
+                    except (ValueError, KeyError):
+                        break  # as read_frame: nothing after an undecodable frame
                     out.append(rec)
-                    self._rlast = key
+                    self._rlb = b
+                    self._rls = q
                     self._rseg = s.num
                     self._roff = off
                     if len(out) >= n:

@@ -19,6 +19,23 @@ def pytest_terminal_summary(terminalreporter):
         terminalreporter.write_line(line)
 
 
+def pytest_unconfigure(config):
+    """A test that leaves a non-daemon thread (an unclosed aiosqlite connection) would hang
+    the interpreter at exit and CI until its time limit: name the leak and exit now."""
+    import threading
+    left = [t.name for t in threading.enumerate() if t is not threading.main_thread() and not t.daemon and t.is_alive()]
+    if left:
+        sys.stderr.write("conftest: threads left running by tests: %s; exiting without waiting\n" % left)
+        sys.stderr.flush()
+        sys.stdout.flush()
+        status = getattr(config, "_edgeflow_status", 1)
+        os._exit(status if status else 3)
+
+
+def pytest_sessionfinish(session, exitstatus):
+    session.config._edgeflow_status = int(exitstatus)
+
+
 def free_port():
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -187,7 +187,7 @@ def test_app_survives_broker_restart_and_reboots_every_record_once(broker, tmp_p
         app2.kill()
         await task
         assert app2.boot == 2
-        expected[2] = app2.outbox.seq - len(app2.outbox._pend)  # the RAM batch is lost
+        expected[2] = app2.outbox.seq - app2.outbox.pending()  # the RAM batch is lost
         # boot 3: comes back and drains everything
         hal.reboot()
         app3 = App(cfg, hal)

@@ -63,7 +63,7 @@ def test_batching_writes_once_per_batch():
     assert ob.flushes == 2  # 2 full batches of 8, 4 still in RAM
     assert ob.stored_records() == 20
     ob.tick(5000)  # batch_ms elapsed
-    assert ob.flushes == 3 and not ob._pend
+    assert ob.flushes == 3 and not ob.pending()
 
 
 def test_urgent_records_flush_at_once():
@@ -71,7 +71,7 @@ def test_urgent_records_flush_at_once():
     ob = _ob(fs, 1)
     ob.reading(0, 1, 0, 5)
     ob.append(wire.KIND_CEP, 10, 0, ("hot", 2, 500, (1, 2)))
-    assert ob.flushes == 1 and ob.stored_records() == 2 and not ob._pend
+    assert ob.flushes == 1 and ob.stored_records() == 2 and not ob.pending()
 
 
 def test_reboot_resumes_backlog_with_original_identity():
@@ -195,7 +195,7 @@ def test_power_cut_at_every_byte_offset():
         ob = _ob(fs, 1, seg_bytes=120, batch_records=3, ack_persist_ms=0)
         for i in range(9):
             ob.reading(0, i, 0, _val(1, i))
-            if len(ob._pend) == 0:
+            if ob.pending() == 0:
                 committed[:] = list(range(i + 1))
         acked[0] = 2  # the gateway committed 0..2: they may go
         ob.on_ack(1, 2)
@@ -274,9 +274,9 @@ def test_write_error_keeps_batch_and_uses_new_segment():
     _fill(ob, 4, 1)
     fs.fail = 1
     _fill(ob, 4, 1)
-    assert ob.write_errors == 1 and len(ob._pend) == 4
+    assert ob.write_errors == 1 and ob.pending() == 4
     ob.flush()
-    assert not ob._pend
+    assert not ob.pending()
     assert [r[1] for r in _drain(ob)] == list(range(8))
 
 
@@ -285,3 +285,98 @@ def test_bad_body_is_rejected_not_stored():
     assert ob.append(wire.KIND_CEP, 1, 0, ("bad id!", 1, 1, ())) is None
     assert ob.rejected == 1 and ob.seq == 0
     raises(KeyError, lambda: {}["x"])
+
+
+def _frames_via_reader(f, size):
+    from firmware.outbox import _Frames, decode_payload
+    rd = _Frames(size)
+    rd.start(f)
+    out = []
+    while True:
+        n = rd.next()
+        if n < 0:
+            return out
+        out.append(decode_payload(rd.buf, rd.p, n))
+
+
+def test_buffered_frame_reader_matches_read_frame():
+    # mixed frame sizes, buffers smaller and larger than a frame, torn tails at every cut
+    fs = MemFS()
+    ob = _ob(fs, 4, seg_bytes=1 << 16, batch_records=64)
+    for i in range(40):
+        ob.reading(i % 3, 1700000000000 + i, 0, _val(4, i))
+        if i % 9 == 0:
+            ob.append(wire.KIND_CEP, 1700000000000 + i, 0, ("rule%d" % i, 2, 100, (i, -i, i * 1000)))
+    ob.flush()
+    name = [n for n in fs.listdir("ob") if n.startswith("s")][0]
+    data = bytes(fs.files["ob/" + name])
+    f = fs.open("ob/" + name, "rb")
+    ref = []
+    while True:
+        r = read_frame(f)
+        if r is None:
+            break
+        ref.append(r[1])
+    f.close()
+    assert len(ref) == 45
+    for size in (8, 31, 64, 1024):
+        assert _frames_via_reader(fs.open("ob/" + name, "rb"), size) == ref, size
+    for cut in range(len(data) - 80, len(data) + 1):
+        fs.files["t"] = bytearray(data[:cut])
+        got = _frames_via_reader(fs.open("t", "rb"), 64)
+        f = fs.open("t", "rb")
+        exp = []
+        while True:
+            r = read_frame(f)
+            if r is None:
+                break
+            exp.append(r[1])
+        assert got == exp, cut
+    # a flipped byte stops the scan at that frame
+    bad = bytearray(data)
+    bad[500] ^= 0x40
+    fs.files["t"] = bad
+    got = _frames_via_reader(fs.open("t", "rb"), 100)
+    assert 0 < len(got) < len(ref) and got == ref[:len(got)]
+
+
+def test_backlog_from_big_segments_in_small_reads():
+    fs = MemFS()
+    ob = _ob(fs, 1, seg_bytes=8192, batch_records=16)
+    _fill(ob, 700, 1)  # ~21 KB: several 8 KB segments, frames straddle the reader's refills
+    ob.flush()
+    ob.on_ack(1, 99)
+    recs = _drain(ob)
+    assert [r[1] for r in recs] == list(range(100, 700))
+    for r in recs:
+        assert r[5][1] == _val(1, r[1]) and r[2] == 1000 + r[1]
+
+
+def test_flash_failing_drops_ram_batch_into_a_gap_record():
+    class Dead(MemFS):
+        fail = True
+
+        def open(self, path, mode):
+            if "a" in mode and self.fail:
+                raise OSError(5, "EIO")
+            return MemFS.open(self, path, mode)
+
+    fs = Dead()
+    ob = _ob(fs, 1, batch_records=4)
+    tb = [0, 0, 0, 0]
+    for i in range(17):  # the 17th record's failed flush drops the batch (> 4 * batch_records)
+        ob.reading_at(i % 3, i, tb, wire.FLAG_UNSYNCED, 100 + i)
+    assert ob.write_errors > 0 and ob.dropped > 0
+    assert ob.pending() >= 1  # the gap record(s) wait in RAM
+    fs.fail = False
+    ob.flush()
+    recs = _drain(ob)
+    covered = []
+    for r in recs:
+        if r[3] == wire.KIND_GAP:
+            for first, n in r[5][1]:
+                covered.extend(range(first, first + n))
+    seqs = [r[1] for r in recs if r[3] == wire.KIND_READING]
+    assert len(covered) == ob.dropped
+    for s in range(17):
+        assert s in seqs or s in covered, s
