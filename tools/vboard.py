@@ -12,6 +12,7 @@ From Python (tests):  with VBoard(dir) as vb: ... vb.url ...
 import argparse
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import threading
@@ -85,6 +86,10 @@ class VBoard:
         self.stop()
 
 
+def _stop_on_signal(signum, frame):
+    raise KeyboardInterrupt
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(prog="edgeflow-vboard", description=__doc__.split("\n\n")[0])
     ap.add_argument("--dir", required=True, help="host folder holding the board's filesystem")
@@ -99,6 +104,8 @@ def main(argv=None):
     except VBoardError as e:
         print("edgeflow-vboard: %s" % e, file=sys.stderr)
         return 1
+    # SIGTERM (kill, systemd, a test harness) stops the Node server too, like Ctrl-C
+    signal.signal(signal.SIGTERM, _stop_on_signal)
     print(vb.url, flush=True)
     print("edgeflow-vboard: files in %s; try `mpremote connect %s exec \"print(1)\"`; Ctrl-C stops" % (vb.dir, vb.url),
           file=sys.stderr, flush=True)
