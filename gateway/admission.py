@@ -55,6 +55,8 @@ class Admission:
         return False
 
     def backlog_received(self, dev, n, now):
+        """n backlog records of dev arrived (new or duplicates: a resent record still
+        spends the credit it was sent under)."""
         r = self.active.get(dev)
         if r is not None:
             r.received += n
@@ -89,8 +91,11 @@ class Admission:
         out = []
         for dev, r in list(self.active.items()):
             if now - r.last_progress >= self.timeout_ms and r.granted > r.received:
+                # stalled: free the slot, but queue the rest of its backlog again so the
+                # device is never left holding records with no credits
                 del self.active[dev]
                 self.timeouts += 1
+                self.waiting[dev] = (max(1, r.backlog - r.received), now)
             elif r.granted <= r.received:
                 out.append(dev)
         while self.waiting and len(self.active) < self.max_replayers:

@@ -314,8 +314,7 @@ class Gateway:
         d = self.devices.get(dev)
         d.last_seen = now
         if res == DUP:
-            d.duplicates += n
-            self.stats.duplicates += n
+            self._count_dup(d, dev, boot, base, base + n - 1, n, now)
             return
         chans = flat[2::5]
         vals = flat[4::5]
@@ -365,8 +364,7 @@ class Gateway:
             seq, t, ch, fl, v = rec
             c = mark(dev, boot, seq)
             if c == DUP:
-                d.duplicates += 1
-                st.duplicates += 1
+                self._count_dup(d, dev, boot, seq, seq, 1, now)
                 continue
             if c == BEYOND:
                 d.deferred += 1
@@ -436,11 +434,25 @@ class Gateway:
             m = self._groups_cache[dev] = {ch: tuple(v) for ch, v in m.items()}
         return m
 
-    def _count_live(self, d, dev, boot, first, last, n, now):
-        """Split n new records (seqs first..last of boot) into live and backlog (see admission.py)."""
+    @staticmethod
+    def _backlog_of(d, boot, first, last, n):
+        """How many of n records (seqs first..last of boot) are backlog, not live (admission.py)."""
         bk = d.backlog_count(boot, first, last, n)
         if bk < 0:  # run straddles next_seq
             bk = max(0, min(last, d.hello_next_seq - 1) - first + 1)
+        return bk
+
+    def _count_dup(self, d, dev, boot, first, last, n, now):
+        """Duplicates: counted, and resent backlog still shows the replayer's progress."""
+        d.duplicates += n
+        self.stats.duplicates += n
+        bk = self._backlog_of(d, boot, first, last, n)
+        if bk:
+            self.admission.backlog_received(dev, bk, now)
+
+    def _count_live(self, d, dev, boot, first, last, n, now):
+        """Split n new records (seqs first..last of boot) into live and backlog (see admission.py)."""
+        bk = self._backlog_of(d, boot, first, last, n)
         if bk:
             d.backlog_received += bk
             self.stats.backlog += bk
@@ -463,8 +475,7 @@ class Gateway:
             else:
                 c = dd.mark(dev, boot, seq)
             if c == DUP:
-                d.duplicates += 1
-                st.duplicates += 1
+                self._count_dup(d, dev, boot, seq, seq, 1, now)
                 continue
             if c == BEYOND:
                 d.deferred += 1

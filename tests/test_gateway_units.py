@@ -290,6 +290,29 @@ def test_admission_stalled_replayer_times_out():
     a.grant("d1", now=0)
     assert a.tick(now=999) == []
     assert a.tick(now=1000) == ["d2"] and a.timeouts == 1
+    # d1 still holds backlog: it queues again and is granted once d2's slot frees
+    assert "d1" in a.waiting
+    a.grant("d2", now=1000)
+    a.backlog_received("d2", 10, now=1500)
+    a.leave("d2")
+    assert a.tick(now=1500) == ["d1"]
+    assert a.grant("d1", now=1500)[0] > 0
+
+
+def test_admission_resent_duplicates_count_as_progress():
+    # a storm replayer whose records were resent (first copies already committed) must not
+    # be starved: duplicates spend the credits they were sent under (found by bench_storm)
+    a = Admission(rate=100.0, burst=100, max_replayers=1, chunk=2000, timeout_s=1.0, now=0)
+    a.hello("d", 430, 0)
+    assert a.grant("d", 0) == (100, True)
+    a.backlog_received("d", 100, 500)  # the 100 arrive again as duplicates
+    assert a.tick(2000) == ["d"]  # nothing outstanding: it gets the next grant
+    assert a.grant("d", 2000)[0] > 0
+    a2 = Admission(100.0, 100, 1, 2000, 1.0, 0)
+    a2.hello("d", 430, 0)
+    a2.grant("d", 0)
+    a2.tick(2000)  # no progress at all: timed out, but not forgotten
+    assert a2.tick(2000) == ["d"] and a2.grant("d", 60000)[0] > 0
 
 
 # ------------------------------------------------------------------ config

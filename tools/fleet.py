@@ -1,0 +1,925 @@
+"""Fleet simulator: N virtual devices running the REAL firmware App on the simulated HAL.
+
+    edgeflow-fleet --broker 127.0.0.1:1883 --devices 100 --duration 60 --truth truth.db
+    edgeflow-fleet --spawn --devices 1000 --duration 60 --sample-ms 1000     # own broker + gateway
+
+Every device is `firmware.app.App(config, firmware.hal_sim.SimHal(...))` in one asyncio loop:
+no firmware logic is reimplemented here. What this module adds:
+
+- Ground truth. Each device's flash is `FailingFS(TruthFS(MemFS))`. `TruthFS` parses every
+  complete outbox frame (CRC-valid, the same `firmware.outbox.read_frame`) written to a
+  segment file and records it: (device, boot, seq, kind, t, flags, channel, value). That is
+  exactly "every record that reached flash", the set the device owes the gateway: a torn
+  frame of a power cut is not complete, so not recorded (and the device's own scan drops it
+  at the next boot); the RAM batch lost in a power cut never reached flash, so it is not
+  owed. After the run, whatever is still on a device's flash and unacked is recorded as
+  `held` (owed, but still on the device, not lost). Clock mappings (boot_epoch per boot)
+  are recorded so records stored unsynced and converted at send time can be checked.
+  `tools/groundtruth.py` compares this with the gateway's SQLite.
+- Faults, scripted (`--faults`) or random (`--random-faults K --seed S`):
+    outage@AT+DUR[:SEL]   Wi-Fi outage of the selected devices (SEL: all, 3, 0-9, 0.25 = a fraction)
+    storm@AT+DUR          the whole site's Wi-Fi down, then every device back at once with a backlog
+    reboot@AT[:SEL]       graceful reboot (App.stop, SimHal.reboot, new App on the same flash)
+    powercut@AT[:SEL]     power cut (App.kill: the RAM batch is lost, the broker publishes the will)
+    tornwrite@AT[:SEL]    power cut in the middle of a flash write (FailingFS byte budget)
+    dup@AT+DUR[:P]        a proxy republishes a fraction P of data messages, delayed and reordered
+    brokerrestart@AT+DUR  broker down for DUR s (needs --spawn or a Site)
+    gwkill@AT+DUR         gateway kill -9, restarted after DUR s (needs --spawn or a Site)
+  Clock faults are per device at boot: --skew-devices N --skew-ms MS (NTP answers with an error),
+  --unsynced-devices N (no NTP and no gateway beacon: records stay FLAG_UNSYNCED).
+- Site: a mosquitto (tools/brokerconf.py) and the gateway (`python -m gateway.cli run`) as
+  subprocesses on free loopback ports, restartable, killable with SIGKILL.
+"""
+import argparse
+import asyncio
+import getpass
+import io
+import json
+import os
+import random
+import resource
+import shutil
+import signal
+import socket
+import sqlite3
+import subprocess
+import sys
+import threading
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if ROOT not in sys.path:
+    sys.path.insert(0, ROOT)
+
+from shared import wire  # noqa: E402
+from firmware.app import App  # noqa: E402
+from firmware.hal_sim import SimHal, MemFS, FailingFS, PowerCut  # noqa: E402
+from firmware import outbox as _outbox  # noqa: E402
+from firmware import hal as _hal  # noqa: E402
+
+PY = sys.executable
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+# ====================================================================== ground truth recording
+
+
+class TruthLog:
+    """In-memory sink for what devices stored, flushed to a SQLite truth file."""
+
+    SCHEMA = """
+    CREATE TABLE IF NOT EXISTS meta (k TEXT PRIMARY KEY, v TEXT);
+    CREATE TABLE IF NOT EXISTS records (device TEXT, boot INTEGER, seq INTEGER, kind INTEGER, t INTEGER,
+        flags INTEGER, channel INTEGER, value INTEGER, extra TEXT, PRIMARY KEY (device, boot, seq));
+    CREATE TABLE IF NOT EXISTS epochs (device TEXT, boot INTEGER, boot_epoch INTEGER,
+        PRIMARY KEY (device, boot, boot_epoch));
+    CREATE TABLE IF NOT EXISTS held (device TEXT, boot INTEGER, seq INTEGER, PRIMARY KEY (device, boot, seq));
+    CREATE TABLE IF NOT EXISTS events (at REAL, kind TEXT, detail TEXT);
+    """
+
+    def __init__(self, path=None):
+        self.path = path
+        self.pending = []
+        self.epochs = set()
+        self.pending_epochs = []
+        self.count = 0
+        self.events = []
+        self.db = None
+        if path:
+            if os.path.exists(path):
+                os.remove(path)
+            self.db = sqlite3.connect(path)
+            self.db.executescript(self.SCHEMA)
+
+    def record(self, dev, rec):
+        boot, seq, t, kind, flags, body = rec
+        if kind == wire.KIND_READING:
+            ch, v, extra = body[0], body[1], None
+        elif kind == wire.KIND_GAP:
+            ch, v, extra = None, None, json.dumps([body[0], [list(r) for r in body[1]]])
+        elif kind == wire.KIND_WINDOW:
+            ch, v, extra = body[0], None, None
+        else:
+            ch, v, extra = None, None, None
+        self.pending.append((dev, boot, seq, kind, t, flags, ch, v, extra))
+        self.count += 1
+        if len(self.pending) >= 20000:
+            self.flush()
+
+    def epoch(self, dev, boot, be):
+        k = (dev, boot, be)
+        if be is not None and k not in self.epochs:
+            self.epochs.add(k)
+            self.pending_epochs.append(k)
+
+    def event(self, kind, detail=""):
+        self.events.append((time.time(), kind, str(detail)))
+
+    def flush(self):
+        if self.db is None:
+            self.pending = []
+            return
+        # INSERT OR IGNORE: a compaction rewrites frames already recorded (same identity)
+        self.db.executemany("INSERT OR IGNORE INTO records VALUES (?,?,?,?,?,?,?,?,?)", self.pending)
+        self.db.executemany("INSERT OR IGNORE INTO epochs VALUES (?,?,?)", self.pending_epochs)
+        self.db.executemany("INSERT INTO events VALUES (?,?,?)", self.events)
+        self.db.commit()
+        self.pending, self.pending_epochs, self.events = [], [], []
+
+    def meta(self, k, v):
+        if self.db is not None:
+            self.db.execute("INSERT OR REPLACE INTO meta VALUES (?,?)", (k, json.dumps(v)))
+            self.db.commit()
+
+    def held(self, rows):
+        if self.db is not None:
+            self.db.executemany("INSERT OR IGNORE INTO held VALUES (?,?,?)", rows)
+            self.db.commit()
+
+    def close(self):
+        self.flush()
+        if self.db is not None:
+            self.db.close()
+            self.db = None
+
+
+def _is_segment(path, d):
+    nm = path[len(d) + 1:] if path.startswith(d + "/") else None
+    return nm is not None and len(nm) == 9 and nm[0] in "st" and nm[1:].isdigit()
+
+
+class _TruthFile:
+    def __init__(self, tfs, f):
+        self.tfs = tfs
+        self.f = f
+        self.buf = b""
+
+    def write(self, b):
+        n = self.f.write(b)
+        self.buf += bytes(b)
+        bio = io.BytesIO(self.buf)
+        used = 0
+        while True:
+            r = _outbox.read_frame(bio)
+            if r is None:
+                break
+            used += len(r[0])
+            self.tfs.sink(r[1])
+        self.buf = self.buf[used:]
+        return n
+
+    def __getattr__(self, k):
+        return getattr(self.f, k)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *a):
+        self.f.close()
+
+
+class TruthFS:
+    """Wraps the device's flash: every complete outbox frame written to a segment (or a
+    compaction's temp file) is handed to sink(record). Everything else passes through."""
+
+    def __init__(self, inner, sink, obdir="ob"):
+        self.inner = inner
+        self.sink = sink
+        self.obdir = obdir
+
+    def open(self, path, mode):
+        f = self.inner.open(path, mode)
+        if ("a" in mode or "w" in mode) and _is_segment(path, self.obdir):
+            return _TruthFile(self, f)
+        return f
+
+    def __getattr__(self, k):
+        return getattr(self.inner, k)
+
+
+# ====================================================================== devices
+
+
+def device_config(dev, port, sample_ms=250, window_ms=10000, status_every_s=10, host="127.0.0.1", **over):
+    cfg = {
+        "device_id": dev,
+        "broker": {"host": host, "port": port, "keepalive_s": 10, "timeout_ms": 3000},
+        "sample_ms": sample_ms, "status_every_s": status_every_s, "watchdog_ms": 0,
+        "channels": ["temp", "hum", "pot"],
+        "outbox": {"batch_records": 16, "batch_ms": 500, "ack_persist_ms": 1000, "max_bytes": 262144},
+        "uplink": {"backoff_base_ms": 200, "backoff_cap_ms": 4000, "resend_ms": 5000, "wifi_timeout_ms": 2000},
+        "clock": {"ntp_every_s": 600, "use_beacon": True},
+        "window": {"size_ms": window_ms},
+        "rules": [{"id": "spike", "type": "threshold", "channel": "temp", "enter": 30, "leave": 25, "severity": 2}],
+        "anomaly": {"zscore": {"channels": ["hum"], "window": 16, "k": 4, "min_std": 0.5, "cooldown_ms": 5000}},
+    }
+    for k, v in over.items():
+        if isinstance(v, dict) and isinstance(cfg.get(k), dict):
+            cfg[k] = dict(cfg[k], **v)
+        else:
+            cfg[k] = v
+    return cfg
+
+
+class Device:
+    def __init__(self, fleet, idx, dev_id, cfg, seed, ntp_ok=True, ntp_error_ms=0):
+        self.fleet = fleet
+        self.idx = idx
+        self.id = dev_id
+        self.cfg = cfg
+        self.mem = MemFS()
+        self.tfs = TruthFS(self.mem, self._stored, cfg.get("outbox", {}).get("dir", "ob"))
+        self.ffs = FailingFS(self.tfs)
+        self.hal = SimHal(seed=seed, ntp_ok=ntp_ok, fs=self.ffs, console=False)
+        self.hal.ntp_error_ms = ntp_error_ms
+        self.app = None
+        self.task = None
+        self.busy = False  # a reboot / power cut in progress
+        self.boots = 0
+        self.power_cuts = 0
+        self.drained = False
+        self.torn_tails = 0  # torn outbox frames the next boot's scan found (and skipped)
+
+    def _stored(self, rec):
+        self.fleet.truth.record(self.id, rec)
+
+    def _hook_clock(self, app):
+        ck = app.clock
+        orig = ck.set_time
+        truth = self.fleet.truth
+        dev = self.id
+
+        def set_time(epoch_ms, source, at_boot_ms=None):
+            r = orig(epoch_ms, source, at_boot_ms)
+            truth.epoch(dev, ck.boot, ck.boot_epoch)
+            return r
+        ck.set_time = set_time
+
+    def start(self):
+        app = App(self.cfg, self.hal)
+        app._boot()
+        self._hook_clock(app)
+        self.app = app
+        self.boots += 1
+        self.task = asyncio.ensure_future(self._run(app))
+
+    async def _run(self, app):
+        try:
+            await app.run()
+        except PowerCut:
+            pass
+        except Exception as e:  # noqa: BLE001 - a device crash is reported, never hidden
+            self.fleet.errors.append("%s: %r" % (self.id, e))
+
+    async def _end(self, kill):
+        app = self.app
+        if kill:
+            app.kill()
+        else:
+            app.stop()
+        try:
+            await asyncio.wait_for(asyncio.shield(self.task), 10)
+        except asyncio.TimeoutError:
+            app.kill()
+            await asyncio.wait_for(self.task, 5)
+
+    async def reboot(self, kill=False):
+        if self.busy:
+            return
+        self.busy = True
+        try:
+            await self._end(kill)
+            self.hal.reboot()
+            self.start()
+        finally:
+            self.busy = False
+
+    async def torn_write(self, max_wait=5.0):
+        """Cut the power within the next few hundred bytes written to flash (mid-frame)."""
+        if self.busy:
+            return
+        self.busy = True
+        try:
+            ffs = self.ffs
+            ffs.budget = ffs.written + 1 + self.fleet.rng.randrange(400)
+            t0 = time.monotonic()
+            while not ffs.dead and time.monotonic() - t0 < max_wait:
+                await asyncio.sleep(0.005)
+            await self._end(True)
+            self.power_cuts += 1
+            self.ffs = FailingFS(self.tfs)  # power back: same flash, a fresh budget
+            self.hal.fs = self.ffs
+            self.hal.reboot()
+            self.start()
+            self.torn_tails += self.app.outbox.torn
+        finally:
+            self.busy = False
+
+    def held_rows(self):
+        """(device, boot, seq) of records still on flash and unacked (after the App ended)."""
+        acked = dict(self.app.outbox.acked) if self.app and self.app.outbox else {}
+        d = self.cfg.get("outbox", {}).get("dir", "ob")
+        out = []
+        for path in sorted(self.mem.files):
+            if path.startswith(d + "/s") and _is_segment(path, d):
+                bio = io.BytesIO(bytes(self.mem.files[path]))
+                while True:
+                    r = _outbox.read_frame(bio)
+                    if r is None:
+                        break
+                    boot, seq = r[1][0], r[1][1]
+                    if seq > acked.get(boot, -1):
+                        out.append((self.id, boot, seq))
+        return out
+
+
+class Duplicator:
+    """A rogue proxy: subscribes to every device's data topic and republishes a fraction of
+    the messages later (random delay, so also out of order). Dedup must absorb them."""
+
+    def __init__(self, port, prefix="edgeflow", p=0.2, delay_s=2.0, seed=1):
+        import paho.mqtt.client as paho
+        self.p = p
+        self.delay = delay_s
+        self.rng = random.Random(seed)
+        self.topics = wire.Topics(prefix)
+        self.held = []
+        self.lock = threading.Lock()
+        self.sent = 0
+        self.seen = 0
+        self.active = False
+        c = paho.Client(paho.CallbackAPIVersion.VERSION2, client_id="fleet-dup-%d" % os.getpid())
+        c.on_connect = lambda c, u, f, rc, pr=None: c.subscribe(self.topics.sub_data, 1)
+        c.on_message = self._on_message
+        c.reconnect_delay_set(0.1, 1)
+        self.client = c
+        c.connect_async("127.0.0.1", port, 30)
+        c.loop_start()
+        self._stop = threading.Event()
+        self._th = threading.Thread(target=self._pump, daemon=True)
+        self._th.start()
+
+    def _on_message(self, c, u, msg):
+        if not self.active or msg.retain:
+            return
+        self.seen += 1
+        if self.rng.random() < self.p:
+            with self.lock:
+                self.held.append((time.monotonic() + self.rng.random() * self.delay, msg.topic, bytes(msg.payload)))
+
+    def _pump(self):
+        while not self._stop.wait(0.05):
+            now = time.monotonic()
+            with self.lock:
+                due = [h for h in self.held if h[0] <= now]
+                self.held = [h for h in self.held if h[0] > now]
+            self.rng.shuffle(due)
+            for _at, topic, payload in due:
+                self.client.publish(topic, payload, 1)
+                self.sent += 1
+
+    def stop(self):
+        self._stop.set()
+        self._th.join(2)
+        self.client.loop_stop()
+        self.client.disconnect()
+
+
+class Fleet:
+    """N devices in this process's asyncio loop."""
+
+    def __init__(self, n, port, truth_path=None, seed=1, sample_ms=250, window_ms=10000, prefix_id="dev",
+                 skew_devices=0, skew_ms=0, unsynced_devices=0, host="127.0.0.1", cfg_over=None, spikes=True):
+        self.port = port
+        self.rng = random.Random(seed)
+        self.truth = TruthLog(truth_path)
+        self.errors = []
+        self.devices = []
+        self.dup = None
+        cfg_over = cfg_over or {}
+        for i in range(n):
+            dev = "%s-%04d" % (prefix_id, i)
+            kw = dict(cfg_over)
+            ntp_ok, err = True, 0
+            if i < skew_devices:
+                err = skew_ms if i % 2 == 0 else -skew_ms
+            elif i < skew_devices + unsynced_devices:
+                ntp_ok = False
+                kw["clock"] = {"ntp_every_s": 0, "use_beacon": False}
+            cfg = device_config(dev, port, sample_ms, window_ms, host=host, **kw)
+            d = Device(self, i, dev, cfg, seed * 100003 + i, ntp_ok, err)
+            if spikes and i % 5 == 0:
+                sig = d.hal.signals[_hal.CH_TEMP]
+                sig.spike_every, sig.spike = 37 + i % 13, 12000
+            self.devices.append(d)
+        self.truth.meta("devices", [d.id for d in self.devices])
+        self.truth.meta("seed", seed)
+        self.started = None
+
+    # ---------------------------------------------------------------- lifecycle
+
+    async def start(self, stagger_s=1.0):
+        self.started = time.monotonic()
+        n = len(self.devices)
+        for i, d in enumerate(self.devices):
+            d.start()
+            if stagger_s and n > 1:
+                await asyncio.sleep(stagger_s / n)
+
+    def select(self, sel):
+        """'all', an index '3', a range '0-9', a fraction '0.25' (seeded random pick), or a list."""
+        devs = self.devices
+        if sel is None or sel == "all":
+            return list(devs)
+        if isinstance(sel, (list, tuple)):
+            return [devs[i] for i in sel]
+        sel = str(sel)
+        if "-" in sel:
+            a, b = sel.split("-")
+            return devs[int(a):int(b) + 1]
+        if "." in sel:
+            k = max(1, int(round(float(sel) * len(devs))))
+            return self.rng.sample(devs, k)
+        return [devs[int(sel)]]
+
+    def wifi(self, devs, up):
+        for d in devs:
+            d.hal.set_wifi(up)
+        self.truth.event("wifi_" + ("up" if up else "down"), len(devs))
+
+    async def reboot(self, devs, kill=False):
+        self.truth.event("powercut" if kill else "reboot", [d.id for d in devs])
+        await asyncio.gather(*[d.reboot(kill) for d in devs])
+
+    async def torn_write(self, devs):
+        self.truth.event("tornwrite", [d.id for d in devs])
+        await asyncio.gather(*[d.torn_write() for d in devs])
+
+    def start_dup(self, p=0.2, delay_s=2.0, prefix="edgeflow"):
+        if self.dup is None:
+            self.dup = Duplicator(self.port, prefix, p, delay_s, self.rng.randrange(1 << 30))
+            time.sleep(0.3)
+        self.dup.p = p
+        self.dup.active = True
+        self.truth.event("dup_on", p)
+
+    def stop_dup(self):
+        if self.dup is not None:
+            self.dup.active = False
+            self.truth.event("dup_off", self.dup.sent)
+
+    def stats(self):
+        online = samples = unacked = sent = replayed = cep = anomalies = 0
+        for d in self.devices:
+            a = d.app
+            if a is None or a.uplink is None:
+                continue
+            if a.uplink.session and not a.killed:
+                online += 1
+            samples += a.c["samples"]
+            cep += a.c["cep"]
+            anomalies += a.c["anomalies"]
+            sent += a.uplink.c["sent"]
+            replayed += a.uplink.c["replayed"]
+            unacked += a.outbox.unacked()
+        return {"devices": len(self.devices), "online": online, "samples": samples, "stored": self.truth.count,
+                "sent": sent, "replayed": replayed, "unacked": unacked, "cep": cep, "anomalies": anomalies,
+                "errors": len(self.errors)}
+
+    async def quiesce(self, timeout=60.0, on_tick=None):
+        """Stop sampling (sensors go silent), bring every link up, and power each device off
+        (App.kill) as soon as its outbox is fully acked (nothing in RAM, nothing unacked on
+        flash), so nothing it stored is left behind. Returns True if every device drained
+        within the timeout; the others are powered off by shutdown() and what they still
+        hold is recorded as held."""
+        self.stop_dup()
+        for d in self.devices:
+            d.hal.set_wifi(True)
+            for s in d.hal.signals.values():
+                s.missing = True
+        t0 = time.monotonic()
+        left = list(self.devices)
+        while left and time.monotonic() - t0 < timeout:
+            await asyncio.sleep(0.2)
+            if on_tick:
+                on_tick()
+            rest = []
+            for d in left:
+                ob = d.app.outbox if d.app is not None else None
+                if not d.busy and ob is not None and ob.unacked() == 0:
+                    d.app.kill()
+                    d.drained = True
+                else:
+                    rest.append(d)
+            left = rest
+        return not left
+
+    async def shutdown(self):
+        """Power every device off (App.kill: the RAM batch is not owed), record what is
+        still held on flash, write the truth file."""
+        for d in self.devices:
+            if d.app is not None:
+                d.app.kill()
+        await asyncio.gather(*[d.task for d in self.devices if d.task], return_exceptions=True)
+        held = []
+        for d in self.devices:
+            held.extend(d.held_rows())
+        self.truth.held(held)
+        if self.dup is not None:
+            self.dup.stop()
+            self.truth.event("dup_total", self.dup.sent)
+        self.truth.meta("errors", self.errors)
+        self.truth.flush()
+        return held
+
+
+# ====================================================================== site: broker + gateway
+
+
+def mosquitto_bin():
+    for p in (shutil.which("mosquitto"), "/usr/sbin/mosquitto", "/usr/local/sbin/mosquitto"):
+        if p and os.path.exists(p):
+            return p
+    return None
+
+
+def gateway_toml(port, db, window_ms=10000, lateness_ms=20000, ooo_ms=2000, idle_ms=15000, groups=True,
+                 extra=None):
+    sec = {
+        "mqtt": {"host": "127.0.0.1", "port": port},
+        "store": {"path": db},
+        "watermark": {"out_of_orderness_ms": ooo_ms, "idle_timeout_ms": idle_ms},
+        "windows": {"size_ms": window_ms, "allowed_lateness_ms": lateness_ms},
+        "metrics": {"port": 0},
+        "log": {"level": "info"},
+    }
+    for s, kv in (extra or {}).items():
+        sec.setdefault(s, {}).update(kv)
+    lines = []
+    for s, kv in sec.items():
+        lines.append("[%s]" % s)
+        for k, v in kv.items():
+            lines.append("%s = %s" % (k, json.dumps(v)))
+        lines.append("")
+    if groups:
+        lines += ["[[windows.groups]]", 'name = "site-temp"', 'devices = ["*"]', "channel = 0", ""]
+    return "\n".join(lines)
+
+
+def gateway_windows(window_ms=10000, lateness_ms=20000, groups=True):
+    """The window config the checker needs (same as gateway_toml writes)."""
+    return {"size_ms": window_ms, "offset_ms": 0, "allowed_lateness_ms": lateness_ms,
+            "groups": [{"name": "site-temp", "devices": ["*"], "channel": 0}] if groups else []}
+
+
+def vm_hwm_kb(pid):
+    try:
+        with open("/proc/%d/status" % pid) as f:
+            for ln in f:
+                if ln.startswith("VmHWM:"):
+                    return int(ln.split()[1])
+    except OSError:
+        pass
+    return None
+
+
+def proc_cpu_s(pid):
+    try:
+        with open("/proc/%d/stat" % pid) as f:
+            parts = f.read().rsplit(")", 1)[1].split()
+        return (int(parts[11]) + int(parts[12])) / os.sysconf("SC_CLK_TCK")
+    except OSError:
+        return None
+
+
+class Site:
+    """mosquitto + gateway subprocesses on 127.0.0.1, in workdir. Every process it starts
+    is stopped by close() (also on errors: use it in try/finally)."""
+
+    def __init__(self, workdir, port=None, window_ms=10000, lateness_ms=20000, ooo_ms=2000, idle_ms=15000,
+                 groups=True, gw_extra=None, broker=None):
+        """broker: an object with .port, .start(), .stop() (e.g. tests/conftest.py's Broker)
+        to use instead of a mosquitto of our own."""
+        self.dir = os.path.abspath(workdir)
+        os.makedirs(self.dir, exist_ok=True)
+        self.ext_broker = broker
+        self.port = broker.port if broker is not None else (port or free_port())
+        self.db = os.path.join(self.dir, "edgeflow.db")
+        self.gw_conf = os.path.join(self.dir, "gateway.toml")
+        with open(self.gw_conf, "w") as f:
+            f.write(gateway_toml(self.port, self.db, window_ms, lateness_ms, ooo_ms, idle_ms, groups, gw_extra))
+        self.windows = gateway_windows(window_ms, lateness_ms, groups)
+        self.broker = None
+        self.gateway = None
+        self.gw_starts = 0
+        self.gw_kills = 0
+        self.broker_restarts = 0
+        self.peak = {"broker_kb": 0, "gateway_kb": 0}
+
+    # ---- broker
+    def start_broker(self):
+        if self.ext_broker is not None:
+            if getattr(self.ext_broker, "proc", None) is None:
+                self.ext_broker.start()
+            self.broker = getattr(self.ext_broker, "proc", None)
+            return self
+        exe = mosquitto_bin()
+        if exe is None:
+            raise RuntimeError("mosquitto is not installed: run `bash tools/setup.sh` "
+                               "(or `sudo apt-get install mosquitto`)")
+        from tools.brokerconf import render
+        bdir = os.path.join(self.dir, "broker")
+        os.makedirs(bdir, exist_ok=True)
+        conf = os.path.join(bdir, "mosquitto.conf")
+        user = getpass.getuser() if os.geteuid() == 0 else None
+        with open(conf, "w") as f:
+            f.write(render(self.port, bdir, bind="127.0.0.1", user=user))
+        log = open(os.path.join(bdir, "mosquitto.log"), "ab")
+        self.broker = subprocess.Popen([exe, "-c", conf], stdout=log, stderr=subprocess.STDOUT,
+                                       start_new_session=True)
+        log.close()
+        deadline = time.time() + 10
+        while time.time() < deadline:
+            try:
+                socket.create_connection(("127.0.0.1", self.port), 0.2).close()
+                return self
+            except OSError:
+                if self.broker.poll() is not None:
+                    raise RuntimeError("mosquitto exited: see %s/mosquitto.log" % bdir)
+                time.sleep(0.05)
+        raise RuntimeError("mosquitto did not listen on %d" % self.port)
+
+    def stop_broker(self):
+        self._note_peak()
+        if self.ext_broker is not None:
+            self.ext_broker.stop()
+        else:
+            _stop(self.broker)
+        self.broker = None
+
+    def restart_broker(self, down_s=0.0):
+        self.stop_broker()
+        time.sleep(down_s)
+        self.start_broker()
+        self.broker_restarts += 1
+
+    # ---- gateway
+    def start_gateway(self):
+        log = open(os.path.join(self.dir, "gateway.log"), "ab")
+        self.gateway = subprocess.Popen([PY, "-m", "gateway.cli", "run", "-c", self.gw_conf], cwd=ROOT,
+                                        stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        log.close()
+        self.gw_starts += 1
+        return self
+
+    def kill_gateway(self):
+        """kill -9: no final checkpoint, no offline state (the broker publishes its will)."""
+        self._note_peak()
+        if self.gateway and self.gateway.poll() is None:
+            self.gateway.send_signal(signal.SIGKILL)
+            self.gateway.wait()
+        self.gateway = None
+        self.gw_kills += 1
+
+    def stop_gateway(self, timeout=30):
+        self._note_peak()
+        _stop(self.gateway, timeout)
+        rc = self.gateway.returncode if self.gateway else None
+        self.gateway = None
+        return rc
+
+    def _note_peak(self):
+        for k, p in (("broker_kb", self.broker), ("gateway_kb", self.gateway)):
+            if p is not None and p.poll() is None:
+                v = vm_hwm_kb(p.pid)
+                if v and v > self.peak[k]:
+                    self.peak[k] = v
+
+    def gateway_alive(self):
+        return self.gateway is not None and self.gateway.poll() is None
+
+    def close(self):
+        _stop(self.gateway, 10)
+        if self.ext_broker is not None:
+            self.ext_broker.stop()
+        else:
+            _stop(self.broker, 10)
+        self.gateway = self.broker = None
+
+
+def _stop(p, timeout=10):
+    if p is None or p.poll() is not None:
+        return
+    p.terminate()
+    try:
+        p.wait(timeout)
+    except subprocess.TimeoutExpired:
+        p.kill()
+        p.wait()
+
+
+# ====================================================================== scenarios
+
+
+class Event:
+    def __init__(self, kind, at, dur=0.0, arg=None):
+        self.kind, self.at, self.dur, self.arg = kind, float(at), float(dur), arg
+
+    def __repr__(self):
+        return "%s@%g%s%s" % (self.kind, self.at, "+%g" % self.dur if self.dur else "",
+                              ":%s" % self.arg if self.arg is not None else "")
+
+
+KINDS = ("outage", "storm", "reboot", "powercut", "tornwrite", "dup", "brokerrestart", "gwkill")
+
+
+def parse_faults(spec):
+    """'outage@10+5:0-4,storm@30+8,gwkill@45+3' -> [Event]"""
+    out = []
+    for part in filter(None, (s.strip() for s in (spec or "").split(","))):
+        kind, _, rest = part.partition("@")
+        if kind not in KINDS:
+            raise ValueError("unknown fault %r (known: %s)" % (kind, ", ".join(KINDS)))
+        rest, _, arg = rest.partition(":")
+        at, _, dur = rest.partition("+")
+        out.append(Event(kind, float(at), float(dur or 0), arg or None))
+    return sorted(out, key=lambda e: e.at)
+
+
+def random_faults(k, duration, rng, site=True):
+    kinds = ["outage", "reboot", "powercut", "tornwrite", "dup"] + (["brokerrestart", "gwkill"] if site else [])
+    out = []
+    for _ in range(k):
+        kind = rng.choice(kinds)
+        at = rng.uniform(0.1, 0.6) * duration
+        dur = {"outage": rng.uniform(2, 10), "dup": rng.uniform(3, 10), "brokerrestart": rng.uniform(1, 4),
+               "gwkill": rng.uniform(1, 4)}.get(kind, 0)
+        arg = {"outage": "0.2", "reboot": "0.05", "powercut": "0.05", "tornwrite": "0.05", "dup": "0.2"}.get(kind)
+        out.append(Event(kind, round(at, 1), round(dur, 1), arg))
+    return sorted(out, key=lambda e: e.at)
+
+
+async def run_event(ev, fleet, site=None, log=None):
+    """Apply one fault; returns when it is over (outages and restarts last ev.dur)."""
+    loop = asyncio.get_running_loop()
+    if log:
+        log("fault: %r" % ev)
+    fleet.truth.event(ev.kind, repr(ev))
+    if ev.kind in ("outage", "storm"):
+        devs = fleet.select("all" if ev.kind == "storm" else (ev.arg or "all"))
+        fleet.wifi(devs, False)
+        await asyncio.sleep(ev.dur)
+        fleet.wifi(devs, True)
+    elif ev.kind == "reboot":
+        await fleet.reboot(fleet.select(ev.arg or "0"))
+    elif ev.kind == "powercut":
+        await fleet.reboot(fleet.select(ev.arg or "0"), kill=True)
+    elif ev.kind == "tornwrite":
+        await fleet.torn_write(fleet.select(ev.arg or "0"))
+    elif ev.kind == "dup":
+        fleet.start_dup(float(ev.arg or 0.2))
+        await asyncio.sleep(ev.dur)
+        fleet.stop_dup()
+    elif ev.kind == "brokerrestart":
+        if site is None:
+            raise RuntimeError("brokerrestart needs a Site (--spawn)")
+        await loop.run_in_executor(None, site.restart_broker, ev.dur)
+    elif ev.kind == "gwkill":
+        if site is None:
+            raise RuntimeError("gwkill needs a Site (--spawn)")
+        site.kill_gateway()
+        await asyncio.sleep(ev.dur)
+        site.start_gateway()
+
+
+async def run_scenario(fleet, events, site=None, log=None):
+    t0 = time.monotonic()
+    tasks = []
+    for ev in events:
+        d = ev.at - (time.monotonic() - t0)
+        if d > 0:
+            await asyncio.sleep(d)
+        tasks.append(asyncio.ensure_future(run_event(ev, fleet, site, log)))
+    if tasks:
+        await asyncio.gather(*tasks)
+
+
+# ====================================================================== CLI
+
+
+def _broker_arg(s):
+    host, _, port = s.rpartition(":")
+    return host or "127.0.0.1", int(port)
+
+
+def build_parser():
+    p = argparse.ArgumentParser(prog="edgeflow-fleet", description=__doc__.split("\n\n")[0])
+    p.add_argument("--broker", type=_broker_arg, help="host:port of a running broker (and gateway)")
+    p.add_argument("--spawn", action="store_true", help="start a mosquitto and a gateway in --dir")
+    p.add_argument("--dir", default=None, help="work dir for --spawn (default ./var/fleet-<time>)")
+    p.add_argument("--devices", type=int, default=20)
+    p.add_argument("--duration", type=float, default=30, help="seconds of sampling before the drain")
+    p.add_argument("--sample-ms", type=int, default=250)
+    p.add_argument("--window-ms", type=int, default=10000, help="device and gateway window size")
+    p.add_argument("--seed", type=int, default=1)
+    p.add_argument("--faults", default="", help="scripted faults, see the module doc")
+    p.add_argument("--random-faults", type=int, default=0, help="K random faults (seeded)")
+    p.add_argument("--skew-devices", type=int, default=0)
+    p.add_argument("--skew-ms", type=int, default=1500)
+    p.add_argument("--unsynced-devices", type=int, default=0)
+    p.add_argument("--truth", default=None, help="truth SQLite file (default <dir>/truth.db)")
+    p.add_argument("--drain-timeout", type=float, default=120)
+    p.add_argument("--no-check", action="store_true", help="with --spawn: skip the ground-truth check")
+    return p
+
+
+def main(argv=None):
+    args = build_parser().parse_args(argv)
+    if not args.spawn and not args.broker:
+        print("edgeflow-fleet: give --broker host:port or --spawn", file=sys.stderr)
+        return 2
+    d = args.dir or os.path.join("var", "fleet-%s" % time.strftime("%Y%m%d-%H%M%S"))
+    os.makedirs(d, exist_ok=True)
+    truth = args.truth or os.path.join(d, "truth.db")
+    site = None
+    rc = 0
+    t_cpu0 = time.process_time()
+    try:
+        if args.spawn:
+            site = Site(d, window_ms=args.window_ms)
+            site.start_broker()
+            site.start_gateway()
+            host, port = "127.0.0.1", site.port
+        else:
+            host, port = args.broker
+        events = parse_faults(args.faults)
+        rng = random.Random(args.seed)
+        events += random_faults(args.random_faults, args.duration, rng, site is not None)
+        events.sort(key=lambda e: e.at)
+        stats = asyncio.run(_main(args, host, port, truth, events, site))
+        cpu = time.process_time() - t_cpu0
+        rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        print("fleet: %d devices, %.0f s, process CPU %.1f s (%.0f%% of one core), peak RSS %.1f MB"
+              % (args.devices, stats["wall"], cpu, 100 * cpu / stats["wall"], rss / 1024.0))
+        print("fleet: %s" % json.dumps(stats["final"]))
+        if site is not None:
+            site._note_peak()
+            print("site: gateway CPU %.1f s, peak RSS %.1f MB; broker CPU %.1f s, peak RSS %.1f MB" % (
+                proc_cpu_s(site.gateway.pid) or 0, site.peak["gateway_kb"] / 1024.0,
+                proc_cpu_s(site.broker.pid) or 0, site.peak["broker_kb"] / 1024.0))
+            site.stop_gateway()
+            if not args.no_check:
+                from tools import groundtruth
+                rep = groundtruth.check(site.db, [truth], site.windows)
+                print(rep.text())
+                rc = 0 if rep.ok else 1
+            print("fleet: database %s, truth %s" % (site.db, truth))
+    finally:
+        if site is not None:
+            site.close()
+    return rc
+
+
+async def _main(args, host, port, truth, events, site):
+    fleet = Fleet(args.devices, port, truth, args.seed, args.sample_ms, args.window_ms,
+                  skew_devices=args.skew_devices, skew_ms=args.skew_ms, unsynced_devices=args.unsynced_devices,
+                  host=host)
+    if site is not None:
+        fleet.truth.meta("windows", site.windows)
+    t0 = time.monotonic()
+    cpu0 = time.process_time()
+    await fleet.start()
+
+    async def progress():
+        while True:
+            await asyncio.sleep(5)
+            s = fleet.stats()
+            print("t=%5.0fs online %d/%d stored %d sent %d unacked %d" % (
+                time.monotonic() - t0, s["online"], s["devices"], s["stored"], s["sent"], s["unacked"]), flush=True)
+    pt = asyncio.ensure_future(progress())
+    try:
+        sc = asyncio.ensure_future(run_scenario(fleet, events, site, log=print))
+        await asyncio.sleep(args.duration)
+        await sc
+        run_cpu = time.process_time() - cpu0
+        run_wall = time.monotonic() - t0
+        print("fleet: run phase %.0f s: process CPU %.1f s (%.0f%% of one core), RSS %.1f MB, %d records stored"
+              % (run_wall, run_cpu, 100 * run_cpu / run_wall,
+                 resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0, fleet.truth.count), flush=True)
+        drained = await fleet.quiesce(args.drain_timeout)
+        print("fleet: drained=%s" % drained)
+    finally:
+        pt.cancel()
+        final = fleet.stats()
+        await fleet.shutdown()
+        fleet.truth.close()
+    return {"wall": time.monotonic() - t0, "final": final}
+
+
+if __name__ == "__main__":
+    sys.exit(main())
