@@ -1,7 +1,7 @@
 """edgeflow-demo: broker + gateway + a simulated fleet, faults, live progress, ground-truth report.
 
     edgeflow-demo                         # 50 devices, 75 s, Wi-Fi outage, power cut, gateway kill -9, storm
-    edgeflow-demo --devices 200 --duration 120 --seed 3 --keep
+    edgeflow-demo --devices 200 --duration 120 --seed 3
 
 Everything runs on 127.0.0.1 on free ports: mosquitto (tools/brokerconf.py), the gateway
 (`python -m gateway.cli run`, a subprocess) and the fleet (real firmware Apps on SimHal, in
@@ -116,9 +116,9 @@ def build_parser():
     p.add_argument("--lateness-ms", type=int, default=20000, help="gateway allowed lateness")
     p.add_argument("--faults", default=None, help="replace the default fault script (tools/fleet.py syntax), "
                                                   "'' for none")
-    p.add_argument("--keep", action="store_true", help="keep the data in ./var/demo-<time> (default: a temp dir, "
-                                                       "removed at the end)")
-    p.add_argument("--dir", help="data dir (implies --keep)")
+    p.add_argument("--dir", help="data dir (default: ./var/demo-<time>, kept so the SQLite file can be inspected)")
+    p.add_argument("--discard", action="store_true", help="use a temp dir and remove it at the end")
+    p.add_argument("--keep", action="store_true", help=argparse.SUPPRESS)  # the default now; accepted for old scripts
     p.add_argument("--drain-timeout", type=float, default=90)
     return p
 
@@ -129,7 +129,7 @@ def main(argv=None):
         print("edgeflow-demo: mosquitto is not installed. Run `bash tools/setup.sh` "
               "(or `sudo apt-get install mosquitto`) and try again.", file=sys.stderr)
         return 2
-    keep = args.keep or bool(args.dir)
+    keep = not args.discard or bool(args.dir)
     if args.dir:
         d = args.dir
     elif keep:
@@ -160,7 +160,7 @@ def main(argv=None):
             print("data kept in %s" % d)
         else:
             shutil.rmtree(d, ignore_errors=True)
-            print("data dir %s removed (pass --keep to keep the SQLite file)" % d)
+            print("data dir %s removed (--discard)" % d)
     return rc
 
 
