@@ -1,9 +1,5 @@
 import os
-import shutil
-import socket
-import subprocess
 import sys
-import time
 
 import pytest
 
@@ -36,59 +32,14 @@ def pytest_sessionfinish(session, exitstatus):
     session.config._edgeflow_status = int(exitstatus)
 
 
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from tools.broker import Mosquitto, free_port, mosquitto_bin  # noqa: E402
 
 
-def mosquitto_bin():
-    for p in (shutil.which("mosquitto"), "/usr/sbin/mosquitto"):
-        if p and os.path.exists(p):
-            return p
-    return None
-
-
-class Broker:
+class Broker(Mosquitto):
     """A real mosquitto on a free loopback port, stopped by the fixture that started it."""
 
     def __init__(self, tmpdir, port=None):
-        self.port = port or free_port()
-        self.dir = str(tmpdir)
-        self.proc = None
-
-    def start(self):
-        conf = os.path.join(self.dir, "mosquitto.conf")
-        with open(conf, "w") as f:
-            f.write(broker_config(self.port, self.dir))
-        self.log = open(os.path.join(self.dir, "mosquitto.log"), "ab")
-        self.proc = subprocess.Popen([mosquitto_bin(), "-c", conf], stdout=self.log, stderr=subprocess.STDOUT)
-        deadline = time.time() + 10
-        while time.time() < deadline:
-            try:
-                socket.create_connection(("127.0.0.1", self.port), 0.2).close()
-                return self
-            except OSError:
-                if self.proc.poll() is not None:
-                    raise RuntimeError("mosquitto exited: see " + self.log.name)
-                time.sleep(0.05)
-        raise RuntimeError("mosquitto did not listen on %d" % self.port)
-
-    def stop(self):
-        if self.proc and self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(5)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        self.proc = None
-
-
-def broker_config(port, data_dir):
-    import getpass
-    from tools.brokerconf import render
-    return render(port, data_dir, bind="127.0.0.1", user=getpass.getuser())
+        Mosquitto.__init__(self, tmpdir, port)
 
 
 @pytest.fixture

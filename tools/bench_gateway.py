@@ -16,7 +16,6 @@ import os
 import shutil
 import socket
 import struct
-import subprocess
 import sys
 import tempfile
 import threading
@@ -30,32 +29,14 @@ from paho.mqtt.enums import CallbackAPIVersion  # noqa: E402
 
 from gateway.service import Gateway  # noqa: E402
 from shared import wire  # noqa: E402
-from tools.brokerconf import render  # noqa: E402
+from tools.broker import Mosquitto  # noqa: E402
 
 T0 = 1767225600000
 
 
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def start_broker(tmp):
-    port = free_port()
-    conf = os.path.join(tmp, "mosquitto.conf")
-    with open(conf, "w") as f:
-        f.write(render(port, tmp, bind="127.0.0.1", persistence=False))
-    exe = shutil.which("mosquitto") or "/usr/sbin/mosquitto"
-    proc = subprocess.Popen([exe, "-c", conf], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    for _ in range(200):
-        try:
-            socket.create_connection(("127.0.0.1", port), 0.2).close()
-            return proc, port
-        except OSError:
-            time.sleep(0.05)
-    proc.kill()
-    raise RuntimeError("mosquitto did not start")
+    b = Mosquitto(tmp, persistence=False).start()
+    return b, b.port
 
 
 def _varint(n):
@@ -229,7 +210,7 @@ def main(argv=None):
     ap.add_argument("--repeat", type=int, default=3, help="runs per scenario; the median is reported")
     args = ap.parse_args(argv)
     tmp = tempfile.mkdtemp(prefix="bench-gw-")
-    proc, port = start_broker(tmp)
+    broker, port = start_broker(tmp)
     try:
         print("mosquitto on 127.0.0.1:%d, QoS 1, %d devices, SQLite synchronous=%s, retain_readings on"
               % (port, args.devices, args.sync))
@@ -254,8 +235,7 @@ def main(argv=None):
             args.single_msgs, pr, ", ".join("%.0f" % x for x in p)))
         print("ratio gateway / paho-only: %.2f" % (gr / pr))
     finally:
-        proc.terminate()
-        proc.wait(5)
+        broker.stop()
         shutil.rmtree(tmp, ignore_errors=True)
 
 
