@@ -10,6 +10,9 @@
 # - Acks: every record of (boot, seq <= acked) is committed -> outbox.on_ack trims flash.
 # - Resend: unacked records are replayed again after a reconnect, or when acks make no
 #   progress for resend_ms while records are outstanding (gateway dedup absorbs duplicates).
+# - Liveness: backlog held, replay allowed (gateway online, replay flag set) but no credits
+#   and no ack for resend_ms -> a fresh hello (at most once per resend_ms), so a gateway that
+#   lost track of the device re-admits it and grants again.
 # - Reconnect: exponential backoff with full jitter; Wi-Fi and broker outages are separate
 #   states. Nothing here blocks sampling: every wait is an asyncio sleep.
 import asyncio
@@ -55,12 +58,13 @@ class Uplink:
         self._acks = []
         self._sent_max = {}
         self._progress = ticks_ms()
+        self._ack_at = self._hello_at = self._progress  # last ack received / last hello sent
         self.wake = asyncio.Event()
         self.session = False
         # counters
         self.c = {"connects": 0, "connect_failures": 0, "reconnects": 0, "wifi_outages": 0,
                   "msgs": 0, "sent": 0, "live": 0, "replayed": 0, "acks": 0, "bad_msgs": 0,
-                  "rewinds": 0, "hellos": 0, "encode_errors": 0, "beacons": 0}
+                  "rewinds": 0, "hellos": 0, "encode_errors": 0, "beacons": 0, "stall_hellos": 0}
 
     # ------------------------------------------------------------ incoming
 
@@ -83,6 +87,7 @@ class Uplink:
     def handle_ack(self, a):
         boot, seq, gw_time, credits, replay, flags = a
         self.c["acks"] += 1
+        self._ack_at = ticks_ms()
         if not flags & wire.ACK_NONE:
             if self.outbox.on_ack(boot, seq):
                 self._progress = ticks_ms()
@@ -110,8 +115,25 @@ class Uplink:
         b, s = self.outbox.oldest()
         now = self.clock.now() or 0
         p = wire.encode_hello(self.dev, self.outbox.boot, self.outbox.seq, now, self.outbox.unacked(), b, s, self.fw)
+        self._hello_at = ticks_ms()
         await self.client.publish(self.topics.hello(self.dev), p, 1)
         self.c["hellos"] += 1
+
+    def stalled(self, now):
+        """Backlog held, replay allowed, no credits, and neither an ack nor a hello for
+        resend_ms: the gateway may have lost track of this device."""
+        return (self.credits <= 0 and self.gw_online and self.replay and self.outbox.has_backlog()
+                and ticks_diff(now, self._ack_at) >= self.resend_ms
+                and ticks_diff(now, self._hello_at) >= self.resend_ms)
+
+    async def check_stall(self, now=None):
+        """Liveness guard: a fresh hello when stalled() (bounded by resend_ms, since the
+        hello itself restarts the wait). Returns True if a hello was sent."""
+        if not self.stalled(ticks_ms() if now is None else now):
+            return False
+        self.c["stall_hellos"] += 1
+        await self.hello()
+        return True
 
     async def send(self, recs):
         """Publish records (boot, seq, t, kind, flags, body) as few data messages as allowed."""
@@ -222,7 +244,7 @@ class Uplink:
         self.outbox.begin_session()
         self.session = True
         await self.hello()
-        self._progress = ticks_ms()
+        self._progress = self._ack_at = ticks_ms()
         while self.running and cl.connected:
             if not self.hal.wifi_connected():
                 cl.close()
@@ -247,6 +269,7 @@ class Uplink:
                     await self.send(recs)
                     self.c["replayed"] += len(recs)
                     continue
+            await self.check_stall()
             if self.outstanding():
                 if ticks_diff(ticks_ms(), self._progress) > self.resend_ms:
                     await self._rewind()

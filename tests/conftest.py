@@ -32,7 +32,7 @@ def pytest_sessionfinish(session, exitstatus):
     session.config._edgeflow_status = int(exitstatus)
 
 
-from tools.broker import Mosquitto, free_port, mosquitto_bin  # noqa: E402
+from tools.broker import Mosquitto, free_port, mosquitto_bin  # noqa: E402,F401 (re-exported to tests)
 
 
 class Broker(Mosquitto):

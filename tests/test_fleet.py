@@ -9,7 +9,8 @@ import pytest
 
 from firmware import outbox as _outbox
 from tools import groundtruth
-from tools.fleet import Fleet, Site, parse_faults, random_faults, free_port
+from tools.broker import free_port
+from tools.fleet import Fleet, Site, parse_faults, random_faults
 from tests.conftest import Broker, mosquitto_bin
 
 

@@ -27,7 +27,6 @@ import random
 import resource
 import shutil
 import sqlite3
-import struct
 import subprocess
 import sys
 import tempfile

@@ -25,7 +25,8 @@ if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
 from tools import groundtruth  # noqa: E402
-from tools.fleet import Event, Fleet, Site, mosquitto_bin, parse_faults, run_scenario  # noqa: E402
+from tools.broker import mosquitto_bin  # noqa: E402
+from tools.fleet import Event, Fleet, Site, parse_faults, run_scenario  # noqa: E402
 
 
 def default_faults(d, n):

@@ -32,15 +32,12 @@ no firmware logic is reimplemented here. What this module adds:
 """
 import argparse
 import asyncio
-import getpass
 import io
 import json
 import os
 import random
 import resource
-import shutil
 import signal
-import socket
 import sqlite3
 import subprocess
 import sys
@@ -51,6 +48,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
+from tools.broker import Mosquitto  # noqa: E402
 from shared import wire  # noqa: E402
 from firmware.app import App  # noqa: E402
 from firmware.hal_sim import SimHal, MemFS, FailingFS, PowerCut  # noqa: E402
@@ -58,12 +56,6 @@ from firmware import outbox as _outbox  # noqa: E402
 from firmware import hal as _hal  # noqa: E402
 
 PY = sys.executable
-
-
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 # ====================================================================== ground truth recording
@@ -394,7 +386,11 @@ class Fleet:
     """N devices in this process's asyncio loop."""
 
     def __init__(self, n, port, truth_path=None, seed=1, sample_ms=250, window_ms=10000, prefix_id="dev",
-                 skew_devices=0, skew_ms=0, unsynced_devices=0, host="127.0.0.1", cfg_over=None, spikes=True):
+                 skew_devices=0, skew_ms=0, unsynced_devices=0, host="127.0.0.1", cfg_over=None, spikes=True,
+                 dev_over=None):
+        """cfg_over: config overrides for every device (a section dict is merged into the
+        default section); dev_over: {index: overrides} for single devices, applied after
+        cfg_over, e.g. {0: {"outbox": {"max_bytes": 8192, "segment_bytes": 2048}}}."""
         self.port = port
         self.rng = random.Random(seed)
         self.truth = TruthLog(truth_path)
@@ -411,6 +407,8 @@ class Fleet:
             elif i < skew_devices + unsynced_devices:
                 ntp_ok = False
                 kw["clock"] = {"ntp_every_s": 0, "use_beacon": False}
+            for k, v in ((dev_over or {}).get(i) or {}).items():
+                kw[k] = dict(kw[k], **v) if isinstance(v, dict) and isinstance(kw.get(k), dict) else v
             cfg = device_config(dev, port, sample_ms, window_ms, host=host, **kw)
             d = Device(self, i, dev, cfg, seed * 100003 + i, ntp_ok, err)
             if spikes and i % 5 == 0:
@@ -541,13 +539,6 @@ class Fleet:
 # ====================================================================== site: broker + gateway
 
 
-def mosquitto_bin():
-    for p in (shutil.which("mosquitto"), "/usr/sbin/mosquitto", "/usr/local/sbin/mosquitto"):
-        if p and os.path.exists(p):
-            return p
-    return None
-
-
 def gateway_toml(port, db, window_ms=10000, lateness_ms=20000, ooo_ms=2000, idle_ms=15000, groups=True,
                  extra=None):
     sec = {
@@ -607,8 +598,10 @@ class Site:
         to use instead of a mosquitto of our own."""
         self.dir = os.path.abspath(workdir)
         os.makedirs(self.dir, exist_ok=True)
-        self.ext_broker = broker
-        self.port = broker.port if broker is not None else (port or free_port())
+        # tools.broker.Mosquitto (tests pass theirs); its own process group so that a
+        # terminal's Ctrl-C reaches only the demo, which then stops it in order
+        self.mq = broker if broker is not None else Mosquitto(os.path.join(self.dir, "broker"), port, new_session=True)
+        self.port = self.mq.port
         self.db = os.path.join(self.dir, "edgeflow.db")
         self.gw_conf = os.path.join(self.dir, "gateway.toml")
         with open(self.gw_conf, "w") as f:
@@ -623,43 +616,14 @@ class Site:
 
     # ---- broker
     def start_broker(self):
-        if self.ext_broker is not None:
-            if getattr(self.ext_broker, "proc", None) is None:
-                self.ext_broker.start()
-            self.broker = getattr(self.ext_broker, "proc", None)
-            return self
-        exe = mosquitto_bin()
-        if exe is None:
-            raise RuntimeError("mosquitto is not installed: run `bash tools/setup.sh` "
-                               "(or `sudo apt-get install mosquitto`)")
-        from tools.brokerconf import render
-        bdir = os.path.join(self.dir, "broker")
-        os.makedirs(bdir, exist_ok=True)
-        conf = os.path.join(bdir, "mosquitto.conf")
-        user = getpass.getuser() if os.geteuid() == 0 else None
-        with open(conf, "w") as f:
-            f.write(render(self.port, bdir, bind="127.0.0.1", user=user))
-        log = open(os.path.join(bdir, "mosquitto.log"), "ab")
-        self.broker = subprocess.Popen([exe, "-c", conf], stdout=log, stderr=subprocess.STDOUT,
-                                       start_new_session=True)
-        log.close()
-        deadline = time.time() + 10
-        while time.time() < deadline:
-            try:
-                socket.create_connection(("127.0.0.1", self.port), 0.2).close()
-                return self
-            except OSError:
-                if self.broker.poll() is not None:
-                    raise RuntimeError("mosquitto exited: see %s/mosquitto.log" % bdir)
-                time.sleep(0.05)
-        raise RuntimeError("mosquitto did not listen on %d" % self.port)
+        if self.mq.proc is None:
+            self.mq.start()
+        self.broker = self.mq.proc
+        return self
 
     def stop_broker(self):
         self._note_peak()
-        if self.ext_broker is not None:
-            self.ext_broker.stop()
-        else:
-            _stop(self.broker)
+        self.mq.stop()
         self.broker = None
 
     def restart_broker(self, down_s=0.0):
@@ -705,10 +669,7 @@ class Site:
 
     def close(self):
         _stop(self.gateway, 10)
-        if self.ext_broker is not None:
-            self.ext_broker.stop()
-        else:
-            _stop(self.broker, 10)
+        self.mq.stop()
         self.gateway = self.broker = None
 
 

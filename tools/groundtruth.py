@@ -150,8 +150,8 @@ def check(db_path, truth_paths, windows=None, strict_held=False):
             covered.add((dev, gboot, s))
     reported = set()
     for key, r in truth.items():
-        if r[0] == KIND_GAP and r[6]:
-            gboot, ranges = json.loads(r[6])
+        if r[0] == KIND_GAP and r[5]:
+            gboot, ranges = json.loads(r[5])
             for first, length in ranges:
                 for s in range(first, first + length):
                     reported.add((key[0], gboot, s))
@@ -163,6 +163,7 @@ def check(db_path, truth_paths, windows=None, strict_held=False):
 
     # 1. identity
     by_kind = collections.Counter()
+    gap_by_kind = collections.Counter()
     delivered = gap_cov = nheld = unsynced = 0
     for key, (kind, t, fl, ch, v, _extra) in truth.items():
         by_kind[NAMES.get(kind, str(kind))] += 1
@@ -170,6 +171,7 @@ def check(db_path, truth_paths, windows=None, strict_held=False):
         if n == 0:
             if key in covered:
                 gap_cov += 1
+                gap_by_kind[NAMES.get(kind, str(kind))] += 1
             elif key in held:
                 nheld += 1
                 if strict_held:
@@ -224,6 +226,8 @@ def check(db_path, truth_paths, windows=None, strict_held=False):
     rep.counts["owed_by_kind"] = dict(sorted(by_kind.items()))
     rep.counts["delivered"] = delivered
     rep.counts["gap_covered"] = gap_cov
+    rep.counts["gap_covered_by_kind"] = dict(sorted(gap_by_kind.items()))
+    rep.counts["gap_seqs_reported"] = len(reported)
     rep.counts["held"] = nheld
     rep.counts["unsynced"] = unsynced
     rep.counts["quarantined"] = quarantined

@@ -7,6 +7,7 @@ from firmware.outbox import Outbox
 from firmware.clock import Clock
 from firmware.uplink import Uplink
 from firmware.hal_sim import SimHal
+from firmware.hal import ticks_add as T
 
 EPOCH = 1767225600000
 
@@ -96,3 +97,47 @@ def test_hello_reports_backlog_and_live_boundary():
     h = wire.decode_hello(p)
     assert t == "edgeflow/d/d1/hello" and q == 1
     assert (h["boot"], h["next_seq"], h["backlog"], h["oldest_boot"], h["oldest_seq"], h["fw"]) == (2, 6, 6, 2, 0, "t")
+
+
+def test_liveness_hello_when_backlog_stalls_without_credits():
+    hal, ob, ck, up = _setup()
+    for i in range(6):
+        ob.reading(0, i, wire.FLAG_UNSYNCED, i)
+    ob.begin_session()
+    assert ob.has_backlog()
+    r = up.resend_ms
+    up.gw_online = True
+    up.handle_ack((2, 0, None, 0, True, wire.ACK_NONE))  # replay allowed, no credits
+    t0 = up._ack_at
+    up._hello_at = t0
+    hellos = lambda: [p for p in up.client.pubs if p[0] == "edgeflow/d/d1/hello"]
+    assert not _run(up.check_stall(T(t0, r - 1))) and not hellos()  # not yet resend_ms
+    assert _run(up.check_stall(T(t0, r)))
+    assert len(hellos()) == 1 and up.c["stall_hellos"] == 1
+    h = wire.decode_hello(hellos()[0][1])
+    assert (h["backlog"], h["oldest_seq"]) == (6, 0)
+    # bounded: at most once per resend_ms, counted from that hello
+    up._hello_at = T(t0, r)
+    assert not _run(up.check_stall(T(t0, 2 * r - 1)))
+    assert _run(up.check_stall(T(t0, 2 * r))) and len(hellos()) == 2
+    up._hello_at = T(t0, 2 * r)
+    # no guard while credits remain, replay is held, the gateway is offline, or nothing is held
+    now = T(t0, 10 * r)
+    up.credits = 1
+    assert not up.stalled(now)
+    up.credits = 0
+    up.replay = False
+    assert not up.stalled(now)
+    up.replay = True
+    up.gw_online = False
+    assert not up.stalled(now)
+    up.gw_online = True
+    assert up.stalled(now)
+    # an ack restarts the wait
+    up.handle_ack((2, 0, None, 0, True, wire.ACK_NONE))
+    assert not up.stalled(T(up._ack_at, r - 1))
+    ob.rewind()
+    while ob.has_backlog():
+        ob.read_backlog(50)
+    assert not up.stalled(T(up._ack_at, 10 * r))
+    assert len(hellos()) == 2
