@@ -5,6 +5,18 @@ latest hello) flow without credits. Backlog (everything older) is replayed
 only within credits, granted through acks. At most `max_replayers` devices
 replay at once; the rest wait in arrival order. Credits are additive grants;
 an ack with replay=0 tells the device to drop its allowance and hold.
+
+Adaptive rate (adaptive=True; docs/gateway.md, "Acks and credits"): the bucket's
+rate follows the gateway's measured capacity instead of staying at the configured
+`replay_rate` (which becomes the starting value and the ceiling). Every second:
+
+    T = committed records/s (EWMA, time constant 1 s, fed after each commit)
+    O = backlog credits granted but not yet received (all devices)
+    D = O / T      expected wait of a record granted now (Little's law)
+    D > target                        ->  rate = max(rate_min, beta * min(rate, T))
+      (on 2 steps in a row, then at most once per target seconds)
+    D < target / 2 and queue not full ->  rate = min(rate_max, rate + increase * rate_max * dt)
+    otherwise (and before any T)      ->  rate unchanged (a full ingest queue also pauses grants)
 """
 import collections
 
@@ -20,8 +32,26 @@ class _Replayer:
 
 
 class Admission:
-    def __init__(self, rate, burst, max_replayers, chunk, timeout_s, now):
+    def __init__(self, rate, burst, max_replayers, chunk, timeout_s, now, adaptive=False, rate_min=None,
+                 target_s=5.0, beta=0.8, increase=0.05):
         self.rate = rate / 1000.0  # tokens per ms
+        # adaptive rate (records/s); see the module docstring
+        self.adaptive = adaptive
+        self.rate_max = float(rate)
+        self.rate_min = min(float(rate_min if rate_min is not None else rate), self.rate_max)
+        self.target_ms = target_s * 1000.0
+        self.beta = beta
+        self.increase = increase
+        self.throughput = None  # T: committed records/s (EWMA); None until measured
+        self.delay_ms = 0.0  # D: expected wait of a newly granted record, ms
+        self._commit_t = None  # time of the last commit observation
+        self._pending = 0  # records committed in the same ms as the last observation
+        self._adapt_t = now  # last controller step
+        self._decrease_t = None  # last multiplicative decrease
+        self.outstanding = 0  # O: credits granted, backlog not yet received (all devices)
+        self._out = {}  # dev -> [credits outstanding, last grant/progress ms]
+        self.decreases = 0
+        self._congested = 0  # controller steps in a row that saw congestion
         self.burst = burst
         self.max_replayers = max_replayers
         self.chunk = chunk
@@ -40,8 +70,14 @@ class Admission:
             self.tokens = min(self.burst, self.tokens + (now - self.last) * self.rate)
             self.last = now
 
+    def _forget(self, dev):
+        o = self._out.pop(dev, None)
+        if o is not None:
+            self.outstanding -= o[0]
+
     def hello(self, dev, backlog, now):
         """A (re)connecting device announces its backlog; returns True if it was admitted."""
+        self._forget(dev)  # a new hello voids the credits it held
         self.active.pop(dev, None)
         self.waiting.pop(dev, None)
         if backlog <= 0:
@@ -57,12 +93,21 @@ class Admission:
     def backlog_received(self, dev, n, now):
         """n backlog records of dev arrived (new or duplicates: a resent record still
         spends the credit it was sent under)."""
+        o = self._out.get(dev)
+        if o is not None:
+            k = min(n, o[0])
+            o[0] -= k
+            o[1] = now
+            self.outstanding -= k
+            if o[0] <= 0:
+                del self._out[dev]
         r = self.active.get(dev)
         if r is not None:
             r.received += n
             r.last_progress = now
 
     def leave(self, dev):
+        self._forget(dev)
         self.active.pop(dev, None)
         self.waiting.pop(dev, None)
 
@@ -81,6 +126,13 @@ class Admission:
         self.tokens -= c
         r.granted += c
         self.credits_granted += c
+        o = self._out.get(dev)
+        if o is None:
+            self._out[dev] = [c, now]
+        else:
+            o[0] += c
+            o[1] = now
+        self.outstanding += c
         if r.granted >= r.backlog:
             del self.active[dev]  # its whole backlog is granted: free the slot
         return c, True
@@ -89,6 +141,8 @@ class Admission:
         """Release stalled replayers, admit waiting ones. Returns devices that should get a
         grant ack now (newly admitted, or replayers with nothing outstanding)."""
         out = []
+        if self.adaptive:
+            self.adapt(now, paused)
         for dev, r in list(self.active.items()):
             if now - r.last_progress >= self.timeout_ms and r.granted > r.received:
                 # stalled: free the slot, but queue the rest of its backlog again so the
@@ -104,3 +158,56 @@ class Admission:
             self.admitted += 1
             out.append(dev)
         return [] if paused else out
+
+    # ---------------------------------------------------------------- adaptive rate
+
+    def committed(self, records, now):
+        """A commit made records durable; feeds T (EWMA of committed records/s, tau 1 s)."""
+        if self._commit_t is None:
+            self._commit_t = now
+            return
+        dt = now - self._commit_t
+        if dt <= 0:
+            self._pending += records
+            return
+        records += self._pending
+        self._pending = 0
+        self._commit_t = now
+        sample = records * 1000.0 / dt
+        if self.throughput is None:
+            self.throughput = sample
+        else:
+            w = min(1.0, dt / 1000.0)
+            self.throughput += w * (sample - self.throughput)
+
+    def adapt(self, now, queue_full=False):
+        """One controller step (at most one per second); returns the rate in records/s."""
+        dt = now - self._adapt_t
+        if dt < 1000:
+            return self.rate * 1000.0
+        self._adapt_t = now
+        # a device that took credits and went silent (no will) stops counting after the timeout
+        for dev in [d for d, o in self._out.items() if now - o[1] >= self.timeout_ms]:
+            self._forget(dev)
+        T = self.throughput
+        if T is None:
+            return self.rate * 1000.0  # no measurement yet: keep the starting rate
+        self._refill(now)  # tokens up to now at the old rate
+        rate = self.rate * 1000.0
+        O = self.outstanding
+        self.delay_ms = D = O * 1000.0 / T if T > 0 else (float("inf") if O else 0.0)
+        if D > self.target_ms:
+            # congested: act only when it is seen on two steps in a row (T lags a step up
+            # in load by about its time constant), then at most once per target
+            self._congested += 1
+            if self._congested >= 2 and (self._decrease_t is None or now - self._decrease_t >= self.target_ms):
+                self._decrease_t = now
+                self.decreases += 1
+                rate = self.beta * min(rate, T)
+        else:
+            self._congested = 0
+            if D < self.target_ms / 2 and not queue_full:  # a full queue holds the rate (and pauses grants)
+                rate += self.increase * self.rate_max * min(dt, 2000) / 1000.0
+        rate = max(self.rate_min, min(self.rate_max, rate))
+        self.rate = rate / 1000.0
+        return rate

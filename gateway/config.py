@@ -57,7 +57,12 @@ SCHEMA = {
         "groups": ([], list, None, "list of {name, devices (list or ['*']), channel}: windows over several devices"),
     },
     "admission": {
-        "replay_rate": (50000.0, float, (1, 1e9), "backlog records per second granted to replaying devices (token bucket)"),
+        "replay_rate": (200000.0, float, (1, 1e9), "backlog records per second granted to replaying devices (token bucket); with adaptive: the starting rate and the ceiling"),
+        "adaptive": (True, bool, None, "adapt the replay rate to the measured committed records/s and the expected wait of granted backlog"),
+        "replay_rate_min": (2000.0, float, (1, 1e9), "adaptive: the rate never goes below this (records/s)"),
+        "latency_target_s": (5.0, float, (0.1, 3600), "adaptive: back off when granted backlog would wait longer than this (keep well below the devices' resend timer, 30 s)"),
+        "backoff": (0.8, float, (0.1, 0.99), "adaptive: on congestion rate = backoff x min(rate, committed records/s)"),
+        "increase": (0.05, float, (0.0, 1.0), "adaptive: while the wait is under half the target, add this fraction of replay_rate per second"),
         "replay_burst": (100000, int, (1, 1 << 40), "token bucket capacity"),
         "max_replayers": (32, int, (1, 1 << 20), "devices replaying backlog at once; others wait"),
         "credit_chunk": (2000, int, (1, 1 << 31), "most credits outstanding per replayer"),

@@ -92,6 +92,15 @@ class GatewayCollector:
         yield GaugeMetricFamily(p + "replayers_active", "devices replaying backlog", value=len(adm.active))
         yield GaugeMetricFamily(p + "replayers_waiting", "devices waiting for a replay slot", value=len(adm.waiting))
         yield GaugeMetricFamily(p + "replay_tokens", "token bucket level", value=adm.tokens)
+        yield GaugeMetricFamily(p + "replay_rate", "current replay credit rate, records/s (adaptive)",
+                                value=adm.rate * 1000.0)
+        yield GaugeMetricFamily(p + "replay_credits_outstanding", "backlog credits granted, not yet received",
+                                value=adm.outstanding)
+        yield GaugeMetricFamily(p + "replay_expected_wait_seconds", "outstanding / committed records/s",
+                                value=adm.delay_ms / 1000.0)
+        yield GaugeMetricFamily(p + "committed_records_per_second", "EWMA of committed records/s",
+                                value=adm.throughput or 0.0)
+        yield counter("replay_rate_decreases", "multiplicative decreases of the replay rate", adm.decreases)
         now = int(time.time() * 1000)
         wm = gw.watermarks
         if wm.global_wm is not None:

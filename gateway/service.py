@@ -88,7 +88,8 @@ class Gateway:
         self.groups = w.groups
         a = cfg.admission
         self.admission = Admission(a.replay_rate, a.replay_burst, a.max_replayers, a.credit_chunk,
-                                   a.replay_timeout_s, _now_ms())
+                                   a.replay_timeout_s, _now_ms(), adaptive=a.adaptive, rate_min=a.replay_rate_min,
+                                   target_s=a.latency_target_s, beta=a.backoff, increase=a.increase)
         self.devices = Registry()
         self.out = Outputs()
         self.ingest = None
@@ -239,8 +240,14 @@ class Gateway:
             self.watermarks.tick(now)
             self._advance_groups()
             paused = self._replay_paused()
-            for dev in self.admission.tick(now, paused):
+            adm = self.admission
+            dec = adm.decreases
+            for dev in adm.tick(now, paused):
                 self._send_grant(dev, now)
+            if adm.decreases != dec:  # the adaptive replay rate backed off: congestion
+                logs.warning("replay_rate_backoff", rate=round(adm.rate * 1000), committed_per_s=round(adm.throughput),
+                             outstanding=adm.outstanding, expected_wait_s=round(adm.delay_ms / 1000, 2),
+                             queue_full=paused)
             self._flush_acks(now)
             if now - last >= interval:
                 last = now
@@ -635,9 +642,9 @@ class Gateway:
                 return
             # the marks acked are the ones this transaction commits
             acks = sorted((dev, boot, self.dedup.hwm(dev, boot)) for dev, boot in out.touched)
-            self._commit_task = asyncio.ensure_future(self._commit(writes, rows, out.mids, acks))
+            self._commit_task = asyncio.ensure_future(self._commit(writes, rows, out.mids, acks, out.records))
 
-    async def _commit(self, writes, rows, mids, acks):
+    async def _commit(self, writes, rows, mids, acks, records=0):
         t0 = time.perf_counter()
         if rows:
             await self.store.commit(writes)
@@ -648,6 +655,7 @@ class Gateway:
         s.checkpoint_last_s = dt
         s.checkpoint_last_rows = rows
         # committed: now the broker may forget the messages and devices their records
+        self.admission.committed(records, _now_ms())  # T for the adaptive replay rate
         self.ingest.puback(mids)
         for dev, boot, hwm in acks:
             self._committed.setdefault(dev, {})[boot] = hwm

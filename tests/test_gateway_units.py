@@ -315,6 +315,116 @@ def test_admission_resent_duplicates_count_as_progress():
     assert a2.tick(2000) == ["d"] and a2.grant("d", 60000)[0] > 0
 
 
+def _adaptive(outstanding=0, per_s=None, rate=10000.0, rate_min=500.0):
+    """An adaptive Admission with `outstanding` credits granted to one device and T = per_s."""
+    a = Admission(rate, burst=10 ** 9, max_replayers=4, chunk=10 ** 9, timeout_s=30, now=0, adaptive=True,
+                  rate_min=rate_min, target_s=5.0, beta=0.5, increase=0.1)
+    if outstanding:
+        a.hello("d", outstanding, 0)
+        assert a.grant("d", 0) == (outstanding, True)
+    if per_s is not None:
+        a.committed(0, 0)  # the first commit only starts the clock
+        a.committed(per_s, 1000)
+        assert a.throughput == per_s
+    return a
+
+
+def test_adaptive_no_measurement_keeps_the_starting_rate():
+    a = _adaptive(outstanding=10 ** 6)  # huge outstanding, but no T yet
+    for t in (1000, 2000, 3000):
+        assert a.adapt(t, queue_full=True) == 10000.0
+    assert a.decreases == 0
+    a.committed(5000, 3500)  # a single commit starts the clock, still no T
+    assert a.throughput is None and a.adapt(4500, queue_full=True) == 10000.0
+    # not adaptive: tick() never touches the rate
+    b = Admission(10000.0, 100, 1, 10, 30, 0)
+    b.committed(0, 0)
+    b.committed(10, 1000)
+    b.hello("d", 10, 0)
+    b.grant("d", 0)
+    b.tick(5000, paused=True)
+    b.tick(9000, paused=True)
+    assert b.rate * 1000 == 10000.0
+
+
+def test_adaptive_wait_exactly_at_target_holds():
+    a = _adaptive(outstanding=5000, per_s=1000)  # D = 5000 / 1000 per s = 5 s = target
+    assert a.adapt(1000) == 10000.0 and a.adapt(2000) == 10000.0 and a.adapt(3000) == 10000.0
+    assert a.delay_ms == 5000.0 and a.decreases == 0
+    a.backlog_received("d", 2500, 3000)  # D = 2.5 s = target / 2: still holds (increase needs < half)
+    assert a.outstanding == 2500 and a.adapt(4000) == 10000.0
+    a.backlog_received("d", 1, 4000)  # just under half the target: additive increase, 0.1 x 10000 per s
+    a.rate = 5000 / 1000.0
+    assert a.adapt(5000) == 6000.0
+
+
+def test_adaptive_wait_over_target_backs_off_to_measured_throughput():
+    a = _adaptive(outstanding=5001, per_s=1000)  # D just over 5 s
+    assert a.adapt(1000) == 10000.0  # first congested step: T may still lag a step up in load
+    assert a.adapt(2000) == 500.0  # second: beta x min(rate, T) = 0.5 x 1000 = 500 (= the floor)
+    assert a.decreases == 1
+    a2 = _adaptive(outstanding=50000, per_s=8000)  # D = 6.25 s
+    a2.adapt(1000)
+    assert a2.adapt(2000) == 4000.0  # 0.5 x T
+    assert a2.adapt(3000) == 4000.0 and a2.decreases == 1  # at most one decrease per target (5 s)
+    assert a2.adapt(7000) == 2000.0 and a2.decreases == 2  # 0.5 x min(rate 4000, T 8000)
+    # the bucket refills at the new rate
+    t0 = a2.tokens
+    a2._refill(8000)
+    assert a2.tokens - t0 == 2000.0
+
+
+def test_adaptive_queue_full_holds_the_rate():
+    # a full ingest queue already pauses grants (pause_queue_fraction); the rate holds, it
+    # does not grow (backing off on it too cost 15% of the drain rate in bench_storm)
+    a = _adaptive(outstanding=0, per_s=20000)
+    a.rate = 5000 / 1000.0
+    for t in (1000, 2000, 3000):
+        assert a.adapt(t, queue_full=True) == 5000.0
+    assert a.decreases == 0 and a.tick(3500, paused=True) == []
+    assert a.adapt(4000, queue_full=False) == 6000.0  # queue drained, D = 0: increase again
+    b = _adaptive(outstanding=50000, per_s=8000)  # D over target and queue full: backs off
+    b.adapt(1000, queue_full=True)
+    assert b.adapt(2000, queue_full=True) == 4000.0
+
+
+def test_adaptive_rate_floor_and_ceiling():
+    a = _adaptive(outstanding=10 ** 6, per_s=10, rate_min=500.0)  # tiny T, huge wait
+    a.adapt(1000)
+    assert a.adapt(2000) == 500.0  # never below replay_rate_min
+    for t in range(8000, 29000, 5000):  # (within replay_timeout_s: "d" still counts)
+        a.adapt(t)
+    assert a.rate * 1000 == 500.0 and a.decreases > 2
+    b = _adaptive(outstanding=0, per_s=10 ** 6)  # D = 0: increase, but never above replay_rate
+    for t in range(1000, 30000, 1000):
+        r = b.adapt(t)
+    assert r == 10000.0 and b.rate * 1000 == 10000.0
+    assert b.adapt(29500) == 10000.0  # at most one step per second
+
+
+def test_adaptive_outstanding_credits_are_tracked():
+    a = Admission(1000.0, 1000, 4, 300, 5, 0, adaptive=True)
+    a.hello("a", 500, 0)
+    a.hello("b", 100, 0)
+    assert a.grant("a", 0)[0] == 300 and a.grant("b", 0)[0] == 100
+    assert a.outstanding == 400
+    a.backlog_received("b", 100, 10)  # "b" was fully granted and left its slot: still counted
+    assert a.outstanding == 300 and "b" not in a.active
+    a.backlog_received("a", 1000, 20)  # more than outstanding (resends): clamps at 0
+    assert a.outstanding == 0
+    a.grant("a", 30)
+    assert a.outstanding > 0
+    a.hello("a", 200, 40)  # a rewind voids what the device held
+    assert a.outstanding == 0
+    a.grant("a", 40)
+    a.leave("a")
+    assert a.outstanding == 0
+    a.hello("c", 50, 100)
+    a.grant("c", 100)
+    a.adapt(5100)  # silent since its grant for replay_timeout_s: no longer counted
+    assert a.outstanding == 0
+
+
 # ------------------------------------------------------------------ config
 
 

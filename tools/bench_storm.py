@@ -224,6 +224,9 @@ class Replayer(asyncio.Protocol):
             if self.gw_online and not was_online:
                 self._hello()
             was_online = self.gw_online
+            if self.next <= self.acked + 1:
+                # nothing outstanding: the resend clock starts at the next send (firmware/uplink.py)
+                self.progress = time.monotonic()
             while self.gw_online and self.replay and self.credits > 0 and self.next < self.n:
                 self._send(min(self.credits, b.per_msg, self.n - self.next))
             if self.next > self.acked + 1 and time.monotonic() - self.progress > b.resend_s:
