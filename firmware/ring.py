@@ -9,18 +9,51 @@ import array
 import struct
 
 
-class Ring:
-    """Fixed-capacity ring of ints; index 0 of at() is the oldest, of latest() the newest."""
+class _Slots:
+    """Slot bookkeeping shared by both rings: head, fill and overwrite count.
 
-    def __init__(self, capacity, typecode="i"):
+    push() stays written out in each ring (no extra call on the per-sample path).
+    """
+
+    def __init__(self, capacity):
         if not isinstance(capacity, int) or capacity < 1:
             raise ValueError("capacity must be a positive int")
-        self.buf = array.array(typecode, [0] * capacity)
-        self.typecode = typecode
         self.cap = capacity
         self.head = 0  # next slot written
         self.n = 0
         self.overwritten = 0
+
+    def clear(self):
+        self.head = 0
+        self.n = 0
+
+    def __len__(self):
+        return self.n
+
+    def _slot(self, i):
+        # Slot of the i-th oldest item (0 <= i < n).
+        s = self.head - self.n + i
+        if s < 0:
+            s += self.cap
+        return s
+
+    def _lslot(self, k):
+        # Slot of the k-th newest item.
+        if k < 0 or k >= self.n:
+            raise IndexError("ring index")
+        s = self.head - 1 - k
+        if s < 0:
+            s += self.cap
+        return s
+
+
+class Ring(_Slots):
+    """Fixed-capacity ring of ints; index 0 of at() is the oldest, of latest() the newest."""
+
+    def __init__(self, capacity, typecode="i"):
+        _Slots.__init__(self, capacity)
+        self.buf = array.array(typecode, [0] * capacity)
+        self.typecode = typecode
 
     def bytes_per_slot(self):
         return struct.calcsize(self.typecode)
@@ -37,20 +70,6 @@ class Ring:
         else:
             self.overwritten += 1
 
-    def clear(self):
-        self.head = 0
-        self.n = 0
-
-    def __len__(self):
-        return self.n
-
-    def _slot(self, i):
-        # Slot of the i-th oldest item (0 <= i < n).
-        s = self.head - self.n + i
-        if s < 0:
-            s += self.cap
-        return s
-
     def at(self, i):
         """i-th oldest item (0 = oldest)."""
         if i < 0 or i >= self.n:
@@ -59,12 +78,7 @@ class Ring:
 
     def latest(self, k=0):
         """k-th newest item (0 = newest)."""
-        if k < 0 or k >= self.n:
-            raise IndexError("ring index")
-        s = self.head - 1 - k
-        if s < 0:
-            s += self.cap
-        return self.buf[s]
+        return self.buf[self._lslot(k)]
 
     def copy_latest(self, out, k):
         """Copy the newest min(k, n, len(out)) items into out, oldest first; returns the count."""
@@ -93,8 +107,8 @@ class Ring:
         if self.n == 0:
             raise ValueError("empty ring")
         buf = self.buf
-        m = buf[self._slot(0)]
         s = self._slot(0)
+        m = buf[s]
         for _ in range(self.n):
             x = buf[s]
             if x < m:
@@ -138,21 +152,16 @@ class Ring:
         return (2 * self.sum() + self.n) // (2 * self.n)
 
 
-class TimedRing:
+class TimedRing(_Slots):
     """Fixed-capacity ring of (t, value) pairs, both int32: 8 bytes per slot.
 
     t is the pipeline's small-int relative time (ms since its base), never epoch ms.
     """
 
     def __init__(self, capacity):
-        if not isinstance(capacity, int) or capacity < 1:
-            raise ValueError("capacity must be a positive int")
+        _Slots.__init__(self, capacity)
         self.ts = array.array("i", [0] * capacity)
         self.vs = array.array("i", [0] * capacity)
-        self.cap = capacity
-        self.head = 0
-        self.n = 0
-        self.overwritten = 0
 
     def bytes_per_slot(self):
         return 2 * struct.calcsize("i")
@@ -169,27 +178,6 @@ class TimedRing:
             self.n += 1
         else:
             self.overwritten += 1
-
-    def clear(self):
-        self.head = 0
-        self.n = 0
-
-    def __len__(self):
-        return self.n
-
-    def _slot(self, i):
-        s = self.head - self.n + i
-        if s < 0:
-            s += self.cap
-        return s
-
-    def _lslot(self, k):
-        if k < 0 or k >= self.n:
-            raise IndexError("ring index")
-        s = self.head - 1 - k
-        if s < 0:
-            s += self.cap
-        return s
 
     def t_at(self, i):
         """Time of the i-th oldest pair."""

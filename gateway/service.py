@@ -369,13 +369,7 @@ class Gateway:
         st = self.stats
         for rec in recs:
             seq, t, ch, fl, v = rec
-            c = mark(dev, boot, seq)
-            if c == DUP:
-                self._count_dup(d, dev, boot, seq, seq, 1, now)
-                continue
-            if c == BEYOND:
-                d.deferred += 1
-                st.deferred += 1
+            if not self._fresh(d, dev, boot, seq, mark(dev, boot, seq), now):
                 continue
             d.received += 1
             out.records += 1
@@ -449,6 +443,18 @@ class Gateway:
             bk = max(0, min(last, d.hello_next_seq - 1) - first + 1)
         return bk
 
+    def _fresh(self, d, dev, boot, seq, verdict, now):
+        """True if the dedup verdict says the record is new; duplicates and records beyond
+        the dedup window (the device resends them) are counted here."""
+        if verdict == DUP:
+            self._count_dup(d, dev, boot, seq, seq, 1, now)
+            return False
+        if verdict == BEYOND:
+            d.deferred += 1
+            self.stats.deferred += 1
+            return False
+        return True
+
     def _count_dup(self, d, dev, boot, first, last, n, now):
         """Duplicates: counted, and resent backlog still shows the replayer's progress."""
         d.duplicates += n
@@ -477,16 +483,8 @@ class Gateway:
         st = self.stats
         maxt = None
         for kind, seq, t, fl, body in recs:
-            if kind == _GAP:
-                c = dd.peek(dev, boot, seq)
-            else:
-                c = dd.mark(dev, boot, seq)
-            if c == DUP:
-                self._count_dup(d, dev, boot, seq, seq, 1, now)
-                continue
-            if c == BEYOND:
-                d.deferred += 1
-                st.deferred += 1
+            c = dd.peek(dev, boot, seq) if kind == _GAP else dd.mark(dev, boot, seq)
+            if not self._fresh(d, dev, boot, seq, c, now):
                 continue
             if kind == _GAP:
                 if not self._gap(dev, boot, seq, t, body, d):
