@@ -9,10 +9,15 @@ and only after the checkpoint holding their effects has committed.
 
 With buffered reads the socket is read 64 KiB at a time into a buffer paho
 consumes (paho itself reads each packet header a byte per system call).
+
+Security: TLS with the fleet CA pinned (mqtt.tls_ca) and the broker's name checked
+(mqtt.tls_server_name, default the host), user name and password (file or env). Without
+them the gateway refuses to start unless [security] insecure = true.
 """
 import asyncio
 import collections
 import random
+import ssl
 
 import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion
@@ -54,8 +59,34 @@ class _BufferedClient(mqtt.Client):
         self._rpos = 0
 
 
+class _NamedContext(ssl.SSLContext):
+    """Checks the broker's certificate against a fixed name even when paho connects by address
+    (paho passes its host as server_hostname)."""
+    server_name = None
+
+    def wrap_socket(self, sock, *a, **kw):
+        kw["server_hostname"] = self.server_name
+        return super().wrap_socket(sock, *a, **kw)
+
+
+def tls_context(m):
+    """SSLContext for [mqtt]: only the configured CA is trusted, the name is checked."""
+    from .config import ConfigError
+    ctx = _NamedContext(ssl.PROTOCOL_TLS_CLIENT)  # CERT_REQUIRED + check_hostname
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    ctx.server_name = m.tls_server_name or m.host
+    try:
+        ctx.load_verify_locations(cafile=m.tls_ca)
+        if m.tls_cert:
+            ctx.load_cert_chain(m.tls_cert, m.tls_key)
+    except (OSError, ssl.SSLError) as e:
+        raise ConfigError("mqtt.tls_ca/tls_cert/tls_key: %s" % e)
+    return ctx
+
+
 class Ingest:
     def __init__(self, cfg, stats, on_connected=None):
+        cfg.check_secure()
         self.cfg = cfg.mqtt
         self.stats = stats
         self.topics = wire.Topics(self.cfg.prefix)
@@ -77,6 +108,10 @@ class Ingest:
         c.max_inflight_messages_set(0)
         c.max_queued_messages_set(0)
         c.will_set(self.topics.gw_state, wire.encode_state(False, gateway=True), qos=1, retain=True)
+        if self.cfg.username:
+            c.username_pw_set(self.cfg.username, cfg.mqtt_password())
+        if self.cfg.tls_ca:
+            c.tls_set_context(tls_context(self.cfg))
         c.on_connect = self._on_connect
         c.on_disconnect = self._on_disconnect
         c.on_message = self._on_message
@@ -98,6 +133,10 @@ class Ingest:
             try:
                 self.client.connect(self.cfg.host, self.cfg.port, keepalive=self.cfg.keepalive)
                 return
+            except ssl.SSLCertVerificationError as e:  # wrong CA or name: say so, keep retrying
+                logs.error("mqtt_tls_refused", host=self.cfg.host, port=self.cfg.port, error=str(e))
+                await asyncio.sleep(delay * (0.5 + random.random() / 2))
+                delay = min(delay * 2, self.cfg.reconnect_max_s)
             except OSError as e:
                 logs.warning("mqtt_connect_failed", host=self.cfg.host, port=self.cfg.port, error=str(e),
                              retry_s=round(delay, 2))

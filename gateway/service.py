@@ -30,7 +30,7 @@ from shared import wire
 
 from . import logs, metrics
 from .admission import Admission
-from .config import Config
+from .config import Config, device_ids
 from .dedup import BEYOND, DUP, Dedup
 from .devices import Registry
 from .ingest import Ingest
@@ -97,6 +97,8 @@ class Gateway:
         self.metrics_registry = None
         self.retain = cfg.store.retain_readings
         self.max_future = cfg.time.max_future_ms
+        # provisioned device ids (None: no registry configured, every well-formed id is taken)
+        self.provisioned = device_ids(cfg.devices.file) if cfg.devices.file else None
         self._topic_cache = {}
         self._groups_cache = {}
         self._committed = {}  # dev -> {boot: committed contiguous mark}
@@ -260,6 +262,9 @@ class Gateway:
                 dev, leaf = self.topics.parse(topic)
             except wire.WireError as e:
                 self._quarantine(topic, None, e.reason, e.detail, payload, now)
+                return
+            if self.provisioned is not None and dev not in self.provisioned:
+                self._quarantine(topic, dev, "unprovisioned", leaf, payload, now)
                 return
             if len(self._topic_cache) > 100000:  # bounded: fleets are smaller than this
                 self._topic_cache.clear()
