@@ -40,7 +40,10 @@ class _BufferedClient(mqtt.Client):
         if avail == 0:
             if self._sock is None:
                 raise ConnectionError("socket closed")
-            data = self._sock.recv(65536)  # BlockingIOError propagates: paho treats it as 'again'
+            try:
+                data = self._sock.recv(65536)  # BlockingIOError propagates: paho treats it as 'again'
+            except (ssl.SSLWantReadError, ssl.SSLWantWriteError) as e:  # TLS: no whole record yet
+                raise BlockingIOError() from e
             if not data:
                 return b""
             self._rbuf = data
@@ -243,14 +246,21 @@ class Ingest:
     def _read(self):
         c = self.client
         c.loop_read()
-        # bytes left in our buffer never make the socket readable again: keep going
-        if not self.paused and self._sock is not None and isinstance(c, _BufferedClient) and c.buffered():
+        # bytes left in our buffer (or decrypted in the TLS layer) never make the socket
+        # readable again: keep going
+        if not self.paused and self._sock is not None and self._unread():
             self._loop.call_soon(self._read_more)
 
     def _read_more(self):
-        c = self.client
-        if not self.paused and self._sock is not None and c.buffered():
+        if not self.paused and self._sock is not None and self._unread():
             self._read()
+
+    def _unread(self):
+        c = self.client
+        if isinstance(c, _BufferedClient) and c.buffered():
+            return True
+        pending = getattr(self._sock, "pending", None)  # ssl.SSLSocket
+        return pending is not None and pending() > 0
 
     def pause(self):
         self.paused = True
@@ -264,7 +274,7 @@ class Ingest:
         self.paused = False
         if self._sock is not None:
             self._loop.add_reader(self._sock, self._read)
-            if isinstance(self.client, _BufferedClient) and self.client.buffered():
+            if self._unread():
                 self._loop.call_soon(self._read_more)
 
     def maybe_resume(self):

@@ -110,10 +110,20 @@ class Mosquitto:
         return ctx
 
     def credentials(self, user=None):
-        """(user, password) of a device, or of the gateway when user is None."""
-        if user is None or user == self.fleet.load()["gateway_user"]:
-            return self.fleet.load()["gateway_user"], self.fleet.gateway_password()
+        """(user, password) of a device, a service user, or the gateway when user is None."""
+        st = self.fleet.load()
+        if user is None or user == st["gateway_user"]:
+            return st["gateway_user"], self.fleet.gateway_password()
+        if user in st.get("services", {}):
+            return user, self.fleet.service_password(user)
         return user, self.fleet.device_secrets(user)["config"]["broker"]["password"]
+
+    def service(self, user, access="readwrite"):
+        """A trusted non-device user (a test relay, an observer) on the whole topic tree."""
+        if user not in self.fleet.load().get("services", {}):
+            self.fleet.add_service(user, access)
+            self._reload(user)
+        return user
 
     def paho(self, client, user=None, password=None):
         """Configure a paho client for this broker (TLS with the fleet CA, name 'localhost'
@@ -142,11 +152,22 @@ class Mosquitto:
 
     def add_device(self, dev, timeout=10.0):
         """Provision dev and make the running broker reload its password file (SIGHUP)."""
-        self.fleet.add(dev)
+        self.add_devices([dev], timeout)
+        return self.device_secrets(dev)
+
+    def add_devices(self, devs, timeout=10.0):
+        """Provision the devices not provisioned yet; one broker reload for all of them."""
+        known = set(self.fleet.devices())
+        new = [d for d in devs if d not in known]
+        for d in new:
+            self.fleet.add(d)
+        if new:
+            self._reload(new[-1], timeout)
+
+    def _reload(self, user, timeout=10.0):
         if self.proc is not None and self.proc.poll() is None:
             self.proc.send_signal(signal.SIGHUP)
-            self.wait_login(dev, timeout)
-        return self.device_secrets(dev)
+            self.wait_login(user, timeout)
 
     def wait_login(self, user, timeout=10.0):
         """Wait until the broker accepts user's credentials (after a reload)."""

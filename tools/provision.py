@@ -6,6 +6,7 @@
     edgeflow-provision revoke FLEET node-02         # the broker and the gateway forget it
     edgeflow-provision rotate-gateway FLEET         # new gateway MQTT password
     edgeflow-provision renew-server FLEET           # new broker certificate (same CA)
+    edgeflow-provision add-service FLEET monitor --access read   # a trusted non-device client
     edgeflow-provision list FLEET
 
 What FLEET holds (folder 0700, every secret file 0600):
@@ -209,12 +210,14 @@ def make_server_cert(ca_key, ca_cert, names, ips):
 # ---------------------------------------------------------------- ACL
 
 
-def render_acl(prefix, gateway_user):
+def render_acl(prefix, gateway_user, services=None):
     """mosquitto ACL: the gateway reads/writes the fleet's tree; every other user reaches only
     the topics named after its own user name (%u; with use_username_as_clientid the client id
-    is the user name too, so nobody can take the gateway's client id or another device's)."""
+    is the user name too, so nobody can take the gateway's client id or another device's).
+    services: {user: "read" | "readwrite"} on the whole prefix (monitoring, test relays)."""
     p = prefix
-    return (
+    svc = "".join("user %s\ntopic %s %s/#\n\n" % (u, services[u], p) for u in sorted(services or {}))
+    return svc + (
         "# edgeflow ACL (tools/provision.py). Devices: only their own topics (%%u = user name).\n"
         "user %(gw)s\n"
         "topic readwrite %(p)s/d/+/data\n"
@@ -326,7 +329,7 @@ class Fleet:
         ca = _read(self.path("ca", "ca.pem"))
         write_public(self.path("broker", "ca.pem"), ca)
         write_public(self.path("gateway", "ca.pem"), ca)
-        write_public(self.path("broker", "acl"), render_acl(st["prefix"], st["gateway_user"]))
+        write_public(self.path("broker", "acl"), render_acl(st["prefix"], st["gateway_user"], st.get("services")))
         inst = st["install_dir"].rstrip("/")
         write_public(self.path("broker", "edgeflow.conf"), brokerconf.render(
             st["port"], bind=st["bind"], conf_d=True, security=security_paths(inst)))
@@ -411,6 +414,30 @@ class Fleet:
         st["devices"][dev]["revoked"] = _now()
         self.save(st)
 
+    def add_service(self, user, access="read"):
+        """A trusted client that is neither a device nor the gateway (a monitor: read; a test
+        relay: readwrite) with its own password. Returns the password file's path."""
+        st = self.load()
+        wire.check_device_id(user)
+        if access not in ("read", "readwrite"):
+            raise ProvisionError("access must be read or readwrite")
+        if user == st["gateway_user"] or user in st["devices"]:
+            raise ProvisionError("%r is already a device or the gateway" % user)
+        pw = new_password()
+        users = read_passwd(self.path("broker", "passwd"))
+        users[user] = mosquitto_hash(pw)
+        write_passwd(self.path("broker", "passwd"), users)
+        path = self.path("services", user + ".password")
+        os.makedirs(self.path("services"), mode=0o700, exist_ok=True)
+        write_secret(path, pw + "\n")
+        st.setdefault("services", {})[user] = access
+        self.save(st)
+        self._render(st)
+        return path
+
+    def service_password(self, user):
+        return _read(self.path("services", user + ".password")).decode().strip()
+
     def rotate_gateway(self):
         self._gateway_password(self.load())
 
@@ -467,6 +494,10 @@ def parse_args(argv=None):
         p = sub.add_parser(name, help=hlp)
         p.add_argument("fleet")
         p.add_argument("devices", nargs="+")
+    p = sub.add_parser("add-service", help="a trusted client on the whole topic tree (monitor: read)")
+    p.add_argument("fleet")
+    p.add_argument("user")
+    p.add_argument("--access", choices=("read", "readwrite"), default="read")
     for name, hlp in (("rotate-gateway", "new gateway MQTT password"),
                       ("renew-server", "new broker certificate from the same CA"),
                       ("list", "devices and their state")):
@@ -501,6 +532,11 @@ def run(argv=None, out=None):
             f.revoke(d)
             print("provision: revoked %s" % d, file=out)
         print("then " + RELOAD % {"f": f.root}, file=out)
+        return 0
+    if a.cmd == "add-service":
+        path = f.add_service(a.user, a.access)
+        print("provision: service user %s (%s on %s/#), password in %s; then %s" % (
+            a.user, a.access, f.load()["prefix"], path, RELOAD % {"f": f.root}), file=out)
         return 0
     if a.cmd == "rotate-gateway":
         f.rotate_gateway()
