@@ -100,6 +100,8 @@ class Ingest:
         self.on_connected = on_connected
         self.paused = False
         self.closing = False
+        self.tls_failures = 0  # broker certificate refused (wrong CA or name)
+        self.last_error = None
         self._sock = None
         self._misc = None
         self._reconnect = None
@@ -137,6 +139,8 @@ class Ingest:
                 self.client.connect(self.cfg.host, self.cfg.port, keepalive=self.cfg.keepalive)
                 return
             except ssl.SSLCertVerificationError as e:  # wrong CA or name: say so, keep retrying
+                self.tls_failures += 1
+                self.last_error = str(e)
                 logs.error("mqtt_tls_refused", host=self.cfg.host, port=self.cfg.port, error=str(e))
                 await asyncio.sleep(delay * (0.5 + random.random() / 2))
                 delay = min(delay * 2, self.cfg.reconnect_max_s)

@@ -1,6 +1,6 @@
 """edgeflow-provision: a fleet's secrets and the broker's security config, in one folder.
 
-    edgeflow-provision init FLEET --broker-host 192.168.1.10 --name edgeflow-broker node-01 node-02
+    edgeflow-provision init FLEET node-01 node-02 --broker-host 192.168.1.10 --name edgeflow-broker
     edgeflow-provision add FLEET node-03            # new device (MQTT credentials + ack key)
     edgeflow-provision rotate FLEET node-01         # new MQTT password and ack key for one device
     edgeflow-provision revoke FLEET node-02         # the broker and the gateway forget it
