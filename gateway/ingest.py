@@ -46,6 +46,8 @@ class _BufferedClient(mqtt.Client):
                 raise BlockingIOError() from e
             if not data:
                 return b""
+            if isinstance(self._sock, ssl.SSLSocket):
+                data = self._more_records(data)
             self._rbuf = data
             self._rpos = 0
             avail = len(data)
@@ -53,6 +55,21 @@ class _BufferedClient(mqtt.Client):
         p = self._rpos
         self._rpos = p + n
         return self._rbuf[p:p + n]
+
+    def _more_records(self, data):
+        """TLS returns one record per recv (mosquitto writes one per packet): gather what
+        has arrived, up to 64 KiB, so a read handles a batch of messages, as without TLS."""
+        parts, n = [data], len(data)
+        while n < 65536:
+            try:
+                more = self._sock.recv(65536 - n)
+            except (ssl.SSLWantReadError, ssl.SSLWantWriteError, BlockingIOError):
+                break
+            if not more:
+                break  # EOF: the next recv reports it
+            parts.append(more)
+            n += len(more)
+        return b"".join(parts) if len(parts) > 1 else data
 
     def buffered(self):
         return len(self._rbuf) - self._rpos

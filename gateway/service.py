@@ -108,7 +108,6 @@ class Gateway:
         # provisioned device ids (None: no registry configured, every well-formed id is taken)
         self.provisioned = device_ids(cfg.devices.file) if cfg.devices.file else None
         self._registry_mtime = _mtime(cfg.devices.file) if cfg.devices.file else None
-        self._registry_checked = 0
         self._topic_cache = {}
         self._groups_cache = {}
         self._committed = {}  # dev -> {boot: committed contiguous mark}
@@ -291,10 +290,7 @@ class Gateway:
 
     def _reload_registry(self, dev, now):
         """An unknown id: reread the devices file if it changed (a device added by
-        edgeflow-provision while running), at most once a second. True if dev is known now."""
-        if now - self._registry_checked < 1000:
-            return False
-        self._registry_checked = now
+        edgeflow-provision while running; one stat per unknown message). True if dev is known now."""
         path = self.cfg.devices.file
         m = _mtime(path)
         if m is None or m == self._registry_mtime:

@@ -11,6 +11,7 @@ the listener speaks only TLS to known users. Clients get their settings from the
     b.gateway_config()             {"mqtt": {...}, "devices": {...}} for the gateway config
     b.device_secrets(dev)          {"config": {device_id, ack_key, broker: {..., tls}}, "files": {"/ca.pem": PEM}}
     b.add_device(dev)              provision one more device and reload the broker
+    b.device_config(dev, hal)      config keys of a device (provisioned if new; CA put on hal.fs)
 insecure=True gives the old anonymous plaintext listener (only for tests of that set-up).
 
 Config from tools/brokerconf.py (fleet-sized queues). Started as root, mosquitto would drop
@@ -45,7 +46,7 @@ def free_port():
 
 class Mosquitto:
     def __init__(self, data_dir, port=None, persistence=True, new_session=False, insecure=False, devices=(),
-                 fleet=None):
+                 fleet=None, prefix="edgeflow"):
         self.dir = str(data_dir)
         self.port = port or free_port()
         self.persistence = persistence
@@ -61,7 +62,7 @@ class Mosquitto:
                     if d not in self.fleet.devices():
                         self.fleet.add(d)
             else:
-                self.fleet.init("127.0.0.1", names=["localhost"], port=self.port, devices=devices)
+                self.fleet.init("127.0.0.1", names=["localhost"], port=self.port, prefix=prefix, devices=devices)
 
     def start(self, timeout=10.0):
         exe = mosquitto_bin()
@@ -146,9 +147,38 @@ class Mosquitto:
                          "tls_ca": self.fleet.path("gateway", "ca.pem"), "tls_server_name": "localhost"},
                 "devices": {"file": self.fleet.path("gateway", "devices.json")}}
 
+    def gateway_toml(self, path, sections=None, raw=""):
+        """Write a gateway TOML config for this broker: gateway_config() plus sections
+        ({section: {key: value}}), then raw TOML text (e.g. [[windows.groups]])."""
+        import json
+        sec = self.gateway_config()
+        for s, kv in (sections or {}).items():
+            sec.setdefault(s, {}).update(kv)
+        lines = []
+        for s, kv in sec.items():
+            lines.append("[%s]" % s)
+            lines += ["%s = %s" % (k, json.dumps(v)) for k, v in kv.items()]
+            lines.append("")
+        with open(path, "w") as f:
+            f.write("\n".join(lines) + raw)
+        return path
+
     def device_secrets(self, dev):
         """{"config": {...}, "files": {"/ca.pem": PEM}} as edgeflow-deploy --secrets takes it."""
         return self.fleet.device_secrets(dev)
+
+    def device_config(self, dev, hal=None):
+        """The config keys a device needs for this broker (credentials, tls, ack_key), the device
+        provisioned first if needed; with hal, the CA file is written to its flash (hal.fs)."""
+        if self.insecure:
+            return {"device_id": dev, "insecure": True, "broker": {"host": "127.0.0.1", "port": self.port}}
+        self.add_devices([dev])
+        sec = self.device_secrets(dev)
+        for path, text in sec.get("files", {}).items() if hal is not None else ():
+            f = hal.fs.open(path.lstrip("/"), "wb")
+            f.write(text.encode())
+            f.close()
+        return sec["config"]
 
     def add_device(self, dev, timeout=10.0):
         """Provision dev and make the running broker reload its password file (SIGHUP)."""
