@@ -58,9 +58,10 @@ class Mosquitto:
         if not insecure:
             self.fleet = Fleet(fleet or os.path.join(self.dir, "fleet"))
             if os.path.exists(self.fleet.state_path):
-                for d in devices:
-                    if d not in self.fleet.devices():
-                        self.fleet.add(d)
+                known = set(self.fleet.devices())
+                new = [d for d in devices if d not in known]
+                if new:
+                    self.fleet.add_many(new)
             else:
                 self.fleet.init("127.0.0.1", names=["localhost"], port=self.port, prefix=prefix, devices=devices)
 
@@ -189,9 +190,8 @@ class Mosquitto:
         """Provision the devices not provisioned yet; one broker reload for all of them."""
         known = set(self.fleet.devices())
         new = [d for d in devs if d not in known]
-        for d in new:
-            self.fleet.add(d)
         if new:
+            self.fleet.add_many(new)
             self._reload(new[-1], timeout)
 
     def _reload(self, user, timeout=10.0):

@@ -410,9 +410,9 @@ def provision_devices(broker, ids):
         broker.add_devices(ids)
     else:
         known = set(broker.devices())
-        for d in ids:
-            if d not in known:
-                broker.add(d)
+        new = [d for d in ids if d not in known]
+        if new:
+            broker.add_many(new)
     return {d: broker.device_secrets(d) for d in ids}
 
 
@@ -633,14 +633,15 @@ class Site:
     is stopped by close() (also on errors: use it in try/finally)."""
 
     def __init__(self, workdir, port=None, window_ms=10000, lateness_ms=20000, ooo_ms=2000, idle_ms=15000,
-                 groups=True, gw_extra=None, broker=None):
+                 groups=True, gw_extra=None, broker=None, insecure=False):
         """broker: an object with .port, .start(), .stop() (e.g. tests/conftest.py's Broker)
         to use instead of a mosquitto of our own."""
         self.dir = os.path.abspath(workdir)
         os.makedirs(self.dir, exist_ok=True)
         # tools.broker.Mosquitto (tests pass theirs); its own process group so that a
         # terminal's Ctrl-C reaches only the demo, which then stops it in order
-        self.mq = broker if broker is not None else Mosquitto(os.path.join(self.dir, "broker"), port, new_session=True)
+        self.mq = broker if broker is not None else Mosquitto(os.path.join(self.dir, "broker"), port, new_session=True,
+                                                              insecure=insecure)
         self.port = self.mq.port
         self.db = os.path.join(self.dir, "edgeflow.db")
         self.gw_conf = os.path.join(self.dir, "gateway.toml")
