@@ -200,11 +200,13 @@ def test_anonymous_plaintext_and_wrong_password_refused(sec):
 
 
 def test_device_cannot_publish_as_another_device_nor_acks_nor_gateway_state(sec):
-    gw = Client(sec, "edgeflow-gateway")  # the gateway's credentials: sees every device topic
+    obs = Client(sec, sec.service("test-observer", "read"))  # a trusted reader of the whole tree
+    assert obs.connect() == "Success"
+    obs.sub("edgeflow/#", "other/#")
+    gw = Client(sec, "edgeflow-gateway")
     assert gw.connect() == "Success"
-    gw.sub(TOP.sub_data, TOP.sub_hello, TOP.sub_state, "edgeflow/d/+/ack", TOP.gw_state)
     gw.pub(TOP.gw_state, b"gw-online", retain=True)
-    gw.until(TOP.gw_state, b"gw-online")
+    obs.until(TOP.gw_state, b"gw-online")
     n1 = Client(sec, "n1")
     assert n1.connect() == "Success"
     forged = [(TOP.data("n2"), b"forged-data"), (TOP.hello("n2"), b"forged-hello"),
@@ -214,14 +216,18 @@ def test_device_cannot_publish_as_another_device_nor_acks_nor_gateway_state(sec)
     for t, p in forged:
         n1.pub(t, p, retain=t == TOP.gw_state)
     n1.pub(TOP.data("n1"), b"control")  # allowed, and after every forged one on this connection
-    got = gw.until(TOP.data("n1"), b"control")
+    got = obs.until(TOP.data("n1"), b"control")
     assert [m for m in got if m[1] != b"control"] == []
+    # the gateway's credentials cannot publish as a device either
+    gw.pub(TOP.data("n2"), b"gw-forged-data")
+    gw.pub(TOP.gw_state, b"gw-control")
+    assert [m for m in obs.until(TOP.gw_state, b"gw-control") if m[1] == b"gw-forged-data"] == []
     # the retained gateway state is still the gateway's
     n2 = Client(sec, "n2")
     assert n2.connect() == "Success"
     n2.sub(TOP.gw_state)
     assert n2.until(TOP.gw_state, b"gw-online")[-1][2] is True
-    for c in (gw, n1, n2):
+    for c in (gw, n1, n2, obs):
         c.close()
 
 

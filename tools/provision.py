@@ -212,7 +212,7 @@ def make_server_cert(ca_key, ca_cert, names, ips):
 
 
 def render_acl(prefix, gateway_user, services=None):
-    """mosquitto ACL: the gateway reads/writes the fleet's tree; every other user reaches only
+    """mosquitto ACL: the gateway reads the devices' topics and writes acks and its state; every other user reaches only
     the topics named after its own user name (%u; with use_username_as_clientid the client id
     is the user name too, so nobody can take the gateway's client id or another device's).
     services: {user: "read" | "readwrite"} on the whole prefix (monitoring, test relays)."""
@@ -220,12 +220,13 @@ def render_acl(prefix, gateway_user, services=None):
     svc = "".join("user %s\ntopic %s %s/#\n\n" % (u, services[u], p) for u in sorted(services or {}))
     return svc + (
         "# edgeflow ACL (tools/provision.py). Devices: only their own topics (%%u = user name).\n"
+        "# the gateway reads what devices send and writes only acks and its own state\n"
         "user %(gw)s\n"
-        "topic readwrite %(p)s/d/+/data\n"
-        "topic readwrite %(p)s/d/+/hello\n"
-        "topic readwrite %(p)s/d/+/state\n"
-        "topic readwrite %(p)s/d/+/ack\n"
-        "topic readwrite %(p)s/gw/state\n"
+        "topic read %(p)s/d/+/data\n"
+        "topic read %(p)s/d/+/hello\n"
+        "topic read %(p)s/d/+/state\n"
+        "topic write %(p)s/d/+/ack\n"
+        "topic write %(p)s/gw/state\n"
         "\n"
         "# every user (patterns apply to all):\n"
         "pattern write %(p)s/d/%%u/data\n"
