@@ -8,7 +8,7 @@
 # (window, rules, anomaly, cep, ring, pipeline) are checked for type only and passed through.
 import json
 
-from shared import wire
+from shared import auth, wire
 
 
 class ConfigError(ValueError):
@@ -95,7 +95,7 @@ def load(src):
         for t in _TOP:
             if t[0] == k:
                 known = True
-        if k == "channels":
+        if k in ("channels", "ack_key", "insecure"):
             known = True
         if not known:
             raise ConfigError(k, "unknown field (typo?)")
@@ -108,6 +108,15 @@ def load(src):
     except wire.WireError:
         raise ConfigError("device_id", "must be 1..32 of A-Z a-z 0-9 _ - (got %r)" % (dev,))
     cfg["device_id"] = dev
+    # authenticated acks (docs/wire.md): 32-byte key as 64 hex chars, from edgeflow-provision
+    cfg["insecure"] = _check("insecure", src.get("insecure", False), "bool", None, None)
+    key = src.get("ack_key")
+    if key is not None:
+        try:
+            auth.parse_key(key)
+        except ValueError:
+            raise ConfigError("ack_key", "must be 64 hex characters (got %r)" % (key if not isinstance(key, str) else "%d chars" % len(key),))
+        cfg["ack_key"] = key
     for key, kind, default, lo, hi in _TOP:
         cfg[key] = _check(key, src.get(key, default), kind, lo, hi)
     try:
