@@ -21,6 +21,7 @@ import asyncio
 import hashlib
 import json
 import logging
+import os
 import struct
 import time
 from itertools import compress, repeat
@@ -30,7 +31,7 @@ from shared import wire
 
 from . import logs, metrics
 from .admission import Admission
-from .config import Config
+from .config import Config, ConfigError, device_ids
 from .dedup import BEYOND, DUP, REFLASH, RETIRED, Dedup
 from .devices import Registry
 from .ingest import Ingest
@@ -44,6 +45,13 @@ _READINGS_FMT = {}  # count -> Struct for count readings, unpacked flat
 _RANGES = {}  # count -> tuple(range(count))
 _UNSYNCED = wire.FLAG_UNSYNCED
 _CEP, _ANOMALY, _STATUS, _WINDOW, _GAP = wire.KIND_CEP, wire.KIND_ANOMALY, wire.KIND_STATUS, wire.KIND_WINDOW, wire.KIND_GAP
+
+
+def _mtime(path):
+    try:
+        return os.stat(path).st_mtime_ns
+    except OSError:
+        return None
 
 
 def _now_ms():
@@ -100,6 +108,9 @@ class Gateway:
         self.metrics_registry = None
         self.retain = cfg.store.retain_readings
         self.max_future = cfg.time.max_future_ms
+        # provisioned device ids (None: no registry configured, every well-formed id is taken)
+        self.provisioned = device_ids(cfg.devices.file) if cfg.devices.file else None
+        self._registry_mtime = _mtime(cfg.devices.file) if cfg.devices.file else None
         self._topic_cache = {}
         self._groups_cache = {}
         self._committed = {}  # dev -> {boot: committed contiguous mark}
@@ -266,6 +277,9 @@ class Gateway:
             except wire.WireError as e:
                 self._quarantine(topic, None, e.reason, e.detail, payload, now)
                 return
+            if self.provisioned is not None and dev not in self.provisioned and not self._reload_registry(dev, now):
+                self._quarantine(topic, dev, "unprovisioned", leaf, payload, now)
+                return
             if len(self._topic_cache) > 100000:  # bounded: fleets are smaller than this
                 self._topic_cache.clear()
             parsed = self._topic_cache[topic] = (dev, leaf, dev.encode())
@@ -278,6 +292,23 @@ class Gateway:
             self._on_state(topic, dev, payload, now)
         else:
             self._quarantine(topic, dev, "unexpected_topic", leaf, payload, now)
+
+    def _reload_registry(self, dev, now):
+        """An unknown id: reread the devices file if it changed (a device added by
+        edgeflow-provision while running; one stat per unknown message). True if dev is known now."""
+        path = self.cfg.devices.file
+        m = _mtime(path)
+        if m is None or m == self._registry_mtime:
+            return False
+        try:
+            ids = device_ids(path)
+        except ConfigError as e:
+            logs.error("devices_file_invalid", error=str(e))
+            return False
+        self.provisioned, self._registry_mtime = ids, m
+        self._topic_cache.clear()  # a revoked id is refused from now on
+        logs.info("devices_file_reloaded", devices=len(ids))
+        return dev in ids
 
     # ================================================================ data
 

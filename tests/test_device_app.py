@@ -19,8 +19,8 @@ pytestmark = pytest.mark.broker
 
 
 class StandInGateway:
-    def __init__(self, port, prefix="edgeflow", credits=1000, online=True, auto_ack=True):
-        self.port = port
+    def __init__(self, broker, prefix="edgeflow", credits=1000, online=True, auto_ack=True):
+        self.port = broker.port
         self.topics = wire.Topics(prefix)
         self.credits = credits
         self.online = online
@@ -41,6 +41,7 @@ class StandInGateway:
         c.on_connect = self._on_connect
         c.on_message = self._on_message
         c.reconnect_delay_set(0.1, 0.5)
+        broker.paho(c)  # TLS + the gateway's credentials (the broker makes the user name its client id)
         self.client = c
 
     def start(self):
@@ -138,10 +139,14 @@ CFG = {"device_id": "dev-a", "ack_key": ACK_KEY, "broker": {"host": "127.0.0.1",
        "rules": [{"id": "warm", "type": "threshold", "channel": "temp", "enter": 20.0, "leave": 19.0, "severity": 2}]}
 
 
-def cfg_for(port, **kw):
+def cfg_for(broker, hal, **kw):
+    """CFG with the device's provisioned credentials, TLS and ack key (CA put on hal's flash)."""
     import copy
     c = copy.deepcopy(CFG)
-    c["broker"]["port"] = port
+    sec = broker.device_config(c["device_id"], hal)
+    for k, v in sec.items():
+        c[k] = dict(c[k], **v) if isinstance(v, dict) and isinstance(c.get(k), dict) else v
+    c["broker"]["port"] = broker.port
     c.update(kw)
     return c
 
@@ -160,9 +165,9 @@ def run(coro, timeout=60):
 
 
 def test_app_survives_broker_restart_and_reboots_every_record_once(broker, tmp_path):
-    gw = StandInGateway(broker.port).start()
+    gw = StandInGateway(broker).start()
     hal = SimHal(seed=3, console=False)
-    cfg = cfg_for(broker.port)
+    cfg = cfg_for(broker, hal)
     expected = {}  # boot -> seqs the device stored durably
 
     async def main():
@@ -239,9 +244,9 @@ def test_app_survives_broker_restart_and_reboots_every_record_once(broker, tmp_p
 
 
 def test_replay_is_held_while_gateway_offline_and_kept_within_credits(broker):
-    gw = StandInGateway(broker.port, online=False, auto_ack=False).start()
+    gw = StandInGateway(broker, online=False, auto_ack=False).start()
     hal = SimHal(seed=5, console=False)
-    cfg = cfg_for(broker.port, status_every_s=0)
+    cfg = cfg_for(broker, hal, status_every_s=0)
     dev = "dev-a"
 
     async def main():
@@ -295,9 +300,9 @@ def test_wifi_outage_mid_session_and_ntp_time(broker):
     """NTP answers (simulated): readings taken before the first sync are converted at send time,
     so every record of this boot arrives with exact epoch time. A Wi-Fi outage mid-session
     loses nothing."""
-    gw = StandInGateway(broker.port).start()
+    gw = StandInGateway(broker).start()
     hal = SimHal(seed=9, console=False, ntp_ok=True, epoch_ms=1767225600000)
-    cfg = cfg_for(broker.port, status_every_s=0, clock={"ntp_every_s": 3600, "use_beacon": False})
+    cfg = cfg_for(broker, hal, status_every_s=0, clock={"ntp_every_s": 3600, "use_beacon": False})
     dev = "dev-a"
 
     async def main():

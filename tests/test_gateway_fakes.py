@@ -25,9 +25,12 @@ class Entry:
 
 class FakeDevice:
     def __init__(self, port, dev, prefix="edgeflow", boot=1, inflight=16, resend_s=1.5, fw="fake-1"):
+        """port: a tools.broker.Mosquitto (the device is provisioned there and connects with
+        TLS and its own credentials) or a plain port number (an insecure broker)."""
         self.dev, self.boot, self.prefix = dev, boot, prefix
         self.topics = wire.Topics(prefix)
-        self.port = port
+        broker = port if hasattr(port, "paho") else None
+        self.port = broker.port if broker else port
         self.inflight = inflight
         self.resend_s = resend_s
         self.fw = fw
@@ -49,6 +52,9 @@ class FakeDevice:
         c.will_set(self.topics.state(dev), wire.encode_state(False), qos=1, retain=True)
         c.on_connect = self._on_connect
         c.on_message = self._on_message
+        if broker is not None and not broker.insecure:
+            broker.add_devices([dev])
+            broker.paho(c, dev)
 
     # ------------------------------------------------------------ workload
 

@@ -34,7 +34,8 @@ class FakeClient:
 
 def _setup(batch_max=50):
     hal = SimHal(seed=1, console=False)
-    cfg = config.load({"device_id": "d1", "broker": {"host": "h"}, "uplink": {"batch_max": batch_max},
+    cfg = config.load({"device_id": "d1", "broker": {"host": "h", "user": "d1", "password": "pw-0123456789",
+                       "tls": {"ca": "/ca.pem", "server_hostname": "broker"}}, "uplink": {"batch_max": batch_max},
                        "ack_key": KEY})
     ob = Outbox(hal.fs, 2, batch_records=4).load()
     ck = Clock(hal, 2)
