@@ -8,7 +8,7 @@
 # (window, rules, anomaly, cep, ring, pipeline) are checked for type only and passed through.
 import json
 
-from shared import wire
+from shared import auth, wire
 
 
 class ConfigError(ValueError):
@@ -109,6 +109,14 @@ def load(src):
     except wire.WireError:
         raise ConfigError("device_id", "must be 1..32 of A-Z a-z 0-9 _ - (got %r)" % (dev,))
     cfg["device_id"] = dev
+    # authenticated acks (docs/wire.md): 32-byte key as 64 hex chars, from edgeflow-provision
+    key = src.get("ack_key")
+    if key is not None:
+        try:
+            auth.parse_key(key)
+        except ValueError:
+            raise ConfigError("ack_key", "must be 64 hex characters (got %r)" % (key if not isinstance(key, str) else "%d chars" % len(key),))
+        cfg["ack_key"] = key
     for key, kind, default, lo, hi in _TOP:
         cfg[key] = _check(key, src.get(key, default), kind, lo, hi)
     try:
@@ -144,12 +152,6 @@ def load(src):
     cid = b.get("client_id", dev)
     cfg["broker"]["client_id"] = _check("broker.client_id", cid, "str", 1, 64)
     _check_tls(cfg, b)
-    if "ack_key" in src:  # the device's secret for authenticated acks (edgeflow-provision)
-        k = _check("ack_key", src["ack_key"], "str", 64, 64)
-        for c in k:
-            if c not in "0123456789abcdef":
-                raise ConfigError("ack_key", "must be 64 lowercase hex characters")
-        cfg["ack_key"] = k
     w = src.get("wifi", {})
     cfg["wifi"]["ssid"] = _check("wifi.ssid", w.get("ssid", ""), "str", 0, 32)
     pw = _check("wifi.password", w.get("password", ""), "str", 0, 64)
@@ -227,6 +229,9 @@ def _check_tls(cfg, b):
                               "unless \"insecure\": true")
         if not b.get("user") or not b.get("password"):
             raise ConfigError("broker.user", "user and password are required (edgeflow-provision) "
+                              "unless \"insecure\": true")
+        if "ack_key" not in cfg:
+            raise ConfigError("ack_key", "is required (authenticated acks; edgeflow-provision writes it) "
                               "unless \"insecure\": true")
 
 

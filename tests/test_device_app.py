@@ -34,6 +34,7 @@ class StandInGateway:
         self.backlog_between_acks = []  # backlog records received between two acks
         self._since_ack = 0
         self.next_seq = {}  # dev -> (boot, next_seq) from the latest hello
+        self.nonce = {}  # dev -> nonce of the latest hello (acks echo it)
         self.rejected = 0
         c = paho.Client(paho.CallbackAPIVersion.VERSION2, client_id="standin-gw")
         c.will_set(self.topics.gw_state, wire.encode_state(False, True), 1, True)
@@ -73,7 +74,8 @@ class StandInGateway:
         h = self.contiguous(dev, boot)
         cr = self.credits if credits is None else credits
         flags = wire.ACK_HAS_TIME | (wire.ACK_NONE if h < 0 else 0)
-        p = wire.encode_ack(boot, max(h, 0), int(time.time() * 1000), cr, True, flags)
+        p = wire.encode_ack(dev, boot, max(h, 0), int(time.time() * 1000), cr, self.nonce.get(dev, 0),
+                            bytes.fromhex(ACK_KEY), True, flags)
         self.client.publish(self.topics.ack(dev), p, 1)
         self.acks_sent += 1
         self.backlog_between_acks.append(self._since_ack)
@@ -92,6 +94,7 @@ class StandInGateway:
                     h = wire.decode_hello(msg.payload)
                     self.hellos.append(h)
                     self.next_seq[dev] = (h["boot"], h["next_seq"])
+                    self.nonce[dev] = h["nonce"]
                     if self.online:
                         self.ack(dev, h["boot"])
                 elif leaf == "data":
@@ -126,7 +129,8 @@ class StandInGateway:
             return sorted(k[2] for k in self.records if k[0] == dev and k[1] == boot)
 
 
-CFG = {"device_id": "dev-a", "broker": {"host": "127.0.0.1", "port": 1883, "keepalive_s": 5, "timeout_ms": 2000},
+ACK_KEY = "a1" * 32
+CFG = {"device_id": "dev-a", "ack_key": ACK_KEY, "broker": {"host": "127.0.0.1", "port": 1883, "keepalive_s": 5, "timeout_ms": 2000},
        "sample_ms": 50, "status_every_s": 1, "watchdog_ms": 0,
        "outbox": {"batch_records": 8, "batch_ms": 200, "ack_persist_ms": 200},
        "uplink": {"backoff_base_ms": 50, "backoff_cap_ms": 400, "resend_ms": 2000},

@@ -75,7 +75,7 @@ def make_devices(port, prefix):
         d.add_readings([(s, T0 + 40000 + rng.randrange(30000), 0, 0, s) for s in range(s0, s0 + 10)])
     devs.append(d)
     topics = wire.Topics(prefix)
-    devs[0].extra = [(topics.data("g0"), b"\xe5\x01\x01garbage"),
+    devs[0].extra = [(topics.data("g0"), bytes((0xE5, wire.VERSION)) + b"\x01garbage"),
                      (topics.data("g0"), wire.encode_readings("g2", 1, [(5, T0, 0, 0, 1)]))]  # payload says g2
     return devs
 

@@ -98,7 +98,7 @@ class FakeDevice:
             self.allowance = 0
             self.hellos += 1
         self.client.publish(self.topics.hello(self.dev), wire.encode_hello(
-            self.dev, self.boot, nxt, 0, backlog, ob, os_, self.fw), qos=1)
+            self.dev, self.boot, nxt, 0, backlog, ob, os_, 0xFA4E, self.hellos, self.fw), qos=1)
 
     def _first_unacked(self):
         i = 0
@@ -114,7 +114,7 @@ class FakeDevice:
             if online and not was:
                 self._hello()
             return
-        boot, seq, t, credits, replay, flags = wire.decode_ack(msg.payload)
+        boot, seq, t, credits, replay, flags, _nonce = wire.decode_ack(msg.payload)
         with self.lock:
             self.acks.append((boot, seq, t, credits, replay, flags))
             if not flags & wire.ACK_NONE and seq > self.acked.get(boot, -1):

@@ -5,7 +5,8 @@ from tests.logic.util import raises
 
 BASE = {"device_id": "node-1", "wifi": {"ssid": "lab", "password": "secret123"},
         "broker": {"host": "192.168.1.10", "port": 8883, "user": "node-1", "password": "pw-0123456789",
-                   "tls": {"ca": "/ca.pem", "server_hostname": "edgeflow-broker"}}}
+                   "tls": {"ca": "/ca.pem", "server_hostname": "edgeflow-broker"}},
+        "ack_key": "3c" * 32}
 
 
 def _cfg(**kw):
@@ -92,6 +93,10 @@ def test_tls_and_credentials_required_unless_insecure():
     b = dict(BASE["broker"])
     del b["tls"]
     assert _err(_cfg(broker=b)).path == "broker.tls"
+    nokey = _cfg()
+    del nokey["ack_key"]
+    assert _err(nokey).path == "ack_key"  # unsigned acks only with "insecure": true
+    assert "ack_key" not in config.load(dict(nokey, insecure=True))
     assert config.load(_cfg(broker=b, insecure=True))["insecure"] is True
     for k in ("user", "password"):
         b = dict(BASE["broker"])
