@@ -17,7 +17,7 @@ from tools import deploy, vboard
 pytestmark = pytest.mark.skipif(not vboard.available(), reason="node / npm MicroPython missing: run tools/setup.sh")
 
 CFG = ["--device-id", "node-7", "--wifi-ssid", "lab", "--wifi-password", "secret123",
-       "--broker", "10.0.0.2:1883", "--sample-ms", "500", "--set", "insecure=true"]
+       "--broker", "10.0.0.2:1883", "--set", "insecure=true", "--sample-ms", "500"]
 
 
 def mpremote(url, *args, timeout=60):

@@ -21,6 +21,7 @@ pytestmark = pytest.mark.broker
 class StandInGateway:
     def __init__(self, broker, prefix="edgeflow", credits=1000, online=True, auto_ack=True):
         self.port = broker.port
+        self.broker = broker
         self.topics = wire.Topics(prefix)
         self.credits = credits
         self.online = online
@@ -62,6 +63,10 @@ class StandInGateway:
         self.online = on
         self.client.publish(self.topics.gw_state, wire.encode_state(on, True), 1, True)
 
+    def key(self, dev):
+        """The device's provisioned ack key (what the gateway reads from its devices file)."""
+        return bytes.fromhex(self.broker.device_secrets(dev)["config"]["ack_key"])
+
     def contiguous(self, dev, boot):
         """Highest seq h with every 0..h received or covered by a gap record, else -1."""
         h = -1
@@ -75,7 +80,7 @@ class StandInGateway:
         cr = self.credits if credits is None else credits
         flags = wire.ACK_HAS_TIME | (wire.ACK_NONE if h < 0 else 0)
         p = wire.encode_ack(dev, boot, max(h, 0), int(time.time() * 1000), cr, self.nonce.get(dev, 0),
-                            bytes.fromhex(ACK_KEY), True, flags)
+                            self.key(dev), True, flags)
         self.client.publish(self.topics.ack(dev), p, 1)
         self.acks_sent += 1
         self.backlog_between_acks.append(self._since_ack)
