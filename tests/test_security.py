@@ -156,6 +156,16 @@ def test_provision_cli_init_add_rotate_revoke_list(tmp_path, capsys):
     assert not os.path.exists(f.path("devices", "node-02.json"))
     assert provision.main(["add", d, "bad/id"]) == 2
     assert provision.main(["add", d, "edgeflow-gateway"]) == 2
+    # a new broker certificate from the same CA; a new gateway password; a read-only service user
+    old_pem, old_pw = open(f.path("broker", "server.pem")).read(), f.gateway_password()
+    assert provision.main(["renew-server", d]) == 0 and provision.main(["rotate-gateway", d]) == 0
+    assert open(f.path("broker", "server.pem")).read() != old_pem and f.gateway_password() != old_pw
+    from cryptography import x509
+    ca = x509.load_pem_x509_certificate(open(f.path("ca", "ca.pem"), "rb").read())
+    x509.load_pem_x509_certificate(open(f.path("broker", "server.pem"), "rb").read()).verify_directly_issued_by(ca)
+    assert provision.main(["add-service", d, "monitor"]) == 0
+    assert "user monitor\ntopic read edgeflow/#" in open(f.path("broker", "acl")).read()
+    assert stat.S_IMODE(os.stat(f.path("services", "monitor.password")).st_mode) == 0o600
     capsys.readouterr()
     assert provision.main(["list", d]) == 0
     out = capsys.readouterr().out
