@@ -473,3 +473,43 @@ def test_secrets_never_on_a_command_line(sec, tmp_path):
         p.wait(20)
         log.close()
     assert p.returncode == 0
+
+
+def test_upgrade_from_the_open_broker_drops_forged_retained_messages(tmp_path):
+    """A site switched from the open broker: retained messages an anonymous attacker left in
+    mosquitto's persistence (a forged ack, a forged gateway state) survive the new config
+    (seen with 2.0.11: check_retain_source does not stop the retained ack), so the upgrade
+    procedure (docs/security.md) removes the persistence file; devices resend what is unacked."""
+    old = Mosquitto(tmp_path, insecure=True).start()
+    c = Client(old, tls=False)
+    assert c.connect() == "Success"
+    c.pub(TOP.ack("n1"), b"forged-retained-ack", retain=True)
+    c.pub(TOP.gw_state, b"forged-retained-state", retain=True)
+    c.close()
+    old.stop()
+
+    def first_messages(broker):
+        gw = Client(broker, "edgeflow-gateway")
+        assert gw.connect() == "Success"
+        gw.pub(TOP.gw_state, b"real-state", retain=True)
+        gw.close()
+        n1 = Client(broker, "n1")
+        assert n1.connect() == "Success"
+        n1.sub(TOP.ack("n1"))  # a retained ack would come now, before the state below
+        n1.sub(TOP.gw_state)
+        got = n1.until(TOP.gw_state, b"real-state")
+        n1.close()
+        return [m[1] for m in got if m[1].startswith(b"forged")]
+
+    new = Mosquitto(tmp_path, port=old.port, devices=["n1"]).start()  # same folder: same persistence
+    try:
+        kept = first_messages(new)
+    finally:
+        new.stop()
+    assert kept == [b"forged-retained-ack"]  # why the procedure removes the file
+    os.unlink(os.path.join(str(tmp_path), "mosquitto.db"))
+    new.start()
+    try:
+        assert first_messages(new) == []
+    finally:
+        new.stop()
