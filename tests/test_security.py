@@ -365,6 +365,22 @@ def test_gateway_refuses_a_wrong_ca_or_name_and_an_insecure_config(sec, tmp_path
     Ingest(Config(c), Stats())  # explicit: allowed
 
 
+def test_renewed_broker_certificate_is_trusted_without_touching_clients(tmp_path):
+    b = Mosquitto(tmp_path, devices=["c1"]).start()
+    try:
+        before = open(b.fleet.path("broker", "server.pem")).read()
+        b.fleet.renew_server()
+        b.stop()
+        b.start()
+        assert open(b.fleet.path("broker", "server.pem")).read() != before
+        assert _gw_connect(_gw_cfg(b)) == "connected"
+        c = Client(b, "c1")
+        assert c.connect() == "Success"
+        c.close()
+    finally:
+        b.stop()
+
+
 def test_gateway_password_from_env(sec, monkeypatch):
     c = sec.gateway_config()
     c["mqtt"]["password_file"] = ""
