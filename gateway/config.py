@@ -209,27 +209,6 @@ class Config:
         return out
 
 
-def device_ids(path):
-    """The ids in a devices file ({"version": 1, "devices": {id: {...}}}, docs/security.md).
-    Only the ids: the ack keys are read by the ack signer."""
-    import json
-    try:
-        with open(path, "rb") as f:
-            data = json.load(f)
-    except OSError as e:
-        raise ConfigError("devices.file: cannot read %s (%s)" % (path, e.strerror))
-    except ValueError as e:
-        raise ConfigError("devices.file: %s is not valid JSON (%s)" % (path, e))
-    if not isinstance(data, dict) or data.get("version") != 1 or not isinstance(data.get("devices"), dict):
-        raise ConfigError("devices.file: %s must be {\"version\": 1, \"devices\": {...}}" % path)
-    for dev in data["devices"]:
-        try:
-            wire.check_device_id(dev)
-        except wire.WireError:
-            raise ConfigError("devices.file: bad device id %r in %s" % (dev, path))
-    return frozenset(data["devices"])
-
-
 def _check(name, v, typ, check):
     if typ is float and isinstance(v, int) and not isinstance(v, bool):
         v = float(v)

@@ -31,7 +31,7 @@ from shared import wire
 
 from . import logs, metrics
 from .admission import Admission
-from .config import Config, ConfigError, device_ids
+from .config import Config, ConfigError
 from .dedup import BEYOND, DUP, REFLASH, RETIRED, Dedup
 from .devices import Registry
 from .ingest import Ingest
@@ -100,17 +100,16 @@ class Gateway:
                                    a.replay_timeout_s, _now_ms(), adaptive=a.adaptive, rate_min=a.replay_rate_min,
                                    target_s=a.latency_target_s, beta=a.backoff, increase=a.increase)
         self.devices = Registry()
-        path = devices_file_of(cfg)
-        self.keys = Keys(load_devices_file(path) if path else None)  # no file: acks carry no MAC
+        # the devices file: provisioned ids and their ack keys (None: insecure, every id taken)
+        self._devices_file = devices_file_of(cfg)
+        self.keys = Keys(load_devices_file(self._devices_file) if self._devices_file else None)
+        self._registry_mtime = _mtime(self._devices_file) if self._devices_file else None
         self.out = Outputs()
         self.ingest = None
         self.metrics_server = None
         self.metrics_registry = None
         self.retain = cfg.store.retain_readings
         self.max_future = cfg.time.max_future_ms
-        # provisioned device ids (None: no registry configured, every well-formed id is taken)
-        self.provisioned = device_ids(cfg.devices.file) if cfg.devices.file else None
-        self._registry_mtime = _mtime(cfg.devices.file) if cfg.devices.file else None
         self._topic_cache = {}
         self._groups_cache = {}
         self._committed = {}  # dev -> {boot: committed contiguous mark}
@@ -277,7 +276,7 @@ class Gateway:
             except wire.WireError as e:
                 self._quarantine(topic, None, e.reason, e.detail, payload, now)
                 return
-            if self.provisioned is not None and dev not in self.provisioned and not self._reload_registry(dev, now):
+            if not self.keys.known(dev) and not self._reload_registry(dev, now):
                 self._quarantine(topic, dev, "unprovisioned", leaf, payload, now)
                 return
             if len(self._topic_cache) > 100000:  # bounded: fleets are smaller than this
@@ -296,19 +295,19 @@ class Gateway:
     def _reload_registry(self, dev, now):
         """An unknown id: reread the devices file if it changed (a device added by
         edgeflow-provision while running; one stat per unknown message). True if dev is known now."""
-        path = self.cfg.devices.file
+        path = self._devices_file
         m = _mtime(path)
         if m is None or m == self._registry_mtime:
             return False
         try:
-            ids = device_ids(path)
+            devices = load_devices_file(path)
         except ConfigError as e:
             logs.error("devices_file_invalid", error=str(e))
             return False
-        self.provisioned, self._registry_mtime = ids, m
+        self.keys, self._registry_mtime = Keys(devices), m
         self._topic_cache.clear()  # a revoked id is refused from now on
-        logs.info("devices_file_reloaded", devices=len(ids))
-        return dev in ids
+        logs.info("devices_file_reloaded", devices=len(devices))
+        return dev in devices
 
     # ================================================================ data
 

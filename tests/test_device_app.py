@@ -21,6 +21,8 @@ pytestmark = pytest.mark.broker
 class StandInGateway:
     def __init__(self, broker, prefix="edgeflow", credits=1000, online=True, auto_ack=True):
         self.port = broker.port
+        self.broker = broker
+        self.keys = {}  # dev -> provisioned ack_key (the real gateway reads the devices file)
         self.topics = wire.Topics(prefix)
         self.credits = credits
         self.online = online
@@ -70,12 +72,18 @@ class StandInGateway:
             h += 1
         return h
 
+    def key(self, dev):
+        k = self.keys.get(dev)
+        if k is None:
+            k = self.keys[dev] = bytes.fromhex(self.broker.device_secrets(dev)["config"]["ack_key"])
+        return k
+
     def ack(self, dev, boot, credits=None):
         h = self.contiguous(dev, boot)
         cr = self.credits if credits is None else credits
         flags = wire.ACK_HAS_TIME | (wire.ACK_NONE if h < 0 else 0)
         p = wire.encode_ack(dev, boot, max(h, 0), int(time.time() * 1000), cr, self.nonce.get(dev, 0),
-                            bytes.fromhex(ACK_KEY), True, flags)
+                            self.key(dev), True, flags)
         self.client.publish(self.topics.ack(dev), p, 1)
         self.acks_sent += 1
         self.backlog_between_acks.append(self._since_ack)
