@@ -100,10 +100,10 @@ class Gateway:
                                    a.replay_timeout_s, _now_ms(), adaptive=a.adaptive, rate_min=a.replay_rate_min,
                                    target_s=a.latency_target_s, beta=a.backoff, increase=a.increase)
         self.devices = Registry()
-        path = self._devices_path = devices_file_of(cfg)
-        self._devices_mtime = _mtime(path) if path else None
-        # no file: every well-formed id is taken and acks carry no MAC
-        self.keys = Keys(load_devices_file(path) if path else None)
+        # the devices file: provisioned ids and their ack keys (None: insecure, every id taken)
+        self._devices_file = devices_file_of(cfg)
+        self.keys = Keys(load_devices_file(self._devices_file) if self._devices_file else None)
+        self._registry_mtime = _mtime(self._devices_file) if self._devices_file else None
         self.out = Outputs()
         self.ingest = None
         self.metrics_server = None
@@ -276,7 +276,7 @@ class Gateway:
             except wire.WireError as e:
                 self._quarantine(topic, None, e.reason, e.detail, payload, now)
                 return
-            if not self.keys.known(dev) and not self._reload_devices(dev):
+            if not self.keys.known(dev) and not self._reload_registry(dev, now):
                 self._quarantine(topic, dev, "unprovisioned", leaf, payload, now)
                 return
             if len(self._topic_cache) > 100000:  # bounded: fleets are smaller than this
@@ -292,22 +292,22 @@ class Gateway:
         else:
             self._quarantine(topic, dev, "unexpected_topic", leaf, payload, now)
 
-    def _reload_devices(self, dev):
-        """An unprovisioned id: reread the devices file if it changed (a device added by
-        edgeflow-provision while running; one stat per such message). True if dev is known now."""
-        m = _mtime(self._devices_path)
-        if m is None or m == self._devices_mtime:
+    def _reload_registry(self, dev, now):
+        """An unknown id: reread the devices file if it changed (a device added by
+        edgeflow-provision while running; one stat per unknown message). True if dev is known now."""
+        path = self._devices_file
+        m = _mtime(path)
+        if m is None or m == self._registry_mtime:
             return False
         try:
-            devs = load_devices_file(self._devices_path)
+            devices = load_devices_file(path)
         except ConfigError as e:
             logs.error("devices_file_invalid", error=str(e))
             return False
-        self._devices_mtime = m
-        self.keys = Keys(devs)  # rotated keys too
+        self.keys, self._registry_mtime = Keys(devices), m
         self._topic_cache.clear()  # a revoked id is refused from now on
-        logs.info("devices_file_reloaded", devices=len(devs))
-        return dev in devs
+        logs.info("devices_file_reloaded", devices=len(devices))
+        return dev in devices
 
     # ================================================================ data
 

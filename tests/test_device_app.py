@@ -22,6 +22,7 @@ class StandInGateway:
     def __init__(self, broker, prefix="edgeflow", credits=1000, online=True, auto_ack=True):
         self.port = broker.port
         self.broker = broker
+        self.keys = {}  # dev -> provisioned ack_key (the real gateway reads the devices file)
         self.topics = wire.Topics(prefix)
         self.credits = credits
         self.online = online
@@ -63,10 +64,6 @@ class StandInGateway:
         self.online = on
         self.client.publish(self.topics.gw_state, wire.encode_state(on, True), 1, True)
 
-    def key(self, dev):
-        """The device's provisioned ack key (what the gateway reads from its devices file)."""
-        return bytes.fromhex(self.broker.device_secrets(dev)["config"]["ack_key"])
-
     def contiguous(self, dev, boot):
         """Highest seq h with every 0..h received or covered by a gap record, else -1."""
         h = -1
@@ -74,6 +71,12 @@ class StandInGateway:
         while (dev, boot, h + 1) in self.records or (h + 1) in g:
             h += 1
         return h
+
+    def key(self, dev):
+        k = self.keys.get(dev)
+        if k is None:
+            k = self.keys[dev] = bytes.fromhex(self.broker.device_secrets(dev)["config"]["ack_key"])
+        return k
 
     def ack(self, dev, boot, credits=None):
         h = self.contiguous(dev, boot)

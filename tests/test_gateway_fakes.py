@@ -52,7 +52,7 @@ class FakeDevice:
         c.will_set(self.topics.state(dev), wire.encode_state(False), qos=1, retain=True)
         c.on_connect = self._on_connect
         c.on_message = self._on_message
-        self.key = None  # its ack key when provisioned: hellos are signed, acks checked
+        self.key = None  # the device's ack_key (auth.Hmac): signs hellos, checks acks
         self.bad_acks = 0
         if broker is not None and not broker.insecure:
             broker.add_devices([dev])
@@ -101,7 +101,7 @@ class FakeDevice:
             self.allowance = 0
             self.hellos += 1
         self.client.publish(self.topics.hello(self.dev), wire.encode_hello(
-            self.dev, self.boot, nxt, 0, backlog, ob, os_, 0xFA4E, self.hellos, self.fw, key=self.key), qos=1)
+            self.dev, self.boot, nxt, 0, backlog, ob, os_, 0xFA4E, self.hellos, self.fw, self.key), qos=1)
 
     def _first_unacked(self):
         i = 0
@@ -117,10 +117,10 @@ class FakeDevice:
             if online and not was:
                 self._hello()
             return
-        if self.key is not None and not wire.ack_mac_ok(msg.payload, self.dev.encode(), self.key):
-            self.bad_acks += 1
-            return
         boot, seq, t, credits, replay, flags, _nonce = wire.decode_ack(msg.payload)
+        if self.key is not None and not wire.ack_mac_ok(msg.payload, self.dev.encode(), self.key):
+            self.bad_acks += 1  # as the firmware does: a forged ack is ignored
+            return
         with self.lock:
             self.acks.append((boot, seq, t, credits, replay, flags))
             if not flags & wire.ACK_NONE and seq > self.acked.get(boot, -1):
