@@ -529,3 +529,35 @@ def test_upgrade_from_the_open_broker_drops_forged_retained_messages(tmp_path):
         assert first_messages(new) == []
     finally:
         new.stop()
+
+
+def test_the_raspberry_pi_snippet_runs_in_mosquitto(tmp_path):
+    """fleet/broker/edgeflow.conf as installed on the Pi (conf.d snippet, files in the install
+    dir) is a config mosquitto 2.0 runs: TLS only, devices log in, anonymous refused."""
+    import getpass
+    from tools.broker import free_port, mosquitto_bin
+    port = free_port()
+    f = provision.Fleet(tmp_path / "fleet")
+    f.init("127.0.0.1", names=["localhost"], port=port, bind="127.0.0.1",
+           install_dir=str(tmp_path / "fleet" / "broker"), devices=["p1"])
+    conf = tmp_path / "mosquitto.conf"  # the stock mosquitto.conf + include_dir, in one file
+    conf.write_text(("user %s\n" % getpass.getuser() if os.geteuid() == 0 else "") +
+                    open(f.path("broker", "edgeflow.conf")).read())
+    log = open(tmp_path / "mq.log", "wb")
+    p = subprocess.Popen([mosquitto_bin(), "-c", str(conf)], stdout=log, stderr=subprocess.STDOUT)
+    try:
+        b = Mosquitto(tmp_path / "clients", port=port, fleet=f.root)  # client settings only: never started
+        deadline = time.monotonic() + 10
+        while True:
+            c = Client(b, "p1")
+            r = c.connect()
+            if r == "Success" or time.monotonic() > deadline:
+                break
+            time.sleep(0.1)
+        assert r == "Success", open(tmp_path / "mq.log").read()
+        c.close()
+        assert Client(b).connect() == "Not authorized"
+    finally:
+        p.terminate()
+        p.wait(10)
+        log.close()
