@@ -263,19 +263,19 @@ def test_replay_is_held_while_gateway_offline_and_kept_within_credits(broker):
         assert gw.hellos[-1]["backlog"] >= 40
         await asyncio.sleep(0.6)
         # gateway offline: live records flow, backlog is held
-        got = gw.seqs(dev, 1)
+        got = gw.seqs(dev, app.boot)
         assert got and min(got) >= backlog_end, (backlog_end, got[:5])
         # online: the hello is answered with 5 credits -> exactly 5 backlog records, oldest first
         gw.online = True
         gw.set_online(True)
-        assert await until(lambda: len([s for s in gw.seqs(dev, 1) if s < backlog_end]) >= 5)
+        assert await until(lambda: len([s for s in gw.seqs(dev, app.boot) if s < backlog_end]) >= 5)
         await asyncio.sleep(0.4)
-        old = [s for s in gw.seqs(dev, 1) if s < backlog_end]
+        old = [s for s in gw.seqs(dev, app.boot) if s < backlog_end]
         assert old == [0, 1, 2, 3, 4], old
         gw.grant(dev, 7)
-        assert await until(lambda: len([s for s in gw.seqs(dev, 1) if s < backlog_end]) >= 12)
+        assert await until(lambda: len([s for s in gw.seqs(dev, app.boot) if s < backlog_end]) >= 12)
         await asyncio.sleep(0.4)
-        assert [s for s in gw.seqs(dev, 1) if s < backlog_end] == list(range(12))
+        assert [s for s in gw.seqs(dev, app.boot) if s < backlog_end] == list(range(12))
         # normal operation: everything ends up acked
         gw.auto_ack = True
         gw.credits = 1000
@@ -294,7 +294,7 @@ def test_replay_is_held_while_gateway_offline_and_kept_within_credits(broker):
         app, n = run(main())
     finally:
         gw.stop()
-    assert gw.seqs(dev, 1) == list(range(n))
+    assert gw.seqs(dev, app.boot) == list(range(n))
     assert app.outbox.unacked() == app.outbox.seq - n  # windows closed at the stop stay stored
 
 
@@ -331,7 +331,7 @@ def test_wifi_outage_mid_session_and_ntp_time(broker):
         app, n = run(main())
     finally:
         gw.stop()
-    assert gw.seqs(dev, 1) == list(range(n))
+    assert gw.seqs(dev, app.boot) == list(range(n))
     assert app.uplink.c["wifi_outages"] >= 1
     lo = 1767225600000
     last = {}
