@@ -61,3 +61,16 @@ def test_reflashed_device_loses_nothing(broker, tmp_path):
     boots = {r[0]: r[1] for r in db_rows(site, "SELECT device, count(DISTINCT boot) FROM readings GROUP BY device")}
     assert boots[fleet.devices[0].id] == 3 and boots[fleet.devices[1].id] == 2
     assert "device_reflashed" in open(site.dir + "/gateway.log").read()
+
+
+def test_forged_and_replayed_acks_delete_nothing(broker, tmp_path):
+    # issue 12.4: during a gateway outage an attacker on the broker sends forged acks (wrong MAC,
+    # right nonce, one retained) and replays genuine acks; v1 devices deleted their backlog
+    # Wi-Fi down 1-4 s: a backlog builds; gateway down 3-9 s: the backlog is held, unsent
+    rep, fleet, site, drained = run_case(broker, tmp_path, "outage@1+3,gwkill@3+6,forgeack@1+10", n=4, duration=11)
+    forged, replayed = fleet.forger_counts
+    bad = [d.app.uplink.c["bad_acks"] for d in fleet.devices]
+    print("forged %d, replayed %d, bad acks per device %s" % (forged, replayed, bad))
+    assert forged >= 8 and replayed > 20
+    assert all(b > 0 for b in bad), bad
+    assert_exact(rep, drained)  # nothing deleted before it was committed: 0 lost

@@ -27,6 +27,8 @@ no firmware logic is reimplemented here. What this module adds:
     gwkill@AT+DUR         gateway kill -9, restarted after DUR s (needs --spawn or a Site)
     reflash@AT[:SEL]      re-flash: the device drains (sensors quiet), loses power, its flash is
                           erased (new instance id, new boot counter) and it starts again
+    forgeack@AT+DUR       an attacker publishes forged acks (wrong MAC) and replays recorded genuine
+                          acks to every device that said hello (tools/fleet.py AckForger)
     gwflap@AT+DUR[:N]     N gateway kill -9s within DUR s, each restarted 0-0.5 s later, some
                           killed again during start-up / restore (needs --spawn or a Site)
     gwstate@AT+DUR[:N]    the retained gateway state flipped offline/online N times within DUR s
@@ -454,6 +456,81 @@ def provision_devices(broker, ids):
     return {d: broker.device_secrets(d) for d in ids}
 
 
+class AckForger:
+    """An attacker on the broker (issue 12): learns each device's boot, next seq and nonce from
+    its hellos, records its genuine acks, and every `period` s publishes to its ack topic
+    (1) a forged ack of everything up to next_seq + 1000 with the current nonce and a wrong MAC
+    (also retained once), and (2) the genuine acks it recorded, replayed. Devices must count and
+    ignore (1), and (2) once their nonce moved on; nothing may be deleted."""
+
+    def __init__(self, port, prefix="edgeflow", period=0.5, seed=1, broker=None):
+        import paho.mqtt.client as paho
+        self.topics = wire.Topics(prefix)
+        self.period = period
+        self.rng = random.Random(seed)
+        self.hello = {}  # dev -> (boot, next_seq, nonce)
+        self.acks = {}  # dev -> genuine acks seen (bounded)
+        self.lock = threading.Lock()
+        self.forged = self.replayed = 0
+        self.retained = set()
+        c = paho.Client(paho.CallbackAPIVersion.VERSION2, client_id="fleet-forger-%d" % os.getpid())
+        c.on_connect = lambda c, u, f, rc, pr=None: c.subscribe(
+            [(self.topics.sub_hello, 1), (self.topics.prefix + "/d/+/ack", 1)])
+        c.on_message = self._on_message
+        if broker is not None and not broker.insecure:
+            # the ACL lets only the gateway publish acks: the attacker holds a trusted
+            # credential (a compromised broker or service account), yet has no ack key
+            broker.paho(c, broker.service("edgeflow-test-forger"))
+        self.client = c
+        c.connect_async("127.0.0.1", port, 30)
+        c.loop_start()
+        self._stop = threading.Event()
+        self._th = threading.Thread(target=self._pump, daemon=True)
+        self._th.start()
+
+    def _on_message(self, c, u, msg):
+        try:
+            dev, leaf = self.topics.parse(msg.topic)
+        except wire.WireError:
+            return
+        with self.lock:
+            if leaf == "hello":
+                try:
+                    h = wire.decode_hello(msg.payload)
+                except wire.WireError:
+                    return
+                self.hello[dev] = (h["boot"], h["next_seq"], h["nonce"])
+            elif leaf == "ack" and not msg.retain:
+                a = self.acks.setdefault(dev, [])
+                if len(a) < 200:
+                    a.append(bytes(msg.payload))
+
+    def _pump(self):
+        while not self._stop.wait(self.period):
+            with self.lock:
+                targets = list(self.hello.items())
+                old = dict((d, list(a)) for d, a in self.acks.items())
+            for dev, (boot, nxt, nonce) in targets:
+                p = bytearray(wire.encode_ack(dev, boot, nxt + 1000, int(time.time() * 1000), 10 ** 6, nonce,
+                                              os.urandom(32)))
+                retain = dev not in self.retained
+                self.retained.add(dev)
+                self.client.publish(self.topics.ack(dev), bytes(p), 1, retain)
+                self.forged += 1
+                for a in old.get(dev, [])[:-3]:  # all but the newest: their nonce is old by now
+                    self.client.publish(self.topics.ack(dev), a, 1)
+                    self.replayed += 1
+
+    def stop(self):
+        self._stop.set()
+        self._th.join(2)
+        for dev in self.retained:  # clear the retained forgeries
+            self.client.publish(self.topics.ack(dev), b"", 1, True)
+        time.sleep(0.2)
+        self.client.loop_stop()
+        self.client.disconnect()
+
+
 class Fleet:
     """N devices in this process's asyncio loop."""
 
@@ -796,7 +873,7 @@ class Event:
 
 
 KINDS = ("outage", "storm", "reboot", "powercut", "tornwrite", "reflash", "dup", "brokerrestart", "gwkill", "gwflap",
-         "gwstate")
+         "gwstate", "forgeack")
 
 
 def parse_faults(spec):
@@ -877,17 +954,30 @@ async def run_event(ev, fleet, site=None, log=None):
             else:
                 await loop.run_in_executor(None, site.wait_started, max(2.0, t_end - time.monotonic()))
                 await asyncio.sleep(rng.uniform(0.1, 1.0))
+    elif ev.kind == "forgeack":
+        seed = fleet.rng.randrange(1 << 30)
+        f = await loop.run_in_executor(None, lambda: AckForger(fleet.port, "edgeflow", seed=seed, broker=fleet.broker))
+        try:
+            await asyncio.sleep(ev.dur)
+        finally:
+            await loop.run_in_executor(None, f.stop)
+        fleet.forger_counts = (f.forged, f.replayed)
+        fleet.truth.event("forgeack", "%d forged, %d replayed" % (f.forged, f.replayed))
     elif ev.kind == "gwstate":
         n = int(ev.arg or 10)
-        await loop.run_in_executor(None, flip_gateway_state, fleet.port, "edgeflow", n, ev.dur)
+        await loop.run_in_executor(None, flip_gateway_state, fleet.port, "edgeflow", n, ev.dur, fleet.broker)
 
 
-def flip_gateway_state(port, prefix, n, dur, host="127.0.0.1"):
+def flip_gateway_state(port, prefix, n, dur, broker=None):
     """Publish the retained gateway state offline then online, n times within dur seconds
-    (ends online: the real gateway is up)."""
+    (ends online: the real gateway is up). With a secure broker as a trusted service user
+    (only the gateway may publish the state): a flapping gateway connection, or a forgery."""
     import paho.mqtt.client as paho
     topics = wire.Topics(prefix)
     c = paho.Client(paho.CallbackAPIVersion.VERSION2, client_id="gwstate-flipper-%d" % os.getpid())
+    host = "127.0.0.1"
+    if broker is not None and not broker.insecure:
+        host, port = broker.paho(c, broker.service("edgeflow-test-flipper"))
     c.connect(host, port, 10)
     c.loop_start()
     try:
