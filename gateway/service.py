@@ -303,6 +303,7 @@ class Gateway:
             return False
         try:
             ids = device_ids(path)
+            self.keys = Keys(load_devices_file(path))  # a new device's ack key
         except ConfigError as e:
             logs.error("devices_file_invalid", error=str(e))
             return False

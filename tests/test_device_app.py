@@ -21,6 +21,8 @@ pytestmark = pytest.mark.broker
 class StandInGateway:
     def __init__(self, broker, prefix="edgeflow", credits=1000, online=True, auto_ack=True):
         self.port = broker.port
+        self.broker = broker
+        self.keys = {}
         self.topics = wire.Topics(prefix)
         self.credits = credits
         self.online = online
@@ -75,11 +77,18 @@ class StandInGateway:
         cr = self.credits if credits is None else credits
         flags = wire.ACK_HAS_TIME | (wire.ACK_NONE if h < 0 else 0)
         p = wire.encode_ack(dev, boot, max(h, 0), int(time.time() * 1000), cr, self.nonce.get(dev, 0),
-                            bytes.fromhex(ACK_KEY), True, flags)
+                            self._key(dev), True, flags)
         self.client.publish(self.topics.ack(dev), p, 1)
         self.acks_sent += 1
         self.backlog_between_acks.append(self._since_ack)
         self._since_ack = 0
+
+    def _key(self, dev):
+        """The device's provisioned ack key (what the real gateway reads from its devices file)."""
+        if dev not in self.keys:
+            cfg = {} if self.broker.insecure else self.broker.device_secrets(dev)["config"]
+            self.keys[dev] = bytes.fromhex(cfg.get("ack_key", ACK_KEY))
+        return self.keys[dev]
 
     def grant(self, dev, credits):
         with self.lock:

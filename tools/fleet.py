@@ -245,11 +245,8 @@ class Device:
         self.idx = idx
         self.id = dev_id
         self.cfg = cfg
-        self.mem = MemFS()
-        for path, text in (files or {}).items():  # what the deploy puts next to config.json (the CA)
-            f = self.mem.open(path.lstrip("/"), "wb")
-            f.write(text.encode())
-            f.close()
+        self.files = files or {}
+        self.mem = self._flash()
         self.tfs = TruthFS(self.mem, self._stored, cfg.get("outbox", {}).get("dir", "ob"))
         self.ffs = FailingFS(self.tfs)
         self.hal = SimHal(seed=seed, ntp_ok=ntp_ok, fs=self.ffs, console=False)
@@ -263,6 +260,15 @@ class Device:
         self.torn_tails = 0  # torn outbox frames the next boot's scan found (and skipped)
         self.reflashes = 0
         self.since_reflash = []  # (boot, seq, value) of readings stored since the last re-flash
+
+    def _flash(self):
+        """A freshly deployed flash: what the deploy puts next to config.json (the CA)."""
+        mem = MemFS()
+        for path, text in self.files.items():
+            f = mem.open(path.lstrip("/"), "wb")
+            f.write(text.encode())
+            f.close()
+        return mem
 
     def _stored(self, rec):
         self.fleet.truth.record(self.id, rec)
@@ -335,7 +341,7 @@ class Device:
             while time.monotonic() - t0 < max_wait and self.app.outbox.unacked():
                 await asyncio.sleep(0.05)
             await self._end(True)
-            self.mem = MemFS()
+            self.mem = self._flash()  # erased, then deployed again (config, CA)
             self.tfs = TruthFS(self.mem, self._stored, self.cfg.get("outbox", {}).get("dir", "ob"))
             self.ffs = FailingFS(self.tfs)
             self.hal.fs = self.ffs
