@@ -79,6 +79,7 @@ SCHEMA = {
         "max_replayers": (32, int, (1, 1 << 20), "devices replaying backlog at once; others wait"),
         "credit_chunk": (2000, int, (1, 1 << 31), "most credits outstanding per replayer"),
         "replay_timeout_s": (30.0, float, (0.1, 86400), "a replayer that sends no backlog for this long loses its slot"),
+        "first_byte_s": (3.0, float, (0.1, 3600), "a replayer that sends no backlog at all this long after its first grant loses its slot and waits behind devices that send (fake or dead replayers)"),
         "pause_queue_fraction": (0.5, float, (0.0, 1.0), "no new credits while the ingest queue is fuller than this"),
     },
     "time": {

@@ -80,6 +80,8 @@ class GatewayCollector:
         adm = gw.admission
         yield counter("credits_granted", "backlog replay credits granted", adm.credits_granted)
         yield counter("backlog_announced", "backlog records announced in hellos", adm.backlog_announced)
+        yield counter("replay_first_byte_timeouts", "replay slots freed: nothing sent after a grant", adm.first_byte_timeouts)
+        yield counter("reflashes", "devices seen with a new flash identity (instance id)", gw.dedup.reflashes)
         summ = SummaryMetricFamily(p + "checkpoint_seconds", "checkpoint commit duration",
                                    count_value=s.checkpoints, sum_value=s.checkpoint_seconds)
         yield summ
@@ -90,7 +92,7 @@ class GatewayCollector:
         yield GaugeMetricFamily(p + "queue_depth", "messages waiting in the ingest queue", value=gw.queue_depth())
         yield GaugeMetricFamily(p + "queue_max", "deepest queue seen at or above its bound", value=s.queue_max)
         yield GaugeMetricFamily(p + "replayers_active", "devices replaying backlog", value=len(adm.active))
-        yield GaugeMetricFamily(p + "replayers_waiting", "devices waiting for a replay slot", value=len(adm.waiting))
+        yield GaugeMetricFamily(p + "replayers_waiting", "devices waiting for a replay slot", value=adm.waiting_count())
         yield GaugeMetricFamily(p + "replay_tokens", "token bucket level", value=adm.tokens)
         yield GaugeMetricFamily(p + "replay_rate", "current replay credit rate, records/s (adaptive)",
                                 value=adm.rate * 1000.0)

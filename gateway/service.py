@@ -98,7 +98,8 @@ class Gateway:
         a = cfg.admission
         self.admission = Admission(a.replay_rate, a.replay_burst, a.max_replayers, a.credit_chunk,
                                    a.replay_timeout_s, _now_ms(), adaptive=a.adaptive, rate_min=a.replay_rate_min,
-                                   target_s=a.latency_target_s, beta=a.backoff, increase=a.increase)
+                                   target_s=a.latency_target_s, beta=a.backoff, increase=a.increase,
+                                   first_byte_s=a.first_byte_s)
         self.devices = Registry()
         # the devices file: provisioned ids and their ack keys (None: insecure, every id taken)
         self._devices_file = devices_file_of(cfg)
@@ -494,12 +495,14 @@ class Gateway:
         """Duplicates: counted, and resent backlog still shows the replayer's progress."""
         d.duplicates += n
         self.stats.duplicates += n
+        self.admission.heard(dev)
         bk = self._backlog_of(d, boot, first, last, n)
         if bk:
             self.admission.backlog_received(dev, bk, now)
 
     def _count_live(self, d, dev, boot, first, last, n, now):
         """Split n new records (seqs first..last of boot) into live and backlog (see admission.py)."""
+        self.admission.heard(dev)
         bk = self._backlog_of(d, boot, first, last, n)
         if bk:
             d.backlog_received += bk
