@@ -57,6 +57,10 @@ def _readings_struct(n):
     return s
 
 
+class StartupError(RuntimeError):
+    """The gateway cannot start (a port taken, ...): reported, the process exits non-zero."""
+
+
 class Outputs:
     """Everything produced since the last checkpoint (rows per table)."""
 
@@ -121,10 +125,23 @@ class Gateway:
         await self._restore()
 
     async def run(self):
-        await self.open()
-        self.metrics_server = metrics.serve(self, self.cfg.metrics.host, self.cfg.metrics.port)
-        self.ingest = Ingest(self.cfg, self.stats)
-        await self.ingest.start()
+        try:
+            await self.open()
+            try:
+                self.metrics_server = metrics.serve(self, self.cfg.metrics.host, self.cfg.metrics.port)
+            except OSError as e:
+                raise StartupError("metrics endpoint %s:%d: %s" % (self.cfg.metrics.host, self.cfg.metrics.port,
+                                                                    e.strerror or e)) from e
+            self.ingest = Ingest(self.cfg, self.stats)
+            await self.ingest.start()
+        except BaseException:
+            # a start-up failure must end the process: nothing left running (aiosqlite's thread)
+            if self.ingest is not None:
+                await self.ingest.stop(offline=False)
+            await self.store.close()
+            if self.metrics_server is not None:
+                self.metrics_server.shutdown()
+            raise
         tasks = [asyncio.create_task(self._process_loop(), name="process"),
                  asyncio.create_task(self._timer_loop(), name="timer")]
         stop = asyncio.create_task(self._stop.wait())
