@@ -145,7 +145,8 @@ class Dedup:
             return 0
         if first <= hwm + 1:
             span = last - hwm
-            below = st[1] & ((1 << span) - 1)
+            # never build a mask of span bits: a hostile floor of 2^32 would allocate 512 MB
+            below = st[1] if span >= st[1].bit_length() else st[1] & ((1 << span) - 1)
             newly = span - bin(below).count("1")
             st[1] >>= span
             st[0] = last

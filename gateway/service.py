@@ -39,8 +39,9 @@ from .watermark import Watermarks
 from .windows import LATE, WindowSet
 
 _HDR = struct.Struct(">BBBBIIqH")
-_READINGS_FMT = {}  # count -> Struct for count readings, unpacked flat
-_RANGES = {}  # count -> tuple(range(count))
+_READINGS_FMT = {}  # count -> (Struct for count readings unpacked flat, tuple(range(count)))
+_FMT_BUDGET = 16384  # sum of the cached counts: every count an attacker sends must not stay cached
+_fmt_size = [0]
 _UNSYNCED = wire.FLAG_UNSYNCED
 _CEP, _ANOMALY, _STATUS, _WINDOW, _GAP = wire.KIND_CEP, wire.KIND_ANOMALY, wire.KIND_STATUS, wire.KIND_WINDOW, wire.KIND_GAP
 
@@ -50,11 +51,19 @@ def _now_ms():
 
 
 def _readings_struct(n):
+    """(Struct, tuple(range(n))) for n readings; the cache is bounded (oldest entries leave)."""
     s = _READINGS_FMT.get(n)
     if s is None:
-        s = _READINGS_FMT[n] = struct.Struct(">" + "HiBBi" * n)
-        _RANGES[n] = tuple(range(n))
+        while _READINGS_FMT and _fmt_size[0] + n > _FMT_BUDGET:
+            _fmt_size[0] -= _READINGS_FMT.pop(next(iter(_READINGS_FMT)))[0].size // wire.READING_SIZE
+        s = _READINGS_FMT[n] = (struct.Struct(">" + "HiBBi" * n), tuple(range(n)))
+        _fmt_size[0] += n
     return s
+
+
+# Unsynced times are ms since the device booted: anything outside this cannot be one (and a
+# value beyond int64 would make the commit fail).
+MAX_UNSYNCED_MS = 1 << 40
 
 
 class StartupError(RuntimeError):
@@ -102,6 +111,10 @@ class Gateway:
         self.retain = cfg.store.retain_readings
         self.max_future = cfg.time.max_future_ms
         self._topic_cache = {}
+        lim = cfg.limits
+        self.max_devices = lim.max_devices
+        self.q_bytes = lim.quarantine_payload_bytes
+        self.q_rows = lim.quarantine_max_rows
         self._groups_cache = {}
         self._committed = {}  # dev -> {boot: committed contiguous mark}
         self._ack_due = {}  # dev -> boots whose committed mark is not acked yet
@@ -278,7 +291,12 @@ class Gateway:
             except wire.WireError as e:
                 self._quarantine(topic, None, e.reason, e.detail, payload, now)
                 return
-            if len(self._topic_cache) > 100000:  # bounded: fleets are smaller than this
+            if dev not in self.devices.devs and len(self.devices.devs) >= self.max_devices:
+                # no state for yet another id: refused, counted, stored (bounded), never cached
+                self._quarantine(topic, None, "too_many_devices", "%s: limit %d" % (dev, self.max_devices),
+                                 payload, now)
+                return
+            if len(self._topic_cache) > 4 * self.max_devices:  # only known devices' topics
                 self._topic_cache.clear()
             parsed = self._topic_cache[topic] = (dev, leaf, dev.encode())
         dev, leaf, devb = parsed
@@ -300,9 +318,9 @@ class Gateway:
             _m, _v, _t, idlen, boot, base, base_t, n = _HDR.unpack_from(payload)
             off = 22 + idlen
             if n and size == off + 12 * n and payload[22:off] == devb and base + n <= 0x100000000:
-                flat = _readings_struct(n).unpack_from(payload, off)
-                offs = flat[0::5]
-                if offs == _RANGES[n]:  # seqs base..base+n-1: the common batch
+                fmt, rng = _readings_struct(n)
+                flat = fmt.unpack_from(payload, off)
+                if flat[0::5] == rng:  # seqs base..base+n-1: the common batch
                     self._readings_fast(topic, dev, boot, base, base_t, n, flat, now)
                     return
         # anything unusual: the full decoder says exactly what is wrong
@@ -392,6 +410,9 @@ class Gateway:
             out.records += 1
             self._count_live(d, dev, boot, seq, seq, 1, now)
             if fl & _UNSYNCED:
+                if not 0 <= t <= MAX_UNSYNCED_MS:
+                    self._quarantine(topic, dev, "bad_unsynced_time", "reading t=%d" % t, None, now, boot, seq)
+                    continue
                 out.unsynced.append((dev, boot, seq, t, "reading", ch, fl, v))
                 d.unsynced += 1
                 st.unsynced += 1
@@ -523,6 +544,10 @@ class Gateway:
                     continue
                 if maxt is None or t > maxt:
                     maxt = t
+            elif not 0 <= t <= MAX_UNSYNCED_MS:
+                self._quarantine(topic, dev, "bad_unsynced_time", "%s t=%d" % (wire.KIND_NAMES[kind], t), None, now,
+                                 boot, seq)
+                continue
             else:
                 d.unsynced += 1
                 st.unsynced += 1
@@ -611,10 +636,12 @@ class Gateway:
             topic = bytes(topic).decode("utf-8", "replace")
         digest = None
         if payload is not None:
-            payload = bytes(payload[:wire.MAX_PAYLOAD])
             # a redelivered bad message (crash before its PUBACK) must not make a second row
             digest = hashlib.sha1(topic.encode() + b"\0" + payload).digest()[:16]
-        self.out.quarantine.append((now, topic, dev, boot, seq, reason, detail, payload, digest))
+            if len(payload) > self.q_bytes:  # the row keeps a bounded prefix
+                detail = "%s [%d bytes, first %d kept]" % (detail, len(payload), self.q_bytes)
+            payload = bytes(payload[:self.q_bytes])
+        self.out.quarantine.append((now, topic[:256], dev, boot, seq, reason, detail[:512], payload, digest))
         self.out.records += 1
         self.stats.quarantine(reason)
         if dev is not None:
@@ -645,6 +672,7 @@ class Gateway:
                 ("readings", out.readings), ("unsynced", out.unsynced), ("device_windows", out.device_windows),
                 ("cep_events", out.cep_events), ("anomalies", out.anomalies), ("device_status", out.device_status),
                 ("gaps", out.gaps), ("late", out.late), ("quarantine", out.quarantine),
+                ("quarantine_prune", [(self.q_rows,)] if out.quarantine else []),
                 ("window_revisions", results), ("window_results", results),
                 ("devices", self.devices.export()),
                 ("dedup", dd_ups), ("dedup_del", dd_dels), ("dedup_devices", list(mins.items())),
@@ -669,6 +697,7 @@ class Gateway:
         s.checkpoint_seconds += dt
         s.checkpoint_last_s = dt
         s.checkpoint_last_rows = rows
+        s.quarantine_pruned = self.store.pruned[0]
         # committed: now the broker may forget the messages and devices their records
         self.admission.committed(records, _now_ms())  # T for the adaptive replay rate
         self.ingest.puback(mids)

@@ -89,6 +89,8 @@ SQL = {
     "open_windows": "INSERT OR REPLACE INTO open_windows VALUES (?,?,?,?,?,?,?,?,?,?)",
     "open_windows_del": "DELETE FROM open_windows WHERE scope = ? AND key = ? AND channel = ? AND start = ?",
     "meta": "INSERT OR REPLACE INTO meta VALUES (?,?)",
+    # keep the newest N rows (ids only grow): bad input cannot fill the disk
+    "quarantine_prune": "DELETE FROM quarantine WHERE id <= (SELECT max(id) FROM quarantine) - ?",
 }
 
 
@@ -109,6 +111,7 @@ class Store:
         self.commits = 0
         self.rows_written = 0
         self._file_id = None  # (st_dev, st_ino) of the file opened: a replaced file is detected
+        self.pruned = [0]  # quarantine rows deleted to keep its bound
 
     async def open(self):
         """Open, check (PRAGMA quick_check) and create the schema. StoreError on any problem,
@@ -151,7 +154,7 @@ class Store:
         run = getattr(self.db, "_execute", None)
         try:
             if run is not None:
-                n = await run(_transaction, self.db._conn, writes, self.path, self._file_id)
+                n = await run(_transaction, self.db._conn, writes, self.path, self._file_id, self.pruned)
             else:  # an aiosqlite without _execute: one await per table, same transaction
                 n = await self._commit_stepwise(writes)
                 _check_same_file(self.path, self._file_id)
@@ -241,13 +244,18 @@ def _check_same_file(path, file_id):
         raise StoreError("database file %s was replaced under the gateway: stopping, nothing more is acked" % path)
 
 
-def _transaction(conn, writes, path=None, file_id=None):
-    """Runs in the worker thread: BEGIN, batched inserts per table, COMMIT."""
+def _transaction(conn, writes, path=None, file_id=None, pruned=None):
+    """Runs in the worker thread: BEGIN, batched inserts per table, COMMIT. pruned[0] counts
+    quarantine rows deleted."""
+    pruned = [0] if pruned is None else pruned
     n = 0
     conn.execute("BEGIN IMMEDIATE")
     try:
         for key, rows in writes:
             if rows:
+                if key == "quarantine_prune":
+                    pruned[0] += conn.execute(SQL[key], rows[0]).rowcount
+                    continue
                 _insert(conn, SQL[key], rows)
                 n += len(rows)
         conn.execute("COMMIT")
