@@ -367,14 +367,19 @@ class Gateway:
         if self.retain:
             out.readings.extend(zip(repeat(dev, n), repeat(boot, n), range(base, base + n),
                                     map(base_t.__add__, toffs), chans, flags, vals))
-        wm_d = self.watermarks.device_wm(dev)
-        gwm = self.watermarks.global_wm
+        wms = self.watermarks
+        wm_d = wms.device_wm(dev)
+        gwm = wms.global_wm
         dw = self.dev_windows
         start = tmin - (tmin - dw.offset) % dw.size
         last = start + dw.size - 1
         gmap = self._groups_of(dev)
-        if tmax <= last and (wm_d is None or wm_d < last) and (not gmap or gwm is None or gwm < last):
-            # one window, not due yet: aggregate the batch per channel in C loops
+        ceil = tmax - wms.delay  # the highest watermark any record of the batch can be judged against
+        if tmax <= last and (wm_d is None or wm_d < last) and (not gmap or gwm is None or gwm < last) and \
+                dw.due_after(dev, ceil) and self.group_windows.due_after(None, ceil):
+            # One window, not due yet, and no window of any key fires or purges while the watermarks
+            # move through the batch: adding it at once equals adding it record by record
+            # (per-record watermarks). Aggregate per channel in C loops.
             nc = len(set(chans))
             if nc == 1:
                 split = ((chans[0], vals),)
@@ -387,10 +392,9 @@ class Gateway:
                 dw.add_agg(dev, ch, start, *agg, wm_d)
                 for name in gmap.get(ch, ()):
                     self.group_windows.add_agg(name, ch, start, *agg, gwm)
+            self._observe(dev, tmax, wm_d, now)
         else:
-            seqs = range(base, base + n)
-            self._window_records(dev, boot, zip(seqs, map(base_t.__add__, toffs), chans, vals), wm_d, gwm, gmap, d)
-        self._observe(dev, tmax, wm_d, now)
+            self._window_seq(dev, boot, zip(range(base, base + n), map(base_t.__add__, toffs), chans, vals), d, now)
 
     def _readings(self, topic, dev, boot, recs, now):
         """Readings one at a time: (seq, t, channel, flags, value)."""
@@ -400,7 +404,6 @@ class Gateway:
         out.touched.add((dev, boot))
         mark = self.dedup.mark
         good = []
-        maxt = None
         st = self.stats
         for rec in recs:
             seq, t, ch, fl, v = rec
@@ -425,18 +428,22 @@ class Gateway:
             good.append((seq, t, ch, v))
             if self.retain:
                 out.readings.append((dev, boot, seq, t, ch, fl, v))
-            if maxt is None or t > maxt:
-                maxt = t
         if good:
-            wm_d = self.watermarks.device_wm(dev)
-            self._window_records(dev, boot, good, wm_d, self.watermarks.global_wm, self._groups_of(dev), d)
-            self._observe(dev, maxt, wm_d, now)
+            self._window_seq(dev, boot, good, d, now)
 
-    def _window_records(self, dev, boot, recs, wm_d, gwm, gmap, d):
-        """Add (seq, t, channel, value) one by one (revisions and late records are per record)."""
+    def _window_seq(self, dev, boot, recs, d, now):
+        """Add (seq, t, channel, value) in order, each judged against the watermarks as they
+        stand after the records before it (Flink's per-record watermark): window results,
+        revisions and the late split do not depend on how records were batched."""
         dw, gw = self.dev_windows, self.group_windows
+        wms = self.watermarks
+        gmap = self._groups_of(dev)
         late = self.out.late
+        wm_d = wms.device_wm(dev)
+        maxt = None if wm_d is None else wm_d + wms.delay
+        seen = None
         for seq, t, ch, v in recs:
+            gwm = wms.global_wm
             if dw.add(dev, ch, t, v, wm_d) == LATE:
                 late.append((dev, boot, seq, t, ch, v, "device", dev, dw.start_of(t), wm_d, "beyond_allowed_lateness"))
                 d.late += 1
@@ -447,14 +454,22 @@ class Gateway:
                                  "beyond_allowed_lateness"))
                     d.late += 1
                     self.stats.late += 1
+            if maxt is None or t > maxt:  # the watermark moves: fire what is due before the next record
+                maxt = t
+                wm_d = self._observe(dev, t, wm_d, now)
+            seen = t
+        if seen is not None:
+            self._observe(dev, seen, wm_d, now)  # activity (idle timeout, rejoin) even without a new max
 
     def _observe(self, dev, maxt, wm_before, now):
-        """Event time maxt seen from dev: advance its watermark, fire what is due."""
+        """Event time maxt seen from dev: advance its watermark, fire what is due. Returns the
+        device watermark."""
         wm = self.watermarks.observe(dev, maxt, now)
         if wm != wm_before:
             self.dev_windows.advance(dev, wm)
         if self.watermarks.global_wm != self._group_wm:
             self._advance_groups()
+        return wm
 
     def _advance_groups(self):
         g = self.watermarks.global_wm
@@ -544,6 +559,7 @@ class Gateway:
                     continue
                 if maxt is None or t > maxt:
                     maxt = t
+                    self._observe(dev, t, self.watermarks.device_wm(dev), now)  # per record, like readings
             elif not 0 <= t <= MAX_UNSYNCED_MS:
                 self._quarantine(topic, dev, "bad_unsynced_time", "%s t=%d" % (wire.KIND_NAMES[kind], t), None, now,
                                  boot, seq)
@@ -563,8 +579,6 @@ class Gateway:
             elif kind == _STATUS:
                 out.device_status.append((dev, boot, seq, t, fl) + tuple(body))
                 d.status = (t,) + tuple(body)
-        if maxt is not None:
-            self._observe(dev, maxt, self.watermarks.device_wm(dev), now)
 
     def _gap(self, dev, boot, seq, t, body, d):
         """Apply a gap record; False if a range lies beyond the dedup window (resent later).
