@@ -20,6 +20,7 @@ import pytest
 from shared import wire
 from tests.conftest import ROOT
 from tests.test_gateway_fakes import T0, FakeDevice, pump_all
+from tools.proc import popen
 
 pytestmark = pytest.mark.broker
 
@@ -112,8 +113,7 @@ channel = 0
 
 def start_gateway(conf, log):
     env = dict(os.environ, PYTHONPATH=ROOT)
-    return subprocess.Popen([sys.executable, "-m", "gateway.cli", "run", "--config", conf], env=env,
-                            stdout=log, stderr=log)
+    return popen([sys.executable, "-m", "gateway.cli", "run", "--config", conf], env=env, stdout=log, stderr=log)
 
 
 def run_workload(broker, tmp_path, prefix, kills):

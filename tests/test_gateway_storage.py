@@ -21,6 +21,7 @@ from shared import wire
 from tests.conftest import ROOT
 from tests.test_gateway_fakes import T0, FakeDevice, pump_all, readings
 from tests.test_gateway_pipeline import TOP, cfg, deliver, flush, open_gw, run
+from tools.proc import popen
 
 PY = sys.executable
 
@@ -180,8 +181,8 @@ def _conf(tmp, port, db, name):
 
 
 def _start(conf, log):
-    return subprocess.Popen([PY, "-m", "gateway.cli", "run", "--config", conf], cwd=ROOT, stdout=log, stderr=log,
-                            env=dict(os.environ, PYTHONPATH=ROOT))
+    return popen([PY, "-m", "gateway.cli", "run", "--config", conf], cwd=ROOT, stdout=log, stderr=log,
+                 env=dict(os.environ, PYTHONPATH=ROOT))
 
 
 def _stored(db):

@@ -16,6 +16,7 @@ import subprocess
 import time
 
 from tools.brokerconf import render
+from tools.proc import popen
 
 
 def mosquitto_bin():
@@ -51,8 +52,9 @@ class Mosquitto:
         with open(conf, "w") as f:
             f.write(render(self.port, self.dir, bind="127.0.0.1", persistence=self.persistence, user=user))
         with open(self.log_path, "ab") as log:
-            self.proc = subprocess.Popen([exe, "-c", conf], stdout=log, stderr=subprocess.STDOUT,
-                                         start_new_session=self.new_session)
+            # dies with its parent: a test killed by a timeout leaves no broker behind
+            self.proc = popen([exe, "-c", conf], stdout=log, stderr=subprocess.STDOUT,
+                              start_new_session=self.new_session)
         deadline = time.time() + timeout
         while time.time() < deadline:
             try:
