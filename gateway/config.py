@@ -85,6 +85,11 @@ SCHEMA = {
     "time": {
         "max_future_ms": (wire.MAX_FUTURE_MS, int, (0, 1 << 40), "event times further ahead of the gateway clock are quarantined"),
     },
+    "limits": {
+        "max_devices": (20000, int, (1, 1 << 24), "device ids the gateway tracks; input from further new ids is refused (quarantine reason too_many_devices)"),
+        "quarantine_payload_bytes": (1024, int, (0, wire.MAX_PAYLOAD), "bytes of a bad message kept in its quarantine row (the digest covers all of it)"),
+        "quarantine_max_rows": (100000, int, (1, 1 << 40), "quarantine keeps the newest this many rows; older ones are deleted (counted)"),
+    },
     "metrics": {
         "port": (9108, int, (0, 65535), "Prometheus endpoint port; 0 disables it"),
         "host": ("127.0.0.1", str, None, "Prometheus endpoint address"),

@@ -38,6 +38,7 @@ class Stats:
         self.queue_max = 0  # deepest the queue got past its bound (one read call can overshoot)
         self.connects = 0
         self.disconnects = 0
+        self.quarantine_pruned = 0  # old quarantine rows deleted to keep its bound
 
     def quarantine(self, reason):
         self.quarantined[reason] = self.quarantined.get(reason, 0) + 1
@@ -63,6 +64,8 @@ class GatewayCollector:
         for reason, n in sorted(s.quarantined.items()):
             q.add_metric([reason], n)
         yield q
+        yield counter("quarantine_pruned", "old quarantine rows deleted (limits.quarantine_max_rows)",
+                      s.quarantine_pruned)
         yield counter("unsynced", "records without an epoch time (table unsynced)", s.unsynced)
         yield counter("deferred", "records beyond the dedup window, left for the device to resend", s.deferred)
         yield counter("dropped_by_device", "seqs the devices reported dropped (gap records)", s.dropped_by_device)

@@ -29,6 +29,7 @@ import time
 
 from tools.brokerconf import render
 from tools.provision import Fleet, security_paths
+from tools.proc import popen
 
 
 def mosquitto_bin():
@@ -77,8 +78,9 @@ class Mosquitto:
             f.write(render(self.port, self.dir, bind="127.0.0.1", persistence=self.persistence, user=user,
                            security=None if self.insecure else security_paths(self.fleet.path("broker"))))
         with open(self.log_path, "ab") as log:
-            self.proc = subprocess.Popen([exe, "-c", conf], stdout=log, stderr=subprocess.STDOUT,
-                                         start_new_session=self.new_session)
+            # dies with its parent: a test killed by a timeout leaves no broker behind
+            self.proc = popen([exe, "-c", conf], stdout=log, stderr=subprocess.STDOUT,
+                              start_new_session=self.new_session)
         deadline = time.time() + timeout
         while time.time() < deadline:
             try:

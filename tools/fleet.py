@@ -61,6 +61,7 @@ if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
 from tools.broker import Mosquitto  # noqa: E402
+from tools.proc import exit_on_sigterm, popen  # noqa: E402
 from shared import wire  # noqa: E402
 from firmware.app import App  # noqa: E402
 from firmware.hal_sim import SimHal, MemFS, FailingFS, PowerCut  # noqa: E402
@@ -802,8 +803,8 @@ class Site:
     def start_gateway(self):
         log = open(os.path.join(self.dir, "gateway.log"), "ab")
         self._started_mark = self._started_lines()
-        self.gateway = subprocess.Popen([PY, "-m", "gateway.cli", "run", "-c", self.gw_conf], cwd=ROOT,
-                                        stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        self.gateway = popen([PY, "-m", "gateway.cli", "run", "-c", self.gw_conf], cwd=ROOT,
+                             stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
         log.close()
         self.gw_starts += 1
         return self
@@ -1057,6 +1058,7 @@ def main(argv=None):
     site = None
     rc = 0
     t_cpu0 = time.process_time()
+    exit_on_sigterm()  # SIGTERM: the finally below stops the gateway and mosquitto we started
     try:
         if args.spawn:
             site = Site(d, window_ms=args.window_ms)
