@@ -27,6 +27,11 @@ except ImportError:  # python < 3.11
     import tomli as tomllib
 
 from . import logs
+
+try:
+    from orjson import loads
+except ImportError:  # pragma: no cover
+    loads = json.loads
 from .sinks import tables as T
 
 SITE_RE = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
@@ -103,7 +108,7 @@ def ddl(pg=False):
 def validate(subject, data, prefix):
     """-> (site, table, rows) or raise ValueError(reason)."""
     try:
-        d = json.loads(data)
+        d = loads(data)
     except (ValueError, UnicodeDecodeError):
         raise ValueError("bad_json")
     if not isinstance(d, dict) or d.get("v") != T.FORMAT_VERSION:

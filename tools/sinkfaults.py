@@ -224,7 +224,8 @@ def wait_sync(sites, central_db, timeout):
     return False
 
 
-def run(workdir, duration=90.0, cut_s=60.0, devices=4, sample_ms=100, seed=1, faults=True, log=print):
+def run(workdir, duration=90.0, cut_s=60.0, devices=4, sample_ms=100, seed=1, faults=True, log=print,
+        sync_timeout=120.0):
     """Returns a result dict; result['ok'] says whether everything was exact."""
     workdir = os.path.abspath(str(workdir))
     os.makedirs(workdir, exist_ok=True)
@@ -320,11 +321,11 @@ def run(workdir, duration=90.0, cut_s=60.0, devices=4, sample_ms=100, seed=1, fa
         # checkpoint added, until the outboxes are empty and the collector has everything
         synced = False
         for _ in range(3):
-            synced = wait_sync(list(zip(sites, ids)), central, 120)
+            synced = wait_sync(list(zip(sites, ids)), central, sync_timeout)
             for st in sites:
                 rc = st.stop_gateway()
                 res.setdefault("gateway_rc", []).append(rc)
-            if synced and in_sync(list(zip(sites, ids)), central):
+            if not synced or in_sync(list(zip(sites, ids)), central):
                 break
             for st in sites:
                 st.start_gateway()

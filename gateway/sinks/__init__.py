@@ -17,8 +17,14 @@ within its duplicate window). See docs/sinks.md.
 """
 import asyncio
 import json
+import math
 import random
 import time
+
+try:  # orjson encodes rows ~10x faster than json (0.09 vs 0.9 us per reading here): the sink's cost
+    import orjson
+except ImportError:  # pragma: no cover - optional
+    orjson = None
 
 from .. import logs
 from ..config import ConfigError
@@ -119,6 +125,17 @@ def parse(raw, section):
     return out
 
 
+def dumps(obj):
+    """Rows -> compact JSON bytes; NaN/inf become null (as SQLite stores NaN)."""
+    if orjson is not None:
+        try:
+            return orjson.dumps(obj)
+        except TypeError:  # an integer beyond 64 bits: the stdlib encoder takes it
+            pass
+    clean = [[None if isinstance(v, float) and not math.isfinite(v) else v for v in r] for r in obj]
+    return json.dumps(clean, separators=(",", ":")).encode()
+
+
 def _default_tables(typ):
     return {"webhook": ["alerts"], "mqtt": ["alerts", "windows"], "jetstream": ["records", "windows"]}[typ]
 
@@ -200,7 +217,7 @@ class Worker:
         try:
             done, rejected, err = await self.tx.send(items)
         except Exception as e:  # noqa: BLE001 - a transport error is a failed round, retried
-            done, rejected, err = [], [], repr(e)
+            done, rejected, err = [], [], "%s: %s" % (type(e).__name__, e)
         if rejected:
             self.rejected += len(rejected)
             logs.warning("sink_rejected", sink=self.name, items=len(rejected),
@@ -349,12 +366,11 @@ class SinkSet:
 
     def _encode(self, table, rows, batch):
         site = self.site
-        head = '{"v":%d,"site":%s,"table":"%s","rows":' % (T.FORMAT_VERSION, json.dumps(site), table)
+        head = ('{"v":%d,"site":%s,"table":"%s","rows":' % (T.FORMAT_VERSION, json.dumps(site), table)).encode()
         enc = []
         for i in range(0, len(rows), batch):
             chunk = rows[i:i + batch]
-            body = (head + json.dumps(chunk, separators=(",", ":")) + "}").encode()
-            enc.append((len(chunk), T.item_id(site, table, chunk), body))
+            enc.append((len(chunk), T.item_id(site, table, chunk), head + dumps(chunk) + b"}"))
         return enc
 
     def committed(self, writes):

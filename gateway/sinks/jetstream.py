@@ -82,7 +82,7 @@ class JetStreamSink:
         done, err = [], ""
         for i, r in zip(items, res):
             if isinstance(r, BaseException):
-                err = err or repr(r)
+                err = err or "%s: %s" % (type(r).__name__, r)
             else:
                 done.append(i)
                 if r.duplicate:
