@@ -15,7 +15,7 @@ from paho.mqtt.enums import CallbackAPIVersion
 from gateway import collector as C
 from gateway.config import Config, ConfigError
 from gateway.sinks import SinkSet, Worker, collect_metrics, tables as T
-from gateway.store import Store
+from gateway.store import Store, StoreError
 from tools.natscluster import NatsCluster, free_port
 from tools.sinkfaults import WebhookReceiver
 
@@ -126,7 +126,7 @@ def test_outbox_commits_with_the_results_and_a_failed_commit_leaves_neither(tmp_
             # a checkpoint whose transaction fails (a broken row) commits no outbox row either
             writes = [("readings", readings("d1", 1, 11, 3)), ("devices", [("x",)])]
             writes.append(("sink_outbox", s.stage(writes)))
-            with pytest.raises(sqlite3.Error):
+            with pytest.raises(StoreError):
                 await store.commit(writes)
             n = await store.db.execute_fetchall("SELECT count(*) FROM sink_outbox")
             r = await store.db.execute_fetchall("SELECT count(*) FROM readings")
@@ -279,15 +279,21 @@ def test_mqtt_senml_republish_deleted_only_after_puback(broker, tmp_path):
     sub.on_message = lambda c, u, m: msgs.append((m.topic, json.loads(m.payload)))
     sub.on_connect = lambda c, u, f, rc, p: c.subscribe("edgeflow/out/#", qos=1)  # again after the restart
     sub.reconnect_delay_set(0.1, 0.5)
-    sub.connect("127.0.0.1", broker.port)
+    sub.connect(*broker.paho(sub, broker.service("sink-observer", "read")))
+    tls = {}
+    for name in ("m", "j"):  # one broker user per sink: the site broker uses the user name as client id
+        user, pw = broker.credentials(broker.service("edgeflow-sink-" + name))
+        (tmp_path / name).write_text(pw)
+        tls[name] = {"port": broker.port, "username": user, "password_file": str(tmp_path / name),
+                     "tls_ca": broker.ca_file, "tls_server_name": "localhost"}
     sub.loop_start()
 
     async def main():
         store, s = await open_set(tmp_path, [
-            {"name": "m", "type": "mqtt", "port": broker.port, "format": "senml",
-             "tables": ["readings", "alerts", "windows"], "retry_base_s": 0.05, "retry_max_s": 0.2},
-            {"name": "j", "type": "mqtt", "port": broker.port, "format": "json", "tables": ["readings"],
-             "topic": "edgeflow/out/json/{site}/{source}"}])
+            dict(tls["m"], name="m", type="mqtt", format="senml", tables=["readings", "alerts", "windows"],
+                 retry_base_s=0.05, retry_max_s=0.2),
+            dict(tls["j"], name="j", type="mqtt", format="json", tables=["readings"],
+                 topic="edgeflow/out/json/{site}/{source}", retry_base_s=0.05, retry_max_s=0.2)])
         s.start()
         try:
             win = ("group", "site-temp", 0, T0, T0 + 2000, 0, 4, 86000, 21000, 22000, 21500.0, 400.0, T0 + 2000)

@@ -289,7 +289,7 @@ def run(workdir, duration=90.0, cut_s=60.0, devices=4, sample_ms=100, seed=1, fa
             proxies[k].up()
 
         async def main():
-            fleets = [Fleet(devices, st.port, tp, seed=seed * 10 + i, sample_ms=sample_ms, window_ms=1000)
+            fleets = [Fleet(devices, st.port, tp, seed=seed * 10 + i, sample_ms=sample_ms, window_ms=1000, broker=st.mq)
                       for i, (st, tp) in enumerate(zip(sites, truths))]
             for fl, st in zip(fleets, sites):
                 fl.truth.meta("windows", st.windows)

@@ -71,6 +71,10 @@ TYPE_KEYS = {
         "format": ("json", str, ("json", "senml"), "json (one object per row) or senml (RFC 8428 pack per row)"),
         "username": ("", str, None, "MQTT user"),
         "password_file": ("", str, None, "file holding the MQTT password"),
+        "tls_ca": ("", str, None, "CA file: TLS on, only this CA trusted (as [mqtt] tls_ca)"),
+        "tls_server_name": ("", str, None, "name checked in the broker's certificate (default host)"),
+        "tls_cert": ("", str, None, "client certificate (optional)"),
+        "tls_key": ("", str, None, "client key (optional)"),
         "channels": ({}, dict, None, "channel number -> {name, unit, scale}: real units for SenML/JSON"),
     },
 }

@@ -103,6 +103,12 @@ class MqttSink:
                 with open(os.path.expanduser(c["password_file"])) as f:
                     pw = f.read().strip()
             cl.username_pw_set(c["username"], pw)
+        if c["tls_ca"]:  # the gateway's own TLS set-up (CA pinned, name checked)
+            from types import SimpleNamespace
+            from ..ingest import tls_context
+            cl.tls_set_context(tls_context(SimpleNamespace(host=c["host"], tls_server_name=c["tls_server_name"],
+                                                           tls_ca=c["tls_ca"], tls_cert=c["tls_cert"],
+                                                           tls_key=c["tls_key"])))
         cl.max_inflight_messages_set(100)
         cl.max_queued_messages_set(0)
         cl.reconnect_delay_set(0.5, 10)
