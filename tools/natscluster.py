@@ -55,23 +55,30 @@ def die_with_parent():
 
 
 def node_conf(name, port, http_port, store_dir, cluster_port=None, routes=(), leafnode_port=None,
-              max_file_store="4G"):
+              max_file_store="4G", domain=None, leaf_remotes=()):
     lines = ["server_name: %s" % name, "listen: 127.0.0.1:%d" % port, "http: 127.0.0.1:%d" % http_port,
              "max_payload: 4MB",
-             "jetstream { store_dir: %s, max_memory_store: 64MB, max_file_store: %s }"
-             % (json.dumps(store_dir), max_file_store)]
+             "jetstream { store_dir: %s, max_memory_store: 64MB, max_file_store: %s%s }"
+             % (json.dumps(store_dir), max_file_store, ", domain: %s" % domain if domain else "")]
     if cluster_port:
         lines.append("cluster { name: edgeflow, listen: 127.0.0.1:%d, no_advertise: true, routes: [%s] }"
                      % (cluster_port, ", ".join("nats-route://127.0.0.1:%d" % r for r in routes)))
-    if leafnode_port:
-        lines.append("leafnodes { listen: 127.0.0.1:%d }" % leafnode_port)
+    if leafnode_port:  # no_advertise: leaf nodes use only the URL they were given (a LinkProxy)
+        lines.append("leafnodes { listen: 127.0.0.1:%d, no_advertise: true }" % leafnode_port)
+    if leaf_remotes:
+        lines.append("leafnodes { reconnect: 1, remotes: [%s] }"
+                     % ", ".join('{ url: "nats-leaf://127.0.0.1:%d" }' % p for p in leaf_remotes))
     return "\n".join(lines) + "\n"
 
 
 class NatsCluster:
-    def __init__(self, workdir, nodes=3, leafnodes=False):
+    def __init__(self, workdir, nodes=3, leafnodes=False, domain=None, leaf_remotes=()):
+        """domain: JetStream domain (hub / site); leaf_remotes: hub leaf node ports to connect
+        to (this server is then a site's leaf node: its JetStream stores while the link is down)."""
         self.dir = os.path.abspath(str(workdir))
         self.n = nodes
+        self.domain = domain
+        self.leaf_remotes = tuple(leaf_remotes)
         self.ports = [free_port() for _ in range(nodes)]
         self.http = [free_port() for _ in range(nodes)]
         self.cports = [free_port() for _ in range(nodes)] if nodes > 1 else [None]
@@ -90,7 +97,8 @@ class NatsCluster:
         path = os.path.join(d, "nats.conf")
         with open(path, "w") as f:
             f.write(node_conf("n%d" % i, self.ports[i], self.http[i], os.path.join(d, "js"),
-                              self.cports[i] if self.n > 1 else None, routes, self.leaf_ports[i]))
+                              self.cports[i] if self.n > 1 else None, routes, self.leaf_ports[i],
+                              domain=self.domain, leaf_remotes=self.leaf_remotes))
         return path, d
 
     def start_node(self, i):

@@ -52,6 +52,9 @@ TYPE_KEYS = {
         "subject_prefix": ("edgeflow.sink", str, None, "subject = <prefix>.<site>.<table>"),
         "create_stream": (True, bool, None, "create the stream if missing (config below)"),
         "replicas": (1, int, (1, 5), "stream replicas (3 on a 3-node cluster)"),
+        "retention": ("workqueue", str, None, "workqueue (the collector reads it) or limits (a leaf node's site "
+                                              "stream that the hub sources, docs/scale-out.md)"),
+        "max_age_s": (0.0, float, (0, 86400 * 3650), "stream max age (0: none); set it with retention = limits"),
         "max_stream_bytes": (1 << 30, int, (1 << 20, 1 << 50), "stream max bytes (discard new when full)"),
         "duplicate_window_s": (600.0, float, (1, 86400 * 7), "JetStream dedup window on Nats-Msg-Id (>= the retry horizon)"),
         "credentials": ("", str, None, "NATS .creds file (optional)"),
@@ -116,6 +119,8 @@ def parse(raw, section):
         names.add(v["name"])
         if typ == "mqtt" and v["format"] not in ("json", "senml"):
             raise ConfigError(where + ".format must be json or senml")
+        if typ == "jetstream" and v["retention"] not in ("workqueue", "limits"):
+            raise ConfigError(where + ".retention must be workqueue or limits")
         if typ == "webhook":
             if not v["url"].startswith(("http://", "https://")):
                 raise ConfigError(where + ".url must start with http:// or https://")

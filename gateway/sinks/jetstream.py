@@ -16,10 +16,12 @@ from nats.js.errors import BadRequestError
 from .. import logs
 
 
-def stream_config(name, subject_prefix, replicas=1, max_bytes=1 << 30, duplicate_window_s=600.0):
-    return api.StreamConfig(name=name, subjects=[subject_prefix + ".>"], retention=api.RetentionPolicy.WORK_QUEUE,
+def stream_config(name, subject_prefix, replicas=1, max_bytes=1 << 30, duplicate_window_s=600.0, retention="workqueue",
+                  max_age_s=0.0):
+    ret = api.RetentionPolicy.LIMITS if retention == "limits" else api.RetentionPolicy.WORK_QUEUE
+    return api.StreamConfig(name=name, subjects=[subject_prefix + ".>"], retention=ret,
                             discard=api.DiscardPolicy.NEW, max_bytes=max_bytes, storage=api.StorageType.FILE,
-                            num_replicas=replicas, duplicate_window=duplicate_window_s)
+                            num_replicas=replicas, duplicate_window=duplicate_window_s, max_age=max_age_s or None)
 
 
 async def ensure_stream(js, cfg):
@@ -73,7 +75,8 @@ class JetStreamSink:
             await asyncio.wait_for(self._connect(), c["timeout_s"])
         if not self.stream_ok and c["create_stream"]:
             await ensure_stream(self.js, stream_config(c["stream"], c["subject_prefix"], c["replicas"],
-                                                       c["max_stream_bytes"], c["duplicate_window_s"]))
+                                                       c["max_stream_bytes"], c["duplicate_window_s"], c["retention"],
+                                                       c["max_age_s"]))
             self.stream_ok = True
         pre = "%s.%s." % (c["subject_prefix"], self.site)
         res = await asyncio.gather(*[
