@@ -383,7 +383,11 @@ def main(argv=None):
             await c.close()
             logs.info("collector_stopped", messages=c.messages, rows_new=c.rows_new, rows_dup=c.rows_dup, bad=c.bad)
 
-    asyncio.run(go())
+    try:
+        asyncio.run(go())
+    except Exception as e:  # noqa: BLE001 - the store or the stream failed: nothing unacked is lost
+        logs.error("collector_failed", error="%s: %s" % (type(e).__name__, e))
+        return 1
     return 0
 
 
