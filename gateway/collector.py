@@ -26,6 +26,8 @@ try:
 except ImportError:  # python < 3.11
     import tomli as tomllib
 
+from nats import errors as nats_errors
+
 from . import logs
 
 try:
@@ -318,8 +320,11 @@ class Collector:
                 bad.append((m.subject, str(e), "", bytes(m.data)))
         now = int(time.time() * 1000)
         per_site = await self.store.write(batch, bad, now)  # committed ...
-        for m in msgs:  # ... then acked: a crash in between = redelivery = duplicates ignored
-            await m.ack()
+        try:
+            for m in msgs:  # ... then acked: a crash in between = redelivery = duplicates ignored
+                await m.ack()
+        except nats_errors.Error as e:  # connection lost: the unacked ones come again, ignored then
+            logs.warning("collector_ack_failed", error="%s: %s" % (type(e).__name__, e))
         self.messages += len(msgs)
         self.bad += len(bad)
         for _m, new, dup in per_site.values():
