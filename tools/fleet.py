@@ -547,6 +547,7 @@ def gateway_toml(port, db, window_ms=10000, lateness_ms=20000, ooo_ms=2000, idle
         "watermark": {"out_of_orderness_ms": ooo_ms, "idle_timeout_ms": idle_ms},
         "windows": {"size_ms": window_ms, "allowed_lateness_ms": lateness_ms},
         "metrics": {"port": 0},
+        "web": {"port": 0},
         "log": {"level": "info"},
     }
     for s, kv in (extra or {}).items():
