@@ -115,7 +115,7 @@ class History:
                             "ORDER BY rowid DESC LIMIT ?" % w1, a1 + (n,)):
             cur["cep_events"] = max(cur.get("cep_events", 0), r[0])
             rows.append({"t": r[1], "device": r[2], "type": "cep", "what": r[3], "level": "severity %s" % r[4],
-                         "detail": r[5]})
+                         "detail": _evidence(r[5])})
         for r in db.execute("SELECT rowid, t, device, channel, detector, score, value, baseline FROM anomalies "
                             "WHERE %s ORDER BY rowid DESC LIMIT ?" % w2, a2 + (n,)):
             cur["anomalies"] = max(cur.get("anomalies", 0), r[0])
@@ -143,6 +143,14 @@ class History:
             rows.append({"t": r[1], "device": r[2], "reason": r[3], "detail": (r[4] or "")[:200],
                          "topic": (r[5] or "")[:200]})
         return rows[::-1]
+
+
+def _evidence(text):
+    """CEP evidence: the wire's fixed-point values, shown in real units."""
+    try:
+        return "values " + ", ".join("%g" % (v / 1000.0) for v in json.loads(text)[:8])
+    except (ValueError, TypeError):
+        return str(text)[:200]
 
 
 def _real(v):

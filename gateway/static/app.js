@@ -91,9 +91,10 @@
       const div = document.createElement("div");
       div.className = "plot";
       div.dataset.channel = ch;
-      $("#plots").appendChild(div);
+      const next = Array.from($("#plots").children).find((d) => +d.dataset.channel > ch);
+      $("#plots").insertBefore(div, next || null);
       const opts = {
-        title: `${selected}: ${info.name}${info.unit ? " (" + info.unit + ")" : ""}`, width: 440, height: 220,
+        title: `${selected}: ${info.name}${info.unit ? " (" + info.unit + ")" : ""}`, width: 420, height: 210,
         scales: { x: { time: true } },
         series: [{}, { label: "mean", stroke: "#1565c0", width: 2, points: { show: true, size: 5 } },
                  { label: "min", stroke: "#90a4ae" }, { label: "max", stroke: "#90a4ae" }],
