@@ -182,13 +182,13 @@ class WebView:
         app.router.add_get("/healthz", self._healthz)
         app.router.add_get("/metrics", self._metrics)
         app.router.add_static("/static/", STATIC, show_index=False)
-        self.runner = web.AppRunner(app, access_log=None, handle_signals=False)
+        self.runner = web.AppRunner(app, access_log=None, handle_signals=False, shutdown_timeout=1.0)
         await self.runner.setup()
         ctx = None
         if self.cfg.tls_cert:
             ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
             ctx.load_cert_chain(self.cfg.tls_cert, self.cfg.tls_key)
-        site = web.TCPSite(self.runner, self.cfg.host, self.cfg.port, ssl_context=ctx, shutdown_timeout=1.0)
+        site = web.TCPSite(self.runner, self.cfg.host, self.cfg.port, ssl_context=ctx)
         await site.start()
         port = self.runner.addresses[0][1] if self.runner.addresses else self.cfg.port
         self.port = port
