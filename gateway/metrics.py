@@ -40,12 +40,7 @@ class Hist:
         return HistogramMetricFamily(name, doc, buckets=buckets, sum_value=self.sum)
 
 
-def version():
-    try:
-        from importlib.metadata import version as v
-        return v("edgeflow")
-    except Exception:  # noqa: BLE001 - running from a source tree that was never installed
-        return "0+unknown"
+from .version import version  # noqa: E402,F401 (build_info; the web view shows it)
 
 
 class Stats:

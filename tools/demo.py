@@ -109,6 +109,7 @@ class Status:
 
 def build_parser():
     p = argparse.ArgumentParser(prog="edgeflow-demo", description=__doc__.split("\n\n")[0])
+    p.add_argument("--version", action="version", version=_version_line("edgeflow-demo"))
     p.add_argument("--devices", type=int, default=50, help="simulated devices (default 50)")
     p.add_argument("--duration", type=float, default=75, help="seconds of sampling and faults (default 75)")
     p.add_argument("--seed", type=int, default=1, help="seed of signals, fault picks, jitter")
@@ -223,6 +224,12 @@ async def _run(args, site, truth, events):
               fleet.dup.sent if fleet.dup else 0))
     print("SQLite: %s   (look inside: python -m gateway.cli status --db %s)" % (site.db, site.db))
     return 0 if report.ok and not fleet.errors else 1
+
+
+
+def _version_line(prog):
+    from gateway.version import version_line
+    return version_line(prog)
 
 
 if __name__ == "__main__":

@@ -781,6 +781,7 @@ def _broker_arg(s):
 
 def build_parser():
     p = argparse.ArgumentParser(prog="edgeflow-fleet", description=__doc__.split("\n\n")[0])
+    p.add_argument("--version", action="version", version=_version_line("edgeflow-fleet"))
     p.add_argument("--broker", type=_broker_arg, help="host:port of a running broker (and gateway)")
     p.add_argument("--spawn", action="store_true", help="start a mosquitto and a gateway in --dir")
     p.add_argument("--dir", default=None, help="work dir for --spawn (default ./var/fleet-<time>)")
@@ -881,6 +882,12 @@ async def _main(args, host, port, truth, events, site):
         await fleet.shutdown()
         fleet.truth.close()
     return {"wall": time.monotonic() - t0, "final": final}
+
+
+
+def _version_line(prog):
+    from gateway.version import version_line
+    return version_line(prog)
 
 
 if __name__ == "__main__":

@@ -84,12 +84,12 @@ def growth(samples):
 
 def main(argv=None):
     p = argparse.ArgumentParser(prog="longrun_retention", description=__doc__.split("\n\n")[0])
+    p.add_argument("--version", action="version", version=_version_line("longrun_retention"))
     p.add_argument("--devices", type=int, default=20)
     p.add_argument("--duration", type=float, default=300)
     p.add_argument("--keep-s", type=float, default=30, help="raw readings kept this long (0: retention off)")
     p.add_argument("--sample-ms", type=int, default=50)
     p.add_argument("--dir", default=None)
-    p.add_argument("--version", action="version", version="%(prog)s (edgeflow)")
     a = p.parse_args(argv)
     d = a.dir or tempfile.mkdtemp(prefix="edgeflow-longrun-")
     s = run(d, a.devices, a.duration, a.keep_s, a.sample_ms, every_s=max(2.0, a.duration / 40))
@@ -97,6 +97,12 @@ def main(argv=None):
     print("used size: %.0f KiB at the middle, %.0f KiB at the end (%+.1f%%) while %d more records arrived"
           % (mid / 1024, end / 1024, 100.0 * (end - mid) / mid, rec))
     return 0
+
+
+
+def _version_line(prog):
+    from gateway.version import version_line
+    return version_line(prog)
 
 
 if __name__ == "__main__":
