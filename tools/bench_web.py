@@ -1,0 +1,197 @@
+"""Does an open web view slow the gateway? Throughput with pages open and updating vs none, one run.
+
+    .venv/bin/python tools/bench_web.py [--msgs 20000] [--per-msg 50] [--pages 3] [--pairs 3] [--browser]
+
+Same drain as tools/bench_gateway.py (own mosquitto, QoS 1 stream preloaded into the broker,
+timed until every reading is committed), with the gateway's web view on. Runs alternate:
+no page / pages open. A "page" is what the browser does (the snapshot, the selected device's
+history, then the server-sent event stream, read as it comes) in a separate process, so the
+pages' own CPU is not the gateway's; --browser opens real headless chromium tabs instead
+(their rendering then competes for the same cores). Prints each run, the medians and the
+ratio with/without. Not a test: a figure for docs/operations.md.
+"""
+import argparse
+import asyncio
+import os
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if ROOT not in sys.path:
+    sys.path.insert(0, ROOT)
+
+from gateway.service import Gateway  # noqa: E402
+from tools.bench_gateway import gateway_cfg, raw_publish, start_broker, workload  # noqa: E402
+from tools.broker import free_port  # noqa: E402
+
+PAGE = r"""
+import json, sys, threading, time, urllib.request
+port, pages, key = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3]
+events = [0] * pages
+def page(i):
+    base = "http://127.0.0.1:%d/" % port
+    while True:
+        try:
+            urllib.request.urlopen(base, timeout=2).read()
+            break
+        except OSError:
+            time.sleep(0.02)
+    urllib.request.urlopen(base + "static/app.js").read()
+    json.load(urllib.request.urlopen(base + "api/snapshot"))
+    json.load(urllib.request.urlopen(base + "api/history?key=" + key))
+    r = urllib.request.urlopen(base + "api/events", timeout=60)
+    data = []
+    for ln in r:
+        if ln.startswith(b"data: "):
+            json.loads(ln[6:])  # what the page's script does with it
+            events[i] += 1
+ts = [threading.Thread(target=page, args=(i,), daemon=True) for i in range(pages)]
+for t in ts: t.start()
+try:
+    sys.stdin.read()  # until the bench closes our stdin
+finally:
+    print(json.dumps(events), flush=True)
+"""
+
+
+class Pages:
+    def __init__(self, port, n, browser):
+        self.browser = browser
+        self.drivers = []
+        self.proc = None
+        self.n = n
+        if browser:
+            import threading
+            self.t = threading.Thread(target=self._open_browsers, args=(port,), daemon=True)
+            self.t.start()
+        else:
+            self.proc = subprocess.Popen([sys.executable, "-c", PAGE, str(port), str(n), "dev0000"],
+                                         stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+
+    def _open_browsers(self, port):
+        from tests.test_web_browser import _browser
+        import pathlib
+        for i in range(self.n):
+            d = _browser(pathlib.Path(tempfile.mkdtemp(prefix="bench-web-chrome-")))
+            self.drivers.append(d)
+            d.set_page_load_timeout(30)
+            while True:
+                try:
+                    d.get("http://127.0.0.1:%d/" % port)
+                    break
+                except Exception:  # noqa: BLE001 - the web view is not up yet
+                    time.sleep(0.05)
+
+    def close(self):
+        if self.proc is not None:
+            out, _ = self.proc.communicate(b"", timeout=30)
+            return out.decode().strip()
+        self.t.join(60)
+        ups = []
+        for d in self.drivers:
+            try:
+                ups.append(d.execute_script("return window.edgeflow.updates"))
+            finally:
+                d.quit()
+        return str(ups)
+
+
+async def _drain(cfg, n_readings):
+    gw = Gateway(cfg)
+    task = asyncio.ensure_future(gw.run())
+    while gw.ingest is None or not gw.ingest.connected.is_set():
+        await asyncio.sleep(0.005)
+        if task.done():
+            task.result()
+    t0 = time.perf_counter()
+    while not (gw.stats.readings >= n_readings and (gw._commit_task is None or gw._commit_task.done())
+               and not gw.out.records and not gw.out.mids):
+        await asyncio.sleep(0.002)
+        if task.done():
+            task.result()
+        if time.perf_counter() - t0 > 600:
+            raise RuntimeError("drain did not finish")
+    dt = time.perf_counter() - t0
+    updates = gw.web.updates if gw.web else 0
+    gw.stop()
+    await task
+    return dt, updates
+
+
+def one_run(port, tmp, name, msgs, n_readings, pages, browser, update_ms):
+    db = os.path.join(tmp, name + ".db")
+    cfg = gateway_cfg(port, db, "FULL")
+    cfg["mqtt"]["client_id"] = "bench-web-" + name
+    wport = free_port()
+    cfg["web"] = {"port": wport, "update_ms": update_ms}
+    asyncio.run(_register(cfg))
+    raw_publish(port, msgs, "pub-" + name)
+    time.sleep(0.2)
+    pg = Pages(wport, pages, browser) if pages else None
+    try:
+        if pg is not None and browser:
+            pg.t.join(120)  # tabs loaded (they keep updating during the drain)
+        dt, updates = asyncio.run(_drain(cfg, n_readings))
+    finally:
+        seen = pg.close() if pg is not None else ""
+    return n_readings / dt, dt, updates, seen
+
+
+async def _register(cfg):
+    gw = Gateway(dict(cfg, web={"port": 0}))
+    task = asyncio.ensure_future(gw.run())
+    while gw.ingest is None or not gw.ingest.connected.is_set():
+        await asyncio.sleep(0.005)
+    await asyncio.sleep(0.3)
+    gw.stop()
+    await task
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(prog="bench_web", description=__doc__.split("\n\n")[0])
+    ap.add_argument("--version", action="version", version=_version_line("bench_web"))
+    ap.add_argument("--msgs", type=int, default=20000)
+    ap.add_argument("--per-msg", type=int, default=50)
+    ap.add_argument("--devices", type=int, default=100)
+    ap.add_argument("--pages", type=int, default=3)
+    ap.add_argument("--pairs", type=int, default=3)
+    ap.add_argument("--update-ms", type=int, default=1000, help="web.update_ms (the default is 1000)")
+    ap.add_argument("--browser", action="store_true", help="real headless chromium tabs instead of page clients")
+    a = ap.parse_args(argv)
+    tmp = tempfile.mkdtemp(prefix="edgeflow-bench-web-")
+    broker, port = start_broker(tmp)
+    n = a.msgs * a.per_msg
+    res = {0: [], 1: []}
+    try:
+        print("mosquitto on 127.0.0.1:%d, QoS 1, %d devices, %d msgs x %d readings, SQLite FULL, web view on; "
+              "pages: %d %s, update_ms %d" % (port, a.devices, a.msgs, a.per_msg, a.pages,
+                                               "chromium tabs" if a.browser else "page clients", a.update_ms))
+        for i in range(a.pairs):
+            for open_ in ((0, 1) if i % 2 == 0 else (1, 0)):
+                msgs = workload(a.devices, a.msgs, a.per_msg, prefix="edgeflow")
+                rate, dt, updates, seen = one_run(port, tmp, "r%d%d" % (i, open_), msgs, n,
+                                                  a.pages if open_ else 0, a.browser, a.update_ms)
+                res[open_].append(rate)
+                print("run %d %-10s %8.0f readings/s committed (%.2f s)%s" % (
+                    i, "pages open" if open_ else "no page", rate, dt,
+                    "  %d updates pushed, events per page %s" % (updates, seen) if open_ else ""), flush=True)
+    finally:
+        broker.stop()
+    m0, m1 = statistics.median(res[0]), statistics.median(res[1])
+    print("median no page   %8.0f readings/s (runs: %s)" % (m0, ", ".join("%.0f" % r for r in res[0])))
+    print("median pages open %7.0f readings/s (runs: %s)" % (m1, ", ".join("%.0f" % r for r in res[1])))
+    print("ratio pages open / no page: %.2f" % (m1 / m0))
+    return 0
+
+
+def _version_line(prog):
+    from gateway.version import version_line
+    return version_line(prog)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
