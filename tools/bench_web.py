@@ -135,10 +135,20 @@ def one_run(port, tmp, name, msgs, n_readings, pages, browser, update_ms):
     try:
         if pg is not None and browser:
             pg.t.join(120)  # tabs loaded (they keep updating during the drain)
+        c0 = _cpu()
         dt, updates = asyncio.run(_drain(cfg, n_readings))
+        cpu = _cpu() - c0
     finally:
         seen = pg.close() if pg is not None else ""
-    return n_readings / dt, dt, updates, seen
+    return n_readings / dt, dt, updates, seen, cpu
+
+
+def _cpu():
+    """CPU seconds of this process (the gateway's loop, its SQLite and web threads); the pages
+    run in another process. Robust to other load on the machine, unlike wall time."""
+    import resource
+    r = resource.getrusage(resource.RUSAGE_SELF)
+    return r.ru_utime + r.ru_stime
 
 
 async def _register(cfg):
@@ -162,10 +172,12 @@ def main(argv=None):
     ap.add_argument("--update-ms", type=int, default=1000, help="web.update_ms (the default is 1000)")
     ap.add_argument("--browser", action="store_true", help="real headless chromium tabs instead of page clients")
     a = ap.parse_args(argv)
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # the finally below stops the broker
     tmp = tempfile.mkdtemp(prefix="edgeflow-bench-web-")
     broker, port = start_broker(tmp)
     n = a.msgs * a.per_msg
     res = {0: [], 1: []}
+    cpu = {0: [], 1: []}
     try:
         print("mosquitto on 127.0.0.1:%d, QoS 1, %d devices, %d msgs x %d readings, SQLite FULL, web view on; "
               "pages: %d %s, update_ms %d" % (port, a.devices, a.msgs, a.per_msg, a.pages,
@@ -173,11 +185,12 @@ def main(argv=None):
         for i in range(a.pairs):
             for open_ in ((0, 1) if i % 2 == 0 else (1, 0)):
                 msgs = workload(a.devices, a.msgs, a.per_msg, prefix="edgeflow")
-                rate, dt, updates, seen = one_run(port, tmp, "r%d%d" % (i, open_), msgs, n,
+                rate, dt, updates, seen, c = one_run(port, tmp, "r%d%d" % (i, open_), msgs, n,
                                                   a.pages if open_ else 0, a.browser, a.update_ms)
                 res[open_].append(rate)
-                print("run %d %-10s %8.0f readings/s committed (%.2f s)%s" % (
-                    i, "pages open" if open_ else "no page", rate, dt,
+                cpu[open_].append(c / n * 1e6)
+                print("run %d %-10s %8.0f readings/s committed (%.2f s, gateway CPU %.2f s = %.2f us/reading)%s" % (
+                    i, "pages open" if open_ else "no page", rate, dt, c, c / n * 1e6,
                     "  %d updates pushed, events per page %s" % (updates, seen) if open_ else ""), flush=True)
     finally:
         broker.stop()
@@ -185,6 +198,8 @@ def main(argv=None):
     print("median no page   %8.0f readings/s (runs: %s)" % (m0, ", ".join("%.0f" % r for r in res[0])))
     print("median pages open %7.0f readings/s (runs: %s)" % (m1, ", ".join("%.0f" % r for r in res[1])))
     print("ratio pages open / no page: %.2f" % (m1 / m0))
+    c0, c1 = statistics.median(cpu[0]), statistics.median(cpu[1])
+    print("gateway CPU per reading: %.2f us no page, %.2f us pages open (ratio %.2f)" % (c0, c1, c1 / c0))
     return 0
 
 
