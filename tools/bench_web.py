@@ -24,8 +24,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
-from gateway.service import Gateway  # noqa: E402
-from tools.bench_gateway import gateway_cfg, raw_publish, start_broker, workload  # noqa: E402
+from tools.bench_gateway import _run_gateway, gateway_cfg, raw_publish, start_broker, workload  # noqa: E402
 from tools.broker import free_port  # noqa: E402
 
 PAGE = r"""
@@ -100,35 +99,13 @@ class Pages:
         return str(ups)
 
 
-async def _drain(cfg, n_readings):
-    gw = Gateway(cfg)
-    task = asyncio.ensure_future(gw.run())
-    while gw.ingest is None or not gw.ingest.connected.is_set():
-        await asyncio.sleep(0.005)
-        if task.done():
-            task.result()
-    t0 = time.perf_counter()
-    while not (gw.stats.readings >= n_readings and (gw._commit_task is None or gw._commit_task.done())
-               and not gw.out.records and not gw.out.mids):
-        await asyncio.sleep(0.002)
-        if task.done():
-            task.result()
-        if time.perf_counter() - t0 > 600:
-            raise RuntimeError("drain did not finish")
-    dt = time.perf_counter() - t0
-    updates = gw.web.updates if gw.web else 0
-    gw.stop()
-    await task
-    return dt, updates
-
-
 def one_run(port, tmp, name, msgs, n_readings, pages, browser, update_ms):
     db = os.path.join(tmp, name + ".db")
     cfg = gateway_cfg(port, db, "FULL")
     cfg["mqtt"]["client_id"] = "bench-web-" + name
     wport = free_port()
     cfg["web"] = {"port": wport, "update_ms": update_ms}
-    asyncio.run(_register(cfg))
+    asyncio.run(_run_gateway(dict(cfg, web={"port": 0}), register_only=True))
     raw_publish(port, msgs, "pub-" + name)
     time.sleep(0.2)
     pg = Pages(wport, pages, browser) if pages else None
@@ -136,11 +113,11 @@ def one_run(port, tmp, name, msgs, n_readings, pages, browser, update_ms):
         if pg is not None and browser:
             pg.t.join(120)  # tabs loaded (they keep updating during the drain)
         c0 = _cpu()
-        dt, updates = asyncio.run(_drain(cfg, n_readings))
+        dt = asyncio.run(_run_gateway(cfg, until_readings=n_readings))["seconds"]
         cpu = _cpu() - c0
     finally:
         seen = pg.close() if pg is not None else ""
-    return n_readings / dt, dt, updates, seen, cpu
+    return n_readings / dt, dt, seen, cpu
 
 
 def _cpu():
@@ -149,16 +126,6 @@ def _cpu():
     import resource
     r = resource.getrusage(resource.RUSAGE_SELF)
     return r.ru_utime + r.ru_stime
-
-
-async def _register(cfg):
-    gw = Gateway(dict(cfg, web={"port": 0}))
-    task = asyncio.ensure_future(gw.run())
-    while gw.ingest is None or not gw.ingest.connected.is_set():
-        await asyncio.sleep(0.005)
-    await asyncio.sleep(0.3)
-    gw.stop()
-    await task
 
 
 def main(argv=None):
@@ -185,13 +152,13 @@ def main(argv=None):
         for i in range(a.pairs):
             for open_ in ((0, 1) if i % 2 == 0 else (1, 0)):
                 msgs = workload(a.devices, a.msgs, a.per_msg, prefix="edgeflow")
-                rate, dt, updates, seen, c = one_run(port, tmp, "r%d%d" % (i, open_), msgs, n,
+                rate, dt, seen, c = one_run(port, tmp, "r%d%d" % (i, open_), msgs, n,
                                                   a.pages if open_ else 0, a.browser, a.update_ms)
                 res[open_].append(rate)
                 cpu[open_].append(c / n * 1e6)
                 print("run %d %-10s %8.0f readings/s committed (%.2f s, gateway CPU %.2f s = %.2f us/reading)%s" % (
                     i, "pages open" if open_ else "no page", rate, dt, c, c / n * 1e6,
-                    "  %d updates pushed, events per page %s" % (updates, seen) if open_ else ""), flush=True)
+                    "  updates per page %s" % seen if open_ else ""), flush=True)
     finally:
         broker.stop()
     m0, m1 = statistics.median(res[0]), statistics.median(res[1])
