@@ -163,6 +163,15 @@ RETENTION = (
 _PER_DEVICE = ("readings", "device_windows", "device_status")
 
 
+def prune_sql(table, col):
+    """One bounded DELETE. Per-device tables go device by device through their (device, t)
+    index (CROSS JOIN keeps devices the outer loop: a seek per device, never a full scan)."""
+    if table in _PER_DEVICE:
+        return ("DELETE FROM %s WHERE rowid IN (SELECT x.rowid FROM devices d CROSS JOIN %s x "
+                "ON x.device = d.device AND x.%s < ? LIMIT ?)" % (table, table, col))
+    return "DELETE FROM %s WHERE rowid IN (SELECT rowid FROM %s WHERE %s < ? LIMIT ?)" % (table, table, col)
+
+
 class Store:
     def __init__(self, path, synchronous="FULL"):
         self.path = path
@@ -198,11 +207,7 @@ class Store:
             cut = cutoffs.get(key)
             if not cut:
                 continue
-            if table in _PER_DEVICE:
-                sql = ("DELETE FROM %s WHERE rowid IN (SELECT x.rowid FROM devices d JOIN %s x "
-                       "ON x.device = d.device AND x.%s < ? LIMIT ?)" % (table, table, col))
-            else:
-                sql = "DELETE FROM %s WHERE rowid IN (SELECT rowid FROM %s WHERE %s < ? LIMIT ?)" % (table, table, col)
+            sql = prune_sql(table, col)
             n = 0
             while True:
                 cur = await self.db.execute(sql, (cut, batch))

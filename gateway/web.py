@@ -214,6 +214,9 @@ class WebView:
         resp = await handler(request)
         resp.headers.setdefault("Cache-Control", "no-store")
         resp.headers["X-Content-Type-Options"] = "nosniff"
+        # only our own scripts run: what the page shows from devices is text, never markup
+        resp.headers["Content-Security-Policy"] = ("default-src 'self'; style-src 'self' 'unsafe-inline'; "
+                                                   "img-src 'self' data:; frame-ancestors 'none'")
         return resp
 
     def _authorized(self, request):
