@@ -14,6 +14,7 @@ import argparse
 import asyncio
 import os
 import signal
+import socket
 import statistics
 import subprocess
 import sys
@@ -63,8 +64,11 @@ class Pages:
         self.drivers = []
         self.proc = None
         self.n = n
-        if browser:
+        if browser:  # chromium starts now; the tabs load once the gateway's web view is up
+            import pathlib
             import threading
+            from tests.test_web_browser import _browser
+            self.drivers = [_browser(pathlib.Path(tempfile.mkdtemp(prefix="bench-web-chrome-"))) for _ in range(n)]
             self.t = threading.Thread(target=self._open_browsers, args=(port,), daemon=True)
             self.t.start()
         else:
@@ -72,18 +76,15 @@ class Pages:
                                          stdin=subprocess.PIPE, stdout=subprocess.PIPE)
 
     def _open_browsers(self, port):
-        from tests.test_web_browser import _browser
-        import pathlib
-        for i in range(self.n):
-            d = _browser(pathlib.Path(tempfile.mkdtemp(prefix="bench-web-chrome-")))
-            self.drivers.append(d)
+        for d in self.drivers:
             d.set_page_load_timeout(30)
-            while True:
+            while True:  # the gateway (and its web view) starts with the drain
                 try:
-                    d.get("http://127.0.0.1:%d/" % port)
+                    socket.create_connection(("127.0.0.1", port), 0.5).close()
                     break
-                except Exception:  # noqa: BLE001 - the web view is not up yet
-                    time.sleep(0.05)
+                except OSError:
+                    time.sleep(0.02)
+            d.get("http://127.0.0.1:%d/" % port)
 
     def close(self):
         if self.proc is not None:
@@ -110,8 +111,6 @@ def one_run(port, tmp, name, msgs, n_readings, pages, browser, update_ms):
     time.sleep(0.2)
     pg = Pages(wport, pages, browser) if pages else None
     try:
-        if pg is not None and browser:
-            pg.t.join(120)  # tabs loaded (they keep updating during the drain)
         c0 = _cpu()
         dt = asyncio.run(_run_gateway(cfg, until_readings=n_readings))["seconds"]
         cpu = _cpu() - c0
