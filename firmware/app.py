@@ -80,7 +80,8 @@ class App:
         self._raw = cfg["raw"]["send"]
         self._every = cfg["raw"]["every"]
         self._n = 0
-        self.uplink = Uplink(cfg, hal, self.outbox, self.clock, self.fw)
+        hal.use_tls(cfg["broker"].get("tls"))
+        self.uplink = Uplink(cfg, hal, self.outbox, self.clock, self.fw, instance=self.identity.instance)
         hal.console("edgeflow boot device=%s boot=%d fw=%s" % (cfg["device_id"], self.boot, self.fw))
         if self.outbox.torn:
             hal.console("outbox: %d torn segment tail(s) skipped" % self.outbox.torn)

@@ -8,7 +8,7 @@
 # (window, rules, anomaly, cep, ring, pipeline) are checked for type only and passed through.
 import json
 
-from shared import wire
+from shared import auth, wire
 
 
 class ConfigError(ValueError):
@@ -49,6 +49,7 @@ _TOP = (
     ("sample_ms", "int", 1000, 10, 3600000),
     ("status_every_s", "int", 60, 0, 86400),
     ("watchdog_ms", "int", 30000, 0, 600000),
+    ("insecure", "bool", False, None, None),
 )
 _SECTIONS = ("broker", "wifi", "raw", "outbox", "uplink", "clock")
 _PASS = {"window": (dict,), "rules": (list,), "anomaly": (dict,), "ring": (dict, int), "count_window": (int,)}
@@ -95,7 +96,7 @@ def load(src):
         for t in _TOP:
             if t[0] == k:
                 known = True
-        if k == "channels":
+        if k == "channels" or k == "ack_key":
             known = True
         if not known:
             raise ConfigError(k, "unknown field (typo?)")
@@ -108,6 +109,14 @@ def load(src):
     except wire.WireError:
         raise ConfigError("device_id", "must be 1..32 of A-Z a-z 0-9 _ - (got %r)" % (dev,))
     cfg["device_id"] = dev
+    # authenticated acks (docs/wire.md): 32-byte key as 64 hex chars, from edgeflow-provision
+    key = src.get("ack_key")
+    if key is not None:
+        try:
+            auth.parse_key(key)
+        except ValueError:
+            raise ConfigError("ack_key", "must be 64 hex characters (got %r)" % (key if not isinstance(key, str) else "%d chars" % len(key),))
+        cfg["ack_key"] = key
     for key, kind, default, lo, hi in _TOP:
         cfg[key] = _check(key, src.get(key, default), kind, lo, hi)
     try:
@@ -123,7 +132,7 @@ def load(src):
             raise ConfigError(sec, "must be an object")
         known = [f[1] for f in _FIELDS if f[0] == sec]
         if sec == "broker":
-            known += ["host", "user", "password", "client_id"]
+            known += ["host", "user", "password", "client_id", "tls"]
         if sec == "wifi":
             known += ["ssid", "password"]
         for k in v:
@@ -142,6 +151,7 @@ def load(src):
             cfg["broker"][k] = _check("broker." + k, b[k], "str", 0, 128)
     cid = b.get("client_id", dev)
     cfg["broker"]["client_id"] = _check("broker.client_id", cid, "str", 1, 64)
+    _check_tls(cfg, b)
     w = src.get("wifi", {})
     cfg["wifi"]["ssid"] = _check("wifi.ssid", w.get("ssid", ""), "str", 0, 32)
     pw = _check("wifi.password", w.get("password", ""), "str", 0, 64)
@@ -195,6 +205,34 @@ def load(src):
             cfg[k] = src[k]
     _check_pipeline(cfg)
     return cfg
+
+
+def _check_tls(cfg, b):
+    """broker.tls = {"ca": "/ca.pem", "server_hostname": "name in the broker certificate"}.
+    Secure by default: TLS and MQTT credentials are required unless "insecure": true."""
+    t = b.get("tls")
+    if t is not None:
+        if not isinstance(t, dict):
+            raise ConfigError("broker.tls", "must be an object {ca, server_hostname}")
+        for k in t:
+            if k not in ("ca", "server_hostname"):
+                raise ConfigError("broker.tls." + str(k), "unknown field (typo?)")
+        ca = _check("broker.tls.ca", t.get("ca"), "str", 2, 64) if "ca" in t else None
+        if ca is None or ca[0] != "/" or ".." in ca:
+            raise ConfigError("broker.tls.ca", "must be the CA file's path on the board, like \"/ca.pem\" (got %r)"
+                              % (ca,))
+        name = _check("broker.tls.server_hostname", t.get("server_hostname", cfg["broker"]["host"]), "str", 1, 253)
+        cfg["broker"]["tls"] = {"ca": ca, "server_hostname": name}
+    if not cfg["insecure"]:
+        if t is None:
+            raise ConfigError("broker.tls", "is required (TLS to the broker; edgeflow-provision writes it) "
+                              "unless \"insecure\": true")
+        if not b.get("user") or not b.get("password"):
+            raise ConfigError("broker.user", "user and password are required (edgeflow-provision) "
+                              "unless \"insecure\": true")
+        if "ack_key" not in cfg:
+            raise ConfigError("ack_key", "is required (authenticated acks; edgeflow-provision writes it) "
+                              "unless \"insecure\": true")
 
 
 def channel_map(cfg):

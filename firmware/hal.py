@@ -13,7 +13,7 @@
 #   fs                                      tiny filesystem: open/rename/remove/listdir/stat/mkdir
 #   wifi_connect(ssid, pw) / wifi_connected()
 #   ntp() -> epoch ms or None               one NTP query (None when unreachable)
-#   open_connection(host, port)            asyncio streams (reader, writer)
+#   open_connection(host, port)            asyncio streams (reader, writer); TLS when use_tls() set it
 #   led(on), button() -> bool, wdt_start(ms), wdt_feed(), reset(), mem_free(), mem_alloc(), rand(n)
 import os
 import time
@@ -24,6 +24,27 @@ CH_TEMP = 0  # DHT22 temperature, degC * 1000
 CH_HUM = 1  # DHT22 relative humidity, % * 1000
 CH_POT = 2  # potentiometer, % of full scale * 1000
 CHANNELS = {"temp": CH_TEMP, "hum": CH_HUM, "pot": CH_POT}
+
+# ---------------------------------------------------------------- network
+
+
+async def open_stream(host, port, tls=None, fs=None):
+    """asyncio streams to host:port. With tls ({"ca": path, "server_hostname": name}) the session
+    trusts only that CA (read from fs at each connect: nothing stays in RAM between sessions) and
+    checks the name. The same code runs on MicroPython 1.23+ (ssl over mbedTLS) and CPython."""
+    if not tls:
+        return await asyncio.open_connection(host, port)
+    import ssl
+    f = fs.open(tls["ca"].lstrip("/"), "rb")
+    try:
+        ca = f.read()
+    finally:
+        f.close()
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    ctx.verify_mode = ssl.CERT_REQUIRED
+    ctx.load_verify_locations(cadata=ca.decode())  # PEM text: both runtimes accept it as str
+    return await asyncio.open_connection(host, port, ssl=ctx, server_hostname=tls.get("server_hostname") or host)
+
 
 # ---------------------------------------------------------------- portable time helpers
 
@@ -150,8 +171,13 @@ class Hal:
     def ntp(self, host=None):
         return None
 
+    tls = None  # config broker.tls: {"ca": path on self.fs, "server_hostname": name}
+
+    def use_tls(self, tls):
+        self.tls = tls or None
+
     async def open_connection(self, host, port):
-        return await asyncio.open_connection(host, port)
+        return await open_stream(host, port, self.tls, self.fs)
 
     def led(self, on):
         pass

@@ -446,7 +446,7 @@ class SimHal(_hal.Hal):
     async def open_connection(self, host, port):
         if not self.wifi_up:
             raise OSError(113, "EHOSTUNREACH (simulated Wi-Fi down)")
-        r, w = await asyncio.open_connection(host, port)
+        r, w = await _hal.open_stream(host, port, self.tls, self.fs)
         self.connections = [c for c in self.connections if not _closing(c)]
         self.connections.append(w)
         return r, w

@@ -1,4 +1,4 @@
-# Device identity on flash: the boot counter, and a power-cut-safe two-slot store.
+# Device identity on flash: the boot counter and instance id, and a power-cut-safe two-slot store.
 #
 # Slots: two small files <name>.0 / <name>.1, each `gen u32 | len u16 | payload | crc32 u32`.
 # A write goes to the slot NOT holding the newest valid generation, so a power cut at any byte
@@ -65,8 +65,22 @@ class Slots:
         self.slot = slot
 
 
+def rand32():
+    """A random non-zero u32: the hardware RNG where there is one (ESP32, CPython)."""
+    import os
+    try:
+        b = os.urandom(4)
+        v = (b[0] << 24) | (b[1] << 16) | (b[2] << 8) | b[3]
+    except AttributeError:  # MicroPython builds without os.urandom (the wasm port)
+        import random
+        v = random.getrandbits(32)
+    return v or 1
+
+
 class Identity:
-    """The flash boot counter. `Identity(fs).boot` is this boot's number (1 on a fresh device).
+    """The flash boot counter and instance id. `Identity(fs).boot` is this boot's number (1 on a
+    fresh device); `.instance` a random u32 made when the counter slots are created (a fresh or
+    re-flashed device gets a new one; docs/wire.md "Instance id"), kept for the device's life.
 
     Incremented once per construction (= once per boot). If the power is cut while the
     counter is written, the old value stays valid and that aborted boot produced no records,
@@ -76,9 +90,11 @@ class Identity:
     def __init__(self, fs, name="boot"):
         self.slots = Slots(fs, name)
         raw = self.slots.load()
-        prev = struct.unpack(">I", raw)[0] if raw is not None and len(raw) == 4 else 0
+        prev = struct.unpack(">I", raw[:4])[0] if raw is not None and len(raw) in (4, 8) else 0
+        inst = struct.unpack(">I", raw[4:])[0] if raw is not None and len(raw) == 8 else 0
+        self.instance = inst or rand32()  # a 4-byte slot (older firmware) gets one now
         self.boot = (prev + 1) & 0xFFFFFFFF or 1
-        self.slots.store(struct.pack(">I", self.boot))
+        self.slots.store(struct.pack(">II", self.boot, self.instance))
         self.seq = 0
 
     def next_seq(self):

@@ -659,6 +659,16 @@ class Outbox:
                 return s.boot, (s.first if s.first > a else a + 1)
         return self.boot, self.seq
 
+    def floor(self):
+        """The hello's floor (docs/wire.md): the oldest (boot, seq) still held anywhere, flash or
+        RAM batch, and not acked; (boot, next seq) when nothing is held."""
+        b, s = self.oldest()
+        if self._pend_n and b == self.boot:
+            p = struct.unpack_from(">I", self._buf, 7)[0]  # first frame of the RAM batch
+            if p < s:
+                s = p
+        return b, s
+
     # ------------------------------------------------------------ sessions, backlog replay
 
     def begin_session(self):

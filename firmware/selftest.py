@@ -48,8 +48,8 @@ def check_wire_rejects_garbage():
 
 def check_wire_ack():
     w = _need("shared.wire", "encode_ack", "decode_ack")
-    a = w.decode_ack(w.encode_ack(4, 99, 1700000000123, 50, True))
-    assert a[0] == 4 and a[1] == 99 and a[3] == 50 and a[4], a
+    a = w.decode_ack(w.encode_ack("n", 4, 99, 1700000000123, 50, 7, b"k" * 32, True))
+    assert a[0] == 4 and a[1] == 99 and a[3] == 50 and a[4] and a[6] == 7, a
 
 
 def check_wire_topics():

@@ -1,33 +1,41 @@
 # The uplink: Wi-Fi -> MQTT session -> hello, live send, backlog replay within credits,
 # ack handling (outbox trim), time beacon (clock). Protocol: docs/firmware.md "Uplink".
 #
+# - Hello (docs/wire.md "The hello contract"): floor = oldest record held anywhere (flash or
+#   RAM batch), instance id, and a fresh random nonce; signed with ack_key.
+# - Acks are authenticated: the MAC (ack_key over device id + every field) and the nonce of the
+#   latest hello (or the one before, for acks already in flight) must match, else the ack is
+#   counted in bad_acks and ignored. Time beacons older than the last accepted are ignored.
+# - The retained gateway state is only a hint (it is not signed): it triggers a hello; replay
+#   follows the signed acks' replay flag and credits alone.
 # - Live records (flushed to flash during this session, seq >= the hello's next_seq) are sent
 #   as they come.
 # - Backlog (stored but not sent in this session: outages, earlier boots) is replayed oldest
-#   first, only while the gateway's retained state says online, the latest ack's replay flag
-#   is set, and within the credits granted by acks (additive grants; an ack with replay 0
+#   first, only while the latest ack's replay flag is set, and within the credits granted by acks (additive grants; an ack with replay 0
 #   drops the allowance).
 # - Acks: every record of (boot, seq <= acked) is committed -> outbox.on_ack trims flash.
 # - Resend: unacked records are replayed again after a reconnect, or when acks make no
 #   progress for resend_ms while records are outstanding (gateway dedup absorbs duplicates).
-# - Liveness: backlog held, replay allowed (gateway online, replay flag set) but no credits
+# - Liveness: backlog held, replay allowed (replay flag set) but no credits
 #   and no ack for resend_ms -> a fresh hello (at most once per resend_ms), so a gateway that
 #   lost track of the device re-admits it and grants again.
 # - Reconnect: exponential backoff with full jitter; Wi-Fi and broker outages are separate
 #   states. Nothing here blocks sampling: every wait is an asyncio sleep.
 import asyncio
 
-from shared import wire
+from shared import auth, wire
 from firmware.mqtt import MQTTClient
 from firmware.backoff import Backoff
 from firmware.hal import ticks_ms, ticks_diff, sleep_ms
+from firmware.identity import rand32
 
 
 _MAX_CREDITS = 1 << 24
+_GW_HELLO_MS = 1000  # hellos triggered by the (unsigned) gateway state: at most one per second
 
 
 class Uplink:
-    def __init__(self, cfg, hal, outbox, clock, fw, console=None):
+    def __init__(self, cfg, hal, outbox, clock, fw, console=None, instance=1):
         self.cfg = cfg
         self.hal = hal
         self.outbox = outbox
@@ -35,6 +43,12 @@ class Uplink:
         self.fw = fw
         self.console = console or hal.console
         self.dev = cfg["device_id"]
+        self.devb = self.dev.encode()
+        k = cfg.get("ack_key")
+        self.key = auth.Hmac(auth.parse_key(k)) if k else None  # None only with "insecure": true
+        self.instance = instance
+        self.nonce = self.prev_nonce = 0  # 0: no hello yet (a nonce is never 0)
+        self._beacon = None  # gw_time of the last accepted time beacon
         self.topics = wire.Topics(cfg["prefix"])
         self.t_ack = self.topics.ack(self.dev)
         self.t_data = self.topics.data(self.dev)
@@ -64,7 +78,8 @@ class Uplink:
         # counters
         self.c = {"connects": 0, "connect_failures": 0, "reconnects": 0, "wifi_outages": 0,
                   "msgs": 0, "sent": 0, "live": 0, "replayed": 0, "acks": 0, "bad_msgs": 0,
-                  "rewinds": 0, "hellos": 0, "encode_errors": 0, "beacons": 0, "stall_hellos": 0}
+                  "rewinds": 0, "hellos": 0, "encode_errors": 0, "beacons": 0, "stall_hellos": 0,
+                  "bad_acks": 0, "old_beacons": 0}
 
     # ------------------------------------------------------------ incoming
 
@@ -72,6 +87,9 @@ class Uplink:
         try:
             if topic == self.t_ack:
                 a = wire.decode_ack(payload)
+                if not self.ack_ok(payload, a[6]):
+                    self.c["bad_acks"] += 1
+                    return
                 if len(self._acks) >= 32:
                     self._acks.pop(0)  # acks are cumulative: the newest ones matter
                 self._acks.append(a)
@@ -84,8 +102,14 @@ class Uplink:
         except wire.WireError:
             self.c["bad_msgs"] += 1
 
+    def ack_ok(self, payload, nonce):
+        """Forged (bad MAC) or replayed (nonce of an older hello) acks are refused."""
+        if nonce == 0 or (nonce != self.nonce and nonce != self.prev_nonce):
+            return False
+        return self.key is None or wire.ack_mac_ok(payload, self.devb, self.key)
+
     def handle_ack(self, a):
-        boot, seq, gw_time, credits, replay, flags = a
+        boot, seq, gw_time, credits, replay, flags, _nonce = a
         self.c["acks"] += 1
         self._ack_at = ticks_ms()
         if not flags & wire.ACK_NONE:
@@ -99,8 +123,12 @@ class Uplink:
             self.credits = 0
         self.replay = replay
         if gw_time is not None:
-            self.c["beacons"] += 1
-            self.clock.set_time(gw_time, "gw")
+            if self._beacon is not None and gw_time < self._beacon:
+                self.c["old_beacons"] += 1  # an older (replayed) ack must not step the clock back
+            else:
+                self._beacon = gw_time
+                self.c["beacons"] += 1
+                self.clock.set_time(gw_time, "gw")
         self.backoff.reset()
 
     def outstanding(self):
@@ -112,9 +140,15 @@ class Uplink:
     # ------------------------------------------------------------ outgoing
 
     async def hello(self):
-        b, s = self.outbox.oldest()
+        ob = self.outbox
+        b, s = ob.floor()
         now = self.clock.now() or 0
-        p = wire.encode_hello(self.dev, self.outbox.boot, self.outbox.seq, now, self.outbox.unacked(), b, s, self.fw)
+        n = rand32()
+        while n == self.nonce:
+            n = rand32()
+        self.prev_nonce = self.nonce
+        self.nonce = n
+        p = wire.encode_hello(self.dev, ob.boot, ob.seq, now, ob.unacked(), b, s, self.instance, n, self.fw, self.key)
         self._hello_at = ticks_ms()
         await self.client.publish(self.topics.hello(self.dev), p, 1)
         self.c["hellos"] += 1
@@ -122,7 +156,7 @@ class Uplink:
     def stalled(self, now):
         """Backlog held, replay allowed, no credits, and neither an ack nor a hello for
         resend_ms: the gateway may have lost track of this device."""
-        return (self.credits <= 0 and self.gw_online and self.replay and self.outbox.has_backlog()
+        return (self.credits <= 0 and self.replay and self.outbox.has_backlog()
                 and ticks_diff(now, self._ack_at) >= self.resend_ms
                 and ticks_diff(now, self._hello_at) >= self.resend_ms)
 
@@ -251,7 +285,7 @@ class Uplink:
                 break
             while self._acks:
                 self.handle_ack(self._acks.pop(0))
-            if self._gw_changed:
+            if self._gw_changed and ticks_diff(ticks_ms(), self._hello_at) >= _GW_HELLO_MS:
                 self._gw_changed = False
                 if self.gw_online:
                     await self.hello()
@@ -261,7 +295,7 @@ class Uplink:
             if live:
                 await self.send(live)
                 self.c["live"] += len(live)
-            if self.gw_online and self.replay and self.credits > 0 and self.outbox.has_backlog():
+            if self.replay and self.credits > 0 and self.outbox.has_backlog():
                 n = self.credits if self.credits < self.batch_max else self.batch_max
                 recs = self.outbox.read_backlog(n)
                 if recs:

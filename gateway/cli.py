@@ -47,6 +47,8 @@ def build_parser():
     r.add_argument("--metrics-port", type=int, help="Prometheus port (0 disables), overrides metrics.port")
     r.add_argument("--log-format", choices=("kv", "json"), help="overrides log.format")
     r.add_argument("--check", action="store_true", help="validate the config, print it as JSON and exit")
+    r.add_argument("--insecure", action="store_true",
+                   help="allow no TLS / MQTT credentials / devices file (overrides security.insecure)")
     s = sub.add_parser("status", help="devices, watermark lag, backlog, drops, recent alerts (from the database)")
     s.add_argument("--db", default=None, help="SQLite path (default: $%s, store.path of --config, or edgeflow.db)"
                    % ENV_DB)
@@ -106,11 +108,14 @@ def _load(args):
         ov["metrics.port"] = args.metrics_port
     if getattr(args, "log_format", None):
         ov["log.format"] = args.log_format
+    if getattr(args, "insecure", False):
+        ov["security.insecure"] = True
     return Config.load(args.config, ov)
 
 
 def cmd_run(args):
     cfg = _load(args)
+    cfg.check_secure()
     if args.check:
         print(json.dumps(cfg.as_dict(), indent=2))
         return 0

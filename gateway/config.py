@@ -30,6 +30,18 @@ SCHEMA = {
         "queue_size": (1000, int, (10, 100000), "bounded ingest queue (messages); reading pauses when full"),
         "buffered_reads": (True, bool, None, "read the socket in 64 KiB chunks instead of paho's byte-per-syscall header reads"),
         "reconnect_max_s": (10.0, float, (0.1, 600), "cap of the reconnect backoff"),
+        "username": ("", str, None, "MQTT user name (edgeflow-provision: gateway/gateway.toml); with the broker's use_username_as_clientid it is also the client id"),
+        "password_file": ("", str, None, "file holding the MQTT password (mode 0600); env EDGEFLOW_MQTT_PASSWORD overrides it"),
+        "tls_ca": ("", str, None, "CA certificate (PEM) the broker's certificate must chain to; empty = plaintext (needs [security] insecure)"),
+        "tls_cert": ("", str, None, "client certificate (PEM) if the broker asks for one"),
+        "tls_key": ("", str, None, "private key of tls_cert"),
+        "tls_server_name": ("", str, None, "name checked in the broker's certificate (default: host)"),
+    },
+    "devices": {
+        "file": ("", str, None, "device registry (JSON, 0600: ids and ack keys, from edgeflow-provision); env EDGEFLOW_DEVICES_FILE overrides it; data from other ids is quarantined as unprovisioned"),
+    },
+    "security": {
+        "insecure": (False, bool, None, "allow running without TLS, MQTT credentials or a devices file (tests of that set-up only)"),
     },
     "store": {
         "path": ("edgeflow.db", str, None, "SQLite database file"),
@@ -158,6 +170,44 @@ class Config:
             wire.Topics(self.mqtt.prefix)
         except wire.WireError as e:
             raise ConfigError("mqtt.prefix: %s" % e)
+        env = os.environ.get("EDGEFLOW_DEVICES_FILE")
+        if env:
+            self.devices.file = env
+        if bool(self.mqtt.tls_cert) != bool(self.mqtt.tls_key):
+            raise ConfigError("mqtt.tls_cert and mqtt.tls_key go together")
+
+    def mqtt_password(self):
+        """The MQTT password: env EDGEFLOW_MQTT_PASSWORD, else the first line of mqtt.password_file."""
+        env = os.environ.get("EDGEFLOW_MQTT_PASSWORD")
+        if env:
+            return env
+        if not self.mqtt.password_file:
+            return None
+        try:
+            with open(self.mqtt.password_file) as f:
+                return f.readline().strip()
+        except OSError as e:
+            raise ConfigError("mqtt.password_file: cannot read %s (%s)" % (self.mqtt.password_file, e.strerror))
+
+    def security_problems(self):
+        """What keeps this config from the secure set-up (empty when it is secure)."""
+        out = []
+        if not self.mqtt.tls_ca:
+            out.append("mqtt.tls_ca (TLS to the broker)")
+        if not self.mqtt.username:
+            out.append("mqtt.username")
+        if not (os.environ.get("EDGEFLOW_MQTT_PASSWORD") or self.mqtt.password_file):
+            out.append("mqtt.password_file or env EDGEFLOW_MQTT_PASSWORD")
+        if not self.devices.file:
+            out.append("devices.file (the device registry) or env EDGEFLOW_DEVICES_FILE")
+        return out
+
+    def check_secure(self):
+        """Refuse an insecure set-up unless [security] insecure = true says it is meant."""
+        missing = self.security_problems()
+        if missing and not self.security.insecure:
+            raise ConfigError("refusing to run without %s: run edgeflow-provision (docs/security.md) "
+                              "or set [security] insecure = true" % ", ".join(missing))
 
     @classmethod
     def load(cls, path=None, overrides=None):
@@ -184,6 +234,27 @@ class Config:
         out["windows"]["groups"] = [{"name": g.name, "devices": sorted(g.devices) if g.devices else ["*"],
                                      "channel": g.channel} for g in self.windows.groups]
         return out
+
+
+def device_ids(path):
+    """The ids in a devices file ({"version": 1, "devices": {id: {...}}}, docs/security.md).
+    Only the ids: the ack keys are read by the ack signer."""
+    import json
+    try:
+        with open(path, "rb") as f:
+            data = json.load(f)
+    except OSError as e:
+        raise ConfigError("devices.file: cannot read %s (%s)" % (path, e.strerror))
+    except ValueError as e:
+        raise ConfigError("devices.file: %s is not valid JSON (%s)" % (path, e))
+    if not isinstance(data, dict) or data.get("version") != 1 or not isinstance(data.get("devices"), dict):
+        raise ConfigError("devices.file: %s must be {\"version\": 1, \"devices\": {...}}" % path)
+    for dev in data["devices"]:
+        try:
+            wire.check_device_id(dev)
+        except wire.WireError:
+            raise ConfigError("devices.file: bad device id %r in %s" % (dev, path))
+    return frozenset(data["devices"])
 
 
 def _check(name, v, typ, check):

@@ -12,20 +12,37 @@ filled (by the missing records or a gap record). State stays bounded by
 `window` bits per boot and `max_boots` boots per device.
 
 Boots below a device's `min_boot` are retired: every record of them is a
-duplicate. The device's hello retires boots below its oldest backlog boot.
+duplicate. The device's hello retires boots below its floor boot (docs/wire.md,
+"The hello contract").
+
+Incarnations: a device's flash identity has a random `instance` id (hello). A
+hello with a new instance for a known device means its flash was erased (re-flash):
+its old boots can never come back, and its boot counter restarts at 1, so the
+device's whole state starts afresh (`reflashes` counts it). Instances retired that
+way are remembered (the last MAX_RETIRED): a hello from one of them is refused.
 """
 
 NEW = 0
 DUP = 1
 BEYOND = 2
 
+SAME = "same"
+ADOPTED = "adopted"  # first instance seen for the device (new device, or state from wire v1)
+REFLASH = "reflash"
+RETIRED = "retired"
+MAX_RETIRED = 8
+
 
 class _Dev:
-    __slots__ = ("min_boot", "boots")
+    __slots__ = ("min_boot", "boots", "instance", "nonce", "retired", "reflashes")
 
     def __init__(self, min_boot=0):
         self.min_boot = min_boot
         self.boots = {}  # boot -> [hwm, bits]
+        self.instance = 0  # 0: not known yet
+        self.nonce = 0  # of the latest accepted hello; acks echo it (0: none, send no acks)
+        self.retired = ()  # earlier instances (re-flashed away), newest last
+        self.reflashes = 0
 
 
 def _normalise(st):
@@ -45,7 +62,9 @@ class Dedup:
         self.dirty = set()  # (dev, boot) changed since the last export
         self.removed = set()  # (dev, boot) retired since the last export
         self.dirty_devs = set()  # min_boot changed
+        self.dirty_ids = set()  # instance / nonce / retired changed
         self.evicted_boots = 0
+        self.reflashes = 0
 
     # ------------------------------------------------------------ lookups
 
@@ -145,9 +164,13 @@ class Dedup:
             return 0
         if first <= hwm + 1:
             span = last - hwm
-            below = st[1] & ((1 << span) - 1)
-            newly = span - bin(below).count("1")
-            st[1] >>= span
+            if span > self.window:  # the whole bitmap lies below last (no 2**span mask)
+                newly = span - bin(st[1]).count("1")
+                st[1] = 0
+            else:
+                below = st[1] & ((1 << span) - 1)
+                newly = span - bin(below).count("1")
+                st[1] >>= span
             st[0] = last
             _normalise(st)
         else:
@@ -162,22 +185,66 @@ class Dedup:
             self.dirty.add((dev, boot))
         return newly
 
-    def hello(self, dev, oldest_boot, oldest_seq):
-        """The device holds nothing older than (oldest_boot, oldest_seq).
-
-        Retires older boots and raises the mark of oldest_boot to oldest_seq - 1.
-        Returns how many seqs were accounted only by this (never received, no gap record).
-        """
+    def _dev(self, dev):
         d = self.devs.get(dev)
         if d is None:
             d = self.devs[dev] = _Dev()
             self.dirty_devs.add(dev)
-        if oldest_boot < d.min_boot:
+        return d
+
+    def hello(self, dev, floor_boot, floor_seq):
+        """The device will never send a record below its floor (floor_boot, floor_seq) again.
+
+        Retires older boots and raises the mark of floor_boot to floor_seq - 1.
+        Returns how many seqs were accounted only by this (never received, no gap record).
+        """
+        d = self._dev(dev)
+        if floor_boot < d.min_boot:
             return 0  # a stale hello: newer information is already in
-        self._retire_below(dev, d, oldest_boot)
-        if oldest_seq > 0:
-            return self.mark_range(dev, oldest_boot, 0, oldest_seq, limit=False) or 0
+        self._retire_below(dev, d, floor_boot)
+        if floor_seq > 0:
+            return self.mark_range(dev, floor_boot, 0, floor_seq, limit=False) or 0
         return 0
+
+    def incarnation(self, dev, instance):
+        """Classify a hello's instance id: SAME, ADOPTED (first one seen), REFLASH (new
+        flash identity: the device's state restarts; returns after the reset) or RETIRED
+        (an instance re-flashed away: refuse the hello)."""
+        d = self._dev(dev)
+        if instance == d.instance:
+            return SAME
+        if instance in d.retired:
+            return RETIRED
+        self.dirty_ids.add(dev)
+        if d.instance == 0:
+            d.instance = instance
+            return ADOPTED
+        d.retired = (d.retired + (d.instance,))[-MAX_RETIRED:]
+        d.instance = instance
+        d.nonce = 0
+        d.reflashes += 1
+        self.reflashes += 1
+        for b in list(d.boots):
+            del d.boots[b]
+            self.dirty.discard((dev, b))
+            self.removed.add((dev, b))
+        d.min_boot = 0
+        self.dirty_devs.add(dev)
+        return REFLASH
+
+    def set_nonce(self, dev, nonce):
+        d = self._dev(dev)
+        if d.nonce != nonce:
+            d.nonce = nonce
+            self.dirty_ids.add(dev)
+
+    def nonce(self, dev):
+        d = self.devs.get(dev)
+        return 0 if d is None else d.nonce
+
+    def instance(self, dev):
+        d = self.devs.get(dev)
+        return 0 if d is None else d.instance
 
     def _retire_below(self, dev, d, boot):
         if boot <= d.min_boot:
@@ -204,6 +271,24 @@ class Dedup:
         self.removed = set()
         self.dirty_devs = set()
         return ups, dels, mins
+
+    def export_ids(self):
+        """Changed identity rows: (device, instance, nonce, retired as text, reflashes)."""
+        rows = []
+        for dev in self.dirty_ids:
+            d = self.devs.get(dev)
+            if d is not None:
+                rows.append((dev, d.instance, d.nonce, " ".join(str(i) for i in d.retired), d.reflashes))
+        self.dirty_ids = set()
+        return rows
+
+    def restore_ids(self, rows):
+        for dev, inst, nonce, retired, reflashes in rows:
+            d = self._dev(dev)
+            d.instance, d.nonce, d.reflashes = inst or 0, nonce or 0, reflashes or 0
+            d.retired = tuple(int(x) for x in (retired or "").split())[-MAX_RETIRED:]
+            self.reflashes += d.reflashes
+        self.dirty_devs = set()
 
     def restore(self, rows, min_boots):
         for dev, mb in min_boots.items():

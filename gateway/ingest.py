@@ -9,10 +9,15 @@ and only after the checkpoint holding their effects has committed.
 
 With buffered reads the socket is read 64 KiB at a time into a buffer paho
 consumes (paho itself reads each packet header a byte per system call).
+
+Security: TLS with the fleet CA pinned (mqtt.tls_ca) and the broker's name checked
+(mqtt.tls_server_name, default the host), user name and password (file or env). Without
+them the gateway refuses to start unless [security] insecure = true.
 """
 import asyncio
 import collections
 import random
+import ssl
 import time
 
 import paho.mqtt.client as mqtt
@@ -36,9 +41,14 @@ class _BufferedClient(mqtt.Client):
         if avail == 0:
             if self._sock is None:
                 raise ConnectionError("socket closed")
-            data = self._sock.recv(65536)  # BlockingIOError propagates: paho treats it as 'again'
+            try:
+                data = self._sock.recv(65536)  # BlockingIOError propagates: paho treats it as 'again'
+            except (ssl.SSLWantReadError, ssl.SSLWantWriteError) as e:  # TLS: no whole record yet
+                raise BlockingIOError() from e
             if not data:
                 return b""
+            if isinstance(self._sock, ssl.SSLSocket):
+                data = self._more_records(data)
             self._rbuf = data
             self._rpos = 0
             avail = len(data)
@@ -46,6 +56,21 @@ class _BufferedClient(mqtt.Client):
         p = self._rpos
         self._rpos = p + n
         return self._rbuf[p:p + n]
+
+    def _more_records(self, data):
+        """TLS returns one record per recv (mosquitto writes one per packet): gather what
+        has arrived, up to 64 KiB, so a read handles a batch of messages, as without TLS."""
+        parts, n = [data], len(data)
+        while n < 65536:
+            try:
+                more = self._sock.recv(65536 - n)
+            except (ssl.SSLWantReadError, ssl.SSLWantWriteError, BlockingIOError):
+                break
+            if not more:
+                break  # EOF: the next recv reports it
+            parts.append(more)
+            n += len(more)
+        return b"".join(parts) if len(parts) > 1 else data
 
     def buffered(self):
         return len(self._rbuf) - self._rpos
@@ -55,8 +80,34 @@ class _BufferedClient(mqtt.Client):
         self._rpos = 0
 
 
+class _NamedContext(ssl.SSLContext):
+    """Checks the broker's certificate against a fixed name even when paho connects by address
+    (paho passes its host as server_hostname)."""
+    server_name = None
+
+    def wrap_socket(self, sock, *a, **kw):
+        kw["server_hostname"] = self.server_name
+        return super().wrap_socket(sock, *a, **kw)
+
+
+def tls_context(m):
+    """SSLContext for [mqtt]: only the configured CA is trusted, the name is checked."""
+    from .config import ConfigError
+    ctx = _NamedContext(ssl.PROTOCOL_TLS_CLIENT)  # CERT_REQUIRED + check_hostname
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    ctx.server_name = m.tls_server_name or m.host
+    try:
+        ctx.load_verify_locations(cafile=m.tls_ca)
+        if m.tls_cert:
+            ctx.load_cert_chain(m.tls_cert, m.tls_key)
+    except (OSError, ssl.SSLError) as e:
+        raise ConfigError("mqtt.tls_ca/tls_cert/tls_key: %s" % e)
+    return ctx
+
+
 class Ingest:
     def __init__(self, cfg, stats, on_connected=None):
+        cfg.check_secure()
         self.cfg = cfg.mqtt
         self.stats = stats
         self.topics = wire.Topics(self.cfg.prefix)
@@ -67,6 +118,8 @@ class Ingest:
         self.on_connected = on_connected
         self.paused = False
         self.closing = False
+        self.tls_failures = 0  # broker certificate refused (wrong CA or name)
+        self.last_error = None
         self._sock = None
         self._misc = None
         self._reconnect = None
@@ -78,6 +131,10 @@ class Ingest:
         c.max_inflight_messages_set(0)
         c.max_queued_messages_set(0)
         c.will_set(self.topics.gw_state, wire.encode_state(False, gateway=True), qos=1, retain=True)
+        if self.cfg.username:
+            c.username_pw_set(self.cfg.username, cfg.mqtt_password())
+        if self.cfg.tls_ca:
+            c.tls_set_context(tls_context(self.cfg))
         c.on_connect = self._on_connect
         c.on_disconnect = self._on_disconnect
         c.on_message = self._on_message
@@ -99,6 +156,12 @@ class Ingest:
             try:
                 self.client.connect(self.cfg.host, self.cfg.port, keepalive=self.cfg.keepalive)
                 return
+            except ssl.SSLCertVerificationError as e:  # wrong CA or name: say so, keep retrying
+                self.tls_failures += 1
+                self.last_error = str(e)
+                logs.error("mqtt_tls_refused", host=self.cfg.host, port=self.cfg.port, error=str(e))
+                await asyncio.sleep(delay * (0.5 + random.random() / 2))
+                delay = min(delay * 2, self.cfg.reconnect_max_s)
             except OSError as e:
                 logs.warning("mqtt_connect_failed", host=self.cfg.host, port=self.cfg.port, error=str(e),
                              retry_s=round(delay, 2))
@@ -205,14 +268,21 @@ class Ingest:
     def _read(self):
         c = self.client
         c.loop_read()
-        # bytes left in our buffer never make the socket readable again: keep going
-        if not self.paused and self._sock is not None and isinstance(c, _BufferedClient) and c.buffered():
+        # bytes left in our buffer (or decrypted in the TLS layer) never make the socket
+        # readable again: keep going
+        if not self.paused and self._sock is not None and self._unread():
             self._loop.call_soon(self._read_more)
 
     def _read_more(self):
-        c = self.client
-        if not self.paused and self._sock is not None and c.buffered():
+        if not self.paused and self._sock is not None and self._unread():
             self._read()
+
+    def _unread(self):
+        c = self.client
+        if isinstance(c, _BufferedClient) and c.buffered():
+            return True
+        pending = getattr(self._sock, "pending", None)  # ssl.SSLSocket
+        return pending is not None and pending() > 0
 
     def pause(self):
         self.paused = True
@@ -230,7 +300,7 @@ class Ingest:
             self.stats.paused_since = None
         if self._sock is not None:
             self._loop.add_reader(self._sock, self._read)
-            if isinstance(self.client, _BufferedClient) and self.client.buffered():
+            if self._unread():
                 self._loop.call_soon(self._read_more)
 
     def maybe_resume(self):

@@ -21,6 +21,7 @@ import asyncio
 import hashlib
 import json
 import logging
+import os
 import struct
 import time
 from itertools import compress, repeat
@@ -30,10 +31,11 @@ from shared import wire
 
 from . import logs, metrics, ops
 from .admission import Admission
-from .config import Config
-from .dedup import BEYOND, DUP, Dedup
+from .config import Config, ConfigError, device_ids
+from .dedup import BEYOND, DUP, REFLASH, RETIRED, Dedup
 from .devices import Registry
 from .ingest import Ingest
+from .keys import Keys, devices_file_of, load_devices_file
 from .store import Store
 from .watermark import Watermarks
 from .windows import LATE, WindowSet
@@ -43,6 +45,13 @@ _READINGS_FMT = {}  # count -> Struct for count readings, unpacked flat
 _RANGES = {}  # count -> tuple(range(count))
 _UNSYNCED = wire.FLAG_UNSYNCED
 _CEP, _ANOMALY, _STATUS, _WINDOW, _GAP = wire.KIND_CEP, wire.KIND_ANOMALY, wire.KIND_STATUS, wire.KIND_WINDOW, wire.KIND_GAP
+
+
+def _mtime(path):
+    try:
+        return os.stat(path).st_mtime_ns
+    except OSError:
+        return None
 
 
 def _now_ms():
@@ -91,15 +100,21 @@ class Gateway:
                                    a.replay_timeout_s, _now_ms(), adaptive=a.adaptive, rate_min=a.replay_rate_min,
                                    target_s=a.latency_target_s, beta=a.backoff, increase=a.increase)
         self.devices = Registry()
+        path = devices_file_of(cfg)
+        self.keys = Keys(load_devices_file(path) if path else None)  # no file: acks carry no MAC
         self.out = Outputs()
         self.ingest = None
         self.metrics_server = None
         self.metrics_registry = None
         self.retain = cfg.store.retain_readings
         self.max_future = cfg.time.max_future_ms
+        # provisioned device ids (None: no registry configured, every well-formed id is taken)
+        self.provisioned = device_ids(cfg.devices.file) if cfg.devices.file else None
+        self._registry_mtime = _mtime(cfg.devices.file) if cfg.devices.file else None
         self._topic_cache = {}
         self._groups_cache = {}
         self._committed = {}  # dev -> {boot: committed contiguous mark}
+        self._epoch = {}  # dev -> re-flashes seen in this run: acks computed before one are void
         self._ack_due = {}  # dev -> boots whose committed mark is not acked yet
         self._last_ack = {}  # dev -> processing ms of the last ack
         self._group_wm = None
@@ -187,6 +202,7 @@ class Gateway:
         st = await self.store.load_state()
         now = _now_ms()
         self.dedup.restore(st["dedup"], st["dedup_devices"])
+        self.dedup.restore_ids(st.get("device_identity", ()))
         gwm = st["meta"].get("global_watermark")
         self.watermarks.restore(st["watermarks"], gwm, now)
         self._group_wm = self.watermarks.global_wm
@@ -269,6 +285,9 @@ class Gateway:
             except wire.WireError as e:
                 self._quarantine(topic, None, e.reason, e.detail, payload, now)
                 return
+            if self.provisioned is not None and dev not in self.provisioned and not self._reload_registry(dev, now):
+                self._quarantine(topic, dev, "unprovisioned", leaf, payload, now)
+                return
             if len(self._topic_cache) > 100000:  # bounded: fleets are smaller than this
                 self._topic_cache.clear()
             parsed = self._topic_cache[topic] = (dev, leaf, dev.encode())
@@ -281,6 +300,23 @@ class Gateway:
             self._on_state(topic, dev, payload, now)
         else:
             self._quarantine(topic, dev, "unexpected_topic", leaf, payload, now)
+
+    def _reload_registry(self, dev, now):
+        """An unknown id: reread the devices file if it changed (a device added by
+        edgeflow-provision while running; one stat per unknown message). True if dev is known now."""
+        path = self.cfg.devices.file
+        m = _mtime(path)
+        if m is None or m == self._registry_mtime:
+            return False
+        try:
+            ids = device_ids(path)
+        except ConfigError as e:
+            logs.error("devices_file_invalid", error=str(e))
+            return False
+        self.provisioned, self._registry_mtime = ids, m
+        self._topic_cache.clear()  # a revoked id is refused from now on
+        logs.info("devices_file_reloaded", devices=len(ids))
+        return dev in ids
 
     # ================================================================ data
 
@@ -552,6 +588,8 @@ class Gateway:
     # ================================================================ control
 
     def _on_hello(self, topic, dev, payload, now):
+        """The hello contract (docs/wire.md): authenticate, classify the instance id, then
+        account everything below the device's floor and admit its backlog."""
         try:
             h = wire.decode_hello(payload)
         except wire.WireError as e:
@@ -560,19 +598,46 @@ class Gateway:
         if h["device_id"] != dev:
             self._quarantine(topic, dev, "spoofed_device_id", "payload says %r" % h["device_id"], payload, now)
             return
-        self.stats.hellos += 1
+        if self.keys.enabled:
+            k = self.keys.hmac(dev)
+            if k is None:
+                self._quarantine(topic, dev, "unprovisioned", "no ack_key for this device", payload, now)
+                return
+            if not wire.hello_mac_ok(payload, k):
+                self._quarantine(topic, dev, "bad_mac", "hello", payload, now)
+                return
+        if h["nonce"] == 0:
+            self._quarantine(topic, dev, "bad_nonce", "0", payload, now)
+            return
+        dd = self.dedup
         d = self.devices.get(dev)
+        inst = dd.incarnation(dev, h["instance"])
+        if inst == RETIRED:
+            self._quarantine(topic, dev, "retired_instance", "%08x was re-flashed away" % h["instance"], payload, now)
+            return
+        if inst == REFLASH:
+            # flash erased: the old boots cannot come back, the boot counter restarted
+            logs.warning("device_reflashed", device=dev, instance="%08x" % h["instance"], boot=h["boot"],
+                         old_boot=d.hello_boot, reflashes=dd.devs[dev].reflashes)
+            self._committed.pop(dev, None)
+            self._ack_due.pop(dev, None)
+            self._epoch[dev] = self._epoch.get(dev, 0) + 1
+            d.hello_boot, d.hello_next_seq = -1, 0
+        elif (h["boot"], h["next_seq"]) < (d.hello_boot, d.hello_next_seq):
+            # an older hello of this instance (replayed, or redelivered late): its nonce is dead
+            self._quarantine(topic, dev, "stale_hello", "(%d, %d) after (%d, %d)" % (
+                h["boot"], h["next_seq"], d.hello_boot, d.hello_next_seq), payload, now)
+            return
+        self.stats.hellos += 1
+        dd.set_nonce(dev, h["nonce"])
         d.fw = h["fw"]
         d.hello_boot, d.hello_next_seq, d.backlog = h["boot"], h["next_seq"], h["backlog"]
-        d.oldest_boot, d.oldest_seq = h["oldest_boot"], h["oldest_seq"]
+        d.oldest_boot, d.oldest_seq = h["floor_boot"], h["floor_seq"]
         d.last_hello = d.last_seen = now
         d.online = 1
-        # Everything before the oldest record the device still holds is accounted for.
-        if h["backlog"] > 0:
-            floor_boot, floor_seq = h["oldest_boot"], h["oldest_seq"]
-        else:
-            floor_boot, floor_seq = h["boot"], h["next_seq"]
-        skipped = self.dedup.hello(dev, floor_boot, floor_seq)
+        # The device will never send anything below its floor again (docs/wire.md).
+        floor_boot, floor_seq = h["floor_boot"], h["floor_seq"]
+        skipped = dd.hello(dev, floor_boot, floor_seq)
         if skipped:
             d.skipped_by_hello += skipped
             self.stats.skipped_by_hello += skipped
@@ -625,6 +690,7 @@ class Gateway:
             out = self.out
             self.out = Outputs()
             dd_ups, dd_dels, mins = self.dedup.export()
+            ids = self.dedup.export_ids()
             global_changed = self.watermarks.global_dirty
             wm_rows, gwm = self.watermarks.export()
             ow1, owd1, res1 = self.dev_windows.export()
@@ -639,6 +705,7 @@ class Gateway:
                 ("window_revisions", results), ("window_results", results),
                 ("devices", self.devices.export()),
                 ("dedup", dd_ups), ("dedup_del", dd_dels), ("dedup_devices", list(mins.items())),
+                ("device_identity", ids),
                 ("device_watermarks", [(dev, mt, on) for dev, (mt, on) in wm_rows.items()]),
                 ("open_windows", ow1 + ow2), ("open_windows_del", owd1 + owd2),
                 ("meta", [("global_watermark", gwm)] if global_changed else []),
@@ -647,7 +714,8 @@ class Gateway:
             if not rows and not out.mids and not out.touched:
                 return
             # the marks acked are the ones this transaction commits
-            acks = sorted((dev, boot, self.dedup.hwm(dev, boot)) for dev, boot in out.touched)
+            ep = self._epoch
+            acks = sorted((dev, boot, self.dedup.hwm(dev, boot), ep.get(dev, 0)) for dev, boot in out.touched)
             self._commit_task = asyncio.ensure_future(self._commit(writes, rows, out.mids, acks, out.records, out.rx))
 
     async def _commit(self, writes, rows, mids, acks, records=0, rx=()):
@@ -668,7 +736,9 @@ class Gateway:
         # committed: now the broker may forget the messages and devices their records
         self.admission.committed(records, _now_ms())  # T for the adaptive replay rate
         self.ingest.puback(mids)
-        for dev, boot, hwm in acks:
+        for dev, boot, hwm, epoch in acks:
+            if epoch != self._epoch.get(dev, 0):
+                continue  # the device was re-flashed meanwhile: these marks are the old flash's
             self._committed.setdefault(dev, {})[boot] = hwm
             self._ack_due.setdefault(dev, set()).add(boot)
         self._flush_acks(_now_ms())
@@ -693,7 +763,8 @@ class Gateway:
                 h.observe(mono - t if t else 0.0)
             oldest = min(rx)
             ack_rx = self._ack_rx
-            for dev, _boot, _hwm in acks:
+            for ack in acks:
+                dev = ack[0]
                 if dev not in ack_rx:
                     ack_rx[dev] = oldest
 
@@ -705,6 +776,8 @@ class Gateway:
         for dev in list(self._ack_due):
             if now - self._last_ack.get(dev, -interval) < interval:
                 continue
+            if not self.dedup.nonce(dev):
+                continue  # no hello yet: the device would refuse an ack without its nonce
             if paused is None:
                 paused = self._replay_paused()
             boots = sorted(self._ack_due.pop(dev))
@@ -720,10 +793,14 @@ class Gateway:
                     del marks[b]
 
     def _send_ack(self, dev, boot, hwm, now, credits, replay):
+        """Signed with the device's ack_key over the device id and every field, and bound to
+        the nonce of its latest hello (docs/wire.md): a forged or replayed ack is useless."""
         flags = wire.ACK_HAS_TIME
         if hwm < 0:
             flags |= wire.ACK_NONE
-        self.ingest.publish(self.topics.ack(dev), wire.encode_ack(boot, max(hwm, 0), now, credits, replay, flags))
+        payload = wire.encode_ack(dev, boot, max(hwm, 0), now, credits, self.dedup.nonce(dev), self.keys.hmac(dev),
+                                  replay, flags)
+        self.ingest.publish(self.topics.ack(dev), payload)
         self.stats.acks_sent += 1
         rx = self._ack_rx.pop(dev, None)
         if rx:
@@ -731,6 +808,8 @@ class Gateway:
 
     def _send_grant(self, dev, now):
         """An ack that only carries credits; its (boot, seq) repeats a committed mark."""
+        if not self.dedup.nonce(dev):
+            return
         credits, replay = self.admission.grant(dev, now)
         if credits <= 0:
             return

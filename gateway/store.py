@@ -52,6 +52,8 @@ CREATE TABLE IF NOT EXISTS devices (device TEXT PRIMARY KEY, fw TEXT, hello_boot
 CREATE TABLE IF NOT EXISTS dedup (device TEXT, boot INTEGER, hwm INTEGER, bits BLOB,
     PRIMARY KEY (device, boot));
 CREATE TABLE IF NOT EXISTS dedup_devices (device TEXT PRIMARY KEY, min_boot INTEGER);
+CREATE TABLE IF NOT EXISTS device_identity (device TEXT PRIMARY KEY, instance INTEGER, nonce INTEGER,
+    retired TEXT, reflashes INTEGER);
 CREATE TABLE IF NOT EXISTS device_watermarks (device TEXT PRIMARY KEY, max_t INTEGER, online INTEGER);
 CREATE TABLE IF NOT EXISTS open_windows (scope TEXT, key TEXT, channel INTEGER, start INTEGER, count INTEGER,
     sum INTEGER, sumsq TEXT, min INTEGER, max INTEGER, revision INTEGER,
@@ -63,7 +65,7 @@ CREATE INDEX IF NOT EXISTS readings_device_t ON readings (device, t);
 # Output tables (what a user queries / exports) and the state tables beside them.
 OUTPUT_TABLES = ("readings", "unsynced", "device_windows", "cep_events", "anomalies", "device_status", "gaps",
                  "window_results", "window_revisions", "late", "quarantine", "devices")
-STATE_TABLES = ("dedup", "dedup_devices", "device_watermarks", "open_windows", "meta")
+STATE_TABLES = ("dedup", "dedup_devices", "device_identity", "device_watermarks", "open_windows", "meta")
 
 _WINDOW_COLS = "scope, key, channel, start, end, revision, count, sum, min, max, mean, std, watermark"
 
@@ -85,6 +87,7 @@ SQL = {
     "dedup": "INSERT OR REPLACE INTO dedup VALUES (?,?,?,?)",
     "dedup_del": "DELETE FROM dedup WHERE device = ? AND boot = ?",
     "dedup_devices": "INSERT OR REPLACE INTO dedup_devices VALUES (?,?)",
+    "device_identity": "INSERT OR REPLACE INTO device_identity VALUES (?,?,?,?,?)",
     "device_watermarks": "INSERT OR REPLACE INTO device_watermarks VALUES (?,?,?)",
     "open_windows": "INSERT OR REPLACE INTO open_windows VALUES (?,?,?,?,?,?,?,?,?,?)",
     "open_windows_del": "DELETE FROM open_windows WHERE scope = ? AND key = ? AND channel = ? AND start = ?",
@@ -263,6 +266,7 @@ class Store:
             "meta": meta,
             "dedup": await q("SELECT device, boot, hwm, bits FROM dedup"),
             "dedup_devices": dict(await q("SELECT device, min_boot FROM dedup_devices")),
+            "device_identity": await q("SELECT device, instance, nonce, retired, reflashes FROM device_identity"),
             "watermarks": await q("SELECT device, max_t, online FROM device_watermarks"),
             "devices": await q("SELECT * FROM devices"),
             "open_windows": await q("SELECT scope, key, channel, start, count, sum, sumsq, min, max, revision "

@@ -3,7 +3,9 @@
 # Layouts, limits and the reasons for a binary encoding are in docs/wire.md.
 import struct
 
-VERSION = 1
+from shared.auth import Hmac, MAC_LEN, equal
+
+VERSION = 2  # v2: hello carries instance id, session nonce, floor and a MAC; acks are authenticated
 MAGIC = 0xE5
 
 # Message types (byte 2 of every message).
@@ -50,8 +52,8 @@ _ANOMALY = ">BBiii"  # channel, detector, score, value, baseline
 _STATUS = ">IIIIIiII"  # uptime_s, outbox_records, outbox_bytes, dropped, late, clock_offset_ms, free_mem, reconnects
 _CEP = ">BIB"  # severity, span_ms, evidence count (rule id and evidence follow)
 _GAP = ">IB"  # boot of the dropped records, range count; then (first_seq u32, length u16) each
-_ACK = ">BBBBIIqIB"  # magic, version, type, flags, boot, seq, gw_time_ms, credits, replay (0/1)
-_HELLO = ">IIIB"  # backlog records, oldest boot, oldest seq, fw length
+_ACK = ">BBBBIIqIBI"  # magic, version, type, flags, boot, seq, gw_time_ms, credits, replay (0/1), nonce; + MAC
+_HELLO = ">IIIIIB"  # backlog records, floor boot, floor seq, instance, nonce, fw length; fw, MAC follow
 _STATE = ">BB"  # online, reserved
 
 DETECTOR_ZSCORE = 1
@@ -253,8 +255,8 @@ def encode_body(kind, body):
             raise WireError("bad_gap", "1..%d ranges" % MAX_GAP_RANGES)
         out = bytearray(struct.pack(_GAP, _u32(gboot, "boot"), len(ranges)))
         for first, length in ranges:
-            if length < 1 or length > 0xFFFF:
-                raise WireError("bad_gap", "length %r" % length)
+            if length < 1 or length > 0xFFFF or first + length - 1 > 0xFFFFFFFF:
+                raise WireError("bad_gap", "range (%r, %r)" % (first, length))
             out.extend(struct.pack(">IH", _u32(first, "seq"), length))
         return bytes(out)
     raise WireError("unknown_kind", str(kind))
@@ -318,8 +320,8 @@ def _decode_body(kind, buf, off):
         ranges = []
         for i in range(nr):
             first, length = struct.unpack_from(">IH", buf, off)
-            if length < 1:
-                raise WireError("bad_gap", "empty range")
+            if length < 1 or first + length - 1 > 0xFFFFFFFF:
+                raise WireError("bad_gap", "range (%d, %d)" % (first, length))
             ranges.append((first, length))
             off += 6
         return (gboot, tuple(ranges)), off
@@ -394,55 +396,92 @@ def decode_data(payload, max_size=MAX_PAYLOAD):
 # ---------------------------------------------------------------- control messages
 
 
-def encode_ack(boot, seq, gw_time_ms, credits, replay=True, flags=ACK_HAS_TIME):
+def _mac(key, parts):
+    """MAC_LEN bytes over parts; zeros without a key (insecure mode: the receiver has no key either)."""
+    if key is None:
+        return bytes(MAC_LEN)
+    if not isinstance(key, Hmac):
+        key = Hmac(key)
+    return key.mac(*parts)
+
+
+def encode_ack(device_id, boot, seq, gw_time_ms, credits, nonce, key=None, replay=True, flags=ACK_HAS_TIME):
     """Gateway -> device: every record of `boot` with seq <= `seq` is committed.
 
     credits: backlog records the device may replay now; replay False holds replay.
+    nonce: the one of the device's latest hello. key: the device's ack_key (bytes or an
+    auth.Hmac); the MAC covers the device id and every field before it.
     """
-    return struct.pack(_ACK, MAGIC, VERSION, MSG_ACK, flags, _u32(boot, "boot"), _u32(seq, "seq"),
-                       gw_time_ms, _u32(credits, "credits"), 1 if replay else 0)
+    body = struct.pack(_ACK, MAGIC, VERSION, MSG_ACK, flags, _u32(boot, "boot"), _u32(seq, "seq"),
+                       gw_time_ms, _u32(credits, "credits"), 1 if replay else 0, _u32(nonce, "nonce"))
+    return body + _mac(key, (device_id.encode(), body))
 
 
-ACK_SIZE = struct.calcsize(_ACK)
+ACK_BODY = struct.calcsize(_ACK)  # 29
+ACK_SIZE = ACK_BODY + MAC_LEN  # 45
 
 
 def decode_ack(payload):
-    """Returns (boot, seq, gw_time_ms or None, credits, replay, flags)."""
+    """Returns (boot, seq, gw_time_ms or None, credits, replay, flags, nonce). Checks no MAC:
+    the device does (ack_mac_ok) before it acts on anything in it."""
     _check_max(payload, 256)
     if len(payload) != ACK_SIZE:
         raise WireError("bad_length", "ack is %d bytes" % ACK_SIZE)
-    _m, _v, mtype, flags, boot, seq, t, credits, replay = struct.unpack_from(_ACK, payload, 0)
+    _m, _v, mtype, flags, boot, seq, t, credits, replay, nonce = struct.unpack_from(_ACK, payload, 0)
     if mtype != MSG_ACK:
         raise WireError("unexpected_type", str(mtype))
-    return boot, seq, (t if flags & ACK_HAS_TIME else None), credits, replay == 1, flags
+    if replay > 1:
+        raise WireError("bad_replay", str(replay))
+    return boot, seq, (t if flags & ACK_HAS_TIME else None), credits, replay == 1, flags, nonce
 
 
-def encode_hello(device_id, boot, next_seq, now_ms, backlog, oldest_boot, oldest_seq, fw, flags=0):
-    """Device birth, sent on every connect: who it is, its backlog and firmware."""
+def ack_mac_ok(payload, device_id_bytes, key):
+    """True if an ACK_SIZE payload carries the MAC of `key` (an auth.Hmac) for this device."""
+    mv = memoryview(payload)
+    return equal(key.mac(device_id_bytes, mv[:ACK_BODY]), mv[ACK_BODY:ACK_SIZE])
+
+
+def encode_hello(device_id, boot, next_seq, now_ms, backlog, floor_boot, floor_seq, instance, nonce, fw,
+                 key=None, flags=0):
+    """Device birth, sent on every connect. floor: the oldest (boot, seq) the device still holds
+    anywhere (docs/wire.md "The hello contract"); instance: random id of this flash identity;
+    nonce: fresh per hello, echoed in every ack. The MAC covers every byte before it."""
     fwb = fw.encode()
     if len(fwb) > MAX_FW:
         raise WireError("bad_fw", fw)
-    return (_header(MSG_HELLO, device_id, boot, next_seq, now_ms, flags)
-            + struct.pack(_HELLO, _u32(backlog, "backlog"), _u32(oldest_boot, "boot"), _u32(oldest_seq, "seq"), len(fwb)) + fwb)
+    body = (_header(MSG_HELLO, device_id, boot, next_seq, now_ms, flags)
+            + struct.pack(_HELLO, _u32(backlog, "backlog"), _u32(floor_boot, "boot"), _u32(floor_seq, "seq"),
+                          _u32(instance, "instance"), _u32(nonce, "nonce"), len(fwb)) + fwb)
+    return body + _mac(key, (body,))
 
 
 def decode_hello(payload):
-    """Returns a dict: device_id, boot, next_seq, now_ms, flags, backlog, oldest_boot, oldest_seq, fw."""
+    """Returns a dict: device_id, boot, next_seq, now_ms, flags, backlog, floor_boot, floor_seq,
+    instance, nonce, fw. Checks no MAC (hello_mac_ok does)."""
     _check_max(payload, 512)
     _need(payload, 0, HDR_SIZE, "header")
     _m, _v, mtype, idlen, boot, next_seq, now, flags = struct.unpack_from(_HDR, payload, 0)
     if mtype != MSG_HELLO:
         raise WireError("unexpected_type", str(mtype))
-    _need(payload, HDR_SIZE, idlen + 13, "hello")
+    _need(payload, HDR_SIZE, idlen + 21, "hello")
     dev = check_device_id(_ascii(payload[HDR_SIZE:HDR_SIZE + idlen], "device_id"))
     off = HDR_SIZE + idlen
-    backlog, ob, os_, fl = struct.unpack_from(_HELLO, payload, off)
-    off += 13
-    if len(payload) != off + fl:
+    backlog, fb, fs, inst, nonce, fl = struct.unpack_from(_HELLO, payload, off)
+    off += 21
+    if len(payload) != off + fl + MAC_LEN:
         raise WireError("bad_length", "hello")
     fw = _ascii(payload[off:off + fl], "fw")
+    if fb > boot or (fb == boot and fs > next_seq):
+        raise WireError("bad_floor", "floor (%d, %d) above (%d, %d)" % (fb, fs, boot, next_seq))
     return {"device_id": dev, "boot": boot, "next_seq": next_seq, "now_ms": now, "flags": flags,
-            "backlog": backlog, "oldest_boot": ob, "oldest_seq": os_, "fw": fw}
+            "backlog": backlog, "floor_boot": fb, "floor_seq": fs, "instance": inst, "nonce": nonce, "fw": fw}
+
+
+def hello_mac_ok(payload, key):
+    """True if a decoded hello carries the MAC of `key` (bytes or auth.Hmac)."""
+    n = len(payload) - MAC_LEN
+    mv = memoryview(payload)
+    return equal(_mac(key, (mv[:n],)), mv[n:])
 
 
 def encode_state(online, gateway=False):

@@ -36,10 +36,11 @@ from tools.broker import Mosquitto, free_port, mosquitto_bin  # noqa: E402,F401 
 
 
 class Broker(Mosquitto):
-    """A real mosquitto on a free loopback port, stopped by the fixture that started it."""
+    """A real mosquitto on a free loopback port, stopped by the fixture that started it.
+    Secure like a site (TLS, passwords, ACLs: tools/broker.py) unless insecure=True."""
 
-    def __init__(self, tmpdir, port=None):
-        Mosquitto.__init__(self, tmpdir, port)
+    def __init__(self, tmpdir, port=None, insecure=False):
+        Mosquitto.__init__(self, tmpdir, port, insecure=insecure)
 
 
 @pytest.fixture
@@ -47,5 +48,16 @@ def broker(tmp_path):
     if not mosquitto_bin():
         pytest.fail("mosquitto is not installed: run the README's set-up command")
     b = Broker(tmp_path).start()
+    yield b
+    b.stop()
+
+
+@pytest.fixture
+def open_broker(tmp_path):
+    """Anonymous plaintext mosquitto: only for MQTT protocol mechanics with free topic names
+    and client ids (tests/test_mqtt_client.py); everything else uses `broker`."""
+    if not mosquitto_bin():
+        pytest.fail("mosquitto is not installed: run the README's set-up command")
+    b = Broker(tmp_path, insecure=True).start()
     yield b
     b.stop()

@@ -17,7 +17,7 @@ from tools import deploy, vboard
 pytestmark = pytest.mark.skipif(not vboard.available(), reason="node / npm MicroPython missing: run tools/setup.sh")
 
 CFG = ["--device-id", "node-7", "--wifi-ssid", "lab", "--wifi-password", "secret123",
-       "--broker", "10.0.0.2:1883", "--sample-ms", "500"]
+       "--broker", "10.0.0.2:1883", "--sample-ms", "500", "--set", "insecure=true"]
 
 
 def mpremote(url, *args, timeout=60):
@@ -210,7 +210,7 @@ def test_config_from_flags_and_file(tmp_path):
                                                        "--set", "broker.keepalive_s=60"]))
     assert cfg == {"device_id": "node-7", "wifi": {"ssid": "lab", "password": "secret123"},
                    "broker": {"host": "10.0.0.2", "port": 1883, "keepalive_s": 60}, "sample_ms": 500,
-                   "prefix": "site/a", "status_every_s": 30}
+                   "prefix": "site/a", "status_every_s": 30, "insecure": True}
     deploy.validate_config(cfg)
     f = tmp_path / "c.json"
     f.write_text(json.dumps(dict(cfg, device_id="from-file")))

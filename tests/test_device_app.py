@@ -19,8 +19,8 @@ pytestmark = pytest.mark.broker
 
 
 class StandInGateway:
-    def __init__(self, port, prefix="edgeflow", credits=1000, online=True, auto_ack=True):
-        self.port = port
+    def __init__(self, broker, prefix="edgeflow", credits=1000, online=True, auto_ack=True):
+        self.port = broker.port
         self.topics = wire.Topics(prefix)
         self.credits = credits
         self.online = online
@@ -34,12 +34,14 @@ class StandInGateway:
         self.backlog_between_acks = []  # backlog records received between two acks
         self._since_ack = 0
         self.next_seq = {}  # dev -> (boot, next_seq) from the latest hello
+        self.nonce = {}  # dev -> nonce of the latest hello (acks echo it)
         self.rejected = 0
         c = paho.Client(paho.CallbackAPIVersion.VERSION2, client_id="standin-gw")
         c.will_set(self.topics.gw_state, wire.encode_state(False, True), 1, True)
         c.on_connect = self._on_connect
         c.on_message = self._on_message
         c.reconnect_delay_set(0.1, 0.5)
+        broker.paho(c)  # TLS + the gateway's credentials (the broker makes the user name its client id)
         self.client = c
 
     def start(self):
@@ -72,7 +74,8 @@ class StandInGateway:
         h = self.contiguous(dev, boot)
         cr = self.credits if credits is None else credits
         flags = wire.ACK_HAS_TIME | (wire.ACK_NONE if h < 0 else 0)
-        p = wire.encode_ack(boot, max(h, 0), int(time.time() * 1000), cr, True, flags)
+        p = wire.encode_ack(dev, boot, max(h, 0), int(time.time() * 1000), cr, self.nonce.get(dev, 0),
+                            bytes.fromhex(ACK_KEY), True, flags)
         self.client.publish(self.topics.ack(dev), p, 1)
         self.acks_sent += 1
         self.backlog_between_acks.append(self._since_ack)
@@ -91,6 +94,7 @@ class StandInGateway:
                     h = wire.decode_hello(msg.payload)
                     self.hellos.append(h)
                     self.next_seq[dev] = (h["boot"], h["next_seq"])
+                    self.nonce[dev] = h["nonce"]
                     if self.online:
                         self.ack(dev, h["boot"])
                 elif leaf == "data":
@@ -125,7 +129,8 @@ class StandInGateway:
             return sorted(k[2] for k in self.records if k[0] == dev and k[1] == boot)
 
 
-CFG = {"device_id": "dev-a", "broker": {"host": "127.0.0.1", "port": 1883, "keepalive_s": 5, "timeout_ms": 2000},
+ACK_KEY = "a1" * 32
+CFG = {"device_id": "dev-a", "ack_key": ACK_KEY, "broker": {"host": "127.0.0.1", "port": 1883, "keepalive_s": 5, "timeout_ms": 2000},
        "sample_ms": 50, "status_every_s": 1, "watchdog_ms": 0,
        "outbox": {"batch_records": 8, "batch_ms": 200, "ack_persist_ms": 200},
        "uplink": {"backoff_base_ms": 50, "backoff_cap_ms": 400, "resend_ms": 2000},
@@ -134,10 +139,14 @@ CFG = {"device_id": "dev-a", "broker": {"host": "127.0.0.1", "port": 1883, "keep
        "rules": [{"id": "warm", "type": "threshold", "channel": "temp", "enter": 20.0, "leave": 19.0, "severity": 2}]}
 
 
-def cfg_for(port, **kw):
+def cfg_for(broker, hal, **kw):
+    """CFG with the device's provisioned credentials, TLS and ack key (CA put on hal's flash)."""
     import copy
     c = copy.deepcopy(CFG)
-    c["broker"]["port"] = port
+    sec = broker.device_config(c["device_id"], hal)
+    for k, v in sec.items():
+        c[k] = dict(c[k], **v) if isinstance(v, dict) and isinstance(c.get(k), dict) else v
+    c["broker"]["port"] = broker.port
     c.update(kw)
     return c
 
@@ -156,9 +165,9 @@ def run(coro, timeout=60):
 
 
 def test_app_survives_broker_restart_and_reboots_every_record_once(broker, tmp_path):
-    gw = StandInGateway(broker.port).start()
+    gw = StandInGateway(broker).start()
     hal = SimHal(seed=3, console=False)
-    cfg = cfg_for(broker.port)
+    cfg = cfg_for(broker, hal)
     expected = {}  # boot -> seqs the device stored durably
 
     async def main():
@@ -235,9 +244,9 @@ def test_app_survives_broker_restart_and_reboots_every_record_once(broker, tmp_p
 
 
 def test_replay_is_held_while_gateway_offline_and_kept_within_credits(broker):
-    gw = StandInGateway(broker.port, online=False, auto_ack=False).start()
+    gw = StandInGateway(broker, online=False, auto_ack=False).start()
     hal = SimHal(seed=5, console=False)
-    cfg = cfg_for(broker.port, status_every_s=0)
+    cfg = cfg_for(broker, hal, status_every_s=0)
     dev = "dev-a"
 
     async def main():
@@ -291,9 +300,9 @@ def test_wifi_outage_mid_session_and_ntp_time(broker):
     """NTP answers (simulated): readings taken before the first sync are converted at send time,
     so every record of this boot arrives with exact epoch time. A Wi-Fi outage mid-session
     loses nothing."""
-    gw = StandInGateway(broker.port).start()
+    gw = StandInGateway(broker).start()
     hal = SimHal(seed=9, console=False, ntp_ok=True, epoch_ms=1767225600000)
-    cfg = cfg_for(broker.port, status_every_s=0, clock={"ntp_every_s": 3600, "use_beacon": False})
+    cfg = cfg_for(broker, hal, status_every_s=0, clock={"ntp_every_s": 3600, "use_beacon": False})
     dev = "dev-a"
 
     async def main():

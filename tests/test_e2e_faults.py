@@ -27,7 +27,7 @@ def run_case(broker, tmp_path, faults="", n=6, duration=10.0, drain=45.0, sample
     box = {}
 
     async def main():
-        fleet = Fleet(n, site.port, truth, seed=7, sample_ms=sample_ms, window_ms=1000, **fleet_kw)
+        fleet = Fleet(n, site.port, truth, seed=7, sample_ms=sample_ms, window_ms=1000, broker=site.mq, **fleet_kw)
         box["fleet"] = fleet
         fleet.truth.meta("windows", site.windows)
         await fleet.start(stagger_s=0.3)

@@ -85,7 +85,7 @@ def run_dir(tmp_path_factory):
     truth = str(tmp / "truth.db")
 
     async def main():
-        fleet = Fleet(4, site.port, truth, seed=11, sample_ms=100, window_ms=1000)
+        fleet = Fleet(4, site.port, truth, seed=11, sample_ms=100, window_ms=1000, broker=site.mq)
         fleet.truth.meta("windows", site.windows)
         await fleet.start(stagger_s=0.2)
         try:

@@ -20,6 +20,7 @@ import pytest
 from shared import wire
 from tests.conftest import ROOT
 from tests.test_gateway_fakes import T0, FakeDevice, pump_all
+from tools.broker import Mosquitto
 
 pytestmark = pytest.mark.broker
 
@@ -74,40 +75,21 @@ def make_devices(port, prefix):
         d.add_readings([(s, T0 + 40000 + rng.randrange(30000), 0, 0, s) for s in range(s0, s0 + 10)])
     devs.append(d)
     topics = wire.Topics(prefix)
-    devs[0].extra = [(topics.data("g0"), b"\xe5\x01\x01garbage"),
-                     (topics.data("g1"), wire.encode_readings("g2", 1, [(5, T0, 0, 0, 1)]))]
+    devs[0].extra = [(topics.data("g0"), bytes((0xE5, wire.VERSION)) + b"\x01garbage"),
+                     (topics.data("g0"), wire.encode_readings("g2", 1, [(5, T0, 0, 0, 1)]))]  # payload says g2
     return devs
 
 
-def write_config(tmp, prefix, port, db):
-    path = os.path.join(tmp, prefix + ".toml")
-    with open(path, "w") as f:
-        f.write("""
-[mqtt]
-port = %d
-client_id = "gw-%s"
-prefix = "%s"
-[store]
-path = "%s"
-synchronous = "NORMAL"
-[checkpoint]
-interval_ms = 30
-ack_interval_ms = 10
-max_messages = 20
-[metrics]
-port = 0
-[watermark]
-out_of_orderness_ms = %d
-idle_timeout_ms = 100000000
-[windows]
-size_ms = 10000
-allowed_lateness_ms = 15000
-[[windows.groups]]
-name = "hall"
-devices = ["g0", "g1", "g2"]
-channel = 0
-""" % (port, prefix, prefix, db, HOUR))
-    return path
+def write_config(tmp, prefix, broker, db):
+    """The gateway config for this run: the broker's TLS, credentials and devices file + the workload's."""
+    return broker.gateway_toml(os.path.join(tmp, prefix + ".toml"), {
+        "mqtt": {"prefix": prefix},
+        "store": {"path": db, "synchronous": "NORMAL"},
+        "checkpoint": {"interval_ms": 30, "ack_interval_ms": 10, "max_messages": 20},
+        "metrics": {"port": 0},
+        "watermark": {"out_of_orderness_ms": HOUR, "idle_timeout_ms": 100000000},
+        "windows": {"size_ms": 10000, "allowed_lateness_ms": 15000},
+    }, raw='[[windows.groups]]\nname = "hall"\ndevices = ["g0", "g1", "g2"]\nchannel = 0\n')
 
 
 def start_gateway(conf, log):
@@ -118,11 +100,11 @@ def start_gateway(conf, log):
 
 def run_workload(broker, tmp_path, prefix, kills):
     db = str(tmp_path / (prefix + ".db"))
-    conf = write_config(str(tmp_path), prefix, broker.port, db)
+    conf = write_config(str(tmp_path), prefix, broker, db)
     log = open(str(tmp_path / (prefix + ".log")), "ab")
     rng = random.Random(1234)
     proc = start_gateway(conf, log)
-    devs = make_devices(broker.port, prefix)
+    devs = make_devices(broker, prefix)
     for d in devs:
         d.start()
     killed = 0
@@ -173,9 +155,13 @@ def dump(path):
     return out
 
 
-def test_kill9_at_random_points_gives_identical_tables(broker, tmp_path):
-    clean = dump(run_workload(broker, tmp_path, "clean", kills=0))
-    crashed = dump(run_workload(broker, tmp_path, "crashy", kills=3))
+def test_kill9_at_random_points_gives_identical_tables(tmp_path):
+    # one provisioned broker per run: the ACL is written for the run's topic prefix
+    devs = GROUP_DEVS + ("late",)
+    with Mosquitto(tmp_path / "mq-clean", prefix="clean", devices=devs) as b:
+        clean = dump(run_workload(b, tmp_path, "clean", kills=0))
+    with Mosquitto(tmp_path / "mq-crashy", prefix="crashy", devices=devs) as b:
+        crashed = dump(run_workload(b, tmp_path, "crashy", kills=3))
     # the workload exercised every path
     assert len(clean["readings"]) == 3 * 900 - 20 - 2 - 4 + 360 + 1 - 1 + 4 - 20 + 20
     assert any(r[5] > 0 for r in clean["window_revisions"])  # late amendments

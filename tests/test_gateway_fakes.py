@@ -25,9 +25,12 @@ class Entry:
 
 class FakeDevice:
     def __init__(self, port, dev, prefix="edgeflow", boot=1, inflight=16, resend_s=1.5, fw="fake-1"):
+        """port: a tools.broker.Mosquitto (the device is provisioned there and connects with
+        TLS and its own credentials) or a plain port number (an insecure broker)."""
         self.dev, self.boot, self.prefix = dev, boot, prefix
         self.topics = wire.Topics(prefix)
-        self.port = port
+        broker = port if hasattr(port, "paho") else None
+        self.port = broker.port if broker else port
         self.inflight = inflight
         self.resend_s = resend_s
         self.fw = fw
@@ -49,6 +52,9 @@ class FakeDevice:
         c.will_set(self.topics.state(dev), wire.encode_state(False), qos=1, retain=True)
         c.on_connect = self._on_connect
         c.on_message = self._on_message
+        if broker is not None and not broker.insecure:
+            broker.add_devices([dev])
+            broker.paho(c, dev)
 
     # ------------------------------------------------------------ workload
 
@@ -92,7 +98,7 @@ class FakeDevice:
             self.allowance = 0
             self.hellos += 1
         self.client.publish(self.topics.hello(self.dev), wire.encode_hello(
-            self.dev, self.boot, nxt, 0, backlog, ob, os_, self.fw), qos=1)
+            self.dev, self.boot, nxt, 0, backlog, ob, os_, 0xFA4E, self.hellos, self.fw), qos=1)
 
     def _first_unacked(self):
         i = 0
@@ -108,7 +114,7 @@ class FakeDevice:
             if online and not was:
                 self._hello()
             return
-        boot, seq, t, credits, replay, flags = wire.decode_ack(msg.payload)
+        boot, seq, t, credits, replay, flags, _nonce = wire.decode_ack(msg.payload)
         with self.lock:
             self.acks.append((boot, seq, t, credits, replay, flags))
             if not flags & wire.ACK_NONE and seq > self.acked.get(boot, -1):

@@ -59,23 +59,24 @@ class GwThread:
 
 
 def cfg(broker, tmp_path, **sections):
-    c = {"mqtt": {"port": broker.port, "client_id": "gw-%d" % broker.port},
-         "store": {"path": str(tmp_path / "gw.db"), "synchronous": "NORMAL"}, "metrics": {"port": 0},
+    c = broker.gateway_config()  # TLS, credentials, devices file
+    c.update({"store": {"path": str(tmp_path / "gw.db"), "synchronous": "NORMAL"}, "metrics": {"port": 0},
          "checkpoint": {"interval_ms": 50, "ack_interval_ms": 20},
          "windows": {"size_ms": 1000, "allowed_lateness_ms": 0},
-         "watermark": {"out_of_orderness_ms": 0}}
+         "watermark": {"out_of_orderness_ms": 0}})
     for k, v in sections.items():
         c.setdefault(k, {}).update(v)
     return c
 
 
-def retained(port, topic, timeout=3.0):
+def retained(broker, topic, timeout=3.0):
     got = []
     ev = threading.Event()
     c = mqtt.Client(CallbackAPIVersion.VERSION2, client_id="probe-%d" % time.monotonic_ns())
+    broker.paho(c, broker.service("test-observer", "read"))
     c.on_connect = lambda c, u, f, rc, p: c.subscribe(topic, 1)
     c.on_message = lambda c, u, m: (got.append(m.payload), ev.set())
-    c.connect("127.0.0.1", port)
+    c.connect("127.0.0.1", broker.port)
     c.loop_start()
     ev.wait(timeout)
     c.disconnect()
@@ -85,8 +86,8 @@ def retained(port, topic, timeout=3.0):
 
 def test_end_to_end_acks_after_commit_and_presence(broker, tmp_path):
     with GwThread(cfg(broker, tmp_path)) as gw:
-        assert wire.decode_state(retained(broker.port, TOP.gw_state), gateway=True) is True
-        d = FakeDevice(broker.port, "n1")
+        assert wire.decode_state(retained(broker, TOP.gw_state), gateway=True) is True
+        d = FakeDevice(broker, "n1")
         for i in range(0, 500, 50):
             d.add_readings(readings(i, 50, T0))
         d.start()
@@ -97,7 +98,7 @@ def test_end_to_end_acks_after_commit_and_presence(broker, tmp_path):
         assert d.acked == {1: 499}
         assert all(a[5] & wire.ACK_HAS_TIME for a in d.acks)
         assert gw.stats.readings == 500
-    assert wire.decode_state(retained(broker.port, TOP.gw_state), gateway=True) is False  # clean stop
+    assert wire.decode_state(retained(broker, TOP.gw_state), gateway=True) is False  # clean stop
     import sqlite3
     db = sqlite3.connect(str(tmp_path / "gw.db"))
     assert db.execute("SELECT count(*) FROM readings").fetchone() == (500,)
@@ -110,7 +111,7 @@ def test_reconnect_storm_admission_over_mqtt(broker, tmp_path):
     with GwThread(c) as gw:
         devs = []
         for k in range(3):
-            d = FakeDevice(broker.port, "r%d" % k, inflight=4)
+            d = FakeDevice(broker, "r%d" % k, inflight=4)
             for i in range(0, 300, 30):
                 d.add_readings(readings(i, 30, T0))
             d.sent_upto = len(d.outbox)  # all of it is backlog from a previous session
@@ -131,7 +132,7 @@ def test_reconnect_storm_admission_over_mqtt(broker, tmp_path):
 
 def test_device_last_will_marks_it_offline(broker, tmp_path):
     with GwThread(cfg(broker, tmp_path)) as gw:
-        d = FakeDevice(broker.port, "w1")
+        d = FakeDevice(broker, "w1")
         d.add_readings(readings(0, 10, T0))
         d.start()
         assert pump_all([d], 10)
@@ -149,6 +150,8 @@ def test_backpressure_bounded_queue(broker, tmp_path):
     with GwThread(c):
         pass  # registers the persistent session
     pub = mqtt.Client(CallbackAPIVersion.VERSION2, client_id="burst")
+    broker.add_devices(["b1"])
+    broker.paho(pub, "b1")
     pub.connect("127.0.0.1", broker.port)
     pub.loop_start()
     infos = [pub.publish(TOP.data("b1"), wire.encode_readings("b1", 1, readings(i, 10, T0)), qos=1)
@@ -170,7 +173,7 @@ def test_backpressure_bounded_queue(broker, tmp_path):
 def test_metrics_endpoint(broker, tmp_path):
     port = free_port()
     with GwThread(cfg(broker, tmp_path, metrics={"port": port})):
-        d = FakeDevice(broker.port, "m1")
+        d = FakeDevice(broker, "m1")
         d.add_readings(readings(0, 20, T0))
         d.start()
         assert pump_all([d], 10)
@@ -190,11 +193,15 @@ def test_cli_run_status_export(broker, tmp_path):
     r = subprocess.run([sys.executable, "-m", "gateway.cli", "run", "--config", str(bad)], env=env,
                        capture_output=True, text=True, timeout=30)
     assert r.returncode == 2 and "mqtt.port must be int" in r.stderr
-    p = subprocess.Popen([sys.executable, "-m", "gateway.cli", "run", "--broker", "127.0.0.1:%d" % broker.port,
+    conf = broker.gateway_toml(str(tmp_path / "gw.toml"))
+    r = subprocess.run([sys.executable, "-m", "gateway.cli", "run", "--broker", "127.0.0.1:%d" % broker.port],
+                       env=env, capture_output=True, text=True, timeout=30)
+    assert r.returncode == 2 and "refusing to run without mqtt.tls_ca" in r.stderr  # secure by default
+    p = subprocess.Popen([sys.executable, "-m", "gateway.cli", "run", "--config", conf,
                           "--db", db, "--metrics-port", "0", "--log-format", "json"], env=env,
                          stderr=subprocess.PIPE, text=True)
     try:
-        d = FakeDevice(broker.port, "c1")
+        d = FakeDevice(broker, "c1")
         d.add_records([(wire.KIND_CEP, 0, T0, 0, ("overheat", 3, 1000, (1,)))])
         d.add_readings(readings(1, 30, T0))
         d.start()
@@ -225,7 +232,7 @@ def test_cli_run_status_export(broker, tmp_path):
 
 def test_broker_restart_reconnects_and_loses_nothing(broker, tmp_path):
     with GwThread(cfg(broker, tmp_path)) as gw:
-        d = FakeDevice(broker.port, "k1", resend_s=0.5)
+        d = FakeDevice(broker, "k1", resend_s=0.5)
         for i in range(0, 200, 20):
             d.add_readings(readings(i, 20, T0))
         d.start()

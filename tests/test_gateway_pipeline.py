@@ -67,6 +67,11 @@ def deliver(gw, topic, payload, now=NOW):
     gw.out.mids.append((_mid[0], 1))
 
 
+def hello(gw, dev, boot, next_seq=0):
+    """A hello with nothing held below next_seq: the gateway acks only devices it has a nonce of."""
+    deliver(gw, TOP.hello(dev), wire.encode_hello(dev, boot, next_seq, 0, 0, boot, next_seq, 0xA1, 0xB2, "fw"))
+
+
 async def flush(gw):
     await gw.checkpoint()
     if gw._commit_task is not None:
@@ -95,12 +100,14 @@ def test_readings_committed_then_pubacked_then_acked(tmp_path):
     async def go():
         gw = await open_gw(cfg(tmp_path))
         try:
+            hello(gw, "n1", 7)
             deliver(gw, TOP.data("n1"), wire.encode_readings("n1", 7, readings(0, 50, T0)))
             assert gw.ingest.pubacks == [] and gw.ingest.acks("n1") == []  # nothing before the commit
             await flush(gw)
-            assert len(gw.ingest.pubacks) == 1
+            assert len(gw.ingest.pubacks) == 2
             (ack,) = gw.ingest.acks("n1")
-            boot, seq, t, credits, replay, flags = ack
+            boot, seq, t, credits, replay, flags, nonce = ack
+            assert nonce == 0xB2
             # the ack's time beacon is the gateway's wall clock now
             assert (boot, seq, replay) == (7, 49, True) and flags & wire.ACK_HAS_TIME
             assert abs(t - time.time() * 1000) < 60000
@@ -184,6 +191,7 @@ def test_bad_input_is_quarantined_never_raised(tmp_path):
 def test_gap_records_account_for_dropped_seqs(tmp_path):
     async def go():
         gw = await open_gw(cfg(tmp_path))
+        hello(gw, "n1", 1)
         deliver(gw, TOP.data("n1"), wire.encode_readings("n1", 1, readings(0, 10, T0)))
         # device dropped 10..19 (outbox full) and says so with gap record seq 20
         deliver(gw, TOP.data("n1"), wire.encode_records("n1", 1, [(wire.KIND_GAP, 20, T0 + 3000, 0, (1, ((10, 10),)))]))
@@ -240,6 +248,7 @@ def test_device_records_go_to_their_tables(tmp_path):
 
     async def go():
         gw = await open_gw(cfg(tmp_path))
+        hello(gw, "n1", 2)
         deliver(gw, TOP.data("n1"), wire.encode_records("n1", 2, recs))
         deliver(gw, TOP.data("n1"), wire.encode_records("n1", 2, unsynced))
         await flush(gw)
@@ -307,8 +316,8 @@ def test_hello_backlog_gets_credits_and_waiters_hold(tmp_path):
 
     async def go():
         gw = await open_gw(c)
-        deliver(gw, TOP.hello("n1"), wire.encode_hello("n1", 3, 500, 0, 300, 2, 40, "fw1"))
-        deliver(gw, TOP.hello("n2"), wire.encode_hello("n2", 1, 0, 0, 50, 1, 0, "fw1"))
+        deliver(gw, TOP.hello("n1"), wire.encode_hello("n1", 3, 500, 0, 300, 2, 40, 11, 12, "fw1"))
+        deliver(gw, TOP.hello("n2"), wire.encode_hello("n2", 1, 0, 0, 50, 1, 0, 21, 22, "fw1"))
         await flush(gw)
         a1 = gw.ingest.acks("n1")
         a2 = gw.ingest.acks("n2")
@@ -349,6 +358,7 @@ def test_seq_far_above_window_is_deferred_not_acked(tmp_path):
 
     async def go():
         gw = await open_gw(c)
+        hello(gw, "n1", 1)
         deliver(gw, TOP.data("n1"), wire.encode_readings("n1", 1, readings(0, 10, T0)))
         deliver(gw, TOP.data("n1"), wire.encode_readings("n1", 1, readings(1000, 10, T0)))
         await flush(gw)

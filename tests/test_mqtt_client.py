@@ -8,6 +8,13 @@ from firmware.mqtt import MQTTClient, MQTTError
 pytestmark = pytest.mark.broker
 
 
+@pytest.fixture
+def broker(open_broker):
+    """Protocol mechanics (free topics and client ids): the anonymous broker. This client's
+    TLS and credentials against the secure broker: tests/test_security.py."""
+    return open_broker
+
+
 def run(coro, timeout=40):
     return asyncio.run(asyncio.wait_for(coro, timeout))
 

@@ -11,8 +11,7 @@ import urllib.request
 import pytest
 
 from tests.conftest import ROOT, free_port
-from tests.test_gateway_fakes import T0, FakeDevice, pump_all, readings
-from tests.test_gateway_mqtt import GwThread, cfg
+from tests.test_gateway_fakes import T0, readings
 
 RULES = os.path.join(ROOT, "deploy", "prometheus", "edgeflow-alerts.yml")
 RULE_TESTS = os.path.join(ROOT, "deploy", "prometheus", "edgeflow-alerts.test.yml")
@@ -89,36 +88,45 @@ def _get(url):
 
 @pytest.mark.broker
 def test_metrics_latency_histograms_and_healthz(broker, tmp_path):
-    """A real gateway: the histograms count what it committed and acked, every metric the
-    dashboard and the rules name is exported, and /healthz fails while the broker is down."""
+    """A real gateway fed by the fleet simulator: the histograms count what it committed and
+    acked, every metric the dashboard and the rules name is exported, and /healthz fails
+    while the broker is down."""
+    from tests.test_web_browser import FleetThread
+    from tools.fleet import Site
     wport, mport = free_port(), free_port()
-    c = cfg(broker, tmp_path, web={"port": wport}, metrics={"port": mport})
-    with GwThread(c) as gw:
-        d = FakeDevice(broker.port, "n1")
-        for i in range(0, 300, 50):
-            d.add_readings(readings(i, 50, T0))
-        d.start()
-        try:
-            assert pump_all([d], 15)
-        finally:
-            d.stop()
-        assert d.acked == {1: 299}
-        text = _scrape("http://127.0.0.1:%d/metrics" % mport)
-        web_text = _scrape("http://127.0.0.1:%d/metrics" % wport)  # the same registry on the web port
-        assert "edgeflow_gateway_commit_latency_seconds_bucket" in web_text
-        msgs = gw.stats.messages
-        m = re.search(r"^edgeflow_gateway_commit_latency_seconds_count ([0-9.e+]+)$", text, re.M)
-        assert m and float(m.group(1)) == msgs >= 6  # one observation per message
-        m = re.search(r'^edgeflow_gateway_commit_latency_seconds_bucket\{le="\+Inf"\} ([0-9.e+]+)$', text, re.M)
-        assert float(m.group(1)) == msgs
-        m = re.search(r"^edgeflow_gateway_ack_latency_seconds_count ([0-9.e+]+)$", text, re.M)
-        assert m and float(m.group(1)) >= 1
-        assert re.search(r"^edgeflow_gateway_checkpoint_duration_seconds_count [1-9]", text, re.M)
+    site = Site(tmp_path / "site", broker=broker, window_ms=1000, lateness_ms=1000, ooo_ms=300, idle_ms=5000,
+                gw_extra={"web": {"port": wport}, "metrics": {"port": mport}})
+    fleet = None
+    try:
+        site.start_broker().start_gateway()
+        fleet = FleetThread(site.port, site.mq)
+        assert fleet.ready.wait(30) and fleet.error is None, fleet.error
+        url = "http://127.0.0.1:%d/metrics" % mport
+        t0 = time.monotonic()
+        while time.monotonic() - t0 < 60 and not re.search(r"^edgeflow_gateway_acks_total [1-9]", _scrape(url), re.M):
+            time.sleep(0.5)
+        time.sleep(3)
+        fleet.close()
+        fleet = None
+        prev = None
+        for _ in range(40):  # quiet: the last messages committed
+            text = _scrape(url)
+            msgs = _value(text, "edgeflow_gateway_messages_total")
+            if msgs == prev:
+                break
+            prev = msgs
+            time.sleep(0.5)
+        assert msgs > 10
+        assert _value(text, "edgeflow_gateway_commit_latency_seconds_count") == msgs  # one per message
+        assert _value(text, 'edgeflow_gateway_commit_latency_seconds_bucket{le="+Inf"}') == msgs
+        assert _value(text, "edgeflow_gateway_ack_latency_seconds_count") >= 1
+        assert _value(text, "edgeflow_gateway_checkpoint_duration_seconds_count") >= 1
         assert re.search(r'^edgeflow_gateway_build_info\{.*version="[^"]+"', text, re.M)
-        assert re.search(r'^edgeflow_gateway_device_watermark_lag_seconds\{device="n1"\}', text, re.M)
-        assert re.search(r"^edgeflow_gateway_devices_online 1", text, re.M)
-        assert re.search(r"^edgeflow_gateway_broker_connected 1", text, re.M)
+        assert re.search(r'^edgeflow_gateway_device_watermark_lag_seconds\{device="dev-0000"\}', text, re.M)
+        assert _value(text, "edgeflow_gateway_devices_known") == 6
+        assert _value(text, "edgeflow_gateway_broker_connected") == 1
         assert re.search(r"^process_resident_memory_bytes", text, re.M)
+        assert "edgeflow_gateway_commit_latency_seconds_bucket" in _scrape("http://127.0.0.1:%d/metrics" % wport)
         exported = set()
         for name, typ in re.findall(r"^# TYPE ([a-z_]+) ([a-z]+)$", text, re.M):  # families, also empty ones
             exported |= {name + s for s in {"histogram": ("_bucket", "_sum", "_count"),
@@ -126,20 +134,31 @@ def test_metrics_latency_histograms_and_healthz(broker, tmp_path):
         wanted = _metric_names(open(DASHBOARD).read()) | _metric_names(open(RULES).read())
         assert wanted - exported == set(), "named in the dashboard/rules but not exported"
 
-        assert _get("http://127.0.0.1:%d/healthz" % wport) == (200, "ok\n")
+        hz = "http://127.0.0.1:%d/healthz" % wport
+        assert _get(hz) == (200, "ok\n")
         broker.stop()
         t0 = time.monotonic()
         while time.monotonic() - t0 < 20:
-            st, body = _get("http://127.0.0.1:%d/healthz" % wport)
+            st, body = _get(hz)
             if st == 503:
                 break
             time.sleep(0.2)
         assert (st, body) == (503, "failing: broker disconnected\n")
         broker.start()
         t0 = time.monotonic()
-        while time.monotonic() - t0 < 30 and _get("http://127.0.0.1:%d/healthz" % wport)[0] != 200:
+        while time.monotonic() - t0 < 30 and _get(hz)[0] != 200:
             time.sleep(0.2)
-        assert _get("http://127.0.0.1:%d/healthz" % wport) == (200, "ok\n")
+        assert _get(hz) == (200, "ok\n")
+    finally:
+        if fleet is not None:
+            fleet.close()
+        site.close()
+
+
+def _value(text, name):
+    m = re.search(r"^%s ([0-9.e+-]+)$" % re.escape(name), text, re.M)
+    assert m, name
+    return float(m.group(1))
 
 
 def test_healthz_fails_when_no_commit_succeeds_with_work_pending(tmp_path):

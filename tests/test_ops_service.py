@@ -75,7 +75,7 @@ def test_env_config_path_and_config_error_exit_2(tmp_path):
     conf.write_text('[mqtt]\nport = 70000\n')
     r = _cli("run", "--check", env={"EDGEFLOW_CONFIG": str(conf)})
     assert r.returncode == 2 and "mqtt.port must be within 1..65535" in r.stderr  # read from $EDGEFLOW_CONFIG
-    conf.write_text('[store]\npath = "%s"\n[web]\nport = 0\n' % (tmp_path / "x.db"))
+    conf.write_text('[store]\npath = "%s"\n[web]\nport = 0\n[security]\ninsecure = true\n' % (tmp_path / "x.db"))
     r = _cli("run", "--check", env={"EDGEFLOW_CONFIG": str(conf), "EDGEFLOW_WEB_TOKEN_SHA256": "ab" * 32})
     assert r.returncode == 0 and '"token_sha256": "(set)"' in r.stdout  # secrets are not printed
     r = _cli("run", "--check", env={"EDGEFLOW_CONFIG": str(conf), "EDGEFLOW_WEB_TOKEN_SHA256": "nothex"})
@@ -116,9 +116,9 @@ def test_sd_notify_watchdog_and_journal_priorities(broker, tmp_path):
     log_path = tmp_path / "journal.txt"
     log = open(log_path, "wb")
     st = os.fstat(log.fileno())
-    conf = tmp_path / "gw.toml"
-    conf.write_text('[mqtt]\nport = %d\n[store]\npath = "%s"\nsynchronous = "NORMAL"\n[metrics]\nport = 0\n'
-                    '[web]\nport = 0\n' % (broker.port, tmp_path / "gw.db"))
+    conf = broker.gateway_toml(str(tmp_path / "gw.toml"), {
+        "store": {"path": str(tmp_path / "gw.db"), "synchronous": "NORMAL"}, "metrics": {"port": 0},
+        "web": {"port": 0}})
     env = dict(os.environ, NOTIFY_SOCKET=sock_path, WATCHDOG_USEC="1500000", EDGEFLOW_CONFIG=str(conf),
                JOURNAL_STREAM="%d:%d" % (st.st_dev, st.st_ino))
     env.pop("WATCHDOG_PID", None)

@@ -56,3 +56,28 @@ def test_mutated_valid_payload_raises_only_wire_error(data):
         wire.decode_data(bytes(p[:cut]))
     except wire.WireError:
         pass
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.binary(min_size=1, max_size=200), st.lists(st.binary(max_size=300), max_size=4))
+def test_hand_hmac_matches_cpython_hmac(key, parts):
+    import hashlib
+    import hmac
+
+    from shared import auth
+    want = hmac.new(key, b"".join(parts), hashlib.sha256).digest()
+    assert auth.Hmac(key).digest(*parts) == want == auth.hmac_sha256(key, b"".join(parts))
+
+
+@settings(max_examples=200, deadline=None)
+@given(dev_ids, st.integers(0, 0xFFFFFFFF), st.integers(0, 0xFFFFFFFF), st.integers(0, 0xFFFFFFFF),
+       st.integers(0, 0xFFFFFFFF), st.booleans(), st.binary(min_size=32, max_size=32), st.integers(0, 44))
+def test_any_changed_ack_byte_fails_the_mac(dev, boot, seq, credits, nonce, replay, key, pos):
+    from shared import auth
+    k = auth.Hmac(key)
+    a = wire.encode_ack(dev, boot, seq, T0, credits, nonce, k, replay)
+    assert wire.ack_mac_ok(a, dev.encode(), k)
+    b = bytearray(a)
+    b[pos] ^= 1
+    assert not wire.ack_mac_ok(bytes(b), dev.encode(), k)
+    assert not wire.ack_mac_ok(a, (dev + "x").encode(), k)

@@ -38,7 +38,8 @@ def elapsed_us(t0):
 
 
 def make_app(synced):
-    cfg = {"device_id": "bench", "broker": {"host": "127.0.0.1"}}
+    cfg = {"device_id": "bench", "broker": {"host": "127.0.0.1", "user": "bench", "password": "pw-0123456789",
+                                                      "tls": {"ca": "/ca.pem"}}}
     cfg.update(example_config())
     app = App(cfg, SimHal(seed=3, console=False))
     app._boot()

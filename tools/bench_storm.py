@@ -121,7 +121,7 @@ class Replayer(asyncio.Protocol):
             if qos:
                 self.tr.write(M.puback_packet(pid))
             if topic == self.t_ack:
-                boot, seq, _gt, credits, replay, flags = wire.decode_ack(payload)
+                boot, seq, _gt, credits, replay, flags, _nonce = wire.decode_ack(payload)
                 self.b.st.acks += 1
                 self.acks += 1
                 self.last_ack = time.monotonic()
@@ -159,7 +159,8 @@ class Replayer(asyncio.Protocol):
     def _hello(self):
         first = self.acked + 1
         self._pub(self.t.hello(self.dev), wire.encode_hello(
-            self.dev, 1, self.n, int(time.time() * 1000), self.n - first, 1, first, "bench-storm"))
+            self.dev, 1, self.n, int(time.time() * 1000), self.n - first, 1, first, self.idx + 1, self.hellos + 1,
+            "bench-storm"))
         self.b.st.hellos += 1
         self.hellos += 1
 

@@ -2,7 +2,7 @@
 
     .venv/bin/python tools/bench_web.py [--msgs 20000] [--per-msg 50] [--pages 3] [--pairs 3] [--browser]
 
-Same drain as tools/bench_gateway.py (own mosquitto, QoS 1 stream preloaded into the broker,
+Same drain as tools/bench_gateway.py (own plaintext mosquitto, QoS 1 stream preloaded into the broker,
 timed until every reading is committed), with the gateway's web view on. Runs alternate:
 no page / pages open. A "page" is what the browser does (the snapshot, the selected device's
 history, then the server-sent event stream, read as it comes) in a separate process, so the
@@ -25,8 +25,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
-from tools.bench_gateway import _run_gateway, gateway_cfg, raw_publish, start_broker, workload  # noqa: E402
-from tools.broker import free_port  # noqa: E402
+from tools.bench_gateway import _run_gateway, gateway_cfg, raw_publish, workload  # noqa: E402
+from tools.broker import Mosquitto, free_port  # noqa: E402
 
 PAGE = r"""
 import json, sys, threading, time, urllib.request
@@ -106,6 +106,7 @@ def one_run(port, tmp, name, msgs, n_readings, pages, browser, update_ms):
     cfg["mqtt"]["client_id"] = "bench-web-" + name
     wport = free_port()
     cfg["web"] = {"port": wport, "update_ms": update_ms}
+    cfg["security"] = {"insecure": True}  # plaintext, anonymous broker: the bench is about the web view
     asyncio.run(_run_gateway(dict(cfg, web={"port": 0}), register_only=True))
     raw_publish(port, msgs, "pub-" + name)
     time.sleep(0.2)
@@ -140,7 +141,8 @@ def main(argv=None):
     a = ap.parse_args(argv)
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # the finally below stops the broker
     tmp = tempfile.mkdtemp(prefix="edgeflow-bench-web-")
-    broker, port = start_broker(tmp)
+    broker = Mosquitto(tmp, persistence=False, insecure=True).start()
+    port = broker.port
     n = a.msgs * a.per_msg
     res = {0: [], 1: []}
     cpu = {0: [], 1: []}

@@ -1,8 +1,18 @@
 """A mosquitto process on a loopback port: for tests, the demo, the fleet simulator and benches.
 
-    b = Mosquitto(data_dir).start()   # free port unless port= is given; b.port, b.proc
+    b = Mosquitto(data_dir, devices=["n1"]).start()  # free port unless port= is given; b.port, b.proc
     b.stop()                          # terminate, kill after 5 s
     b.start()                         # restart on the same port (persistence kept)
+
+Secure by default, like a real site: a fleet is provisioned into data_dir/fleet
+(tools/provision.py: CA, server certificate for localhost/127.0.0.1, password file, ACL) and
+the listener speaks only TLS to known users. Clients get their settings from the launcher:
+    b.paho(client, user)           TLS + credentials on a paho client (default: the gateway)
+    b.gateway_config()             {"mqtt": {...}, "devices": {...}} for the gateway config
+    b.device_secrets(dev)          {"config": {device_id, ack_key, broker: {..., tls}}, "files": {"/ca.pem": PEM}}
+    b.add_device(dev)              provision one more device and reload the broker
+    b.device_config(dev, hal)      config keys of a device (provisioned if new; CA put on hal.fs)
+insecure=True gives the old anonymous plaintext listener (only for tests of that set-up).
 
 Config from tools/brokerconf.py (fleet-sized queues). Started as root, mosquitto would drop
 to the 'mosquitto' user and then fail to write its persistence file in data_dir: it keeps
@@ -11,11 +21,14 @@ the current user instead.
 import getpass
 import os
 import shutil
+import signal
 import socket
+import ssl
 import subprocess
 import time
 
 from tools.brokerconf import render
+from tools.provision import Fleet, security_paths
 
 
 def mosquitto_bin():
@@ -32,13 +45,24 @@ def free_port():
 
 
 class Mosquitto:
-    def __init__(self, data_dir, port=None, persistence=True, new_session=False):
+    def __init__(self, data_dir, port=None, persistence=True, new_session=False, insecure=False, devices=(),
+                 fleet=None, prefix="edgeflow"):
         self.dir = str(data_dir)
         self.port = port or free_port()
         self.persistence = persistence
         self.new_session = new_session  # own process group: Ctrl-C in a terminal does not reach it
         self.proc = None
         self.log_path = os.path.join(self.dir, "mosquitto.log")
+        self.insecure = insecure
+        self.fleet = None
+        if not insecure:
+            self.fleet = Fleet(fleet or os.path.join(self.dir, "fleet"))
+            if os.path.exists(self.fleet.state_path):
+                for d in devices:
+                    if d not in self.fleet.devices():
+                        self.fleet.add(d)
+            else:
+                self.fleet.init("127.0.0.1", names=["localhost"], port=self.port, prefix=prefix, devices=devices)
 
     def start(self, timeout=10.0):
         exe = mosquitto_bin()
@@ -49,7 +73,8 @@ class Mosquitto:
         conf = os.path.join(self.dir, "mosquitto.conf")
         user = getpass.getuser() if os.geteuid() == 0 else None
         with open(conf, "w") as f:
-            f.write(render(self.port, self.dir, bind="127.0.0.1", persistence=self.persistence, user=user))
+            f.write(render(self.port, self.dir, bind="127.0.0.1", persistence=self.persistence, user=user,
+                           security=None if self.insecure else security_paths(self.fleet.path("broker"))))
         with open(self.log_path, "ab") as log:
             self.proc = subprocess.Popen([exe, "-c", conf], stdout=log, stderr=subprocess.STDOUT,
                                          start_new_session=self.new_session)
@@ -74,6 +99,132 @@ class Mosquitto:
             except subprocess.TimeoutExpired:
                 p.kill()
                 p.wait()
+
+    # ---- client settings (secure mode)
+
+    @property
+    def ca_file(self):
+        return self.fleet.path("ca", "ca.pem")
+
+    def tls_context(self, ca_file=None):
+        ctx = ssl.create_default_context(cafile=ca_file or self.ca_file)
+        return ctx
+
+    def credentials(self, user=None):
+        """(user, password) of a device, a service user, or the gateway when user is None."""
+        st = self.fleet.load()
+        if user is None or user == st["gateway_user"]:
+            return st["gateway_user"], self.fleet.gateway_password()
+        if user in st.get("services", {}):
+            return user, self.fleet.service_password(user)
+        return user, self.fleet.device_secrets(user)["config"]["broker"]["password"]
+
+    def service(self, user, access="readwrite"):
+        """A trusted non-device user (a test relay, an observer) on the whole topic tree."""
+        if user not in self.fleet.load().get("services", {}):
+            self.fleet.add_service(user, access)
+            self._reload(user)
+        return user
+
+    def paho(self, client, user=None, password=None):
+        """Configure a paho client for this broker (TLS with the fleet CA, name 'localhost'
+        checked against 127.0.0.1's certificate, the user's credentials). Returns host, port."""
+        if self.insecure:
+            return "127.0.0.1", self.port
+        u, pw = self.credentials(user)
+        client.username_pw_set(u, pw if password is None else password)
+        client.tls_set_context(self.tls_context())
+        return "127.0.0.1", self.port
+
+    def gateway_config(self):
+        """Config sections for a gateway using this broker."""
+        if self.insecure:
+            return {"mqtt": {"host": "127.0.0.1", "port": self.port}, "security": {"insecure": True}}
+        st = self.fleet.load()
+        return {"mqtt": {"host": "127.0.0.1", "port": self.port, "username": st["gateway_user"],
+                         "client_id": st["gateway_user"],
+                         "password_file": self.fleet.path("gateway", "mqtt_password"),
+                         "tls_ca": self.fleet.path("gateway", "ca.pem"), "tls_server_name": "localhost"},
+                "devices": {"file": self.fleet.path("gateway", "devices.json")}}
+
+    def gateway_toml(self, path, sections=None, raw=""):
+        """Write a gateway TOML config for this broker: gateway_config() plus sections
+        ({section: {key: value}}), then raw TOML text (e.g. [[windows.groups]])."""
+        import json
+        sec = self.gateway_config()
+        for s, kv in (sections or {}).items():
+            sec.setdefault(s, {}).update(kv)
+        lines = []
+        for s, kv in sec.items():
+            lines.append("[%s]" % s)
+            lines += ["%s = %s" % (k, json.dumps(v)) for k, v in kv.items()]
+            lines.append("")
+        with open(path, "w") as f:
+            f.write("\n".join(lines) + raw)
+        return path
+
+    def device_secrets(self, dev):
+        """{"config": {...}, "files": {"/ca.pem": PEM}} as edgeflow-deploy --secrets takes it."""
+        return self.fleet.device_secrets(dev)
+
+    def device_config(self, dev, hal=None):
+        """The config keys a device needs for this broker (credentials, tls, ack_key), the device
+        provisioned first if needed; with hal, the CA file is written to its flash (hal.fs)."""
+        if self.insecure:
+            return {"device_id": dev, "insecure": True, "broker": {"host": "127.0.0.1", "port": self.port}}
+        self.add_devices([dev])
+        sec = self.device_secrets(dev)
+        for path, text in sec.get("files", {}).items() if hal is not None else ():
+            f = hal.fs.open(path.lstrip("/"), "wb")
+            f.write(text.encode())
+            f.close()
+        return sec["config"]
+
+    def add_device(self, dev, timeout=10.0):
+        """Provision dev and make the running broker reload its password file (SIGHUP)."""
+        self.add_devices([dev], timeout)
+        return self.device_secrets(dev)
+
+    def add_devices(self, devs, timeout=10.0):
+        """Provision the devices not provisioned yet; one broker reload for all of them."""
+        known = set(self.fleet.devices())
+        new = [d for d in devs if d not in known]
+        for d in new:
+            self.fleet.add(d)
+        if new:
+            self._reload(new[-1], timeout)
+
+    def _reload(self, user, timeout=10.0):
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGHUP)
+            self.wait_login(user, timeout)
+
+    def wait_login(self, user, timeout=10.0):
+        """Wait until the broker accepts user's credentials (after a reload)."""
+        import paho.mqtt.client as mqtt
+        from paho.mqtt.enums import CallbackAPIVersion
+        deadline = time.time() + timeout
+        while True:
+            c = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=user)
+            self.paho(c, user)
+            try:
+                c.connect("127.0.0.1", self.port, 5)
+                c.loop_start()
+                for _ in range(100):
+                    if c.is_connected():
+                        break
+                    time.sleep(0.02)
+                ok = c.is_connected()
+            except OSError:
+                ok = False
+            finally:
+                c.disconnect()
+                c.loop_stop()
+            if ok:
+                return
+            if time.time() > deadline:
+                raise RuntimeError("broker did not accept %s within %.0f s" % (user, timeout))
+            time.sleep(0.1)
 
     def __enter__(self):
         return self.start() if self.proc is None else self

@@ -188,7 +188,7 @@ async def _run(args, site, truth, events):
     stop = asyncio.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
-    fleet = Fleet(args.devices, site.port, truth, args.seed, args.sample_ms, args.window_ms)
+    fleet = Fleet(args.devices, site.port, truth, args.seed, args.sample_ms, args.window_ms, broker=site.mq)
     fleet.truth.meta("windows", site.windows)
     t0 = time.monotonic()
     st = Status(fleet, site, t0)

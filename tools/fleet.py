@@ -29,6 +29,10 @@ no firmware logic is reimplemented here. What this module adds:
   --unsynced-devices N (no NTP and no gateway beacon: records stay FLAG_UNSYNCED).
 - Site: a mosquitto (tools/brokerconf.py) and the gateway (`python -m gateway.cli run`) as
   subprocesses on free loopback ports, restartable, killable with SIGKILL.
+- Security on, like a real site: the Site's broker is provisioned (tools/provision.py: TLS,
+  passwords, ACLs); every simulated device gets its own credentials, ack key and the CA file
+  on its flash (Fleet(..., broker=site.mq)); the gateway gets its credentials and the devices
+  file. Against an external broker: --fleet-dir FLEET (an edgeflow-provision folder).
 """
 import argparse
 import asyncio
@@ -197,7 +201,10 @@ class TruthFS:
 # ====================================================================== devices
 
 
-def device_config(dev, port, sample_ms=250, window_ms=10000, status_every_s=10, host="127.0.0.1", **over):
+def device_config(dev, port, sample_ms=250, window_ms=10000, status_every_s=10, host="127.0.0.1", secrets=None,
+                  **over):
+    """secrets: the device's provisioned {"config": {...}} (credentials, tls, ack_key); None:
+    an insecure device (plaintext, anonymous)."""
     cfg = {
         "device_id": dev,
         "broker": {"host": host, "port": port, "keepalive_s": 10, "timeout_ms": 3000},
@@ -210,6 +217,12 @@ def device_config(dev, port, sample_ms=250, window_ms=10000, status_every_s=10, 
         "rules": [{"id": "spike", "type": "threshold", "channel": "temp", "enter": 30, "leave": 25, "severity": 2}],
         "anomaly": {"zscore": {"channels": ["hum"], "window": 16, "k": 4, "min_std": 0.5, "cooldown_ms": 5000}},
     }
+    if secrets is None:
+        cfg["insecure"] = True
+    else:
+        for k, v in secrets["config"].items():
+            cfg[k] = dict(cfg[k], **v) if isinstance(v, dict) and isinstance(cfg.get(k), dict) else v
+        cfg["broker"]["host"], cfg["broker"]["port"] = host, port
     for k, v in over.items():
         if isinstance(v, dict) and isinstance(cfg.get(k), dict):
             cfg[k] = dict(cfg[k], **v)
@@ -219,12 +232,16 @@ def device_config(dev, port, sample_ms=250, window_ms=10000, status_every_s=10, 
 
 
 class Device:
-    def __init__(self, fleet, idx, dev_id, cfg, seed, ntp_ok=True, ntp_error_ms=0):
+    def __init__(self, fleet, idx, dev_id, cfg, seed, ntp_ok=True, ntp_error_ms=0, files=None):
         self.fleet = fleet
         self.idx = idx
         self.id = dev_id
         self.cfg = cfg
         self.mem = MemFS()
+        for path, text in (files or {}).items():  # what the deploy puts next to config.json (the CA)
+            f = self.mem.open(path.lstrip("/"), "wb")
+            f.write(text.encode())
+            f.close()
         self.tfs = TruthFS(self.mem, self._stored, cfg.get("outbox", {}).get("dir", "ob"))
         self.ffs = FailingFS(self.tfs)
         self.hal = SimHal(seed=seed, ntp_ok=ntp_ok, fs=self.ffs, console=False)
@@ -334,7 +351,7 @@ class Duplicator:
     """A rogue proxy: subscribes to every device's data topic and republishes a fraction of
     the messages later (random delay, so also out of order). Dedup must absorb them."""
 
-    def __init__(self, port, prefix="edgeflow", p=0.2, delay_s=2.0, seed=1):
+    def __init__(self, port, prefix="edgeflow", p=0.2, delay_s=2.0, seed=1, broker=None):
         import paho.mqtt.client as paho
         self.p = p
         self.delay = delay_s
@@ -349,6 +366,9 @@ class Duplicator:
         c.on_connect = lambda c, u, f, rc, pr=None: c.subscribe(self.topics.sub_data, 1)
         c.on_message = self._on_message
         c.reconnect_delay_set(0.1, 1)
+        if broker is not None and not broker.insecure:
+            # a trusted relay user (readwrite on the tree): the broker forces client id = user
+            broker.paho(c, broker.service("edgeflow-test-relay"))
         self.client = c
         c.connect_async("127.0.0.1", port, 30)
         c.loop_start()
@@ -382,16 +402,35 @@ class Duplicator:
         self.client.disconnect()
 
 
+def provision_devices(broker, ids):
+    """{dev: secrets} for ids, provisioning the missing ones ({} when broker is None/insecure)."""
+    if broker is None or getattr(broker, "insecure", False):
+        return {}
+    if hasattr(broker, "add_devices"):  # a running launcher: one reload for all
+        broker.add_devices(ids)
+    else:
+        known = set(broker.devices())
+        for d in ids:
+            if d not in known:
+                broker.add(d)
+    return {d: broker.device_secrets(d) for d in ids}
+
+
 class Fleet:
     """N devices in this process's asyncio loop."""
 
     def __init__(self, n, port, truth_path=None, seed=1, sample_ms=250, window_ms=10000, prefix_id="dev",
                  skew_devices=0, skew_ms=0, unsynced_devices=0, host="127.0.0.1", cfg_over=None, spikes=True,
-                 dev_over=None):
+                 dev_over=None, broker=None):
         """cfg_over: config overrides for every device (a section dict is merged into the
         default section); dev_over: {index: overrides} for single devices, applied after
-        cfg_over, e.g. {0: {"outbox": {"max_bytes": 8192, "segment_bytes": 2048}}}."""
+        cfg_over, e.g. {0: {"outbox": {"max_bytes": 8192, "segment_bytes": 2048}}}.
+        broker: where the devices' secrets come from: a tools.broker.Mosquitto (provisions
+        them and reloads) or a tools.provision.Fleet folder; None = insecure devices."""
         self.port = port
+        self.broker = broker
+        ids = ["%s-%04d" % (prefix_id, i) for i in range(n)]
+        secrets = provision_devices(broker, ids)
         self.rng = random.Random(seed)
         self.truth = TruthLog(truth_path)
         self.errors = []
@@ -399,7 +438,7 @@ class Fleet:
         self.dup = None
         cfg_over = cfg_over or {}
         for i in range(n):
-            dev = "%s-%04d" % (prefix_id, i)
+            dev = ids[i]
             kw = dict(cfg_over)
             ntp_ok, err = True, 0
             if i < skew_devices:
@@ -409,8 +448,9 @@ class Fleet:
                 kw["clock"] = {"ntp_every_s": 0, "use_beacon": False}
             for k, v in ((dev_over or {}).get(i) or {}).items():
                 kw[k] = dict(kw[k], **v) if isinstance(v, dict) and isinstance(kw.get(k), dict) else v
-            cfg = device_config(dev, port, sample_ms, window_ms, host=host, **kw)
-            d = Device(self, i, dev, cfg, seed * 100003 + i, ntp_ok, err)
+            sec = secrets.get(dev)
+            cfg = device_config(dev, port, sample_ms, window_ms, host=host, secrets=sec, **kw)
+            d = Device(self, i, dev, cfg, seed * 100003 + i, ntp_ok, err, sec and sec.get("files"))
             if spikes and i % 5 == 0:
                 sig = d.hal.signals[_hal.CH_TEMP]
                 sig.spike_every, sig.spike = 37 + i % 13, 12000
@@ -460,7 +500,7 @@ class Fleet:
 
     def start_dup(self, p=0.2, delay_s=2.0, prefix="edgeflow"):
         if self.dup is None:
-            self.dup = Duplicator(self.port, prefix, p, delay_s, self.rng.randrange(1 << 30))
+            self.dup = Duplicator(self.port, prefix, p, delay_s, self.rng.randrange(1 << 30), self.broker)
             time.sleep(0.3)
         self.dup.p = p
         self.dup.active = True
@@ -605,8 +645,12 @@ class Site:
         self.port = self.mq.port
         self.db = os.path.join(self.dir, "edgeflow.db")
         self.gw_conf = os.path.join(self.dir, "gateway.toml")
+        # the gateway's credentials, CA and devices file (or insecure, for an insecure broker)
+        extra = self.mq.gateway_config() if hasattr(self.mq, "gateway_config") else {"security": {"insecure": True}}
+        for sec, kv in (gw_extra or {}).items():
+            extra.setdefault(sec, {}).update(kv)
         with open(self.gw_conf, "w") as f:
-            f.write(gateway_toml(self.port, self.db, window_ms, lateness_ms, ooo_ms, idle_ms, groups, gw_extra))
+            f.write(gateway_toml(self.port, self.db, window_ms, lateness_ms, ooo_ms, idle_ms, groups, extra))
         self.windows = gateway_windows(window_ms, lateness_ms, groups)
         self.broker = None
         self.gateway = None
@@ -784,6 +828,9 @@ def build_parser():
     p.add_argument("--version", action="version", version=_version_line("edgeflow-fleet"))
     p.add_argument("--broker", type=_broker_arg, help="host:port of a running broker (and gateway)")
     p.add_argument("--spawn", action="store_true", help="start a mosquitto and a gateway in --dir")
+    p.add_argument("--fleet-dir", help="with --broker: the edgeflow-provision folder of that broker's fleet "
+                   "(missing devices are added: copy broker/passwd and reload the broker)")
+    p.add_argument("--insecure", action="store_true", help="with --broker: devices without TLS or credentials")
     p.add_argument("--dir", default=None, help="work dir for --spawn (default ./var/fleet-<time>)")
     p.add_argument("--devices", type=int, default=20)
     p.add_argument("--duration", type=float, default=30, help="seconds of sampling before the drain")
@@ -806,6 +853,10 @@ def main(argv=None):
     if not args.spawn and not args.broker:
         print("edgeflow-fleet: give --broker host:port or --spawn", file=sys.stderr)
         return 2
+    if args.broker and not args.spawn and not (args.fleet_dir or args.insecure):
+        print("edgeflow-fleet: with --broker give --fleet-dir FLEET (edgeflow-provision) or --insecure",
+              file=sys.stderr)
+        return 2
     d = args.dir or os.path.join("var", "fleet-%s" % time.strftime("%Y%m%d-%H%M%S"))
     os.makedirs(d, exist_ok=True)
     truth = args.truth or os.path.join(d, "truth.db")
@@ -818,13 +869,18 @@ def main(argv=None):
             site.start_broker()
             site.start_gateway()
             host, port = "127.0.0.1", site.port
+            secrets_from = site.mq
         else:
             host, port = args.broker
+            secrets_from = None
+            if args.fleet_dir:
+                from tools.provision import Fleet as Provisioned
+                secrets_from = Provisioned(args.fleet_dir)
         events = parse_faults(args.faults)
         rng = random.Random(args.seed)
         events += random_faults(args.random_faults, args.duration, rng, site is not None)
         events.sort(key=lambda e: e.at)
-        stats = asyncio.run(_main(args, host, port, truth, events, site))
+        stats = asyncio.run(_main(args, host, port, truth, events, site, secrets_from))
         cpu = time.process_time() - t_cpu0
         rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
         print("fleet: %d devices, %.0f s, process CPU %.1f s (%.0f%% of one core), peak RSS %.1f MB"
@@ -848,10 +904,10 @@ def main(argv=None):
     return rc
 
 
-async def _main(args, host, port, truth, events, site):
+async def _main(args, host, port, truth, events, site, secrets_from=None):
     fleet = Fleet(args.devices, port, truth, args.seed, args.sample_ms, args.window_ms,
                   skew_devices=args.skew_devices, skew_ms=args.skew_ms, unsynced_devices=args.unsynced_devices,
-                  host=host)
+                  host=host, broker=secrets_from)
     if site is not None:
         fleet.truth.meta("windows", site.windows)
     t0 = time.monotonic()

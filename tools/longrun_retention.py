@@ -50,7 +50,7 @@ def run(workdir, devices=8, duration=40.0, keep_s=4.0, sample_ms=50, every_s=2.0
 
     async def go():
         fleet = Fleet(devices, site.port, None, seed=9, sample_ms=sample_ms, window_ms=1000,
-                      cfg_over={"status_every_s": 2})
+                      cfg_over={"status_every_s": 2}, broker=site.mq)
         await fleet.start(stagger_s=0.5)
         t0 = time.monotonic()
         try:

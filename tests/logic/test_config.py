@@ -4,7 +4,9 @@ from firmware import config
 from tests.logic.util import raises
 
 BASE = {"device_id": "node-1", "wifi": {"ssid": "lab", "password": "secret123"},
-        "broker": {"host": "192.168.1.10", "port": 1883}}
+        "broker": {"host": "192.168.1.10", "port": 8883, "user": "node-1", "password": "pw-0123456789",
+                   "tls": {"ca": "/ca.pem", "server_hostname": "edgeflow-broker"}},
+        "ack_key": "3c" * 32}
 
 
 def _cfg(**kw):
@@ -83,3 +85,29 @@ def test_channels_as_a_map():
     assert config.channel_map(c) == [("temp", 4), ("pot", 7)]
     assert config.channel_map(config.load(_cfg())) == [("temp", 0), ("hum", 1), ("pot", 2)]
     assert _err(_cfg(channels={"co2": 1})).path == "channels.co2"
+
+
+def test_tls_and_credentials_required_unless_insecure():
+    c = config.load(BASE)
+    assert c["broker"]["tls"] == {"ca": "/ca.pem", "server_hostname": "edgeflow-broker"} and c["insecure"] is False
+    b = dict(BASE["broker"])
+    del b["tls"]
+    assert _err(_cfg(broker=b)).path == "broker.tls"
+    nokey = _cfg()
+    del nokey["ack_key"]
+    assert _err(nokey).path == "ack_key"  # unsigned acks only with "insecure": true
+    assert "ack_key" not in config.load(dict(nokey, insecure=True))
+    assert config.load(_cfg(broker=b, insecure=True))["insecure"] is True
+    for k in ("user", "password"):
+        b = dict(BASE["broker"])
+        del b[k]
+        assert _err(_cfg(broker=b)).path == "broker.user"
+    for tls, path in (({"ca": "ca.pem"}, "broker.tls.ca"), ({"ca": "/../x"}, "broker.tls.ca"),
+                      ({}, "broker.tls.ca"), ({"ca": 5}, "broker.tls.ca"), ("/ca.pem", "broker.tls"),
+                      ({"ca": "/ca.pem", "verify": False}, "broker.tls.verify"),
+                      ({"ca": "/ca.pem", "server_hostname": ""}, "broker.tls.server_hostname")):
+        assert _err(_cfg(broker=dict(BASE["broker"], tls=tls))).path == path, tls
+    # the name checked defaults to the host
+    t = config.load(_cfg(broker=dict(BASE["broker"], tls={"ca": "/ca.pem"})))["broker"]["tls"]
+    assert t["server_hostname"] == "192.168.1.10"
+    assert _err(_cfg(insecure="yes")).path == "insecure"

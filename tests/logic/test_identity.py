@@ -10,7 +10,7 @@ def test_boot_counter_increments_once_per_boot():
     assert [i.next_seq() for _ in range(3)] == [0, 1, 2]
     # one small write per boot, alternating slots
     assert sorted(fs.listdir()) == ["boot.0", "boot.1"]
-    assert len(fs.files["boot.0"]) == 14
+    assert len(fs.files["boot.0"]) == 18
 
 
 def test_power_cut_at_every_byte_of_the_counter_write():
@@ -51,3 +51,22 @@ def test_slots_roundtrip_payload():
     s.store(b"defg")
     s2 = Slots(fs, "x")
     assert s2.load() == b"defg"
+
+
+def test_instance_id_made_once_and_kept():
+    fs = MemFS()
+    ids = [Identity(fs) for _ in range(3)]
+    assert ids[0].instance and ids[0].instance == ids[1].instance == ids[2].instance
+    assert 0 < ids[0].instance <= 0xFFFFFFFF
+    # a re-flashed device (flash erased): counter back to 1, a new instance
+    fs2 = MemFS()
+    n = Identity(fs2)
+    assert n.boot == 1 and n.instance != ids[0].instance
+
+
+def test_old_four_byte_counter_gets_an_instance():
+    fs = MemFS()
+    Slots(fs, "boot").store(b"\x00\x00\x00\x07")
+    i = Identity(fs)
+    assert i.boot == 8 and i.instance
+    assert Identity(fs).instance == i.instance

@@ -17,7 +17,8 @@ DAY = 1767225600000  # 2026-01-01T00:00:00Z: window boundaries fall on it
 
 
 def _app(seed=3):
-    cfg = {"device_id": "sp-test", "broker": {"host": "127.0.0.1"}}
+    cfg = {"device_id": "sp-test", "broker": {"host": "127.0.0.1", "user": "sp-test", "password": "pw-0123456789", "tls": {"ca": "/ca.pem", "server_hostname": "broker"}},
+           "ack_key": "3c" * 32}
     cfg.update(example_config())  # 3 channels, 60 s windows, 5 rules, 2 detectors
     hal = SimHal(seed=seed, console=False)  # MemFS flash
     app = App(cfg, hal)

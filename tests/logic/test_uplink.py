@@ -1,7 +1,7 @@
 # Uplink logic without a network: ack/credit handling, message grouping, send-time stamping.
 # Coroutines are driven by hand (the fake client never really waits), so this also runs under
 # the MicroPython test build, which has no asyncio.run.
-from shared import wire
+from shared import auth, wire
 from firmware import config
 from firmware.outbox import Outbox
 from firmware.clock import Clock
@@ -10,6 +10,7 @@ from firmware.hal_sim import SimHal
 from firmware.hal import ticks_add as T
 
 EPOCH = 1767225600000
+KEY = "5a" * 32
 
 
 def _run(coro):
@@ -33,7 +34,9 @@ class FakeClient:
 
 def _setup(batch_max=50):
     hal = SimHal(seed=1, console=False)
-    cfg = config.load({"device_id": "d1", "broker": {"host": "h"}, "uplink": {"batch_max": batch_max}})
+    cfg = config.load({"device_id": "d1", "broker": {"host": "h", "user": "d1", "password": "pw-0123456789",
+                       "tls": {"ca": "/ca.pem", "server_hostname": "broker"}}, "uplink": {"batch_max": batch_max},
+                       "ack_key": KEY})
     ob = Outbox(hal.fs, 2, batch_records=4).load()
     ck = Clock(hal, 2)
     up = Uplink(cfg, hal, ob, ck, "t")
@@ -43,10 +46,10 @@ def _setup(batch_max=50):
 
 def test_credits_are_additive_and_replay_zero_holds():
     hal, ob, ck, up = _setup()
-    up.handle_ack((2, 0, None, 5, True, wire.ACK_NONE))
-    up.handle_ack((2, 0, None, 7, True, wire.ACK_NONE))
+    up.handle_ack((2, 0, None, 5, True, wire.ACK_NONE, 1))
+    up.handle_ack((2, 0, None, 7, True, wire.ACK_NONE, 1))
     assert up.credits == 12 and up.replay
-    up.handle_ack((2, 0, None, 9, False, wire.ACK_NONE))
+    up.handle_ack((2, 0, None, 9, False, wire.ACK_NONE, 1))
     assert up.credits == 0 and not up.replay
 
 
@@ -56,7 +59,7 @@ def test_ack_trims_and_beacon_sets_clock():
         ob.reading(0, i, wire.FLAG_UNSYNCED, i)
     ob.flush()
     assert ob.unacked() == 8
-    up.handle_ack((2, 7, EPOCH, 0, True, wire.ACK_HAS_TIME))
+    up.handle_ack((2, 7, EPOCH, 0, True, wire.ACK_HAS_TIME, 1))
     assert ob.unacked() == 0 and not ob.segs
     assert ck.synced and ck.source == "gw"
 
@@ -96,7 +99,8 @@ def test_hello_reports_backlog_and_live_boundary():
     t, p, q, r = up.client.pubs[0]
     h = wire.decode_hello(p)
     assert t == "edgeflow/d/d1/hello" and q == 1
-    assert (h["boot"], h["next_seq"], h["backlog"], h["oldest_boot"], h["oldest_seq"], h["fw"]) == (2, 6, 6, 2, 0, "t")
+    assert (h["boot"], h["next_seq"], h["backlog"], h["floor_boot"], h["floor_seq"], h["fw"]) == (2, 6, 6, 2, 0, "t")
+    assert wire.hello_mac_ok(p, bytes.fromhex(KEY)) and h["nonce"] == up.nonce and h["instance"] == up.instance
 
 
 def test_liveness_hello_when_backlog_stalls_without_credits():
@@ -107,7 +111,7 @@ def test_liveness_hello_when_backlog_stalls_without_credits():
     assert ob.has_backlog()
     r = up.resend_ms
     up.gw_online = True
-    up.handle_ack((2, 0, None, 0, True, wire.ACK_NONE))  # replay allowed, no credits
+    up.handle_ack((2, 0, None, 0, True, wire.ACK_NONE, 1))  # replay allowed, no credits
     t0 = up._ack_at
     up._hello_at = t0
     hellos = lambda: [p for p in up.client.pubs if p[0] == "edgeflow/d/d1/hello"]
@@ -115,13 +119,14 @@ def test_liveness_hello_when_backlog_stalls_without_credits():
     assert _run(up.check_stall(T(t0, r)))
     assert len(hellos()) == 1 and up.c["stall_hellos"] == 1
     h = wire.decode_hello(hellos()[0][1])
-    assert (h["backlog"], h["oldest_seq"]) == (6, 0)
+    assert (h["backlog"], h["floor_seq"]) == (6, 0)
     # bounded: at most once per resend_ms, counted from that hello
     up._hello_at = T(t0, r)
     assert not _run(up.check_stall(T(t0, 2 * r - 1)))
     assert _run(up.check_stall(T(t0, 2 * r))) and len(hellos()) == 2
     up._hello_at = T(t0, 2 * r)
-    # no guard while credits remain, replay is held, the gateway is offline, or nothing is held
+    # no guard while credits remain, replay is held, or nothing is held; the (unsigned)
+    # gateway state is only a hint: "offline" does not stop the guard
     now = T(t0, 10 * r)
     up.credits = 1
     assert not up.stalled(now)
@@ -130,14 +135,63 @@ def test_liveness_hello_when_backlog_stalls_without_credits():
     assert not up.stalled(now)
     up.replay = True
     up.gw_online = False
-    assert not up.stalled(now)
-    up.gw_online = True
     assert up.stalled(now)
     # an ack restarts the wait
-    up.handle_ack((2, 0, None, 0, True, wire.ACK_NONE))
+    up.handle_ack((2, 0, None, 0, True, wire.ACK_NONE, 1))
     assert not up.stalled(T(up._ack_at, r - 1))
     ob.rewind()
     while ob.has_backlog():
         ob.read_backlog(50)
     assert not up.stalled(T(up._ack_at, 10 * r))
     assert len(hellos()) == 2
+
+
+def _ack(up, boot, seq, t, credits, nonce, key=KEY, replay=True):
+    k = auth.Hmac(bytes.fromhex(key)) if key else None
+    p = wire.encode_ack("d1", boot, seq, t, credits, nonce, k, replay)
+    up._on_message(up.t_ack, p, False)
+    while up._acks:
+        up.handle_ack(up._acks.pop(0))
+
+
+def test_hello_floor_counts_the_ram_batch():
+    # issue 10.1: flash all acked, records still in the RAM batch -> the floor is the first of
+    # them, never next_seq (the gateway would skip them, ack them as duplicates, and they're lost)
+    hal, ob, ck, up = _setup()
+    for i in range(4):
+        ob.reading(0, i, wire.FLAG_UNSYNCED, i)  # batch_records=4: flushed
+    assert ob.pending() == 0 and ob.on_ack(2, 3)
+    for i in range(3):
+        ob.reading(0, i, wire.FLAG_UNSYNCED, i)  # seqs 4..6 in RAM only
+    assert ob.pending() == 3 and ob.seq == 7
+    _run(up.hello())
+    h = wire.decode_hello(up.client.pubs[-1][1])
+    assert (h["floor_boot"], h["floor_seq"], h["next_seq"]) == (2, 4, 7)
+    ob.flush()
+    assert ob.floor() == (2, 4)
+    ob.on_ack(2, 6)
+    assert ob.floor() == (2, 7)
+
+
+def test_forged_and_replayed_acks_are_ignored():
+    hal, ob, ck, up = _setup()
+    for i in range(8):
+        ob.reading(0, i, wire.FLAG_UNSYNCED, i)
+    ob.flush()
+    _run(up.hello())
+    n1 = up.nonce
+    _ack(up, 2, 7, EPOCH, 5, n1, key="66" * 32)  # wrong key: forged
+    _ack(up, 2, 7, EPOCH, 5, n1 ^ 1)  # right key, another session's nonce
+    _ack(up, 2, 7, EPOCH, 5, n1, key=None)  # no MAC at all
+    assert up.c["bad_acks"] == 3 and up.c["acks"] == 0 and ob.unacked() == 8 and up.credits == 0
+    _ack(up, 2, 3, EPOCH + 1000, 5, n1)  # genuine
+    assert up.c["acks"] == 1 and ob.unacked() == 4 and up.credits == 5 and ck.synced
+    _run(up.hello())  # new nonce; acks already in flight under the previous one still count
+    _ack(up, 2, 5, EPOCH + 2000, 0, n1)
+    assert up.c["acks"] == 2 and ob.unacked() == 2
+    _run(up.hello())  # two hellos later the first nonce is dead
+    _ack(up, 2, 7, EPOCH + 3000, 0, n1)
+    assert up.c["bad_acks"] == 4 and ob.unacked() == 2
+    # a genuine but older time beacon (replayed within the session) does not step the clock back
+    _ack(up, 2, 7, EPOCH + 500, 0, up.nonce)
+    assert up.c["old_beacons"] == 1 and ob.unacked() == 0

@@ -1,9 +1,10 @@
 # Wire contract tests; run under CPython (pytest) and MicroPython (tests/mp/logic_runner.py).
-from shared import wire
+from shared import auth, wire
 from tests.logic.util import raises
 from tests.logic import wire_golden
 
 T0 = 1767225600000  # 2026-01-01T00:00:00Z
+KEY = bytes(range(32))
 
 
 def _sample_records():
@@ -38,17 +39,50 @@ def test_records_roundtrip_every_kind():
 
 
 def test_ack_hello_state_roundtrip():
-    a = wire.encode_ack(3, 77, T0, 500, replay=False)
-    assert wire.decode_ack(a) == (3, 77, T0, 500, False, wire.ACK_HAS_TIME)
-    a2 = wire.encode_ack(3, 0, 0, 0, flags=wire.ACK_NONE)
-    assert wire.decode_ack(a2)[2] is None
-    h = wire.encode_hello("n1", 2, 40, T0, 1234, 1, 17, "0.1.0")
+    k = auth.Hmac(KEY)
+    a = wire.encode_ack("n1", 3, 77, T0, 500, 0xDEADBEEF, k, replay=False)
+    assert len(a) == wire.ACK_SIZE == 45
+    assert wire.decode_ack(a) == (3, 77, T0, 500, False, wire.ACK_HAS_TIME, 0xDEADBEEF)
+    assert wire.ack_mac_ok(a, b"n1", k) and not wire.ack_mac_ok(a, b"n2", k)
+    assert not wire.ack_mac_ok(a, b"n1", auth.Hmac(b"other key"))
+    a2 = wire.encode_ack("n1", 3, 0, 0, 0, 1, flags=wire.ACK_NONE)
+    assert wire.decode_ack(a2)[2] is None and a2[-16:] == bytes(16)
+    h = wire.encode_hello("n1", 2, 40, T0, 1234, 1, 17, 0xFFFFFFFF, 7, "0.1.0", KEY)
     d = wire.decode_hello(h)
     assert d["device_id"] == "n1" and d["boot"] == 2 and d["next_seq"] == 40 and d["backlog"] == 1234
-    assert d["oldest_boot"] == 1 and d["oldest_seq"] == 17 and d["fw"] == "0.1.0" and d["now_ms"] == T0
+    assert d["floor_boot"] == 1 and d["floor_seq"] == 17 and d["fw"] == "0.1.0" and d["now_ms"] == T0
+    assert d["instance"] == 0xFFFFFFFF and d["nonce"] == 7
+    assert wire.hello_mac_ok(h, KEY) and wire.hello_mac_ok(h, k) and not wire.hello_mac_ok(h, b"x" * 32)
+    bad = bytearray(h)
+    bad[30] ^= 1
+    assert not wire.hello_mac_ok(bytes(bad), k)
     assert wire.decode_state(wire.encode_state(True)) is True
     assert wire.decode_state(wire.encode_state(False, gateway=True), gateway=True) is False
     raises(wire.WireError, wire.decode_state, wire.encode_state(True), True)
+
+
+def test_hello_floor_above_position_is_refused():
+    # the floor may equal (boot, next_seq) (nothing held) but never lie above it
+    wire.decode_hello(wire.encode_hello("n1", 2, 40, 0, 0, 2, 40, 1, 1, "f"))
+    for fb, fs in ((2, 41), (3, 0)):
+        e = raises(wire.WireError, wire.decode_hello, wire.encode_hello("n1", 2, 40, 0, 0, fb, fs, 1, 1, "f"))
+        assert e.reason == "bad_floor"
+
+
+def test_golden_control_vectors():
+    # docs/wire.md: the same bytes under both runtimes, MAC included
+    for name, hexstr, args in wire_golden.ACKS:
+        dev, boot, seq, t, credits, nonce, replay, flags = args
+        p = wire.encode_ack(dev, boot, seq, t, credits, nonce, bytes.fromhex(wire_golden.KEY), replay, flags)
+        assert p.hex() == hexstr, name
+        assert wire.decode_ack(p)[-1] == nonce
+        assert wire.ack_mac_ok(p, dev.encode(), auth.Hmac(bytes.fromhex(wire_golden.KEY)))
+    for name, hexstr, args in wire_golden.HELLOS:
+        p = wire.encode_hello(*args, key=bytes.fromhex(wire_golden.KEY))
+        assert p.hex() == hexstr, name
+        d = wire.decode_hello(p)
+        assert (d["device_id"], d["boot"], d["next_seq"], d["now_ms"], d["backlog"], d["floor_boot"],
+                d["floor_seq"], d["instance"], d["nonce"], d["fw"]) == tuple(args)
 
 
 def test_topics():
@@ -83,7 +117,7 @@ def test_rejections_have_reasons():
     cases = [
         (b"", "truncated"),
         (b"\x00" * 30, "bad_magic"),
-        (bytes((wire.MAGIC, 2)) + good[2:], "newer_version"),
+        (bytes((wire.MAGIC, wire.VERSION + 1)) + good[2:], "newer_version"),
         (bytes((wire.MAGIC, 0)) + good[2:], "unknown_version"),
         (good[:-1], "bad_length"),
         (good + b"\x00", "bad_length"),
@@ -106,7 +140,7 @@ def test_rejections_have_reasons():
     rec = wire.encode_records("n1", 1, [_sample_records()[1]])
     assert raises(wire.WireError, wire.decode_data, rec + b"\x01").reason == "trailing_bytes"
     assert raises(wire.WireError, wire.decode_data, rec[:-2]).reason == "truncated"
-    assert raises(wire.WireError, wire.decode_ack, b"\xe5\x01\x03").reason == "truncated"
+    assert raises(wire.WireError, wire.decode_ack, b"\xe5\x02\x03").reason == "truncated"
 
 
 def test_encoder_refuses_bad_values():
