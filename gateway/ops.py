@@ -31,6 +31,23 @@ class Notifier:
             self.n.notify(msg)
 
 
+def channel_map(cfg, devices=None):
+    """Channel names and units: [channels] of the config, then a device's own "channels"
+    in the devices file ({"0": {"name": "temp", "unit": "degC"}}, docs/operations.md)."""
+    from .config import ConfigError, _channel_entry, _channel_no
+    out = dict(cfg.channels)
+    for dev, entry in sorted((devices or {}).items()):
+        chans = entry.get("channels")
+        if chans is None:
+            continue
+        if not isinstance(chans, dict):
+            raise ConfigError("devices file: devices.%s.channels must be an object {\"0\": {name, unit}}" % dev)
+        for k, v in chans.items():
+            where = "devices file: devices.%s.channels.%s" % (dev, k)
+            out[(dev, _channel_no(where, k))] = _channel_entry(where, v)
+    return out
+
+
 async def start_web(gw):
     w = gw.cfg.web
     if not w.port:

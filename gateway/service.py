@@ -136,7 +136,8 @@ class Gateway:
         self._stop = asyncio.Event()
         self._ckpt_lock = asyncio.Lock()
         await self.store.open()
-        await self.store.prepare(self.cfg.channels)
+        self.channels = ops.channel_map(self.cfg, self.keys.devices)
+        await self.store.prepare(self.channels)
         await self._restore()
 
     async def run(self):

@@ -308,7 +308,7 @@ class WebView:
                     _close_queue(q)
 
     def channels(self):
-        return {("%s/%d" % (d, c)): [n, u] for (d, c), (n, u) in self.gw.cfg.channels.items()}
+        return {("%s/%d" % (d, c)): [n, u] for (d, c), (n, u) in getattr(self.gw, "channels", self.gw.cfg.channels).items()}
 
     def state(self):
         """Fleet and global state from memory (no I/O)."""

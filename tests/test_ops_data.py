@@ -36,6 +36,15 @@ def test_channel_map_config_and_errors():
             Config({"channels": bad})
 
 
+def test_channel_names_from_the_devices_file():
+    from gateway.ops import channel_map
+    devs = {"n1": {"ack_key": b"k", "channels": {"0": {"name": "inlet", "unit": "degC"}}}, "n2": {"ack_key": b"k"}}
+    m = channel_map(Config({"channels": {"0": {"name": "air", "unit": "degC"}}}), devs)
+    assert m[("n1", 0)] == ("inlet", "degC") and m[("*", 0)] == ("air", "degC") and ("n2", 0) not in m
+    with pytest.raises(ConfigError, match="devices.n1.channels.x"):
+        channel_map(Config(), {"n1": {"channels": {"x": {"name": "a"}}}})
+
+
 def test_views_in_real_units_with_iso_times(tmp_path):
     _store(tmp_path, {"device": {"n2": {"0": {"name": "water", "unit": "degC"}}}})
     db = sqlite3.connect(str(tmp_path / "gw.db"))
