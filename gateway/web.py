@@ -254,6 +254,7 @@ class WebView:
         state.update(recent)
         state["channels"] = self.channels()
         state["history_points"] = self.cfg.history_points
+        state["groups"] = [g.name for g in self.gw.groups]
         return web.json_response(state)
 
     async def _history(self, request):

@@ -66,7 +66,7 @@ def test_snapshot_history_and_live_stream(tmp_path):
             (row,) = snap["fleet"]
             assert row["device"] == "n1" and row["online"] and row["quarantined"] == 1 and row["received"] == 60
             assert snap["channels"]["*/0"] == ["temp", "degC"] and snap["channels"]["n1/1"] == ["water", "degC"]
-            assert [q["reason"] for q in snap["quarantine"]] == ["bad_magic"]
+            assert [q["reason"] for q in snap["quarantine"]] == ["bad_magic"] and snap["groups"] == ["all0"]
             st, body = await call("/api/history?key=n1")
             w = json.loads(body)["windows"]
             assert w and all(r[2] == "n1" for r in w)

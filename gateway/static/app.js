@@ -123,6 +123,7 @@
     channels = s.channels;
     points = s.history_points;
     renderState(s);
+    (s.groups || []).forEach(addKey);
     addRows("#alerts tbody", s.alerts, fmtAlert, false);
     addRows("#late tbody", s.late, fmtLate, false);
     addRows("#quarantine tbody", s.quarantine, fmtQuar, false);
