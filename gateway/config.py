@@ -76,6 +76,12 @@ SCHEMA = {
         "port": (9108, int, (0, 65535), "Prometheus endpoint port; 0 disables it"),
         "host": ("127.0.0.1", str, None, "Prometheus endpoint address"),
     },
+    "sinks": {  # downstream delivery (gateway/sinks, docs/sinks.md)
+        "site": ("site", str, None, "this site's id in every forwarded item and key (1..64 of [A-Za-z0-9_-])"),
+        "outbox_max_items": (5000000, int, (1, 1 << 40), "default per-sink outbox bound, result rows"),
+        "outbox_max_bytes": (512 << 20, int, (1024, 1 << 50), "default per-sink outbox bound, bytes"),
+        "sink": ([], list, None, "list of sinks [[sinks.sink]]: name, type (jetstream/webhook/mqtt), tables, ..."),
+    },
     "log": {
         "level": ("info", str, ("debug", "info", "warning", "error"), "log level"),
         "format": ("kv", str, ("kv", "json"), "key=value or JSON lines on stderr"),
@@ -129,6 +135,8 @@ class Config:
                 vals[k] = _check("%s.%s" % (sec, k), v, typ, check)
             setattr(self, sec, Section(sec, vals))
         self.windows.groups = _groups(self.windows.groups)
+        from .sinks import parse as _parse_sinks  # sinks' own keys are checked there
+        self.sinks.sink = _parse_sinks(self.sinks.sink, self.sinks.as_dict())
         if self.store.synchronous not in ("NORMAL", "FULL"):
             raise ConfigError("store.synchronous must be NORMAL or FULL")
         try:

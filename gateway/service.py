@@ -34,6 +34,7 @@ from .config import Config
 from .dedup import BEYOND, DUP, Dedup
 from .devices import Registry
 from .ingest import Ingest
+from .sinks import SinkSet
 from .store import Store
 from .watermark import Watermarks
 from .windows import LATE, WindowSet
@@ -108,6 +109,7 @@ class Gateway:
         self._stop = None
         self._loop = None
         self.started = asyncio.Event()  # set once run() is connected and processing
+        self.sinks = SinkSet(cfg.sinks, cfg.sinks.sink)  # downstream outbox + workers (gateway/sinks)
         self.last_error = None
 
     # ================================================================ lifecycle
@@ -119,6 +121,7 @@ class Gateway:
         self._ckpt_lock = asyncio.Lock()
         await self.store.open()
         await self._restore()
+        await self.sinks.open(self.store.db)
 
     async def run(self):
         await self.open()
@@ -130,6 +133,7 @@ class Gateway:
         stop = asyncio.create_task(self._stop.wait())
         logs.info("gateway_started", db=self.cfg.store.path, broker="%s:%d" % (self.cfg.mqtt.host, self.cfg.mqtt.port),
                   devices=len(self.devices.devs), metrics_port=self.cfg.metrics.port)
+        self.sinks.start()
         self.started.set()
         failed = None
         try:
@@ -150,6 +154,7 @@ class Gateway:
                 except Exception as e:  # noqa: BLE001 - reported below
                     failed = e
             await self.ingest.stop(offline=True)
+            await self.sinks.stop()
             await self.store.close()
             if self.metrics_server is not None:
                 self.metrics_server.shutdown()
@@ -635,6 +640,8 @@ class Gateway:
                 ("open_windows", ow1 + ow2), ("open_windows_del", owd1 + owd2),
                 ("meta", [("global_watermark", gwm)] if global_changed else []),
             ]
+            if self.sinks:  # downstream items commit with the results they carry
+                writes.append(("sink_outbox", self.sinks.stage(writes)))
             rows = sum(len(r) for _k, r in writes)
             if not rows and not out.mids and not out.touched:
                 return
@@ -646,6 +653,7 @@ class Gateway:
         t0 = time.perf_counter()
         if rows:
             await self.store.commit(writes)
+            self.sinks.committed(writes)
         dt = time.perf_counter() - t0
         s = self.stats
         s.checkpoints += 1
