@@ -201,6 +201,9 @@ class GatewayCollector:
             if v is not None:
                 lag.add_metric([dev], v)
         yield lag
+        # downstream sinks: outbox items/bytes/lag, delivered, dropped (gateway/sinks)
+        from .sinks import collect_metrics
+        yield from collect_metrics(gw)
 
 
 def _wire_version():
