@@ -93,6 +93,23 @@ SCHEMA = {
     "metrics": {
         "port": (9108, int, (0, 65535), "Prometheus endpoint port; 0 disables it"),
         "host": ("127.0.0.1", str, None, "Prometheus endpoint address"),
+        "health_max_commit_age_s": (30.0, float, (1.0, 86400.0), "/healthz fails when work is pending and no commit succeeded for this long"),
+    },
+    "web": {
+        "port": (8088, int, (0, 65535), "live web view port (fleet, plots, alerts); 0 disables it"),
+        "host": ("127.0.0.1", str, None, "web view address; anything but loopback requires web.token_sha256"),
+        "token_sha256": ("", str, None, "SHA-256 hex of the access token (edgeflow-gateway web-token makes one); env EDGEFLOW_WEB_TOKEN_SHA256"),
+        "tls_cert": ("", str, None, "PEM certificate: serve HTTPS (with tls_key)"),
+        "tls_key": ("", str, None, "PEM private key for tls_cert"),
+        "update_ms": (1000, int, (100, 60000), "how often open pages get new data"),
+        "history_points": (300, int, (10, 5000), "window results per device and channel a page keeps"),
+    },
+    "retention": {
+        "readings_days": (0.0, float, (0.0, 36500.0), "delete raw readings older than this (event time); 0 keeps them forever"),
+        "results_days": (0.0, float, (0.0, 36500.0), "delete window results, device windows and status older than this; 0 keeps them"),
+        "events_days": (0.0, float, (0.0, 36500.0), "delete alerts, late, quarantine, gap and unsynced rows older than this; 0 keeps them"),
+        "batch_rows": (5000, int, (100, 1000000), "rows deleted per statement (short transactions between checkpoints)"),
+        "interval_s": (60.0, float, (0.1, 86400.0), "how often retention runs"),
     },
     "sinks": {  # downstream delivery (gateway/sinks, docs/sinks.md)
         "site": ("site", str, None, "this site's id in every forwarded item and key (1..64 of [A-Za-z0-9_-])"),
@@ -137,6 +154,8 @@ class Config:
         data = {} if data is None else data
         if not isinstance(data, dict):
             raise ConfigError("config must be a table")
+        data = dict(data)
+        self.channels = _channels(data.pop("channels", {}))
         for sec in data:
             if sec not in SCHEMA:
                 raise ConfigError("unknown section [%s] (known: %s)" % (sec, ", ".join(SCHEMA)))
@@ -153,6 +172,10 @@ class Config:
                 vals[k] = _check("%s.%s" % (sec, k), v, typ, check)
             setattr(self, sec, Section(sec, vals))
         self.windows.groups = _groups(self.windows.groups)
+        env_hash = os.environ.get("EDGEFLOW_WEB_TOKEN_SHA256")
+        if env_hash:
+            self.web.token_sha256 = env_hash
+        _check_web(self.web)
         from .sinks import parse as _parse_sinks  # sinks' own keys are checked there
         self.sinks.sink = _parse_sinks(self.sinks.sink, self.sinks.as_dict())
         if self.store.synchronous not in ("NORMAL", "FULL"):
@@ -218,6 +241,10 @@ class Config:
 
     def as_dict(self):
         out = {sec: getattr(self, sec).as_dict() for sec in SCHEMA}
+        out["channels"] = {("%s/%d" % k if k[0] != "*" else str(k[1])): {"name": n, "unit": u}
+                           for k, (n, u) in sorted(self.channels.items())}
+        if out["web"]["token_sha256"]:
+            out["web"]["token_sha256"] = "(set)"
         out["windows"]["groups"] = [{"name": g.name, "devices": sorted(g.devices) if g.devices else ["*"],
                                      "channel": g.channel} for g in self.windows.groups]
         return out
@@ -273,3 +300,58 @@ def _groups(raw):
             raise ConfigError(where + ".channel must be an integer 0..255")
         out.append(Group(name, devs, ch))
     return out
+
+
+# Channel names and units of the firmware's HAL (firmware/hal.py); values are fixed point x1000.
+DEFAULT_CHANNELS = {0: ("temp", "degC"), 1: ("hum", "%RH"), 2: ("pot", "%")}
+
+
+def _channel_entry(where, v):
+    if not isinstance(v, dict) or set(v) - {"name", "unit"} or not isinstance(v.get("name"), str) \
+            or not isinstance(v.get("unit", ""), str) or not 0 < len(v["name"]) <= 64 or len(v.get("unit", "")) > 32:
+        raise ConfigError("%s must be {name = \"...\" (1..64 chars), unit = \"...\" (0..32 chars)}" % where)
+    return v["name"], v.get("unit", "")
+
+
+def _channel_no(where, k):
+    if not (isinstance(k, str) and k.isdigit() and int(k) <= 255):
+        raise ConfigError("%s: channel key must be a number 0..255, got %r" % (where, k))
+    return int(k)
+
+
+def _channels(raw):
+    """[channels] 0 = {name, unit} for every device; [channels.device.ID] for one device.
+    Returns {(device or '*', channel): (name, unit)}, starting from the HAL's channels."""
+    if not isinstance(raw, dict):
+        raise ConfigError("[channels] must be a table")
+    out = {("*", ch): nu for ch, nu in DEFAULT_CHANNELS.items()}
+    for k, v in raw.items():
+        if k == "device":
+            if not isinstance(v, dict):
+                raise ConfigError("channels.device must be a table of device ids")
+            for dev, m in v.items():
+                try:
+                    wire.check_device_id(dev)
+                except wire.WireError:
+                    raise ConfigError("channels.device: bad device id %r" % dev)
+                if not isinstance(m, dict):
+                    raise ConfigError("channels.device.%s must be a table" % dev)
+                for ck, cv in m.items():
+                    where = "channels.device.%s.%s" % (dev, ck)
+                    out[(dev, _channel_no(where, ck))] = _channel_entry(where, cv)
+        else:
+            out[("*", _channel_no("channels", k))] = _channel_entry("channels.%s" % k, v)
+    return out
+
+
+def _check_web(w):
+    if w.token_sha256:
+        h = w.token_sha256.strip().lower()
+        if len(h) != 64 or any(c not in "0123456789abcdef" for c in h):
+            raise ConfigError("web.token_sha256 must be 64 hex chars (edgeflow-gateway web-token prints one)")
+        w.token_sha256 = h
+    if w.port and not w.token_sha256 and w.host not in ("127.0.0.1", "::1", "localhost"):
+        raise ConfigError("web.host = %r exposes the web view: set web.token_sha256 (edgeflow-gateway web-token) "
+                          "or bind it to 127.0.0.1" % w.host)
+    if bool(w.tls_cert) != bool(w.tls_key):
+        raise ConfigError("web.tls_cert and web.tls_key go together")

@@ -18,6 +18,7 @@ import asyncio
 import collections
 import random
 import ssl
+import time
 
 import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion
@@ -110,7 +111,7 @@ class Ingest:
         self.cfg = cfg.mqtt
         self.stats = stats
         self.topics = wire.Topics(self.cfg.prefix)
-        self.queue = collections.deque()  # (topic bytes, payload, mid, qos)
+        self.queue = collections.deque()  # (topic bytes, payload, mid, qos, receipt time.monotonic())
         self.maxsize = self.cfg.queue_size
         self.wake = asyncio.Event()
         self.connected = asyncio.Event()
@@ -257,7 +258,7 @@ class Ingest:
 
     def _on_message(self, client, userdata, msg):
         q = self.queue
-        q.append((msg._topic, msg.payload, msg.mid, msg.qos))
+        q.append((msg._topic, msg.payload, msg.mid, msg.qos, msg.timestamp))
         if len(q) >= self.maxsize:
             if len(q) > self.stats.queue_max:
                 self.stats.queue_max = len(q)
@@ -289,6 +290,7 @@ class Ingest:
     def pause(self):
         self.paused = True
         self.stats.paused += 1
+        self.stats.paused_since = time.monotonic()
         if self._sock is not None:
             self._loop.remove_reader(self._sock)
 
@@ -296,6 +298,9 @@ class Ingest:
         if not self.paused:
             return
         self.paused = False
+        if self.stats.paused_since is not None:
+            self.stats.paused_seconds += time.monotonic() - self.stats.paused_since
+            self.stats.paused_since = None
         if self._sock is not None:
             self._loop.add_reader(self._sock, self._read)
             if self._unread():

@@ -1,8 +1,35 @@
-"""Structured logs: one line per event, key=value (default) or JSON, on stderr."""
+"""Structured logs: one line per event, key=value (default) or JSON, on stderr.
+
+Under systemd (stderr connected to the journal: $JOURNAL_STREAM names stderr's device and
+inode) every line starts with its syslog priority, `<3>` error ... `<7>` debug (sd-daemon(3)),
+so `journalctl -u edgeflow-gateway -p warning` shows warnings and errors only.
+"""
 import json
 import logging
+import os
 import sys
 import time
+
+_PRIORITY = {logging.DEBUG: 7, logging.INFO: 6, logging.WARNING: 4, logging.ERROR: 3, logging.CRITICAL: 2}
+
+
+def journal_stream(stream):
+    """True if stream is the journal's stdout/stderr pipe (systemd sets JOURNAL_STREAM=dev:ino)."""
+    want = os.environ.get("JOURNAL_STREAM", "")
+    try:
+        st = os.fstat(stream.fileno())
+    except (AttributeError, OSError, ValueError):
+        return False
+    return want == "%d:%d" % (st.st_dev, st.st_ino)
+
+
+class _Prio(logging.Formatter):
+    def __init__(self, inner):
+        super().__init__()
+        self.inner = inner
+
+    def format(self, r):
+        return "<%d>%s" % (_PRIORITY.get(r.levelno, 6), self.inner.format(r))
 
 log = logging.getLogger("edgeflow.gateway")
 
@@ -52,8 +79,10 @@ class JsonFormatter(logging.Formatter):
 
 
 def setup(level="info", fmt="kv", stream=None):
-    h = logging.StreamHandler(stream or sys.stderr)
-    h.setFormatter(JsonFormatter() if fmt == "json" else KvFormatter())
+    stream = stream or sys.stderr
+    h = logging.StreamHandler(stream)
+    f = JsonFormatter() if fmt == "json" else KvFormatter()
+    h.setFormatter(_Prio(f) if journal_stream(stream) else f)
     log.handlers[:] = [h]
     log.setLevel(level.upper())
     log.propagate = False

@@ -4,10 +4,43 @@ The data path bumps plain integer attributes of `Stats` (no locks, no label
 lookups per record); a custom collector turns them into metrics at scrape
 time, together with gauges read from the live state (queue depth, lag, ...).
 """
+import platform
 import time
+from bisect import bisect_left
 
-from prometheus_client import CollectorRegistry, start_http_server
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, SummaryMetricFamily
+from prometheus_client import CollectorRegistry, ProcessCollector, PlatformCollector, start_http_server
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, \
+    InfoMetricFamily, SummaryMetricFamily
+
+LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0)
+CHECKPOINT_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+
+
+class Hist:
+    """A histogram on plain numbers (observed on the loop, exported at scrape time)."""
+
+    __slots__ = ("bounds", "counts", "sum", "count")
+
+    def __init__(self, bounds):
+        self.bounds = bounds
+        self.counts = [0] * (len(bounds) + 1)  # the last one is +Inf
+        self.sum = 0.0
+        self.count = 0
+
+    def observe(self, v, n=1):
+        self.counts[bisect_left(self.bounds, v)] += n
+        self.sum += v * n
+        self.count += n
+
+    def family(self, name, doc):
+        acc, buckets = 0, []
+        for b, c in zip(self.bounds + (float("inf"),), self.counts):
+            acc += c
+            buckets.append(("+Inf" if b == float("inf") else repr(b), acc))
+        return HistogramMetricFamily(name, doc, buckets=buckets, sum_value=self.sum)
+
+
+from .version import version  # noqa: E402,F401 (build_info; the web view shows it)
 
 
 class Stats:
@@ -39,6 +72,15 @@ class Stats:
         self.connects = 0
         self.disconnects = 0
         self.quarantine_pruned = 0  # old quarantine rows deleted to keep its bound
+        self.commit_latency = Hist(LATENCY_BUCKETS)  # receipt of a message -> its commit, per message
+        self.ack_latency = Hist(LATENCY_BUCKETS)  # receipt of the oldest message an ack covers -> ack sent
+        self.checkpoint_hist = Hist(CHECKPOINT_BUCKETS)
+        self.checkpoint_failures = 0
+        self.last_commit_mono = None  # time.monotonic() of the last successful commit
+        self.paused_seconds = 0.0  # ingest paused (queue full), closed intervals
+        self.paused_since = None  # monotonic start of the pause in progress
+        self.started_mono = time.monotonic()
+        self.retention_deleted = {}  # table -> rows deleted by retention
 
     def quarantine(self, reason):
         self.quarantined[reason] = self.quarantined.get(reason, 0) + 1
@@ -106,8 +148,50 @@ class GatewayCollector:
         yield GaugeMetricFamily(p + "committed_records_per_second", "EWMA of committed records/s",
                                 value=adm.throughput or 0.0)
         yield counter("replay_rate_decreases", "multiplicative decreases of the replay rate", adm.decreases)
+        yield s.commit_latency.family(p + "commit_latency_seconds",
+                                      "receipt of an MQTT message -> the SQLite commit holding its effects")
+        yield s.ack_latency.family(p + "ack_latency_seconds",
+                                   "receipt of the oldest message an ack covers -> the ack published")
+        yield s.checkpoint_hist.family(p + "checkpoint_duration_seconds", "checkpoint transaction duration")
+        yield counter("checkpoint_failures", "checkpoint transactions that failed", s.checkpoint_failures)
+        paused = s.paused_seconds
+        if s.paused_since is not None:
+            paused += time.monotonic() - s.paused_since
+        yield counter("ingest_paused_seconds", "time the ingest stopped reading the broker (queue full); "
+                      "rate() is the share of time under backpressure", paused)
+        yield GaugeMetricFamily(p + "uptime_seconds", "seconds since the gateway started",
+                                value=time.monotonic() - s.started_mono)
+        if s.last_commit_mono is not None:
+            yield GaugeMetricFamily(p + "last_commit_age_seconds", "seconds since the last successful commit",
+                                    value=time.monotonic() - s.last_commit_mono)
+        rd = CounterMetricFamily(p + "retention_deleted_rows", "rows deleted by the retention policy",
+                                 labels=["table"])
+        for t, n in sorted(s.retention_deleted.items()):
+            rd.add_metric([t], n)
+        yield rd
+        info = InfoMetricFamily(p + "build", "gateway build")
+        info.add_metric([], {"version": version(), "python": platform.python_version(),
+                             "wire_version": str(_wire_version())})
+        yield info
+        ing = gw.ingest
+        yield GaugeMetricFamily(p + "broker_connected", "1 while the MQTT connection is up",
+                                value=1 if ing is not None and ing.connected.is_set() else 0)
+        online = sum(1 for d in gw.devices.devs.values() if d.online)
+        yield GaugeMetricFamily(p + "devices_online", "devices whose last state is online", value=online)
+        yield GaugeMetricFamily(p + "devices_known", "devices seen since the database was created",
+                                value=len(gw.devices.devs))
         now = int(time.time() * 1000)
         wm = gw.watermarks
+        if wm.global_wm is not None:
+            yield GaugeMetricFamily(p + "watermark_lag_seconds", "now - global watermark (event time)",
+                                    value=(now - wm.global_wm) / 1000.0)
+        lag_s = GaugeMetricFamily(p + "device_watermark_lag_seconds", "now - device watermark (event time)",
+                                  labels=["device"])
+        for dev in sorted(wm.devs):
+            v = wm.lag(dev, now)
+            if v is not None:
+                lag_s.add_metric([dev], v / 1000.0)
+        yield lag_s
         if wm.global_wm is not None:
             yield GaugeMetricFamily(p + "watermark_lag_ms", "now - global watermark", value=now - wm.global_wm)
         yield GaugeMetricFamily(p + "active_devices", "devices inside the global watermark", value=wm.active_count())
@@ -122,12 +206,44 @@ class GatewayCollector:
         yield from collect_metrics(gw)
 
 
+def _wire_version():
+    from shared import wire
+    return wire.VERSION
+
+
+def registry(gw):
+    """The gateway's own metrics plus process_* and python_info (prometheus_client's collectors)."""
+    reg = CollectorRegistry(auto_describe=False)
+    reg.register(GatewayCollector(gw))
+    ProcessCollector(registry=reg)
+    PlatformCollector(registry=reg)
+    return reg
+
+
+def health(gw, max_commit_age_s):
+    """(ok, reasons): the broker is connected and a commit succeeded within max_commit_age_s
+    (commits run at least every checkpoint.interval_ms while there is work; an idle
+    gateway with nothing to commit is healthy)."""
+    why = []
+    ing = gw.ingest
+    if ing is None or not ing.connected.is_set():
+        why.append("broker disconnected")
+    s = gw.stats
+    now = time.monotonic()
+    ref = s.last_commit_mono if s.last_commit_mono is not None else s.started_mono
+    pending = gw.queue_depth() > 0 or bool(gw.out.mids) or gw.out.records > 0
+    if pending and now - ref > max_commit_age_s:
+        why.append("no commit for %.0f s with work pending" % (now - ref))
+    if s.checkpoint_failures:
+        why.append("%d checkpoint failures" % s.checkpoint_failures)
+    return not why, why
+
+
 def serve(gw, host, port):
     """Start the endpoint on its own registry; returns the server (or None when port is 0)."""
     if not port:
         return None
-    reg = CollectorRegistry(auto_describe=False)
-    reg.register(GatewayCollector(gw))
+    reg = registry(gw)
     gw.metrics_registry = reg
     out = start_http_server(port, addr=host, registry=reg)
     return out[0] if isinstance(out, tuple) else out

@@ -29,7 +29,7 @@ from operator import mul
 
 from shared import wire
 
-from . import logs, metrics
+from . import logs, metrics, ops
 from .admission import Admission
 from .config import Config, ConfigError
 from .dedup import BEYOND, DUP, REFLASH, RETIRED, Dedup
@@ -84,7 +84,7 @@ class Outputs:
     """Everything produced since the last checkpoint (rows per table)."""
 
     __slots__ = ("readings", "unsynced", "device_windows", "cep_events", "anomalies", "device_status", "gaps",
-                 "late", "quarantine", "mids", "touched", "records")
+                 "late", "quarantine", "mids", "touched", "records", "rx")
 
     def __init__(self):
         for k in self.__slots__:
@@ -137,6 +137,9 @@ class Gateway:
         self._last_ack = {}  # dev -> processing ms of the last ack
         self._group_wm = None
         self._commit_task = None
+        self._ack_rx = {}  # dev -> monotonic receipt of the oldest committed message its next ack covers
+        self.web = None
+        self._ops_task = None
         self._ckpt_lock = None
         self._stop = None
         self._loop = None
@@ -152,6 +155,8 @@ class Gateway:
         self._stop = asyncio.Event()
         self._ckpt_lock = asyncio.Lock()
         await self.store.open()
+        self.channels = ops.channel_map(self.cfg, self.keys.devices)
+        await self.store.prepare(self.channels)
         await self._restore()
         await self.sinks.open(self.store.db)
 
@@ -175,6 +180,8 @@ class Gateway:
             raise
         tasks = [asyncio.create_task(self._process_loop(), name="process"),
                  asyncio.create_task(self._timer_loop(), name="timer")]
+        self.web = await ops.start_web(self)  # live web view; a failure is logged, data keeps flowing
+        self._ops_task = asyncio.create_task(ops.ops_loop(self), name="ops")  # retention, watchdog
         stop = asyncio.create_task(self._stop.wait())
         logs.info("gateway_started", db=self.cfg.store.path, broker="%s:%d" % (self.cfg.mqtt.host, self.cfg.mqtt.port),
                   devices=len(self.devices.devs), metrics_port=self.cfg.metrics.port)
@@ -188,6 +195,7 @@ class Gateway:
                     failed = t.exception()
         finally:
             self.ingest.pause()
+            await ops.stop(self)
             for t in tasks + [stop]:
                 t.cancel()
             await asyncio.gather(*tasks, stop, return_exceptions=True)
@@ -263,7 +271,7 @@ class Gateway:
             now = _now_ms()
             n = min(len(q), 512)
             for _ in range(n):
-                topic, payload, mid, qos = q.popleft()
+                topic, payload, mid, qos, rx = q.popleft()
                 try:
                     handle(topic, payload, now)
                 except Exception as e:  # noqa: BLE001 - input must never stop the gateway
@@ -271,6 +279,7 @@ class Gateway:
                     self._quarantine(topic, None, "internal_error", repr(e), payload, now)
                 out = self.out
                 out.mids.append((mid, qos))
+                out.rx.append(rx)
                 if len(out.mids) >= max_msgs or out.records >= max_recs:
                     # While a commit runs keep processing (up to twice the limits): the next
                     # checkpoint starts as soon as it finishes, so the two overlap.
@@ -776,15 +785,20 @@ class Gateway:
             # the marks acked are the ones this transaction commits
             ep = self._epoch
             acks = sorted((dev, boot, self.dedup.hwm(dev, boot), ep.get(dev, 0)) for dev, boot in out.touched)
-            self._commit_task = asyncio.ensure_future(self._commit(writes, rows, out.mids, acks, out.records))
+            self._commit_task = asyncio.ensure_future(self._commit(writes, rows, out.mids, acks, out.records, out.rx))
 
-    async def _commit(self, writes, rows, mids, acks, records=0):
+    async def _commit(self, writes, rows, mids, acks, records=0, rx=()):
         t0 = time.perf_counter()
+        s = self.stats
         if rows:
-            await self.store.commit(writes)
+            try:
+                await self.store.commit(writes)
+            except BaseException:
+                s.checkpoint_failures += 1
+                raise
             self.sinks.committed(writes)
         dt = time.perf_counter() - t0
-        s = self.stats
+        self._observe_commit(dt, rx, acks)
         s.checkpoints += 1
         s.checkpoint_seconds += dt
         s.checkpoint_last_s = dt
@@ -807,6 +821,23 @@ class Gateway:
         else:
             logs.event(logging.DEBUG, "checkpoint", ms=round(dt * 1000, 2), rows=rows, messages=len(mids),
                        acks=len(acks))
+
+    def _observe_commit(self, dt, rx, acks):
+        """Latency metrics (metrics.py): receipt -> commit per message, and the oldest receipt
+        each device's next ack covers."""
+        s = self.stats
+        s.checkpoint_hist.observe(dt)
+        mono = s.last_commit_mono = time.monotonic()
+        if rx:
+            h = s.commit_latency
+            for t in rx:
+                h.observe(mono - t if t else 0.0)
+            oldest = min(rx)
+            ack_rx = self._ack_rx
+            for ack in acks:
+                dev = ack[0]
+                if dev not in ack_rx:
+                    ack_rx[dev] = oldest
 
     def _flush_acks(self, now):
         """Send the committed marks that are due. Acks are cumulative, so at most one per
@@ -842,6 +873,9 @@ class Gateway:
                                   replay, flags)
         self.ingest.publish(self.topics.ack(dev), payload)
         self.stats.acks_sent += 1
+        rx = self._ack_rx.pop(dev, None)
+        if rx:
+            self.stats.ack_latency.observe(time.monotonic() - rx)
 
     def _send_grant(self, dev, now):
         """An ack that only carries credits; its (boot, seq) repeats a committed mark."""

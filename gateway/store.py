@@ -63,6 +63,7 @@ CREATE TABLE IF NOT EXISTS sink_outbox (id INTEGER PRIMARY KEY AUTOINCREMENT, si
     alert INTEGER, n INTEGER, bytes INTEGER, created_ms INTEGER, msg_id TEXT, body BLOB);
 CREATE INDEX IF NOT EXISTS sink_outbox_sink ON sink_outbox (sink, id);
 CREATE INDEX IF NOT EXISTS window_results_start ON window_results (start);
+CREATE INDEX IF NOT EXISTS readings_device_t ON readings (device, t);
 """
 
 # Output tables (what a user queries / exports) and the state tables beside them.
@@ -112,6 +113,86 @@ def _file_id(path):
     return st.st_dev, st.st_ino
 
 
+# Readable data (ops): channel names/units, views in real units with ISO times, and the
+# indexes per-device time ranges and retention use. Views are recreated at every start.
+_ISO = "strftime('%%Y-%%m-%%dT%%H:%%M:%%fZ', %s / 1000.0, 'unixepoch')"
+_NAME = ("coalesce((SELECT name FROM channels c WHERE c.device = {d} AND c.channel = {c}), "
+         "(SELECT name FROM channels c WHERE c.device = '*' AND c.channel = {c}), 'ch' || {c})")
+_UNIT = ("coalesce((SELECT unit FROM channels c WHERE c.device = {d} AND c.channel = {c}), "
+         "(SELECT unit FROM channels c WHERE c.device = '*' AND c.channel = {c}), '')")
+
+
+def _nu(d, c):
+    return "%s AS channel_name, %s AS unit" % (_NAME.format(d=d, c=c), _UNIT.format(d=d, c=c))
+
+
+READABLE_SCHEMA = """
+CREATE TABLE IF NOT EXISTS channels (device TEXT, channel INTEGER, name TEXT, unit TEXT,
+    PRIMARY KEY (device, channel));
+CREATE INDEX IF NOT EXISTS device_windows_device_t ON device_windows (device, t);
+CREATE INDEX IF NOT EXISTS device_status_device_t ON device_status (device, t);
+CREATE INDEX IF NOT EXISTS cep_events_t ON cep_events (t);
+CREATE INDEX IF NOT EXISTS anomalies_t ON anomalies (t);
+CREATE INDEX IF NOT EXISTS late_t ON late (t);
+CREATE INDEX IF NOT EXISTS quarantine_received ON quarantine (received_ms);
+CREATE INDEX IF NOT EXISTS gaps_t ON gaps (t);
+CREATE INDEX IF NOT EXISTS unsynced_device ON unsynced (device, seq);
+CREATE INDEX IF NOT EXISTS window_revisions_start ON window_revisions (start);
+DROP VIEW IF EXISTS readings_v;
+CREATE VIEW readings_v AS SELECT device, %(iso_t)s AS time, channel, %(nu_r)s, value / 1000.0 AS value,
+    boot, seq, flags, t FROM readings r;
+DROP VIEW IF EXISTS window_results_v;
+CREATE VIEW window_results_v AS SELECT scope, key, channel, %(nu_w)s, %(iso_s)s AS start_time,
+    %(iso_e)s AS end_time, revision, count, mean / 1000.0 AS mean, min / 1000.0 AS min, max / 1000.0 AS max,
+    std / 1000.0 AS std, start, end FROM window_results w;
+DROP VIEW IF EXISTS alerts_v;
+CREATE VIEW alerts_v AS
+    SELECT %(iso_t)s AS time, device, 'cep' AS type, rule AS what, severity, NULL AS channel,
+        NULL AS channel_name, NULL AS unit, NULL AS value, evidence AS detail, t FROM cep_events
+    UNION ALL
+    SELECT %(iso_t)s, device, 'anomaly', CASE detector WHEN 1 THEN 'zscore' WHEN 2 THEN 'ewma'
+        ELSE 'detector ' || detector END, NULL, channel, %(nu_a)s, value / 1000.0,
+        'score ' || (score / 1000.0) || ', baseline ' || (baseline / 1000.0), t FROM anomalies a;
+DROP VIEW IF EXISTS late_v;
+CREATE VIEW late_v AS SELECT %(iso_t)s AS time, device, channel, %(nu_l)s, value / 1000.0 AS value, scope, key,
+    %(iso_ws)s AS window_start, %(iso_wm)s AS watermark, reason, boot, seq, t FROM late l;
+DROP VIEW IF EXISTS quarantine_v;
+CREATE VIEW quarantine_v AS SELECT %(iso_rx)s AS received, device, reason, detail, topic, boot, seq,
+    length(payload) AS payload_bytes, id FROM quarantine;
+DROP VIEW IF EXISTS devices_v;
+CREATE VIEW devices_v AS SELECT device, online, %(iso_seen)s AS last_seen, fw, backlog AS backlog_announced,
+    outbox_records AS backlog_on_device, received, duplicates, late, quarantined, dropped_by_device,
+    outbox_dropped, clock_offset_ms, reconnects, %(iso_st)s AS status_time FROM devices;
+""" % {"iso_t": _ISO % "t", "iso_s": _ISO % "start", "iso_e": _ISO % "end", "iso_ws": _ISO % "window_start",
+       "iso_wm": _ISO % "watermark", "iso_rx": _ISO % "received_ms", "iso_seen": _ISO % "nullif(last_seen_ms, 0)",
+       "iso_st": _ISO % "status_t",
+       "nu_r": _nu("r.device", "r.channel"), "nu_w": _nu("CASE w.scope WHEN 'device' THEN w.key ELSE '*' END",
+                                                         "w.channel"),
+       "nu_a": _nu("a.device", "a.channel"), "nu_l": _nu("l.device", "l.channel")}
+
+VIEWS = ("readings_v", "window_results_v", "alerts_v", "late_v", "quarantine_v", "devices_v")
+
+# Retention: (config key, table, time column); deleted in batches of batch_rows per statement.
+RETENTION = (
+    ("readings_days", "readings", "t"),
+    ("results_days", "window_results", "start"), ("results_days", "window_revisions", "start"),
+    ("results_days", "device_windows", "t"), ("results_days", "device_status", "t"),
+    ("events_days", "cep_events", "t"), ("events_days", "anomalies", "t"), ("events_days", "late", "t"),
+    ("events_days", "quarantine", "received_ms"), ("events_days", "gaps", "t"),
+)
+# tables with an index on (device, t): pruned device by device through it
+_PER_DEVICE = ("readings", "device_windows", "device_status")
+
+
+def prune_sql(table, col):
+    """One bounded DELETE. Per-device tables go device by device through their (device, t)
+    index (CROSS JOIN keeps devices the outer loop: a seek per device, never a full scan)."""
+    if table in _PER_DEVICE:
+        return ("DELETE FROM %s WHERE rowid IN (SELECT x.rowid FROM devices d CROSS JOIN %s x "
+                "ON x.device = d.device AND x.%s < ? LIMIT ?)" % (table, table, col))
+    return "DELETE FROM %s WHERE rowid IN (SELECT rowid FROM %s WHERE %s < ? LIMIT ?)" % (table, table, col)
+
+
 class Store:
     def __init__(self, path, synchronous="FULL"):
         self.path = path
@@ -146,6 +227,35 @@ class Store:
             if isinstance(e, (sqlite3.Error, OSError)):
                 raise StoreError("cannot open database %s: %s" % (self.path, e)) from e
             raise
+
+    async def prepare(self, channels):
+        """Readable schema (views, indexes) and the channel map {(device or '*', ch): (name, unit)}."""
+        await self.db.executescript(READABLE_SCHEMA)
+        await self.db.execute("BEGIN IMMEDIATE")
+        await self.db.execute("DELETE FROM channels")
+        await self.db.executemany("INSERT INTO channels VALUES (?,?,?,?)",
+                                  [(d, c, n, u) for (d, c), (n, u) in sorted(channels.items())])
+        await self.db.execute("COMMIT")
+
+    async def prune(self, cutoffs, batch):
+        """Retention: delete rows older than cutoffs[key] (epoch ms), at most `batch` rows per
+        statement, each statement its own short transaction queued between checkpoints.
+        Returns {table: rows deleted}; a table is done when a statement deletes < batch."""
+        out = {}
+        for key, table, col in RETENTION:
+            cut = cutoffs.get(key)
+            if not cut:
+                continue
+            sql = prune_sql(table, col)
+            n = 0
+            while True:
+                cur = await self.db.execute(sql, (cut, batch))
+                n += cur.rowcount
+                if cur.rowcount < batch:
+                    break
+            if n:
+                out[table] = n
+        return out
 
     async def close(self):
         db, self.db = self.db, None

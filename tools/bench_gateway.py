@@ -204,6 +204,7 @@ def bench_paho(port, msgs, name):
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--version", action="version", version=_version_line("bench_gateway"))
     ap.add_argument("--devices", type=int, default=100)
     ap.add_argument("--batched-msgs", type=int, default=20000, help="messages of --per-msg readings")
     ap.add_argument("--per-msg", type=int, default=50)
@@ -239,6 +240,12 @@ def main(argv=None):
     finally:
         broker.stop()
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+
+def _version_line(prog):
+    from gateway.version import version_line
+    return version_line(prog)
 
 
 if __name__ == "__main__":

@@ -332,6 +332,7 @@ def machine():
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--version", action="version", version=_version_line("bench_storm"))
     ap.add_argument("--devices", type=int, default=10000)
     ap.add_argument("--backlog", type=int, default=720, help="backlog readings per device")
     ap.add_argument("--per-msg", type=int, default=50, help="readings per data message (uplink.batch_max)")
@@ -424,6 +425,12 @@ def main(argv=None):
         if not a.dir:
             shutil.rmtree(d, ignore_errors=True)
     return rc
+
+
+
+def _version_line(prog):
+    from gateway.version import version_line
+    return version_line(prog)
 
 
 if __name__ == "__main__":

@@ -25,7 +25,7 @@ if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
 from tools import groundtruth  # noqa: E402
-from tools.broker import mosquitto_bin  # noqa: E402
+from tools.broker import free_port, mosquitto_bin  # noqa: E402
 from tools.fleet import Event, Fleet, Site, parse_faults, run_scenario  # noqa: E402
 
 
@@ -60,7 +60,9 @@ class Status:
         try:
             db = sqlite3.connect("file:%s?mode=ro" % self.site.db, uri=True, timeout=0.2)
             try:
-                rows = db.execute("SELECT coalesce(max(rowid), 0) FROM readings").fetchone()[0]
+                # every record the gateway committed (readings, windows, alerts, status, gaps):
+                # the same kinds the devices' "stored" counts
+                rows = db.execute("SELECT coalesce(sum(received), 0) FROM devices").fetchone()[0]
                 wm = db.execute("SELECT v FROM meta WHERE k = 'global_watermark'").fetchone()
                 alerts = db.execute("SELECT (SELECT count(*) FROM cep_events) + (SELECT count(*) FROM anomalies)"
                                     ).fetchone()[0]
@@ -71,7 +73,8 @@ class Status:
         except sqlite3.Error:
             return None
 
-    def line(self):
+    def fields(self):
+        """(label, value) in priority order: a narrow terminal shows the first ones."""
         now = time.monotonic()
         s = self.fleet.stats()
         g = self._db()
@@ -82,10 +85,21 @@ class Status:
         lag = "%.1fs" % ((time.time() * 1000 - wm) / 1000.0) if wm else "-"
         gw = "up" if self.site.gateway_alive() else "DOWN"
         br = "up" if self.site.broker is not None and self.site.broker.poll() is None else "DOWN"
-        return ("t=%4.0fs %-5s online %3d/%-3d  readings/s %6.0f  stored %7d  committed %7d  "
-                "watermark lag %6s  backlog %6d  alerts %4d  late %4d  broker %s gateway %s" % (
-                    now - self.t0, self.phase, s["online"], s["devices"], self.rate, s["stored"], rows, lag,
-                    s["unacked"], alerts, late, br, gw))
+        return [("t", "%.0fs %s" % (now - self.t0, self.phase)), ("online", "%d/%d" % (s["online"], s["devices"])),
+                ("stored", str(s["stored"])), ("committed", str(rows)), ("unacked", str(s["unacked"])),
+                ("records/s", "%.0f" % self.rate), ("lag", lag), ("broker", br), ("gateway", gw),
+                ("alerts", str(alerts)), ("late", str(late))]
+
+    def line(self, width=None):
+        """Records stored on the devices' flash, committed by the gateway, still unacked on
+        flash; committed records/s; global watermark lag. Cut to width at a field boundary."""
+        out = ""
+        for k, v in self.fields():
+            part = ("  " if out else "") + k + " " + v
+            if width is not None and len(out) + len(part) > width:
+                break
+            out += part
+        return out
 
     def tick(self, force=False):
         now = time.monotonic()
@@ -93,11 +107,11 @@ class Status:
         if not force and now - self.last_print < every:
             return
         self.last_print = now
-        ln = self.line()
         if self.tty:
-            self.out.write("\r\033[K" + ln[:max(40, shutil.get_terminal_size((160, 20)).columns - 1)])
+            ln = self.line(max(20, shutil.get_terminal_size((160, 20)).columns - 1))
+            self.out.write("\r\033[K" + ln)
         else:
-            self.out.write(ln + "\n")
+            self.out.write(self.line() + "\n")
         self.out.flush()
 
     def say(self, msg):
@@ -109,6 +123,7 @@ class Status:
 
 def build_parser():
     p = argparse.ArgumentParser(prog="edgeflow-demo", description=__doc__.split("\n\n")[0])
+    p.add_argument("--version", action="version", version=_version_line("edgeflow-demo"))
     p.add_argument("--devices", type=int, default=50, help="simulated devices (default 50)")
     p.add_argument("--duration", type=float, default=75, help="seconds of sampling and faults (default 75)")
     p.add_argument("--seed", type=int, default=1, help="seed of signals, fault picks, jitter")
@@ -138,7 +153,9 @@ def main(argv=None):
     else:
         d = tempfile.mkdtemp(prefix="edgeflow-demo-")
     os.makedirs(d, exist_ok=True)
-    site = Site(d, window_ms=args.window_ms, lateness_ms=args.lateness_ms, ooo_ms=2000, idle_ms=15000)
+    web_port = free_port()  # the live web view of the demo's gateway
+    site = Site(d, window_ms=args.window_ms, lateness_ms=args.lateness_ms, ooo_ms=2000, idle_ms=15000,
+                gw_extra={"web": {"port": web_port}})
     truth = os.path.join(d, "truth.db")
     events = default_faults(args.duration, args.devices) if args.faults is None else parse_faults(args.faults)
     print("edgeflow demo: %d devices sampling 3 channels every %d ms for %.0f s, data in %s"
@@ -151,6 +168,7 @@ def main(argv=None):
             mosquitto_bin(), site.port, site.mq.fleet.root if site.mq.fleet else "insecure"))
         site.start_gateway()
         print("gateway: python -m gateway.cli run -c %s (log %s/gateway.log)" % (site.gw_conf, d))
+        print("web view: http://127.0.0.1:%d/  (fleet, plots, alerts; live)" % web_port)
         rc = asyncio.run(_run(args, site, truth, events))
     except KeyboardInterrupt:
         rc = 130
@@ -224,6 +242,12 @@ async def _run(args, site, truth, events):
               fleet.dup.sent if fleet.dup else 0))
     print("SQLite: %s   (look inside: python -m gateway.cli status --db %s)" % (site.db, site.db))
     return 0 if report.ok and not fleet.errors else 1
+
+
+
+def _version_line(prog):
+    from gateway.version import version_line
+    return version_line(prog)
 
 
 if __name__ == "__main__":

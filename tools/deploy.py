@@ -503,6 +503,7 @@ class Result:
 def parse_args(argv=None):
     ap = argparse.ArgumentParser(prog="edgeflow-deploy", description=__doc__.split("\n\n")[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--version", action="version", version=_version_line("edgeflow-deploy"))
     ap.add_argument("--port", help="serial device, rfc2217://host:port (Wokwi) or socket://host:port (edgeflow-vboard)")
     ap.add_argument("--arch", default="xtensawin", choices=ARCHES,
                     help="mpy-cross -march (default xtensawin; auto = ask the board)")
@@ -642,6 +643,12 @@ def main(argv=None):
     except KeyboardInterrupt:
         print("edgeflow-deploy: interrupted; run it again to finish the copy", file=sys.stderr)
         return 130
+
+
+
+def _version_line(prog):
+    from gateway.version import version_line
+    return version_line(prog)
 
 
 if __name__ == "__main__":

@@ -709,6 +709,7 @@ def gateway_toml(port, db, window_ms=10000, lateness_ms=20000, ooo_ms=2000, idle
         "watermark": {"out_of_orderness_ms": ooo_ms, "idle_timeout_ms": idle_ms},
         "windows": {"size_ms": window_ms, "allowed_lateness_ms": lateness_ms},
         "metrics": {"port": 0},
+        "web": {"port": 0},
         "log": {"level": "info"},
     }
     for s, kv in (extra or {}).items():
@@ -1021,6 +1022,7 @@ def _broker_arg(s):
 
 def build_parser():
     p = argparse.ArgumentParser(prog="edgeflow-fleet", description=__doc__.split("\n\n")[0])
+    p.add_argument("--version", action="version", version=_version_line("edgeflow-fleet"))
     p.add_argument("--broker", type=_broker_arg, help="host:port of a running broker (and gateway)")
     p.add_argument("--spawn", action="store_true", help="start a mosquitto and a gateway in --dir")
     p.add_argument("--fleet-dir", help="with --broker: the edgeflow-provision folder of that broker's fleet "
@@ -1134,6 +1136,12 @@ async def _main(args, host, port, truth, events, site, secrets_from=None):
         await fleet.shutdown()
         fleet.truth.close()
     return {"wall": time.monotonic() - t0, "final": final}
+
+
+
+def _version_line(prog):
+    from gateway.version import version_line
+    return version_line(prog)
 
 
 if __name__ == "__main__":

@@ -334,6 +334,7 @@ def _check_windows(rep, q, w, readings):
 
 def main(argv=None):
     ap = argparse.ArgumentParser(prog="python -m tools.groundtruth", description=__doc__.splitlines()[0])
+    ap.add_argument("--version", action="version", version=_version_line("groundtruth"))
     ap.add_argument("--db", required=True, help="the gateway's SQLite file")
     ap.add_argument("--truth", required=True, nargs="+", help="truth file(s) written by tools/fleet.py")
     ap.add_argument("--window-ms", type=int, help="gateway windows.size_ms (default: from the truth file)")
@@ -358,6 +359,12 @@ def main(argv=None):
     else:
         print(rep.text())
     return 0 if rep.ok else 1
+
+
+
+def _version_line(prog):
+    from gateway.version import version_line
+    return version_line(prog)
 
 
 if __name__ == "__main__":

@@ -92,6 +92,7 @@ def _stop_on_signal(signum, frame):
 
 def main(argv=None):
     ap = argparse.ArgumentParser(prog="edgeflow-vboard", description=__doc__.split("\n\n")[0])
+    ap.add_argument("--version", action="version", version=_version_line("edgeflow-vboard"))
     ap.add_argument("--dir", required=True, help="host folder holding the board's filesystem")
     ap.add_argument("--port", type=int, default=0, help="TCP port on 127.0.0.1 (default: a free one)")
     ap.add_argument("--fs-limit", type=int, default=0, help="simulated flash size in bytes (ENOSPC beyond)")
@@ -118,6 +119,12 @@ def main(argv=None):
         return 0
     finally:
         vb.stop()
+
+
+
+def _version_line(prog):
+    from gateway.version import version_line
+    return version_line(prog)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,148 @@
+"""Data a person can read: channel names and units, views in real units with ISO times,
+indexes for per-device time ranges, retention in bounded batches, the size staying flat."""
+import asyncio
+import sqlite3
+
+import pytest
+
+from gateway.config import Config, ConfigError
+from gateway.store import Store, VIEWS
+from tools import longrun_retention
+
+T = 1767225600000  # 2026-01-01T00:00:00Z
+
+
+def _store(tmp_path, channels=None):
+    async def go():
+        s = Store(str(tmp_path / "gw.db"), "NORMAL")
+        await s.open()
+        await s.prepare(Config({"channels": channels or {}}).channels)
+        return s
+    return asyncio.run(go())
+
+
+def test_channel_map_config_and_errors():
+    c = Config({"channels": {"0": {"name": "air", "unit": "degC"}, "7": {"name": "co2", "unit": "ppm"},
+                             "device": {"node-02": {"0": {"name": "water", "unit": "degC"}}}}})
+    assert c.channels[("*", 0)] == ("air", "degC") and c.channels[("*", 7)] == ("co2", "ppm")
+    assert c.channels[("*", 1)] == ("hum", "%RH")  # the HAL's defaults stay
+    assert c.channels[("node-02", 0)] == ("water", "degC")
+    for bad, msg in (({"x": {"name": "a"}}, "channel key must be a number"),
+                     ({"256": {"name": "a"}}, "channel key must be a number"),
+                     ({"0": {"name": ""}}, "channels.0 must be"),
+                     ({"0": {"name": "a", "scale": 2}}, "channels.0 must be"),
+                     ({"device": {"bad id!": {}}}, "bad device id")):
+        with pytest.raises(ConfigError, match=msg):
+            Config({"channels": bad})
+
+
+def test_channel_names_from_the_devices_file():
+    from gateway.ops import channel_map
+    devs = {"n1": {"ack_key": b"k", "channels": {"0": {"name": "inlet", "unit": "degC"}}}, "n2": {"ack_key": b"k"}}
+    m = channel_map(Config({"channels": {"0": {"name": "air", "unit": "degC"}}}), devs)
+    assert m[("n1", 0)] == ("inlet", "degC") and m[("*", 0)] == ("air", "degC") and ("n2", 0) not in m
+    with pytest.raises(ConfigError, match="devices.n1.channels.x"):
+        channel_map(Config(), {"n1": {"channels": {"x": {"name": "a"}}}})
+
+
+def test_views_in_real_units_with_iso_times(tmp_path):
+    _store(tmp_path, {"device": {"n2": {"0": {"name": "water", "unit": "degC"}}}})
+    db = sqlite3.connect(str(tmp_path / "gw.db"))
+    db.executemany("INSERT INTO readings VALUES (?,?,?,?,?,?,?)",
+                   [("n1", 1, 0, T, 0, 0, 21500), ("n2", 1, 0, T + 1500, 0, 0, -1250), ("n1", 1, 1, T, 9, 0, 5)])
+    db.execute("INSERT INTO window_results VALUES ('device','n1',1,?,?,2,10,400000,39000,41000,40000.0,500.0,?)",
+               (T, T + 60000, T))
+    db.execute("INSERT INTO anomalies VALUES ('n1',1,5,?,0,1,1,4500,52000,40000)", (T,))
+    db.execute("INSERT INTO devices (device, online, last_seen_ms, fw) VALUES ('n1', 1, ?, '0.1.0')", (T,))
+    db.commit()
+    rows = db.execute("SELECT device, time, channel_name, value, unit FROM readings_v ORDER BY device, channel").fetchall()
+    assert rows == [("n1", "2026-01-01T00:00:00.000Z", "temp", 21.5, "degC"),
+                    ("n1", "2026-01-01T00:00:00.000Z", "ch9", 0.005, ""),
+                    ("n2", "2026-01-01T00:00:01.500Z", "water", -1.25, "degC")]
+    w = db.execute("SELECT key, channel_name, unit, start_time, end_time, revision, mean, min, max, std "
+                   "FROM window_results_v").fetchone()
+    assert w == ("n1", "hum", "%RH", "2026-01-01T00:00:00.000Z", "2026-01-01T00:01:00.000Z", 2, 40.0, 39.0, 41.0, 0.5)
+    a = db.execute("SELECT time, device, type, what, channel_name, value, detail FROM alerts_v").fetchone()
+    assert a == ("2026-01-01T00:00:00.000Z", "n1", "anomaly", "zscore", "hum", 52.0, "score 4.5, baseline 40.0")
+    assert db.execute("SELECT last_seen FROM devices_v").fetchone() == ("2026-01-01T00:00:00.000Z",)
+    for v in VIEWS:
+        db.execute("SELECT * FROM %s LIMIT 1" % v).fetchall()  # every view compiles
+    # channel names are stored: an export of the table carries them
+    assert ("*", 0, "temp", "degC") in db.execute("SELECT * FROM channels").fetchall()
+
+
+def test_per_device_time_range_uses_the_index(tmp_path):
+    _store(tmp_path)
+    db = sqlite3.connect(str(tmp_path / "gw.db"))
+    for sql in ("SELECT * FROM readings WHERE device = ? AND t >= ? AND t < ?",
+                "SELECT * FROM readings_v WHERE device = ? AND t >= ? AND t < ?"):
+        plan = " ".join(r[3] for r in db.execute("EXPLAIN QUERY PLAN " + sql, ("n1", T, T + 1000)))
+        assert "USING INDEX readings_device_t (device=? AND t>? AND t<?)" in plan, plan
+    plan = " ".join(r[3] for r in db.execute("EXPLAIN QUERY PLAN SELECT * FROM device_windows WHERE device = ? "
+                                             "AND t > ?", ("n1", T)))
+    assert "USING INDEX device_windows_device_t" in plan, plan
+    plan = " ".join(r[3] for r in db.execute("EXPLAIN QUERY PLAN SELECT * FROM alerts_v WHERE t > ?", (T,)))
+    assert "cep_events_t" in plan and "anomalies_t" in plan, plan
+    # retention's deletes seek by index: no statement scans a whole table
+    from gateway.store import RETENTION, prune_sql
+    for _key, table, col in RETENTION:
+        plan = [r[3] for r in db.execute("EXPLAIN QUERY PLAN " + prune_sql(table, col), (T, 100))]
+        assert not any(p.startswith("SCAN %s" % table) or p.startswith("SCAN x") for p in plan), (table, plan)
+
+
+def test_retention_deletes_old_rows_in_bounded_batches(tmp_path):
+    s = _store(tmp_path)
+    db = sqlite3.connect(str(tmp_path / "gw.db"))
+    old = [("n%d" % (i % 3), 1, i, T + i, i % 3, 0, i) for i in range(25000)]
+    young = [("n%d" % (i % 3), 1, 30000 + i, T + 10 ** 7 + i, 0, 0, i) for i in range(1000)]
+    db.executemany("INSERT INTO readings VALUES (?,?,?,?,?,?,?)", old + young)
+    db.executemany("INSERT INTO devices (device) VALUES (?)", [("n0",), ("n1",), ("n2",)])
+    db.executemany("INSERT INTO late (device, t, reason) VALUES ('n0', ?, 'x')", [(T,), (T + 10 ** 7,)])
+    db.execute("INSERT INTO window_results (scope, key, channel, start, end) VALUES ('device','n0',0,?,?)",
+               (T, T + 1000))
+    db.commit()
+    deleted_per_statement = []
+    real = s.db.execute
+
+    async def counting(sql, params=()):
+        cur = await real(sql, params)
+        if sql.startswith("DELETE"):
+            deleted_per_statement.append(cur.rowcount)
+        return cur
+
+    async def go():
+        s.db.execute = counting
+        try:
+            return await s.prune({"readings_days": T + 10 ** 6, "events_days": T + 10 ** 6}, 3000)
+        finally:
+            await s.close()
+    out = asyncio.run(go())
+    assert out == {"readings": 25000, "late": 1}  # results_days not set: window results kept
+    assert max(deleted_per_statement) <= 3000 and len(deleted_per_statement) >= 9
+    assert db.execute("SELECT count(*), min(t) FROM readings").fetchone() == (1000, T + 10 ** 7)
+    assert db.execute("SELECT count(*) FROM window_results").fetchone() == (1,)
+
+
+def test_retention_config_gives_cutoffs():
+    from gateway.ops import cutoffs
+    c = Config({"retention": {"readings_days": 7, "results_days": 365}})
+    cut = cutoffs(c, 10 ** 12)
+    assert cut == {"readings_days": 10 ** 12 - 7 * 86400000, "results_days": 10 ** 12 - 365 * 86400000}
+    assert cutoffs(Config(), 10 ** 12) == {}  # default: keep everything
+    with pytest.raises(ConfigError):
+        Config({"retention": {"readings_days": -1}})
+
+
+@pytest.mark.broker
+def test_long_run_database_size_flat(broker, tmp_path):
+    """A simulated fleet for 30 s with raw readings kept 4 s: the used size levels off while
+    records keep arriving (without retention the same run grows +66% in its second half)."""
+    samples = longrun_retention.run(str(tmp_path / "site"), devices=8, duration=30, keep_s=4.0, sample_ms=50,
+                                    every_s=2.0, broker=broker)
+    mid, end, more = longrun_retention.growth(samples)
+    assert more > 5000, "the fleet delivered too little to tell (%d records)" % more
+    assert end <= mid * 1.15, "used size grew from %d to %d bytes" % (mid, end)
+    steady = samples[-1][3]["readings"]
+    assert steady < 0.5 * samples[-1][4], "readings are not being deleted: %s" % (samples[-1],)
+    files_mid, files_end = samples[len(samples) // 2][2], samples[-1][2]
+    assert files_end <= files_mid + 512 * 1024, (files_mid, files_end)  # freed pages are reused
