@@ -344,6 +344,10 @@ class WebView:
             "quarantined_total": sum(s.quarantined.values()), "alerts_total": s.alerts,
             "queue_depth": gw.queue_depth(), "broker_connected": bool(ing is not None and ing.connected.is_set()),
             "version": metrics.version(),
+            # downstream sinks (gateway/sinks): outbox backlog, lag, drops by the bound
+            "sinks": [{"name": w.name, "items": w.items, "lag_s": round(w.lag_seconds(now), 1),
+                       "dropped": w.dropped["items"] + w.dropped["alerts"], "failing": bool(w.last_error)}
+                      for w in getattr(gw.sinks, "workers", ())],
         }
 
 

@@ -169,6 +169,14 @@ def test_outbox_bound_drops_oldest_non_alerts_counted_and_keeps_alerts(tmp_path)
             dropped = {tuple(sorted(x.labels.items())): x.value for x in fams["edgeflow_sink_dropped_items"].samples}
             assert dropped[(("class", "non_alert"), ("sink", "c"))] == w.dropped["items"]
             assert Down.calls > 0
+            # the web view's state carries the same (gateway/web.py)
+            from gateway.service import Gateway
+            from gateway.web import WebView
+            gw = Gateway({"security": {"insecure": True}, "store": {"path": str(tmp_path / "web.db")}})
+            gw.sinks = s
+            st = WebView(gw).state()["sinks"]
+            assert st == [{"name": "c", "items": w.items, "lag_s": st[0]["lag_s"], "dropped": w.dropped["items"],
+                           "failing": True}]
             # alerts alone over the bound: the oldest alerts go, counted separately
             w.cfg["max_items"] = 10
             w.wake.set()

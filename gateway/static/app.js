@@ -31,6 +31,9 @@
     $("#rate").textContent = s.readings_per_s == null ? "-" : Math.round(s.readings_per_s);
     $("#late-total").textContent = s.late_total;
     $("#quarantined-total").textContent = s.quarantined_total;
+    $("#sinks").innerHTML = (s.sinks || []).map((k) =>  // sink outboxes (docs/sinks.md)
+      `sink ${esc(k.name)} <b class="${k.failing || k.dropped ? "bad" : "ok"}">${k.items} waiting, lag ${k.lag_s} s` +
+      `${k.dropped ? ", dropped " + k.dropped : ""}</b>`).join(" ");
     const rows = s.fleet.slice().sort((a, b) => (a.device < b.device ? -1 : 1)).map((d) =>
       `<tr class="${d.online ? "" : "offline"}" data-device="${esc(d.device)}"><td>${esc(d.device)}</td>` +
       `<td>${d.online ? "online" : "offline"}</td><td>${ago(d.last_seen, s.now)}</td>` +
