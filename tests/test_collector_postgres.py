@@ -14,6 +14,7 @@ import time
 import pytest
 
 from gateway import collector as C
+from tests.test_sinks import stop_collector, until
 from tools.natscluster import NatsCluster, die_with_parent, free_port
 
 T0 = 1767225600000
@@ -100,16 +101,11 @@ def test_collector_postgres_backend_dedups_and_quarantines(tmp_path):
             await js.publish("edgeflow.sink.a.window_revisions",
                              json.dumps({"v": 1, "site": "a", "table": "window_revisions", "rows": [win]}).encode())
             await js.publish("edgeflow.sink.a.readings", b"{not json")
-            for _ in range(200):
-                if coll.messages >= 5:
-                    break
-                await asyncio.sleep(0.05)
+            await until(lambda: coll.messages >= 5)
             assert coll.messages == 5 and coll.bad == 1 and coll.rows_new == 22 and coll.rows_dup == 5
         finally:
             await nc.close()
-            task.cancel()
-            await asyncio.gather(task, return_exceptions=True)
-            await coll.close()
+            await stop_collector(task, coll)
         conn = await asyncpg.connect(pg.dsn)
         try:
             got = await conn.fetch("SELECT site, count(*) AS n FROM readings GROUP BY site ORDER BY site")

@@ -42,6 +42,21 @@ async def open_set(tmp_path, sinks, transports=None, **sec):
     return store, s
 
 
+async def until(cond, n=400):
+    """Poll cond every 50 ms, at most n times."""
+    for _ in range(n):
+        if cond():
+            return True
+        await asyncio.sleep(0.05)
+    return False
+
+
+async def stop_collector(task, coll):
+    task.cancel()
+    await asyncio.gather(task, return_exceptions=True)
+    await coll.close()
+
+
 async def checkpoint(store, s, writes):
     writes = list(writes)
     writes.append(("sink_outbox", s.stage(writes)))
@@ -390,15 +405,10 @@ def test_jetstream_sink_collector_dedup_and_bad_input(tmp_path):
             late = json.dumps({"v": 1, "site": "s1", "table": "readings", "rows": readings("d1", 1, 100, 1)})
             await js.publish("edgeflow.sink.s1.readings", late.encode())
             await nc.close()
-            for _ in range(200):
-                if coll.messages >= 14:
-                    break
-                await asyncio.sleep(0.05)
+            await until(lambda: coll.messages >= 14)
             assert coll.messages == 14 and coll.bad == 8  # 4 items from the sink + 10 published here
         finally:
-            ct.cancel()
-            await asyncio.gather(ct, return_exceptions=True)
-            await coll.close()
+            await stop_collector(ct, coll)
             await s.stop()
             await store.close()
     try:

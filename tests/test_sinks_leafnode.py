@@ -9,7 +9,7 @@ import sqlite3
 from nats.js import api
 
 from gateway import collector as C
-from tests.test_sinks import checkpoint, open_set, readings
+from tests.test_sinks import checkpoint, open_set, readings, stop_collector, until
 from tools.natscluster import LinkProxy, NatsCluster
 
 
@@ -37,13 +37,6 @@ def test_leaf_node_stores_while_the_wan_link_is_cut(tmp_path):
                                                 "nats.create_stream": False}))
         ct = asyncio.ensure_future(coll.run())
         w = s.workers[0]
-
-        async def until(cond, n=400):
-            for _ in range(n):
-                if cond():
-                    return True
-                await asyncio.sleep(0.05)
-            return False
         try:
             await checkpoint(store, s, [("readings", readings("d1", 1, 0, 30))])
             assert await until(lambda: w.rows == 0 and coll.rows_new == 30)
@@ -56,9 +49,7 @@ def test_leaf_node_stores_while_the_wan_link_is_cut(tmp_path):
             px.up()
             assert await until(lambda: coll.rows_new == 80, 600), coll.rows_new
         finally:
-            ct.cancel()
-            await asyncio.gather(ct, return_exceptions=True)
-            await coll.close()
+            await stop_collector(ct, coll)
             await s.stop()
             await store.close()
             await hc.close()
