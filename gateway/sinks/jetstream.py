@@ -71,6 +71,9 @@ class JetStreamSink:
 
     async def send(self, items):
         c = self.cfg
+        if self.nc is not None and self.nc.is_closed:  # gave up (closed by an error): start over
+            self.nc = self.js = None
+            self.stream_ok = False
         if self.nc is None:
             await asyncio.wait_for(self._connect(), c["timeout_s"])
         if not self.stream_ok and c["create_stream"]:
