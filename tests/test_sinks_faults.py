@@ -15,7 +15,7 @@ def test_two_sites_nats_cluster_collector_webhook_exactly_once_under_faults(tmp_
     res = sinkfaults.run(tmp_path / "run", duration=16.0, cut_s=5.0, devices=3, sample_ms=100, seed=5,
                          sync_timeout=45.0)
     print(sinkfaults.report(res))
-    assert res["nats_kills"] == 1 and res["collector_kills"] == 1 and sum(res["gateway_kills"]) == 1
+    assert res["nats_kills"] == 1 and res["collector_kills"] >= 1 and sum(res["gateway_kills"]) == 1
     assert sum(res["link_cuts"]) == 1
     for sid, s in res["sites"].items():
         assert s["groundtruth_ok"], s["groundtruth"]

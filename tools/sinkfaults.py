@@ -123,6 +123,8 @@ class CollectorProc:
         self.kills = 0
 
     def start(self):
+        if self.proc is not None and self.proc.poll() is None:
+            return  # already running (two fault tasks restarted it)
         with open(os.path.join(self.dir, "collector.log"), "ab") as log:
             self.proc = subprocess.Popen([PY, "-m", "gateway.collector", "run", "--nats", ",".join(self.urls), "--db",
                                           self.db, "--replicas", str(self.replicas), "--max-stream-bytes", str(256 << 20)], cwd=ROOT, stdout=log,
@@ -287,6 +289,14 @@ def run(workdir, duration=90.0, cut_s=60.0, devices=4, sample_ms=100, seed=1, fa
             proxies[k].down()
             await asyncio.sleep(down)
             proxies[k].up()
+            # the site's backlog floods in now: kill the collector in the middle of it, so some
+            # batch is committed but not acked (redelivered, ignored as duplicates)
+            await asyncio.sleep(rng.uniform(0.2, 1.0))
+            if coll.proc is not None:  # not down for another fault right now
+                fault("kill -9 collector during the backlog", down_s=1.0)
+                coll.kill()
+                await asyncio.sleep(1.0)
+                coll.start()
 
         async def main():
             fleets = [Fleet(devices, st.port, tp, seed=seed * 10 + i, sample_ms=sample_ms, window_ms=1000, broker=st.mq)
