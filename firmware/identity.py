@@ -78,8 +78,8 @@ def rand32():
 
 
 class Identity:
-    """The flash boot counter and instance id. `Identity(fs).boot` is this boot's number (1 on a
-    fresh device); `.instance` a random u32 made when the counter slots are created (a fresh or
+    """The flash boot counter and instance id. `Identity(fs).boot` is this boot's number (random
+    below 2**29 on a fresh device, then +1 per boot); `.instance` a random u32 made when the counter slots are created (a fresh or
     re-flashed device gets a new one; docs/wire.md "Instance id"), kept for the device's life.
 
     Incremented once per construction (= once per boot). If the power is cut while the
@@ -93,7 +93,13 @@ class Identity:
         prev = struct.unpack(">I", raw[:4])[0] if raw is not None and len(raw) in (4, 8) else 0
         inst = struct.unpack(">I", raw[4:])[0] if raw is not None and len(raw) == 8 else 0
         self.instance = inst or rand32()  # a 4-byte slot (older firmware) gets one now
-        self.boot = (prev + 1) & 0xFFFFFFFF or 1
+        if raw is None:
+            # fresh (or erased) flash: start at a random boot below 2**29 (small ints on the
+            # ESP32), so a re-flashed device does not reuse the boot numbers, and with them
+            # the (device, boot, seq) identities, of its earlier life (docs/wire.md)
+            self.boot = rand32() & 0x1FFFFFFF or 1
+        else:
+            self.boot = (prev + 1) & 0xFFFFFFFF or 1
         self.slots.store(struct.pack(">II", self.boot, self.instance))
         self.seq = 0
 

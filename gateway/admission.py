@@ -3,8 +3,19 @@
 Live records (the current boot, seq >= the next_seq announced in the device's
 latest hello) flow without credits. Backlog (everything older) is replayed
 only within credits, granted through acks. At most `max_replayers` devices
-replay at once; the rest wait in arrival order. Credits are additive grants;
-an ack with replay=0 tells the device to drop its allowance and hold.
+replay at once; the rest wait. Credits are additive grants; an ack with
+replay=0 tells the device to drop its allowance and hold.
+
+Fair and live when announced backlogs never come (issue 10.5: hellos that
+announce backlog and then send nothing took every slot):
+- first-byte timeout: a replayer that has sent no backlog `first_byte_s` after
+  its first grant loses its slot at once and becomes a *suspect*;
+- waiting devices are admitted in three tiers, FIFO within each: devices heard
+  from since their hello (any data: a real device's live records flow without
+  credits), then devices known only by a hello, then suspects (a suspect that
+  sends anything moves to the front);
+- a repeated hello keeps a device's place (active, waiting or suspect) and its
+  first-byte clock: re-announcing cannot buy a slot or time.
 
 Adaptive rate (adaptive=True; docs/gateway.md, "Acks and credits"): the bucket's
 rate follows the gateway's measured capacity instead of staying at the configured
@@ -22,18 +33,19 @@ import collections
 
 
 class _Replayer:
-    __slots__ = ("backlog", "granted", "received", "last_progress")
+    __slots__ = ("backlog", "granted", "received", "last_progress", "first_grant")
 
     def __init__(self, backlog, now):
         self.backlog = backlog
         self.granted = 0
         self.received = 0
         self.last_progress = now
+        self.first_grant = None  # when credits were first granted (first-byte timeout)
 
 
 class Admission:
     def __init__(self, rate, burst, max_replayers, chunk, timeout_s, now, adaptive=False, rate_min=None,
-                 target_s=5.0, beta=0.8, increase=0.05):
+                 target_s=5.0, beta=0.8, increase=0.05, first_byte_s=3.0):
         self.rate = rate / 1000.0  # tokens per ms
         # adaptive rate (records/s); see the module docstring
         self.adaptive = adaptive
@@ -56,14 +68,20 @@ class Admission:
         self.max_replayers = max_replayers
         self.chunk = chunk
         self.timeout_ms = timeout_s * 1000
+        self.first_byte_ms = first_byte_s * 1000
         self.tokens = float(burst)
         self.last = now
         self.active = {}  # dev -> _Replayer
-        self.waiting = collections.OrderedDict()  # dev -> (backlog, since)
+        # waiting tiers, each dev -> (backlog, since), FIFO: heard from, hello only, suspects
+        self.waiting = collections.OrderedDict()
+        self.quiet = collections.OrderedDict()
+        self.suspects = collections.OrderedDict()
+        self._queues = (self.waiting, self.quiet, self.suspects)
         self.credits_granted = 0
         self.backlog_announced = 0
         self.admitted = 0
         self.timeouts = 0
+        self.first_byte_timeouts = 0
 
     def _refill(self, now):
         if now > self.last:
@@ -75,20 +93,47 @@ class Admission:
         if o is not None:
             self.outstanding -= o[0]
 
+    def waiting_count(self):
+        return len(self.waiting) + len(self.quiet) + len(self.suspects)
+
+    def is_waiting(self, dev):
+        return dev in self.waiting or dev in self.quiet or dev in self.suspects
+
     def hello(self, dev, backlog, now):
-        """A (re)connecting device announces its backlog; returns True if it was admitted."""
+        """A (re)connecting device announces its backlog; returns True if it holds a slot."""
         self._forget(dev)  # a new hello voids the credits it held
-        self.active.pop(dev, None)
-        self.waiting.pop(dev, None)
+        old = self.active.pop(dev, None)
         if backlog <= 0:
+            for q in self._queues:
+                q.pop(dev, None)
             return False
         self.backlog_announced += backlog
-        if len(self.active) < self.max_replayers:
+        if old is not None:  # keeps its slot and its first-byte clock
+            r = self.active[dev] = _Replayer(backlog, now)
+            if old.received == 0:
+                r.first_grant = old.first_grant
+            return True
+        for q in self._queues:
+            if dev in q:  # keeps its place
+                q[dev] = (backlog, q[dev][1])
+                return False
+        if len(self.active) < self.max_replayers and not self.waiting_count():
             self.active[dev] = _Replayer(backlog, now)
             self.admitted += 1
             return True
-        self.waiting[dev] = (backlog, now)
+        self.quiet[dev] = (backlog, now)
         return False
+
+    def heard(self, dev):
+        """Any data from dev: a device known only by its hello (or a suspect) is real."""
+        w = self.quiet.pop(dev, None)
+        if w is not None:
+            self.waiting[dev] = w
+            return
+        w = self.suspects.pop(dev, None)
+        if w is not None:
+            self.waiting[dev] = w
+            self.waiting.move_to_end(dev, last=False)
 
     def backlog_received(self, dev, n, now):
         """n backlog records of dev arrived (new or duplicates: a resent record still
@@ -109,13 +154,14 @@ class Admission:
     def leave(self, dev):
         self._forget(dev)
         self.active.pop(dev, None)
-        self.waiting.pop(dev, None)
+        for q in self._queues:
+            q.pop(dev, None)
 
     def grant(self, dev, now, paused=False):
         """(credits, replay) for the next ack to dev. Debits the bucket."""
         r = self.active.get(dev)
         if r is None:
-            return 0, dev not in self.waiting
+            return 0, not self.is_waiting(dev)
         if paused:
             return 0, True
         self._refill(now)
@@ -124,6 +170,8 @@ class Admission:
         if c <= 0:
             return 0, True
         self.tokens -= c
+        if r.first_grant is None:
+            r.first_grant = now
         r.granted += c
         self.credits_granted += c
         o = self._out.get(dev)
@@ -144,19 +192,28 @@ class Admission:
         if self.adaptive:
             self.adapt(now, paused)
         for dev, r in list(self.active.items()):
-            if now - r.last_progress >= self.timeout_ms and r.granted > r.received:
-                # stalled: free the slot, but queue the rest of its backlog again so the
-                # device is never left holding records with no credits
+            if r.received == 0 and r.first_grant is not None and \
+                    now - r.first_grant >= min(self.first_byte_ms, self.timeout_ms):
+                # granted, and not one record back: free the slot now, admit it again last
+                del self.active[dev]
+                self._forget(dev)
+                self.first_byte_timeouts += 1
+                self.suspects[dev] = (r.backlog, now)
+            elif now - r.last_progress >= self.timeout_ms and r.granted > r.received:
+                # stalled: free the slot, but queue the rest of its backlog again (as a
+                # suspect, until it sends again) so the device is never left holding
+                # records with no credits
                 del self.active[dev]
                 self.timeouts += 1
-                self.waiting[dev] = (max(1, r.backlog - r.received), now)
+                self.suspects[dev] = (max(1, r.backlog - r.received), now)
             elif r.granted <= r.received:
                 out.append(dev)
-        while self.waiting and len(self.active) < self.max_replayers:
-            dev, (backlog, _since) = self.waiting.popitem(last=False)
-            self.active[dev] = _Replayer(backlog, now)
-            self.admitted += 1
-            out.append(dev)
+        for q in self._queues:
+            while q and len(self.active) < self.max_replayers:
+                dev, (backlog, _since) = q.popitem(last=False)
+                self.active[dev] = _Replayer(backlog, now)
+                self.admitted += 1
+                out.append(dev)
         return [] if paused else out
 
     # ---------------------------------------------------------------- adaptive rate

@@ -7,6 +7,7 @@ EDGEFLOW_DB the default --db; output cut short by a closed pipe (`| head`) ends 
 import argparse
 import asyncio
 import csv
+import faulthandler
 import fnmatch
 import json
 import os
@@ -122,6 +123,9 @@ def cmd_run(args):
     from . import logs
     from .service import Gateway
     logs.setup(cfg.log.level, cfg.log.format)
+    # a fatal signal (SIGBUS from a shared-memory page of a filesystem gone read-only or full)
+    # still leaves a message and the stack on stderr
+    faulthandler.enable()
     gw = Gateway(cfg)
 
     async def go():
@@ -133,7 +137,8 @@ def cmd_run(args):
     try:
         asyncio.run(go())
     except Exception as e:  # noqa: BLE001 - fatal: reported, exit non-zero, systemd restarts
-        logs.error("gateway_failed", error=repr(e))
+        logs.error("gateway_failed", error=str(e) or repr(e), kind=type(e).__name__)
+        _exit_now_if_stuck(1)
         return 1
     return 0
 
@@ -146,6 +151,22 @@ def cmd_web_token(args):
     print("config ([web] section, or env EDGEFLOW_WEB_TOKEN_SHA256):")
     print('token_sha256 = "%s"' % token_hash(tok))
     return 0
+
+
+def _exit_now_if_stuck(status):
+    """After a fatal error the process must end even if a worker thread is stuck in a
+    system call (a hung disk): a non-daemon thread would keep it alive forever."""
+    import threading
+
+    from . import logs
+    deadline = time.monotonic() + 3.0
+    for t in threading.enumerate():
+        if t is not threading.main_thread() and not t.daemon:
+            t.join(max(0.0, deadline - time.monotonic()))  # a thread just finishing its stop
+    if any(t is not threading.main_thread() and t.is_alive() and not t.daemon for t in threading.enumerate()):
+        logs.error("gateway_exit_forced", reason="worker thread still running after the failure")
+        sys.stderr.flush()
+        os._exit(status)
 
 
 def _connect(args):

@@ -79,10 +79,16 @@ SCHEMA = {
         "max_replayers": (32, int, (1, 1 << 20), "devices replaying backlog at once; others wait"),
         "credit_chunk": (2000, int, (1, 1 << 31), "most credits outstanding per replayer"),
         "replay_timeout_s": (30.0, float, (0.1, 86400), "a replayer that sends no backlog for this long loses its slot"),
+        "first_byte_s": (3.0, float, (0.1, 3600), "a replayer that sends no backlog at all this long after its first grant loses its slot and waits behind devices that send (fake or dead replayers)"),
         "pause_queue_fraction": (0.5, float, (0.0, 1.0), "no new credits while the ingest queue is fuller than this"),
     },
     "time": {
         "max_future_ms": (wire.MAX_FUTURE_MS, int, (0, 1 << 40), "event times further ahead of the gateway clock are quarantined"),
+    },
+    "limits": {
+        "max_devices": (20000, int, (1, 1 << 24), "device ids the gateway tracks; input from further new ids is refused (quarantine reason too_many_devices)"),
+        "quarantine_payload_bytes": (1024, int, (0, wire.MAX_PAYLOAD), "bytes of a bad message kept in its quarantine row (the digest covers all of it)"),
+        "quarantine_max_rows": (100000, int, (1, 1 << 40), "quarantine keeps the newest this many rows; older ones are deleted (counted)"),
     },
     "metrics": {
         "port": (9108, int, (0, 65535), "Prometheus endpoint port; 0 disables it"),
@@ -234,27 +240,6 @@ class Config:
         out["windows"]["groups"] = [{"name": g.name, "devices": sorted(g.devices) if g.devices else ["*"],
                                      "channel": g.channel} for g in self.windows.groups]
         return out
-
-
-def device_ids(path):
-    """The ids in a devices file ({"version": 1, "devices": {id: {...}}}, docs/security.md).
-    Only the ids: the ack keys are read by the ack signer."""
-    import json
-    try:
-        with open(path, "rb") as f:
-            data = json.load(f)
-    except OSError as e:
-        raise ConfigError("devices.file: cannot read %s (%s)" % (path, e.strerror))
-    except ValueError as e:
-        raise ConfigError("devices.file: %s is not valid JSON (%s)" % (path, e))
-    if not isinstance(data, dict) or data.get("version") != 1 or not isinstance(data.get("devices"), dict):
-        raise ConfigError("devices.file: %s must be {\"version\": 1, \"devices\": {...}}" % path)
-    for dev in data["devices"]:
-        try:
-            wire.check_device_id(dev)
-        except wire.WireError:
-            raise ConfigError("devices.file: bad device id %r in %s" % (dev, path))
-    return frozenset(data["devices"])
 
 
 def _check(name, v, typ, check):

@@ -164,13 +164,10 @@ class Dedup:
             return 0
         if first <= hwm + 1:
             span = last - hwm
-            if span > self.window:  # the whole bitmap lies below last (no 2**span mask)
-                newly = span - bin(st[1]).count("1")
-                st[1] = 0
-            else:
-                below = st[1] & ((1 << span) - 1)
-                newly = span - bin(below).count("1")
-                st[1] >>= span
+            # never build a mask of span bits: a hostile floor of 2^32 would allocate 512 MB
+            below = st[1] if span >= st[1].bit_length() else st[1] & ((1 << span) - 1)
+            newly = span - bin(below).count("1")
+            st[1] >>= span
             st[0] = last
             _normalise(st)
         else:

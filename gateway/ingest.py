@@ -250,6 +250,9 @@ class Ingest:
                 self.client.reconnect()
                 return
             except OSError as e:
+                if isinstance(e, ssl.SSLCertVerificationError):  # e.g. the broker's certificate changed
+                    self.tls_failures += 1
+                    self.last_error = str(e)
                 logs.warning("mqtt_reconnect_failed", error=str(e))
                 delay = min(delay * 2, self.cfg.reconnect_max_s)
 

@@ -80,6 +80,7 @@ class Stats:
         self.paused_since = None  # monotonic start of the pause in progress
         self.started_mono = time.monotonic()
         self.retention_deleted = {}  # table -> rows deleted by retention
+        self.quarantine_pruned = 0  # old quarantine rows deleted to keep its bound
 
     def quarantine(self, reason):
         self.quarantined[reason] = self.quarantined.get(reason, 0) + 1
@@ -105,6 +106,8 @@ class GatewayCollector:
         for reason, n in sorted(s.quarantined.items()):
             q.add_metric([reason], n)
         yield q
+        yield counter("quarantine_pruned", "old quarantine rows deleted (limits.quarantine_max_rows)",
+                      s.quarantine_pruned)
         yield counter("unsynced", "records without an epoch time (table unsynced)", s.unsynced)
         yield counter("deferred", "records beyond the dedup window, left for the device to resend", s.deferred)
         yield counter("dropped_by_device", "seqs the devices reported dropped (gap records)", s.dropped_by_device)
@@ -122,6 +125,8 @@ class GatewayCollector:
         adm = gw.admission
         yield counter("credits_granted", "backlog replay credits granted", adm.credits_granted)
         yield counter("backlog_announced", "backlog records announced in hellos", adm.backlog_announced)
+        yield counter("replay_first_byte_timeouts", "replay slots freed: nothing sent after a grant", adm.first_byte_timeouts)
+        yield counter("reflashes", "devices seen with a new flash identity (instance id)", gw.dedup.reflashes)
         summ = SummaryMetricFamily(p + "checkpoint_seconds", "checkpoint commit duration",
                                    count_value=s.checkpoints, sum_value=s.checkpoint_seconds)
         yield summ
@@ -132,7 +137,7 @@ class GatewayCollector:
         yield GaugeMetricFamily(p + "queue_depth", "messages waiting in the ingest queue", value=gw.queue_depth())
         yield GaugeMetricFamily(p + "queue_max", "deepest queue seen at or above its bound", value=s.queue_max)
         yield GaugeMetricFamily(p + "replayers_active", "devices replaying backlog", value=len(adm.active))
-        yield GaugeMetricFamily(p + "replayers_waiting", "devices waiting for a replay slot", value=len(adm.waiting))
+        yield GaugeMetricFamily(p + "replayers_waiting", "devices waiting for a replay slot", value=adm.waiting_count())
         yield GaugeMetricFamily(p + "replay_tokens", "token bucket level", value=adm.tokens)
         yield GaugeMetricFamily(p + "replay_rate", "current replay credit rate, records/s (adaptive)",
                                 value=adm.rate * 1000.0)

@@ -31,7 +31,7 @@ from shared import wire
 
 from . import logs, metrics, ops
 from .admission import Admission
-from .config import Config, ConfigError, device_ids
+from .config import Config, ConfigError
 from .dedup import BEYOND, DUP, REFLASH, RETIRED, Dedup
 from .devices import Registry
 from .ingest import Ingest
@@ -41,8 +41,9 @@ from .watermark import Watermarks
 from .windows import LATE, WindowSet
 
 _HDR = struct.Struct(">BBBBIIqH")
-_READINGS_FMT = {}  # count -> Struct for count readings, unpacked flat
-_RANGES = {}  # count -> tuple(range(count))
+_READINGS_FMT = {}  # count -> (Struct for count readings unpacked flat, tuple(range(count)))
+_FMT_BUDGET = 16384  # sum of the cached counts: every count an attacker sends must not stay cached
+_fmt_size = [0]
 _UNSYNCED = wire.FLAG_UNSYNCED
 _CEP, _ANOMALY, _STATUS, _WINDOW, _GAP = wire.KIND_CEP, wire.KIND_ANOMALY, wire.KIND_STATUS, wire.KIND_WINDOW, wire.KIND_GAP
 
@@ -59,11 +60,23 @@ def _now_ms():
 
 
 def _readings_struct(n):
+    """(Struct, tuple(range(n))) for n readings; the cache is bounded (oldest entries leave)."""
     s = _READINGS_FMT.get(n)
     if s is None:
-        s = _READINGS_FMT[n] = struct.Struct(">" + "HiBBi" * n)
-        _RANGES[n] = tuple(range(n))
+        while _READINGS_FMT and _fmt_size[0] + n > _FMT_BUDGET:
+            _fmt_size[0] -= _READINGS_FMT.pop(next(iter(_READINGS_FMT)))[0].size // wire.READING_SIZE
+        s = _READINGS_FMT[n] = (struct.Struct(">" + "HiBBi" * n), tuple(range(n)))
+        _fmt_size[0] += n
     return s
+
+
+# Unsynced times are ms since the device booted: anything outside this cannot be one (and a
+# value beyond int64 would make the commit fail).
+MAX_UNSYNCED_MS = 1 << 40
+
+
+class StartupError(RuntimeError):
+    """The gateway cannot start (a port taken, ...): reported, the process exits non-zero."""
 
 
 class Outputs:
@@ -98,20 +111,24 @@ class Gateway:
         a = cfg.admission
         self.admission = Admission(a.replay_rate, a.replay_burst, a.max_replayers, a.credit_chunk,
                                    a.replay_timeout_s, _now_ms(), adaptive=a.adaptive, rate_min=a.replay_rate_min,
-                                   target_s=a.latency_target_s, beta=a.backoff, increase=a.increase)
+                                   target_s=a.latency_target_s, beta=a.backoff, increase=a.increase,
+                                   first_byte_s=a.first_byte_s)
         self.devices = Registry()
-        path = devices_file_of(cfg)
-        self.keys = Keys(load_devices_file(path) if path else None)  # no file: acks carry no MAC
+        # the devices file: provisioned ids and their ack keys (None: insecure, every id taken)
+        self._devices_file = devices_file_of(cfg)
+        self.keys = Keys(load_devices_file(self._devices_file) if self._devices_file else None)
+        self._registry_mtime = _mtime(self._devices_file) if self._devices_file else None
         self.out = Outputs()
         self.ingest = None
         self.metrics_server = None
         self.metrics_registry = None
         self.retain = cfg.store.retain_readings
         self.max_future = cfg.time.max_future_ms
-        # provisioned device ids (None: no registry configured, every well-formed id is taken)
-        self.provisioned = device_ids(cfg.devices.file) if cfg.devices.file else None
-        self._registry_mtime = _mtime(cfg.devices.file) if cfg.devices.file else None
         self._topic_cache = {}
+        lim = cfg.limits
+        self.max_devices = lim.max_devices
+        self.q_bytes = lim.quarantine_payload_bytes
+        self.q_rows = lim.quarantine_max_rows
         self._groups_cache = {}
         self._committed = {}  # dev -> {boot: committed contiguous mark}
         self._epoch = {}  # dev -> re-flashes seen in this run: acks computed before one are void
@@ -141,10 +158,23 @@ class Gateway:
         await self._restore()
 
     async def run(self):
-        await self.open()
-        self.metrics_server = metrics.serve(self, self.cfg.metrics.host, self.cfg.metrics.port)
-        self.ingest = Ingest(self.cfg, self.stats)
-        await self.ingest.start()
+        try:
+            await self.open()
+            try:
+                self.metrics_server = metrics.serve(self, self.cfg.metrics.host, self.cfg.metrics.port)
+            except OSError as e:
+                raise StartupError("metrics endpoint %s:%d: %s" % (self.cfg.metrics.host, self.cfg.metrics.port,
+                                                                    e.strerror or e)) from e
+            self.ingest = Ingest(self.cfg, self.stats)
+            await self.ingest.start()
+        except BaseException:
+            # a start-up failure must end the process: nothing left running (aiosqlite's thread)
+            if self.ingest is not None:
+                await self.ingest.stop(offline=False)
+            await self.store.close()
+            if self.metrics_server is not None:
+                self.metrics_server.shutdown()
+            raise
         tasks = [asyncio.create_task(self._process_loop(), name="process"),
                  asyncio.create_task(self._timer_loop(), name="timer")]
         self.web = await ops.start_web(self)  # live web view; a failure is logged, data keeps flowing
@@ -286,10 +316,15 @@ class Gateway:
             except wire.WireError as e:
                 self._quarantine(topic, None, e.reason, e.detail, payload, now)
                 return
-            if self.provisioned is not None and dev not in self.provisioned and not self._reload_registry(dev, now):
+            if not self.keys.known(dev) and not self._reload_registry(dev, now):
                 self._quarantine(topic, dev, "unprovisioned", leaf, payload, now)
                 return
-            if len(self._topic_cache) > 100000:  # bounded: fleets are smaller than this
+            if dev not in self.devices.devs and len(self.devices.devs) >= self.max_devices:
+                # no state for yet another id: refused, counted, stored (bounded), never cached
+                self._quarantine(topic, None, "too_many_devices", "%s: limit %d" % (dev, self.max_devices),
+                                 payload, now)
+                return
+            if len(self._topic_cache) > 4 * self.max_devices:  # only known devices' topics
                 self._topic_cache.clear()
             parsed = self._topic_cache[topic] = (dev, leaf, dev.encode())
         dev, leaf, devb = parsed
@@ -305,19 +340,19 @@ class Gateway:
     def _reload_registry(self, dev, now):
         """An unknown id: reread the devices file if it changed (a device added by
         edgeflow-provision while running; one stat per unknown message). True if dev is known now."""
-        path = self.cfg.devices.file
+        path = self._devices_file
         m = _mtime(path)
         if m is None or m == self._registry_mtime:
             return False
         try:
-            ids = device_ids(path)
+            devices = load_devices_file(path)
         except ConfigError as e:
             logs.error("devices_file_invalid", error=str(e))
             return False
-        self.provisioned, self._registry_mtime = ids, m
+        self.keys, self._registry_mtime = Keys(devices), m
         self._topic_cache.clear()  # a revoked id is refused from now on
-        logs.info("devices_file_reloaded", devices=len(ids))
-        return dev in ids
+        logs.info("devices_file_reloaded", devices=len(devices))
+        return dev in devices
 
     # ================================================================ data
 
@@ -328,9 +363,9 @@ class Gateway:
             _m, _v, _t, idlen, boot, base, base_t, n = _HDR.unpack_from(payload)
             off = 22 + idlen
             if n and size == off + 12 * n and payload[22:off] == devb and base + n <= 0x100000000:
-                flat = _readings_struct(n).unpack_from(payload, off)
-                offs = flat[0::5]
-                if offs == _RANGES[n]:  # seqs base..base+n-1: the common batch
+                fmt, rng = _readings_struct(n)
+                flat = fmt.unpack_from(payload, off)
+                if flat[0::5] == rng:  # seqs base..base+n-1: the common batch
                     self._readings_fast(topic, dev, boot, base, base_t, n, flat, now)
                     return
         # anything unusual: the full decoder says exactly what is wrong
@@ -377,14 +412,19 @@ class Gateway:
         if self.retain:
             out.readings.extend(zip(repeat(dev, n), repeat(boot, n), range(base, base + n),
                                     map(base_t.__add__, toffs), chans, flags, vals))
-        wm_d = self.watermarks.device_wm(dev)
-        gwm = self.watermarks.global_wm
+        wms = self.watermarks
+        wm_d = wms.device_wm(dev)
+        gwm = wms.global_wm
         dw = self.dev_windows
         start = tmin - (tmin - dw.offset) % dw.size
         last = start + dw.size - 1
         gmap = self._groups_of(dev)
-        if tmax <= last and (wm_d is None or wm_d < last) and (not gmap or gwm is None or gwm < last):
-            # one window, not due yet: aggregate the batch per channel in C loops
+        ceil = tmax - wms.delay  # the highest watermark any record of the batch can be judged against
+        if tmax <= last and (wm_d is None or wm_d < last) and (not gmap or gwm is None or gwm < last) and \
+                dw.due_after(dev, ceil) and self.group_windows.due_after(None, ceil):
+            # One window, not due yet, and no window of any key fires or purges while the watermarks
+            # move through the batch: adding it at once equals adding it record by record
+            # (per-record watermarks). Aggregate per channel in C loops.
             nc = len(set(chans))
             if nc == 1:
                 split = ((chans[0], vals),)
@@ -397,10 +437,9 @@ class Gateway:
                 dw.add_agg(dev, ch, start, *agg, wm_d)
                 for name in gmap.get(ch, ()):
                     self.group_windows.add_agg(name, ch, start, *agg, gwm)
+            self._observe(dev, tmax, wm_d, now)
         else:
-            seqs = range(base, base + n)
-            self._window_records(dev, boot, zip(seqs, map(base_t.__add__, toffs), chans, vals), wm_d, gwm, gmap, d)
-        self._observe(dev, tmax, wm_d, now)
+            self._window_seq(dev, boot, zip(range(base, base + n), map(base_t.__add__, toffs), chans, vals), d, now)
 
     def _readings(self, topic, dev, boot, recs, now):
         """Readings one at a time: (seq, t, channel, flags, value)."""
@@ -410,7 +449,6 @@ class Gateway:
         out.touched.add((dev, boot))
         mark = self.dedup.mark
         good = []
-        maxt = None
         st = self.stats
         for rec in recs:
             seq, t, ch, fl, v = rec
@@ -420,6 +458,9 @@ class Gateway:
             out.records += 1
             self._count_live(d, dev, boot, seq, seq, 1, now)
             if fl & _UNSYNCED:
+                if not 0 <= t <= MAX_UNSYNCED_MS:
+                    self._quarantine(topic, dev, "bad_unsynced_time", "reading t=%d" % t, None, now, boot, seq)
+                    continue
                 out.unsynced.append((dev, boot, seq, t, "reading", ch, fl, v))
                 d.unsynced += 1
                 st.unsynced += 1
@@ -432,18 +473,22 @@ class Gateway:
             good.append((seq, t, ch, v))
             if self.retain:
                 out.readings.append((dev, boot, seq, t, ch, fl, v))
-            if maxt is None or t > maxt:
-                maxt = t
         if good:
-            wm_d = self.watermarks.device_wm(dev)
-            self._window_records(dev, boot, good, wm_d, self.watermarks.global_wm, self._groups_of(dev), d)
-            self._observe(dev, maxt, wm_d, now)
+            self._window_seq(dev, boot, good, d, now)
 
-    def _window_records(self, dev, boot, recs, wm_d, gwm, gmap, d):
-        """Add (seq, t, channel, value) one by one (revisions and late records are per record)."""
+    def _window_seq(self, dev, boot, recs, d, now):
+        """Add (seq, t, channel, value) in order, each judged against the watermarks as they
+        stand after the records before it (Flink's per-record watermark): window results,
+        revisions and the late split do not depend on how records were batched."""
         dw, gw = self.dev_windows, self.group_windows
+        wms = self.watermarks
+        gmap = self._groups_of(dev)
         late = self.out.late
+        wm_d = wms.device_wm(dev)
+        maxt = None if wm_d is None else wm_d + wms.delay
+        seen = None
         for seq, t, ch, v in recs:
+            gwm = wms.global_wm
             if dw.add(dev, ch, t, v, wm_d) == LATE:
                 late.append((dev, boot, seq, t, ch, v, "device", dev, dw.start_of(t), wm_d, "beyond_allowed_lateness"))
                 d.late += 1
@@ -454,14 +499,22 @@ class Gateway:
                                  "beyond_allowed_lateness"))
                     d.late += 1
                     self.stats.late += 1
+            if maxt is None or t > maxt:  # the watermark moves: fire what is due before the next record
+                maxt = t
+                wm_d = self._observe(dev, t, wm_d, now)
+            seen = t
+        if seen is not None:
+            self._observe(dev, seen, wm_d, now)  # activity (idle timeout, rejoin) even without a new max
 
     def _observe(self, dev, maxt, wm_before, now):
-        """Event time maxt seen from dev: advance its watermark, fire what is due."""
+        """Event time maxt seen from dev: advance its watermark, fire what is due. Returns the
+        device watermark."""
         wm = self.watermarks.observe(dev, maxt, now)
         if wm != wm_before:
             self.dev_windows.advance(dev, wm)
         if self.watermarks.global_wm != self._group_wm:
             self._advance_groups()
+        return wm
 
     def _advance_groups(self):
         g = self.watermarks.global_wm
@@ -504,12 +557,14 @@ class Gateway:
         """Duplicates: counted, and resent backlog still shows the replayer's progress."""
         d.duplicates += n
         self.stats.duplicates += n
+        self.admission.heard(dev)
         bk = self._backlog_of(d, boot, first, last, n)
         if bk:
             self.admission.backlog_received(dev, bk, now)
 
     def _count_live(self, d, dev, boot, first, last, n, now):
         """Split n new records (seqs first..last of boot) into live and backlog (see admission.py)."""
+        self.admission.heard(dev)
         bk = self._backlog_of(d, boot, first, last, n)
         if bk:
             d.backlog_received += bk
@@ -551,6 +606,11 @@ class Gateway:
                     continue
                 if maxt is None or t > maxt:
                     maxt = t
+                    self._observe(dev, t, self.watermarks.device_wm(dev), now)  # per record, like readings
+            elif not 0 <= t <= MAX_UNSYNCED_MS:
+                self._quarantine(topic, dev, "bad_unsynced_time", "%s t=%d" % (wire.KIND_NAMES[kind], t), None, now,
+                                 boot, seq)
+                continue
             else:
                 d.unsynced += 1
                 st.unsynced += 1
@@ -566,8 +626,6 @@ class Gateway:
             elif kind == _STATUS:
                 out.device_status.append((dev, boot, seq, t, fl) + tuple(body))
                 d.status = (t,) + tuple(body)
-        if maxt is not None:
-            self._observe(dev, maxt, self.watermarks.device_wm(dev), now)
 
     def _gap(self, dev, boot, seq, t, body, d):
         """Apply a gap record; False if a range lies beyond the dedup window (resent later).
@@ -668,10 +726,12 @@ class Gateway:
             topic = bytes(topic).decode("utf-8", "replace")
         digest = None
         if payload is not None:
-            payload = bytes(payload[:wire.MAX_PAYLOAD])
             # a redelivered bad message (crash before its PUBACK) must not make a second row
             digest = hashlib.sha1(topic.encode() + b"\0" + payload).digest()[:16]
-        self.out.quarantine.append((now, topic, dev, boot, seq, reason, detail, payload, digest))
+            if len(payload) > self.q_bytes:  # the row keeps a bounded prefix
+                detail = "%s [%d bytes, first %d kept]" % (detail, len(payload), self.q_bytes)
+            payload = bytes(payload[:self.q_bytes])
+        self.out.quarantine.append((now, topic[:256], dev, boot, seq, reason, detail[:512], payload, digest))
         self.out.records += 1
         self.stats.quarantine(reason)
         if dev is not None:
@@ -703,6 +763,7 @@ class Gateway:
                 ("readings", out.readings), ("unsynced", out.unsynced), ("device_windows", out.device_windows),
                 ("cep_events", out.cep_events), ("anomalies", out.anomalies), ("device_status", out.device_status),
                 ("gaps", out.gaps), ("late", out.late), ("quarantine", out.quarantine),
+                ("quarantine_prune", [(self.q_rows,)] if out.quarantine else []),
                 ("window_revisions", results), ("window_results", results),
                 ("devices", self.devices.export()),
                 ("dedup", dd_ups), ("dedup_del", dd_dels), ("dedup_devices", list(mins.items())),
@@ -734,6 +795,7 @@ class Gateway:
         s.checkpoint_seconds += dt
         s.checkpoint_last_s = dt
         s.checkpoint_last_rows = rows
+        s.quarantine_pruned = self.store.pruned[0]
         # committed: now the broker may forget the messages and devices their records
         self.admission.committed(records, _now_ms())  # T for the adaptive replay rate
         self.ingest.puback(mids)

@@ -7,6 +7,7 @@ power loss). FULL costs one fsync per checkpoint (~0.2 ms here, a few ms on an
 SD card), negligible at a few checkpoints per second.
 """
 import os
+import sqlite3
 import time
 from itertools import chain
 
@@ -92,7 +93,18 @@ SQL = {
     "open_windows": "INSERT OR REPLACE INTO open_windows VALUES (?,?,?,?,?,?,?,?,?,?)",
     "open_windows_del": "DELETE FROM open_windows WHERE scope = ? AND key = ? AND channel = ? AND start = ?",
     "meta": "INSERT OR REPLACE INTO meta VALUES (?,?)",
+    # keep the newest N rows (ids only grow): bad input cannot fill the disk
+    "quarantine_prune": "DELETE FROM quarantine WHERE id <= (SELECT max(id) FROM quarantine) - ?",
 }
+
+
+class StoreError(RuntimeError):
+    """The database cannot be used: corrupt, unreadable, full, replaced. Fatal for the gateway."""
+
+
+def _file_id(path):
+    st = os.stat(path)
+    return st.st_dev, st.st_ino
 
 
 # Readable data (ops): channel names/units, views in real units with ISO times, and the
@@ -182,15 +194,33 @@ class Store:
         self.db = None
         self.commits = 0
         self.rows_written = 0
+        self._file_id = None  # (st_dev, st_ino) of the file opened: a replaced file is detected
+        self.pruned = [0]  # quarantine rows deleted to keep its bound
 
     async def open(self):
-        d = os.path.dirname(os.path.abspath(self.path))
-        os.makedirs(d, exist_ok=True)
-        self.db = await aiosqlite.connect(self.path, isolation_level=None)
-        await self.db.execute("PRAGMA journal_mode=WAL")
-        await self.db.execute("PRAGMA synchronous=%s" % self.synchronous)
-        await self.db.executescript(SCHEMA)
-        await self.db.execute("INSERT OR IGNORE INTO meta VALUES ('schema_version', ?)", (SCHEMA_VERSION,))
+        """Open, check (PRAGMA quick_check) and create the schema. StoreError on any problem,
+        with aiosqlite's worker thread stopped (a live non-daemon thread would hang the exit)."""
+        try:
+            d = os.path.dirname(os.path.abspath(self.path))
+            os.makedirs(d, exist_ok=True)
+            self.db = await aiosqlite.connect(self.path, isolation_level=None)
+            # no mmap of the database file: an I/O error must be an error, not SIGBUS
+            await self.db.execute("PRAGMA mmap_size=0")
+            bad = [str(r[0]) for r in await self.db.execute_fetchall("PRAGMA quick_check(3)")]
+            if bad != ["ok"]:
+                why = " / ".join(" ".join(b.split()) for b in bad)[:300]
+                raise StoreError("database %s is corrupt (PRAGMA quick_check: %s); move it aside and restore a "
+                                 "backup, or start with an empty file" % (self.path, why))
+            await self.db.execute("PRAGMA journal_mode=WAL")
+            await self.db.execute("PRAGMA synchronous=%s" % self.synchronous)
+            await self.db.executescript(SCHEMA)
+            await self.db.execute("INSERT OR IGNORE INTO meta VALUES ('schema_version', ?)", (SCHEMA_VERSION,))
+            self._file_id = _file_id(self.path)
+        except BaseException as e:
+            await self.close()
+            if isinstance(e, (sqlite3.Error, OSError)):
+                raise StoreError("cannot open database %s: %s" % (self.path, e)) from e
+            raise
 
     async def prepare(self, channels):
         """Readable schema (views, indexes) and the channel map {(device or '*', ch): (name, unit)}."""
@@ -222,9 +252,12 @@ class Store:
         return out
 
     async def close(self):
-        if self.db is not None:
-            await self.db.close()
-            self.db = None
+        db, self.db = self.db, None
+        if db is not None:
+            try:
+                await db.close()
+            except Exception:  # noqa: BLE001 - closing a broken database: the thread is stopped anyway
+                pass
 
     async def commit(self, writes):
         """writes: list of (sql key, rows). All of it in one transaction; returns rows written.
@@ -232,10 +265,14 @@ class Store:
         The whole transaction is one call into aiosqlite's worker thread: one await per
         statement would wait for the busy event loop to come round between statements."""
         run = getattr(self.db, "_execute", None)
-        if run is not None:
-            n = await run(_transaction, self.db._conn, writes)
-        else:  # an aiosqlite without _execute: one await per table, same transaction
-            n = await self._commit_stepwise(writes)
+        try:
+            if run is not None:
+                n = await run(_transaction, self.db._conn, writes, self.path, self._file_id, self.pruned)
+            else:  # an aiosqlite without _execute: one await per table, same transaction
+                n = await self._commit_stepwise(writes)
+                _check_same_file(self.path, self._file_id)
+        except sqlite3.Error as e:
+            raise StoreError("commit to %s failed: %s" % (self.path, e)) from e
         self.commits += 1
         self.rows_written += n
         return n
@@ -251,10 +288,11 @@ class Store:
                     n += len(rows)
             await db.execute("COMMIT")
         except BaseException:
-            try:
-                await db.execute("ROLLBACK")
-            except Exception:
-                pass
+            if db.in_transaction:
+                try:
+                    await db.execute("ROLLBACK")
+                except Exception:  # noqa: BLE001 - the original error is the one to report
+                    pass
             raise
         return n
 
@@ -309,19 +347,43 @@ def _insert(conn, sql, rows):
         conn.executemany(sql, rows)
 
 
-def _transaction(conn, writes):
-    """Runs in the worker thread: BEGIN, batched inserts per table, COMMIT."""
+def _check_same_file(path, file_id):
+    """A commit into a file that was deleted or replaced since open is lost at the next
+    restart: it must not be acked. Checked after COMMIT, before the caller acks."""
+    try:
+        same = _file_id(path) == file_id
+    except OSError as e:
+        raise StoreError("database file %s is gone (%s): stopping, nothing more is acked" % (path, e)) from e
+    if not same:
+        raise StoreError("database file %s was replaced under the gateway: stopping, nothing more is acked" % path)
+
+
+def _transaction(conn, writes, path=None, file_id=None, pruned=None):
+    """Runs in the worker thread: BEGIN, batched inserts per table, COMMIT. pruned[0] counts
+    quarantine rows deleted."""
+    pruned = [0] if pruned is None else pruned
     n = 0
     conn.execute("BEGIN IMMEDIATE")
     try:
         for key, rows in writes:
             if rows:
+                if key == "quarantine_prune":
+                    pruned[0] += conn.execute(SQL[key], rows[0]).rowcount
+                    continue
                 _insert(conn, SQL[key], rows)
                 n += len(rows)
         conn.execute("COMMIT")
     except BaseException:
-        conn.execute("ROLLBACK")
+        # SQLite may have rolled back already (SQLITE_FULL, I/O errors): a second ROLLBACK
+        # would raise 'no transaction is active' and hide the real error
+        if conn.in_transaction:
+            try:
+                conn.execute("ROLLBACK")
+            except sqlite3.Error:
+                pass
         raise
+    if file_id is not None:
+        _check_same_file(path, file_id)
     return n
 
 

@@ -60,6 +60,14 @@ class WindowSet:
     def start_of(self, t):
         return t - (t - self.offset) % self.size
 
+    def due_after(self, key, wm):
+        """True if advancing `key`'s watermark (every key's if key is None) to wm fires or
+        purges nothing."""
+        if key is None:
+            return all(k.due is None or k.due > wm for k in self.keys.values())
+        k = self.keys.get(key)
+        return k is None or k.due is None or k.due > wm
+
     # ------------------------------------------------------------ adding
 
     def add_agg(self, key, ch, start, n, s, sq, mn, mx, wm):

@@ -320,8 +320,10 @@ def _decode_body(kind, buf, off):
         ranges = []
         for i in range(nr):
             first, length = struct.unpack_from(">IH", buf, off)
-            if length < 1 or first + length - 1 > 0xFFFFFFFF:
-                raise WireError("bad_gap", "range (%d, %d)" % (first, length))
+            if length < 1:
+                raise WireError("bad_gap", "empty range")
+            if first + length - 1 > 0xFFFFFFFF:
+                raise WireError("bad_gap", "range beyond u32")
             ranges.append((first, length))
             off += 6
         return (gboot, tuple(ranges)), off

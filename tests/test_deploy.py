@@ -17,7 +17,7 @@ from tools import deploy, vboard
 pytestmark = pytest.mark.skipif(not vboard.available(), reason="node / npm MicroPython missing: run tools/setup.sh")
 
 CFG = ["--device-id", "node-7", "--wifi-ssid", "lab", "--wifi-password", "secret123",
-       "--broker", "10.0.0.2:1883", "--sample-ms", "500", "--set", "insecure=true"]
+       "--broker", "10.0.0.2:1883", "--set", "insecure=true", "--sample-ms", "500"]
 
 
 def mpremote(url, *args, timeout=60):
@@ -111,7 +111,8 @@ def test_changed_config_copies_only_config_and_stale_files_go(board, deployed):
     stale = os.path.join(board.dir, "lib", "firmware", "gone.py")
     p = mpremote(board.url, "exec", "f=open('/lib/firmware/gone.py','w'); f.write('x=1'); f.close()")
     assert p.returncode == 0 and os.path.exists(stale)
-    res = deploy.run(["--port", board.url] + CFG[:-1] + ["750"], out=io.StringIO())
+    changed = [("750" if a == "500" else a) for a in CFG]  # another --sample-ms
+    res = deploy.run(["--port", board.url] + changed, out=io.StringIO())
     assert res.copied == ["/config.json"]
     assert res.removed == ["/lib/firmware/gone.py"]
     assert not os.path.exists(stale)

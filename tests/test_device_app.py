@@ -21,6 +21,8 @@ pytestmark = pytest.mark.broker
 class StandInGateway:
     def __init__(self, broker, prefix="edgeflow", credits=1000, online=True, auto_ack=True):
         self.port = broker.port
+        self.broker = broker
+        self.keys = {}  # dev -> provisioned ack_key (the real gateway reads the devices file)
         self.topics = wire.Topics(prefix)
         self.credits = credits
         self.online = online
@@ -75,11 +77,18 @@ class StandInGateway:
         cr = self.credits if credits is None else credits
         flags = wire.ACK_HAS_TIME | (wire.ACK_NONE if h < 0 else 0)
         p = wire.encode_ack(dev, boot, max(h, 0), int(time.time() * 1000), cr, self.nonce.get(dev, 0),
-                            bytes.fromhex(ACK_KEY), True, flags)
+                            self._key(dev), True, flags)
         self.client.publish(self.topics.ack(dev), p, 1)
         self.acks_sent += 1
         self.backlog_between_acks.append(self._since_ack)
         self._since_ack = 0
+
+    def _key(self, dev):
+        """The device's provisioned ack key (what the real gateway reads from its devices file)."""
+        if dev not in self.keys:
+            cfg = {} if self.broker.insecure else self.broker.device_secrets(dev)["config"]
+            self.keys[dev] = bytes.fromhex(cfg.get("ack_key", ACK_KEY))
+        return self.keys[dev]
 
     def grant(self, dev, credits):
         with self.lock:
@@ -169,6 +178,7 @@ def test_app_survives_broker_restart_and_reboots_every_record_once(broker, tmp_p
     hal = SimHal(seed=3, console=False)
     cfg = cfg_for(broker, hal)
     expected = {}  # boot -> seqs the device stored durably
+    box = {}
 
     async def main():
         loop = asyncio.get_running_loop()
@@ -186,7 +196,7 @@ def test_app_survives_broker_restart_and_reboots_every_record_once(broker, tmp_p
         app.stop()
         await task
         expected[app.boot] = app.outbox.seq
-        assert app.boot == 1
+        b1 = box["b1"] = app.boot  # fresh flash: a random first boot (docs/wire.md)
         # boot 2: simulated reboot, then a power cut (no flush, last will)
         hal.reboot()
         app2 = App(cfg, hal)
@@ -195,23 +205,23 @@ def test_app_survives_broker_restart_and_reboots_every_record_once(broker, tmp_p
         await asyncio.sleep(0.5)
         app2.kill()
         await task
-        assert app2.boot == 2
-        expected[2] = app2.outbox.seq - app2.outbox.pending()  # the RAM batch is lost
+        assert app2.boot == b1 + 1
+        expected[b1 + 1] = app2.outbox.seq - app2.outbox.pending()  # the RAM batch is lost
         # boot 3: comes back and drains everything
         hal.reboot()
         app3 = App(cfg, hal)
         task = asyncio.create_task(app3.run())
         assert await until(lambda: app3.uplink is not None and app3.uplink.session)
-        assert await until(lambda: all(s.boot == 3 for s in app3.outbox.segs), 10), app3.counters()
+        assert await until(lambda: all(s.boot == b1 + 2 for s in app3.outbox.segs), 10), app3.counters()
         for sig in hal.signals.values():
             sig.missing = True  # sensor fault: no new readings, the outbox drains
         await asyncio.sleep(0.3)
         assert await until(lambda: app3.outbox.unacked() == 0, 10), app3.counters()
-        expected[3] = app3.outbox.seq
+        expected[b1 + 2] = app3.outbox.seq
         app3.stop()
         await task
         # the pipeline's last windows, closed at the graceful stop, wait on flash for the next boot
-        assert app3.outbox.unacked() == app3.outbox.seq - expected[3]
+        assert app3.outbox.unacked() == app3.outbox.seq - expected[b1 + 2]
         return app, app2, app3
 
     try:
@@ -224,7 +234,8 @@ def test_app_survives_broker_restart_and_reboots_every_record_once(broker, tmp_p
         assert got[:n] == list(range(n)), (boot, n, got[:n + 3])
         assert len(got) == len(set(got))
     # boot 1 and 3 ended gracefully: nothing beyond what they stored; everything acked
-    assert len(gw.seqs(dev, 1)) == expected[1]
+    b1 = box["b1"]
+    assert len(gw.seqs(dev, b1)) == expected[b1]
     assert hal.boots == 2
     # event time: boot-1 records sent after the beacon carry epoch ms, never a wrong stamp
     now = int(time.time() * 1000)
@@ -233,14 +244,14 @@ def test_app_survives_broker_restart_and_reboots_every_record_once(broker, tmp_p
             assert 0 <= t < 600000, (boot, seq, t)
         else:
             assert now - 120000 < t <= now + 1000, (boot, seq, t)
-    synced = [1 for (d, b, s), v in gw.records.items() if b == 1 and not v[2] & wire.FLAG_UNSYNCED]
+    synced = [1 for (d, b, s), v in gw.records.items() if b == b1 and not v[2] & wire.FLAG_UNSYNCED]
     assert synced
     kinds = {v[0] for v in gw.records.values()}
     assert {wire.KIND_READING, wire.KIND_STATUS, wire.KIND_WINDOW, wire.KIND_CEP} <= kinds, kinds
     lines = hal.lines
     assert [ln for ln in lines if ln.startswith("CEP warm ")]
-    assert "edgeflow boot device=dev-a boot=1 fw=0.1.0" in lines
-    assert "edgeflow boot device=dev-a boot=3 fw=0.1.0" in lines
+    assert "edgeflow boot device=dev-a boot=%d fw=0.1.0" % b1 in lines
+    assert "edgeflow boot device=dev-a boot=%d fw=0.1.0" % (b1 + 2) in lines
 
 
 def test_replay_is_held_while_gateway_offline_and_kept_within_credits(broker):
@@ -261,19 +272,19 @@ def test_replay_is_held_while_gateway_offline_and_kept_within_credits(broker):
         assert gw.hellos[-1]["backlog"] >= 40
         await asyncio.sleep(0.6)
         # gateway offline: live records flow, backlog is held
-        got = gw.seqs(dev, 1)
+        got = gw.seqs(dev, app.boot)
         assert got and min(got) >= backlog_end, (backlog_end, got[:5])
         # online: the hello is answered with 5 credits -> exactly 5 backlog records, oldest first
         gw.online = True
         gw.set_online(True)
-        assert await until(lambda: len([s for s in gw.seqs(dev, 1) if s < backlog_end]) >= 5)
+        assert await until(lambda: len([s for s in gw.seqs(dev, app.boot) if s < backlog_end]) >= 5)
         await asyncio.sleep(0.4)
-        old = [s for s in gw.seqs(dev, 1) if s < backlog_end]
+        old = [s for s in gw.seqs(dev, app.boot) if s < backlog_end]
         assert old == [0, 1, 2, 3, 4], old
         gw.grant(dev, 7)
-        assert await until(lambda: len([s for s in gw.seqs(dev, 1) if s < backlog_end]) >= 12)
+        assert await until(lambda: len([s for s in gw.seqs(dev, app.boot) if s < backlog_end]) >= 12)
         await asyncio.sleep(0.4)
-        assert [s for s in gw.seqs(dev, 1) if s < backlog_end] == list(range(12))
+        assert [s for s in gw.seqs(dev, app.boot) if s < backlog_end] == list(range(12))
         # normal operation: everything ends up acked
         gw.auto_ack = True
         gw.credits = 1000
@@ -292,7 +303,7 @@ def test_replay_is_held_while_gateway_offline_and_kept_within_credits(broker):
         app, n = run(main())
     finally:
         gw.stop()
-    assert gw.seqs(dev, 1) == list(range(n))
+    assert gw.seqs(dev, app.boot) == list(range(n))
     assert app.outbox.unacked() == app.outbox.seq - n  # windows closed at the stop stay stored
 
 
@@ -329,7 +340,7 @@ def test_wifi_outage_mid_session_and_ntp_time(broker):
         app, n = run(main())
     finally:
         gw.stop()
-    assert gw.seqs(dev, 1) == list(range(n))
+    assert gw.seqs(dev, app.boot) == list(range(n))
     assert app.uplink.c["wifi_outages"] >= 1
     lo = 1767225600000
     last = {}

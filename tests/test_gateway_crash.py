@@ -21,6 +21,7 @@ from shared import wire
 from tests.conftest import ROOT
 from tests.test_gateway_fakes import T0, FakeDevice, pump_all
 from tools.broker import Mosquitto
+from tools.proc import popen
 
 pytestmark = pytest.mark.broker
 
@@ -94,8 +95,7 @@ def write_config(tmp, prefix, broker, db):
 
 def start_gateway(conf, log):
     env = dict(os.environ, PYTHONPATH=ROOT)
-    return subprocess.Popen([sys.executable, "-m", "gateway.cli", "run", "--config", conf], env=env,
-                            stdout=log, stderr=log)
+    return popen([sys.executable, "-m", "gateway.cli", "run", "--config", conf], env=env, stdout=log, stderr=log)
 
 
 def run_workload(broker, tmp_path, prefix, kills):

@@ -11,7 +11,7 @@ import time
 import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion
 
-from shared import wire
+from shared import auth, wire
 
 T0 = 1767225600000  # 2026-01-01T00:00:00Z
 
@@ -52,9 +52,12 @@ class FakeDevice:
         c.will_set(self.topics.state(dev), wire.encode_state(False), qos=1, retain=True)
         c.on_connect = self._on_connect
         c.on_message = self._on_message
+        self.key = None  # the device's ack_key (auth.Hmac): signs hellos, checks acks
+        self.bad_acks = 0
         if broker is not None and not broker.insecure:
             broker.add_devices([dev])
             broker.paho(c, dev)
+            self.key = auth.Hmac(bytes.fromhex(broker.device_secrets(dev)["config"]["ack_key"]))
 
     # ------------------------------------------------------------ workload
 
@@ -98,7 +101,7 @@ class FakeDevice:
             self.allowance = 0
             self.hellos += 1
         self.client.publish(self.topics.hello(self.dev), wire.encode_hello(
-            self.dev, self.boot, nxt, 0, backlog, ob, os_, 0xFA4E, self.hellos, self.fw), qos=1)
+            self.dev, self.boot, nxt, 0, backlog, ob, os_, 0xFA4E, self.hellos, self.fw, self.key), qos=1)
 
     def _first_unacked(self):
         i = 0
@@ -115,6 +118,9 @@ class FakeDevice:
                 self._hello()
             return
         boot, seq, t, credits, replay, flags, _nonce = wire.decode_ack(msg.payload)
+        if self.key is not None and not wire.ack_mac_ok(msg.payload, self.dev.encode(), self.key):
+            self.bad_acks += 1  # as the firmware does: a forged ack is ignored
+            return
         with self.lock:
             self.acks.append((boot, seq, t, credits, replay, flags))
             if not flags & wire.ACK_NONE and seq > self.acked.get(boot, -1):

@@ -18,6 +18,7 @@ from gateway.service import Gateway
 from shared import wire
 from tests.conftest import ROOT, free_port
 from tests.test_gateway_fakes import T0, FakeDevice, pump_all, readings
+from tools.proc import popen
 
 pytestmark = pytest.mark.broker
 TOP = wire.Topics()
@@ -197,9 +198,9 @@ def test_cli_run_status_export(broker, tmp_path):
     r = subprocess.run([sys.executable, "-m", "gateway.cli", "run", "--broker", "127.0.0.1:%d" % broker.port],
                        env=env, capture_output=True, text=True, timeout=30)
     assert r.returncode == 2 and "refusing to run without mqtt.tls_ca" in r.stderr  # secure by default
-    p = subprocess.Popen([sys.executable, "-m", "gateway.cli", "run", "--config", conf,
-                          "--db", db, "--metrics-port", "0", "--log-format", "json"], env=env,
-                         stderr=subprocess.PIPE, text=True)
+    p = popen([sys.executable, "-m", "gateway.cli", "run", "--config", conf,
+               "--db", db, "--metrics-port", "0", "--log-format", "json"], env=env,
+               stderr=subprocess.PIPE, text=True)
     try:
         d = FakeDevice(broker, "c1")
         d.add_records([(wire.KIND_CEP, 0, T0, 0, ("overheat", 3, 1000, (1,)))])

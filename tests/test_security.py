@@ -156,6 +156,16 @@ def test_provision_cli_init_add_rotate_revoke_list(tmp_path, capsys):
     assert not os.path.exists(f.path("devices", "node-02.json"))
     assert provision.main(["add", d, "bad/id"]) == 2
     assert provision.main(["add", d, "edgeflow-gateway"]) == 2
+    # a new broker certificate from the same CA; a new gateway password; a read-only service user
+    old_pem, old_pw = open(f.path("broker", "server.pem")).read(), f.gateway_password()
+    assert provision.main(["renew-server", d]) == 0 and provision.main(["rotate-gateway", d]) == 0
+    assert open(f.path("broker", "server.pem")).read() != old_pem and f.gateway_password() != old_pw
+    from cryptography import x509
+    ca = x509.load_pem_x509_certificate(open(f.path("ca", "ca.pem"), "rb").read())
+    x509.load_pem_x509_certificate(open(f.path("broker", "server.pem"), "rb").read()).verify_directly_issued_by(ca)
+    assert provision.main(["add-service", d, "monitor"]) == 0
+    assert "user monitor\ntopic read edgeflow/#" in open(f.path("broker", "acl")).read()
+    assert stat.S_IMODE(os.stat(f.path("services", "monitor.password")).st_mode) == 0o600
     capsys.readouterr()
     assert provision.main(["list", d]) == 0
     out = capsys.readouterr().out
@@ -200,11 +210,13 @@ def test_anonymous_plaintext_and_wrong_password_refused(sec):
 
 
 def test_device_cannot_publish_as_another_device_nor_acks_nor_gateway_state(sec):
-    gw = Client(sec, "edgeflow-gateway")  # the gateway's credentials: sees every device topic
+    obs = Client(sec, sec.service("test-observer", "read"))  # a trusted reader of the whole tree
+    assert obs.connect() == "Success"
+    obs.sub("edgeflow/#", "other/#")
+    gw = Client(sec, "edgeflow-gateway")
     assert gw.connect() == "Success"
-    gw.sub(TOP.sub_data, TOP.sub_hello, TOP.sub_state, "edgeflow/d/+/ack", TOP.gw_state)
     gw.pub(TOP.gw_state, b"gw-online", retain=True)
-    gw.until(TOP.gw_state, b"gw-online")
+    obs.until(TOP.gw_state, b"gw-online")
     n1 = Client(sec, "n1")
     assert n1.connect() == "Success"
     forged = [(TOP.data("n2"), b"forged-data"), (TOP.hello("n2"), b"forged-hello"),
@@ -214,14 +226,18 @@ def test_device_cannot_publish_as_another_device_nor_acks_nor_gateway_state(sec)
     for t, p in forged:
         n1.pub(t, p, retain=t == TOP.gw_state)
     n1.pub(TOP.data("n1"), b"control")  # allowed, and after every forged one on this connection
-    got = gw.until(TOP.data("n1"), b"control")
+    got = obs.until(TOP.data("n1"), b"control")
     assert [m for m in got if m[1] != b"control"] == []
+    # the gateway's credentials cannot publish as a device either
+    gw.pub(TOP.data("n2"), b"gw-forged-data")
+    gw.pub(TOP.gw_state, b"gw-control")
+    assert [m for m in obs.until(TOP.gw_state, b"gw-control") if m[1] == b"gw-forged-data"] == []
     # the retained gateway state is still the gateway's
     n2 = Client(sec, "n2")
     assert n2.connect() == "Success"
     n2.sub(TOP.gw_state)
     assert n2.until(TOP.gw_state, b"gw-online")[-1][2] is True
-    for c in (gw, n1, n2):
+    for c in (gw, n1, n2, obs):
         c.close()
 
 
@@ -349,6 +365,22 @@ def test_gateway_refuses_a_wrong_ca_or_name_and_an_insecure_config(sec, tmp_path
     Ingest(Config(c), Stats())  # explicit: allowed
 
 
+def test_renewed_broker_certificate_is_trusted_without_touching_clients(tmp_path):
+    b = Mosquitto(tmp_path, devices=["c1"]).start()
+    try:
+        before = open(b.fleet.path("broker", "server.pem")).read()
+        b.fleet.renew_server()
+        b.stop()
+        b.start()
+        assert open(b.fleet.path("broker", "server.pem")).read() != before
+        assert _gw_connect(_gw_cfg(b)) == "connected"
+        c = Client(b, "c1")
+        assert c.connect() == "Success"
+        c.close()
+    finally:
+        b.stop()
+
+
 def test_gateway_password_from_env(sec, monkeypatch):
     c = sec.gateway_config()
     c["mqtt"]["password_file"] = ""
@@ -457,3 +489,75 @@ def test_secrets_never_on_a_command_line(sec, tmp_path):
         p.wait(20)
         log.close()
     assert p.returncode == 0
+
+
+def test_upgrade_from_the_open_broker_drops_forged_retained_messages(tmp_path):
+    """A site switched from the open broker: retained messages an anonymous attacker left in
+    mosquitto's persistence (a forged ack, a forged gateway state) survive the new config
+    (seen with 2.0.11: check_retain_source does not stop the retained ack), so the upgrade
+    procedure (docs/security.md) removes the persistence file; devices resend what is unacked."""
+    old = Mosquitto(tmp_path, insecure=True).start()
+    c = Client(old, tls=False)
+    assert c.connect() == "Success"
+    c.pub(TOP.ack("n1"), b"forged-retained-ack", retain=True)
+    c.pub(TOP.gw_state, b"forged-retained-state", retain=True)
+    c.close()
+    old.stop()
+
+    def first_messages(broker):
+        gw = Client(broker, "edgeflow-gateway")
+        assert gw.connect() == "Success"
+        gw.pub(TOP.gw_state, b"real-state", retain=True)
+        gw.close()
+        n1 = Client(broker, "n1")
+        assert n1.connect() == "Success"
+        n1.sub(TOP.ack("n1"))  # a retained ack would come now, before the state below
+        n1.sub(TOP.gw_state)
+        got = n1.until(TOP.gw_state, b"real-state")
+        n1.close()
+        return [m[1] for m in got if m[1].startswith(b"forged")]
+
+    new = Mosquitto(tmp_path, port=old.port, devices=["n1"]).start()  # same folder: same persistence
+    try:
+        kept = first_messages(new)
+    finally:
+        new.stop()
+    assert kept == [b"forged-retained-ack"]  # why the procedure removes the file
+    os.unlink(os.path.join(str(tmp_path), "mosquitto.db"))
+    new.start()
+    try:
+        assert first_messages(new) == []
+    finally:
+        new.stop()
+
+
+def test_the_raspberry_pi_snippet_runs_in_mosquitto(tmp_path):
+    """fleet/broker/edgeflow.conf as installed on the Pi (conf.d snippet, files in the install
+    dir) is a config mosquitto 2.0 runs: TLS only, devices log in, anonymous refused."""
+    import getpass
+    from tools.broker import free_port, mosquitto_bin
+    port = free_port()
+    f = provision.Fleet(tmp_path / "fleet")
+    f.init("127.0.0.1", names=["localhost"], port=port, bind="127.0.0.1",
+           install_dir=str(tmp_path / "fleet" / "broker"), devices=["p1"])
+    conf = tmp_path / "mosquitto.conf"  # the stock mosquitto.conf + include_dir, in one file
+    conf.write_text(("user %s\n" % getpass.getuser() if os.geteuid() == 0 else "") +
+                    open(f.path("broker", "edgeflow.conf")).read())
+    log = open(tmp_path / "mq.log", "wb")
+    p = subprocess.Popen([mosquitto_bin(), "-c", str(conf)], stdout=log, stderr=subprocess.STDOUT)
+    try:
+        b = Mosquitto(tmp_path / "clients", port=port, fleet=f.root)  # client settings only: never started
+        deadline = time.monotonic() + 10
+        while True:
+            c = Client(b, "p1")
+            r = c.connect()
+            if r == "Success" or time.monotonic() > deadline:
+                break
+            time.sleep(0.1)
+        assert r == "Success", open(tmp_path / "mq.log").read()
+        c.close()
+        assert Client(b).connect() == "Not authorized"
+    finally:
+        p.terminate()
+        p.wait(10)
+        log.close()

@@ -35,7 +35,9 @@ T0 = 1767225600000
 
 
 def start_broker(tmp):
-    b = Mosquitto(tmp, persistence=False).start()
+    # plaintext and anonymous on purpose: this measures the gateway's data path (a raw-socket
+    # publisher); the cost of TLS + credentials is measured by tools/bench_storm.py (--insecure vs not)
+    b = Mosquitto(tmp, persistence=False, insecure=True).start()
     return b, b.port
 
 
@@ -111,7 +113,7 @@ def gateway_cfg(port, db, sync):
     return {"mqtt": {"port": port, "client_id": "bench-gw", "queue_size": 1000,
                      "buffered_reads": os.environ.get("BENCH_BUFFERED", "1") == "1"},
             "store": {"path": db, "synchronous": sync, "retain_readings": os.environ.get("BENCH_RETAIN", "1") == "1"},
-            "metrics": {"port": 0},
+            "metrics": {"port": 0}, "security": {"insecure": True},
             "checkpoint": {"interval_ms": 100, "max_messages": 400, "max_records": 50000},
             "windows": {"size_ms": 10000, "groups": [{"name": "all0", "devices": ["*"], "channel": 0}]}}
 

@@ -182,9 +182,11 @@ class Replayer(asyncio.Protocol):
             try:
                 self.lost.clear()
                 self.connected.clear()
-                await asyncio.wait_for(loop.create_connection(lambda: self, "127.0.0.1", b.port), 10)
+                await asyncio.wait_for(loop.create_connection(
+                    lambda: self, "127.0.0.1", b.port, ssl=b.ssl, server_hostname="localhost" if b.ssl else None), 10)
                 self.tr.write(M.connect_packet(self.dev, KEEPALIVE, True, (self.t.state(self.dev),
-                                                                      wire.encode_state(False), 1, True)))
+                                                                      wire.encode_state(False), 1, True),
+                                               self.dev if b.ssl else None, b.passwords.get(self.dev)))
                 await asyncio.wait_for(self.connected.wait(), 15)
             except (OSError, asyncio.TimeoutError):
                 b.st.connect_failures += 1
@@ -248,11 +250,18 @@ class Replayer(asyncio.Protocol):
 
 
 class Bench:
-    def __init__(self, port, devices, backlog, per_msg, jitter, resend_s, prefix="edgeflow"):
+    def __init__(self, port, devices, backlog, per_msg, jitter, resend_s, prefix="edgeflow", broker=None):
         self.port, self.devices, self.backlog, self.per_msg = port, devices, backlog, per_msg
         self.jitter, self.resend_s, self.prefix = jitter, resend_s, prefix
         self.st = Stats()
         self.stall_s = 90.0
+        # secure broker: every replayer has its own provisioned credentials and speaks TLS
+        self.ssl, self.passwords = None, {}
+        if broker is not None and not broker.insecure:
+            ids = ["s%05d" % i for i in range(devices)]
+            broker.add_devices(ids)
+            self.passwords = {d: broker.credentials(d)[1] for d in ids}
+            self.ssl = broker.tls_context()
 
     async def run(self, site, timeout, progress_s=5.0):
         reps = [Replayer(self, "s%05d" % i, i) for i in range(self.devices)]
@@ -336,6 +345,7 @@ def main(argv=None):
     ap.add_argument("--timeout", type=float, default=600)
     ap.add_argument("--stall-s", type=float, default=90, help="stop when nothing moved for this long")
     ap.add_argument("--dir", default=None, help="work dir (default: a temp dir, removed)")
+    ap.add_argument("--insecure", action="store_true", help="plaintext anonymous broker (to compare with TLS)")
     a = ap.parse_args(argv)
     need = a.devices + 200
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
@@ -354,16 +364,17 @@ def main(argv=None):
              "dedup": {"max_boots": 4}}
     if adm:
         extra["admission"] = adm
-    site = Site(d, window_ms=60000, lateness_ms=60000, ooo_ms=5000, idle_ms=60000, groups=False, gw_extra=extra)
+    site = Site(d, window_ms=60000, lateness_ms=60000, ooo_ms=5000, idle_ms=60000, groups=False, gw_extra=extra,
+                insecure=a.insecure)
     print("bench_storm: %d devices x %d backlog readings = %d readings, %d per message" % (
         a.devices, a.backlog, a.devices * a.backlog, a.per_msg))
     print("machine: %s" % machine())
     rc = 1
     try:
         site.start_broker()
+        bench = Bench(site.port, a.devices, a.backlog, a.per_msg, a.jitter_s, a.resend_s, broker=site.mq)
         site.start_gateway()
         time.sleep(1.5)
-        bench = Bench(site.port, a.devices, a.backlog, a.per_msg, a.jitter_s, a.resend_s)
         bench.stall_s = a.stall_s
         cpu0 = time.process_time()
         t0, committed = asyncio.run(bench.run(site, a.timeout))

@@ -29,6 +29,7 @@ import time
 
 from tools.brokerconf import render
 from tools.provision import Fleet, security_paths
+from tools.proc import popen
 
 
 def mosquitto_bin():
@@ -58,9 +59,10 @@ class Mosquitto:
         if not insecure:
             self.fleet = Fleet(fleet or os.path.join(self.dir, "fleet"))
             if os.path.exists(self.fleet.state_path):
-                for d in devices:
-                    if d not in self.fleet.devices():
-                        self.fleet.add(d)
+                known = set(self.fleet.devices())
+                new = [d for d in devices if d not in known]
+                if new:
+                    self.fleet.add_many(new)
             else:
                 self.fleet.init("127.0.0.1", names=["localhost"], port=self.port, prefix=prefix, devices=devices)
 
@@ -76,8 +78,9 @@ class Mosquitto:
             f.write(render(self.port, self.dir, bind="127.0.0.1", persistence=self.persistence, user=user,
                            security=None if self.insecure else security_paths(self.fleet.path("broker"))))
         with open(self.log_path, "ab") as log:
-            self.proc = subprocess.Popen([exe, "-c", conf], stdout=log, stderr=subprocess.STDOUT,
-                                         start_new_session=self.new_session)
+            # dies with its parent: a test killed by a timeout leaves no broker behind
+            self.proc = popen([exe, "-c", conf], stdout=log, stderr=subprocess.STDOUT,
+                              start_new_session=self.new_session)
         deadline = time.time() + timeout
         while time.time() < deadline:
             try:
@@ -189,9 +192,8 @@ class Mosquitto:
         """Provision the devices not provisioned yet; one broker reload for all of them."""
         known = set(self.fleet.devices())
         new = [d for d in devs if d not in known]
-        for d in new:
-            self.fleet.add(d)
         if new:
+            self.fleet.add_many(new)
             self._reload(new[-1], timeout)
 
     def _reload(self, user, timeout=10.0):

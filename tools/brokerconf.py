@@ -58,4 +58,7 @@ def render(port=1883, data_dir="/var/lib/mosquitto", bind="127.0.0.1", persisten
 
 if __name__ == "__main__":
     import sys
+    sys.stderr.write("brokerconf: this is the open (anonymous, plaintext) listener; a fleet's config with TLS, "
+                     "passwords and ACLs comes from edgeflow-provision (docs/security.md)\n")
+    print("# INSECURE: anonymous plaintext (edgeflow-provision writes the secure config)")
     print(render(*(sys.argv[1:2] or [1883])), end="")

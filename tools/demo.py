@@ -164,7 +164,8 @@ def main(argv=None):
     rc = 1
     try:
         site.start_broker()
-        print("broker: mosquitto %s on 127.0.0.1:%d" % (mosquitto_bin(), site.port))
+        print("broker: mosquitto %s on 127.0.0.1:%d (TLS, a password per device, ACLs: %s)" % (
+            mosquitto_bin(), site.port, site.mq.fleet.root if site.mq.fleet else "insecure"))
         site.start_gateway()
         print("gateway: python -m gateway.cli run -c %s (log %s/gateway.log)" % (site.gw_conf, d))
         print("web view: http://127.0.0.1:%d/  (fleet, plots, alerts; live)" % web_port)

@@ -25,6 +25,14 @@ no firmware logic is reimplemented here. What this module adds:
     dup@AT+DUR[:P]        a proxy republishes a fraction P of data messages, delayed and reordered
     brokerrestart@AT+DUR  broker down for DUR s (needs --spawn or a Site)
     gwkill@AT+DUR         gateway kill -9, restarted after DUR s (needs --spawn or a Site)
+    reflash@AT[:SEL]      re-flash: the device drains (sensors quiet), loses power, its flash is
+                          erased (new instance id, new boot counter) and it starts again
+    forgeack@AT+DUR       an attacker publishes forged acks (wrong MAC) and replays recorded genuine
+                          acks to every device that said hello (tools/fleet.py AckForger)
+    gwflap@AT+DUR[:N]     N gateway kill -9s within DUR s, each restarted 0-0.5 s later, some
+                          killed again during start-up / restore (needs --spawn or a Site)
+    gwstate@AT+DUR[:N]    the retained gateway state flipped offline/online N times within DUR s
+                          (published by another client, like a flapping or forged gateway state)
   Clock faults are per device at boot: --skew-devices N --skew-ms MS (NTP answers with an error),
   --unsynced-devices N (no NTP and no gateway beacon: records stay FLAG_UNSYNCED).
 - Site: a mosquitto (tools/brokerconf.py) and the gateway (`python -m gateway.cli run`) as
@@ -53,6 +61,7 @@ if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
 from tools.broker import Mosquitto  # noqa: E402
+from tools.proc import exit_on_sigterm, popen  # noqa: E402
 from shared import wire  # noqa: E402
 from firmware.app import App  # noqa: E402
 from firmware.hal_sim import SimHal, MemFS, FailingFS, PowerCut  # noqa: E402
@@ -237,11 +246,8 @@ class Device:
         self.idx = idx
         self.id = dev_id
         self.cfg = cfg
-        self.mem = MemFS()
-        for path, text in (files or {}).items():  # what the deploy puts next to config.json (the CA)
-            f = self.mem.open(path.lstrip("/"), "wb")
-            f.write(text.encode())
-            f.close()
+        self.files = files or {}
+        self.mem = self._flash()
         self.tfs = TruthFS(self.mem, self._stored, cfg.get("outbox", {}).get("dir", "ob"))
         self.ffs = FailingFS(self.tfs)
         self.hal = SimHal(seed=seed, ntp_ok=ntp_ok, fs=self.ffs, console=False)
@@ -253,9 +259,22 @@ class Device:
         self.power_cuts = 0
         self.drained = False
         self.torn_tails = 0  # torn outbox frames the next boot's scan found (and skipped)
+        self.reflashes = 0
+        self.since_reflash = []  # (boot, seq, value) of readings stored since the last re-flash
+
+    def _flash(self):
+        """A freshly deployed flash: what the deploy puts next to config.json (the CA)."""
+        mem = MemFS()
+        for path, text in self.files.items():
+            f = mem.open(path.lstrip("/"), "wb")
+            f.write(text.encode())
+            f.close()
+        return mem
 
     def _stored(self, rec):
         self.fleet.truth.record(self.id, rec)
+        if self.reflashes and rec[3] == wire.KIND_READING and len(self.since_reflash) < 100000:
+            self.since_reflash.append((rec[0], rec[1], rec[5][1]))  # boot, seq, value
 
     def _hook_clock(self, app):
         ck = app.clock
@@ -304,6 +323,34 @@ class Device:
         try:
             await self._end(kill)
             self.hal.reboot()
+            self.start()
+        finally:
+            self.busy = False
+
+    async def reflash(self, max_wait=15.0):
+        """Erase the flash and start again with the same device id (and the same config and
+        keys), as `edgeflow-deploy --erase` would. First the sensors go quiet until every
+        record is acked, so the erase destroys nothing owed."""
+        if self.busy:
+            return
+        self.busy = True
+        try:
+            sigs = list(self.hal.signals.values())
+            for sg in sigs:
+                sg.missing = True
+            t0 = time.monotonic()
+            while time.monotonic() - t0 < max_wait and self.app.outbox.unacked():
+                await asyncio.sleep(0.05)
+            await self._end(True)
+            self.mem = self._flash()  # erased, then deployed again (config, CA)
+            self.tfs = TruthFS(self.mem, self._stored, self.cfg.get("outbox", {}).get("dir", "ob"))
+            self.ffs = FailingFS(self.tfs)
+            self.hal.fs = self.ffs
+            self.hal.reboot()
+            for sg in sigs:
+                sg.missing = False
+            self.reflashes += 1
+            self.since_reflash = []
             self.start()
         finally:
             self.busy = False
@@ -410,10 +457,85 @@ def provision_devices(broker, ids):
         broker.add_devices(ids)
     else:
         known = set(broker.devices())
-        for d in ids:
-            if d not in known:
-                broker.add(d)
+        new = [d for d in ids if d not in known]
+        if new:
+            broker.add_many(new)
     return {d: broker.device_secrets(d) for d in ids}
+
+
+class AckForger:
+    """An attacker on the broker (issue 12): learns each device's boot, next seq and nonce from
+    its hellos, records its genuine acks, and every `period` s publishes to its ack topic
+    (1) a forged ack of everything up to next_seq + 1000 with the current nonce and a wrong MAC
+    (also retained once), and (2) the genuine acks it recorded, replayed. Devices must count and
+    ignore (1), and (2) once their nonce moved on; nothing may be deleted."""
+
+    def __init__(self, port, prefix="edgeflow", period=0.5, seed=1, broker=None):
+        import paho.mqtt.client as paho
+        self.topics = wire.Topics(prefix)
+        self.period = period
+        self.rng = random.Random(seed)
+        self.hello = {}  # dev -> (boot, next_seq, nonce)
+        self.acks = {}  # dev -> genuine acks seen (bounded)
+        self.lock = threading.Lock()
+        self.forged = self.replayed = 0
+        self.retained = set()
+        c = paho.Client(paho.CallbackAPIVersion.VERSION2, client_id="fleet-forger-%d" % os.getpid())
+        c.on_connect = lambda c, u, f, rc, pr=None: c.subscribe(
+            [(self.topics.sub_hello, 1), (self.topics.prefix + "/d/+/ack", 1)])
+        c.on_message = self._on_message
+        if broker is not None and not broker.insecure:
+            # the ACL lets only the gateway publish acks: the attacker holds a trusted
+            # credential (a compromised broker or service account), yet has no ack key
+            broker.paho(c, broker.service("edgeflow-test-forger"))
+        self.client = c
+        c.connect_async("127.0.0.1", port, 30)
+        c.loop_start()
+        self._stop = threading.Event()
+        self._th = threading.Thread(target=self._pump, daemon=True)
+        self._th.start()
+
+    def _on_message(self, c, u, msg):
+        try:
+            dev, leaf = self.topics.parse(msg.topic)
+        except wire.WireError:
+            return
+        with self.lock:
+            if leaf == "hello":
+                try:
+                    h = wire.decode_hello(msg.payload)
+                except wire.WireError:
+                    return
+                self.hello[dev] = (h["boot"], h["next_seq"], h["nonce"])
+            elif leaf == "ack" and not msg.retain:
+                a = self.acks.setdefault(dev, [])
+                if len(a) < 200:
+                    a.append(bytes(msg.payload))
+
+    def _pump(self):
+        while not self._stop.wait(self.period):
+            with self.lock:
+                targets = list(self.hello.items())
+                old = dict((d, list(a)) for d, a in self.acks.items())
+            for dev, (boot, nxt, nonce) in targets:
+                p = bytearray(wire.encode_ack(dev, boot, nxt + 1000, int(time.time() * 1000), 10 ** 6, nonce,
+                                              os.urandom(32)))
+                retain = dev not in self.retained
+                self.retained.add(dev)
+                self.client.publish(self.topics.ack(dev), bytes(p), 1, retain)
+                self.forged += 1
+                for a in old.get(dev, [])[:-3]:  # all but the newest: their nonce is old by now
+                    self.client.publish(self.topics.ack(dev), a, 1)
+                    self.replayed += 1
+
+    def stop(self):
+        self._stop.set()
+        self._th.join(2)
+        for dev in self.retained:  # clear the retained forgeries
+            self.client.publish(self.topics.ack(dev), b"", 1, True)
+        time.sleep(0.2)
+        self.client.loop_stop()
+        self.client.disconnect()
 
 
 class Fleet:
@@ -634,14 +756,15 @@ class Site:
     is stopped by close() (also on errors: use it in try/finally)."""
 
     def __init__(self, workdir, port=None, window_ms=10000, lateness_ms=20000, ooo_ms=2000, idle_ms=15000,
-                 groups=True, gw_extra=None, broker=None):
+                 groups=True, gw_extra=None, broker=None, insecure=False):
         """broker: an object with .port, .start(), .stop() (e.g. tests/conftest.py's Broker)
         to use instead of a mosquitto of our own."""
         self.dir = os.path.abspath(workdir)
         os.makedirs(self.dir, exist_ok=True)
         # tools.broker.Mosquitto (tests pass theirs); its own process group so that a
         # terminal's Ctrl-C reaches only the demo, which then stops it in order
-        self.mq = broker if broker is not None else Mosquitto(os.path.join(self.dir, "broker"), port, new_session=True)
+        self.mq = broker if broker is not None else Mosquitto(os.path.join(self.dir, "broker"), port, new_session=True,
+                                                              insecure=insecure)
         self.port = self.mq.port
         self.db = os.path.join(self.dir, "edgeflow.db")
         self.gw_conf = os.path.join(self.dir, "gateway.toml")
@@ -680,8 +803,9 @@ class Site:
     # ---- gateway
     def start_gateway(self):
         log = open(os.path.join(self.dir, "gateway.log"), "ab")
-        self.gateway = subprocess.Popen([PY, "-m", "gateway.cli", "run", "-c", self.gw_conf], cwd=ROOT,
-                                        stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        self._started_mark = self._started_lines()
+        self.gateway = popen([PY, "-m", "gateway.cli", "run", "-c", self.gw_conf], cwd=ROOT,
+                             stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
         log.close()
         self.gw_starts += 1
         return self
@@ -694,6 +818,22 @@ class Site:
             self.gateway.wait()
         self.gateway = None
         self.gw_kills += 1
+
+    def wait_started(self, timeout=10.0):
+        """Wait until the running gateway logged gateway_started (connected, state restored)."""
+        t0 = time.monotonic()
+        while time.monotonic() - t0 < timeout and self.gateway_alive():
+            if self._started_lines() > self._started_mark:
+                return True
+            time.sleep(0.05)
+        return False
+
+    def _started_lines(self):
+        try:
+            with open(os.path.join(self.dir, "gateway.log"), "rb") as f:
+                return f.read().count(b"gateway_started")
+        except OSError:
+            return 0
 
     def stop_gateway(self, timeout=30):
         self._note_peak()
@@ -741,7 +881,8 @@ class Event:
                               ":%s" % self.arg if self.arg is not None else "")
 
 
-KINDS = ("outage", "storm", "reboot", "powercut", "tornwrite", "dup", "brokerrestart", "gwkill")
+KINDS = ("outage", "storm", "reboot", "powercut", "tornwrite", "reflash", "dup", "brokerrestart", "gwkill", "gwflap",
+         "gwstate", "forgeack")
 
 
 def parse_faults(spec):
@@ -787,6 +928,10 @@ async def run_event(ev, fleet, site=None, log=None):
         await fleet.reboot(fleet.select(ev.arg or "0"), kill=True)
     elif ev.kind == "tornwrite":
         await fleet.torn_write(fleet.select(ev.arg or "0"))
+    elif ev.kind == "reflash":
+        devs = fleet.select(ev.arg or "0")
+        fleet.truth.event("reflash", [d.id for d in devs])
+        await asyncio.gather(*[d.reflash() for d in devs])
     elif ev.kind == "dup":
         fleet.start_dup(float(ev.arg or 0.2))
         await asyncio.sleep(ev.dur)
@@ -801,6 +946,58 @@ async def run_event(ev, fleet, site=None, log=None):
         site.kill_gateway()
         await asyncio.sleep(ev.dur)
         site.start_gateway()
+    elif ev.kind == "gwflap":
+        if site is None:
+            raise RuntimeError("gwflap needs a Site (--spawn)")
+        n = int(ev.arg or 10)
+        rng = fleet.rng
+        t_end = time.monotonic() + ev.dur
+        for i in range(n):
+            site.kill_gateway()
+            await asyncio.sleep(rng.uniform(0.0, 0.5))  # quick restarts: 0-0.5 s
+            site.start_gateway()
+            # every third kill hits the next start-up (imports, restore, connect); the others
+            # come 0.1-1 s after it runs (connected, online state published)
+            if i % 3 == 0:
+                await asyncio.sleep(rng.uniform(0.05, 0.6))
+            else:
+                await loop.run_in_executor(None, site.wait_started, max(2.0, t_end - time.monotonic()))
+                await asyncio.sleep(rng.uniform(0.1, 1.0))
+    elif ev.kind == "forgeack":
+        seed = fleet.rng.randrange(1 << 30)
+        f = await loop.run_in_executor(None, lambda: AckForger(fleet.port, "edgeflow", seed=seed, broker=fleet.broker))
+        try:
+            await asyncio.sleep(ev.dur)
+        finally:
+            await loop.run_in_executor(None, f.stop)
+        fleet.forger_counts = (f.forged, f.replayed)
+        fleet.truth.event("forgeack", "%d forged, %d replayed" % (f.forged, f.replayed))
+    elif ev.kind == "gwstate":
+        n = int(ev.arg or 10)
+        await loop.run_in_executor(None, flip_gateway_state, fleet.port, "edgeflow", n, ev.dur, fleet.broker)
+
+
+def flip_gateway_state(port, prefix, n, dur, broker=None):
+    """Publish the retained gateway state offline then online, n times within dur seconds
+    (ends online: the real gateway is up). With a secure broker as a trusted service user
+    (only the gateway may publish the state): a flapping gateway connection, or a forgery."""
+    import paho.mqtt.client as paho
+    topics = wire.Topics(prefix)
+    c = paho.Client(paho.CallbackAPIVersion.VERSION2, client_id="gwstate-flipper-%d" % os.getpid())
+    host = "127.0.0.1"
+    if broker is not None and not broker.insecure:
+        host, port = broker.paho(c, broker.service("edgeflow-test-flipper"))
+    c.connect(host, port, 10)
+    c.loop_start()
+    try:
+        step = dur / max(1, 2 * n)
+        for _ in range(n):
+            for on in (False, True):
+                c.publish(topics.gw_state, wire.encode_state(on, True), 1, True).wait_for_publish(5)
+                time.sleep(step)
+    finally:
+        c.loop_stop()
+        c.disconnect()
 
 
 async def run_scenario(fleet, events, site=None, log=None):
@@ -863,6 +1060,7 @@ def main(argv=None):
     site = None
     rc = 0
     t_cpu0 = time.process_time()
+    exit_on_sigterm()  # SIGTERM: the finally below stops the gateway and mosquitto we started
     try:
         if args.spawn:
             site = Site(d, window_ms=args.window_ms)

@@ -60,7 +60,7 @@ class ProvisionError(Exception):
 # ---------------------------------------------------------------- files
 
 
-def write_secret(path, data):
+def write_secret(path, data, sync=True):
     """Write a file readable by its owner only (0600), atomically (tmp + rename)."""
     if isinstance(data, str):
         data = data.encode()
@@ -73,7 +73,8 @@ def write_secret(path, data):
     with os.fdopen(fd, "wb") as f:
         f.write(data)
         f.flush()
-        os.fsync(f.fileno())
+        if sync:
+            os.fsync(f.fileno())
     os.replace(tmp, path)
 
 
@@ -211,7 +212,7 @@ def make_server_cert(ca_key, ca_cert, names, ips):
 
 
 def render_acl(prefix, gateway_user, services=None):
-    """mosquitto ACL: the gateway reads/writes the fleet's tree; every other user reaches only
+    """mosquitto ACL: the gateway reads the devices' topics and writes acks and its state; every other user reaches only
     the topics named after its own user name (%u; with use_username_as_clientid the client id
     is the user name too, so nobody can take the gateway's client id or another device's).
     services: {user: "read" | "readwrite"} on the whole prefix (monitoring, test relays)."""
@@ -219,12 +220,13 @@ def render_acl(prefix, gateway_user, services=None):
     svc = "".join("user %s\ntopic %s %s/#\n\n" % (u, services[u], p) for u in sorted(services or {}))
     return svc + (
         "# edgeflow ACL (tools/provision.py). Devices: only their own topics (%%u = user name).\n"
+        "# the gateway reads what devices send and writes only acks and its own state\n"
         "user %(gw)s\n"
-        "topic readwrite %(p)s/d/+/data\n"
-        "topic readwrite %(p)s/d/+/hello\n"
-        "topic readwrite %(p)s/d/+/state\n"
-        "topic readwrite %(p)s/d/+/ack\n"
-        "topic readwrite %(p)s/gw/state\n"
+        "topic read %(p)s/d/+/data\n"
+        "topic read %(p)s/d/+/hello\n"
+        "topic read %(p)s/d/+/state\n"
+        "topic write %(p)s/d/+/ack\n"
+        "topic write %(p)s/gw/state\n"
         "\n"
         "# every user (patterns apply to all):\n"
         "pattern write %(p)s/d/%%u/data\n"
@@ -301,9 +303,9 @@ class Fleet:
         self._gateway_password(st)
         write_secret(self.path("gateway", "devices.json"), json.dumps({"version": 1, "devices": {}}) + "\n")
         self._render(st)
-        for d in devices:
-            self.add(d)
-        return st
+        if devices:
+            self.add_many(list(devices))
+        return self.load()
 
     def _ca(self):
         from cryptography import x509
@@ -349,54 +351,66 @@ class Fleet:
     def _save_registry(self, reg):
         write_secret(self.path("gateway", "devices.json"), json.dumps(reg, indent=1, sort_keys=True) + "\n")
 
-    def _issue(self, st, dev):
-        """New MQTT password + ack key for dev: passwd, registry and the device's secrets file."""
-        pw, key = new_password(), new_ack_key()
+    def _issue(self, st, devs, stamp):
+        """New MQTT password + ack key for each of devs: the password file and the registry are
+        rewritten once, each device gets its secrets file. Returns the files' paths."""
         users = read_passwd(self.path("broker", "passwd"))
-        users[dev] = mosquitto_hash(pw)
-        write_passwd(self.path("broker", "passwd"), users)
         reg = self._registry()
-        entry = dict(reg["devices"].get(dev) or {})
-        entry["ack_key"] = key
-        reg["devices"][dev] = entry
+        ca = _read(self.path("ca", "ca.pem")).decode()
+        paths = []
+        for dev in devs:
+            pw, key = new_password(), new_ack_key()
+            users[dev] = mosquitto_hash(pw)
+            entry = dict(reg["devices"].get(dev) or {})
+            entry["ack_key"] = key
+            reg["devices"][dev] = entry
+            secret = {
+                "config": {
+                    "device_id": dev,
+                    "prefix": st["prefix"],
+                    "ack_key": key,
+                    "broker": {"host": st["broker_host"], "port": st["port"], "user": dev, "password": pw,
+                               "client_id": dev,
+                               "tls": {"ca": "/ca.pem", "server_hostname": st["server_hostname"]}},
+                },
+                "files": {"/ca.pem": ca},
+            }
+            path = self.path("devices", dev + ".json")
+            write_secret(path, json.dumps(secret, indent=1, sort_keys=True) + "\n", sync=len(devs) == 1)
+            paths.append(path)
+            st["devices"].setdefault(dev, {}).update(stamp)
+        if len(devs) > 1:
+            os.sync()  # one flush for the batch instead of one fsync per file
+        # the broker learns the devices before the gateway does (the gateway refuses unknown ids)
+        write_passwd(self.path("broker", "passwd"), users)
         self._save_registry(reg)
-        secret = {
-            "config": {
-                "device_id": dev,
-                "prefix": st["prefix"],
-                "ack_key": key,
-                "broker": {"host": st["broker_host"], "port": st["port"], "user": dev, "password": pw,
-                           "client_id": dev,
-                           "tls": {"ca": "/ca.pem", "server_hostname": st["server_hostname"]}},
-            },
-            "files": {"/ca.pem": _read(self.path("ca", "ca.pem")).decode()},
-        }
-        path = self.path("devices", dev + ".json")
-        write_secret(path, json.dumps(secret, indent=1, sort_keys=True) + "\n")
-        return path
+        self.save(st)
+        return paths
 
     def add(self, dev):
+        return self.add_many([dev])[0]
+
+    def add_many(self, devs):
         st = self.load()
-        try:
-            wire.check_device_id(dev)
-        except wire.WireError:
-            raise ProvisionError("bad device id %r: 1..32 of A-Z a-z 0-9 _ -" % (dev,))
-        if dev == st["gateway_user"]:
-            raise ProvisionError("%r is the gateway's user name" % dev)
-        if dev in st["devices"] and not st["devices"][dev].get("revoked"):
-            raise ProvisionError("%s is already provisioned: use rotate for new secrets" % dev)
-        path = self._issue(st, dev)
-        st["devices"][dev] = {"added": _now()}
-        self.save(st)
-        return path
+        for dev in devs:
+            try:
+                wire.check_device_id(dev)
+            except wire.WireError:
+                raise ProvisionError("bad device id %r: 1..32 of A-Z a-z 0-9 _ -" % (dev,))
+            if dev == st["gateway_user"] or dev in st.get("services", {}):
+                raise ProvisionError("%r is the gateway's or a service's user name" % dev)
+            if dev in st["devices"] and not st["devices"][dev].get("revoked"):
+                raise ProvisionError("%s is already provisioned: use rotate for new secrets" % dev)
+        if len(set(devs)) != len(devs):
+            raise ProvisionError("a device id is given twice")
+        for dev in devs:
+            st["devices"][dev] = {}  # re-adding a revoked device starts a fresh record
+        return self._issue(st, devs, {"added": _now()})
 
     def rotate(self, dev):
         st = self.load()
         self._active(st, dev)
-        path = self._issue(st, dev)
-        st["devices"][dev]["rotated"] = _now()
-        self.save(st)
-        return path
+        return self._issue(st, [dev], {"rotated": _now()})[0]
 
     def revoke(self, dev):
         st = self.load()
@@ -522,8 +536,8 @@ def run(argv=None, out=None):
             print("  deploy %s: edgeflow-deploy --port PORT --secrets %s" % (d, f.path("devices", d + ".json")), file=out)
         return 0
     if a.cmd in ("add", "rotate"):
-        for d in a.devices:
-            path = getattr(f, a.cmd)(d)
+        paths = f.add_many(a.devices) if a.cmd == "add" else [f.rotate(d) for d in a.devices]
+        for d, path in zip(a.devices, paths):
             print("provision: %s %s: edgeflow-deploy --port PORT --secrets %s" % (a.cmd, d, path), file=out)
         print("then " + RELOAD % {"f": f.root}, file=out)
         return 0

@@ -218,7 +218,7 @@ def test_power_cut_at_every_byte_offset():
             pass
         # restart on the surviving flash
         boot2 = Identity(mem).boot
-        assert boot2 in (1, 2)
+        assert boot2 != 1  # never the boot of the stored records (a fresh counter starts at random)
         ob = _ob(mem, boot2)
         recs = _drain(ob)
         got = {}
