@@ -82,7 +82,9 @@ class Outputs:
 class Gateway:
     """Python API: Gateway(config).run() until stop(); config is a Config, a dict of sections or None."""
 
-    def __init__(self, config=None):
+    def __init__(self, config=None, ingest_factory=None):
+        """ingest_factory(config, stats) -> an ingest (default: ingest.Ingest on MQTT; the
+        JetStream partition ingest of gateway/ingest_jetstream.py has the same interface)."""
         if config is None or isinstance(config, dict):
             config = Config(config)
         self.cfg = cfg = config
@@ -104,6 +106,7 @@ class Gateway:
         self.keys = Keys(load_devices_file(path) if path else None)  # no file: acks carry no MAC
         self.out = Outputs()
         self.ingest = None
+        self._ingest_factory = ingest_factory or Ingest
         self.metrics_server = None
         self.metrics_registry = None
         self.retain = cfg.store.retain_readings
@@ -138,7 +141,7 @@ class Gateway:
     async def run(self):
         await self.open()
         self.metrics_server = metrics.serve(self, self.cfg.metrics.host, self.cfg.metrics.port)
-        self.ingest = Ingest(self.cfg, self.stats)
+        self.ingest = self._ingest_factory(self.cfg, self.stats)
         await self.ingest.start()
         tasks = [asyncio.create_task(self._process_loop(), name="process"),
                  asyncio.create_task(self._timer_loop(), name="timer")]
