@@ -125,7 +125,7 @@ class MqttOut:
 class Link:
     """One gateway process's connections: NATS (JetStream) and the MQTT publisher."""
 
-    def __init__(self, nats_urls, mqtt_hosts, client_id, prefix="edgeflow", replicas=3, max_bytes=1 << 30,
+    def __init__(self, nats_urls, mqtt_hosts, client_id, prefix="edgeflow", replicas=3, max_bytes=256 << 20,
                  ack_wait_s=30.0):
         self.urls = list(nats_urls)
         self.prefix = prefix
