@@ -40,7 +40,7 @@ class ScaleSite:
     """NATS cluster (MQTT on every node) + gateway processes; close() stops all of them."""
 
     def __init__(self, workdir, nodes=3, partitions=8, lease_s=2.0, window_ms=10000, lateness_ms=20000,
-                 ooo_ms=2000, idle_ms=15000, groups=True):
+                 ooo_ms=2000, idle_ms=15000, groups=True, gw_extra=None):
         self.dir = os.path.abspath(workdir)
         os.makedirs(self.dir, exist_ok=True)
         self.P = partitions
@@ -49,9 +49,10 @@ class ScaleSite:
                                    mappings=nats_mappings("edgeflow", partitions))
         self.parts_dir = os.path.join(self.dir, "parts")
         self.conf = os.path.join(self.dir, "gateway.toml")
+        extra = {"log": {"format": "json"}, "store": {"synchronous": "NORMAL"}}
+        extra.update(gw_extra or {})
         with open(self.conf, "w") as f:
-            f.write(gateway_toml(1883, "unused.db", window_ms, lateness_ms, ooo_ms, idle_ms, groups,
-                                 {"log": {"format": "json"}, "store": {"synchronous": "NORMAL"}}))
+            f.write(gateway_toml(1883, "unused.db", window_ms, lateness_ms, ooo_ms, idle_ms, groups, extra))
         self.windows = gateway_windows(window_ms, lateness_ms, groups)
         self.gws = {}
 
