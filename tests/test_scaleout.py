@@ -175,9 +175,12 @@ def test_cluster_gateway_and_node_kill_exactly_once(tmp_path):
     from tools.scaleout_site import scenario
     lines = []
     rep, fig = asyncio.run(scenario(str(tmp_path / "site"), devices=6, duration=20.0, gateways=2, partitions=8,
-                                    log=lines.append))
+                                    log=lines.append, node_down_s=30))
     text = "\n".join(lines)
     assert rep.ok, text
     assert rep.counts["delivered"] > 500 and rep.counts.get("held", 0) == 0, text
     assert fig["takeover_s"] is not None, text
     assert fig["merge"]["group_fired"] > 0, text
+    tried, moved, on_n2 = fig["failed_over"]
+    # firmware broker.hosts: the dead node's devices run sessions on the other nodes
+    assert on_n2 >= 1 and tried == moved == on_n2, text

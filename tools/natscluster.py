@@ -55,7 +55,7 @@ def die_with_parent():
 
 
 def node_conf(name, port, http_port, store_dir, cluster_port=None, routes=(), leafnode_port=None,
-              max_file_store="1G", mqtt_port=None, mappings=None):
+              max_file_store="1G", mqtt_port=None, mappings=None, mqtt_replicas=None):
     lines = ["server_name: %s" % name, "listen: 127.0.0.1:%d" % port, "http: 127.0.0.1:%d" % http_port,
              "max_payload: 4MB",
              "jetstream { store_dir: %s, max_memory_store: 64MB, max_file_store: %s }"
@@ -68,7 +68,11 @@ def node_conf(name, port, http_port, store_dir, cluster_port=None, routes=(), le
     if mqtt_port:
         # the devices' MQTT 3.1.1 (sessions/retained live in JetStream); ack_wait: a QoS 1
         # message to a device is resent after this if unacked (the firmware acks at once)
-        lines.append("mqtt { listen: 127.0.0.1:%d, ack_wait: \"30s\", max_ack_pending: 1024 }" % mqtt_port)
+        # stream_replicas explicit: left alone the server picks the replicas from the nodes it
+        # sees at the first MQTT connect (2 of 3 here), and an R2 session stream loses its
+        # quorum with one node down: no device could connect anywhere
+        lines.append("mqtt { listen: 127.0.0.1:%d, ack_wait: \"30s\", max_ack_pending: 1024%s }"
+                     % (mqtt_port, ", stream_replicas: %d" % mqtt_replicas if mqtt_replicas else ""))
     if mappings:
         # subject mappings, e.g. gateway/partitions.py's device -> partition function
         lines.append("mappings { %s }" % ", ".join("%s: %s" % (json.dumps(k), json.dumps(v))
@@ -103,7 +107,8 @@ class NatsCluster:
         with open(path, "w") as f:
             f.write(node_conf("n%d" % i, self.ports[i], self.http[i], os.path.join(d, "js"),
                               self.cports[i] if self.n > 1 else None, routes, self.leaf_ports[i],
-                              mqtt_port=self.mqtt_ports[i], mappings=self.mappings))
+                              mqtt_port=self.mqtt_ports[i], mappings=self.mappings,
+                              mqtt_replicas=min(3, self.n) if self.n > 1 else None))
         return path, d
 
     def start_node(self, i):

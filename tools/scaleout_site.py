@@ -156,7 +156,9 @@ class ScaleSite:
 
 
 async def scenario(workdir, devices=20, duration=40.0, gateways=2, partitions=8, sample_ms=250, seed=1, log=print,
-                   kill_node=True):
+                   kill_node=True, node_down_s=None):
+    """node_down_s: how long the killed NATS node stays down at most (default duration/5);
+    it comes back earlier once its devices run sessions on the other nodes."""
     site = ScaleSite(workdir, partitions=partitions).start()
     truth = os.path.join(site.dir, "truth.db")
     fig = {}
@@ -167,10 +169,16 @@ async def scenario(workdir, devices=20, duration=40.0, gateways=2, partitions=8,
         await site.wait_owned(gids)
         log("gateways %s own %s" % (gids, site.owners()))
         ports = site.mqtt_ports
-        dev_over = {i: {"broker": {"port": ports[i % len(ports)]}} for i in range(devices)}
+        # each device starts on one node and has the others as failover (broker.hosts)
+        dev_over = {}
+        for i in range(devices):
+            k = i % len(ports)
+            order = ports[k:] + ports[:k]
+            dev_over[i] = {"broker": {"port": order[0], "hosts": ["127.0.0.1:%d" % p for p in order]}}
         fleet = Fleet(devices, ports[0], truth, seed=seed, sample_ms=sample_ms, dev_over=dev_over)
         await fleet.start(stagger_s=1.0)
         step = duration / 5
+        node_down_s = node_down_s or step
         await asyncio.sleep(step)
         t_kill = time.time()
         owned = {p for p, g in site.owners().items() if g == "g0"}
@@ -185,8 +193,26 @@ async def scenario(workdir, devices=20, duration=40.0, gateways=2, partitions=8,
         if kill_node:
             await asyncio.sleep(step)
             site.cluster.kill(2)
-            log("kill -9 NATS node n2 (devices %s use it)" % [i for i in range(devices) if i % len(ports) == 2])
-            await asyncio.sleep(step)
+            on_n2 = [d for d in fleet.devices if d.app and d.app.uplink and d.app.uplink.client.port == ports[2]]
+            log("kill -9 NATS node n2 (devices %s use it)" % [d.id for d in on_n2])
+            t_node = time.time()
+            moved = tried = []
+            while time.time() - t_node < node_down_s:
+                ups = [d.app.uplink for d in on_n2 if d.app and d.app.uplink]
+                tried = [u for u in ups if u.client.port != ports[2] or u.c["connect_failures"]]
+                moved = [u for u in ups if u.session and u.client.port != ports[2]]
+                if len(moved) == len(on_n2):
+                    break
+                await asyncio.sleep(0.2)
+            fig["failed_over"] = (len(tried), len(moved), len(on_n2))
+            fig["failover_s"] = time.time() - t_node if len(moved) == len(on_n2) else None
+            log("devices of n2 that tried another node: %d, in a session on another node: %d of %d after %.1f s"
+                % (len(tried), len(moved), len(on_n2), time.time() - t_node))
+            for d in on_n2:
+                u = d.app.uplink
+                log("  %s port %d session %s connects %d failures %d" % (d.id, u.client.port, u.session,
+                                                                        u.c["connects"], u.c["connect_failures"]))
+            await asyncio.sleep(max(0.0, step - (time.time() - t_node)))
             site.cluster.start_node(2)
             log("restart NATS node n2")
         await asyncio.sleep(step)
@@ -217,14 +243,16 @@ def main(argv=None):
     ap.add_argument("--dir", default=None)
     ap.add_argument("--short", action="store_true", help="the suite's variant: 6 devices, 20 s")
     ap.add_argument("--no-node-kill", action="store_true", help="only the gateway faults")
+    ap.add_argument("--node-down", type=float, default=None, help="max seconds the killed NATS node stays down")
     args = ap.parse_args(argv)
     if args.short:
         args.devices, args.duration = 6, 20
     d = args.dir or tempfile.mkdtemp(prefix="scaleout-")
     t0 = time.time()
     rep, fig = asyncio.run(scenario(d, args.devices, args.duration, args.gateways, args.partitions, seed=args.seed,
-                                       kill_node=not args.no_node_kill))
-    print("takeover_s=%s  run_s=%.0f  dir=%s" % (fig.get("takeover_s"), time.time() - t0, d))
+                                       kill_node=not args.no_node_kill, node_down_s=args.node_down))
+    print("takeover_s=%s  devices_failover_s=%s  run_s=%.0f  dir=%s" % (
+        fig.get("takeover_s"), fig.get("failover_s"), time.time() - t0, d))
     return 0 if rep.ok else 1
 
 
