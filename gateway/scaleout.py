@@ -82,6 +82,15 @@ class Owner:
         await self.link.start()
         self.kv = await self._bucket()
         logs.info("scaleout_started", id=self.gid, partitions=self.P, lease_s=self.lease_s, dir=self.dir)
+        # join first, take partitions one tick later: gateways starting together then see
+        # each other and split the partitions at once instead of moving them afterwards
+        try:
+            await self.kv.put("gw." + self.gid, b"0")
+            await asyncio.wait_for(self._stop.wait(), self.lease_s / 3)
+        except asyncio.TimeoutError:
+            pass
+        except Exception as e:  # noqa: BLE001 - the first tick retries
+            logs.warning("lease_tick_failed", error=repr(e))
         try:
             while not self._stop.is_set():
                 try:
