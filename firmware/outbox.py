@@ -652,14 +652,11 @@ class Outbox:
         return n
 
     def oldest(self):
-        """(boot, seq) of the oldest unacked record held, on flash or in the RAM batch (a hello
-        must not let the gateway account for those), or (boot, next seq) when empty."""
+        """(boot, seq) of the oldest unacked stored record, or (boot, next seq) when empty."""
         for s in self.segs:
             a = self.acked.get(s.boot, -1)
             if a < s.last:
                 return s.boot, (s.first if s.first > a else a + 1)
-        if self._pend_n:  # the batch's first frame (this boot): its seq field
-            return self.boot, struct.unpack_from(">I", self._buf, 7)[0]
         return self.boot, self.seq
 
     def floor(self):

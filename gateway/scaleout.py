@@ -53,6 +53,10 @@ class Owner:
         self.config_path = config_path
         self.overrides = dict(overrides or {})
         self.base = Config.load(config_path, self.overrides)  # fail early on a bad file
+        if not self.base.security.insecure:
+            # acks are still signed when [devices] file is set; the transport is not secured
+            raise ConfigError("gateway.scaleout talks to NATS without TLS or credentials (not built yet, "
+                              "docs/scale-out.md): set [security] insecure = true to run it")
         self.gid = gid
         self.P = partitions
         self.dir = os.path.abspath(data_dir)

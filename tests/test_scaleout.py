@@ -77,7 +77,7 @@ def _fleet_messages(n_dev, per_dev, rng, window_ms, disorder_ms):
     per = {}
     for i in range(n_dev):
         dev = "dev-%04d" % i
-        msgs = [(topics.hello(dev), wire.encode_hello(dev, 1, 0, T0, 0, 1, 0, "t-1"))]
+        msgs = [(topics.hello(dev), wire.encode_hello(dev, 1, 0, T0, 0, 1, 0, 7, 1, "t-1"))]
         seq = 0
         t = T0 + rng.randrange(0, 500)
         while seq < per_dev:
@@ -102,7 +102,8 @@ def _fleet_messages(n_dev, per_dev, rng, window_ms, disorder_ms):
 
 def _run_pipeline(msgs, db, sections):
     async def go():
-        cfg = Config(dict(sections, store={"path": db, "synchronous": "NORMAL"}, metrics={"port": 0}))
+        cfg = Config(dict(sections, store={"path": db, "synchronous": "NORMAL"}, metrics={"port": 0},
+                          security={"insecure": True}))
         gw = Gateway(cfg, ingest_factory=lambda c, s: ListIngest(msgs, c, s))
         task = asyncio.ensure_future(gw.run())
         deadline = time.monotonic() + 60

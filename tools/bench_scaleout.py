@@ -239,7 +239,7 @@ def ack_latency(port, n, dev="ack-0"):
     c.loop_start()
     time.sleep(0.5)
     now = int(time.time() * 1000)
-    c.publish(topics.hello(dev), wire.encode_hello(dev, 1, 0, now, 0, 1, 0, "bench"), qos=1)
+    c.publish(topics.hello(dev), wire.encode_hello(dev, 1, 0, now, 0, 1, 0, 7, 1, "bench"), qos=1)
     time.sleep(0.5)
     out = []
     seq = 0
