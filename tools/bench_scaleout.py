@@ -1,6 +1,6 @@
 """Benchmark: one site on a NATS JetStream cluster (MQTT) vs the default mosquitto, in one run.
 
-    python -m tools.bench_scaleout                  # ~2 min on 2 cores
+    python -m tools.bench_scaleout                  # ~4 min on 2 cores
     python -m tools.bench_scaleout --messages 8000 --latency 300
 
 1. Throughput: the same reading batches (50 readings per message, like the firmware's
@@ -39,14 +39,32 @@ from paho.mqtt.enums import CallbackAPIVersion  # noqa: E402
 from gateway.ingest_jetstream import STREAM, Link  # noqa: E402
 from gateway.partitions import partition_filter  # noqa: E402
 from shared import wire  # noqa: E402
-from tools.bench_gateway import bench_gateway, raw_publish, start_broker, workload  # noqa: E402
+from tools.bench_gateway import _run_gateway, gateway_cfg, raw_publish, workload  # noqa: E402
+from tools.broker import Mosquitto  # noqa: E402
 from tools.natscluster import die_with_parent  # noqa: E402
+from tools.fleet import proc_cpu_s  # noqa: E402
 from tools.scaleout_site import ScaleSite  # noqa: E402
 
 PY = sys.executable
 # the same pipeline settings bench_gateway.py uses for the mosquitto gateway
 GW_EXTRA = {"checkpoint": {"interval_ms": 100, "max_messages": 400, "max_records": 50000},
             "mqtt": {"queue_size": 1000}}
+
+
+def start_broker(tmp):
+    """Plain mosquitto: the cluster side has no TLS either, so both sides pay the same."""
+    b = Mosquitto(tmp, persistence=False, insecure=True).start()
+    return b, b.port
+
+
+def mosquitto_drain(port, tmp, msgs, n_readings):
+    """One gateway on mosquitto: its persistent session holds the published backlog."""
+    cfg = gateway_cfg(port, os.path.join(tmp, "mosq.db"), "NORMAL")
+    cfg["security"] = {"insecure": True}
+    asyncio.run(_run_gateway(cfg, register_only=True))
+    raw_publish(port, msgs, "pub-mosq")
+    time.sleep(0.2)
+    return asyncio.run(_run_gateway(cfg, until_readings=n_readings))
 
 
 async def _stream_msgs(urls):
@@ -86,15 +104,19 @@ def cluster_drain(tmp, msgs, n_readings, gateways, partitions=8):
             if len(own) == partitions and max(counts) - min(counts) <= 1:
                 break
             time.sleep(0.05)
+        procs = {"nats": [p for p in site.cluster.procs if p], "gateways": [site.gws[g] for g in gids]}
+        cpu0 = {k: sum(proc_cpu_s(p.pid) or 0 for p in v) for k, v in procs.items()}
         left0, t1 = asyncio.run(_stream_msgs(site.cluster.urls)), time.perf_counter()
         left, t2 = left0, t1
         while left > 0 and time.perf_counter() - t1 < 300:
             time.sleep(0.25)
             left, t2 = asyncio.run(_stream_msgs(site.cluster.urls)), time.perf_counter()
+        cpu = {k: (sum(proc_cpu_s(p.pid) or 0 for p in v) - cpu0[k]) / max(1e-9, t2 - t1) for k, v in procs.items()}
         committed = _count_readings(site.parts_dir)
         rate = (left0 - left) * (n_readings / len(msgs)) / max(1e-9, t2 - t1)
         res = {"gateways": gateways, "published_s": pub_s, "stored_msgs": stored, "left_at_balance": left0,
-               "drain_s": t2 - t1, "readings_per_s": rate, "committed_readings": committed, "left": left}
+               "drain_s": t2 - t1, "readings_per_s": rate, "committed_readings": committed, "left": left,
+               "cpu_nats": cpu["nats"], "cpu_gateways": cpu["gateways"]}
         takeover = None
         if gateways >= 2:
             takeover = _takeover(site, gids)
@@ -228,7 +250,7 @@ def ack_latency(port, n, dev="ack-0"):
     ev = threading.Event()
 
     def on_msg(c, u, m):
-        b, seq = wire.decode_ack(m.payload)[:2]
+        seq = wire.decode_ack(m.payload)[1]
         acks[seq] = time.perf_counter()
         ev.set()
 
@@ -281,7 +303,7 @@ def latency(tmp, n, n_ack):
         conf = os.path.join(tmp, "lat-gw.toml")
         with open(conf, "w") as f:
             f.write(gateway_toml(port, os.path.join(tmp, "lat-gw.db"), groups=False,
-                                 extra=dict(GW_EXTRA, store={"synchronous": "NORMAL"})))
+                                 extra=dict(GW_EXTRA, store={"synchronous": "NORMAL"}, security={"insecure": True})))
         gw = subprocess.Popen([PY, "-m", "gateway.cli", "run", "-c", conf], cwd=ROOT, stdout=subprocess.DEVNULL,
                               stderr=subprocess.DEVNULL, preexec_fn=die_with_parent)
         time.sleep(1.5)
@@ -306,10 +328,11 @@ def latency(tmp, n, n_ack):
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--messages", type=int, default=12000, help="messages of 50 readings for the throughput runs")
+    ap.add_argument("--messages", type=int, default=20000, help="messages of 50 readings for the throughput runs")
     ap.add_argument("--devices", type=int, default=200)
     ap.add_argument("--latency", type=int, default=500, help="messages for the broker latency")
     ap.add_argument("--ack-latency", type=int, default=100, help="batches for the end-to-end ack latency")
+    ap.add_argument("--repeat", type=int, default=3, help="throughput runs (medians printed)")
     ap.add_argument("--keep", action="store_true")
     args = ap.parse_args(argv)
     tmp = tempfile.mkdtemp(prefix="bench-scaleout-")
@@ -319,21 +342,29 @@ def main(argv=None):
     print("workload: %d messages x %d readings, %d devices; %d cores" % (args.messages, per, args.devices,
                                                                          os.cpu_count()))
     try:
-        b, port = start_broker(os.path.join(tmp, "mosq"))
-        try:
-            m = bench_gateway(port, tmp, "mosq", msgs, n, "NORMAL")
-        finally:
-            b.stop()
-        print("mosquitto, 1 gateway:   %8.0f readings/s committed (%.1f s)" % (m["readings"] / m["seconds"],
-                                                                              m["seconds"]))
         takeover = None
-        for g in (1, 2):
-            r, t = cluster_drain(tmp, msgs, n, g)
-            takeover = t or takeover
-            print("NATS cluster, %d gateway%s: %6.0f readings/s committed (%.1f s draining %d of %d messages; "
-                  "publish into NATS took %.1f s; %d readings in the partition DBs)"
-                  % (g, "s" if g > 1 else " ", r["readings_per_s"], r["drain_s"], r["left_at_balance"],
-                     r["stored_msgs"], r["published_s"], r["committed_readings"]))
+        rates = {"mosquitto, 1 gateway": [], "NATS cluster, 1 gateway": [], "NATS cluster, 2 gateways": []}
+        for rep in range(args.repeat):
+            b, port = start_broker(os.path.join(tmp, "mosq%d" % rep))
+            try:
+                m = mosquitto_drain(port, tmp, msgs, n)
+            finally:
+                b.stop()
+            rates["mosquitto, 1 gateway"].append(m["readings"] / m["seconds"])
+            print("  run %d mosquitto, 1 gateway: %.0f readings/s committed (%.1f s)"
+                  % (rep, m["readings"] / m["seconds"], m["seconds"]))
+            for g in (1, 2):
+                r, t = cluster_drain(os.path.join(tmp, "r%d" % rep), msgs, n, g)
+                takeover = t or takeover
+                rates["NATS cluster, %d gateway%s" % (g, "s" if g > 1 else "")].append(r["readings_per_s"])
+                print("  run %d NATS cluster, %d gateway(s): %.0f readings/s committed (%.1f s draining %d of %d "
+                      "messages; CPU cores busy: nats-servers %.2f, gateways %.2f; publish into NATS %.1f s; "
+                      "%d readings in the partition DBs)"
+                      % (rep, g, r["readings_per_s"], r["drain_s"], r["left_at_balance"], r["stored_msgs"],
+                         r["cpu_nats"], r["cpu_gateways"], r["published_s"], r["committed_readings"]))
+        for k, v in rates.items():
+            print("%-26s median %8.0f readings/s committed (runs: %s)" % (k + ":", statistics.median(v),
+                                                                           ", ".join("%.0f" % x for x in v)))
         if takeover:
             print("takeover: %d partitions of a killed gateway running elsewhere after %.2f s (lease %.1f s)"
                   % (takeover["partitions_moved"], takeover["takeover_s"] or -1, takeover["lease_s"]))

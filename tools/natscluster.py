@@ -33,6 +33,9 @@ _PR_SET_PDEATHSIG = 1
 
 
 def nats_server_bin():
+    forced = os.environ.get("EDGEFLOW_NATS_SERVER")  # e.g. Debian's /usr/sbin/nats-server (2.9)
+    if forced:
+        return forced
     here = os.path.join(os.path.dirname(sys.executable), "nats-server")
     for p in (here, shutil.which("nats-server")):
         if p and os.path.exists(p):
