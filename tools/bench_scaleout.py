@@ -347,7 +347,7 @@ def main(argv=None):
         for rep in range(args.repeat):
             b, port = start_broker(os.path.join(tmp, "mosq%d" % rep))
             try:
-                m = mosquitto_drain(port, tmp, msgs, n)
+                m = mosquitto_drain(port, os.path.join(tmp, "mosq%d" % rep), msgs, n)
             finally:
                 b.stop()
             rates["mosquitto, 1 gateway"].append(m["readings"] / m["seconds"])
