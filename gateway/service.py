@@ -96,7 +96,9 @@ class Outputs:
 class Gateway:
     """Python API: Gateway(config).run() until stop(); config is a Config, a dict of sections or None."""
 
-    def __init__(self, config=None):
+    def __init__(self, config=None, ingest_factory=None):
+        """ingest_factory(config, stats) -> an ingest (default: ingest.Ingest on MQTT; the
+        JetStream partition ingest of gateway/ingest_jetstream.py has the same interface)."""
         if config is None or isinstance(config, dict):
             config = Config(config)
         self.cfg = cfg = config
@@ -121,6 +123,7 @@ class Gateway:
         self._registry_mtime = _mtime(self._devices_file) if self._devices_file else None
         self.out = Outputs()
         self.ingest = None
+        self._ingest_factory = ingest_factory or Ingest
         self.metrics_server = None
         self.metrics_registry = None
         self.retain = cfg.store.retain_readings
@@ -168,7 +171,7 @@ class Gateway:
             except OSError as e:
                 raise StartupError("metrics endpoint %s:%d: %s" % (self.cfg.metrics.host, self.cfg.metrics.port,
                                                                     e.strerror or e)) from e
-            self.ingest = Ingest(self.cfg, self.stats)
+            self.ingest = self._ingest_factory(self.cfg, self.stats)
             await self.ingest.start()
         except BaseException:
             # a start-up failure must end the process: nothing left running (aiosqlite's thread)
