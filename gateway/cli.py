@@ -143,16 +143,6 @@ def cmd_run(args):
     return 0
 
 
-def cmd_web_token(args):
-    import secrets
-    from .web import token_hash
-    tok = secrets.token_urlsafe(32)
-    print("token (give it to the people who may look; the browser asks for it as password): %s" % tok)
-    print("config ([web] section, or env EDGEFLOW_WEB_TOKEN_SHA256):")
-    print('token_sha256 = "%s"' % token_hash(tok))
-    return 0
-
-
 def _exit_now_if_stuck(status):
     """After a fatal error the process must end even if a worker thread is stuck in a
     system call (a hung disk): a non-daemon thread would keep it alive forever."""
@@ -167,6 +157,16 @@ def _exit_now_if_stuck(status):
         logs.error("gateway_exit_forced", reason="worker thread still running after the failure")
         sys.stderr.flush()
         os._exit(status)
+
+
+def cmd_web_token(args):
+    import secrets
+    from .web import token_hash
+    tok = secrets.token_urlsafe(32)
+    print("token (give it to the people who may look; the browser asks for it as password): %s" % tok)
+    print("config ([web] section, or env EDGEFLOW_WEB_TOKEN_SHA256):")
+    print('token_sha256 = "%s"' % token_hash(tok))
+    return 0
 
 
 def _connect(args):

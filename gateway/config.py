@@ -111,6 +111,12 @@ SCHEMA = {
         "batch_rows": (5000, int, (100, 1000000), "rows deleted per statement (short transactions between checkpoints)"),
         "interval_s": (60.0, float, (0.1, 86400.0), "how often retention runs"),
     },
+    "sinks": {  # downstream delivery (gateway/sinks, docs/sinks.md)
+        "site": ("site", str, None, "this site's id in every forwarded item and key (1..64 of [A-Za-z0-9_-])"),
+        "outbox_max_items": (5000000, int, (1, 1 << 40), "default per-sink outbox bound, result rows"),
+        "outbox_max_bytes": (512 << 20, int, (1024, 1 << 50), "default per-sink outbox bound, bytes"),
+        "sink": ([], list, None, "list of sinks [[sinks.sink]]: name, type (jetstream/webhook/mqtt), tables, ..."),
+    },
     "log": {
         "level": ("info", str, ("debug", "info", "warning", "error"), "log level"),
         "format": ("kv", str, ("kv", "json"), "key=value or JSON lines on stderr"),
@@ -170,6 +176,8 @@ class Config:
         if env_hash:
             self.web.token_sha256 = env_hash
         _check_web(self.web)
+        from .sinks import parse as _parse_sinks  # sinks' own keys are checked there
+        self.sinks.sink = _parse_sinks(self.sinks.sink, self.sinks.as_dict())
         if self.store.synchronous not in ("NORMAL", "FULL"):
             raise ConfigError("store.synchronous must be NORMAL or FULL")
         try:

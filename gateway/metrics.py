@@ -71,6 +71,7 @@ class Stats:
         self.queue_max = 0  # deepest the queue got past its bound (one read call can overshoot)
         self.connects = 0
         self.disconnects = 0
+        self.quarantine_pruned = 0  # old quarantine rows deleted to keep its bound
         self.commit_latency = Hist(LATENCY_BUCKETS)  # receipt of a message -> its commit, per message
         self.ack_latency = Hist(LATENCY_BUCKETS)  # receipt of the oldest message an ack covers -> ack sent
         self.checkpoint_hist = Hist(CHECKPOINT_BUCKETS)
@@ -80,7 +81,6 @@ class Stats:
         self.paused_since = None  # monotonic start of the pause in progress
         self.started_mono = time.monotonic()
         self.retention_deleted = {}  # table -> rows deleted by retention
-        self.quarantine_pruned = 0  # old quarantine rows deleted to keep its bound
 
     def quarantine(self, reason):
         self.quarantined[reason] = self.quarantined.get(reason, 0) + 1
@@ -201,6 +201,9 @@ class GatewayCollector:
             if v is not None:
                 lag.add_metric([dev], v)
         yield lag
+        # downstream sinks: outbox items/bytes/lag, delivered, dropped (gateway/sinks)
+        from .sinks import collect_metrics
+        yield from collect_metrics(gw)
 
 
 def _wire_version():

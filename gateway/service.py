@@ -36,6 +36,7 @@ from .dedup import BEYOND, DUP, REFLASH, RETIRED, Dedup
 from .devices import Registry
 from .ingest import Ingest
 from .keys import Keys, devices_file_of, load_devices_file
+from .sinks import SinkSet
 from .store import Store
 from .watermark import Watermarks
 from .windows import LATE, WindowSet
@@ -95,7 +96,9 @@ class Outputs:
 class Gateway:
     """Python API: Gateway(config).run() until stop(); config is a Config, a dict of sections or None."""
 
-    def __init__(self, config=None):
+    def __init__(self, config=None, ingest_factory=None):
+        """ingest_factory(config, stats) -> an ingest (default: ingest.Ingest on MQTT; the
+        JetStream partition ingest of gateway/ingest_jetstream.py has the same interface)."""
         if config is None or isinstance(config, dict):
             config = Config(config)
         self.cfg = cfg = config
@@ -120,6 +123,7 @@ class Gateway:
         self._registry_mtime = _mtime(self._devices_file) if self._devices_file else None
         self.out = Outputs()
         self.ingest = None
+        self._ingest_factory = ingest_factory or Ingest
         self.metrics_server = None
         self.metrics_registry = None
         self.retain = cfg.store.retain_readings
@@ -143,6 +147,7 @@ class Gateway:
         self._stop = None
         self._loop = None
         self.started = asyncio.Event()  # set once run() is connected and processing
+        self.sinks = SinkSet(cfg.sinks, cfg.sinks.sink)  # downstream outbox + workers (gateway/sinks)
         self.last_error = None
 
     # ================================================================ lifecycle
@@ -156,6 +161,7 @@ class Gateway:
         self.channels = ops.channel_map(self.cfg, self.keys.devices)
         await self.store.prepare(self.channels)
         await self._restore()
+        await self.sinks.open(self.store.db)
 
     async def run(self):
         try:
@@ -165,7 +171,7 @@ class Gateway:
             except OSError as e:
                 raise StartupError("metrics endpoint %s:%d: %s" % (self.cfg.metrics.host, self.cfg.metrics.port,
                                                                     e.strerror or e)) from e
-            self.ingest = Ingest(self.cfg, self.stats)
+            self.ingest = self._ingest_factory(self.cfg, self.stats)
             await self.ingest.start()
         except BaseException:
             # a start-up failure must end the process: nothing left running (aiosqlite's thread)
@@ -182,6 +188,7 @@ class Gateway:
         stop = asyncio.create_task(self._stop.wait())
         logs.info("gateway_started", db=self.cfg.store.path, broker="%s:%d" % (self.cfg.mqtt.host, self.cfg.mqtt.port),
                   devices=len(self.devices.devs), metrics_port=self.cfg.metrics.port)
+        self.sinks.start()
         self.started.set()
         failed = None
         try:
@@ -203,6 +210,7 @@ class Gateway:
                 except Exception as e:  # noqa: BLE001 - reported below
                     failed = e
             await self.ingest.stop(offline=True)
+            await self.sinks.stop()
             await self.store.close()
             if self.metrics_server is not None:
                 self.metrics_server.shutdown()
@@ -772,6 +780,8 @@ class Gateway:
                 ("open_windows", ow1 + ow2), ("open_windows_del", owd1 + owd2),
                 ("meta", [("global_watermark", gwm)] if global_changed else []),
             ]
+            if self.sinks:  # downstream items commit with the results they carry
+                writes.append(("sink_outbox", self.sinks.stage(writes)))
             rows = sum(len(r) for _k, r in writes)
             if not rows and not out.mids and not out.touched:
                 return
@@ -789,6 +799,7 @@ class Gateway:
             except BaseException:
                 s.checkpoint_failures += 1
                 raise
+            self.sinks.committed(writes)
         dt = time.perf_counter() - t0
         self._observe_commit(dt, rx, acks)
         s.checkpoints += 1

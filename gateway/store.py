@@ -59,6 +59,9 @@ CREATE TABLE IF NOT EXISTS device_watermarks (device TEXT PRIMARY KEY, max_t INT
 CREATE TABLE IF NOT EXISTS open_windows (scope TEXT, key TEXT, channel INTEGER, start INTEGER, count INTEGER,
     sum INTEGER, sumsq TEXT, min INTEGER, max INTEGER, revision INTEGER,
     PRIMARY KEY (scope, key, channel, start));
+CREATE TABLE IF NOT EXISTS sink_outbox (id INTEGER PRIMARY KEY AUTOINCREMENT, sink TEXT, tbl TEXT,
+    alert INTEGER, n INTEGER, bytes INTEGER, created_ms INTEGER, msg_id TEXT, body BLOB);
+CREATE INDEX IF NOT EXISTS sink_outbox_sink ON sink_outbox (sink, id);
 CREATE INDEX IF NOT EXISTS window_results_start ON window_results (start);
 CREATE INDEX IF NOT EXISTS readings_device_t ON readings (device, t);
 """
@@ -95,6 +98,9 @@ SQL = {
     "meta": "INSERT OR REPLACE INTO meta VALUES (?,?)",
     # keep the newest N rows (ids only grow): bad input cannot fill the disk
     "quarantine_prune": "DELETE FROM quarantine WHERE id <= (SELECT max(id) FROM quarantine) - ?",
+    # downstream items, committed with the results they carry (gateway/sinks)
+    "sink_outbox": "INSERT INTO sink_outbox (sink, tbl, alert, n, bytes, created_ms, msg_id, body) "
+                   "VALUES (?,?,?,?,?,?,?,?)",
 }
 
 
