@@ -159,7 +159,7 @@ class Gateway:
         self._ckpt_lock = asyncio.Lock()
         await self.store.open()
         self.channels = ops.channel_map(self.cfg, self.keys.devices)
-        await self.store.prepare(self.channels)
+        await self.store.prepare(self.channels, self.cfg.store.index_readings)
         await self._restore()
         await self.sinks.open(self.store.db)
 
