@@ -177,6 +177,11 @@ class Config:
         if env_hash:
             self.web.token_sha256 = env_hash
         _check_web(self.web)
+        keep = self.retention.results_days * 86400000
+        if keep and keep <= self.windows.size_ms + self.windows.allowed_lateness_ms:
+            raise ConfigError("retention.results_days must keep results longer than a window can still be revised "
+                              "(windows.size_ms + windows.allowed_lateness_ms = %d ms)"
+                              % (self.windows.size_ms + self.windows.allowed_lateness_ms))
         from .sinks import parse as _parse_sinks  # sinks' own keys are checked there
         self.sinks.sink = _parse_sinks(self.sinks.sink, self.sinks.as_dict())
         if self.store.synchronous not in ("NORMAL", "FULL"):

@@ -149,6 +149,8 @@ def test_retention_config_gives_cutoffs():
     assert cutoffs(Config(), 10 ** 12) == {}  # default: keep everything
     with pytest.raises(ConfigError):
         Config({"retention": {"readings_days": -1}})
+    with pytest.raises(ConfigError, match="longer than a window can still be revised"):
+        Config({"retention": {"results_days": 1 / 1440.0}, "windows": {"size_ms": 60000, "allowed_lateness_ms": 60000}})
 
 
 @pytest.mark.broker
