@@ -38,7 +38,8 @@ class ListIngest:
     """The service's ingest interface over a list of (topic, payload): all of it queued at once."""
 
     def __init__(self, msgs, cfg, stats):
-        self.queue = collections.deque((t.encode(), p, i, 1) for i, (t, p) in enumerate(msgs))
+        now = time.monotonic()
+        self.queue = collections.deque((t.encode(), p, i, 1, now) for i, (t, p) in enumerate(msgs))
         self.maxsize = max(10, len(self.queue))
         self.wake = asyncio.Event()
         self.wake.set()
@@ -176,7 +177,7 @@ def test_cluster_gateway_and_node_kill_exactly_once(tmp_path):
     from tools.scaleout_site import scenario
     lines = []
     rep, fig = asyncio.run(scenario(str(tmp_path / "site"), devices=6, duration=20.0, gateways=2, partitions=8,
-                                    log=lines.append, node_down_s=30))
+                                    log=lines.append, node_down_s=40))
     text = "\n".join(lines)
     assert rep.ok, text
     assert rep.counts["delivered"] > 500 and rep.counts.get("held", 0) == 0, text
