@@ -290,6 +290,7 @@ def main(argv=None):
         broker, port = bg.start_broker(tmp)
         print("mosquitto on 127.0.0.1:%d: plaintext + anonymous on purpose (the data path, not TLS)" % port)
     rates = collections.defaultdict(list)
+    cpu = collections.defaultdict(list)  # us of process CPU (all threads) per reading, set-up included
     ref = {}
     bad = []
     try:
@@ -307,8 +308,11 @@ def main(argv=None):
                     runs.reverse()  # alternate the order between rounds
                 for eng, fn in runs:
                     nm = "%s-%s-%d" % (eng, tag, r)
+                    c0 = time.process_time()
                     dt, (res, raw) = fn(nm)
                     rates[(eng, tag)].append(n / dt)
+                    if eng != "mqtt":  # the publisher runs in this process too
+                        cpu[(eng, tag)].append((time.process_time() - c0) / n * 1e6)
                     ref.setdefault(tag, res)
                     want_raw = n if retain else 0
                     if res != ref[tag] or raw != want_raw:
@@ -322,7 +326,10 @@ def main(argv=None):
             if "sqlite" in engines:
                 for chunked in (False, True):
                     db = os.path.join(tmp, "sqlite-%d-%d.db" % (chunked, r))
-                    rates[("sqlite500" if chunked else "sqlite", "raw")].append(n / sqlite_ceiling(db, rows, chunked))
+                    c0 = time.process_time()
+                    k = ("sqlite500" if chunked else "sqlite", "raw")
+                    rates[k].append(n / sqlite_ceiling(db, rows, chunked))
+                    cpu[k].append((time.process_time() - c0) / n * 1e6)
                     os.unlink(db)
             print("  round %d done, load average %s" % (r + 1, loadavg()), flush=True)
     finally:
@@ -348,6 +355,11 @@ def main(argv=None):
     for k, label in names:
         if rates.get((k, "raw")) or rates.get((k, "noraw")):
             print("%-34s %-28s %s" % (label, fmt((k, "raw")), fmt((k, "noraw"))))
+    print("\nprocess CPU per reading, all threads, median (us): the figure to compare on a loaded machine")
+    for k, label in names:
+        if cpu.get((k, "raw")) or cpu.get((k, "noraw")):
+            print("%-34s %-28s %s" % (label, *("%.2f" % statistics.median(cpu[(k, tag)]) if cpu.get((k, tag))
+                                              else "-" for tag in ("raw", "noraw"))))
     print("\nratios (medians)")
     for a, b, label in (("inproc", "plain", "in-process / plain loop   (goal >= 1.0)"),
                         ("mqtt", "inproc", "mosquitto / in-process    (goal >= 0.8)"),
