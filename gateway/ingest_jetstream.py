@@ -7,7 +7,7 @@ runs one service pipeline (gateway/service.py Gateway) per owned partition, each
 own SQLite checkpoint. PartitionIngest is the ingest interface that pipeline uses (the same
 one gateway/ingest.py gives it on mosquitto):
 
-    queue of (topic bytes, payload, mid, qos), wake, maxsize, paused, closing, connected,
+    queue of (topic bytes, payload, mid, qos, receipt time.monotonic()), wake, maxsize, paused, closing, connected,
     start(), stop(offline), pause(), resume(), maybe_resume(), puback(mids), publish(...)
 
 - mid is the JetStream message; puback() acks it, and the service calls puback() only after
@@ -22,6 +22,7 @@ import asyncio
 import collections
 import random
 import threading
+import time
 
 import nats
 import paho.mqtt.client as mqtt
@@ -244,8 +245,9 @@ class PartitionIngest:
                 delay = min(delay * 2, 2.0)
                 continue
             delay = 0.1
+            rx = time.monotonic()  # receipt time (the service measures ingest-to-commit latency)
             for m in msgs:
-                q.append((subject_topic(m.subject), m.data, m, 1))
+                q.append((subject_topic(m.subject), m.data, m, 1, rx))
             if msgs:
                 if len(q) > self.stats.queue_max:
                     self.stats.queue_max = len(q)

@@ -70,6 +70,7 @@ class Owner:
         self.taken = 0
         self.released = 0
         self.lost = 0
+        self.fenced = 0
         self._stop = None
         # rotate the scan start so that gateways starting together want different partitions
         self._order = sorted(range(partitions), key=lambda p: (p - sum(gid.encode())) % partitions)
@@ -185,6 +186,7 @@ class Owner:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             os.close(fd)  # the old owner still runs it: give the lease back, retry later
+            self.fenced += 1
             logs.warning("partition_fenced", partition=p)
             await self.kv.delete(_key(p))
             return

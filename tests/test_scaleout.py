@@ -38,7 +38,8 @@ class ListIngest:
     """The service's ingest interface over a list of (topic, payload): all of it queued at once."""
 
     def __init__(self, msgs, cfg, stats):
-        self.queue = collections.deque((t.encode(), p, i, 1) for i, (t, p) in enumerate(msgs))
+        now = time.monotonic()
+        self.queue = collections.deque((t.encode(), p, i, 1, now) for i, (t, p) in enumerate(msgs))
         self.maxsize = max(10, len(self.queue))
         self.wake = asyncio.Event()
         self.wake.set()
@@ -176,7 +177,7 @@ def test_cluster_gateway_and_node_kill_exactly_once(tmp_path):
     from tools.scaleout_site import scenario
     lines = []
     rep, fig = asyncio.run(scenario(str(tmp_path / "site"), devices=6, duration=20.0, gateways=2, partitions=8,
-                                    log=lines.append, node_down_s=30))
+                                    log=lines.append, node_down_s=40))
     text = "\n".join(lines)
     assert rep.ok, text
     assert rep.counts["delivered"] > 500 and rep.counts.get("held", 0) == 0, text
@@ -185,3 +186,59 @@ def test_cluster_gateway_and_node_kill_exactly_once(tmp_path):
     tried, moved, on_n2 = fig["failed_over"]
     # firmware broker.hosts: the dead node's devices run sessions on the other nodes
     assert on_n2 >= 1 and tried == moved == on_n2, text
+
+
+def test_stalled_owner_is_fenced_then_loses_its_lease(tmp_path):
+    """A gateway that stalls past its lease (a long GC pause, a frozen VM) keeps its
+    partitions' files locked: the gateway that takes the expired lease cannot open them
+    (fenced, gives the lease back); when the stalled one wakes, its renewal fails (the
+    revision moved), it stops its pipelines, and only then can the other take one."""
+    from gateway.scaleout import Owner
+    from tools.fleet import gateway_toml
+    from tools.natscluster import NatsCluster
+
+    async def go(c):
+        conf = str(tmp_path / "gw.toml")
+        with open(conf, "w") as f:
+            f.write(gateway_toml(1, "unused.db", groups=False, extra={"security": {"insecure": True}}))
+        mq = [("127.0.0.1", c.mqtt_ports[0])]
+        a = Owner(conf, "a", c.urls, mq, 2, str(tmp_path / "parts"), lease_s=1.5, replicas=1)
+        b = Owner(conf, "b", c.urls, mq, 2, str(tmp_path / "parts"), lease_s=1.5, replicas=1)
+        gate = asyncio.Event()
+        gate.set()
+        a_tick = a._tick
+
+        async def gated_tick():
+            await gate.wait()
+            await a_tick()
+        a._tick = gated_tick
+        ta = asyncio.ensure_future(a.run())
+        tb = None
+        try:
+            await _until(lambda: len(a.parts) == 2, 20)
+            gate.clear()  # a stalls: no renewals, its pipelines keep running and hold the locks
+            tb = asyncio.ensure_future(b.run())
+            await _until(lambda: b.fenced >= 2, 20)
+            assert not b.parts and len(a.parts) == 2
+            gate.set()  # a wakes: its renewals fail, it stops them; then they are shared out
+            await _until(lambda: a.lost == 2, 20)
+            await _until(lambda: len(a.parts) + len(b.parts) == 2 and b.parts, 30)
+            assert not set(a.parts) & set(b.parts)
+        finally:
+            a.stop()
+            b.stop()
+            await asyncio.gather(ta, *([tb] if tb else []), return_exceptions=True)
+
+    c = NatsCluster(str(tmp_path / "nats"), 1, mqtt=True, mappings=nats_mappings("edgeflow", 2)).start()
+    try:
+        c.wait_ready()
+        asyncio.run(go(c))
+    finally:
+        c.stop()
+
+
+async def _until(cond, timeout):
+    deadline = time.monotonic() + timeout
+    while not cond():
+        assert time.monotonic() < deadline, "condition not reached in %s s" % timeout
+        await asyncio.sleep(0.05)
