@@ -183,6 +183,7 @@ def test_cluster_gateway_and_node_kill_exactly_once(tmp_path):
     assert rep.counts["delivered"] > 500 and rep.counts.get("held", 0) == 0, text
     assert fig["takeover_s"] is not None, text
     assert fig["merge"]["group_fired"] > 0, text
+    assert fig["misplaced"] == 0, text  # the servers' partition mapping == partition_of()
     tried, moved, on_n2 = fig["failed_over"]
     # firmware broker.hosts: the dead node's devices run sessions on the other nodes
     assert on_n2 >= 1 and tried == moved == on_n2, text

@@ -18,6 +18,7 @@ import glob
 import json
 import os
 import signal
+import sqlite3
 import subprocess
 import sys
 import tempfile
@@ -28,7 +29,7 @@ if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
 from gateway.merge import merge  # noqa: E402
-from gateway.partitions import nats_mappings  # noqa: E402
+from gateway.partitions import nats_mappings, partition_of  # noqa: E402
 from tools import groundtruth  # noqa: E402
 from tools.fleet import Fleet, gateway_toml, gateway_windows  # noqa: E402
 from tools.natscluster import NatsCluster, die_with_parent  # noqa: E402
@@ -150,6 +151,18 @@ class ScaleSite:
         parts = sorted(glob.glob(os.path.join(self.parts_dir, "part-*.db")))
         return out, merge(parts, out, self.windows["size_ms"])
 
+    def misplaced(self):
+        """Devices found in a partition DB other than gateway.partitions.partition_of() says:
+        the servers' {{partition}} mapping and the Python function must agree."""
+        bad = 0
+        for path in glob.glob(os.path.join(self.parts_dir, "part-*.db")):
+            p = int(os.path.basename(path)[5:8])
+            c = sqlite3.connect(path)
+            devs = [r[0] for r in c.execute("SELECT device FROM devices")]
+            c.close()
+            bad += sum(1 for d in devs if partition_of(d, self.P) != p)
+        return bad
+
     def close(self):
         for gid in list(self.gws):
             self.stop_gateway(gid, 10)
@@ -226,6 +239,8 @@ async def scenario(workdir, devices=20, duration=40.0, gateways=2, partitions=8,
             site.stop_gateway(g)
         db, info = site.merge()
         fig["merge"] = info
+        fig["misplaced"] = site.misplaced()
+        log("devices whose data landed outside partition_of(): %d" % fig["misplaced"])
         rep = groundtruth.check(db, [truth], site.windows)
         fig["report"] = rep
         log(rep.text())
