@@ -55,6 +55,36 @@ _SECTIONS = ("broker", "wifi", "raw", "outbox", "uplink", "clock")
 _PASS = {"window": (dict,), "rules": (list,), "anomaly": (dict,), "ring": (dict, int), "count_window": (int,)}
 
 
+def _hosts(v, port):
+    """broker.hosts: up to 8 of "host" or "host:port" -> [[host, port], ...] (after broker.host)."""
+    if v is None:
+        return []
+    if not isinstance(v, list) or len(v) > 8:
+        raise ConfigError("broker.hosts", "must be a list of at most 8 \"host\" or \"host:port\" (got %r)" % (v,))
+    out = []
+    for i, h in enumerate(v):
+        where = "broker.hosts[%d]" % i
+        if isinstance(h, list) and len(h) == 2 and isinstance(h[0], str) and _is_int(h[1]):
+            h = "%s:%d" % (h[0], h[1])  # the loaded form [host, port]: a loaded config loads again
+        if not isinstance(h, str):
+            raise ConfigError(where, "must be a string (got %r)" % (h,))
+        p = port
+        k = h.rfind(":")
+        if k >= 0:
+            try:
+                p = int(h[k + 1:])
+            except ValueError:
+                p = 0
+            h = h[:k]
+            if not 1 <= p <= 65535:
+                raise ConfigError(where, "port must be 1..65535 (got %r)" % (v[i],))
+        if not h or len(h) > 253:
+            raise ConfigError(where, "must be a host name or IP address (got %r)" % (v[i],))
+        if [h, p] not in out:
+            out.append([h, p])
+    return out
+
+
 def _is_int(v):
     return isinstance(v, int) and not isinstance(v, bool)
 
@@ -132,7 +162,7 @@ def load(src):
             raise ConfigError(sec, "must be an object")
         known = [f[1] for f in _FIELDS if f[0] == sec]
         if sec == "broker":
-            known += ["host", "user", "password", "client_id", "tls"]
+            known += ["host", "hosts", "user", "password", "client_id", "tls"]
         if sec == "wifi":
             known += ["ssid", "password"]
         for k in v:
@@ -142,10 +172,16 @@ def load(src):
     for sec, key, kind, default, lo, hi in _FIELDS:
         cfg[sec][key] = _check(sec + "." + key, src.get(sec, {}).get(key, default), kind, lo, hi)
     b = src.get("broker", {})
+    hosts = _hosts(b.get("hosts"), cfg["broker"]["port"])
     host = b.get("host")
+    if host is None and hosts:  # no broker.host: the first of the list (and its port)
+        host, cfg["broker"]["port"] = hosts[0]
     if not isinstance(host, str) or not host or len(host) > 253:
         raise ConfigError("broker.host", "is required: a host name or IP address (got %r)" % (host,))
     cfg["broker"]["host"] = host
+    # brokers to fail over between (a NATS cluster's MQTT listeners): host first, then the list
+    first = [host, cfg["broker"]["port"]]
+    cfg["broker"]["hosts"] = [first] + [h for h in hosts if h != first]
     for k in ("user", "password"):
         if k in b:
             cfg["broker"][k] = _check("broker." + k, b[k], "str", 0, 128)

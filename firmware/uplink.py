@@ -64,6 +64,8 @@ class Uplink:
             clean=True, user=b.get("user"), password=b.get("password"),
             open_connection=hal.open_connection, on_message=self._on_message,
             max_inflight=up["max_inflight"], timeout_ms=b["timeout_ms"])
+        self.hosts = b["hosts"]  # fail over between these (round robin, same backoff)
+        self._hi = 0
         self.running = True
         self.gw_online = False
         self._gw_changed = False
@@ -130,6 +132,12 @@ class Uplink:
                 self.c["beacons"] += 1
                 self.clock.set_time(gw_time, "gw")
         self.backoff.reset()
+
+    def next_host(self):
+        """After a failed connect or a lost session: the next broker of broker.hosts."""
+        if len(self.hosts) > 1:
+            self._hi = (self._hi + 1) % len(self.hosts)
+            self.client.host, self.client.port = self.hosts[self._hi]
 
     def outstanding(self):
         for b in self._sent_max:
@@ -242,6 +250,7 @@ class Uplink:
                 self.c["connects"] += 1
             except Exception as e:
                 self.c["connect_failures"] += 1
+                self.next_host()
                 d = self.backoff.next()
                 self.console("mqtt connect failed (%s), retry in %d ms" % (_err(e), d))
                 await self._sleep(d)
@@ -256,6 +265,7 @@ class Uplink:
             self.client.close()
             if self.running:
                 self.c["reconnects"] += 1
+                self.next_host()
                 await self._sleep(self.backoff.next())
 
     async def _session(self):

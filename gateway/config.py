@@ -47,6 +47,7 @@ SCHEMA = {
         "path": ("edgeflow.db", str, None, "SQLite database file"),
         "synchronous": ("FULL", str, ("NORMAL", "FULL"), "SQLite synchronous mode in WAL (FULL: acked records survive power loss)"),
         "retain_readings": (True, bool, None, "keep every raw reading in table readings"),
+        "index_readings": (True, bool, None, "index raw readings by (device, t): per-device time ranges and retention seek; costs insert speed"),
     },
     "checkpoint": {
         "interval_ms": (200, int, (1, 60000), "commit at least this often when there is pending work"),
@@ -176,6 +177,11 @@ class Config:
         if env_hash:
             self.web.token_sha256 = env_hash
         _check_web(self.web)
+        keep = self.retention.results_days * 86400000
+        if keep and keep <= self.windows.size_ms + self.windows.allowed_lateness_ms:
+            raise ConfigError("retention.results_days must keep results longer than a window can still be revised "
+                              "(windows.size_ms + windows.allowed_lateness_ms = %d ms)"
+                              % (self.windows.size_ms + self.windows.allowed_lateness_ms))
         from .sinks import parse as _parse_sinks  # sinks' own keys are checked there
         self.sinks.sink = _parse_sinks(self.sinks.sink, self.sinks.as_dict())
         if self.store.synchronous not in ("NORMAL", "FULL"):

@@ -24,6 +24,7 @@ import logging
 import os
 import struct
 import time
+from bisect import bisect_left
 from itertools import compress, repeat
 from operator import mul
 
@@ -96,7 +97,9 @@ class Outputs:
 class Gateway:
     """Python API: Gateway(config).run() until stop(); config is a Config, a dict of sections or None."""
 
-    def __init__(self, config=None):
+    def __init__(self, config=None, ingest_factory=None):
+        """ingest_factory(config, stats) -> an ingest (default: ingest.Ingest on MQTT; the
+        JetStream partition ingest of gateway/ingest_jetstream.py has the same interface)."""
         if config is None or isinstance(config, dict):
             config = Config(config)
         self.cfg = cfg = config
@@ -121,6 +124,7 @@ class Gateway:
         self._registry_mtime = _mtime(self._devices_file) if self._devices_file else None
         self.out = Outputs()
         self.ingest = None
+        self._ingest_factory = ingest_factory or Ingest
         self.metrics_server = None
         self.metrics_registry = None
         self.retain = cfg.store.retain_readings
@@ -156,7 +160,7 @@ class Gateway:
         self._ckpt_lock = asyncio.Lock()
         await self.store.open()
         self.channels = ops.channel_map(self.cfg, self.keys.devices)
-        await self.store.prepare(self.channels)
+        await self.store.prepare(self.channels, self.cfg.store.index_readings)
         await self._restore()
         await self.sinks.open(self.store.db)
 
@@ -168,7 +172,7 @@ class Gateway:
             except OSError as e:
                 raise StartupError("metrics endpoint %s:%d: %s" % (self.cfg.metrics.host, self.cfg.metrics.port,
                                                                     e.strerror or e)) from e
-            self.ingest = Ingest(self.cfg, self.stats)
+            self.ingest = self._ingest_factory(self.cfg, self.stats)
             await self.ingest.start()
         except BaseException:
             # a start-up failure must end the process: nothing left running (aiosqlite's thread)
@@ -430,21 +434,59 @@ class Gateway:
             # One window, not due yet, and no window of any key fires or purges while the watermarks
             # move through the batch: adding it at once equals adding it record by record
             # (per-record watermarks). Aggregate per channel in C loops.
-            nc = len(set(chans))
-            if nc == 1:
-                split = ((chans[0], vals),)
-            elif chans[nc:] == chans[:-nc] and len(set(chans[:nc])) == nc:  # channels interleaved per tick
-                split = tuple((chans[i], vals[i::nc]) for i in range(nc))
-            else:
-                split = tuple((ch, list(compress(vals, map(ch.__eq__, chans)))) for ch in set(chans))
-            for ch, vs in split:
-                agg = (len(vs), sum(vs), sum(map(mul, vs, vs)), min(vs), max(vs))
-                dw.add_agg(dev, ch, start, *agg, wm_d)
-                for name in gmap.get(ch, ()):
-                    self.group_windows.add_agg(name, ch, start, *agg, gwm)
+            self._add_run(dev, start, chans, vals, wm_d, gwm, gmap)
             self._observe(dev, tmax, wm_d, now)
+        elif toffs == tuple(sorted(toffs)):
+            self._window_runs(dev, boot, base, base_t, toffs, chans, vals, d, now, gmap)
         else:
             self._window_seq(dev, boot, zip(range(base, base + n), map(base_t.__add__, toffs), chans, vals), d, now)
+
+    def _add_run(self, dev, start, chans, vals, wm_d, gwm, gmap):
+        """Records of one window that is not due: aggregated per channel in C loops."""
+        nc = len(set(chans))
+        if nc == 1:
+            split = ((chans[0], vals),)
+        elif chans[nc:] == chans[:-nc] and len(set(chans[:nc])) == nc:  # channels interleaved per tick
+            split = tuple((chans[i], vals[i::nc]) for i in range(nc))
+        else:
+            split = tuple((ch, list(compress(vals, map(ch.__eq__, chans)))) for ch in set(chans))
+        dw, gw = self.dev_windows, self.group_windows
+        for ch, vs in split:
+            agg = (len(vs), sum(vs), sum(map(mul, vs, vs)), min(vs), max(vs))
+            dw.add_agg(dev, ch, start, *agg, wm_d)
+            for name in gmap.get(ch, ()):
+                gw.add_agg(name, ch, start, *agg, gwm)
+
+    def _window_runs(self, dev, boot, base, base_t, toffs, chans, vals, d, now, gmap):
+        """A time-ordered batch that spans windows or makes some due: cut into runs that end where
+        the window changes or at the record whose watermark makes any window due (it fires right
+        after that record, as record by record). A run into a window not due is one aggregate;
+        any other run goes record by record. Same results as _window_seq, in fewer steps."""
+        wms, dw, gw = self.watermarks, self.dev_windows, self.group_windows
+        size, off, delay = dw.size, dw.offset, wms.delay
+        n = len(toffs)
+        i = 0
+        while i < n:
+            t = base_t + toffs[i]
+            start = t - (t - off) % size
+            last = start + size - 1
+            j = bisect_left(toffs, last + 1 - base_t, i)  # past this window's records
+            k = dw.keys.get(dev)
+            due = k.due if k is not None else None
+            for g in gw.keys.values():
+                if g.due is not None and (due is None or g.due < due):
+                    due = g.due
+            if due is not None:
+                j = min(j, bisect_left(toffs, due + delay - base_t, i) + 1)
+            wm_d = wms.device_wm(dev)
+            gwm = wms.global_wm
+            if (wm_d is None or wm_d < last) and (not gmap or gwm is None or gwm < last):
+                self._add_run(dev, start, chans[i:j], vals[i:j], wm_d, gwm, gmap)
+                self._observe(dev, base_t + toffs[j - 1], wm_d, now)
+            else:
+                self._window_seq(dev, boot, zip(range(base + i, base + j), map(base_t.__add__, toffs[i:j]),
+                                                chans[i:j], vals[i:j]), d, now)
+            i = j
 
     def _readings(self, topic, dev, boot, recs, now):
         """Readings one at a time: (seq, t, channel, flags, value)."""

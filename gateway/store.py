@@ -63,7 +63,6 @@ CREATE TABLE IF NOT EXISTS sink_outbox (id INTEGER PRIMARY KEY AUTOINCREMENT, si
     alert INTEGER, n INTEGER, bytes INTEGER, created_ms INTEGER, msg_id TEXT, body BLOB);
 CREATE INDEX IF NOT EXISTS sink_outbox_sink ON sink_outbox (sink, id);
 CREATE INDEX IF NOT EXISTS window_results_start ON window_results (start);
-CREATE INDEX IF NOT EXISTS readings_device_t ON readings (device, t);
 """
 
 # Output tables (what a user queries / exports) and the state tables beside them.
@@ -184,10 +183,12 @@ RETENTION = (
 _PER_DEVICE = ("readings", "device_windows", "device_status")
 
 
-def prune_sql(table, col):
+def prune_sql(table, col, indexed=True):
     """One bounded DELETE. Per-device tables go device by device through their (device, t)
-    index (CROSS JOIN keeps devices the outer loop: a seek per device, never a full scan)."""
-    if table in _PER_DEVICE:
+    index (CROSS JOIN keeps devices the outer loop: a seek per device, never a full scan).
+    Raw readings without their index (store.index_readings = false): a scan in insertion
+    order, which meets the old rows first."""
+    if table in _PER_DEVICE and (indexed or table != "readings"):
         return ("DELETE FROM %s WHERE rowid IN (SELECT x.rowid FROM devices d CROSS JOIN %s x "
                 "ON x.device = d.device AND x.%s < ? LIMIT ?)" % (table, table, col))
     return "DELETE FROM %s WHERE rowid IN (SELECT rowid FROM %s WHERE %s < ? LIMIT ?)" % (table, table, col)
@@ -228,9 +229,13 @@ class Store:
                 raise StoreError("cannot open database %s: %s" % (self.path, e)) from e
             raise
 
-    async def prepare(self, channels):
+    async def prepare(self, channels, index_readings=True):
         """Readable schema (views, indexes) and the channel map {(device or '*', ch): (name, unit)}."""
         await self.db.executescript(READABLE_SCHEMA)
+        # per-device time ranges of raw readings; costs insert speed (docs/operations.md)
+        await self.db.execute("CREATE INDEX IF NOT EXISTS readings_device_t ON readings (device, t)" if index_readings
+                              else "DROP INDEX IF EXISTS readings_device_t")
+        self.index_readings = index_readings
         await self.db.execute("BEGIN IMMEDIATE")
         await self.db.execute("DELETE FROM channels")
         await self.db.executemany("INSERT INTO channels VALUES (?,?,?,?)",
@@ -246,7 +251,7 @@ class Store:
             cut = cutoffs.get(key)
             if not cut:
                 continue
-            sql = prune_sql(table, col)
+            sql = prune_sql(table, col, getattr(self, "index_readings", True))
             n = 0
             while True:
                 cur = await self.db.execute(sql, (cut, batch))

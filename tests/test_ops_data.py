@@ -123,6 +123,24 @@ def test_retention_deletes_old_rows_in_bounded_batches(tmp_path):
     assert db.execute("SELECT count(*) FROM window_results").fetchone() == (1,)
 
 
+def test_without_the_readings_index_retention_still_deletes_in_batches(tmp_path):
+    async def go():
+        s = Store(str(tmp_path / "gw.db"), "NORMAL")
+        await s.open()
+        await s.prepare(Config().channels, index_readings=False)
+        try:
+            await s.db.executemany("INSERT INTO readings VALUES (?,?,?,?,?,?,?)",
+                                   [("n1", 1, i, T + i, 0, 0, i) for i in range(5000)])
+            idx = await s.db.execute_fetchall("SELECT name FROM sqlite_master WHERE name = 'readings_device_t'")
+            out = await s.prune({"readings_days": T + 3000}, 1000)
+            left = await s.db.execute_fetchall("SELECT count(*), min(t) FROM readings")
+        finally:
+            await s.close()
+        return idx, out, left
+    idx, out, left = asyncio.run(go())
+    assert idx == [] and out == {"readings": 3000} and left == [(2000, T + 3000)]
+
+
 def test_retention_config_gives_cutoffs():
     from gateway.ops import cutoffs
     c = Config({"retention": {"readings_days": 7, "results_days": 365}})
@@ -131,6 +149,8 @@ def test_retention_config_gives_cutoffs():
     assert cutoffs(Config(), 10 ** 12) == {}  # default: keep everything
     with pytest.raises(ConfigError):
         Config({"retention": {"readings_days": -1}})
+    with pytest.raises(ConfigError, match="longer than a window can still be revised"):
+        Config({"retention": {"results_days": 1 / 1440.0}, "windows": {"size_ms": 60000, "allowed_lateness_ms": 60000}})
 
 
 @pytest.mark.broker

@@ -74,8 +74,16 @@ def test_grafana_dashboard_schema():
             assert a[0] + a[2] <= b[0] or b[0] + b[2] <= a[0] or a[1] + a[3] <= b[1] or b[1] + b[3] <= a[1], (a, b)
 
 
-def _scrape(url):
-    return urllib.request.urlopen(url, timeout=5).read().decode()
+def _scrape(url, wait_s=30.0):
+    """The endpoint's text; waits for a gateway (a subprocess) still starting."""
+    t0 = time.monotonic()
+    while True:
+        try:
+            return urllib.request.urlopen(url, timeout=5).read().decode()
+        except urllib.error.URLError:
+            if time.monotonic() - t0 > wait_s:
+                raise
+            time.sleep(0.2)
 
 
 def _get(url):

@@ -66,6 +66,15 @@ class FleetThread:
         self.t.join(30)
 
 
+def _listening(port):
+    import socket
+    try:
+        socket.create_connection(("127.0.0.1", port), 0.5).close()
+        return True
+    except OSError:
+        return False
+
+
 def _wait(what, fn, timeout=60.0):
     t0 = time.monotonic()
     while time.monotonic() - t0 < timeout:
@@ -87,6 +96,7 @@ def test_web_view_in_chromium(broker, tmp_path):
         fleet = FleetThread(site.port, site.mq)
         assert fleet.ready.wait(30) and fleet.error is None, fleet.error
         driver = _browser(tmp_path)
+        _wait("the gateway's web view listening", lambda: _listening(wport), 30)
         driver.get("http://127.0.0.1:%d/" % wport)
         driver.execute_script("window.__sameLoad = 42")  # gone if the page reloads
 

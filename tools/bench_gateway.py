@@ -118,8 +118,8 @@ def gateway_cfg(port, db, sync):
             "windows": {"size_ms": 10000, "groups": [{"name": "all0", "devices": ["*"], "channel": 0}]}}
 
 
-async def _run_gateway(cfg, until_readings=None, register_only=False):
-    gw = Gateway(cfg)
+async def _run_gateway(cfg, until_readings=None, register_only=False, ingest_factory=None):
+    gw = Gateway(cfg, ingest_factory=ingest_factory)
     task = asyncio.ensure_future(gw.run())
     while gw.ingest is None or not gw.ingest.connected.is_set():
         await asyncio.sleep(0.005)
@@ -149,15 +149,18 @@ async def _run_gateway(cfg, until_readings=None, register_only=False):
     st = gw.stats
     info = {"seconds": dt, "readings": st.readings, "messages": st.messages, "checkpoints": st.checkpoints,
             "ckpt_ms_avg": 1000 * st.checkpoint_seconds / max(1, st.checkpoints), "pauses": st.paused,
-            "acks": st.acks_sent, "db_mb": gw.store.size_bytes() / 1e6}
+            "acks": st.acks_sent, "db_mb": gw.store.size_bytes() / 1e6, "t_end": t0 + dt}
     gw.stop()
     await task
     return info
 
 
-def bench_gateway(port, tmp, name, msgs, n_readings, sync):
+def bench_gateway(port, tmp, name, msgs, n_readings, sync, tweak=None):
+    """tweak(cfg): changes the configuration (tools/bench_compare.py)."""
     db = os.path.join(tmp, name + ".db")
     cfg = gateway_cfg(port, db, sync)
+    if tweak:
+        tweak(cfg)
     cfg["mqtt"]["client_id"] = "bench-gw-" + name
     asyncio.run(_run_gateway(cfg, register_only=True))
     raw_publish(port, msgs, "pub-" + name)

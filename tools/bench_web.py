@@ -100,12 +100,13 @@ class Pages:
         return str(ups)
 
 
-def one_run(port, tmp, name, msgs, n_readings, pages, browser, update_ms):
+def one_run(port, tmp, name, msgs, n_readings, pages, browser, update_ms, index=True):
     db = os.path.join(tmp, name + ".db")
     cfg = gateway_cfg(port, db, "FULL")
     cfg["mqtt"]["client_id"] = "bench-web-" + name
     wport = free_port()
     cfg["web"] = {"port": wport, "update_ms": update_ms}
+    cfg["store"]["index_readings"] = index
     cfg["security"] = {"insecure": True}  # plaintext, anonymous broker: the bench is about the web view
     asyncio.run(_run_gateway(dict(cfg, web={"port": 0}), register_only=True))
     raw_publish(port, msgs, "pub-" + name)
@@ -138,6 +139,8 @@ def main(argv=None):
     ap.add_argument("--pairs", type=int, default=3)
     ap.add_argument("--update-ms", type=int, default=1000, help="web.update_ms (the default is 1000)")
     ap.add_argument("--browser", action="store_true", help="real headless chromium tabs instead of page clients")
+    ap.add_argument("--index-ab", action="store_true",
+                    help="no pages; alternate store.index_readings off / on instead (the index's insert cost)")
     a = ap.parse_args(argv)
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # the finally below stops the broker
     tmp = tempfile.mkdtemp(prefix="edgeflow-bench-web-")
@@ -146,6 +149,7 @@ def main(argv=None):
     n = a.msgs * a.per_msg
     res = {0: [], 1: []}
     cpu = {0: [], 1: []}
+    labels = ("no index", "index") if a.index_ab else ("no page", "pages open")
     try:
         print("mosquitto on 127.0.0.1:%d, QoS 1, %d devices, %d msgs x %d readings, SQLite FULL, web view on; "
               "pages: %d %s, update_ms %d" % (port, a.devices, a.msgs, a.per_msg, a.pages,
@@ -153,21 +157,25 @@ def main(argv=None):
         for i in range(a.pairs):
             for open_ in ((0, 1) if i % 2 == 0 else (1, 0)):
                 msgs = workload(a.devices, a.msgs, a.per_msg, prefix="edgeflow")
-                rate, dt, seen, c = one_run(port, tmp, "r%d%d" % (i, open_), msgs, n,
-                                                  a.pages if open_ else 0, a.browser, a.update_ms)
+                if a.index_ab:  # 0: no (device, t) index, 1: with it
+                    rate, dt, seen, c = one_run(port, tmp, "r%d%d" % (i, open_), msgs, n, 0, False, a.update_ms,
+                                                index=bool(open_))
+                else:
+                    rate, dt, seen, c = one_run(port, tmp, "r%d%d" % (i, open_), msgs, n,
+                                                a.pages if open_ else 0, a.browser, a.update_ms)
                 res[open_].append(rate)
                 cpu[open_].append(c / n * 1e6)
                 print("run %d %-10s %8.0f readings/s committed (%.2f s, gateway CPU %.2f s = %.2f us/reading)%s" % (
-                    i, "pages open" if open_ else "no page", rate, dt, c, c / n * 1e6,
-                    "  updates per page %s" % seen if open_ else ""), flush=True)
+                    i, labels[open_], rate, dt, c, c / n * 1e6,
+                    "  updates per page %s" % seen if open_ and not a.index_ab else ""), flush=True)
     finally:
         broker.stop()
     m0, m1 = statistics.median(res[0]), statistics.median(res[1])
-    print("median no page   %8.0f readings/s (runs: %s)" % (m0, ", ".join("%.0f" % r for r in res[0])))
-    print("median pages open %7.0f readings/s (runs: %s)" % (m1, ", ".join("%.0f" % r for r in res[1])))
-    print("ratio pages open / no page: %.2f" % (m1 / m0))
+    print("median %-10s %8.0f readings/s (runs: %s)" % (labels[0], m0, ", ".join("%.0f" % r for r in res[0])))
+    print("median %-10s %8.0f readings/s (runs: %s)" % (labels[1], m1, ", ".join("%.0f" % r for r in res[1])))
+    print("ratio %s / %s: %.2f" % (labels[1], labels[0], m1 / m0))
     c0, c1 = statistics.median(cpu[0]), statistics.median(cpu[1])
-    print("gateway CPU per reading: %.2f us no page, %.2f us pages open (ratio %.2f)" % (c0, c1, c1 / c0))
+    print("gateway CPU per reading: %.2f us %s, %.2f us %s (ratio %.2f)" % (c0, labels[0], c1, labels[1], c1 / c0))
     return 0
 
 

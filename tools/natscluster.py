@@ -33,6 +33,9 @@ _PR_SET_PDEATHSIG = 1
 
 
 def nats_server_bin():
+    forced = os.environ.get("EDGEFLOW_NATS_SERVER")  # e.g. Debian's /usr/sbin/nats-server (2.9)
+    if forced:
+        return forced
     here = os.path.join(os.path.dirname(sys.executable), "nats-server")
     for p in (here, shutil.which("nats-server")):
         if p and os.path.exists(p):
@@ -55,7 +58,7 @@ def die_with_parent():
 
 
 def node_conf(name, port, http_port, store_dir, cluster_port=None, routes=(), leafnode_port=None,
-              max_file_store="4G", domain=None, leaf_remotes=()):
+              max_file_store="4G", domain=None, leaf_remotes=(), mqtt_port=None, mappings=None, mqtt_replicas=None):
     lines = ["server_name: %s" % name, "listen: 127.0.0.1:%d" % port, "http: 127.0.0.1:%d" % http_port,
              "max_payload: 4MB",
              "jetstream { store_dir: %s, max_memory_store: 64MB, max_file_store: %s%s }"
@@ -68,14 +71,30 @@ def node_conf(name, port, http_port, store_dir, cluster_port=None, routes=(), le
     if leaf_remotes:
         lines.append("leafnodes { reconnect: 1, remotes: [%s] }"
                      % ", ".join('{ url: "nats-leaf://127.0.0.1:%d" }' % p for p in leaf_remotes))
+    if mqtt_port:
+        # the devices' MQTT 3.1.1 (sessions/retained live in JetStream); ack_wait: a QoS 1
+        # message to a device is resent after this if unacked (the firmware acks at once)
+        # stream_replicas explicit: left alone the server picks the replicas from the nodes it
+        # sees at the first MQTT connect (2 of 3 here), and an R2 session stream loses its
+        # quorum with one node down: no device could connect anywhere
+        lines.append("mqtt { listen: 127.0.0.1:%d, ack_wait: \"30s\", max_ack_pending: 1024%s }"
+                     % (mqtt_port, ", stream_replicas: %d" % mqtt_replicas if mqtt_replicas else ""))
+    if mappings:
+        # subject mappings, e.g. gateway/partitions.py's device -> partition function
+        lines.append("mappings { %s }" % ", ".join("%s: %s" % (json.dumps(k), json.dumps(v))
+                                                  for k, v in mappings.items()))
     return "\n".join(lines) + "\n"
 
 
 class NatsCluster:
-    def __init__(self, workdir, nodes=3, leafnodes=False, domain=None, leaf_remotes=()):
-        """domain: JetStream domain (hub / site); leaf_remotes: hub leaf node ports to connect
-        to (this server is then a site's leaf node: its JetStream stores while the link is down)."""
+    def __init__(self, workdir, nodes=3, leafnodes=False, mqtt=False, mappings=None, domain=None, leaf_remotes=()):
+        """mqtt: each node also listens for MQTT (ports in .mqtt_ports); mappings: subject
+        mappings for every node ({from: to}); domain: JetStream domain (hub / site);
+        leaf_remotes: hub leaf node ports to connect to (this server is then a site's leaf
+        node: its JetStream stores while the link is down)."""
         self.dir = os.path.abspath(str(workdir))
+        self.mqtt_ports = [free_port() for _ in range(nodes)] if mqtt else [None] * nodes
+        self.mappings = mappings
         self.n = nodes
         self.domain = domain
         self.leaf_remotes = tuple(leaf_remotes)
@@ -98,6 +117,8 @@ class NatsCluster:
         with open(path, "w") as f:
             f.write(node_conf("n%d" % i, self.ports[i], self.http[i], os.path.join(d, "js"),
                               self.cports[i] if self.n > 1 else None, routes, self.leaf_ports[i],
+                              mqtt_port=self.mqtt_ports[i], mappings=self.mappings,
+                              mqtt_replicas=min(3, self.n) if self.n > 1 else None,
                               domain=self.domain, leaf_remotes=self.leaf_remotes))
         return path, d
 
@@ -109,6 +130,8 @@ class NatsCluster:
             self.procs[i] = subprocess.Popen([nats_server_bin(), "-c", conf], stdout=log, stderr=subprocess.STDOUT,
                                              preexec_fn=die_with_parent)
         _wait_port(self.ports[i], self.procs[i], os.path.join(d, "nats.log"))
+        if self.mqtt_ports[i]:
+            _wait_port(self.mqtt_ports[i], self.procs[i], os.path.join(d, "nats.log"))
 
     def start(self):
         os.makedirs(self.dir, exist_ok=True)
@@ -268,11 +291,20 @@ def main(argv=None):
     ap.add_argument("--nodes", type=int, default=3)
     ap.add_argument("--dir", default="nats-cluster")
     ap.add_argument("--leafnodes", action="store_true", help="also listen for leaf node connections")
+    ap.add_argument("--mqtt", action="store_true", help="also listen for MQTT (devices) on every node")
+    ap.add_argument("--partitions", type=int, default=0,
+                    help="map device subjects to P partitions (gateway/partitions.py; one site, several gateways)")
     args = ap.parse_args(argv)
-    c = NatsCluster(args.dir, args.nodes, args.leafnodes).start()
+    mappings = None
+    if args.partitions:
+        from gateway.partitions import nats_mappings
+        mappings = nats_mappings("edgeflow", args.partitions)
+    c = NatsCluster(args.dir, args.nodes, args.leafnodes, mqtt=args.mqtt, mappings=mappings).start()
     try:
         c.wait_ready()
         print("NATS JetStream ready: %s" % ",".join(c.urls))
+        if args.mqtt:
+            print("MQTT ports: %s" % ",".join(str(p) for p in c.mqtt_ports))
         if args.leafnodes:
             print("leaf node ports: %s" % ",".join(str(p) for p in c.leaf_ports))
         sys.stdout.flush()

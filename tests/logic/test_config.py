@@ -111,3 +111,21 @@ def test_tls_and_credentials_required_unless_insecure():
     t = config.load(_cfg(broker=dict(BASE["broker"], tls={"ca": "/ca.pem"})))["broker"]["tls"]
     assert t["server_hostname"] == "192.168.1.10"
     assert _err(_cfg(insecure="yes")).path == "insecure"
+
+
+def test_broker_hosts_list_for_failover():
+    def broker(**kw):
+        b = dict(BASE["broker"], **kw)
+        if b.get("host") is None:
+            del b["host"]
+            del b["port"]
+        return _cfg(broker=b)
+    c = config.load(broker(host="10.0.0.1", hosts=["10.0.0.2", "10.0.0.3:8884", "10.0.0.1"]))
+    assert c["broker"]["hosts"] == [["10.0.0.1", 8883], ["10.0.0.2", 8883], ["10.0.0.3", 8884]]
+    c = config.load(broker(host=None, hosts=["a:1", "b:2"]))  # no host: the first of the list
+    assert c["broker"]["host"] == "a" and c["broker"]["port"] == 1
+    assert c["broker"]["hosts"] == [["a", 1], ["b", 2]]
+    assert config.load(c) == c
+    assert config.load(_cfg())["broker"]["hosts"] == [["192.168.1.10", 8883]]
+    for bad in (["h:0"], ["h:65536"], ["h:x"], [":1883"], [""], [5], "h", ["h"] * 9):
+        assert _err(broker(host="h", hosts=bad)).path.startswith("broker.hosts"), bad

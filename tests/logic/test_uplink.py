@@ -195,3 +195,15 @@ def test_forged_and_replayed_acks_are_ignored():
     # a genuine but older time beacon (replayed within the session) does not step the clock back
     _ack(up, 2, 7, EPOCH + 500, 0, up.nonce)
     assert up.c["old_beacons"] == 1 and ob.unacked() == 0
+
+
+def test_next_host_round_robin_over_broker_hosts():
+    hal = SimHal(seed=1, console=False)
+    cfg = config.load({"device_id": "d1", "broker": {"host": "n1", "port": 1883, "hosts": ["n2:1884", "n3"]},
+                       "ack_key": KEY, "insecure": True})
+    up = Uplink(cfg, hal, Outbox(hal.fs, 2, batch_records=4).load(), Clock(hal, 2), "t")
+    seen = [(up.client.host, up.client.port)]
+    for _ in range(3):
+        up.next_host()
+        seen.append((up.client.host, up.client.port))
+    assert seen == [("n1", 1883), ("n2", 1884), ("n3", 1883), ("n1", 1883)]

@@ -1,0 +1,284 @@
+"""One site, several gateways: a gateway process that owns partitions by lease.
+
+    python -m gateway.scaleout --id gw1 -c gateway.toml --dir /var/lib/edgeflow \\
+        --nats nats://10.0.0.1:4222,nats://10.0.0.2:4222 --mqtt 10.0.0.1:1883,10.0.0.2:1883 --partitions 8
+
+Ownership: a JetStream key-value bucket (replicas 3) with a TTL of one lease period holds
+`p.<n>` = owning gateway id and `gw.<id>` = membership. Every lease/3 a gateway renews its
+keys (compare-and-set on the revision), counts the live gateways, and takes free partitions
+(create-if-absent) up to its fair share ceil(P / gateways), or gives back one above it
+(final checkpoint, then delete the key). A killed gateway's keys expire after the TTL and
+the others take its partitions.
+
+State of a partition: its own SQLite file <dir>/part-<n>.db (dedup, watermarks, open
+windows, devices, results), i.e. the service's whole checkpoint. The new owner opens it
+and restores, then recreates the partition's consumer so everything not acked is
+delivered at once. Fencing: the owner holds flock() on <dir>/part-<n>.lock while the
+pipeline runs; a paused old owner that still holds it blocks the new one (which gives
+the lease back and retries), so two pipelines never write one partition. flock and the
+file need storage every gateway of the site can open: one host (gateway processes per
+core) or a shared filesystem with working locks; docs/scale-out.md says what changes
+for separate disks.
+"""
+import argparse
+import asyncio
+import fcntl
+import os
+import signal
+import sys
+import time
+
+from nats.js.api import KeyValueConfig, StorageType
+from nats.js.errors import BucketNotFoundError, KeyWrongLastSequenceError, NoKeysError
+
+from . import logs
+from .config import Config, ConfigError
+from .ingest_jetstream import Link, PartitionIngest
+from .partitions import fair_share
+from .service import Gateway
+
+BUCKET = "edgeflow_leases"
+
+
+class _Part:
+    __slots__ = ("p", "gw", "task", "fd", "rev", "renewed", "since")
+
+    def __init__(self, p, gw, task, fd, rev, now):
+        self.p, self.gw, self.task, self.fd, self.rev, self.renewed, self.since = p, gw, task, fd, rev, now, now
+
+
+class Owner:
+    def __init__(self, config_path, gid, nats_urls, mqtt_hosts, partitions, data_dir, lease_s=3.0, replicas=3,
+                 overrides=None):
+        self.config_path = config_path
+        self.overrides = dict(overrides or {})
+        self.base = Config.load(config_path, self.overrides)  # fail early on a bad file
+        if not self.base.security.insecure:
+            # acks are still signed when [devices] file is set; the transport is not secured
+            raise ConfigError("gateway.scaleout talks to NATS without TLS or credentials (not built yet, "
+                              "docs/scale-out.md): set [security] insecure = true to run it")
+        self.gid = gid
+        self.P = partitions
+        self.dir = os.path.abspath(data_dir)
+        self.lease_s = lease_s
+        self.replicas = replicas
+        self.link = Link(nats_urls, mqtt_hosts, "edgeflow-gw-%s" % gid, self.base.mqtt.prefix, replicas,
+                         ack_wait_s=30.0)
+        self.kv = None
+        self.parts = {}
+        self.alive = 1
+        self.taken = 0
+        self.released = 0
+        self.lost = 0
+        self.fenced = 0
+        self._stop = None
+        # rotate the scan start so that gateways starting together want different partitions
+        self._order = sorted(range(partitions), key=lambda p: (p - sum(gid.encode())) % partitions)
+
+    # ------------------------------------------------------------ lifecycle
+
+    def stop(self):
+        if self._stop is not None:
+            self._stop.set()
+
+    async def run(self):
+        self._stop = asyncio.Event()
+        os.makedirs(self.dir, exist_ok=True)
+        await self.link.start()
+        self.kv = await self._bucket()
+        logs.info("scaleout_started", id=self.gid, partitions=self.P, lease_s=self.lease_s, dir=self.dir)
+        # join first, take partitions one tick later: gateways starting together then see
+        # each other and split the partitions at once instead of moving them afterwards
+        try:
+            await self.kv.put("gw." + self.gid, b"0")
+            await asyncio.wait_for(self._stop.wait(), self.lease_s / 3)
+        except asyncio.TimeoutError:
+            pass
+        except Exception as e:  # noqa: BLE001 - the first tick retries
+            logs.warning("lease_tick_failed", error=repr(e))
+        try:
+            while not self._stop.is_set():
+                try:
+                    await self._tick()
+                except Exception as e:  # noqa: BLE001 - a NATS hiccup: keep what we own until its lease runs out
+                    logs.warning("lease_tick_failed", error=repr(e))
+                    await self._expire_unrenewed()
+                try:
+                    await asyncio.wait_for(self._stop.wait(), self.lease_s / 3)
+                except asyncio.TimeoutError:
+                    pass
+        finally:
+            for p in sorted(self.parts):
+                await self._drop(p, release=True)
+            try:
+                await self.kv.delete("gw." + self.gid)
+                last = not await self._members()
+            except Exception:  # noqa: BLE001
+                last = False
+            await self.link.close(offline=last)
+            logs.info("scaleout_stopped", id=self.gid, taken=self.taken, released=self.released, lost=self.lost)
+
+    async def _bucket(self):
+        js = self.link.js
+        try:
+            return await js.key_value(BUCKET)
+        except BucketNotFoundError:
+            return await js.create_key_value(KeyValueConfig(bucket=BUCKET, history=1, ttl=self.lease_s,
+                                                            replicas=self.replicas, storage=StorageType.FILE))
+
+    async def _members(self):
+        try:
+            keys = await self.kv.keys()
+        except NoKeysError:
+            return []
+        return [k for k in keys if k.startswith("gw.")]
+
+    # ------------------------------------------------------------ leases
+
+    async def _tick(self):
+        kv = self.kv
+        await kv.put("gw." + self.gid, b"%d" % len(self.parts))
+        now = time.monotonic()
+        for p, h in list(self.parts.items()):
+            if h.task.done():  # the pipeline stopped (e.g. a failed commit): give the partition back
+                logs.error("partition_pipeline_ended", partition=p,
+                           error=repr(h.task.exception()) if not h.task.cancelled() else "cancelled")
+                await self._drop(p, release=True)
+                continue
+            try:
+                h.rev = await kv.update(_key(p), self.gid.encode(), last=h.rev)
+                h.renewed = now
+            except KeyWrongLastSequenceError:
+                # expired and taken by another gateway while this one stalled
+                logs.error("lease_lost", partition=p)
+                self.lost += 1
+                await self._drop(p, release=False)
+        await self._expire_unrenewed()
+        self.alive = max(1, len(await self._members()))
+        target = fair_share(self.P, self.alive)
+        if len(self.parts) > target:
+            await self._drop(max(self.parts), release=True)
+            return
+        for p in self._order:
+            if len(self.parts) >= target or self._stop.is_set():
+                break
+            if p in self.parts:
+                continue
+            try:
+                rev = await kv.create(_key(p), self.gid.encode())
+            except KeyWrongLastSequenceError:
+                continue  # owned by another gateway
+            await self._take(p, rev)
+
+    async def _expire_unrenewed(self):
+        """A lease not renewed for a whole period may belong to someone else by now: stop."""
+        now = time.monotonic()
+        for p, h in list(self.parts.items()):
+            if now - h.renewed > self.lease_s:
+                logs.error("lease_expired_locally", partition=p, since_renew_s=round(now - h.renewed, 2))
+                self.lost += 1
+                await self._drop(p, release=False)
+
+    async def _take(self, p, rev):
+        t0 = time.monotonic()
+        fd = os.open(os.path.join(self.dir, "part-%03d.lock" % p), os.O_CREAT | os.O_RDWR, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)  # the old owner still runs it: give the lease back, retry later
+            self.fenced += 1
+            logs.warning("partition_fenced", partition=p)
+            await self.kv.delete(_key(p))
+            return
+        try:
+            await self.link.reset_consumer(p)
+            over = dict(self.overrides)
+            over["store.path"] = os.path.join(self.dir, "part-%03d.db" % p)
+            over["metrics.port"] = 0
+            cfg = Config.load(self.config_path, over)
+            link = self.link
+            gw = Gateway(cfg, ingest_factory=lambda c, s, p=p: PartitionIngest(link, p, c, s))
+            task = asyncio.ensure_future(gw.run())
+            started = asyncio.ensure_future(gw.started.wait())
+            await asyncio.wait([task, started], return_when=asyncio.FIRST_COMPLETED)
+            started.cancel()
+            if task.done():
+                task.result()  # raises: the partition is released below
+        except Exception as e:  # noqa: BLE001
+            logs.error("partition_start_failed", partition=p, error=repr(e))
+            os.close(fd)
+            await self.kv.delete(_key(p))
+            return
+        self.parts[p] = _Part(p, gw, task, fd, rev, time.monotonic())
+        self.taken += 1
+        self.link.out.announce()  # devices of this partition may have seen a will say offline
+        logs.info("partition_taken", partition=p, id=self.gid, start_ms=round((time.monotonic() - t0) * 1000),
+                  owned=sorted(self.parts))
+
+    async def _drop(self, p, release):
+        h = self.parts.pop(p, None)
+        if h is None:
+            return
+        h.gw.stop()
+        try:
+            await asyncio.wait_for(asyncio.shield(h.task), 30)
+        except Exception as e:  # noqa: BLE001 - logged; the lock goes below either way
+            logs.error("partition_stop_failed", partition=p, error=repr(e))
+        os.close(h.fd)
+        if release:
+            try:
+                await self.kv.delete(_key(p))
+            except Exception:  # noqa: BLE001 - the TTL frees it anyway
+                pass
+            self.released += 1
+        logs.info("partition_released" if release else "partition_dropped", partition=p, id=self.gid,
+                  owned=sorted(self.parts))
+
+
+def _key(p):
+    return "p.%03d" % p
+
+
+def _hosts(spec):
+    out = []
+    for part in spec.split(","):
+        h, _, port = part.strip().rpartition(":")
+        out.append((h or "127.0.0.1", int(port)))
+    return out
+
+
+def build_parser():
+    ap = argparse.ArgumentParser(prog="edgeflow-scaleout", description=__doc__.split("\n\n")[0])
+    ap.add_argument("--id", required=True, help="this gateway's id (unique on the site)")
+    ap.add_argument("-c", "--config", help="gateway TOML (windows, watermark, checkpoint...; store.path is per partition)")
+    ap.add_argument("--nats", required=True, help="comma-separated NATS URLs of the cluster")
+    ap.add_argument("--mqtt", required=True, help="comma-separated host:port of the cluster's MQTT listeners")
+    ap.add_argument("--partitions", type=int, required=True, help="P: must equal the servers' mapping")
+    ap.add_argument("--dir", required=True, help="directory of the partitions' SQLite files (shared by the site)")
+    ap.add_argument("--lease-s", type=float, default=3.0, help="lease TTL; takeover takes about this plus a tick")
+    ap.add_argument("--replicas", type=int, default=3, help="stream and bucket replicas")
+    return ap
+
+
+def main(argv=None):
+    args = build_parser().parse_args(argv)
+    try:
+        owner = Owner(args.config, args.id, args.nats.split(","), _hosts(args.mqtt), args.partitions, args.dir,
+                      args.lease_s, args.replicas)
+    except (ConfigError, ValueError) as e:
+        print("edgeflow-scaleout: %s" % e, file=sys.stderr)
+        return 2
+    logs.setup(owner.base.log.level, owner.base.log.format)
+
+    async def go():
+        loop = asyncio.get_running_loop()
+        for s in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(s, owner.stop)
+        await owner.run()
+
+    asyncio.run(go())
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

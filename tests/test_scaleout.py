@@ -1,0 +1,246 @@
+"""One site, several gateways (issue 15): partitions, the group-window merge, and the
+JetStream ingest with failover on a real 3-node NATS cluster that speaks MQTT."""
+import asyncio
+import collections
+import os
+import random
+import sqlite3
+import time
+
+import pytest
+
+from gateway import merge as gmerge
+from gateway.config import Config
+from gateway.partitions import fnv1a32, nats_mappings, partition_of, subject_topic
+from gateway.service import Gateway
+from shared import wire
+
+T0 = int(time.time() * 1000) - 3600 * 1000  # an hour ago: valid event times, windows all fired by the end
+
+
+def test_fnv1a_known_vectors_and_partition_spread():
+    # FNV-1a 32-bit reference values (the function NATS's {{partition}} mapping uses)
+    assert fnv1a32(b"") == 0x811C9DC5
+    assert fnv1a32(b"a") == 0xE40C292C
+    assert fnv1a32(b"foobar") == 0xBF9CF968
+    counts = collections.Counter(partition_of("dev-%04d" % i, 8) for i in range(4000))
+    assert set(counts) == set(range(8)) and min(counts.values()) > 400
+    m = nats_mappings("edgeflow", 8)
+    assert m["edgeflow.d.*.data"] == "edgeflow.p.{{partition(8,1)}}.{{wildcard(1)}}.data"
+    assert "edgeflow.d.*.ack" not in m  # acks go back to the devices unmapped
+    assert subject_topic("edgeflow.p.3.dev-1.data") == b"edgeflow/d/dev-1/data"
+    assert subject_topic("weird") == b"weird"
+    with pytest.raises(ValueError):
+        nats_mappings("edgeflow", 0)
+
+
+class ListIngest:
+    """The service's ingest interface over a list of (topic, payload): all of it queued at once."""
+
+    def __init__(self, msgs, cfg, stats):
+        now = time.monotonic()
+        self.queue = collections.deque((t.encode(), p, i, 1, now) for i, (t, p) in enumerate(msgs))
+        self.maxsize = max(10, len(self.queue))
+        self.wake = asyncio.Event()
+        self.wake.set()
+        self.connected = asyncio.Event()
+        self.paused = False
+        self.closing = False
+        self.acked = 0
+        self.sent = []
+
+    async def start(self):
+        self.connected.set()
+
+    async def stop(self, offline=True):
+        pass
+
+    def pause(self):
+        self.paused = True
+
+    def resume(self):
+        self.paused = False
+
+    def maybe_resume(self):
+        pass
+
+    def puback(self, mids):
+        self.acked += len(mids)
+
+    def publish(self, topic, payload, qos=1, retain=False):
+        self.sent.append((topic, payload))
+
+
+def _fleet_messages(n_dev, per_dev, rng, window_ms, disorder_ms):
+    """Per device: a hello, then reading batches (channel 0 and 1), times a little out of
+    order within a batch; devices interleaved like a broker would deliver them."""
+    topics = wire.Topics("edgeflow")
+    per = {}
+    for i in range(n_dev):
+        dev = "dev-%04d" % i
+        msgs = [(topics.hello(dev), wire.encode_hello(dev, 1, 0, T0, 0, 1, 0, 7, 1, "t-1"))]
+        seq = 0
+        t = T0 + rng.randrange(0, 500)
+        while seq < per_dev:
+            batch = []
+            for _ in range(min(16, per_dev - seq)):
+                t += rng.randrange(200, 400)
+                tt = max(T0, t - rng.randrange(0, disorder_ms + 1))
+                batch.append((seq, tt, seq % 2, 0, rng.randrange(-4000, 9000)))
+                seq += 1
+            msgs.append((topics.data(dev), wire.encode_readings(dev, 1, batch)))
+        per[dev] = msgs
+    out = []
+    cursors = {d: 0 for d in per}
+    while cursors:
+        d = rng.choice(sorted(cursors))
+        out.append(per[d][cursors[d]])
+        cursors[d] += 1
+        if cursors[d] == len(per[d]):
+            del cursors[d]
+    return out
+
+
+def _run_pipeline(msgs, db, sections):
+    async def go():
+        cfg = Config(dict(sections, store={"path": db, "synchronous": "NORMAL"}, metrics={"port": 0},
+                          security={"insecure": True}))
+        gw = Gateway(cfg, ingest_factory=lambda c, s: ListIngest(msgs, c, s))
+        task = asyncio.ensure_future(gw.run())
+        deadline = time.monotonic() + 60
+        while gw.stats.messages < len(msgs) and time.monotonic() < deadline and not task.done():
+            await asyncio.sleep(0.02)
+        gw.stop()
+        await task
+        assert gw.stats.messages == len(msgs)
+    asyncio.run(go())
+
+
+def _group_windows(db):
+    """(key, ch, start) -> (n, sum, min, max, mean, std, fired) of the latest state."""
+    c = sqlite3.connect(db)
+    out = {}
+    for key, ch, start, n, s, mn, mx, mean, std in c.execute(
+            "SELECT key, channel, start, count, sum, min, max, mean, std FROM window_results WHERE scope='group'"):
+        out[(key, ch, start)] = (n, s, mn, mx, round(mean, 6), round(std, 6), True)
+    for key, ch, start, n, s, mn, mx in c.execute(
+            "SELECT key, channel, start, count, sum, min, max FROM open_windows WHERE scope='group'"):
+        if (key, ch, start) not in out:
+            out[(key, ch, start)] = (n, s, mn, mx, None, None, False)
+    wm = c.execute("SELECT v FROM meta WHERE k='global_watermark'").fetchone()
+    c.close()
+    return out, wm[0] if wm else None
+
+
+@pytest.mark.parametrize("disorder_ms", [0, 1500])
+def test_group_merge_across_partitions_equals_single_gateway(tmp_path, disorder_ms):
+    """The same input through one gateway and through P partition pipelines + the merge
+    stage gives the same group windows (aggregates, fired or open) and watermark."""
+    rng = random.Random(7 + disorder_ms)
+    window_ms, P = 5000, 4
+    msgs = _fleet_messages(12, 240, rng, window_ms, disorder_ms)
+    sections = {"windows": {"size_ms": window_ms, "allowed_lateness_ms": 20000,
+                            "groups": [{"name": "all", "devices": ["*"], "channel": 0},
+                                       {"name": "some", "devices": ["dev-0001", "dev-0002", "dev-0007"],
+                                        "channel": 1}]},
+                "watermark": {"out_of_orderness_ms": 2000, "idle_timeout_ms": 3600000}}
+    single = str(tmp_path / "single.db")
+    _run_pipeline(msgs, single, sections)
+    parts = []
+    for p in range(P):
+        mine = [m for m in msgs if partition_of(wire.Topics("edgeflow").parse(m[0])[0], P) == p]
+        assert mine, "every partition gets devices"
+        parts.append(str(tmp_path / ("part-%03d.db" % p)))
+        _run_pipeline(mine, parts[-1], sections)
+    site = str(tmp_path / "site.db")
+    info = gmerge.merge(parts, site, window_ms)
+    got, wm_site = _group_windows(site)
+    want, wm_single = _group_windows(single)
+    assert info["group_fired"] > 10 and info["group_open"] >= 1
+    assert wm_site == wm_single
+    assert got == want
+    # per device everything is the union of the partitions
+    c1, c2 = sqlite3.connect(single), sqlite3.connect(site)
+    q = "SELECT device, boot, seq, t, channel, value FROM readings ORDER BY device, seq"
+    assert c1.execute(q).fetchall() == c2.execute(q).fetchall()
+    q = ("SELECT key, channel, start, count, sum, min, max, revision FROM window_results WHERE scope='device' "
+         "ORDER BY key, channel, start")
+    assert c1.execute(q).fetchall() == c2.execute(q).fetchall()
+
+
+@pytest.mark.slow
+def test_cluster_gateway_and_node_kill_exactly_once(tmp_path):
+    """3 NATS nodes (MQTT), 2 gateways, 8 partitions, the fleet simulator (firmware App) over
+    MQTT: kill -9 a gateway (its partitions move), restart it (they rebalance), kill -9 the NATS
+    node some devices and the gateways' MQTT output use (both move to the others), restart it; ground truth: 0 lost, 0 duplicated, device windows and
+    the merged group windows equal to what the delivered readings give."""
+    from tools.scaleout_site import scenario
+    lines = []
+    rep, fig = asyncio.run(scenario(str(tmp_path / "site"), devices=6, duration=20.0, gateways=2, partitions=8,
+                                    log=lines.append, node_down_s=40))
+    text = "\n".join(lines)
+    assert rep.ok, text
+    assert rep.counts["delivered"] > 500 and rep.counts.get("held", 0) == 0, text
+    assert fig["takeover_s"] is not None, text
+    assert fig["merge"]["group_fired"] > 0, text
+    assert fig["misplaced"] == 0, text  # the servers' partition mapping == partition_of()
+    tried, moved, on_n2 = fig["failed_over"]
+    # firmware broker.hosts: the dead node's devices run sessions on the other nodes
+    assert on_n2 >= 1 and tried == moved == on_n2, text
+    assert fig["outputs_moved"][0] == fig["outputs_moved"][1] == 2, text  # the gateways' acks too
+
+
+def test_stalled_owner_is_fenced_then_loses_its_lease(tmp_path):
+    """A gateway that stalls past its lease (a long GC pause, a frozen VM) keeps its
+    partitions' files locked: the gateway that takes the expired lease cannot open them
+    (fenced, gives the lease back); when the stalled one wakes, its renewal fails (the
+    revision moved), it stops its pipelines, and only then can the other take one."""
+    from gateway.scaleout import Owner
+    from tools.fleet import gateway_toml
+    from tools.natscluster import NatsCluster
+
+    async def go(c):
+        conf = str(tmp_path / "gw.toml")
+        with open(conf, "w") as f:
+            f.write(gateway_toml(1, "unused.db", groups=False, extra={"security": {"insecure": True}}))
+        mq = [("127.0.0.1", c.mqtt_ports[0])]
+        a = Owner(conf, "a", c.urls, mq, 2, str(tmp_path / "parts"), lease_s=1.5, replicas=1)
+        b = Owner(conf, "b", c.urls, mq, 2, str(tmp_path / "parts"), lease_s=1.5, replicas=1)
+        gate = asyncio.Event()
+        gate.set()
+        a_tick = a._tick
+
+        async def gated_tick():
+            await gate.wait()
+            await a_tick()
+        a._tick = gated_tick
+        ta = asyncio.ensure_future(a.run())
+        tb = None
+        try:
+            await _until(lambda: len(a.parts) == 2, 20)
+            gate.clear()  # a stalls: no renewals, its pipelines keep running and hold the locks
+            tb = asyncio.ensure_future(b.run())
+            await _until(lambda: b.fenced >= 2, 20)
+            assert not b.parts and len(a.parts) == 2
+            gate.set()  # a wakes: its renewals fail, it stops them; then they are shared out
+            await _until(lambda: a.lost == 2, 20)
+            await _until(lambda: len(a.parts) + len(b.parts) == 2 and b.parts, 30)
+            assert not set(a.parts) & set(b.parts)
+        finally:
+            a.stop()
+            b.stop()
+            await asyncio.gather(ta, *([tb] if tb else []), return_exceptions=True)
+
+    c = NatsCluster(str(tmp_path / "nats"), 1, mqtt=True, mappings=nats_mappings("edgeflow", 2)).start()
+    try:
+        c.wait_ready()
+        asyncio.run(go(c))
+    finally:
+        c.stop()
+
+
+async def _until(cond, timeout):
+    deadline = time.monotonic() + timeout
+    while not cond():
+        assert time.monotonic() < deadline, "condition not reached in %s s" % timeout
+        await asyncio.sleep(0.05)
