@@ -62,6 +62,7 @@ class MqttOut:
         c.will_set(self.topics.gw_state, wire.encode_state(False, gateway=True), qos=1, retain=True)
         c.on_connect = self._on_connect
         c.on_disconnect = self._on_disconnect
+        c.on_connect_fail = self._on_connect_fail
         c.on_message = self._on_message
         c.reconnect_delay_set(0.1, 2)
         self.keepalive = keepalive
@@ -82,16 +83,23 @@ class MqttOut:
 
     def _on_disconnect(self, client, userdata, flags, reason_code, properties):
         self.connected.clear()
-        if self.closing:
-            return
-        # next host of the list; paho's own reconnect (backoff 0.1..2 s) then uses it
+        if not self.closing:
+            logs.warning("mqtt_out_disconnected", reason=str(reason_code), next="%s:%d" % self._next_host())
+
+    def _on_connect_fail(self, client, userdata):
+        # a dead node refuses the TCP connect: no on_disconnect then, so move on here too
+        if not self.closing:
+            self._next_host()
+
+    def _next_host(self):
+        """The next host of the list; paho's own reconnect (backoff 0.1..2 s) then uses it."""
         self.i = (self.i + 1) % len(self.hosts)
         h, p = self.hosts[self.i]
         try:
-            client.connect_async(h, p, keepalive=self.keepalive)
+            self.client.connect_async(h, p, keepalive=self.keepalive)
         except (OSError, ValueError):
             pass
-        logs.warning("mqtt_out_disconnected", reason=str(reason_code), next="%s:%d" % (h, p))
+        return h, p
 
     def _on_message(self, client, userdata, msg):
         # another gateway's last will said 'offline' while this one is up: the site is up

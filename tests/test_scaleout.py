@@ -171,8 +171,8 @@ def test_group_merge_across_partitions_equals_single_gateway(tmp_path, disorder_
 @pytest.mark.slow
 def test_cluster_gateway_and_node_kill_exactly_once(tmp_path):
     """3 NATS nodes (MQTT), 2 gateways, 8 partitions, the fleet simulator (firmware App) over
-    MQTT: kill -9 a gateway (its partitions move), restart it (they rebalance), kill -9 a NATS
-    node some devices use, restart it; ground truth: 0 lost, 0 duplicated, device windows and
+    MQTT: kill -9 a gateway (its partitions move), restart it (they rebalance), kill -9 the NATS
+    node some devices and the gateways' MQTT output use (both move to the others), restart it; ground truth: 0 lost, 0 duplicated, device windows and
     the merged group windows equal to what the delivered readings give."""
     from tools.scaleout_site import scenario
     lines = []
@@ -183,9 +183,11 @@ def test_cluster_gateway_and_node_kill_exactly_once(tmp_path):
     assert rep.counts["delivered"] > 500 and rep.counts.get("held", 0) == 0, text
     assert fig["takeover_s"] is not None, text
     assert fig["merge"]["group_fired"] > 0, text
+    assert fig["misplaced"] == 0, text  # the servers' partition mapping == partition_of()
     tried, moved, on_n2 = fig["failed_over"]
     # firmware broker.hosts: the dead node's devices run sessions on the other nodes
     assert on_n2 >= 1 and tried == moved == on_n2, text
+    assert fig["outputs_moved"][0] == fig["outputs_moved"][1] == 2, text  # the gateways' acks too
 
 
 def test_stalled_owner_is_fenced_then_loses_its_lease(tmp_path):

@@ -18,6 +18,7 @@ import glob
 import json
 import os
 import signal
+import sqlite3
 import subprocess
 import sys
 import tempfile
@@ -28,7 +29,7 @@ if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
 from gateway.merge import merge  # noqa: E402
-from gateway.partitions import nats_mappings  # noqa: E402
+from gateway.partitions import nats_mappings, partition_of  # noqa: E402
 from tools import groundtruth  # noqa: E402
 from tools.fleet import Fleet, gateway_toml, gateway_windows  # noqa: E402
 from tools.natscluster import NatsCluster, die_with_parent  # noqa: E402
@@ -150,6 +151,27 @@ class ScaleSite:
         parts = sorted(glob.glob(os.path.join(self.parts_dir, "part-*.db")))
         return out, merge(parts, out, self.windows["size_ms"])
 
+    def outputs_moved(self, since, dead_port):
+        """Running gateways whose MQTT output connected to another node after `since`."""
+        n = 0
+        for gid in self.gws:
+            if any(e["ts"] > since and not e.get("host", "").endswith(":%d" % dead_port)
+                   for e in self.events(gid, "mqtt_out_connected")):
+                n += 1
+        return n
+
+    def misplaced(self):
+        """Devices found in a partition DB other than gateway.partitions.partition_of() says:
+        the servers' {{partition}} mapping and the Python function must agree."""
+        bad = 0
+        for path in glob.glob(os.path.join(self.parts_dir, "part-*.db")):
+            p = int(os.path.basename(path)[5:8])
+            c = sqlite3.connect(path)
+            devs = [r[0] for r in c.execute("SELECT device FROM devices")]
+            c.close()
+            bad += sum(1 for d in devs if partition_of(d, self.P) != p)
+        return bad
+
     def close(self):
         for gid in list(self.gws):
             self.stop_gateway(gid, 10)
@@ -157,9 +179,10 @@ class ScaleSite:
 
 
 async def scenario(workdir, devices=20, duration=40.0, gateways=2, partitions=8, sample_ms=250, seed=1, log=print,
-                   kill_node=True, node_down_s=None):
-    """node_down_s: how long the killed NATS node stays down at most (default duration/5);
-    it comes back earlier once its devices run sessions on the other nodes."""
+                   kill_node=0, node_down_s=None):
+    """kill_node: index of the NATS node to kill -9 (None: none); node_down_s: how long it
+    stays down at most (default duration/5); it comes back earlier once its devices and the
+    gateways' MQTT outputs run on the other nodes."""
     site = ScaleSite(workdir, partitions=partitions).start()
     truth = os.path.join(site.dir, "truth.db")
     fig = {}
@@ -191,31 +214,35 @@ async def scenario(workdir, devices=20, duration=40.0, gateways=2, partitions=8,
         await asyncio.sleep(step)
         site.start_gateway("g0")
         log("restart g0")
-        if kill_node:
+        if kill_node is not None:
             await asyncio.sleep(step)
-            site.cluster.kill(2)
-            on_n2 = [d for d in fleet.devices if d.app and d.app.uplink and d.app.uplink.client.port == ports[2]]
-            log("kill -9 NATS node n2 (devices %s use it)" % [d.id for d in on_n2])
+            k = kill_node  # the gateways' MQTT output starts on n0 too: both sides fail over
+            dead = ports[k]
             t_node = time.time()
+            site.cluster.kill(k)
+            on_dead = [d for d in fleet.devices if d.app and d.app.uplink and d.app.uplink.client.port == dead]
+            log("kill -9 NATS node n%d (devices %s use it)" % (k, [d.id for d in on_dead]))
             moved = tried = []
             while time.time() - t_node < node_down_s:
-                ups = [d.app.uplink for d in on_n2 if d.app and d.app.uplink]
-                tried = [u for u in ups if u.client.port != ports[2] or u.c["connect_failures"]]
-                moved = [u for u in ups if u.session and u.client.port != ports[2]]
-                if len(moved) == len(on_n2):
+                ups = [d.app.uplink for d in on_dead if d.app and d.app.uplink]
+                tried = [u for u in ups if u.client.port != dead or u.c["connect_failures"]]
+                moved = [u for u in ups if u.session and u.client.port != dead]
+                if len(moved) == len(on_dead) and site.outputs_moved(t_node, dead) == len(site.gws):
                     break
                 await asyncio.sleep(0.2)
-            fig["failed_over"] = (len(tried), len(moved), len(on_n2))
-            fig["failover_s"] = time.time() - t_node if len(moved) == len(on_n2) else None
-            log("devices of n2 that tried another node: %d, in a session on another node: %d of %d after %.1f s"
-                % (len(tried), len(moved), len(on_n2), time.time() - t_node))
-            for d in on_n2:
+            fig["failed_over"] = (len(tried), len(moved), len(on_dead))
+            fig["failover_s"] = time.time() - t_node if len(moved) == len(on_dead) else None
+            fig["outputs_moved"] = (site.outputs_moved(t_node, dead), len(site.gws))
+            log("devices of n%d that tried another node: %d, in a session on another node: %d of %d after %.1f s;"
+                " gateways whose MQTT output moved: %d of %d" % ((k, len(tried), len(moved), len(on_dead),
+                                                               time.time() - t_node) + fig["outputs_moved"]))
+            for d in on_dead:
                 u = d.app.uplink
                 log("  %s port %d session %s connects %d failures %d" % (d.id, u.client.port, u.session,
                                                                         u.c["connects"], u.c["connect_failures"]))
             await asyncio.sleep(max(0.0, step - (time.time() - t_node)))
-            site.cluster.start_node(2)
-            log("restart NATS node n2")
+            site.cluster.start_node(k)
+            log("restart NATS node n%d" % k)
         await asyncio.sleep(step)
         drained = await fleet.quiesce(timeout=90)
         log("devices drained: %s" % drained)
@@ -226,6 +253,8 @@ async def scenario(workdir, devices=20, duration=40.0, gateways=2, partitions=8,
             site.stop_gateway(g)
         db, info = site.merge()
         fig["merge"] = info
+        fig["misplaced"] = site.misplaced()
+        log("devices whose data landed outside partition_of(): %d" % fig["misplaced"])
         rep = groundtruth.check(db, [truth], site.windows)
         fig["report"] = rep
         log(rep.text())
@@ -251,7 +280,7 @@ def main(argv=None):
     d = args.dir or tempfile.mkdtemp(prefix="scaleout-")
     t0 = time.time()
     rep, fig = asyncio.run(scenario(d, args.devices, args.duration, args.gateways, args.partitions, seed=args.seed,
-                                       kill_node=not args.no_node_kill, node_down_s=args.node_down))
+                                       kill_node=None if args.no_node_kill else 0, node_down_s=args.node_down))
     print("takeover_s=%s  devices_failover_s=%s  run_s=%.0f  dir=%s" % (
         fig.get("takeover_s"), fig.get("failover_s"), time.time() - t0, d))
     return 0 if rep.ok else 1
