@@ -195,3 +195,64 @@ def test_web_token_cli_and_basic_auth(tmp_path):
             await view.stop()
             await gw.store.close()
     asyncio.run(go())
+
+
+def test_web_view_over_tls_with_basic_auth(tmp_path):
+    """web.tls_cert/tls_key: HTTPS; the browser's basic-auth password (the token) crosses
+    the network only inside TLS. A self-signed certificate for 127.0.0.1, trusted by the client."""
+    import asyncio
+    import base64
+    import datetime
+    import ipaddress
+    import ssl
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    from gateway.web import WebView, token_hash
+    from tests.test_gateway_pipeline import cfg as pcfg, open_gw
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "edgeflow-test")])
+    now = datetime.datetime.now(datetime.timezone.utc)
+    cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
+            .serial_number(x509.random_serial_number()).not_valid_before(now - datetime.timedelta(minutes=1))
+            .not_valid_after(now + datetime.timedelta(days=1))
+            .add_extension(x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]), False)
+            .sign(key, hashes.SHA256()))
+    cert_pem, key_pem = tmp_path / "web.pem", tmp_path / "web.key"
+    cert_pem.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    key_pem.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                          serialization.NoEncryption()))
+    port = free_port()
+    tok = "s3cret-token"
+
+    def get(path, auth=None, ctx=None):
+        req = urllib.request.Request("https://127.0.0.1:%d%s" % (port, path))
+        if auth:
+            req.add_header("Authorization", auth)
+        try:
+            return urllib.request.urlopen(req, timeout=5, context=ctx).status
+        except urllib.error.HTTPError as e:
+            return e.code
+
+    async def go():
+        gw = await open_gw(pcfg(tmp_path, web={"port": port, "host": "127.0.0.1", "token_sha256": token_hash(tok),
+                                               "tls_cert": str(cert_pem), "tls_key": str(key_pem)}))
+        gw.ingest.connected = asyncio.Event()
+        view = await WebView(gw).start()
+        try:
+            assert view.url == "https://127.0.0.1:%d/" % port
+            loop = asyncio.get_running_loop()
+            trust = ssl.create_default_context(cafile=str(cert_pem))
+            basic = "Basic " + base64.b64encode(("me:" + tok).encode()).decode()
+            assert await loop.run_in_executor(None, get, "/api/snapshot", basic, trust) == 200
+            assert await loop.run_in_executor(None, get, "/api/snapshot", None, trust) == 401
+            with pytest.raises(urllib.error.URLError, match="CERTIFICATE_VERIFY_FAILED"):
+                await loop.run_in_executor(None, get, "/", basic, ssl.create_default_context())
+        finally:
+            await view.stop()
+            await gw.store.close()
+    asyncio.run(go())
