@@ -151,9 +151,9 @@ class Uplink:
         ob = self.outbox
         b, s = ob.floor()
         now = self.clock.now() or 0
-        n = rand32()
-        while n == self.nonce:
-            n = rand32()
+        n = rand32() & 0x3FFFFFFF  # 30 bits: a small int on the ESP32, no long-int maths per ack
+        while n == 0 or n == self.nonce:
+            n = rand32() & 0x3FFFFFFF
         self.prev_nonce = self.nonce
         self.nonce = n
         p = wire.encode_hello(self.dev, ob.boot, ob.seq, now, ob.unacked(), b, s, self.instance, n, self.fw, self.key)
