@@ -524,7 +524,7 @@ class AckForger:
                 self.retained.add(dev)
                 self.client.publish(self.topics.ack(dev), bytes(p), 1, retain)
                 self.forged += 1
-                for a in old.get(dev, [])[:-3]:  # all but the newest: their nonce is old by now
+                for a in old.get(dev, [])[-23:-3]:  # but the newest 3: their nonce is old by now
                     self.client.publish(self.topics.ack(dev), a, 1)
                     self.replayed += 1
 
