@@ -255,8 +255,8 @@ def encode_body(kind, body):
             raise WireError("bad_gap", "1..%d ranges" % MAX_GAP_RANGES)
         out = bytearray(struct.pack(_GAP, _u32(gboot, "boot"), len(ranges)))
         for first, length in ranges:
-            if length < 1 or length > 0xFFFF or first + length - 1 > 0xFFFFFFFF:
-                raise WireError("bad_gap", "range (%r, %r)" % (first, length))
+            if length < 1 or length > 0xFFFF:
+                raise WireError("bad_gap", "length %r" % length)
             out.extend(struct.pack(">IH", _u32(first, "seq"), length))
         return bytes(out)
     raise WireError("unknown_kind", str(kind))

@@ -81,7 +81,7 @@ def poison_messages():
     unsynced = wire.encode_readings("px", 6, [(7, 5000, 0, wire.FLAG_UNSYNCED, 1)])
     shared += [
         ("data", unsynced[:12] + struct.pack(">q", (1 << 63) - 1) + unsynced[20:]),
-        ("hello", wire.encode_hello("px", 6, U, NOW, 0, 6, U, "fw")),  # the crash-loop hello of issue 10
+        ("hello", wire.encode_hello("px", 6, U, NOW, 0, 6, U, 0xA1, 7, "fw")),  # the crash-loop hello of issue 10
         ("data", wire.encode_records("px", 6, [(wire.KIND_GAP, U - 1, T0, 0, (6, ((U, 1),)))])),
         ("data", wire.encode_records("px", 6, [(wire.KIND_GAP, U, T0, 0, (6, ((U - 5, 0xFFFF),)))])),
         ("data", _raw_gap(6, U, 0xFFFF)),  # a range ending past u32
@@ -91,8 +91,8 @@ def poison_messages():
         ("data", rd[:3] + bytes([idl + 1]) + rd[4:]),  # id length one over
     ]
     # hellos last: one with oldest_boot = max retires every boot of the device
-    hello = wire.encode_hello("px", 5, 50, NOW, 3, 5, 40, "fw-1")
-    shared += [("hello", v) for v in variants(hello, HDR + _layout("IIIB", 22 + idl))]
+    hello = wire.encode_hello("px", 5, 50, NOW, 3, 5, 40, 0xA1, 8, "fw-1")
+    shared += [("hello", v) for v in variants(hello, HDR + _layout("IIIIIB", 22 + idl))]
     shared += [("data", gap), ("data", rd)]
     return out, shared
 
@@ -117,6 +117,8 @@ def test_every_field_at_its_limits_never_fails_a_commit(tmp_path):
     async def go():
         gw = await open_gw(cfg(tmp_path))
         try:
+            # the real device says hello first: acks carry its nonce (none are sent without)
+            deliver(gw, TOP.hello("real"), wire.encode_hello("real", 1, 0, NOW, 0, 1, 0, 0xB1, 9, "fw"))
             seq = 0
             chars = "abcdefghijklmnopqrstuvwxyz0123456789"
             for i, (leaf, m) in enumerate(msgs):
