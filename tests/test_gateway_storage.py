@@ -20,14 +20,15 @@ from gateway.store import StoreError
 from shared import wire
 from tests.conftest import ROOT
 from tests.test_gateway_fakes import T0, FakeDevice, pump_all, readings
-from tests.test_gateway_pipeline import TOP, cfg, deliver, flush, open_gw, run
+from tests.test_gateway_pipeline import TOP, cfg, deliver, flush, hello, open_gw, run
 from tools.proc import popen
 
 PY = sys.executable
 
 
 def gateway_cmd(db, *extra):
-    return [PY, "-m", "gateway.cli", "run", "--db", db, "--metrics-port", "0", "--broker", "127.0.0.1:1"] + list(extra)
+    return [PY, "-m", "gateway.cli", "run", "--insecure", "--db", db, "--metrics-port", "0",
+            "--broker", "127.0.0.1:1"] + list(extra)
 
 
 def run_gateway(args, timeout=30):
@@ -134,6 +135,7 @@ def test_deleted_or_replaced_database_is_never_acked_into(tmp_path):
         async def go():
             gw = await open_gw(cfg(tmp_path, "%s.db" % how))
             try:
+                hello(gw, "n1", 1)
                 deliver(gw, TOP.data("n1"), wire.encode_readings("n1", 1, readings(0, 10, T0)))
                 await flush(gw)
                 assert [a[1] for a in gw.ingest.acks("n1")] == [9]
@@ -146,7 +148,7 @@ def test_deleted_or_replaced_database_is_never_acked_into(tmp_path):
                 with pytest.raises(StoreError, match="gone|replaced"):
                     await flush(gw)
                 assert [a[1] for a in gw.ingest.acks("n1")] == [9], "acked a commit into a lost file"
-                assert len(gw.ingest.pubacks) == 1
+                assert len(gw.ingest.pubacks) == 2  # the hello and the first batch
             finally:
                 await gw.store.close()
         run(go())
@@ -159,6 +161,7 @@ def test_commit_error_is_reported_not_masked_by_rollback(tmp_path):
         try:
             await gw.store.db.execute("PRAGMA max_page_count=%d" % (await gw.store.db.execute_fetchall(
                 "PRAGMA page_count"))[0][0])
+            hello(gw, "n1", 1)
             deliver(gw, TOP.data("n1"), wire.encode_readings("n1", 1, readings(0, 4000, T0, step_ms=1)))
             with pytest.raises(StoreError, match="full"):
                 await flush(gw)
@@ -171,13 +174,11 @@ def test_commit_error_is_reported_not_masked_by_rollback(tmp_path):
 # ------------------------------------------------------------------ running: real process, real filesystem
 
 
-def _conf(tmp, port, db, name):
-    path = os.path.join(tmp, name + ".toml")
-    with open(path, "w") as f:
-        f.write('[mqtt]\nport = %d\nclient_id = "gw-%s"\nprefix = "%s"\n[store]\npath = "%s"\n'
-                '[checkpoint]\ninterval_ms = 20\nack_interval_ms = 10\nmax_messages = 20\n[metrics]\nport = 0\n'
-                % (port, name, name, db))
-    return path
+def _conf(tmp, broker, db, name):
+    """The broker's TLS, credentials and devices file + this run's store."""
+    return broker.gateway_toml(os.path.join(tmp, name + ".toml"), {
+        "store": {"path": db},
+        "checkpoint": {"interval_ms": 20, "ack_interval_ms": 10, "max_messages": 20}, "metrics": {"port": 0}})
 
 
 def _start(conf, log):
@@ -192,10 +193,10 @@ def _stored(db):
     return rows
 
 
-def _workload(port, prefix, n_dev=3, per_dev=3000, batch=50):
+def _workload(broker, n_dev=3, per_dev=3000, batch=50):
     devs = []
     for i in range(n_dev):
-        d = FakeDevice(port, "s%d" % i, prefix=prefix, inflight=4, resend_s=1.0)
+        d = FakeDevice(broker, "s%d" % i, inflight=4, resend_s=1.0)
         for s in range(0, per_dev, batch):
             d.add_readings([(q, T0 + q * 10, 0, 0, q) for q in range(s, s + batch)])
         devs.append(d)
@@ -216,9 +217,9 @@ def _acked_within(devs, db):
 def test_disk_full_then_repaired_loses_nothing(broker, tmp_path):
     with tmpfs(str(tmp_path / "small"), "400k") as d:
         db = os.path.join(d, "gw.db")
-        conf = _conf(str(tmp_path), broker.port, db, "full")
+        conf = _conf(str(tmp_path), broker, db, "full")
         log_path = str(tmp_path / "gw.log")
-        devs = _workload(broker.port, "full")
+        devs = _workload(broker)
         with open(log_path, "ab") as log:
             proc = _start(conf, log)
             try:
@@ -246,9 +247,9 @@ def test_disk_full_then_repaired_loses_nothing(broker, tmp_path):
 @pytest.mark.broker
 def test_database_deleted_under_the_running_gateway_exits(broker, tmp_path):
     db = str(tmp_path / "gw.db")
-    conf = _conf(str(tmp_path), broker.port, db, "del")
+    conf = _conf(str(tmp_path), broker, db, "del")
     log_path = str(tmp_path / "gw.log")
-    devs = _workload(broker.port, "del", per_dev=6000)
+    devs = _workload(broker, per_dev=6000)
     with open(log_path, "ab") as log:
         proc = _start(conf, log)
         try:

@@ -85,7 +85,7 @@ def test_killed_test_process_leaves_no_broker_or_gateway(tmp_path):
         from tools.broker import Mosquitto
         from tools.proc import popen
         b = Mosquitto(%r).start()
-        g = popen([sys.executable, "-m", "gateway.cli", "run", "--broker", "127.0.0.1:%%d" %% b.port,
+        g = popen([sys.executable, "-m", "gateway.cli", "run", "--insecure", "--broker", "127.0.0.1:%%d" %% b.port,
                    "--db", %r, "--metrics-port", "0"], cwd=%r)
         print("started", flush=True)
         time.sleep(600)
