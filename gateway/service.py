@@ -526,32 +526,51 @@ class Gateway:
     def _window_seq(self, dev, boot, recs, d, now):
         """Add (seq, t, channel, value) in order, each judged against the watermarks as they
         stand after the records before it (Flink's per-record watermark): window results,
-        revisions and the late split do not depend on how records were batched."""
+        revisions and the late split do not depend on how records were batched.
+
+        The device watermark w is tracked here record by record; the watermark state is
+        brought up to it (_observe: heap, global watermark, firing) only when that can
+        change something: w reaches a window's due point (device or group), or a group record
+        falls into a window the global watermark (which can only have moved up to w) may have
+        reached: amended and late rows carry the watermark itself."""
         dw, gw = self.dev_windows, self.group_windows
         wms = self.watermarks
+        delay = wms.delay
         gmap = self._groups_of(dev)
         late = self.out.late
-        wm_d = wms.device_wm(dev)
-        maxt = None if wm_d is None else wm_d + wms.delay
-        seen = None
+        dkeys, gkeys = dw.keys, gw.keys
+        wm_d = wms.device_wm(dev)  # as the watermark state has it
+        w = wm_d  # exact, after the records so far
+        maxt = None if wm_d is None else wm_d + delay
+        seen = False
         for seq, t, ch, v in recs:
-            gwm = wms.global_wm
-            if dw.add(dev, ch, t, v, wm_d) == LATE:
-                late.append((dev, boot, seq, t, ch, v, "device", dev, dw.start_of(t), wm_d, "beyond_allowed_lateness"))
+            if dw.add(dev, ch, t, v, w) == LATE:
+                late.append((dev, boot, seq, t, ch, v, "device", dev, dw.start_of(t), w, "beyond_allowed_lateness"))
                 d.late += 1
                 self.stats.late += 1
-            for name in gmap.get(ch, ()):
-                if gw.add(name, ch, t, v, gwm) == LATE:
-                    late.append((dev, boot, seq, t, ch, v, "group", name, gw.start_of(t), gwm,
-                                 "beyond_allowed_lateness"))
-                    d.late += 1
-                    self.stats.late += 1
-            if maxt is None or t > maxt:  # the watermark moves: fire what is due before the next record
+            names = gmap.get(ch)
+            if names:
+                gwm = wms.global_wm
+                if w != wm_d and (gwm is None or w > gwm) and (gwm is None or gw.start_of(t) + gw.size - 1 <= w):
+                    # the record may amend or be late, rows that carry the watermark: make it exact
+                    wm_d = self._observe(dev, maxt, wm_d, now)
+                    gwm = wms.global_wm
+                for name in names:
+                    if gw.add(name, ch, t, v, gwm) == LATE:
+                        late.append((dev, boot, seq, t, ch, v, "group", name, gw.start_of(t), gwm,
+                                     "beyond_allowed_lateness"))
+                        d.late += 1
+                        self.stats.late += 1
+            if maxt is None or t > maxt:  # the watermark moves: what it makes due fires before the next record
                 maxt = t
-                wm_d = self._observe(dev, t, wm_d, now)
-            seen = t
-        if seen is not None:
-            self._observe(dev, seen, wm_d, now)  # activity (idle timeout, rejoin) even without a new max
+                w = t - delay
+                k = dkeys.get(dev)
+                if wm_d is None or (k is not None and k.due is not None and w >= k.due) or \
+                        (gkeys and not gw.due_after(None, w)):
+                    wm_d = self._observe(dev, t, wm_d, now)
+            seen = True
+        if seen:
+            self._observe(dev, maxt, wm_d, now)  # the state catches up; activity (idle timeout, rejoin)
 
     def _observe(self, dev, maxt, wm_before, now):
         """Event time maxt seen from dev: advance its watermark, fire what is due. Returns the

@@ -64,7 +64,7 @@ class WindowSet:
         """True if advancing `key`'s watermark (every key's if key is None) to wm fires or
         purges nothing."""
         if key is None:
-            return all(k.due is None or k.due > wm for k in self.keys.values())
+            return not self.keys or all(k.due is None or k.due > wm for k in self.keys.values())
         k = self.keys.get(key)
         return k is None or k.due is None or k.due > wm
 

@@ -62,7 +62,7 @@ def _records(deltas, chans):
     return out
 
 
-@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(deltas=st.lists(st.one_of(st.integers(0, 120), st.integers(-2500, 3000)), min_size=5, max_size=120),
        data=st.data())
 def test_batching_does_not_change_results(deltas, data):
