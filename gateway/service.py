@@ -428,13 +428,14 @@ class Gateway:
         start = tmin - (tmin - dw.offset) % dw.size
         last = start + dw.size - 1
         gmap = self._groups_of(dev)
-        ceil = tmax - wms.delay  # the highest watermark any record of the batch can be judged against
-        if tmax <= last and (wm_d is None or wm_d < last) and (not gmap or gwm is None or gwm < last) and \
-                dw.due_after(dev, ceil) and self.group_windows.due_after(None, ceil):
-            # One window, not due yet, and no window of any key fires or purges while the watermarks
-            # move through the batch: adding it at once equals adding it record by record
-            # (per-record watermarks). Aggregate per channel in C loops.
+        if tmax <= last and (wm_d is None or wm_d < last) and (not gmap or gwm is None or gwm < last):
+            # One window, not due at any record (watermarks stay below tmax - delay < last):
+            # adding the batch at once equals adding it record by record. Aggregate per channel
+            # in C loops.
             self._add_run(dev, start, chans, vals, wm_d, gwm, gmap)
+            ceil = tmax - wms.delay
+            if not (dw.due_after(dev, ceil) and self.group_windows.due_after(None, ceil)):
+                wm_d = self._step_through(dev, base_t, toffs, wm_d, now)
             self._observe(dev, tmax, wm_d, now)
         elif toffs == tuple(sorted(toffs)):
             self._window_runs(dev, boot, base, base_t, toffs, chans, vals, d, now, gmap)
@@ -487,6 +488,23 @@ class Gateway:
                 self._window_seq(dev, boot, zip(range(base + i, base + j), map(base_t.__add__, toffs[i:j]),
                                                 chans[i:j], vals[i:j]), d, now)
             i = j
+
+    def _step_through(self, dev, base_t, toffs, wm_d, now):
+        """Older windows become due while the watermark moves through a batch: fire them at
+        the record that makes them due, with the watermark of that moment (per-record
+        semantics), not at the end of the batch."""
+        wms, dw, gw = self.watermarks, self.dev_windows, self.group_windows
+        delay = wms.delay
+        maxt = None if wm_d is None else wm_d + delay
+        for off in toffs:
+            t = base_t + off
+            if maxt is not None and t <= maxt:
+                continue
+            maxt = t
+            w = t - delay
+            if not (dw.due_after(dev, w) and gw.due_after(None, w)):
+                wm_d = self._observe(dev, t, wm_d, now)
+        return wm_d
 
     def _readings(self, topic, dev, boot, recs, now):
         """Readings one at a time: (seq, t, channel, flags, value)."""
