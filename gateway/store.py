@@ -103,8 +103,9 @@ SQL = {
 }
 
 
-class StoreError(RuntimeError):
-    """The database cannot be used: corrupt, unreadable, full, replaced. Fatal for the gateway."""
+class StoreError(sqlite3.DatabaseError):
+    """The database cannot be used: corrupt, unreadable, full, replaced. Fatal for the gateway.
+    A sqlite3.DatabaseError, so callers that handle SQLite's errors handle it too."""
 
 
 def _file_id(path):
@@ -225,7 +226,7 @@ class Store:
             self._file_id = _file_id(self.path)
         except BaseException as e:
             await self.close()
-            if isinstance(e, (sqlite3.Error, OSError)):
+            if isinstance(e, (sqlite3.Error, OSError)) and not isinstance(e, StoreError):
                 raise StoreError("cannot open database %s: %s" % (self.path, e)) from e
             raise
 
@@ -282,6 +283,8 @@ class Store:
             else:  # an aiosqlite without _execute: one await per table, same transaction
                 n = await self._commit_stepwise(writes)
                 _check_same_file(self.path, self._file_id)
+        except StoreError:
+            raise
         except sqlite3.Error as e:
             raise StoreError("commit to %s failed: %s" % (self.path, e)) from e
         self.commits += 1
