@@ -12,7 +12,8 @@ median of --rounds alternating rounds, with raw readings kept and without:
   gateway + mosquitto  the same through mosquitto (QoS 1, preloaded persistent session, like
                        tools/bench_gateway.py; an explicitly insecure broker: plaintext, anonymous)
   plain loop           dict dedup + window dicts + sqlite3 executemany, one thread, same results
-  SQLite ceiling       executemany of the same raw rows alone (one-row and 500-row INSERTs)
+  SQLite ceiling       executemany of the same raw rows alone (one-row and 500-row INSERTs; then
+                       without the (device, t) index, and as one blob row per wire message)
 
 Rates are unique readings committed per second, timed from the first message to the last
 commit. The window results of every engine are checked equal to the plain loop's (and the raw
@@ -250,9 +251,12 @@ def plain_loop(db, msgs, retain):
     return dt, _results(db)
 
 
-def sqlite_ceiling(db, rows, chunked):
-    """executemany of the raw rows alone, in transactions of the gateway's checkpoint size."""
+def sqlite_ceiling(db, rows, chunked, index=True):
+    """executemany of the raw rows alone, in transactions of the gateway's checkpoint size;
+    index=False: without the (device, t) index of the schema (what that index costs)."""
     conn = _connect(db)
+    if not index:
+        conn.execute("DROP INDEX readings_device_t")
     per_tx = CKPT_MSGS * 50
     t0 = time.perf_counter()
     for i in range(0, len(rows), per_tx):
@@ -262,6 +266,30 @@ def sqlite_ceiling(db, rows, chunked):
         else:
             conn.executemany(gstore.SQL["readings"], rows[i:i + per_tx])
         conn.execute("COMMIT")
+    dt = time.perf_counter() - t0
+    conn.close()
+    return dt
+
+
+def sqlite_batches(db, msgs):
+    """One row per wire message (device, boot, first seq, count, base time, the readings as
+    the payload's bytes) with an index on (device, t0): what fewer, wider rows would cost.
+    Not a schema of the gateway (nothing decodes these rows); duplicates are not removed."""
+    conn = _connect(db)
+    conn.execute("CREATE TABLE batches (device TEXT, boot INTEGER, seq0 INTEGER, n INTEGER, t0 INTEGER, body BLOB)")
+    conn.execute("CREATE INDEX batches_device_t0 ON batches (device, t0)")
+    hdr = struct.Struct(">BBBBIIqH")
+    t0 = time.perf_counter()
+    batch = []
+    for i, (topic, p) in enumerate(msgs):
+        if topic.endswith("/data"):
+            _m, _v, _t, idlen, boot, base, base_t, n = hdr.unpack_from(p)
+            batch.append((p[22:22 + idlen].decode(), boot, base, n, base_t, p[22 + idlen:]))
+        if len(batch) >= CKPT_MSGS or i == len(msgs) - 1:
+            conn.execute("BEGIN IMMEDIATE")
+            conn.executemany("INSERT INTO batches VALUES (?,?,?,?,?,?)", batch)
+            conn.execute("COMMIT")
+            batch = []
     dt = time.perf_counter() - t0
     conn.close()
     return dt
@@ -335,13 +363,17 @@ def main(argv=None):
                         except OSError:
                             pass
             if "sqlite" in engines:
-                for chunked in (False, True):
-                    db = os.path.join(tmp, "sqlite-%d-%d.db" % (chunked, r))
+                for k, fn in (("sqlite", lambda db: sqlite_ceiling(db, rows, False)),
+                              ("sqlite500", lambda db: sqlite_ceiling(db, rows, True)),
+                              ("sqlite500noidx", lambda db: sqlite_ceiling(db, rows, True, index=False)),
+                              ("sqlitebatch", lambda db: sqlite_batches(db, msgs))):
+                    db = os.path.join(tmp, "%s-%d.db" % (k, r))
                     c0 = time.process_time()
-                    k = ("sqlite500" if chunked else "sqlite", "raw")
-                    rates[k].append(n / sqlite_ceiling(db, rows, chunked))
-                    cpu[k].append((time.process_time() - c0) / n * 1e6)
-                    os.unlink(db)
+                    rates[(k, "raw")].append(n / fn(db))
+                    cpu[(k, "raw")].append((time.process_time() - c0) / n * 1e6)
+                    for suffix in ("", "-wal", "-shm"):
+                        if os.path.exists(db + suffix):
+                            os.unlink(db + suffix)
             print("  round %d done, load average %s" % (r + 1, loadavg()), flush=True)
     finally:
         if broker:
@@ -359,18 +391,19 @@ def main(argv=None):
         return "%.0fk (%s)" % (med(k) / 1000, " ".join("%.0f" % (x / 1000) for x in sorted(v)))
 
     print("\nreadings/s committed, median of %d rounds (all runs in k, sorted)" % args.rounds)
-    print("%-34s %-28s %s" % ("engine", "raw readings kept", "without raw readings"))
+    print("%-36s %-28s %s" % ("engine", "raw readings kept", "without raw readings"))
     names = (("inproc", "gateway in-process (no MQTT)"), ("mqtt", "gateway through mosquitto"),
              ("plain", "plain Python loop, same results"), ("sqlite", "SQLite executemany (ceiling)"),
-             ("sqlite500", "SQLite 500-row INSERTs (ceiling)"))
+             ("sqlite500", "SQLite 500-row INSERTs (ceiling)"),
+             ("sqlite500noidx", "  the same without (device,t) index"), ("sqlitebatch", "  one row per message (blob)"))
     for k, label in names:
         if rates.get((k, "raw")) or rates.get((k, "noraw")):
-            print("%-34s %-28s %s" % (label, fmt((k, "raw")), fmt((k, "noraw"))))
+            print("%-36s %-28s %s" % (label, fmt((k, "raw")), fmt((k, "noraw"))))
     print("\nprocess CPU per reading, all threads, median (us; mosquitto's own CPU not included): the figure to "
           "compare on a loaded machine")
     for k, label in names:
         if cpu.get((k, "raw")) or cpu.get((k, "noraw")):
-            print("%-34s %-28s %s" % (label, *("%.2f" % statistics.median(cpu[(k, tag)]) if cpu.get((k, tag))
+            print("%-36s %-28s %s" % (label, *("%.2f" % statistics.median(cpu[(k, tag)]) if cpu.get((k, tag))
                                               else "-" for tag in ("raw", "noraw"))))
     print("\nratios (medians)")
     for a, b, label in (("inproc", "plain", "in-process / plain loop   (goal >= 1.0)"),
