@@ -168,6 +168,8 @@ def _connect(db):
     conn.execute("PRAGMA journal_mode=WAL")
     conn.execute("PRAGMA synchronous=FULL")
     conn.executescript(gstore.SCHEMA)
+    # the gateway's default (store.index_readings = true; Store.prepare makes it)
+    conn.execute("CREATE INDEX IF NOT EXISTS readings_device_t ON readings (device, t)")
     return conn
 
 
