@@ -12,6 +12,7 @@ median of --rounds alternating rounds, with raw readings kept and without:
   gateway + mosquitto  the same through mosquitto (QoS 1, preloaded persistent session, like
                        tools/bench_gateway.py; an explicitly insecure broker: plaintext, anonymous)
   plain loop           dict dedup + window dicts + sqlite3 executemany, one thread, same results
+  handling alone       the gateway's per-message work without event loop or commit (CPU only)
   SQLite ceiling       executemany of the same raw rows alone (one-row and 500-row INSERTs; then
                        without the (device, t) index, and as one blob row per wire message)
 
@@ -161,6 +162,27 @@ def run_mqtt(port, tmp, name, msgs, n, retain):
     c0 = []
     info = asyncio.run(bg._run_gateway(cfg, until_readings=n, ingest_factory=_timed(Ingest, c0)))
     return info["seconds"], time.process_time() - c0[0], _results(db)
+
+
+def processing_cpu(tmp, msgs, n, retain):
+    """Process CPU per reading of the gateway's message handling alone (decode, dedup, windows,
+    watermarks, accounting): no event loop, no commit; the outputs are dropped every
+    CKPT_MSGS messages as a checkpoint's snapshot would. The steadiest figure here."""
+    from gateway.service import Gateway, Outputs
+    cfg = bg.gateway_cfg(1883, os.path.join(tmp, "proc.db"), "FULL")
+    tweak_cfg(retain)(cfg)
+    gw = Gateway(cfg)
+    now = int(time.time() * 1000)
+    handle = gw._handle
+    enc = [(t.encode(), p) for t, p in msgs]
+    c0 = time.process_time()
+    for i, (t, p) in enumerate(enc):
+        handle(t, p, now)
+        if i % CKPT_MSGS == CKPT_MSGS - 1:
+            gw.out = Outputs()
+            gw.dev_windows.export()
+            gw.group_windows.export()
+    return (time.process_time() - c0) / n * 1e6
 
 
 def _connect(db):
@@ -321,11 +343,11 @@ def main(argv=None):
     ap.add_argument("--full", action="store_true", help="the issue's workload: 1,000 devices x 3 x 1,000 s")
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--no-mqtt", action="store_true", help="skip the mosquitto engine")
-    ap.add_argument("--only", default="", help="comma list of engines: inproc,mqtt,plain,sqlite")
+    ap.add_argument("--only", default="", help="comma list of engines: inproc,mqtt,plain,sqlite,proc")
     args = ap.parse_args(argv)
     if args.full:
         args.devices, args.channels, args.seconds = 1000, 3, 1000
-    engines = set((args.only or "inproc,mqtt,plain,sqlite").split(","))
+    engines = set((args.only or "inproc,mqtt,plain,sqlite,proc").split(","))
     if args.no_mqtt:
         engines.discard("mqtt")
     t_gen = time.perf_counter()
@@ -371,6 +393,9 @@ def main(argv=None):
                             os.unlink(os.path.join(tmp, nm + ".db" + suffix))
                         except OSError:
                             pass
+            if "proc" in engines:
+                for tag, retain in (("raw", True), ("noraw", False)):
+                    cpu[("proc", tag)].append(processing_cpu(tmp, msgs, n, retain))
             if "sqlite" in engines:
                 for k, fn in (("sqlite", lambda db: sqlite_ceiling(db, rows, False)),
                               ("sqlite500", lambda db: sqlite_ceiling(db, rows, True)),
@@ -404,7 +429,8 @@ def main(argv=None):
     names = (("inproc", "gateway in-process (no MQTT)"), ("mqtt", "gateway through mosquitto"),
              ("plain", "plain Python loop, same results"), ("sqlite", "SQLite executemany (ceiling)"),
              ("sqlite500", "SQLite 500-row INSERTs (ceiling)"),
-             ("sqlite500noidx", "  the same without (device,t) index"), ("sqlitebatch", "  one row per message (blob)"))
+             ("sqlite500noidx", "  the same without (device,t) index"), ("sqlitebatch", "  one row per message (blob)"),
+             ("proc", "gateway message handling alone"))
     for k, label in names:
         if rates.get((k, "raw")) or rates.get((k, "noraw")):
             print("%-36s %-28s %s" % (label, fmt((k, "raw")), fmt((k, "noraw"))))
