@@ -257,11 +257,12 @@ class Dedup:
 
     def export(self):
         """Rows changed since the last export: (upserts, deletes, {dev: min_boot})."""
-        nbytes = (self.window + 7) // 8 + 1
         ups = []
         for dev, boot in self.dirty:
             st = self.devs[dev].boots[boot]
-            ups.append((dev, boot, st[0], st[1].to_bytes(nbytes, "little")))
+            # only the bytes the bitmap uses (restore reads any length): an in-order device's is
+            # empty, not window/8 bytes rewritten for every device at every checkpoint
+            ups.append((dev, boot, st[0], st[1].to_bytes((st[1].bit_length() + 7) // 8, "little")))
         dels = list(self.removed)
         mins = {dev: self.devs[dev].min_boot for dev in self.dirty_devs}
         self.dirty = set()
