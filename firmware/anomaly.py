@@ -14,7 +14,7 @@
 # spread so a stuck (constant) signal never alerts on quantisation steps.
 # An alert calls sink.on_anomaly(detector, t, (channel, detector_id, score, value, baseline)).
 import array
-from shared import wire
+from shared import wire_dev as wire  # the device side of the contract (shared/wire.py: all of it)
 from firmware.pconf import ConfigError, fixed, integer, channel_mask
 from firmware.window import isqrt
 

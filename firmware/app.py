@@ -10,7 +10,7 @@ import asyncio
 import gc
 import sys
 
-from shared import wire
+from shared import wire_dev as wire  # the device side of the contract (shared/wire.py: all of it)
 from firmware import hal as _hal
 from firmware.identity import Identity
 from firmware.outbox import Outbox

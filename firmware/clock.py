@@ -14,7 +14,7 @@
 # max_step_ms, then the mapping steps. A beacon never overrides an NTP mapping of this boot.
 from array import array
 
-from shared import wire
+from shared import wire_dev as wire  # the device side of the contract (shared/wire.py: all of it)
 
 _I32_MAX = 2147483647
 _HI = 1 << 28  # boot ms = ms_hi * 2**28 + ms_lo: both stay small ints (no heap on MicroPython)

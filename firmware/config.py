@@ -8,7 +8,8 @@
 # (window, rules, anomaly, cep, ring, pipeline) are checked for type only and passed through.
 import json
 
-from shared import auth, wire
+from shared import auth
+from shared import wire_dev as wire  # the device side of the contract
 
 
 class ConfigError(ValueError):

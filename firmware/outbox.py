@@ -25,7 +25,7 @@
 import struct
 import binascii
 
-from shared import wire
+from shared import wire_dev as wire  # the device side of the contract (shared/wire.py: all of it)
 
 MAGIC = 0xA5
 _PAY = ">IIqBB"  # boot, seq, t, kind, flags
@@ -186,7 +186,7 @@ def _ranges(seqs):
 
 class Outbox:
     def __init__(self, fs, boot, dir="ob", max_bytes=262144, seg_bytes=8192, batch_records=16,
-                 batch_ms=2000, ack_persist_ms=10000, live_max=256):
+                 batch_ms=2000, ack_persist_ms=10000, live_max=64):
         self.fs = fs
         self.boot = boot
         self.dir = dir

@@ -1,7 +1,7 @@
 # Config helpers of the edge pipeline (pipeline, cep, anomaly): ConfigError and the field
 # checks. Kept apart from the rule classes so that a config without rules or detectors never
 # loads firmware/cep.py or firmware/anomaly.py on the board (RAM: docs/firmware.md).
-from shared import wire
+from shared import wire_dev as wire  # the device side of the contract (shared/wire.py: all of it)
 
 MAX_CHANNEL = 29  # channel numbers 0..29: masks stay small ints
 

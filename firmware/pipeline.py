@@ -10,7 +10,7 @@
 # The per-sample path never touches epoch ms (a long int on MicroPython) and allocates
 # nothing in steady state; emits convert to absolute ms (allocation is fine there: rare).
 # Config format, time rules and figures: docs/pipeline.md.
-from shared import wire
+from shared import wire_dev as wire  # the device side of the contract (shared/wire.py: all of it)
 from firmware.ring import TimedRing
 from firmware.window import EventWindow, CountWindow
 from firmware.pconf import ConfigError, integer, MAX_CHANNEL

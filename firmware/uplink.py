@@ -23,7 +23,8 @@
 #   states. Nothing here blocks sampling: every wait is an asyncio sleep.
 import asyncio
 
-from shared import auth, wire
+from shared import auth
+from shared import wire_dev as wire  # the device side of the contract
 from firmware.mqtt import MQTTClient
 from firmware.backoff import Backoff
 from firmware.hal import ticks_ms, ticks_diff, sleep_ms

@@ -46,7 +46,7 @@ def board(tmp_path_factory):
 @pytest.fixture(scope="module")
 def deployed(board):
     out = io.StringIO()
-    res = deploy.run(["--port", board.url] + CFG, out=out)
+    res = deploy.run(["--port", board.url, "--selftest"] + CFG, out=out)
     return res, out.getvalue()
 
 
@@ -74,7 +74,7 @@ def test_firmware_logic_imports_and_selftest_passes_on_the_board(board, deployed
     # every pure-logic firmware module imports on the board (the .mpy files just deployed)
     logic = []
     for name in sorted(os.listdir(os.path.join(ROOT, "firmware"))):
-        if not name.endswith(".py") or name in ("main.py", "boot.py", "__init__.py"):
+        if not name.endswith(".py") or name in ("main.py", "boot.py", "__init__.py", "hal_sim.py"):
             continue
         with open(os.path.join(ROOT, "firmware", name)) as f:
             src = f.read()
@@ -96,10 +96,10 @@ def test_firmware_logic_imports_and_selftest_passes_on_the_board(board, deployed
 
 
 def test_second_deploy_copies_nothing(board, deployed):
-    deploy.run(["--port", board.url] + CFG, out=io.StringIO())  # in sync even if the tree moved meanwhile
+    deploy.run(["--port", board.url, "--selftest"] + CFG, out=io.StringIO())  # in sync even if the tree moved meanwhile
     before = snapshot(board.dir)
     out = io.StringIO()
-    res = deploy.run(["--port", board.url] + CFG, out=out)
+    res = deploy.run(["--port", board.url, "--selftest"] + CFG, out=out)
     assert res.copied == [] and res.removed == []
     assert len(res.unchanged) >= len(deployed[0].copied)
     assert "0 copied, 0 removed" in out.getvalue()
@@ -124,7 +124,7 @@ def test_dry_run_writes_nothing(board, deployed):
     out = io.StringIO()
     res = deploy.run(["--port", board.url, "--dry-run", "--force"] + CFG, out=out)
     assert res.dry_run and len(res.copied) > 5
-    assert "would copy /lib/shared/wire.mpy" in out.getvalue()
+    assert "would copy /lib/shared/wire_dev.mpy" in out.getvalue()
     assert snapshot(board.dir) == before
 
 
@@ -134,7 +134,7 @@ def test_list_shows_files_with_hashes(board, deployed):
     with open(os.path.join(board.dir, "config.json"), "rb") as f:
         h = hashlib.sha256(f.read()).hexdigest()
     assert res.listing["/config.json"][1] == h
-    assert "/lib/shared/wire.mpy" in out.getvalue()
+    assert "/lib/shared/wire_dev.mpy" in out.getvalue()
     assert "/dev" not in out.getvalue()
 
 
@@ -197,13 +197,18 @@ def test_diff_compares_hashes_and_finds_stale_files():
 
 def test_plan_places_files_and_compiles_for_xtensawin():
     plan = dict(deploy.plan_files(ROOT, "xtensawin", False, {"device_id": "a"}))
-    assert "/lib/shared/wire.mpy" in plan and "/lib/firmware/pins.mpy" in plan
-    assert plan["/lib/shared/wire.mpy"][:2] == b"M\x06"
+    assert "/lib/shared/wire_dev.mpy" in plan and "/lib/firmware/pins.mpy" in plan
+    assert plan["/lib/shared/wire_dev.mpy"][:2] == b"M\x06"
+    # only what the board runs: no simulator, no gateway-side decoders, selftest on request
+    assert "/lib/firmware/hal_sim.mpy" not in plan and "/lib/shared/wire.mpy" not in plan
+    assert "/lib/firmware/selftest.mpy" not in plan
+    st = dict(deploy.plan_files(ROOT, "xtensawin", False, None, selftest=True))
+    assert "/lib/firmware/selftest.mpy" in st and "/lib/shared/wire.mpy" in st and "/lib/firmware/hal_sim.mpy" not in st
     assert json.loads(plan["/config.json"]) == {"device_id": "a"}
     if os.path.exists(os.path.join(ROOT, "firmware", "main.py")):
         assert "/main.py" in plan and "/lib/firmware/main.mpy" not in plan
     src = dict(deploy.plan_files(ROOT, "xtensawin", True, None))
-    assert "/lib/shared/wire.py" in src and "/config.json" not in src
+    assert "/lib/shared/wire_dev.py" in src and "/config.json" not in src
 
 
 def test_config_from_flags_and_file(tmp_path):

@@ -235,9 +235,16 @@ def compile_mpy(src, arch):
             return f.read()
 
 
-def plan_files(root=ROOT, arch="xtensawin", as_py=False, cfg=None, extra=None):
+# never on the board: the simulated HAL; the gateway side of the wire contract and the
+# self-test (which needs it) only with --selftest
+HOST_ONLY = ("firmware/hal_sim.py",)
+SELFTEST_ONLY = ("firmware/selftest.py", "shared/wire.py")
+
+
+def plan_files(root=ROOT, arch="xtensawin", as_py=False, cfg=None, extra=None, selftest=False):
     """[(board path, bytes)] for everything the deploy puts on the board, in copy order.
-    extra: {board path: bytes} of files from --secrets (copied before the config)."""
+    extra: {board path: bytes} of files from --secrets (copied before the config).
+    Only what the board runs: HOST_ONLY never, SELFTEST_ONLY with selftest."""
     files = []
     for top in ("shared", "firmware"):
         base = os.path.join(root, top)
@@ -249,6 +256,9 @@ def plan_files(root=ROOT, arch="xtensawin", as_py=False, cfg=None, extra=None):
                 src = os.path.join(dirpath, name)
                 rel = os.path.relpath(src, base).replace(os.sep, "/")
                 if top == "firmware" and rel in ROOT_FILES:
+                    continue
+                key = top + "/" + rel
+                if key in HOST_ONLY or (key in SELFTEST_ONLY and not selftest):
                     continue
                 if as_py:
                     files.append(("/lib/%s/%s" % (top, rel), _read(src)))
@@ -518,6 +528,8 @@ def parse_args(argv=None):
     ap.add_argument("--prefix", help="topic prefix (default edgeflow)")
     ap.add_argument("--sample-ms", type=int, help="sampling period in ms (default 1000)")
     ap.add_argument("--set", action="append", metavar="KEY=JSON", help="any other config key, dotted for sections: broker.keepalive_s=60 (repeatable)")
+    ap.add_argument("--selftest", action="store_true", help="also copy firmware/selftest.py and the gateway side "
+                    "of the wire contract it checks (not needed to run the firmware)")
     ap.add_argument("--list", action="store_true", help="list the board's files (size, sha256) and exit")
     ap.add_argument("--dry-run", action="store_true", help="show what would change; write nothing")
     ap.add_argument("--no-reset", action="store_true", help="do not soft-reset the board at the end")
@@ -586,7 +598,7 @@ def run(argv=None, out=None):
                 args.port, mpy & 0xFF, (mpy >> 8) & 3, board_arch, free if free >= 0 else "?"))
         elif arch == "auto":
             arch = "xtensawin"
-        plan = plan_files(args.root, arch, args.py, cfg, extra)
+        plan = plan_files(args.root, arch, args.py, cfg, extra, args.selftest)
         say("deploy: built %d files (%s)" % (len(plan), "plain .py" if args.py else
                                              "mpy-cross" + ("" if arch == "none" else " -march=" + arch)))
         copy, unchanged, remove = diff(plan, remote)

@@ -36,9 +36,13 @@ PEAK_MAX = 64 * 1024
 STUBS = os.path.join(ROOT, "tools", "vboard", "stubs")
 STEPS = os.path.join(ROOT, "tools", "ram_steps.mjs")
 
-# what `edgeflow-deploy --device-id node-01 --wifi-ssid ... --broker ...` writes (docs/deploy.md)
+# the provisioned default (firmware/config.example.json's fields, every other field defaulted):
+# TLS, MQTT credentials and the ack key, as edgeflow-provision + edgeflow-deploy write it
 DEFAULT_CONFIG = {"device_id": "node-01", "wifi": {"ssid": "my-network", "password": "my-password"},
-                  "broker": {"host": "192.168.1.10", "port": 1883}}
+                  "broker": {"host": "192.168.1.10", "port": 8883, "user": "node-01",
+                             "password": "p" * 32,
+                             "tls": {"ca": "/ca.pem", "server_hostname": "edgeflow-broker"}},
+                  "ack_key": "5a" * 32}
 
 SCRIPT = r'''
 import sys

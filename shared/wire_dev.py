@@ -1,0 +1,420 @@
+# The wire contract, device side: everything the firmware runs (constants, topics, encoders,
+# the ack / state decoders it needs). shared/wire.py is the whole contract: it re-exports this
+# module and adds the gateway-side decoders (decode_data, decode_hello, encode_ack,
+# check_event_time), which the board never loads (RAM: docs/firmware.md). One contract, two
+# modules: change a layout here, the gateway side reads the same constants.
+import struct
+
+from shared.auth import Hmac, MAC_LEN, equal
+
+VERSION = 2  # v2: hello carries instance id, session nonce, floor and a MAC; acks are authenticated
+MAGIC = 0xE5
+
+# Message types (byte 2 of every message).
+MSG_READINGS = 1  # batch of raw readings, fixed 12-byte records
+MSG_RECORDS = 2  # batch of window / cep / anomaly / status / gap records
+MSG_ACK = 3  # gateway -> device
+MSG_HELLO = 4  # device birth: firmware, backlog
+MSG_STATE = 5  # device online/offline (retained; offline is the last will)
+MSG_GW_STATE = 6  # gateway online/offline (retained; offline is its last will)
+
+# Record kinds. Identity of every record is (device_id, boot, seq).
+KIND_READING = 1
+KIND_WINDOW = 2
+KIND_CEP = 3
+KIND_ANOMALY = 4
+KIND_STATUS = 5
+KIND_GAP = 6  # seq ranges the device dropped by policy (outbox full)
+KIND_NAMES = {1: "reading", 2: "window", 3: "cep", 4: "anomaly", 5: "status", 6: "gap"}
+
+# Record flags.
+FLAG_UNSYNCED = 1  # t is ms since boot, not epoch: the device had no clock yet
+FLAG_CLAMPED = 2  # value saturated to the int32 range
+
+# Values travel as fixed point: value * SCALE as a signed 32-bit integer.
+SCALE = 1000
+I32_MIN = -2147483648
+I32_MAX = 2147483647
+
+MAX_PAYLOAD = 65536  # bytes; larger payloads are rejected before parsing
+MAX_DEVICE_ID = 32
+MAX_RULE_ID = 32
+MAX_EVIDENCE = 8
+MAX_GAP_RANGES = 16
+MAX_FW = 32
+
+_HDR = ">BBBBIIqH"  # magic, version, type, id length, boot, base_seq, base_time, count
+HDR_SIZE = struct.calcsize(_HDR)  # 22, followed by the device id bytes
+_READING = ">HiBBi"  # seq offset, time offset, channel, flags, value
+READING_SIZE = struct.calcsize(_READING)  # 12
+_REC = ">BHiB"  # kind, seq offset, time offset, flags
+REC_SIZE = struct.calcsize(_REC)  # 8
+_WINDOW = ">BIIiiiIII"  # channel, size_ms, count, min, max, mean, std, first_dt, last_dt
+_ANOMALY = ">BBiii"  # channel, detector, score, value, baseline
+_STATUS = ">IIIIIiII"  # uptime_s, outbox_records, outbox_bytes, dropped, late, clock_offset_ms, free_mem, reconnects
+_CEP = ">BIB"  # severity, span_ms, evidence count (rule id and evidence follow)
+_GAP = ">IB"  # boot of the dropped records, range count; then (first_seq u32, length u16) each
+_ACK = ">BBBBIIqIBI"  # magic, version, type, flags, boot, seq, gw_time_ms, credits, replay (0/1), nonce; + MAC
+_HELLO = ">IIIIIB"  # backlog records, floor boot, floor seq, instance, nonce, fw length; fw, MAC follow
+_STATE = ">BB"  # online, reserved
+
+DETECTOR_ZSCORE = 1
+DETECTOR_EWMA = 2
+
+# Ack flags.
+ACK_HAS_TIME = 1  # gw_time_ms is a valid time beacon
+ACK_NONE = 2  # nothing of this boot committed yet (seq is meaningless)
+
+
+class WireError(ValueError):
+    """The one error every decoder raises; .reason is a short machine-readable cause."""
+
+    def __init__(self, reason, detail=""):
+        super().__init__(reason + (": " + detail if detail else ""))
+        self.reason = reason
+        self.detail = detail
+
+
+# ---------------------------------------------------------------- topics
+
+
+class Topics:
+    """Topic layout under a prefix (default 'edgeflow').
+
+    device -> gateway: {p}/d/{id}/data (QoS 1), {p}/d/{id}/hello (QoS 1),
+                       {p}/d/{id}/state (retained; 'offline' is the last will)
+    gateway -> device: {p}/d/{id}/ack (QoS 1), {p}/gw/state (retained; last will)
+    """
+
+    def __init__(self, prefix="edgeflow"):
+        check_topic_part(prefix, "prefix", 64, True)
+        self.prefix = prefix
+        self.gw_state = prefix + "/gw/state"
+        self.sub_data = prefix + "/d/+/data"
+        self.sub_hello = prefix + "/d/+/hello"
+        self.sub_state = prefix + "/d/+/state"
+
+    def data(self, dev):
+        return self.prefix + "/d/" + dev + "/data"
+
+    def hello(self, dev):
+        return self.prefix + "/d/" + dev + "/hello"
+
+    def state(self, dev):
+        return self.prefix + "/d/" + dev + "/state"
+
+    def ack(self, dev):
+        return self.prefix + "/d/" + dev + "/ack"
+
+    def parse(self, topic):
+        """Return (device_id, leaf) for a device topic, raise WireError otherwise."""
+        if isinstance(topic, (bytes, bytearray)):
+            topic = bytes(topic).decode()
+        p = self.prefix + "/d/"
+        if not topic.startswith(p):
+            raise WireError("bad_topic", topic)
+        rest = topic[len(p):]
+        i = rest.find("/")
+        if i <= 0:
+            raise WireError("bad_topic", topic)
+        dev = rest[:i]
+        leaf = rest[i + 1:]
+        check_device_id(dev)
+        if leaf not in ("data", "hello", "state", "ack"):
+            raise WireError("bad_topic", topic)
+        return dev, leaf
+
+
+_ID_CHARS = "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789_-"
+
+
+def check_topic_part(s, what, limit, allow_slash=False):
+    if not isinstance(s, str) or not s or len(s) > limit:
+        raise WireError("bad_" + what, repr(s))
+    for c in s:
+        if c not in _ID_CHARS and not (allow_slash and c == "/"):
+            raise WireError("bad_" + what, repr(s))
+    return s
+
+
+def check_device_id(dev):
+    """Device ids are 1..32 of [A-Za-z0-9_-]: safe in topics and file names."""
+    return check_topic_part(dev, "device_id", MAX_DEVICE_ID)
+
+
+# ---------------------------------------------------------------- helpers
+
+
+def to_fixed(x):
+    """float -> fixed point int (value * SCALE), saturated to int32. Not for the per-sample path."""
+    v = int(round(x * SCALE))
+    if v > I32_MAX:
+        return I32_MAX
+    if v < I32_MIN:
+        return I32_MIN
+    return v
+
+
+def _u32(v, what):
+    if not isinstance(v, int) or v < 0 or v > 0xFFFFFFFF:
+        raise WireError("bad_" + what, repr(v))
+    return v
+
+
+def _i32(v, what):
+    if not isinstance(v, int) or v < I32_MIN or v > I32_MAX:
+        raise WireError("bad_" + what, repr(v))
+    return v
+
+
+def _need(buf, off, size, what):
+    if off + size > len(buf):
+        raise WireError("truncated", what)
+
+
+def _ascii(b, what):
+    try:
+        s = bytes(b).decode()
+    except Exception:
+        raise WireError("bad_" + what, "not utf-8")
+    return s
+
+
+# ---------------------------------------------------------------- data messages
+
+
+def _header(mtype, device_id, boot, base_seq, base_time, n):
+    check_device_id(device_id)
+    _u32(boot, "boot")
+    _u32(base_seq, "seq")
+    if not isinstance(base_time, int):
+        raise WireError("bad_time", repr(base_time))
+    if n > 0xFFFF:
+        raise WireError("too_many_records", str(n))
+    idb = device_id.encode()
+    return struct.pack(_HDR, MAGIC, VERSION, mtype, len(idb), boot, base_seq, base_time, n) + idb
+
+
+def _offsets(seq, t, base_seq, base_time):
+    ds = seq - base_seq
+    if ds < 0 or ds > 0xFFFF:
+        raise WireError("seq_span", "seq %d base %d" % (seq, base_seq))
+    dt = t - base_time
+    if dt < I32_MIN or dt > I32_MAX:
+        raise WireError("time_span", "t %d base %d" % (t, base_time))
+    return ds, dt
+
+
+def encode_readings(device_id, boot, readings):
+    """readings: list of (seq, t_ms, channel, flags, value_fixed), seq ascending.
+
+    One message per call; seqs must lie within 65535 of the first and times within +-24 days.
+    """
+    n = len(readings)
+    if n == 0:
+        raise WireError("empty")
+    base_seq = readings[0][0]
+    base_time = readings[0][1]
+    out = bytearray(_header(MSG_READINGS, device_id, boot, base_seq, base_time, n))
+    off = len(out)
+    out.extend(bytes(n * READING_SIZE))
+    for r in readings:
+        ds, dt = _offsets(r[0], r[1], base_seq, base_time)
+        if r[2] < 0 or r[2] > 255 or r[3] < 0 or r[3] > 255:
+            raise WireError("bad_channel", repr(r))
+        struct.pack_into(_READING, out, off, ds, dt, r[2], r[3], _i32(r[4], "value"))
+        off += READING_SIZE
+    if len(out) > MAX_PAYLOAD:
+        raise WireError("oversize", str(len(out)))
+    return bytes(out)
+
+
+def encode_body(kind, body):
+    """Kind-specific bytes of a non-reading record. body is a tuple, see docs/wire.md."""
+    if kind == KIND_WINDOW:
+        ch, size_ms, count, mn, mx, mean, std, first_dt, last_dt = body
+        return struct.pack(_WINDOW, ch, size_ms, count, _i32(mn, "min"), _i32(mx, "max"),
+                           _i32(mean, "mean"), _u32(std, "std"), first_dt, last_dt)
+    if kind == KIND_CEP:
+        rule_id, severity, span_ms, evidence = body
+        check_topic_part(rule_id, "rule_id", MAX_RULE_ID)
+        if len(evidence) > MAX_EVIDENCE:
+            raise WireError("bad_evidence", "more than %d values" % MAX_EVIDENCE)
+        rb = rule_id.encode()
+        out = bytearray(struct.pack(">B", len(rb)) + rb + struct.pack(_CEP, severity, _u32(span_ms, "span"), len(evidence)))
+        for v in evidence:
+            out.extend(struct.pack(">i", _i32(v, "evidence")))
+        return bytes(out)
+    if kind == KIND_ANOMALY:
+        ch, detector, score, value, baseline = body
+        return struct.pack(_ANOMALY, ch, detector, _i32(score, "score"), _i32(value, "value"), _i32(baseline, "baseline"))
+    if kind == KIND_STATUS:
+        up, ob_n, ob_b, dropped, late, offset, free, reconnects = body
+        return struct.pack(_STATUS, up, ob_n, ob_b, dropped, late, _i32(offset, "offset"), free, reconnects)
+    if kind == KIND_GAP:
+        gboot, ranges = body
+        if not ranges or len(ranges) > MAX_GAP_RANGES:
+            raise WireError("bad_gap", "1..%d ranges" % MAX_GAP_RANGES)
+        out = bytearray(struct.pack(_GAP, _u32(gboot, "boot"), len(ranges)))
+        for first, length in ranges:
+            if length < 1 or length > 0xFFFF:
+                raise WireError("bad_gap", "length %r" % length)
+            out.extend(struct.pack(">IH", _u32(first, "seq"), length))
+        return bytes(out)
+    raise WireError("unknown_kind", str(kind))
+
+
+def encode_records(device_id, boot, records):
+    """records: list of (kind, seq, t_ms, flags, body), seq ascending; kind != READING."""
+    n = len(records)
+    if n == 0:
+        raise WireError("empty")
+    base_seq = records[0][1]
+    base_time = records[0][2]
+    out = bytearray(_header(MSG_RECORDS, device_id, boot, base_seq, base_time, n))
+    for kind, seq, t, flags, body in records:
+        ds, dt = _offsets(seq, t, base_seq, base_time)
+        b = encode_body(kind, body)
+        out.extend(struct.pack(_REC, kind, ds, dt, flags))
+        out.extend(b)
+    if len(out) > MAX_PAYLOAD:
+        raise WireError("oversize", str(len(out)))
+    return bytes(out)
+
+
+def _decode_body(kind, buf, off):
+    """Return (body tuple, new offset)."""
+    if kind == KIND_WINDOW:
+        size = 33
+        _need(buf, off, size, "window")
+        return struct.unpack_from(_WINDOW, buf, off), off + size
+    if kind == KIND_CEP:
+        _need(buf, off, 1, "cep")
+        ln = buf[off]
+        off += 1
+        _need(buf, off, ln + 6, "cep")
+        rule = _ascii(buf[off:off + ln], "rule_id")
+        check_topic_part(rule, "rule_id", MAX_RULE_ID)
+        off += ln
+        sev, span, ne = struct.unpack_from(_CEP, buf, off)
+        off += 6
+        if ne > MAX_EVIDENCE:
+            raise WireError("bad_evidence", str(ne))
+        _need(buf, off, 4 * ne, "cep evidence")
+        ev = struct.unpack_from(">" + "i" * ne, buf, off) if ne else ()
+        return (rule, sev, span, tuple(ev)), off + 4 * ne
+    if kind == KIND_ANOMALY:
+        _need(buf, off, 14, "anomaly")
+        b = struct.unpack_from(_ANOMALY, buf, off)
+        if b[1] not in (DETECTOR_ZSCORE, DETECTOR_EWMA):
+            raise WireError("bad_detector", str(b[1]))
+        return b, off + 14
+    if kind == KIND_STATUS:
+        _need(buf, off, 32, "status")
+        return struct.unpack_from(_STATUS, buf, off), off + 32
+    if kind == KIND_GAP:
+        _need(buf, off, 5, "gap")
+        gboot, nr = struct.unpack_from(_GAP, buf, off)
+        off += 5
+        if nr < 1 or nr > MAX_GAP_RANGES:
+            raise WireError("bad_gap", str(nr))
+        _need(buf, off, 6 * nr, "gap ranges")
+        ranges = []
+        for i in range(nr):
+            first, length = struct.unpack_from(">IH", buf, off)
+            if length < 1:
+                raise WireError("bad_gap", "empty range")
+            if first + length - 1 > 0xFFFFFFFF:
+                raise WireError("bad_gap", "range beyond u32")
+            ranges.append((first, length))
+            off += 6
+        return (gboot, tuple(ranges)), off
+    raise WireError("unknown_kind", str(kind))
+
+
+def _check_max(payload, max_size):
+    if not isinstance(payload, (bytes, bytearray, memoryview)):
+        raise WireError("not_bytes", str(type(payload)))
+    if len(payload) > max_size:
+        raise WireError("oversize", "%d > %d bytes" % (len(payload), max_size))
+    if len(payload) < 4:
+        raise WireError("truncated", "%d bytes" % len(payload))
+    if payload[0] != MAGIC:
+        raise WireError("bad_magic", "0x%02x" % payload[0])
+    if payload[1] != VERSION:
+        if payload[1] > VERSION:
+            raise WireError("newer_version", "v%d, this side speaks v%d" % (payload[1], VERSION))
+        raise WireError("unknown_version", "v%d" % payload[1])
+
+
+# ---------------------------------------------------------------- control messages
+
+
+def _mac(key, parts):
+    """MAC_LEN bytes over parts; zeros without a key (insecure mode: the receiver has no key either)."""
+    if key is None:
+        return bytes(MAC_LEN)
+    if not isinstance(key, Hmac):
+        key = Hmac(key)
+    return key.mac(*parts)
+
+
+ACK_BODY = struct.calcsize(_ACK)  # 29
+ACK_SIZE = ACK_BODY + MAC_LEN  # 45
+
+
+def decode_ack(payload):
+    """Returns (boot, seq, gw_time_ms or None, credits, replay, flags, nonce). Checks no MAC:
+    the device does (ack_mac_ok) before it acts on anything in it."""
+    _check_max(payload, 256)
+    if len(payload) != ACK_SIZE:
+        raise WireError("bad_length", "ack is %d bytes" % ACK_SIZE)
+    _m, _v, mtype, flags, boot, seq, t, credits, replay, nonce = struct.unpack_from(_ACK, payload, 0)
+    if mtype != MSG_ACK:
+        raise WireError("unexpected_type", str(mtype))
+    if replay > 1:
+        raise WireError("bad_replay", str(replay))
+    return boot, seq, (t if flags & ACK_HAS_TIME else None), credits, replay == 1, flags, nonce
+
+
+def ack_mac_ok(payload, device_id_bytes, key):
+    """True if an ACK_SIZE payload carries the MAC of `key` (an auth.Hmac) for this device."""
+    mv = memoryview(payload)
+    return equal(key.mac(device_id_bytes, mv[:ACK_BODY]), mv[ACK_BODY:ACK_SIZE])
+
+
+def encode_hello(device_id, boot, next_seq, now_ms, backlog, floor_boot, floor_seq, instance, nonce, fw,
+                 key=None, flags=0):
+    """Device birth, sent on every connect. floor: the oldest (boot, seq) the device still holds
+    anywhere (docs/wire.md "The hello contract"); instance: random id of this flash identity;
+    nonce: fresh per hello, echoed in every ack. The MAC covers every byte before it."""
+    fwb = fw.encode()
+    if len(fwb) > MAX_FW:
+        raise WireError("bad_fw", fw)
+    body = (_header(MSG_HELLO, device_id, boot, next_seq, now_ms, flags)
+            + struct.pack(_HELLO, _u32(backlog, "backlog"), _u32(floor_boot, "boot"), _u32(floor_seq, "seq"),
+                          _u32(instance, "instance"), _u32(nonce, "nonce"), len(fwb)) + fwb)
+    return body + _mac(key, (body,))
+
+
+def encode_state(online, gateway=False):
+    """Device or gateway presence (retained). The offline form is the last will."""
+    return bytes((MAGIC, VERSION, MSG_GW_STATE if gateway else MSG_STATE, 0, 1 if online else 0, 0))
+
+
+def decode_state(payload, gateway=False):
+    """Returns True for online, False for offline."""
+    _check_max(payload, 64)
+    if len(payload) != 6:
+        raise WireError("bad_length", "state is 6 bytes")
+    if payload[2] != (MSG_GW_STATE if gateway else MSG_STATE):
+        raise WireError("unexpected_type", str(payload[2]))
+    if payload[4] > 1:
+        raise WireError("bad_state", str(payload[4]))
+    return payload[4] == 1
+
+
+# ---------------------------------------------------------------- event time
+
+
+MIN_TIME_MS = 1577836800000  # 2020-01-01T00:00:00Z

@@ -1,0 +1,51 @@
+"""The device's RAM budget, measured under the real MicroPython (tools/ram_budget.py): the
+modules as tools/deploy.py ships them (.mpy, mpy-cross -O3 -march=xtensawin), the ESP32 HAL on
+the virtual board's stub hardware modules, the provisioned default config (and the example
+pipeline config: 5 rules, 2 detectors).
+
+Budget (issue 11, docs/firmware.md): kept after start-up <= 48 KiB, every peak <= 64 KiB,
+per-sample path 0 bytes. The per-sample figure and a regression ceiling are asserted; the
+48/64 KiB budget is not met yet with bytecode loaded into RAM (measured figures in
+docs/firmware.md), so that assertion is a strict xfail: it turns into a failure the day the
+budget is met, and the marker must go then.
+"""
+import pytest
+
+from tests import mp_harness
+from tools import ram_budget
+
+# regression ceilings, a few KiB above what was measured on 2026-12-01 (docs/firmware.md)
+KEPT_CEILING = {"default": 76 * 1024, "example": 86 * 1024}
+PEAK_CEILING = 112 * 1024
+
+
+@pytest.fixture(scope="module", params=["default", "example"])
+def ram(request):
+    if not mp_harness.available():
+        pytest.fail("MicroPython (npm) is not installed: run tools/setup.sh")
+    cfg = ram_budget.DEFAULT_CONFIG if request.param == "default" else ram_budget.example_cfg()
+    r = ram_budget.measure(cfg, timeout=300)
+    r["name"] = request.param
+    return r
+
+
+def test_per_sample_path_allocates_nothing(ram):
+    assert ram["sample"] == 0
+
+
+def test_ram_regression_ceiling(ram):
+    assert ram["kept"] <= KEPT_CEILING[ram["name"]], ram["kept"]
+    for k in ("peak_backlog", "peak_live", "peak_windows", "peak_cep"):
+        assert ram[k] <= PEAK_CEILING, (k, ram[k])
+
+
+def test_modules_shipped_are_device_only(ram):
+    shipped = set(ram["files"])
+    assert "lib/firmware/hal_sim.mpy" not in shipped
+    assert "lib/shared/wire.mpy" not in shipped  # the gateway side of the contract stays off the board
+
+
+@pytest.mark.xfail(strict=True, reason="48 KiB kept / 64 KiB peak not met with .mpy bytecode in RAM "
+                                       "(docs/firmware.md: RAM); frozen modules or ROMFS are the way")
+def test_ram_budget(ram):
+    assert not ram_budget.over_budget(ram), ram_budget.over_budget(ram)
