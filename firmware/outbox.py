@@ -52,6 +52,7 @@ class Seg:
         self.count = 0
         self.bytes = 0
         self.pc = [0, 0, 0, 0]  # records per priority
+        self.pb = [0, 0, 0, 0]  # bytes per priority
 
     def add(self, seq, prio, nbytes):
         if self.count == 0:
@@ -59,6 +60,7 @@ class Seg:
         self.last = seq
         self.count += 1
         self.pc[prio] += 1
+        self.pb[prio] += nbytes
         self.bytes += nbytes
 
 
@@ -173,6 +175,43 @@ class _Frames:
         return n
 
 
+def _add_range(drops, boot, first, n):
+    """Add seqs [first, first + n) of boot to drops {boot: [[first, end), ...]} (extends the
+    last range when contiguous: seqs mostly come in order)."""
+    rs = drops.get(boot)
+    if rs is None:
+        rs = drops[boot] = []
+    if rs and rs[-1][1] == first:
+        rs[-1][1] = first + n
+    else:
+        rs.append([first, first + n])
+
+
+def _coalesce(rs):
+    """[[first, end), ...] -> sorted, merged [(first, length)], each length <= 65535."""
+    rs.sort()
+    out = []
+    cf = ce = None
+    for f, e in rs:
+        if cf is not None and f <= ce:
+            if e > ce:
+                ce = e
+            continue
+        if cf is not None:
+            _split(out, cf, ce)
+        cf, ce = f, e
+    if cf is not None:
+        _split(out, cf, ce)
+    return out
+
+
+def _split(out, f, e):
+    while e - f > 0xFFFF:
+        out.append((f, 0xFFFF))
+        f += 0xFFFF
+    out.append((f, e - f))
+
+
 def _ranges(seqs):
     """Sorted seqs -> [(first, length)] runs, each length <= 65535."""
     out = []
@@ -226,6 +265,7 @@ class Outbox:
         self.refused = 0  # records refused at the door when full (no seq given)
         self.rejected = 0  # records the wire encoder refused (bad body)
         self.write_errors = 0
+        self.gaps_merged = 0  # gap records re-expressed in merged ones (their seqs are in a gap range)
         self.flushes = 0
         self.flushed_records = 0
         self.torn = 0  # torn/corrupt tails found at load
@@ -263,7 +303,11 @@ class Outbox:
         nums.sort()
         for num in nums:
             seg = self._scan(num)
-            if seg is None or seg.count == 0 or self.acked.get(seg.boot, -1) >= seg.last:
+            prev = self.segs[-1] if self.segs else None
+            if (seg is None or seg.count == 0 or self.acked.get(seg.boot, -1) >= seg.last
+                    or (prev is not None and prev.boot == seg.boot and seg.first <= prev.last)):
+                # the last case: left over by a merge cut short after its rename; its records are
+                # in the merged segment or covered by gap records (written before the rename)
                 self._rm(self._name(num))
             else:
                 self.segs.append(seg)
@@ -513,8 +557,12 @@ class Outbox:
     # ------------------------------------------------------------ full policy
 
     def _lowest(self):
+        """Lowest class stored outside the segment being appended to (compacting that one
+        again and again would leave a trail of tiny files: its records are the newest anyway)."""
         q = None
         for s in self.segs:
+            if s is self._cur:
+                continue
             for p in range(3):
                 if s.pc[p]:
                     if q is None or p < q:
@@ -531,66 +579,120 @@ class Outbox:
                 return False
             seg = None
             for s in self.segs:
-                if s.pc[q]:
+                if s.pc[q] and s is not self._cur:
                     seg = s
                     break
-            if not self._compact(seg, q):
+            try:
+                ok = self._compact(seg, q)
+            except OSError:  # flash full or failing: keep what is stored, refuse the new record
+                self.write_errors += 1
+                self._rm(self._name(seg.num, "t"))
+                ok = False
+            if not ok:
                 return False
         return self.total_bytes() + size <= self.max_bytes
 
     def _compact(self, seg, q):
-        """Rewrite seg without its records of priority <= q (and without acked ones)."""
-        name = self._name(seg.num)
-        keep = []
-        dropped = []
-        a = self.acked.get(seg.boot, -1)
-        try:
-            f = self.fs.open(name, "rb")
-        except OSError:
-            f = None
-        if f is not None:
-            try:
-                while True:
-                    r = read_frame(f)
-                    if r is None:
-                        break
-                    frame, rec = r
-                    if rec[1] <= a:
-                        continue
-                    if PRIO.get(rec[3], 0) <= q:
-                        dropped.append(rec[1])
-                    else:
-                        keep.append((frame, rec))
-            finally:
-                f.close()
-        if seg is self._cur:
+        """Merge seg and the following segments of its boot into one file without their records
+        of priority <= q (and without acked ones), as long as the survivors fit in one segment:
+        the number of files stays bounded. Gap records in the group are re-expressed: their ranges,
+        their own seqs and the newly dropped seqs go into fresh, coalesced gap records, so gap
+        records merge instead of piling up. Crash-safe order: survivors to a temp file, gap
+        records durable, rename over the first segment, then the others removed (load() drops a
+        leftover that overlaps the merged segment)."""
+        segs = self.segs
+        i = segs.index(seg)
+        group = [seg]
+        est = seg.bytes - self._drop_bytes(seg, q)
+        j = i + 1
+        while j < len(segs) and len(group) < 16:
+            s = segs[j]
+            if s.boot != seg.boot or s is self._cur:
+                break
+            e = s.bytes - self._drop_bytes(s, q)
+            if est + e > self.seg_bytes:
+                break
+            group.append(s)
+            est += e
+            j += 1
+        if self._cur in group:
             self._cur = None
+        a = self.acked.get(seg.boot, -1)
+        drops = {}  # boot -> [[first, end), ...]
+        ndrop = 0
+        ns = Seg(seg.num, seg.boot)
+        tmp = self._name(seg.num, "t")
+        out = self.fs.open(tmp, "wb")
+        try:
+            for s in group:
+                try:
+                    f = self.fs.open(self._name(s.num), "rb")
+                except OSError:
+                    continue
+                try:
+                    while True:
+                        r = read_frame(f)
+                        if r is None:
+                            break
+                        frame, rec = r
+                        if rec[1] <= a:
+                            continue
+                        k = rec[3]
+                        p = PRIO.get(k, 0)
+                        if k == wire.KIND_GAP:
+                            _add_range(drops, rec[0], rec[1], 1)
+                            self.gaps_merged += 1
+                            gb, rs = rec[5]
+                            for first, n in rs:
+                                _add_range(drops, gb, first, n)
+                        elif p <= q:
+                            _add_range(drops, rec[0], rec[1], 1)
+                            ndrop += 1
+                        else:
+                            out.write(frame)
+                            ns.add(rec[1], p, len(frame))
+                finally:
+                    f.close()
+        finally:
+            out.close()
         # 1. the gap records are durable before anything is deleted
-        self.dropped += len(dropped)
-        self._emit_gaps(seg.boot, dropped)
+        self.dropped += ndrop
+        for gb in sorted(drops):
+            self._emit_gap_ranges(gb, _coalesce(drops[gb]))
         self.flush()
         if self._pend_n:
+            self._rm(tmp)
             return False  # flash refuses writes: keep everything, refuse the new record
-        # 2. rewrite (temp + rename) or delete
-        if not keep:
-            self._rm(name)
-            self.segs.remove(seg)
+        # 2. the survivors replace the group
+        nums = []
+        if ns.count:
+            self.fs.rename(tmp, self._name(seg.num))
+            seg.first, seg.last, seg.count, seg.bytes, seg.pc, seg.pb = ns.first, ns.last, ns.count, ns.bytes, ns.pc, ns.pb
+            rest = group[1:]
         else:
-            tmp = self._name(seg.num, "t")
-            f = self.fs.open(tmp, "wb")
-            try:
-                for frame, rec in keep:
-                    f.write(frame)
-            finally:
-                f.close()
-            self.fs.rename(tmp, name)
-            ns = Seg(seg.num, seg.boot)
-            for frame, rec in keep:
-                ns.add(rec[1], PRIO.get(rec[3], 0), len(frame))
-            seg.first, seg.last, seg.count, seg.bytes, seg.pc = ns.first, ns.last, ns.count, ns.bytes, ns.pc
-        if self._rseg == seg.num:
+            self._rm(tmp)
+            rest = group
+        for s in rest:
+            nums.append(s.num)
+            self._rm(self._name(s.num))
+            segs.remove(s)
+        if self._rseg == seg.num or self._rseg in nums:
+            self._rseg = seg.num if ns.count else -1  # replay re-reads from there; sent ones are skipped
             self._roff = 0
         return True
+
+    def _drop_bytes(self, s, q):
+        n = s.pb[3]
+        for p in range(q + 1):
+            n += s.pb[p]
+        return n
+
+    def _emit_gap_ranges(self, gboot, rs):
+        i = 0
+        while i < len(rs):
+            t, fl = self.stamp() if self.stamp is not None else (0, wire.FLAG_UNSYNCED)
+            self.append(wire.KIND_GAP, t, fl, (gboot, rs[i:i + wire.MAX_GAP_RANGES]))
+            i += wire.MAX_GAP_RANGES
 
     def _emit_gaps(self, gboot, seqs):
         if not seqs:
