@@ -22,6 +22,7 @@ FW_VERSION = "0.1.0"
 _MP = sys.implementation.name == "micropython"
 _REBASE_MS = 1 << 28  # rebase the pipeline's relative time well before small ints overflow
 _HI = 1 << 28  # firmware.clock: boot ms = ms_hi * 2**28 + ms_lo
+RESET_AFTER = 5  # task failures within a minute before the board is reset
 
 
 def _u32(v):
@@ -54,7 +55,9 @@ class App:
         self._n = 0  # sampling rounds mod raw.every
         self._psynced = False
         self._pepoch = None
-        self.c = {"samples": 0, "missing": 0, "readings": 0, "records": 0, "windows": 0, "cep": 0,
+        self._beat = {}  # task name -> boot ms of its last progress (watchdog feeding)
+        self._fails = {}  # task name -> [failures in the current minute, minute start]
+        self.c = {"samples": 0, "missing": 0, "sensor_errors": 0, "task_errors": 0, "readings": 0, "records": 0, "windows": 0, "cep": 0,
                   "anomalies": 0, "status": 0, "refused": 0, "ntp_ok": 0, "ntp_fail": 0, "errors": 0}
         self.cep_events = []  # last CEP events (rule_id, t, body), bounded
 
@@ -144,7 +147,11 @@ class App:
         tb = ck.tb
         fl = ck.tfl
         for hc, ch in self._chans:
-            v = hal.read(hc)
+            try:
+                v = hal.read(hc)
+            except Exception:  # any driver error (DHT: a plain Exception) is a missing sample
+                v = None
+                c["sensor_errors"] += 1
             if v is None:
                 c["missing"] += 1
                 continue
@@ -175,8 +182,10 @@ class App:
         ck.update()
         h0 = ck.ms_hi  # schedule in ms since (h0, 0): small ints, no long boot ms per round
         nxt = ck.ms_lo
+        beat = self._beat
         while self.running:
             self.sample_step()
+            beat["sampler"] = ck.ms_lo  # progress (small int: no heap per round)
             nxt += period
             ck.update()
             now = (ck.ms_hi - h0) * _HI + ck.ms_lo
@@ -199,9 +208,55 @@ class App:
             except OSError as e:
                 self.c["errors"] += 1
                 self.hal.console("outbox error %r" % (e,))
+            self._beat["store"] = ck.ms_lo
             if ob.flushes != before or ob.need_rewind:
                 self.uplink.wake.set()
             await self.hal.sleep_ms(100)
+
+    async def _supervise(self, name, fn):
+        """Run a task; any exception is counted, logged and the task restarted after 1 s. More
+        than RESET_AFTER failures of one task within a minute: the board is reset (HAL)."""
+        while self.running:
+            try:
+                await fn()
+                return  # ended normally (stop)
+            except Exception as e:  # CancelledError is a BaseException: not caught
+                self.c["task_errors"] += 1
+                f = self._fails.get(name)
+                now = self.clock.boot_ms()
+                if f is None or now - f[1] >= 60000:
+                    f = self._fails[name] = [0, now]
+                f[0] += 1
+                self.hal.console("edgeflow: task %s failed (%d): %r" % (name, f[0], e))
+                try:
+                    sys.print_exception(e)
+                except AttributeError:
+                    pass
+                if f[0] > RESET_AFTER:
+                    self.hal.console("edgeflow: task %s keeps failing: reset" % name)
+                    self.hal.reset()
+                    f[0] = 0
+                if name == "uplink":  # a fresh session after the restart
+                    self.uplink.session = False
+                    self.outbox.end_session()
+                    self.uplink.client.close()
+                await self.hal.sleep_ms(1000)
+
+    def progressing(self):
+        """True while the sampler and the store loop made progress recently (the watchdog is fed
+        only then: a hung task resets the board)."""
+        lo = self.clock.ms_lo
+        limit = 5000 + 3 * self.cfg["sample_ms"]
+        for name in ("sampler", "store"):
+            t = self._beat.get(name)
+            if t is None:
+                continue  # not started yet
+            d = lo - t
+            if d < 0:
+                d += _HI
+            if d > limit:
+                return False
+        return True
 
     def status_body(self):
         ob = self.outbox
@@ -223,7 +278,8 @@ class App:
         last_gc = 0
         steps = -1
         while self.running:
-            hal.wdt_feed()
+            if self.progressing():
+                hal.wdt_feed()
             b = ck.boot_ms()
             # time: NTP when reachable (retry every minute until the first answer)
             if ntp_ms and hal.wifi_connected() and (last_ntp is None or b - last_ntp >= (ntp_ms if ck.source == "ntp" else 60000)):
@@ -261,13 +317,12 @@ class App:
             self._boot()
         self.running = True
         up = self.uplink
-        self._tasks = [asyncio.create_task(self._sampler()), asyncio.create_task(self._store()),
-                       asyncio.create_task(up.run()), asyncio.create_task(self._housekeeping())]
+        self._tasks = [asyncio.create_task(self._supervise("sampler", self._sampler)),
+                       asyncio.create_task(self._supervise("store", self._store)),
+                       asyncio.create_task(self._supervise("uplink", up.run)),
+                       asyncio.create_task(self._supervise("housekeeping", self._housekeeping))]
         try:
             while self.running:
-                for t in self._tasks:
-                    if t.done() if hasattr(t, "done") else False:
-                        self.running = False
                 await _hal.sleep_ms(100)
         finally:
             for t in self._tasks:
