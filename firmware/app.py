@@ -67,7 +67,8 @@ class App:
         cfg = self.cfg
         hal = self.hal
         fs = hal.fs
-        self.identity = Identity(fs)
+        from firmware.outbox import highest_boot
+        self.identity = Identity(fs, floor=highest_boot(fs, cfg["outbox"]["dir"]))
         self.boot = self.identity.boot
         ob = cfg["outbox"]
         self.outbox = Outbox(fs, self.boot, ob["dir"], ob["max_bytes"], ob["segment_bytes"], ob["batch_records"],

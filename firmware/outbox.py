@@ -223,6 +223,36 @@ def _ranges(seqs):
     return out
 
 
+def highest_boot(fs, dir="ob"):
+    """The boot of the newest segment on flash (0 if none): read before the boot counter is
+    written, so a new boot number is always above every record still held."""
+    try:
+        names = fs.listdir(dir)
+    except OSError:
+        return 0
+    nums = []
+    for nm in names:
+        if len(nm) == 9 and nm[0] == "s" and nm[1:].isdigit():
+            nums.append(int(nm[1:]))
+    nums.sort()
+    hdr = bytearray(7)
+    best = 0
+    for num in nums[-4:]:  # the newest few (a torn or empty newest file is skipped)
+        try:
+            f = fs.open("%s/s%08d" % (dir, num), "rb")
+        except OSError:
+            continue
+        try:
+            d = f.read(7)
+        finally:
+            f.close()
+        if len(d) == 7 and d[0] == MAGIC:
+            b = (d[3] << 24) | (d[4] << 16) | (d[5] << 8) | d[6]
+            if b > best:
+                best = b
+    return best
+
+
 class Outbox:
     def __init__(self, fs, boot, dir="ob", max_bytes=262144, seg_bytes=8192, batch_records=16,
                  batch_ms=2000, ack_persist_ms=10000, live_max=64):

@@ -279,3 +279,37 @@ def test_board_not_answering_is_a_clear_error(capsys):
         for c in conns:
             c.close()
         srv.close()
+
+
+def test_deploy_uses_safe_mode_and_clears_it(board, deployed):
+    # the flag is written for the time of the copy and removed before the reset
+    assert "safemode" not in snapshot(board.dir)
+    deploy.run(["--port", board.url, "--safe-mode", "--no-reset"] + CFG, out=io.StringIO())
+    assert "safemode" in snapshot(board.dir)
+    deploy.run(["--port", board.url, "--no-reset"] + CFG, out=io.StringIO())
+    assert "safemode" not in snapshot(board.dir)
+
+
+def test_safe_mode_reason_flag_and_button(tmp_path, monkeypatch):
+    import types
+    from firmware import safemode
+    monkeypatch.chdir(tmp_path)
+    pin = types.SimpleNamespace(v=1)
+
+    class Pin:
+        IN = 1
+        PULL_UP = 1
+
+        def __init__(self, *a):
+            pass
+
+        def value(self):
+            return pin.v
+
+    monkeypatch.setitem(sys.modules, "machine", types.SimpleNamespace(Pin=Pin))
+    assert safemode.reason() is None
+    pin.v = 0  # held: the pin is pulled to GND
+    assert safemode.reason() == "button held"
+    pin.v = 1
+    (tmp_path / "safemode").write_text("deploy")
+    assert safemode.reason() == "flag file /safemode"

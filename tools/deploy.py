@@ -528,6 +528,8 @@ def parse_args(argv=None):
     ap.add_argument("--prefix", help="topic prefix (default edgeflow)")
     ap.add_argument("--sample-ms", type=int, help="sampling period in ms (default 1000)")
     ap.add_argument("--set", action="append", metavar="KEY=JSON", help="any other config key, dotted for sections: broker.keepalive_s=60 (repeatable)")
+    ap.add_argument("--safe-mode", action="store_true", help="leave the board in safe mode (/safemode flag: "
+                    "the app does not start, no watchdog) for the REPL; a later deploy clears it")
     ap.add_argument("--selftest", action="store_true", help="also copy firmware/selftest.py and the gateway side "
                     "of the wire contract it checks (not needed to run the firmware)")
     ap.add_argument("--list", action="store_true", help="list the board's files (size, sha256) and exit")
@@ -624,6 +626,8 @@ def run(argv=None, out=None):
             raise DeployError("board filesystem full: the deploy needs about %d more bytes, %d are free; "
                               "remove files (mpremote fs rm) or deploy fewer" % (need + peak, free), EXIT_FULL)
 
+        # safe mode while files change: a watchdog reset mid-deploy boots into the REPL, not the app
+        board.exec("f = open('/safemode', 'w')\nf.write('deploy')\nf.close()\n")
         board.remove(remove)
         board.mkdirs(copy)
         for p in copy:
@@ -635,6 +639,8 @@ def run(argv=None, out=None):
         if bad:
             raise DeployError("verify failed for %s: run the deploy again with --force" % ", ".join(bad), EXIT_VERIFY)
         res.verified = True
+        if not args.safe_mode:
+            board.exec("import os\ntry:\n os.remove('/safemode')\nexcept OSError:\n pass\n")
         if not args.no_reset:
             board.soft_reset()
             res.reset = True

@@ -9,7 +9,7 @@ def test_boot_counter_increments_once_per_boot():
     assert 1 <= b[0] < 1 << 29 and b == list(range(b[0], b[0] + 5))
     i = Identity(fs)
     assert [i.next_seq() for _ in range(3)] == [0, 1, 2]
-    # one small write per boot, alternating slots
+    # two small writes per boot, one per slot
     assert sorted(fs.listdir()) == ["boot.0", "boot.1"]
     assert len(fs.files["boot.0"]) == 18
 
@@ -39,10 +39,20 @@ def test_power_cut_at_every_byte_of_the_counter_write():
 def test_corrupt_slot_falls_back_to_the_other():
     fs = MemFS()
     b0 = Identity(fs).boot
-    Identity(fs)  # gen 2 in one slot, gen 1 in the other
-    newest = "boot.1" if fs.files["boot.1"][3] == 2 else "boot.0"
+    Identity(fs)  # boot b0 + 1 in both slots (generations 3 and 4)
+    newest = "boot.1" if fs.files["boot.1"][3] == 4 else "boot.0"
     fs.files[newest][7] ^= 0xFF
-    assert Identity(fs).boot == b0 + 1  # from the older valid slot (b0) + 1
+    # a corrupted newest slot never brings back a used boot number (issue 11.6)
+    assert Identity(fs).boot == b0 + 2
+
+
+def test_boot_is_above_the_outbox_floor():
+    fs = MemFS()
+    b0 = Identity(fs).boot
+    assert Identity(fs, floor=b0 + 7).boot == b0 + 8  # the outbox holds records of boot b0 + 7
+    assert Identity(fs).boot == b0 + 9
+    fresh = MemFS()  # erased slots, records still on flash: above them
+    assert Identity(fresh, floor=(1 << 29) + 5).boot == (1 << 29) + 6
 
 
 def test_slots_roundtrip_payload():
