@@ -634,7 +634,18 @@ class Outbox:
         i = segs.index(seg)
         group = [seg]
         est = seg.bytes - self._drop_bytes(seg, q)
-        j = i + 1
+        # earlier segments of the boot (survivors of earlier merges) join while they fit, so
+        # merged files fill up instead of staying half empty
+        while i > 0 and len(group) < 16:
+            s = segs[i - 1]
+            e = s.bytes - self._drop_bytes(s, q)
+            if s.boot != seg.boot or s is self._cur or est + e > self.seg_bytes:
+                break
+            group.insert(0, s)
+            est += e
+            i -= 1
+        seg = group[0]
+        j = segs.index(group[-1]) + 1
         while j < len(segs) and len(group) < 16:
             s = segs[j]
             if s.boot != seg.boot or s is self._cur:
