@@ -269,6 +269,7 @@ class Outbox:
         self.segs = []  # Seg, oldest first
         self.acked = {}  # boot -> highest acked seq
         self._cur = None  # Seg being appended to
+        self._af = None  # its file, kept open: a batch is write + flush (sync), not open/close
         self._next_num = 0
         # RAM batch (not yet on flash): complete frames in _buf[:_pend_bytes], CRCs filled at flush
         self._cap0 = batch_records * _RFRAME + 512
@@ -508,19 +509,21 @@ class Outbox:
         data = mv[0:size]  # written from the batch buffer itself: no copy
         cur = self._cur
         if cur is None or cur.bytes + size > self.seg_bytes:
+            self._end_cur()
             cur = Seg(self._next_num, self.boot)
             self._next_num += 1
             self.segs.append(cur)
             self._cur = cur
         try:
-            f = self.fs.open(self._name(cur.num), "ab")
-            try:
-                f.write(data)
-            finally:
-                f.close()
+            f = self._af
+            if f is None:
+                f = self._af = self.fs.open(self._name(cur.num), "ab")
+            f.write(data)
+            f.flush()  # LittleFS: lfs_file_sync, the batch is durable; the data block is not
+            # copied again per batch as a close + reopen would (flash wear: docs/firmware.md)
         except OSError:
             self.write_errors += 1
-            self._cur = None  # the file may hold a torn tail: never append to it again
+            self._end_cur()  # the file may hold a torn tail: never append to it again
             if cur.count == 0:
                 self.segs.remove(cur)
                 self._rm(self._name(cur.num))
@@ -554,6 +557,22 @@ class Outbox:
         self.flushes += 1
         self.flushed_records += n
         return n
+
+    def _end_cur(self):
+        """Stop appending to the current segment (close its file)."""
+        self._cur = None
+        f = self._af
+        self._af = None
+        if f is not None:
+            try:
+                f.close()
+            except OSError:
+                pass
+
+    def close(self):
+        """Flush and close the open segment file (graceful stop)."""
+        self.flush()
+        self._end_cur()
 
     def _drop_pending(self):
         """Flash keeps failing: drop the RAM batch (except gap records) and account for it."""
@@ -657,7 +676,7 @@ class Outbox:
             est += e
             j += 1
         if self._cur in group:
-            self._cur = None
+            self._end_cur()
         a = self.acked.get(seg.boot, -1)
         drops = {}  # boot -> [[first, end), ...]
         ndrop = 0
@@ -756,9 +775,9 @@ class Outbox:
         keep = []
         for s in self.segs:
             if s.boot == boot and s.last <= seq and s.count > 0:
-                self._rm(self._name(s.num))
                 if s is self._cur:
-                    self._cur = None
+                    self._end_cur()
+                self._rm(self._name(s.num))
             else:
                 keep.append(s)
         self.segs = keep

@@ -261,14 +261,26 @@ def test_posix_fs_roundtrip():
 
 
 def test_write_error_keeps_batch_and_uses_new_segment():
+    class FlakyFile:
+        def __init__(self, fs, f):
+            self.fs = fs
+            self.f = f
+
+        def write(self, b):
+            if self.fs.fail:
+                self.fs.fail -= 1
+                raise OSError(28, "ENOSPC")
+            return self.f.write(b)
+
+        def __getattr__(self, name):
+            return getattr(self.f, name)
+
     class Flaky(MemFS):
         fail = 0
 
         def open(self, path, mode):
-            if "a" in mode and self.fail:
-                self.fail -= 1
-                raise OSError(28, "ENOSPC")
-            return MemFS.open(self, path, mode)
+            f = MemFS.open(self, path, mode)
+            return FlakyFile(self, f) if "a" in mode else f
 
     fs = Flaky()
     ob = _ob(fs, 1)
