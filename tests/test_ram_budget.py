@@ -15,7 +15,7 @@ from tests import mp_harness
 from tools import ram_budget
 
 # regression ceilings, a few KiB above what was measured on 2026-12-01 (docs/firmware.md)
-KEPT_CEILING = {"default": 76 * 1024, "example": 86 * 1024}
+KEPT_CEILING = {"default": 79 * 1024, "example": 90 * 1024}
 PEAK_CEILING = 128 * 1024  # gc disabled in the step: garbage counts (an upper bound)
 
 
