@@ -283,7 +283,9 @@ class App:
                 hal.wdt_feed()
             b = ck.boot_ms()
             # time: NTP when reachable (retry every minute until the first answer)
-            if ntp_ms and hal.wifi_connected() and (last_ntp is None or b - last_ntp >= (ntp_ms if ck.source == "ntp" else 60000)):
+            if ntp_ms and hal.wifi_connected() and (last_ntp is None or b - last_ntp >= (ntp_ms if ck.synced else 60000)):
+                # retried every minute only while the clock is unset: once NTP or the gateway's
+                # beacon set it, NTP runs at its period (each query blocks <= 0.5 s, hal_esp32)
                 last_ntp = b
                 b0 = ck.boot_ms()
                 e = None

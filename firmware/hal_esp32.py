@@ -91,14 +91,17 @@ class Esp32Hal(_hal.Hal):
         return self._wlan.isconnected()
 
     def ntp(self, host=None):
-        """One SNTP query (blocks up to 1 s); epoch ms with ms resolution, or None."""
+        """One SNTP query (blocks up to 0.5 s; DNS once, again after a failure); epoch ms with
+        ms resolution, or None."""
         import socket
         import struct
         s = None
         try:
-            addr = socket.getaddrinfo(host or "pool.ntp.org", 123)[0][-1]
+            addr = getattr(self, "_ntp_addr", None)
+            if addr is None:
+                addr = self._ntp_addr = socket.getaddrinfo(host or "pool.ntp.org", 123)[0][-1]
             s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-            s.settimeout(1)
+            s.settimeout(0.5)
             q = bytearray(48)
             q[0] = 0x1B
             s.sendto(q, addr)
@@ -110,6 +113,7 @@ class Esp32Hal(_hal.Hal):
                 return None
             return (secs - 2208988800) * 1000 + (frac * 1000 >> 32)
         except Exception:
+            self._ntp_addr = None
             return None
         finally:
             if s is not None:

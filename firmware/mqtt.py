@@ -188,6 +188,12 @@ def split(buf):
 
 
 def _close_stream(w):
+    t = getattr(w, "transport", None)  # CPython: abort, so a drain() stuck on a full buffer ends now
+    if t is not None:
+        try:
+            t.abort()
+        except Exception:
+            pass
     try:
         w.close()
     except Exception:
@@ -200,10 +206,28 @@ def _close_stream(w):
             pass
 
 
+def resolve(host, port):
+    """IP address of host (a literal is returned as is; DNS once per call). None if unknown.
+    Blocking on MicroPython: the client calls it once and caches the answer."""
+    parts = host.split(".")
+    if len(parts) == 4:
+        lit = True
+        for p in parts:
+            if not p.isdigit():
+                lit = False
+        if lit:
+            return host
+    try:
+        import socket
+        return socket.getaddrinfo(host, port)[0][-1][0]
+    except Exception:  # no DNS (or no socket module): let open_connection try the name
+        return None
+
+
 class MQTTClient:
     def __init__(self, client_id, host, port=1883, keepalive=30, will=None, clean=True, user=None,
                  password=None, open_connection=None, on_message=None, max_inflight=16,
-                 timeout_ms=5000):
+                 timeout_ms=5000, resolver=resolve):
         self.client_id = client_id
         self.host = host
         self.port = port
@@ -216,6 +240,8 @@ class MQTTClient:
         self.on_message = on_message
         self.max_inflight = max_inflight
         self.timeout_ms = timeout_ms
+        self.resolver = resolver
+        self.addr = None  # the broker's address, resolved once (again after a failed connect)
         self.connected = False
         self.inflight = []  # [pid, packet] awaiting PUBACK, oldest first (bounded)
         self._pid = 0
@@ -252,13 +278,20 @@ class MQTTClient:
         if self.connected:
             return
         t = self.timeout_ms / 1000
-        r, w = await asyncio.wait_for(self.open_connection(self.host, self.port), t)
+        if self.addr is None and self.resolver is not None:
+            self.addr = self.resolver(self.host, self.port)
+        try:
+            r, w = await asyncio.wait_for(self.open_connection(self.addr or self.host, self.port), t)
+        except BaseException:
+            self.addr = None  # refresh the DNS answer next time
+            raise
         try:
             w.write(connect_packet(self.client_id, self.keepalive, self.clean, self.will, self.user, self.password))
-            await w.drain()
+            await asyncio.wait_for(w.drain(), t)
             pkt = await asyncio.wait_for(self._read_packet(r), t)
         except BaseException:
             _close_stream(w)
+            self.addr = None
             raise
         if pkt[0] != "connack" or pkt[2] != 0:
             _close_stream(w)
@@ -292,12 +325,21 @@ class MQTTClient:
         return parse(first, body)
 
     async def _send(self, pkt):
+        """Write one packet; waits for the send lock and for the socket at most timeout_ms each
+        (a full send buffer toward a dead broker never blocks forever)."""
         if not self.connected:
             raise MQTTError("not connected")
         w = self._w
-        async with self._lock:
+        t = self.timeout_ms / 1000
+        await asyncio.wait_for(self._lock.acquire(), t)
+        try:
             w.write(pkt)
-            await w.drain()
+            await asyncio.wait_for(w.drain(), t)
+        except asyncio.TimeoutError:
+            self._drop(MQTTError("write timeout"))
+            raise MQTTError("write timeout")
+        finally:
+            self._lock.release()
         self._last_tx = ticks_ms()
 
     async def publish(self, topic, payload, qos=0, retain=False):
@@ -377,6 +419,9 @@ class MQTTClient:
             self._drop(e)
 
     async def _pinger(self):
+        """Keepalive: PINGREQ after ka/2 without sending; the connection is dead after 1.5 x ka
+        without anything received. The dead check never waits for the send lock (a publish
+        stuck in drain() holds it), and the ping is skipped while the lock is held."""
         ka = self.keepalive * 1000
         try:
             while self.connected:
@@ -385,11 +430,17 @@ class MQTTClient:
                 if ticks_diff(now, self._last_rx) > ka + ka // 2:
                     self._drop(MQTTError("keepalive timeout"))
                     return
-                if ticks_diff(now, self._last_tx) >= ka // 2:
+                if ticks_diff(now, self._last_tx) >= ka // 2 and not self._lock.locked():
                     self.pings += 1
-                    await self._send(PINGREQ_PACKET)
+                    asyncio.create_task(self._ping())
         except asyncio.CancelledError:
             raise
+        except Exception as e:
+            self._drop(e)
+
+    async def _ping(self):
+        try:
+            await self._send(PINGREQ_PACKET)
         except Exception as e:
             self._drop(e)
 

@@ -161,3 +161,51 @@ def test_broker_restart_mid_stream_loses_nothing(broker):
         await pub.disconnect()
         await sub.disconnect()
     run(main(), 60)
+
+
+def test_dead_broker_detected_while_a_publish_is_blocked_then_reconnects(broker):
+    """mosquitto frozen with SIGSTOP (host gone without closing TCP) while a publish is stuck
+    in drain() on a full send buffer: the keepalive check does not wait behind the send lock,
+    the client drops the connection within 1.5 x keepalive (+ one check interval) and connects
+    again once the broker runs (issue 11.5)."""
+    import os
+    import signal
+    import time
+
+    ka = 2
+
+    async def main():
+        c = MQTTClient("frozen1", "127.0.0.1", broker.port, keepalive=ka, timeout_ms=60000)
+        await c.connect()
+        pid = broker.proc.pid
+        os.kill(pid, signal.SIGSTOP)
+        try:
+            blob = b"x" * 65536
+
+            async def flood():
+                for i in range(2000):  # bounded: the socket buffers fill long before
+                    await c.publish("frozen/t", blob, 0)
+
+            t_stop = time.monotonic()
+            pub = asyncio.create_task(flood())
+            # the publish blocks (buffer full) while the broker is frozen
+            while not c._lock.locked() and not pub.done():
+                await asyncio.sleep(0.01)
+            assert not pub.done(), "publishes never blocked"
+            while c.connected and time.monotonic() - t_stop < 10 * ka:
+                await asyncio.sleep(0.05)
+            took = time.monotonic() - t_stop
+            assert not c.connected, "dead connection not detected in %.1f s" % took
+            assert took <= 1.5 * ka + 1.5, took  # 1.5 x keepalive + the pinger's check interval
+            with pytest.raises(Exception):
+                await asyncio.wait_for(pub, 5)  # the blocked publish ends too, with an error
+            assert "keepalive" in str(c.last_error)
+        finally:
+            os.kill(pid, signal.SIGCONT)
+        await c.connect()  # the broker runs again: a fresh session
+        assert c.connected
+        await c.publish("frozen/t", b"again", 1)
+        assert await c.wait_inflight(5)
+        await c.disconnect()
+
+    run(main(), timeout=60)
