@@ -5,7 +5,7 @@ the outbox's files, flash blocks in use, segments in the RAM index, gap records,
 and dropped; at the end the flash wear (erases per day: total and hottest block, years to the
 100,000-cycle rating) and a reboot: the next boot's Outbox.load() on the same flash.
 
-    python tools/outage_week.py [--days 7] [--every-h 12] [--config FILE.json]
+    python tools/outage_week.py [--days 7] [--every-h 12] [--config FILE.json] [--ack-every-s N]
 
 The sampling loop is driven directly (App.sample_step / outbox tick / status record, as the
 app's tasks do), on a virtual clock, so a week takes minutes, not a week.
@@ -51,7 +51,7 @@ def _alerts(ob):
     return n
 
 
-def run(days=7.0, every_h=12, cfg=None, out=print, alert_every_s=0):
+def run(days=7.0, every_h=12, cfg=None, out=print, alert_every_s=0, ack_every_s=0):
     """Returns (rows, result). rows: snapshots every every_h simulated hours."""
     cfg = dict(cfg or BASE_CONFIG)
     fs = LfsFS()
@@ -76,6 +76,8 @@ def run(days=7.0, every_h=12, cfg=None, out=print, alert_every_s=0):
             ob.tick(b)
         except OSError:
             app.c["errors"] += 1
+        if ack_every_s and b // 1000 % ack_every_s == 0 and ob.seq > ob.pending():
+            ob.on_ack(app.boot, ob.seq - ob.pending() - 1)  # normal operation: the gateway acks
         if alert_every_s and b // 1000 % alert_every_s == 0:
             t, fl = app.clock.stamp_now()
             app._emit(wire.KIND_CEP, t, fl, ("test_alert", 2, 0, ()))
@@ -121,12 +123,14 @@ def main(argv=None):
     ap.add_argument("--every-h", type=float, default=12.0)
     ap.add_argument("--config", help="device config JSON (default: defaults, insecure, no pipeline rules)")
     ap.add_argument("--alert-every-s", type=int, default=0, help="also a CEP record every N s")
+    ap.add_argument("--ack-every-s", type=int, default=0,
+                    help="normal operation instead of an outage: everything flushed is acked every N s")
     a = ap.parse_args(argv)
     cfg = None
     if a.config:
         with open(a.config) as f:
             cfg = json.load(f)
-    run(a.days, a.every_h, cfg, alert_every_s=a.alert_every_s)
+    run(a.days, a.every_h, cfg, alert_every_s=a.alert_every_s, ack_every_s=a.ack_every_s)
     return 0
 
 
