@@ -353,18 +353,11 @@ class Outbox:
 
     def _scan(self, num):
         name = self._name(num)
-        try:
-            f = self.fs.open(name, "rb")
-        except OSError:
-            return None
         seg = None
         good = 0
+        g = self._frames_of(num)
         try:
-            while True:
-                r = read_frame(f)
-                if r is None:
-                    break
-                frame, rec = r
+            for frame, rec in g:
                 if seg is None:
                     seg = Seg(num, rec[0])
                 if rec[0] != seg.boot:
@@ -372,7 +365,7 @@ class Outbox:
                 seg.add(rec[1], PRIO.get(rec[3], 0), len(frame))
                 good += len(frame)
         finally:
-            f.close()
+            g.close()  # MicroPython runs a dropped generator's finally (the file close) only so
         if seg is not None:
             try:
                 size = self.fs.stat_size(name)
@@ -382,6 +375,22 @@ class Outbox:
                 self.torn += 1
             seg.bytes = size
         return seg
+
+    def _frames_of(self, num):
+        """(frame bytes, record) of each intact frame of segment num, in file order; stops at a
+        torn or corrupt frame; nothing if the file is missing."""
+        try:
+            f = self.fs.open(self._name(num), "rb")
+        except OSError:
+            return
+        try:
+            while True:
+                r = read_frame(f)
+                if r is None:
+                    return
+                yield r
+        finally:
+            f.close()
 
     def _rm(self, path):
         try:
@@ -685,34 +694,28 @@ class Outbox:
         out = self.fs.open(tmp, "wb")
         try:
             for s in group:
-                try:
-                    f = self.fs.open(self._name(s.num), "rb")
-                except OSError:
-                    continue
-                try:
-                    while True:
-                        r = read_frame(f)
-                        if r is None:
-                            break
-                        frame, rec = r
-                        if rec[1] <= a:
-                            continue
-                        k = rec[3]
-                        p = PRIO.get(k, 0)
-                        if k == wire.KIND_GAP:
-                            _add_range(drops, rec[0], rec[1], 1)
-                            self.gaps_merged += 1
-                            gb, rs = rec[5]
-                            for first, n in rs:
-                                _add_range(drops, gb, first, n)
-                        elif p <= q:
-                            _add_range(drops, rec[0], rec[1], 1)
-                            ndrop += 1
-                        else:
+                g = self._frames_of(s.num)
+                for frame, rec in g:
+                    if rec[1] <= a:
+                        continue
+                    k = rec[3]
+                    p = PRIO.get(k, 0)
+                    if k == wire.KIND_GAP:
+                        _add_range(drops, rec[0], rec[1], 1)
+                        self.gaps_merged += 1
+                        gb, rs = rec[5]
+                        for first, n in rs:
+                            _add_range(drops, gb, first, n)
+                    elif p <= q:
+                        _add_range(drops, rec[0], rec[1], 1)
+                        ndrop += 1
+                    else:
+                        try:
                             out.write(frame)
-                            ns.add(rec[1], p, len(frame))
-                finally:
-                    f.close()
+                        except OSError:
+                            g.close()
+                            raise
+                        ns.add(rec[1], p, len(frame))
         finally:
             out.close()
         # 1. the gap records are durable before anything is deleted
