@@ -13,7 +13,7 @@ VFS raises them.
 """
 import errno
 
-from littlefs import LittleFS, UserContext
+from littlefs import LittleFS, UserContext, lfs
 from littlefs.errors import LittleFSError
 
 BLOCK = 4096
@@ -45,8 +45,9 @@ def _oserror(e):
 
 
 class _File:
-    def __init__(self, f):
+    def __init__(self, f, fs):
         self.f = f
+        self.fs = fs  # the LittleFS: flush() syncs the file like MicroPython's VfsLfs2 does
 
     def read(self, n=-1):
         try:
@@ -73,8 +74,12 @@ class _File:
         return self.f.tell()
 
     def flush(self):
+        """Like MicroPython's flush on VfsLfs2: the buffered bytes and then lfs_file_sync (the
+        file's new size and blocks committed: what a power cut keeps)."""
         try:
             self.f.flush()
+            raw = getattr(self.f, "raw", self.f)
+            lfs.file_sync(self.fs.fs, raw.fh)
         except LittleFSError as e:
             raise _oserror(e)
 
@@ -120,7 +125,7 @@ class LfsFS:
         if "a" in mode and not self.exists(path):
             mode = mode.replace("a", "w")  # littlefs-python's "a" does not create (MicroPython's does)
         try:
-            return _File(self._call(self.lfs.open, path, mode))
+            return _File(self._call(self.lfs.open, path, mode), self.lfs)
         except FileNotFoundError:
             raise OSError(errno.ENOENT, path)
 
