@@ -254,8 +254,8 @@ def highest_boot(fs, dir="ob"):
 
 
 class Outbox:
-    def __init__(self, fs, boot, dir="ob", max_bytes=262144, seg_bytes=8192, batch_records=16,
-                 batch_ms=2000, ack_persist_ms=10000, live_max=64):
+    def __init__(self, fs, boot, dir="ob", max_bytes=262144, seg_bytes=8192, batch_records=32,
+                 batch_ms=10000, ack_persist_ms=10000, live_max=64):
         self.fs = fs
         self.boot = boot
         self.dir = dir
