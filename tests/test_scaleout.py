@@ -14,6 +14,7 @@ from gateway.config import Config
 from gateway.partitions import fnv1a32, nats_mappings, partition_of, subject_topic
 from gateway.service import Gateway
 from shared import wire
+from tools.bench_compare import MemIngest  # the service's ingest interface over a list
 
 T0 = int(time.time() * 1000) - 3600 * 1000  # an hour ago: valid event times, windows all fired by the end
 
@@ -32,43 +33,6 @@ def test_fnv1a_known_vectors_and_partition_spread():
     assert subject_topic("weird") == b"weird"
     with pytest.raises(ValueError):
         nats_mappings("edgeflow", 0)
-
-
-class ListIngest:
-    """The service's ingest interface over a list of (topic, payload): all of it queued at once."""
-
-    def __init__(self, msgs, cfg, stats):
-        now = time.monotonic()
-        self.queue = collections.deque((t.encode(), p, i, 1, now) for i, (t, p) in enumerate(msgs))
-        self.maxsize = max(10, len(self.queue))
-        self.wake = asyncio.Event()
-        self.wake.set()
-        self.connected = asyncio.Event()
-        self.paused = False
-        self.closing = False
-        self.acked = 0
-        self.sent = []
-
-    async def start(self):
-        self.connected.set()
-
-    async def stop(self, offline=True):
-        pass
-
-    def pause(self):
-        self.paused = True
-
-    def resume(self):
-        self.paused = False
-
-    def maybe_resume(self):
-        pass
-
-    def puback(self, mids):
-        self.acked += len(mids)
-
-    def publish(self, topic, payload, qos=1, retain=False):
-        self.sent.append((topic, payload))
 
 
 def _fleet_messages(n_dev, per_dev, rng, window_ms, disorder_ms):
@@ -105,7 +69,7 @@ def _run_pipeline(msgs, db, sections):
     async def go():
         cfg = Config(dict(sections, store={"path": db, "synchronous": "NORMAL"}, metrics={"port": 0},
                           security={"insecure": True}))
-        gw = Gateway(cfg, ingest_factory=lambda c, s: ListIngest(msgs, c, s))
+        gw = Gateway(cfg, ingest_factory=lambda c, s: MemIngest(msgs, c, s))
         task = asyncio.ensure_future(gw.run())
         deadline = time.monotonic() + 60
         while gw.stats.messages < len(msgs) and time.monotonic() < deadline and not task.done():
