@@ -29,7 +29,7 @@ import paho.mqtt.client as mqtt
 from nats.errors import ConnectionClosedError, NoServersError, TimeoutError as NatsTimeout
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy, DiscardPolicy, RetentionPolicy, StorageType, \
     StreamConfig
-from nats.js.errors import NotFoundError
+from nats.js.errors import APIError, NotFoundError
 from paho.mqtt.enums import CallbackAPIVersion
 
 from shared import wire
@@ -131,6 +131,23 @@ class MqttOut:
         c.loop_stop()
 
 
+async def until_ready(op, what, deadline_s=120.0, first_s=0.25, cap_s=4.0):
+    """Run op() until it succeeds. A freshly started (or just healed) JetStream cluster answers
+    its API with timeouts or 'no leader' errors for a while: retried with backoff and full
+    jitter, logged, up to deadline_s; anything else, or the deadline, raises."""
+    t0 = time.monotonic()
+    delay = first_s
+    while True:
+        try:
+            return await op()
+        except (NatsTimeout, APIError) as e:
+            if isinstance(e, NotFoundError) or time.monotonic() - t0 + delay > deadline_s:
+                raise
+            logs.warning("jetstream_not_ready", what=what, error=repr(e), retry_s=round(delay, 2))
+        await asyncio.sleep(random.uniform(0, delay))
+        delay = min(cap_s, delay * 2)
+
+
 class Link:
     """One gateway process's connections: NATS (JetStream) and the MQTT publisher."""
 
@@ -150,7 +167,7 @@ class Link:
                                      connect_timeout=2, allow_reconnect=True, name=self.out.client._client_id.decode(),
                                      error_cb=self._error, disconnected_cb=self._disc, reconnected_cb=self._reconn)
         self.js = self.nc.jetstream(timeout=5)
-        await self.ensure_stream()
+        await until_ready(self.ensure_stream, "stream")
         self.out.start()
         return self
 
@@ -164,6 +181,8 @@ class Link:
         logs.info("nats_reconnected", url=str(self.nc.connected_url.netloc) if self.nc.connected_url else "")
 
     async def ensure_stream(self):
+        """Create or find the stream. NotFoundError is answered here; a cluster still electing
+        its leaders answers with timeouts or 503s, which until_ready() retries."""
         cfg = StreamConfig(name=STREAM, subjects=stream_subjects(self.prefix), retention=RetentionPolicy.WORK_QUEUE,
                            storage=StorageType.FILE, num_replicas=self.replicas, max_bytes=self.max_bytes,
                            discard=DiscardPolicy.NEW)

@@ -33,7 +33,7 @@ from nats.js.errors import BucketNotFoundError, KeyWrongLastSequenceError, NoKey
 
 from . import logs
 from .config import Config, ConfigError
-from .ingest_jetstream import Link, PartitionIngest
+from .ingest_jetstream import Link, PartitionIngest, until_ready
 from .partitions import fair_share
 from .service import Gateway
 
@@ -85,7 +85,7 @@ class Owner:
         self._stop = asyncio.Event()
         os.makedirs(self.dir, exist_ok=True)
         await self.link.start()
-        self.kv = await self._bucket()
+        self.kv = await until_ready(self._bucket, "lease bucket")
         logs.info("scaleout_started", id=self.gid, partitions=self.P, lease_s=self.lease_s, dir=self.dir)
         # join first, take partitions one tick later: gateways starting together then see
         # each other and split the partitions at once instead of moving them afterwards

@@ -208,3 +208,39 @@ async def _until(cond, timeout):
     while not cond():
         assert time.monotonic() < deadline, "condition not reached in %s s" % timeout
         await asyncio.sleep(0.05)
+
+
+def test_jetstream_not_ready_at_start_is_retried_not_fatal():
+    """A cluster just started answers its API with timeouts / 503 for a while: the gateway
+    waits for it (seen in CI: a scale-out gateway died at start with `nats: timeout`)."""
+    from nats.errors import TimeoutError as NatsTimeout
+    from nats.js.errors import APIError, NotFoundError, ServiceUnavailableError
+
+    from gateway.ingest_jetstream import until_ready
+
+    calls = []
+
+    async def flaky():
+        calls.append(1)
+        if len(calls) == 1:
+            raise NatsTimeout()
+        if len(calls) == 2:
+            raise ServiceUnavailableError()
+        return "ok"
+
+    assert asyncio.run(until_ready(flaky, "stream", first_s=0.01)) == "ok" and len(calls) == 3
+
+    async def missing():
+        raise NotFoundError()
+
+    with pytest.raises(NotFoundError):  # an answer, not a cluster still electing: never retried
+        asyncio.run(until_ready(missing, "stream", first_s=0.01))
+
+    async def never():
+        raise NatsTimeout()
+
+    t0 = time.monotonic()
+    with pytest.raises(NatsTimeout):  # bounded: the deadline ends it
+        asyncio.run(until_ready(never, "stream", deadline_s=0.3, first_s=0.01, cap_s=0.05))
+    assert time.monotonic() - t0 < 5
+    assert issubclass(ServiceUnavailableError, APIError)
