@@ -35,6 +35,7 @@ try:
 except ImportError:  # pragma: no cover
     loads = json.loads
 from .sinks import tables as T
+from .sinks.jetstream import close_quietly
 
 SITE_RE = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
 TEXT_COLS = {"device", "scope", "key", "rule", "evidence", "kind"}
@@ -335,10 +336,7 @@ class Collector:
 
     async def close(self):
         if self.nc is not None:
-            try:
-                await asyncio.wait_for(self.nc.close(), 5)
-            except (Exception, asyncio.TimeoutError):  # noqa: BLE001
-                pass
+            await close_quietly(self.nc)
         await self.store.close()
 
 

@@ -54,15 +54,6 @@ def load_devices_file(path):
     return out
 
 
-def devices_file_of(cfg):
-    """The configured devices file path ('' if none): env EDGEFLOW_DEVICES_FILE, else [devices] file."""
-    env = os.environ.get("EDGEFLOW_DEVICES_FILE")
-    if env:
-        return env
-    sec = getattr(cfg, "devices", None)
-    return getattr(sec, "file", "") or ""
-
-
 class Keys:
     """Ack keys by device id, as auth.Hmac objects made on first use (pads computed once)."""
 

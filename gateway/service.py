@@ -36,7 +36,7 @@ from .config import Config, ConfigError
 from .dedup import BEYOND, DUP, REFLASH, RETIRED, Dedup
 from .devices import Registry
 from .ingest import Ingest
-from .keys import Keys, devices_file_of, load_devices_file
+from .keys import Keys, load_devices_file
 from .sinks import SinkSet
 from .store import Store
 from .watermark import Watermarks
@@ -119,7 +119,7 @@ class Gateway:
                                    first_byte_s=a.first_byte_s)
         self.devices = Registry()
         # the devices file: provisioned ids and their ack keys (None: insecure, every id taken)
-        self._devices_file = devices_file_of(cfg)
+        self._devices_file = cfg.devices.file  # Config applies EDGEFLOW_DEVICES_FILE
         self.keys = Keys(load_devices_file(self._devices_file) if self._devices_file else None)
         self._registry_mtime = _mtime(self._devices_file) if self._devices_file else None
         self.out = Outputs()

@@ -394,12 +394,29 @@ class Device:
         return out
 
 
+def _start_rogue(obj, port, broker, client_id, service_user, subs):
+    """The MQTT client and pump thread of a rogue (Duplicator, AckForger): subscribes to subs,
+    hands messages to obj._on_message, runs obj._pump; a trusted service user on a secure broker."""
+    import paho.mqtt.client as paho
+    c = paho.Client(paho.CallbackAPIVersion.VERSION2, client_id="%s-%d" % (client_id, os.getpid()))
+    c.on_connect = lambda c, u, f, rc, pr=None: c.subscribe(subs)  # [(topic, qos)]
+    c.on_message = obj._on_message
+    c.reconnect_delay_set(0.1, 1)
+    if broker is not None and not broker.insecure:
+        broker.paho(c, broker.service(service_user))
+    obj.client = c
+    c.connect_async("127.0.0.1", port, 30)
+    c.loop_start()
+    obj._stop = threading.Event()
+    obj._th = threading.Thread(target=obj._pump, daemon=True)
+    obj._th.start()
+
+
 class Duplicator:
     """A rogue proxy: subscribes to every device's data topic and republishes a fraction of
     the messages later (random delay, so also out of order). Dedup must absorb them."""
 
     def __init__(self, port, prefix="edgeflow", p=0.2, delay_s=2.0, seed=1, broker=None):
-        import paho.mqtt.client as paho
         self.p = p
         self.delay = delay_s
         self.rng = random.Random(seed)
@@ -409,19 +426,8 @@ class Duplicator:
         self.sent = 0
         self.seen = 0
         self.active = False
-        c = paho.Client(paho.CallbackAPIVersion.VERSION2, client_id="fleet-dup-%d" % os.getpid())
-        c.on_connect = lambda c, u, f, rc, pr=None: c.subscribe(self.topics.sub_data, 1)
-        c.on_message = self._on_message
-        c.reconnect_delay_set(0.1, 1)
-        if broker is not None and not broker.insecure:
-            # a trusted relay user (readwrite on the tree): the broker forces client id = user
-            broker.paho(c, broker.service("edgeflow-test-relay"))
-        self.client = c
-        c.connect_async("127.0.0.1", port, 30)
-        c.loop_start()
-        self._stop = threading.Event()
-        self._th = threading.Thread(target=self._pump, daemon=True)
-        self._th.start()
+        # a trusted relay user (readwrite on the tree): the broker forces client id = user
+        _start_rogue(self, port, broker, "fleet-dup", "edgeflow-test-relay", [(self.topics.sub_data, 1)])
 
     def _on_message(self, c, u, msg):
         if not self.active or msg.retain:
@@ -471,7 +477,6 @@ class AckForger:
     ignore (1), and (2) once their nonce moved on; nothing may be deleted."""
 
     def __init__(self, port, prefix="edgeflow", period=0.5, seed=1, broker=None):
-        import paho.mqtt.client as paho
         self.topics = wire.Topics(prefix)
         self.period = period
         self.rng = random.Random(seed)
@@ -480,20 +485,10 @@ class AckForger:
         self.lock = threading.Lock()
         self.forged = self.replayed = 0
         self.retained = set()
-        c = paho.Client(paho.CallbackAPIVersion.VERSION2, client_id="fleet-forger-%d" % os.getpid())
-        c.on_connect = lambda c, u, f, rc, pr=None: c.subscribe(
-            [(self.topics.sub_hello, 1), (self.topics.prefix + "/d/+/ack", 1)])
-        c.on_message = self._on_message
-        if broker is not None and not broker.insecure:
-            # the ACL lets only the gateway publish acks: the attacker holds a trusted
-            # credential (a compromised broker or service account), yet has no ack key
-            broker.paho(c, broker.service("edgeflow-test-forger"))
-        self.client = c
-        c.connect_async("127.0.0.1", port, 30)
-        c.loop_start()
-        self._stop = threading.Event()
-        self._th = threading.Thread(target=self._pump, daemon=True)
-        self._th.start()
+        # the ACL lets only the gateway publish acks: the attacker holds a trusted
+        # credential (a compromised broker or service account), yet has no ack key
+        _start_rogue(self, port, broker, "fleet-forger", "edgeflow-test-forger",
+                     [(self.topics.sub_hello, 1), (self.topics.prefix + "/d/+/ack", 1)])
 
     def _on_message(self, c, u, msg):
         try:

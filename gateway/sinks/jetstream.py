@@ -51,6 +51,14 @@ async def connect(servers, name, credentials=""):
                               connect_timeout=5, allow_reconnect=True, **kw)
 
 
+async def close_quietly(nc):
+    """Close a NATS connection, bounded (5 s), whatever state it is in."""
+    try:
+        await asyncio.wait_for(nc.close(), 5)
+    except (Exception, asyncio.TimeoutError):  # noqa: BLE001 - closing anyway
+        pass
+
+
 class JetStreamSink:
     def __init__(self, cfg, site):
         self.cfg = cfg
@@ -97,8 +105,5 @@ class JetStreamSink:
 
     async def close(self):
         if self.nc is not None:
-            try:
-                await asyncio.wait_for(self.nc.close(), 5)
-            except (Exception, asyncio.TimeoutError):  # noqa: BLE001
-                pass
+            await close_quietly(self.nc)
             self.nc = None
