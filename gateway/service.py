@@ -116,7 +116,7 @@ class Gateway:
         self.admission = Admission(a.replay_rate, a.replay_burst, a.max_replayers, a.credit_chunk,
                                    a.replay_timeout_s, _now_ms(), adaptive=a.adaptive, rate_min=a.replay_rate_min,
                                    target_s=a.latency_target_s, beta=a.backoff, increase=a.increase,
-                                   first_byte_s=a.first_byte_s)
+                                   first_byte_s=a.first_byte_s, growth=a.growth)
         self.devices = Registry()
         # the devices file: provisioned ids and their ack keys (None: insecure, every id taken)
         self._devices_file = cfg.devices.file  # Config applies EDGEFLOW_DEVICES_FILE
