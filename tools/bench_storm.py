@@ -4,6 +4,12 @@ real broker and the real gateway (subprocess); figures, not a test.
     python tools/bench_storm.py --devices 10000 --backlog 720        # full size (docs/benchmarks.md)
     python tools/bench_storm.py --devices 500 --backlog 100          # quick
 
+Steady phase first (same broker, same gateway process, same protocol client): --steady-devices
+already connected devices send live records (no backlog, so no credits), 50 per message, each
+keeping at most --steady-window unacked, until --steady-readings are committed. Then the storm.
+The last line prints storm / steady, by wall clock and by the gateway's CPU per reading (goal 3
+of issue 16: >= 0.8). --steady-readings 0 skips it.
+
 The devices are protocol-level replayers (asyncio Protocols, every connection in this one
 process), driven by the wire contract exactly as the firmware's uplink (docs/firmware.md,
 "Uplink protocol"): connect with a last will, subscribe to its ack topic and the gateway
@@ -78,6 +84,7 @@ class Replayer(asyncio.Protocol):
         self.last_ack = None
         self.hellos = 0
         self.acks = 0
+        self.live = False  # steady phase: everything is live data (hello backlog 0), no credits
 
     # ---- asyncio.Protocol
     def connection_made(self, tr):
@@ -158,8 +165,9 @@ class Replayer(asyncio.Protocol):
 
     def _hello(self):
         first = self.acked + 1
+        nxt = first if self.live else self.n  # live: nothing below `first` is held, nothing is backlog
         self._pub(self.t.hello(self.dev), wire.encode_hello(
-            self.dev, 1, self.n, int(time.time() * 1000), self.n - first, 1, first, self.idx + 1, self.hellos + 1,
+            self.dev, 1, nxt, int(time.time() * 1000), nxt - first, 1, first, self.idx + 1, self.hellos + 1,
             "bench-storm"))
         self.b.st.hellos += 1
         self.hellos += 1
@@ -223,6 +231,9 @@ class Replayer(asyncio.Protocol):
         self._hello()
         self.progress = time.monotonic()
         was_online = self.gw_online
+        if self.live:
+            b.ready += 1
+            await b.go.wait()
         while self.acked < self.n - 1 and not self.lost.is_set():
             if self.gw_online and not was_online:
                 self._hello()
@@ -230,6 +241,9 @@ class Replayer(asyncio.Protocol):
             if self.next <= self.acked + 1:
                 # nothing outstanding: the resend clock starts at the next send (firmware/uplink.py)
                 self.progress = time.monotonic()
+            if self.live:
+                while self.gw_online and self.next < self.n and self.next - self.acked - 1 < b.window:
+                    self._send(min(b.per_msg, self.n - self.next))
             while self.gw_online and self.replay and self.credits > 0 and self.next < self.n:
                 self._send(min(self.credits, b.per_msg, self.n - self.next))
             if self.next > self.acked + 1 and time.monotonic() - self.progress > b.resend_s:
@@ -250,18 +264,56 @@ class Replayer(asyncio.Protocol):
 
 
 class Bench:
-    def __init__(self, port, devices, backlog, per_msg, jitter, resend_s, prefix="edgeflow", broker=None):
+    def __init__(self, port, devices, backlog, per_msg, jitter, resend_s, prefix="edgeflow", broker=None,
+                 steady_devices=0):
         self.port, self.devices, self.backlog, self.per_msg = port, devices, backlog, per_msg
         self.jitter, self.resend_s, self.prefix = jitter, resend_s, prefix
         self.st = Stats()
         self.stall_s = 90.0
+        self.window = 1000  # live records a steady-phase device keeps unacked
+        self.go = asyncio.Event()
+        self.ready = 0
         # secure broker: every replayer has its own provisioned credentials and speaks TLS
         self.ssl, self.passwords = None, {}
         if broker is not None and not broker.insecure:
-            ids = ["s%05d" % i for i in range(devices)]
+            ids = ["s%05d" % i for i in range(devices)] + ["l%05d" % i for i in range(steady_devices)]
             broker.add_devices(ids)
             self.passwords = {d: broker.credentials(d)[1] for d in ids}
             self.ssl = broker.tls_context()
+
+    async def steady(self, site, n_dev, per_dev, timeout):
+        """The steady phase: n_dev connected devices send per_dev live records each.
+        Returns (seconds from the first send to the last ack, readings committed, gateway CPU s)."""
+        saved = self.backlog, self.jitter
+        self.backlog, self.jitter = per_dev, 0.0
+        devs = []
+        for i in range(n_dev):
+            r = Replayer(self, "l%05d" % i, self.devices + i)
+            r.live = True
+            devs.append(r)
+        tasks = [asyncio.ensure_future(r.run()) for r in devs]
+        t_end = time.monotonic() + timeout
+        while self.ready < n_dev and time.monotonic() < t_end:
+            await asyncio.sleep(0.05)
+        await asyncio.sleep(0.5)  # the hellos' acks, the connects' state messages
+        cpu0 = proc_cpu_s(site.gateway.pid)
+        t0 = time.monotonic()
+        self.st.last_done = None
+        self.go.set()
+        while self.st.done < n_dev and time.monotonic() < t_end:
+            await asyncio.sleep(0.05)
+        dt = (self.st.last_done or time.monotonic()) - t0
+        cpu = proc_cpu_s(site.gateway.pid) - cpu0
+        await asyncio.wait(tasks, timeout=5)
+        for t in tasks:
+            t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        for r in devs:
+            if r.tr is not None:
+                r.tr.abort()
+        self.st = Stats()
+        self.backlog, self.jitter = saved
+        return dt, sum(r.acked + 1 for r in devs), cpu
 
     async def run(self, site, timeout, progress_s=5.0):
         reps = [Replayer(self, "s%05d" % i, i) for i in range(self.devices)]
@@ -346,6 +398,10 @@ def main(argv=None):
     ap.add_argument("--stall-s", type=float, default=90, help="stop when nothing moved for this long")
     ap.add_argument("--dir", default=None, help="work dir (default: a temp dir, removed)")
     ap.add_argument("--insecure", action="store_true", help="plaintext anonymous broker (to compare with TLS)")
+    ap.add_argument("--steady-devices", type=int, default=100, help="steady phase: devices sending live data")
+    ap.add_argument("--steady-readings", type=int, default=2000000, help="steady phase: readings in all "
+                                                                         "(0: no steady phase, no ratio)")
+    ap.add_argument("--steady-window", type=int, default=1000, help="steady phase: unacked live readings per device")
     a = ap.parse_args(argv)
     need = a.devices + 200
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
@@ -372,29 +428,49 @@ def main(argv=None):
     rc = 1
     try:
         site.start_broker()
-        bench = Bench(site.port, a.devices, a.backlog, a.per_msg, a.jitter_s, a.resend_s, broker=site.mq)
+        n_steady = a.steady_devices if a.steady_readings > 0 else 0
+        bench = Bench(site.port, a.devices, a.backlog, a.per_msg, a.jitter_s, a.resend_s, broker=site.mq,
+                      steady_devices=n_steady)
+        bench.window = a.steady_window
         site.start_gateway()
         time.sleep(1.5)
         bench.stall_s = a.stall_s
+        steady = None
+        if n_steady:
+            per_dev = -(-a.steady_readings // n_steady)
+            steady = asyncio.run(bench.steady(site, n_steady, per_dev, a.timeout))
+            print("steady: %d connected devices x %d live readings: %d committed in %.1f s = %.0f readings/s, "
+                  "gateway CPU %.2f us per reading" % (n_steady, per_dev, steady[1], steady[0],
+                                                       steady[1] / steady[0], 1e6 * steady[2] / max(1, steady[1])))
+            if steady[1] != n_steady * per_dev:
+                print("steady phase incomplete: the ratio below is not valid")
+        gw_cpu0 = proc_cpu_s(site.gateway.pid)
         cpu0 = time.process_time()
         t0, committed = asyncio.run(bench.run(site, a.timeout))
         st = bench.st
         t_first = st.first_connect or t0
         drain = (st.last_done or time.monotonic()) - t_first
         gw_kb, br_kb = vm_hwm_kb(site.gateway.pid), vm_hwm_kb(site.broker.pid)
-        gw_cpu, br_cpu = proc_cpu_s(site.gateway.pid), proc_cpu_s(site.broker.pid)
+        gw_cpu, br_cpu = proc_cpu_s(site.gateway.pid) - gw_cpu0, proc_cpu_s(site.broker.pid)
         me_cpu = time.process_time() - cpu0
         me_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
         total = a.devices * a.backlog
         rcg = site.stop_gateway(120)
         # ---- the database
         db = sqlite3.connect(site.db)
+        storm = "FROM readings WHERE device LIKE 's%'"
         rows, distinct = db.execute("SELECT count(*), count(DISTINCT device || ':' || boot || ':' || seq) "
-                                    "FROM readings").fetchone()
+                                    + storm).fetchone()
         bad = db.execute("SELECT count(*) FROM (SELECT device, count(*) n, min(seq) lo, max(seq) hi "
-                         "FROM readings GROUP BY device) WHERE n != ? OR lo != 0 OR hi != ?",
+                         + storm + " GROUP BY device) WHERE n != ? OR lo != 0 OR hi != ?",
                          (a.backlog, a.backlog - 1)).fetchone()[0]
-        ndev = db.execute("SELECT count(DISTINCT device) FROM readings").fetchone()[0]
+        ndev = db.execute("SELECT count(DISTINCT device) " + storm).fetchone()[0]
+        if steady:  # the steady phase's rows: each device's seqs exactly once
+            s_rows, s_distinct = db.execute("SELECT count(*), count(DISTINCT device || ':' || seq) FROM readings "
+                                            "WHERE device LIKE 'l%'").fetchone()
+            if s_rows != s_distinct or s_rows != n_steady * per_dev:
+                print("steady phase: %d rows, %d distinct, %d expected" % (s_rows, s_distinct, n_steady * per_dev))
+                bad += 1
         dups = db.execute("SELECT coalesce(sum(duplicates), 0) FROM devices").fetchone()[0]
         wins = db.execute("SELECT count(*) FROM window_results").fetchone()[0]
         quar = db.execute("SELECT count(*) FROM quarantine").fetchone()[0]
@@ -416,6 +492,12 @@ def main(argv=None):
               "by dedup %d, window results %d, quarantined %d"
               % (rows, distinct, bad, missing, dup_rows, dups, wins, quar))
         ok = missing == 0 and dup_rows == 0 and bad == 0 and ndev == a.devices and rcg == 0
+        if steady and drain:
+            s_rate, s_cpu = steady[1] / steady[0], steady[2] / max(1, steady[1])
+            st_rate, st_cpu = committed / drain, (gw_cpu or 0) / max(1, committed)
+            print("storm / steady (goal >= 0.8): %.2f by wall clock (%.0f / %.0f readings/s), %.2f by gateway CPU "
+                  "per reading (%.2f / %.2f us)" % (st_rate / s_rate, st_rate, s_rate, s_cpu / st_cpu if st_cpu else 0,
+                                                   1e6 * st_cpu, 1e6 * s_cpu))
         print("RESULT: %s" % ("OK (0 lost, 0 duplicated)" if ok else
                               "FAILED (%d devices stalled with %d records undelivered, %d duplicated rows)"
                               % (a.devices - st.done, missing, dup_rows)))
