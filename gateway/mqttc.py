@@ -16,60 +16,15 @@ import asyncio
 import struct
 import time
 
-_PINGREQ = b"\xc0\x00"
-_DISCONNECT = b"\xe0\x00"
+# the encoders are the firmware's (the same MQTT 3.1.1 codec, pure functions, CPython and MicroPython)
+from firmware.mqtt import DISCONNECT_PACKET, PINGREQ_PACKET, connect_packet, publish_packet, subscribe_packet  # noqa: F401
+
 _H = struct.Struct(">H")
 MAX_PACKET = 16 * 1024 * 1024  # larger than the broker lets through (brokerconf message_size_limit)
 
 
 class ProtocolError(Exception):
     pass
-
-
-def _varint(n):
-    out = bytearray()
-    while True:
-        b = n & 0x7F
-        n >>= 7
-        out.append(b | 0x80 if n else b)
-        if not n:
-            return bytes(out)
-
-
-def _str(b):
-    if isinstance(b, str):
-        b = b.encode()
-    return _H.pack(len(b)) + b
-
-
-def _packet(first, body):
-    return bytes([first]) + _varint(len(body)) + body
-
-
-def connect_packet(client_id, keepalive, clean, will=None, username=None, password=None):
-    """will = (topic, payload, qos, retain)."""
-    flags = 0x02 if clean else 0
-    payload = _str(client_id)
-    if will is not None:
-        topic, msg, qos, retain = will
-        flags |= 0x04 | (qos << 3) | (0x20 if retain else 0)
-        payload += _str(topic) + _str(msg)
-    if username is not None:
-        flags |= 0x80
-        payload += _str(username)
-        if password is not None:
-            flags |= 0x40
-            payload += _str(password)
-    return _packet(0x10, _str(b"MQTT") + bytes([4, flags]) + _H.pack(keepalive) + payload)
-
-
-def subscribe_packet(pid, topics):
-    return _packet(0x82, _H.pack(pid) + b"".join(_str(t) + bytes([q]) for t, q in topics))
-
-
-def publish_packet(topic, payload, qos, retain, pid):
-    body = _str(topic) + (_H.pack(pid) if qos else b"") + payload
-    return _packet(0x30 | (qos << 1) | (1 if retain else 0), body)
 
 
 def puback_packets(mids):
@@ -232,17 +187,17 @@ class Protocol(asyncio.Protocol):
             if pid is None:
                 return None
             self.inflight.add(pid)
-        self.write(publish_packet(topic, payload, 1 if qos else 0, retain, pid))
+        self.write(publish_packet(topic, payload, 1 if qos else 0, retain, False, pid))
         return pid
 
     def is_published(self, pid):
         return pid not in self.inflight
 
     def ping(self):
-        self.write(_PINGREQ)
+        self.write(PINGREQ_PACKET)
         self.ping_sent = time.monotonic()
 
     def disconnect(self):
         if self.tr is not None:
-            self.tr.write(_DISCONNECT)
+            self.tr.write(DISCONNECT_PACKET)
             self.tr.close()
