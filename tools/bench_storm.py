@@ -271,6 +271,7 @@ class Bench:
         self.st = Stats()
         self.stall_s = 90.0
         self.window = 1000  # live records a steady-phase device keeps unacked
+        self.metrics_port = 0
         self.go = asyncio.Event()
         self.ready = 0
         # secure broker: every replayer has its own provisioned credentials and speaks TLS
@@ -337,10 +338,11 @@ class Bench:
                 last = time.monotonic()
                 committed = sum(r.acked + 1 for r in reps)
                 print("  t=%5.1fs connected %d/%d done %d committed %d/%d (%.0f%%) msgs %d rewinds %d "
-                      "connect failures %d gateway RSS %s MB" % (
+                      "connect failures %d gateway RSS %s MB | %s" % (
                           time.monotonic() - t0, st.connects, self.devices, st.done, committed, total,
                           100.0 * committed / total, st.msgs, st.rewinds, st.connect_failures,
-                          _mb(vm_hwm_kb(site.gateway.pid) if site.gateway else None)), flush=True)
+                          _mb(vm_hwm_kb(site.gateway.pid) if site.gateway else None),
+                          gateway_gauges(self.metrics_port)), flush=True)
         stuck = [r for r in reps if r.acked < r.n - 1]
         if stuck:
             print("  %d devices not done; e.g.:" % len(stuck))
@@ -353,6 +355,33 @@ class Bench:
             if r.tr is not None:
                 r.tr.abort()
         return t0, sum(r.acked + 1 for r in reps)
+
+
+def _free_port():
+    import socket
+    with socket.socket() as so:
+        so.bind(("127.0.0.1", 0))
+        return so.getsockname()[1]
+
+
+GAUGES = (("replay_rate", "rate"), ("replay_credits_outstanding", "outstanding"), ("replayers_active", "active"),
+          ("replayers_waiting", "waiting"), ("replay_tokens", "tokens"), ("queue_depth", "queue"),
+          ("committed_records_per_second", "T"), ("ingest_pauses_total", "pauses"))
+
+
+def gateway_gauges(port):
+    """The admission state from the gateway's metrics endpoint (what limits the drain), one line."""
+    import urllib.request
+    try:
+        text = urllib.request.urlopen("http://127.0.0.1:%d/metrics" % port, timeout=1).read().decode()
+    except OSError:
+        return ""
+    got = {}
+    for ln in text.splitlines():
+        if ln.startswith("edgeflow_gateway_"):
+            k, _, v = ln[len("edgeflow_gateway_"):].partition(" ")
+            got[k] = v
+    return " ".join("%s %.0f" % (short, float(got[k])) for k, short in GAUGES if k in got)
 
 
 def _mb(kb):
@@ -416,8 +445,9 @@ def main(argv=None):
         adm["replay_rate"] = a.replay_rate
     if a.max_replayers:
         adm["max_replayers"] = a.max_replayers
+    metrics_port = _free_port()
     extra = {"store": {"synchronous": a.synchronous}, "log": {"level": "warning"},
-             "dedup": {"max_boots": 4}}
+             "dedup": {"max_boots": 4}, "metrics": {"port": metrics_port}}
     if adm:
         extra["admission"] = adm
     site = Site(d, window_ms=60000, lateness_ms=60000, ooo_ms=5000, idle_ms=60000, groups=False, gw_extra=extra,
@@ -432,6 +462,7 @@ def main(argv=None):
         bench = Bench(site.port, a.devices, a.backlog, a.per_msg, a.jitter_s, a.resend_s, broker=site.mq,
                       steady_devices=n_steady)
         bench.window = a.steady_window
+        bench.metrics_port = metrics_port
         site.start_gateway()
         time.sleep(1.5)
         bench.stall_s = a.stall_s
