@@ -310,8 +310,7 @@ class Gateway:
             paused = self._replay_paused()
             adm = self.admission
             dec = adm.decreases
-            for dev in adm.tick(now, paused):
-                self._send_grant(dev, now)
+            adm.tick_all(now, lambda dev: self._send_grant(dev, now), paused)
             if adm.decreases != dec:  # the adaptive replay rate backed off: congestion
                 logs.warning("replay_rate_backoff", rate=round(adm.rate * 1000), committed_per_s=round(adm.throughput),
                              outstanding=adm.outstanding, expected_wait_s=round(adm.delay_ms / 1000, 2),

@@ -315,6 +315,41 @@ def test_admission_resent_duplicates_count_as_progress():
     assert a2.tick(2000) == ["d"] and a2.grant("d", 60000)[0] > 0
 
 
+def test_tick_all_admits_until_the_tokens_run_out_not_one_round_of_slots():
+    a = Admission(rate=1.0, burst=1000, max_replayers=2, chunk=2000, timeout_s=30, now=0)
+    for i in range(10):
+        a.hello("d%d" % i, 100, 0)  # the first 2 take the slots, 8 wait
+    sent = []
+
+    def send(dev):
+        c, replay = a.grant(dev, 0)
+        sent.append((dev, c))
+
+    a.tick_all(0, send)
+    assert sent == [("d%d" % i, 100) for i in range(10)]  # 5 rounds of 2 slots, 1000 tokens
+    assert a.tokens == 0 and not a.active and a.waiting_count() == 0
+    # bounded by the tokens: 250 tokens grant 2 whole backlogs and a part of the third
+    b = Admission(rate=1.0, burst=250, max_replayers=2, chunk=2000, timeout_s=30, now=0)
+    for i in range(10):
+        b.hello("d%d" % i, 100, 0)
+    got = []
+    b.tick_all(0, lambda dev: got.append(b.grant(dev, 0)[0]))
+    assert got == [100, 100, 50, 0] and b.tokens == 0 and b.waiting_count() == 6
+    # paused (ingest queue full): nothing is sent, the slots are taken for later
+    c = Admission(rate=1.0, burst=1000, max_replayers=2, chunk=2000, timeout_s=30, now=0)
+    for i in range(4):
+        c.hello("d%d" % i, 100, 0)
+    c.tick_all(0, lambda dev: got.append(dev), paused=True)
+    assert len(c.active) == 2 and c.waiting_count() == 2 and c.tokens == 1000
+    # rounds are bounded even when every round admits (a device with no nonce never takes a grant)
+    d = Admission(rate=1.0, burst=10 ** 9, max_replayers=1, chunk=2000, timeout_s=30, now=0)
+    for i in range(100):
+        d.hello("d%d" % i, 100, 0)
+    n = []
+    d.tick_all(0, lambda dev: n.append(d.grant(dev, 0)), rounds=16)
+    assert len(n) == 16
+
+
 def _adaptive(outstanding=0, per_s=None, rate=10000.0, rate_min=500.0):
     """An adaptive Admission with `outstanding` credits granted to one device and T = per_s."""
     a = Admission(rate, burst=10 ** 9, max_replayers=4, chunk=10 ** 9, timeout_s=30, now=0, adaptive=True,
