@@ -28,7 +28,6 @@ SCHEMA = {
         "prefix": ("edgeflow", str, None, "topic prefix (wire.Topics)"),
         "keepalive": (30, int, (5, 600), "MQTT keepalive seconds"),
         "queue_size": (1000, int, (10, 100000), "bounded ingest queue (messages); reading pauses when full"),
-        "buffered_reads": (True, bool, None, "read the socket in 64 KiB chunks instead of paho's byte-per-syscall header reads"),
         "reconnect_max_s": (10.0, float, (0.1, 600), "cap of the reconnect backoff"),
         "username": ("", str, None, "MQTT user name (edgeflow-provision: gateway/gateway.toml); with the broker's use_username_as_clientid it is also the client id"),
         "password_file": ("", str, None, "file holding the MQTT password (mode 0600); env EDGEFLOW_MQTT_PASSWORD overrides it"),

@@ -4,11 +4,12 @@ real broker and the real gateway (subprocess); figures, not a test.
     python tools/bench_storm.py --devices 10000 --backlog 720        # full size (docs/benchmarks.md)
     python tools/bench_storm.py --devices 500 --backlog 100          # quick
 
-Steady phase first (same broker, same gateway process, same protocol client): --steady-devices
-already connected devices send live records (no backlog, so no credits), 50 per message, each
-keeping at most --steady-window unacked, until --steady-readings are committed. Then the storm.
-The last line prints storm / steady, by wall clock and by the gateway's CPU per reading (goal 3
-of issue 16: >= 0.8). --steady-readings 0 skips it.
+A steady phase before the storm and another after it (same broker, same gateway process,
+same protocol client; on a shared machine the load changes, so the storm is bracketed):
+--steady-devices already connected devices send live records (no backlog, so no credits), 50
+per message, each keeping at most --steady-window unacked, until --steady-readings are
+committed. The last line prints storm / steady (the mean of the two), by wall clock and by the
+gateway's CPU per reading (goal 3 of issue 16: >= 0.8). --steady-readings 0 skips them.
 
 The devices are protocol-level replayers (asyncio Protocols, every connection in this one
 process), driven by the wire contract exactly as the firmware's uplink (docs/firmware.md,
@@ -277,19 +278,21 @@ class Bench:
         # secure broker: every replayer has its own provisioned credentials and speaks TLS
         self.ssl, self.passwords = None, {}
         if broker is not None and not broker.insecure:
-            ids = ["s%05d" % i for i in range(devices)] + ["l%05d" % i for i in range(steady_devices)]
+            ids = ["s%05d" % i for i in range(devices)] + ["%s%05d" % (p, i) for p in "lm"
+                                                             for i in range(steady_devices)]
             broker.add_devices(ids)
             self.passwords = {d: broker.credentials(d)[1] for d in ids}
             self.ssl = broker.tls_context()
 
-    async def steady(self, site, n_dev, per_dev, timeout):
+    async def steady(self, site, n_dev, per_dev, timeout, prefix="l"):
         """The steady phase: n_dev connected devices send per_dev live records each.
         Returns (seconds from the first send to the last ack, readings committed, gateway CPU s)."""
         saved = self.backlog, self.jitter
+        self.st = Stats()
         self.backlog, self.jitter = per_dev, 0.0
         devs = []
         for i in range(n_dev):
-            r = Replayer(self, "l%05d" % i, self.devices + i)
+            r = Replayer(self, "%s%05d" % (prefix, i), self.devices + i)
             r.live = True
             devs.append(r)
         tasks = [asyncio.ensure_future(r.run()) for r in devs]
@@ -301,6 +304,7 @@ class Bench:
         t0 = time.monotonic()
         self.st.last_done = None
         self.go.set()
+        self.ready = 0
         while self.st.done < n_dev and time.monotonic() < t_end:
             await asyncio.sleep(0.05)
         dt = (self.st.last_done or time.monotonic()) - t0
@@ -313,6 +317,7 @@ class Bench:
             if r.tr is not None:
                 r.tr.abort()
         self.st = Stats()
+        self.go = asyncio.Event()
         self.backlog, self.jitter = saved
         return dt, sum(r.acked + 1 for r in devs), cpu
 
@@ -382,6 +387,13 @@ def gateway_gauges(port):
             k, _, v = ln[len("edgeflow_gateway_"):].partition(" ")
             got[k] = v
     return " ".join("%s %.0f" % (short, float(got[k])) for k, short in GAUGES if k in got)
+
+
+def _loadavg():
+    try:
+        return " ".join(open("/proc/loadavg").read().split()[:3])
+    except OSError:
+        return "?"
 
 
 def _mb(kb):
@@ -455,6 +467,7 @@ def main(argv=None):
     print("bench_storm: %d devices x %d backlog readings = %d readings, %d per message" % (
         a.devices, a.backlog, a.devices * a.backlog, a.per_msg))
     print("machine: %s" % machine())
+    print("load average before: %s (2 cores shared)" % _loadavg())
     rc = 1
     try:
         site.start_broker()
@@ -466,24 +479,33 @@ def main(argv=None):
         site.start_gateway()
         time.sleep(1.5)
         bench.stall_s = a.stall_s
-        steady = None
-        if n_steady:
-            per_dev = -(-a.steady_readings // n_steady)
-            steady = asyncio.run(bench.steady(site, n_steady, per_dev, a.timeout))
-            print("steady: %d connected devices x %d live readings: %d committed in %.1f s = %.0f readings/s, "
-                  "gateway CPU %.2f us per reading" % (n_steady, per_dev, steady[1], steady[0],
-                                                       steady[1] / steady[0], 1e6 * steady[2] / max(1, steady[1])))
-            if steady[1] != n_steady * per_dev:
+        steady = []
+        per_dev = -(-a.steady_readings // n_steady) if n_steady else 0
+
+        def steady_phase(prefix, when):
+            r = asyncio.run(bench.steady(site, n_steady, per_dev, a.timeout, prefix))
+            print("steady %s: %d connected devices x %d live readings: %d committed in %.1f s = %.0f readings/s, "
+                  "gateway CPU %.2f us per reading, load average %s" % (
+                      when, n_steady, per_dev, r[1], r[0], r[1] / r[0], 1e6 * r[2] / max(1, r[1]), _loadavg()),
+                  flush=True)
+            if r[1] != n_steady * per_dev:
                 print("steady phase incomplete: the ratio below is not valid")
+            steady.append(r)
+
+        if n_steady:
+            steady_phase("l", "before")
         gw_cpu0 = proc_cpu_s(site.gateway.pid)
         cpu0 = time.process_time()
         t0, committed = asyncio.run(bench.run(site, a.timeout))
         st = bench.st
         t_first = st.first_connect or t0
         drain = (st.last_done or time.monotonic()) - t_first
-        gw_kb, br_kb = vm_hwm_kb(site.gateway.pid), vm_hwm_kb(site.broker.pid)
         gw_cpu, br_cpu = proc_cpu_s(site.gateway.pid) - gw_cpu0, proc_cpu_s(site.broker.pid)
         me_cpu = time.process_time() - cpu0
+        print("storm done, load average %s" % _loadavg(), flush=True)
+        if n_steady:
+            steady_phase("m", "after")
+        gw_kb, br_kb = vm_hwm_kb(site.gateway.pid), vm_hwm_kb(site.broker.pid)
         me_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
         total = a.devices * a.backlog
         rcg = site.stop_gateway(120)
@@ -496,9 +518,9 @@ def main(argv=None):
                          + storm + " GROUP BY device) WHERE n != ? OR lo != 0 OR hi != ?",
                          (a.backlog, a.backlog - 1)).fetchone()[0]
         ndev = db.execute("SELECT count(DISTINCT device) " + storm).fetchone()[0]
-        if steady:  # the steady phase's rows: each device's seqs exactly once
+        for prefix in "lm"[:len(steady)]:  # the steady phases' rows: each device's seqs exactly once
             s_rows, s_distinct = db.execute("SELECT count(*), count(DISTINCT device || ':' || seq) FROM readings "
-                                            "WHERE device LIKE 'l%'").fetchone()
+                                            "WHERE device LIKE ?", (prefix + "%",)).fetchone()
             if s_rows != s_distinct or s_rows != n_steady * per_dev:
                 print("steady phase: %d rows, %d distinct, %d expected" % (s_rows, s_distinct, n_steady * per_dev))
                 bad += 1
@@ -524,11 +546,14 @@ def main(argv=None):
               % (rows, distinct, bad, missing, dup_rows, dups, wins, quar))
         ok = missing == 0 and dup_rows == 0 and bad == 0 and ndev == a.devices and rcg == 0
         if steady and drain:
-            s_rate, s_cpu = steady[1] / steady[0], steady[2] / max(1, steady[1])
+            rates = [r[1] / r[0] for r in steady]
+            cpus = [r[2] / max(1, r[1]) for r in steady]
+            s_rate, s_cpu = sum(rates) / len(rates), sum(cpus) / len(cpus)
             st_rate, st_cpu = committed / drain, (gw_cpu or 0) / max(1, committed)
-            print("storm / steady (goal >= 0.8): %.2f by wall clock (%.0f / %.0f readings/s), %.2f by gateway CPU "
-                  "per reading (%.2f / %.2f us)" % (st_rate / s_rate, st_rate, s_rate, s_cpu / st_cpu if st_cpu else 0,
-                                                   1e6 * st_cpu, 1e6 * s_cpu))
+            print("storm / steady (goal >= 0.8): %.2f by wall clock (%.0f / %.0f readings/s, steady before and after: "
+                  "%s), %.2f by gateway CPU per reading (%.2f / %.2f us)" % (
+                      st_rate / s_rate, st_rate, s_rate, " ".join("%.0f" % x for x in rates),
+                      s_cpu / st_cpu if st_cpu else 0, 1e6 * st_cpu, 1e6 * s_cpu))
         print("RESULT: %s" % ("OK (0 lost, 0 duplicated)" if ok else
                               "FAILED (%d devices stalled with %d records undelivered, %d duplicated rows)"
                               % (a.devices - st.done, missing, dup_rows)))
