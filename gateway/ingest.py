@@ -67,6 +67,7 @@ class Ingest:
         self.last_error = None
         self.publish_failures = 0  # not sent: not connected, or 65,535 publishes unacknowledged
         self.proto = None  # the current connection (mqttc.Protocol), None between connections
+        self._conn = 0  # connection number, in the high bits of every queued mid (see puback)
         self._misc = None
         self._reconnect = None
         self._loop = None
@@ -92,6 +93,7 @@ class Ingest:
             lambda: proto, self.cfg.host, self.cfg.port, ssl=ctx,
             server_hostname=ctx.server_name if ctx is not None else None), 10.0)
         self.proto = proto
+        self._conn = (self._conn + 1) & 0xFFFF
         if self.paused:
             proto.pause()
         proto.write(self._connect)
@@ -203,7 +205,7 @@ class Ingest:
     def on_message(self, topic, payload, mid, qos, now):
         """Returns True when the queue is full: the protocol stops reading."""
         q = self.queue
-        q.append((topic, payload, mid, qos, now))
+        q.append((topic, payload, mid | self._conn << 16, qos, now))
         self.wake.set()
         if len(q) >= self.maxsize:
             if len(q) > self.stats.queue_max:
@@ -243,8 +245,13 @@ class Ingest:
     # ------------------------------------------------------------ output
 
     def puback(self, mids):
+        """PUBACK only on the connection that delivered the message: after a reconnect the
+        broker resends what was unacked under the same packet ids and may reuse an id once
+        acked, so a late PUBACK on the new connection could ack a different, uncommitted
+        message. The resent copy is deduplicated and acked in its turn."""
         if self.proto is not None:
-            self.proto.write(puback_packets(mids))
+            conn = self._conn
+            self.proto.write(puback_packets([(m & 0xFFFF, q) for m, q in mids if m >> 16 == conn]))
 
     def publish(self, topic, payload, qos=1, retain=False):
         """Acks and the state: not queued while disconnected (acks are cumulative and the device

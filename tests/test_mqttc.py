@@ -194,3 +194,29 @@ def test_ingest_uses_no_private_api_of_a_library():
                     if isinstance(b, ast.Name) and b.id in third:
                         bad.append("%s:%d class %s subclasses a library class" % (name, node.lineno, node.name))
         assert not bad, bad
+
+
+def test_puback_only_on_the_connection_that_delivered_the_message():
+    """After a reconnect the broker resends unacked messages under their packet ids and may
+    reuse an id once acked: a PUBACK for a message of the old connection must not go out."""
+    import asyncio
+
+    from gateway.config import Config
+    from gateway.ingest import Ingest
+    from gateway.metrics import Stats
+
+    async def go():
+        ing = Ingest(Config({"security": {"insecure": True}}), Stats())
+        ing._loop = asyncio.get_running_loop()
+        sent = []
+        for conn in (1, 2):
+            p = _proto(ing)
+            ing.proto, ing._conn = p, conn
+            p.data_received(publish_packet(b"edgeflow/d/a/data", b"x", 1, False, False, 7))
+            sent.append(p.tr.out)
+        old, new = ing.queue[0][2], ing.queue[1][2]
+        ing.puback([(old, 1)])  # committed late, after the reconnect: not sent
+        assert bytes(sent[1]) == b""
+        ing.puback([(new, 1), (old, 1)])
+        assert bytes(sent[1]) == b"\x40\x02\x00\x07" and bytes(sent[0]) == b""
+    asyncio.run(go())
