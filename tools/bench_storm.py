@@ -310,12 +310,7 @@ class Bench:
         dt = (self.st.last_done or time.monotonic()) - t0
         cpu = proc_cpu_s(site.gateway.pid) - cpu0
         await asyncio.wait(tasks, timeout=5)
-        for t in tasks:
-            t.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
-        for r in devs:
-            if r.tr is not None:
-                r.tr.abort()
+        await _end(tasks, devs)
         self.st = Stats()
         self.go = asyncio.Event()
         self.backlog, self.jitter = saved
@@ -353,13 +348,18 @@ class Bench:
             print("  %d devices not done; e.g.:" % len(stuck))
             for r in stuck[:8]:
                 print("    " + r.state())
-        for t in tasks:
-            t.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
-        for r in reps:
-            if r.tr is not None:
-                r.tr.abort()
+        await _end(tasks, reps)
         return t0, sum(r.acked + 1 for r in reps)
+
+
+async def _end(tasks, reps):
+    """Cancel the devices' tasks and drop their connections."""
+    for t in tasks:
+        t.cancel()
+    await asyncio.gather(*tasks, return_exceptions=True)
+    for r in reps:
+        if r.tr is not None:
+            r.tr.abort()
 
 
 def _free_port():
