@@ -7,6 +7,8 @@ and a 10,000-device storm drained with a full token bucket and every replay slot
 import asyncio
 import os
 
+import pytest
+
 from gateway.service import Gateway
 from tools import bench_gateway as bg
 from tools.bench_compare import MemIngest
@@ -59,3 +61,17 @@ def test_admission_ticks_and_grants_go_on_while_a_commit_is_in_flight(tmp_path):
     during, gw = asyncio.run(go())
     assert during >= 5, "admission ticked %d times while a commit was in flight" % during
     assert gw.stats.readings == 4 * 50 and gw.stats.checkpoint_failures == 0
+
+
+@pytest.mark.broker
+def test_bench_storm_short_run_is_exact_and_prints_the_ratio(tmp_path, capsys):
+    """The short variant of tools/bench_storm.py: steady phases before and after, a small storm
+    through the real mosquitto and gateway processes, every record exactly once."""
+    from tools import bench_storm
+    rc = bench_storm.main(["--devices", "150", "--backlog", "60", "--jitter-s", "1", "--steady-devices", "5",
+                           "--steady-readings", "5000", "--insecure", "--timeout", "120", "--stall-s", "30",
+                           "--dir", str(tmp_path / "storm")])
+    out = capsys.readouterr().out
+    assert rc == 0, out
+    assert "RESULT: OK (0 lost, 0 duplicated)" in out and "storm / steady (goal >= 0.8):" in out
+    assert out.count("5 connected devices x 1000 live readings: 5000 committed") == 2
