@@ -26,7 +26,8 @@ rate follows the gateway's measured capacity instead of staying at the configure
     D = O / T      expected wait of a record granted now (Little's law)
     D > target                        ->  rate = max(rate / 2, beta * min(rate, T))
       (on 2 steps in a row, then at most once per target seconds; one cut at most halves)
-    D < target / 4 and queue not full ->  rate = max(rate + increase * rate_max * dt, rate * growth ** dt)
+    D < target / 4 and queue not full ->  rate = max(rate + increase * rate_max * dt,
+                                                     min(rate * growth ** dt, growth * T))
     D < target / 2 and queue not full ->  rate = rate + increase * rate_max * dt
     otherwise (and before any T)      ->  rate unchanged (a full ingest queue also pauses grants)
     then rate = clamp(rate, rate_min, rate_max); dt in s, at most 2
@@ -284,8 +285,9 @@ class Admission:
             if D < self.target_ms / 2 and not queue_full:  # a full queue holds the rate (and pauses grants)
                 s = min(dt, 2000) / 1000.0
                 up = rate + self.increase * self.rate_max * s
-                if D < self.target_ms / 4:  # far under the target: climb back multiplicatively
-                    up = max(up, rate * self.growth ** s)
+                if D < self.target_ms / 4:  # far under the target: climb back multiplicatively,
+                    # but not past growth x T (a Pi committing 20k/s must not jump to a 200k ceiling)
+                    up = max(up, min(rate * self.growth ** s, self.growth * T))
                 rate = up
         rate = max(self.rate_min, min(self.rate_max, rate))
         self.rate = rate / 1000.0

@@ -75,7 +75,7 @@ SCHEMA = {
         "latency_target_s": (5.0, float, (0.1, 3600), "adaptive: back off when granted backlog would wait longer than this (keep well below the devices' resend timer, 30 s)"),
         "backoff": (0.8, float, (0.1, 0.99), "adaptive: on congestion rate = max(rate / 2, backoff x min(rate, committed records/s))"),
         "increase": (0.05, float, (0.0, 1.0), "adaptive: while the wait is under half the target, add this fraction of replay_rate per second"),
-        "growth": (2.0, float, (1.0, 100.0), "adaptive: while the wait is under a quarter of the target, multiply the rate by this per second (if that adds more than increase)"),
+        "growth": (2.0, float, (1.0, 100.0), "adaptive: while the wait is under a quarter of the target, multiply the rate by this per second, up to growth x committed records/s (if that adds more than increase)"),
         "replay_burst": (100000, int, (1, 1 << 40), "token bucket capacity"),
         "max_replayers": (32, int, (1, 1 << 20), "devices replaying backlog at once; others wait"),
         "credit_chunk": (2000, int, (1, 1 << 31), "most credits outstanding per replayer"),

@@ -421,28 +421,35 @@ def test_adaptive_wait_over_target_backs_off_at_most_to_half_the_rate():
 
 
 def test_adaptive_climbs_multiplicatively_far_under_the_target():
-    # D < target / 4: rate = max(rate + increase x rate_max x dt, rate x growth ^ dt), growth 2
-    a = _adaptive(outstanding=0, per_s=20000, rate=100000.0, rate_min=500.0)
+    # D < target / 4: rate = max(rate + increase x rate_max x dt, min(rate x growth ^ dt, growth x T)), growth 2
+    a = _adaptive(outstanding=0, per_s=50000, rate=1000000.0, rate_min=500.0)
     a.rate = 10000 / 1000.0
-    assert a.adapt(1000) == 20000.0  # x2 beats +10000
-    assert a.adapt(2000) == 40000.0
-    assert a.adapt(4000) == 100000.0  # dt 2 s: x4 = 160000, clamped to the ceiling
+    assert a.adapt(1000) == 110000.0  # +0.1 x 1000000 beats x2
+    a.rate = 30000 / 1000.0
+    a.increase = 0.001
+    assert a.adapt(2000) == 60000.0  # x2 beats +1000
+    assert a.adapt(3000) == 100000.0  # x2 = 120000, capped at growth x T = 100000
+    assert a.adapt(4000) == 101000.0  # at the cap: the additive step only
     # dt is capped at 2 s: a late step cannot multiply by more than growth ^ 2
-    b = _adaptive(outstanding=0, per_s=20000, rate=100000.0)
+    b = _adaptive(outstanding=0, per_s=10 ** 6, rate=100000.0)
     b.rate = 1000 / 1000.0
     b.adapt(1000)
     b.rate = 1000 / 1000.0
     assert b.adapt(11000) == max(1000 * 4.0, 1000 + 0.1 * 100000 * 2)  # additive is larger here: 21000
-    # low rate against a high ceiling: the additive step is the larger one
-    c = _adaptive(outstanding=0, per_s=20000, rate=100000.0)
-    c.rate = 2000 / 1000.0
-    assert c.adapt(1000) == 12000.0  # 2000 + 0.1 x 100000 > 2000 x 2
+    b.increase = 0.0
+    b.rate = 1000 / 1000.0
+    assert b.adapt(21000) == 4000.0  # x 2 ^ 2
     # boundary: D exactly target / 4 is additive only, just under it multiplicative
     d = _adaptive(outstanding=1250, per_s=1000, rate=100000.0)  # D = 1.25 s = 5 s / 4
-    d.rate = 50000 / 1000.0
-    assert d.adapt(1000) == 60000.0
-    d.backlog_received("d", 1, 1000)  # D = 1.249 s
-    assert d.adapt(2000) == 100000.0  # 60000 x 2 = 120000, clamped
+    d.rate = 1000 / 1000.0
+    assert d.adapt(1000) == 11000.0
+    d.backlog_received("d", 1, 1000)  # D = 1.249 s; growth x T = 2000 caps the x2 (22000)
+    assert d.adapt(2000) == 21000.0  # so the additive step wins
+    e = _adaptive(outstanding=1249, per_s=1000, rate=100000.0)
+    e.increase = 0.0
+    e.rate = 600 / 1000.0
+    assert e.adapt(1000) == 1200.0  # x2 under the cap of 2000
+    assert e.adapt(2000) == 2000.0  # capped
 
 
 def test_adaptive_burst_cut_is_undone_in_seconds():
@@ -457,8 +464,8 @@ def test_adaptive_burst_cut_is_undone_in_seconds():
     a.adapt(1000)
     assert a.adapt(2000) == 100000.0 and a.decreases == 1  # not 0.8 x 36000 = 28800
     a.backlog_received("d", 500000, 2500)  # the broker queue drained
-    a.committed(150000, 3000)
-    assert a.delay_ms == 13888.888888888889 and a.adapt(3000) == 200000.0  # x2 in one step
+    a.committed(300000, 3000)  # 150k/s since the last commit: T = 150k
+    assert a.delay_ms == 13888.888888888889 and a.adapt(3000) == 200000.0  # x2 in one step (cap 2 x T = 300k)
     assert a.delay_ms == 0.0
 
 
@@ -470,7 +477,7 @@ def test_adaptive_queue_full_holds_the_rate():
     for t in (1000, 2000, 3000):
         assert a.adapt(t, queue_full=True) == 5000.0
     assert a.decreases == 0 and a.tick(3500, paused=True) == []
-    assert a.adapt(4000, queue_full=False) == 10000.0  # queue drained, D = 0: x2 (the ceiling)
+    assert a.adapt(4000, queue_full=False) == 10000.0  # queue drained, D = 0: x2 (under 2 x T; the ceiling)
     b = _adaptive(outstanding=50000, per_s=8000)  # D over target and queue full: backs off
     b.adapt(1000, queue_full=True)
     assert b.adapt(2000, queue_full=True) == 5000.0
