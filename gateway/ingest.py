@@ -68,6 +68,7 @@ class Ingest:
         self.publish_failures = 0  # not sent: not connected, or 65,535 publishes unacknowledged
         self.proto = None  # the current connection (mqttc.Protocol), None between connections
         self._conn = 0  # connection number, in the high bits of every queued mid (see puback)
+        self._refused = 0  # CONNACKs refused in a row (bad credentials): the reconnect backs off
         self._misc = None
         self._reconnect = None
         self._loop = None
@@ -164,10 +165,12 @@ class Ingest:
         p = self.proto
         if rc != 0:
             self.last_error = "CONNACK refused, code %d" % rc
+            self._refused += 1
             logs.error("mqtt_refused", reason=self.last_error)
             p.tr.abort()  # reconnects with backoff
             return
         self.stats.connects += 1
+        self._refused = 0
         t = self.topics
         p.write(subscribe_packet(p.next_pid(), [(t.sub_data, 1), (t.sub_hello, 1), (t.sub_state, 1)]))
         p.publish(t.gw_state, wire.encode_state(True, gateway=True), 1, True)
@@ -199,7 +202,8 @@ class Ingest:
             self._reconnect = self._loop.create_task(self._reconnect_loop())
 
     async def _reconnect_loop(self):
-        await asyncio.sleep(0.1 * (0.5 + random.random() / 2))
+        delay = min(0.1 * 2 ** min(self._refused, 16), self.cfg.reconnect_max_s)
+        await asyncio.sleep(delay * (0.5 + random.random() / 2))
         await self._connect_with_backoff()
 
     def on_message(self, topic, payload, mid, qos, now):

@@ -220,3 +220,27 @@ def test_puback_only_on_the_connection_that_delivered_the_message():
         ing.puback([(new, 1), (old, 1)])
         assert bytes(sent[1]) == b"\x40\x02\x00\x07" and bytes(sent[0]) == b""
     asyncio.run(go())
+
+
+def test_refused_connack_closes_and_backs_off():
+    import asyncio
+
+    from gateway.config import Config
+    from gateway.ingest import Ingest
+    from gateway.metrics import Stats
+
+    async def go():
+        ing = Ingest(Config({"security": {"insecure": True}}), Stats())
+        ing._loop = asyncio.get_running_loop()
+        for n in (1, 2, 3):
+            p = _proto(ing)
+            ing.proto = p
+            p.data_received(b"\x20\x02\x00\x05")  # CONNACK: not authorized
+            assert p.tr.aborted and not ing.connected.is_set() and ing._refused == n
+            assert ing.last_error == "CONNACK refused, code 5"
+        p = _proto(ing)
+        ing.proto = p
+        p.data_received(b"\x20\x02\x00\x00")
+        assert ing.connected.is_set() and ing._refused == 0
+        assert bytes(p.tr.out).startswith(b"\x82")  # SUBSCRIBE, then the retained online state
+    asyncio.run(go())
