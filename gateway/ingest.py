@@ -26,8 +26,9 @@ from .mqttc import Protocol, connect_packet, puback_packets, subscribe_packet
 
 
 class _NamedContext(ssl.SSLContext):
-    """Checks the broker's certificate against a fixed name even when paho connects by address
-    (paho passes its host as server_hostname)."""
+    """Checks the broker's certificate against a fixed name even when a client connects by
+    address: the MQTT sink's paho passes its host as server_hostname; the ingest passes
+    server_name itself."""
     server_name = None
 
     def wrap_socket(self, sock, *a, **kw):

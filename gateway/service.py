@@ -10,8 +10,8 @@
     -> checkpoint: one SQLite transaction (store.py) with outputs + state
     -> after the commit: PUBACKs to the broker, acks with credits (admission.py) to devices
 
-Threading: one asyncio loop runs everything; paho is driven from it (no
-network thread) and aiosqlite runs the commits in its own thread while the
+Threading: one asyncio loop runs everything; the MQTT client is an asyncio
+Protocol (mqttc.py, no network thread) and aiosqlite runs the commits in its own thread while the
 loop keeps processing the next batch. Error model: bad input is quarantined,
 never raised; an unexpected exception while handling one message quarantines
 that message as internal_error; a failed commit stops the gateway (nothing is
