@@ -414,6 +414,13 @@ def build(config_path="config.json"):
     app = App(cfg, hal)
     unload("firmware.config")  # the validator is needed at boot only
     app._boot()
+    unload("firmware.pconf")  # pipeline config parsing: boot only
+    # keep only the config the running tasks read (the rest went into the objects): RAM
+    c = app.cfg
+    app.cfg = app.uplink.cfg = {
+        "sample_ms": c["sample_ms"], "watchdog_ms": c["watchdog_ms"], "status_every_s": c["status_every_s"],
+        "clock": {"ntp_every_s": c["clock"]["ntp_every_s"], "ntp_host": c["clock"]["ntp_host"]},
+        "uplink": {"wifi_timeout_ms": c["uplink"]["wifi_timeout_ms"]}, "wifi": c["wifi"]}
     return app
 
 

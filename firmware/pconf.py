@@ -67,3 +67,98 @@ def channel_mask(d, key, rid, channels, single=False):
             raise ConfigError(rid, "unknown channel %r" % (nm,))
         m |= 1 << channels[nm]
     return m
+
+
+# ---------------------------------------------------------------- Pipeline set-up (boot only)
+
+# Channel numbers for a config that lists names only (the HAL's CH_* ids, firmware/hal.py).
+DEFAULT_CHANNELS = {"temp": 0, "hum": 1, "pot": 2}
+DEFAULT_WINDOW_MS = 60000
+MAX_WINDOW_MS = 0x10000000  # 2**28 ms (~3 days): window arithmetic stays in small ints
+DEFAULT_RING = 64
+
+
+def _channels(cfg):
+    ch = cfg.get("channels", DEFAULT_CHANNELS)
+    out = {}
+    if isinstance(ch, dict):
+        items = list(ch.items())
+    elif isinstance(ch, list):
+        items = []
+        for nm in ch:
+            if nm not in DEFAULT_CHANNELS:
+                raise ConfigError("channels", "unknown channel %r: give a {name: number} map" % (nm,))
+            items.append((nm, DEFAULT_CHANNELS[nm]))
+    else:
+        raise ConfigError("channels", "must be a {name: number} map or a list of names")
+    if not items:
+        raise ConfigError("channels", "no channel")
+    used = {}
+    for nm, n in items:
+        if not isinstance(nm, str) or not isinstance(n, int) or isinstance(n, bool) or n < 0 or n > MAX_CHANNEL:
+            raise ConfigError("channels", "%r: channel numbers are 0..%d" % (nm, MAX_CHANNEL))
+        if n in used:
+            raise ConfigError("channels", "channel number %d used twice" % n)
+        used[n] = 1
+        out[nm] = n
+    return out
+
+
+def setup(p, config):
+    """Parse a pipeline config into Pipeline p: channels, rings, windows, rules, detectors."""
+    from firmware.window import TimedRing
+    from firmware.window import EventWindow, CountWindow
+    if not isinstance(config, dict):
+        raise ConfigError("pipeline", "config must be an object")
+    p.channels = _channels(config)
+    nch = max(p.channels.values()) + 1
+    p.nch = nch
+    w = config.get("window")
+    if w is None:
+        w = {}
+    if not isinstance(w, dict):
+        raise ConfigError("window", "must be an object")
+    p.size_ms = integer(w, "size_ms", "window", DEFAULT_WINDOW_MS, 1, MAX_WINDOW_MS)
+    p.offset_ms = integer(w, "offset_ms", "window", 0, 0, MAX_WINDOW_MS) % p.size_ms
+    grace = integer(w, "grace_ms", "window", 0, 0, MAX_WINDOW_MS)
+    cw = config.get("count_window")
+    if cw is not None:
+        cw = integer(config, "count_window", "count_window", None, 1, 1000000)
+    elif "count" in w:  # same thing inside the "window" section of the device config
+        cw = integer(w, "count", "window", None, 1, 1000000)
+    ring = config.get("ring")
+    rcap = DEFAULT_RING
+    if isinstance(ring, dict):
+        rcap = integer(ring, "capacity", "ring", DEFAULT_RING, 1, 4096)
+    elif ring is not None:
+        rcap = integer(config, "ring", "ring", DEFAULT_RING, 1, 4096)
+    p.known = [False] * nch
+    p.rings = [None] * nch
+    p.windows = [None] * nch
+    p.cwindows = [None] * nch
+    for n in p.channels.values():
+        p.known[n] = True
+        p.rings[n] = TimedRing(rcap)
+        p.windows[n] = EventWindow(n, p.size_ms, p.offset_ms, p, grace)
+        if cw is not None:
+            p.cwindows[n] = CountWindow(n, cw, p)
+    # rule and detector classes are loaded only when the config has some (RAM on the board)
+    p.rules = []
+    p.by_ch = [[] for _ in range(nch)]
+    p.absence = []
+    if config.get("rules") not in (None, []):
+        from firmware.cep import load_rules, Absence
+        p.rules = load_rules(config.get("rules"), p.channels, p)
+        for r in p.rules:
+            for n in range(nch):
+                if r.mask & (1 << n):
+                    p.by_ch[n].append(r)
+            if isinstance(r, Absence):
+                p.absence.append(r)
+    p.detectors = []
+    if config.get("anomaly") not in (None, {}):
+        from firmware.anomaly import load_anomaly
+        p.detectors = load_anomaly(config.get("anomaly"), p.channels, p)
+    p.det_by_ch = [[] for _ in range(nch)]
+    for d in p.detectors:
+        p.det_by_ch[d.ch].append(d)
