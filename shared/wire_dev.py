@@ -25,7 +25,6 @@ KIND_CEP = 3
 KIND_ANOMALY = 4
 KIND_STATUS = 5
 KIND_GAP = 6  # seq ranges the device dropped by policy (outbox full)
-KIND_NAMES = {1: "reading", 2: "window", 3: "cep", 4: "anomaly", 5: "status", 6: "gap"}
 
 # Record flags.
 FLAG_UNSYNCED = 1  # t is ms since boot, not epoch: the device had no clock yet
@@ -84,15 +83,13 @@ class Topics:
     device -> gateway: {p}/d/{id}/data (QoS 1), {p}/d/{id}/hello (QoS 1),
                        {p}/d/{id}/state (retained; 'offline' is the last will)
     gateway -> device: {p}/d/{id}/ack (QoS 1), {p}/gw/state (retained; last will)
+    The gateway's subscriptions and parse() are in shared/wire.py's Topics (not on the board).
     """
 
     def __init__(self, prefix="edgeflow"):
         check_topic_part(prefix, "prefix", 64, True)
         self.prefix = prefix
         self.gw_state = prefix + "/gw/state"
-        self.sub_data = prefix + "/d/+/data"
-        self.sub_hello = prefix + "/d/+/hello"
-        self.sub_state = prefix + "/d/+/state"
 
     def data(self, dev):
         return self.prefix + "/d/" + dev + "/data"
@@ -105,24 +102,6 @@ class Topics:
 
     def ack(self, dev):
         return self.prefix + "/d/" + dev + "/ack"
-
-    def parse(self, topic):
-        """Return (device_id, leaf) for a device topic, raise WireError otherwise."""
-        if isinstance(topic, (bytes, bytearray)):
-            topic = bytes(topic).decode()
-        p = self.prefix + "/d/"
-        if not topic.startswith(p):
-            raise WireError("bad_topic", topic)
-        rest = topic[len(p):]
-        i = rest.find("/")
-        if i <= 0:
-            raise WireError("bad_topic", topic)
-        dev = rest[:i]
-        leaf = rest[i + 1:]
-        check_device_id(dev)
-        if leaf not in ("data", "hello", "state", "ack"):
-            raise WireError("bad_topic", topic)
-        return dev, leaf
 
 
 _ID_CHARS = "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789_-"
