@@ -59,7 +59,6 @@ class App:
         self._fails = {}  # task name -> [failures in the current minute, minute start]
         self.c = {"samples": 0, "missing": 0, "sensor_errors": 0, "task_errors": 0, "readings": 0, "records": 0, "windows": 0, "cep": 0,
                   "anomalies": 0, "status": 0, "refused": 0, "ntp_ok": 0, "ntp_fail": 0, "errors": 0}
-        self.cep_events = []  # last CEP events (rule_id, t, body), bounded
 
     # ------------------------------------------------------------ boot
 
@@ -116,9 +115,6 @@ class App:
             self.c["cep"] += 1
             self.hal.console("CEP %s severity=%d span_ms=%d t=%d seq=%d evidence=%s"
                              % (body[0], body[1], body[2], t, seq, list(body[3])))
-            self.cep_events.append((body[0], t, body))
-            if len(self.cep_events) > 32:
-                self.cep_events.pop(0)
         elif kind == wire.KIND_ANOMALY:
             self.c["anomalies"] += 1
             self.hal.console("ANOMALY ch=%d detector=%d score=%d value=%d" % (body[0], body[1], body[2], body[3]))
