@@ -1,18 +1,12 @@
-# Config helpers of the edge pipeline (pipeline, cep, anomaly): ConfigError and the field
-# checks. Kept apart from the rule classes so that a config without rules or detectors never
+# Config helpers of the edge pipeline (pipeline, cep, anomaly): the field checks and
+# Pipeline set-up. Kept apart from the rule classes so that a config without rules or detectors never
 # loads firmware/cep.py or firmware/anomaly.py on the board (RAM: docs/firmware.md).
 from shared import wire_dev as wire  # the device side of the contract (shared/wire.py: all of it)
+# ConfigError lives in firmware/pipeline.py: a class defined here would keep this module's
+# globals (every function below) alive after the board unloads it (RAM)
+from firmware.pipeline import ConfigError  # noqa: F401 (re-exported)
 
 MAX_CHANNEL = 29  # channel numbers 0..29: masks stay small ints
-
-
-class ConfigError(ValueError):
-    """A bad pipeline config: .rule_id names the rule (or section), .reason says why."""
-
-    def __init__(self, rule_id, reason):
-        super().__init__("%s: %s" % (rule_id, reason))
-        self.rule_id = rule_id
-        self.reason = reason
 
 
 def _is_num(x):

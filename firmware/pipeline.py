@@ -11,9 +11,17 @@
 # nothing in steady state; emits convert to absolute ms (allocation is fine there: rare).
 # Config format, time rules and figures: docs/pipeline.md.
 from shared import wire_dev as wire  # the device side of the contract (shared/wire.py: all of it)
-from firmware.pconf import ConfigError
 
 __all__ = ("Pipeline", "ConfigError", "example_config")
+
+
+class ConfigError(ValueError):
+    """A bad pipeline config: .rule_id names the rule (or section), .reason says why."""
+
+    def __init__(self, rule_id, reason):
+        super().__init__("%s: %s" % (rule_id, reason))
+        self.rule_id = rule_id
+        self.reason = reason
 
 
 def example_config():
