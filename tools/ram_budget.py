@@ -12,7 +12,8 @@ not counted. The wasm build collects garbage only at the top level, so every ste
 runPython call and what it keeps is read between calls (tools/ram_steps.mjs).
 
 Figures (bytes, heap in use above the baseline):
-  boot      after main()'s set-up (config read, validated, validator dropped, App booted)
+  boot      after main.py's safe-mode check and main()'s set-up (config read, validated,
+            validator dropped, App booted)
   kept      after the app's tasks ran for a while (sampling, store, uplink without Wi-Fi)
   sample    allocation of sampling rounds between batch flushes (the per-sample path)
   peak_*    kept + allocation (gc disabled, so garbage counts too: an upper bound) of a backlog
@@ -52,7 +53,12 @@ if "/lib" not in sys.path:
 import gc
 import machine, network, dht, asyncio, struct, binascii, json, array, os, time
 #--- boot
+# as main.py: the safe-mode check, then firmware.app.main's build()
+from firmware import safemode
+assert not safemode.reason()
+del safemode
 import firmware.app
+firmware.app.unload("firmware.safemode")
 app = firmware.app.build("config.json")
 #--- started wait=%(run_ms)d
 task = asyncio.create_task(app.run())
