@@ -98,3 +98,58 @@ def build(config_path):
         "clock": {"ntp_every_s": c["clock"]["ntp_every_s"], "ntp_host": c["clock"]["ntp_host"]},
         "uplink": {"wifi_timeout_ms": c["uplink"]["wifi_timeout_ms"]}, "wifi": c["wifi"]}
     return app
+
+
+def uplink_init(up, cfg, hal, outbox, clock, fw, console, instance):
+    """Uplink.__init__ (firmware/uplink.py)."""
+    from shared import auth
+    from shared import wire_dev as wire
+    from firmware.mqtt import MQTTClient
+    from firmware.backoff import Backoff
+    import asyncio
+    up.cfg = cfg
+    up.hal = hal
+    up.outbox = outbox
+    up.clock = clock
+    up.fw = fw
+    up.console = console or hal.console
+    up.dev = cfg["device_id"]
+    up.devb = up.dev.encode()
+    k = cfg.get("ack_key")
+    up.key = auth.Hmac(auth.parse_key(k)) if k else None  # None only with "insecure": true
+    up.instance = instance
+    up.nonce = up.prev_nonce = 0  # 0: no hello yet (a nonce is never 0)
+    up._beacon = None  # gw_time of the last accepted time beacon
+    up.topics = wire.Topics(cfg["prefix"])
+    up.t_ack = up.topics.ack(up.dev)
+    up.t_data = up.topics.data(up.dev)
+    u = cfg["uplink"]
+    up.batch_max = u["batch_max"]
+    up.resend_ms = u["resend_ms"]
+    up.backoff = Backoff(u["backoff_base_ms"], u["backoff_cap_ms"], rng=hal.rand)
+    up.wifi_backoff = Backoff(1000, u["wifi_timeout_ms"], rng=hal.rand)
+    b = cfg["broker"]
+    up.client = MQTTClient(
+        b["client_id"], b["host"], b["port"], keepalive=b["keepalive_s"],
+        will=(up.topics.state(up.dev), wire.encode_state(False), 1, True),
+        clean=True, user=b.get("user"), password=b.get("password"),
+        open_connection=hal.open_connection, on_message=up._on_message,
+        max_inflight=u["max_inflight"], timeout_ms=b["timeout_ms"])
+    up.hosts = b["hosts"]  # fail over between these (round robin, same backoff)
+    up._hi = 0
+    up.running = True
+    up.gw_online = False
+    up._gw_changed = False
+    up.credits = 0
+    up.replay = False
+    up._acks = []
+    up._sent_max = {}
+    up._progress = _hal.ticks_ms()
+    up._ack_at = up._hello_at = up._progress  # last ack received / last hello sent
+    up.wake = asyncio.Event()
+    up.session = False
+    # counters
+    up.c = {"connects": 0, "connect_failures": 0, "reconnects": 0, "wifi_outages": 0,
+            "msgs": 0, "sent": 0, "live": 0, "replayed": 0, "acks": 0, "bad_msgs": 0,
+            "rewinds": 0, "hellos": 0, "encode_errors": 0, "beacons": 0, "stall_hellos": 0,
+            "bad_acks": 0, "old_beacons": 0}
