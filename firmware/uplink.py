@@ -139,18 +139,21 @@ class Uplink:
             r = recs[i]
             boot = r[0]
             reading = r[3] == wire.KIND_READING
-            t, fl = self.clock.stamp(boot, r[2], r[4])
+            ti = 1 if reading else 2  # where a row holds its (stamped) time
             base_seq = r[1]
-            group = [self._row(r, t, fl, reading)]
+            row = self._row(r, reading)
+            t = row[ti]
+            group = [row]
             j = i + 1
             while j < n and len(group) < self.batch_max:
                 r2 = recs[j]
                 if r2[0] != boot or (r2[3] == wire.KIND_READING) != reading or r2[1] - base_seq > 0xFFFF:
                     break
-                t2, fl2 = self.clock.stamp(boot, r2[2], r2[4])
+                row = self._row(r2, reading)
+                t2 = row[ti]
                 if t2 - t > wire.I32_MAX or t - t2 > wire.I32_MAX:
                     break
-                group.append(self._row(r2, t2, fl2, reading))
+                group.append(row)
                 j += 1
             try:
                 if reading:
@@ -161,6 +164,7 @@ class Uplink:
                 self.c["encode_errors"] += 1
                 i = j
                 continue
+            group = row = None  # RAM: only the payload lives while it is published
             await self.client.publish(self.t_data, payload, 1)
             last = recs[j - 1][1]
             if last > self._sent_max.get(boot, -1):
@@ -169,7 +173,9 @@ class Uplink:
             self.c["sent"] += j - i
             i = j
 
-    def _row(self, r, t, fl, reading):
+    def _row(self, r, reading):
+        """The wire row of a stored record, its time stamped for sending."""
+        t, fl = self.clock.stamp(r[0], r[2], r[4])
         if reading:
             return (r[1], t, r[5][0], fl, r[5][1])
         return (r[3], r[1], t, fl, r[5])

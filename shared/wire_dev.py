@@ -194,17 +194,21 @@ def encode_readings(device_id, boot, readings):
         raise WireError("empty")
     base_seq = readings[0][0]
     base_time = readings[0][1]
-    out = bytearray(_header(MSG_READINGS, device_id, boot, base_seq, base_time, n))
-    off = len(out)
-    out.extend(bytes(n * READING_SIZE))
+    h = _header(MSG_READINGS, device_id, boot, base_seq, base_time, n)
+    off = len(h)
+    if off + n * READING_SIZE > MAX_PAYLOAD:
+        raise WireError("oversize", str(off + n * READING_SIZE))
+    out = bytearray(off + n * READING_SIZE)  # one buffer, no per-record tuple (device RAM peak)
+    out[0:off] = h
     for r in readings:
-        ds, dt = _offsets(r[0], r[1], base_seq, base_time)
+        ds = r[0] - base_seq
+        dt = r[1] - base_time
+        if ds < 0 or ds > 0xFFFF or dt < I32_MIN or dt > I32_MAX:
+            _offsets(r[0], r[1], base_seq, base_time)  # raises the precise error
         if r[2] < 0 or r[2] > 255 or r[3] < 0 or r[3] > 255:
             raise WireError("bad_channel", repr(r))
         struct.pack_into(_READING, out, off, ds, dt, r[2], r[3], _i32(r[4], "value"))
         off += READING_SIZE
-    if len(out) > MAX_PAYLOAD:
-        raise WireError("oversize", str(len(out)))
     return bytes(out)
 
 
