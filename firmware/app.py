@@ -350,13 +350,14 @@ def build(config_path="config.json"):
 def unload(name):
     """Forget a module (its bytecode becomes garbage once nothing refers to it: no function or
     class of it may be kept)."""
-    sys.modules.pop(name, None)
+    if sys.modules.pop(name, None) is None:
+        return  # not loaded (MicroPython's delattr of a missing module attribute: KeyError)
     pkg, _, sub = name.rpartition(".")
     p = sys.modules.get(pkg)
     if p is not None:
         try:
             delattr(p, sub)
-        except (AttributeError, TypeError):
+        except (AttributeError, TypeError, KeyError):
             pass
 
 

@@ -91,6 +91,7 @@ def build(config_path):
     unload("firmware.config")  # the validator is needed at boot only
     app._boot()
     unload("firmware.pconf")  # pipeline config parsing: boot only
+    unload("firmware.prules")
     # keep only the config the running tasks read (the rest went into the objects): RAM
     c = app.cfg
     app.cfg = app.uplink.cfg = {

@@ -141,7 +141,8 @@ def setup(p, config):
     p.by_ch = [[] for _ in range(nch)]
     p.absence = []
     if config.get("rules") not in (None, []):
-        from firmware.cep import load_rules, Absence
+        from firmware.cep import Absence
+        from firmware.prules import load_rules
         p.rules = load_rules(config.get("rules"), p.channels, p)
         for r in p.rules:
             for n in range(nch):
@@ -151,7 +152,7 @@ def setup(p, config):
                 p.absence.append(r)
     p.detectors = []
     if config.get("anomaly") not in (None, {}):
-        from firmware.anomaly import load_anomaly
+        from firmware.prules import load_anomaly
         p.detectors = load_anomaly(config.get("anomaly"), p.channels, p)
     p.det_by_ch = [[] for _ in range(nch)]
     for d in p.detectors:
