@@ -14,10 +14,11 @@ import pytest
 from tests import mp_harness
 from tools import ram_budget
 
-# regression ceilings, a few KiB above what was measured on 2026-12-01 (docs/firmware.md)
-KEPT_CEILING = {"default": 71 * 1024, "example": 79 * 1024}
+# regression ceilings, a few KiB above what was measured on 2026-12-01 (docs/firmware.md), with room
+# for the outbox branch (wear: batch 64, all live records sent in the live step: peak_live ~105 KiB)
+KEPT_CEILING = {"default": 73 * 1024, "example": 81 * 1024}
 # gc disabled in the steps: garbage counts (an upper bound)
-PEAK_CEILING = {"default": 94 * 1024, "example": 116 * 1024}
+PEAK_CEILING = {"default": 112 * 1024, "example": 120 * 1024}
 
 
 @pytest.fixture(scope="module", params=["default", "example"])
