@@ -135,7 +135,8 @@ def uplink_init(up, cfg, hal, outbox, clock, fw, console, instance):
         will=(up.topics.state(up.dev), wire.encode_state(False), 1, True),
         clean=True, user=b.get("user"), password=b.get("password"),
         open_connection=hal.open_connection, on_message=up._on_message,
-        max_inflight=u["max_inflight"], timeout_ms=b["timeout_ms"])
+        max_inflight=u["max_inflight"], timeout_ms=b["timeout_ms"],
+        retransmit=False)  # unacked records are replayed from the outbox after a reconnect
     up.hosts = b["hosts"]  # fail over between these (round robin, same backoff)
     up._hi = 0
     up.running = True
