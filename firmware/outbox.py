@@ -279,6 +279,7 @@ class Outbox:
         self._pend_since = None  # now_ms of the batch's first record; -1: set by the next tick
         self._ack_dirty = False
         self._ack_at = None
+        self._hold = False  # set while a compaction appends its gap records (no flush per record)
         from firmware.identity import Slots
         self._slots = Slots(fs, dir + "/ack")
         # session state (see begin_session)
@@ -441,9 +442,10 @@ class Outbox:
         self._pend_n += 1
         if self._pend_since is None:
             self._pend_since = now_ms
-        if prio >= _URGENT:
-            self.flush()
-        elif self._pend_n >= self.batch_records:
+        if self._hold:  # gap records of a compaction: one synced append per full buffer
+            if self._pend_bytes >= self._cap0 - 256:
+                self.flush()
+        elif prio >= _URGENT or self._pend_n >= self.batch_records:
             self.flush()
         return seq
 
@@ -519,6 +521,9 @@ class Outbox:
         cur = self._cur
         if cur is None or cur.bytes + size > self.seg_bytes:
             self._end_cur()
+            if cur is not None and cur.count and self.acked.get(cur.boot, -1) >= cur.last:
+                self.segs.remove(cur)  # kept while current (on_ack): one create + delete per segment
+                self._rm(self._name(cur.num))
             cur = Seg(self._next_num, self.boot)
             self._next_num += 1
             self.segs.append(cur)
@@ -629,12 +634,17 @@ class Outbox:
         return q
 
     def _make_room(self, size, prio):
+        if self.total_bytes() + size <= self.max_bytes:
+            return True
+        # hysteresis: once full, free down to the low-water mark, so a compaction merges several
+        # segments at once instead of one per batch (flash wear: docs/firmware.md)
+        low = self.max_bytes - max(self.seg_bytes, self.max_bytes >> 3)
         guard = 0
-        while self.total_bytes() + size > self.max_bytes and guard < 64:
+        while self.total_bytes() + size > low and guard < 64:
             guard += 1
             q = self._lowest()
             if q is None or q > prio:
-                return False
+                break
             seg = None
             for s in self.segs:
                 if s.pc[q] and s is not self._cur:
@@ -647,7 +657,7 @@ class Outbox:
                 self._rm(self._name(seg.num, "t"))
                 ok = False
             if not ok:
-                return False
+                break
         return self.total_bytes() + size <= self.max_bytes
 
     def _compact(self, seg, q):
@@ -751,21 +761,21 @@ class Outbox:
         return n
 
     def _emit_gap_ranges(self, gboot, rs):
+        """Gap records for ranges rs, appended to the RAM batch; the caller flushes (a sync
+        per gap record made a compaction cost ~200 erases: docs/firmware.md)."""
         i = 0
-        while i < len(rs):
-            t, fl = self.stamp() if self.stamp is not None else (0, wire.FLAG_UNSYNCED)
-            self.append(wire.KIND_GAP, t, fl, (gboot, rs[i:i + wire.MAX_GAP_RANGES]))
-            i += wire.MAX_GAP_RANGES
+        self._hold = True
+        try:
+            while i < len(rs):
+                t, fl = self.stamp() if self.stamp is not None else (0, wire.FLAG_UNSYNCED)
+                self.append(wire.KIND_GAP, t, fl, (gboot, rs[i:i + wire.MAX_GAP_RANGES]))
+                i += wire.MAX_GAP_RANGES
+        finally:
+            self._hold = False
 
     def _emit_gaps(self, gboot, seqs):
-        if not seqs:
-            return
-        rs = _ranges(seqs)
-        i = 0
-        while i < len(rs):
-            t, fl = self.stamp() if self.stamp is not None else (0, wire.FLAG_UNSYNCED)
-            self.append(wire.KIND_GAP, t, fl, (gboot, rs[i:i + wire.MAX_GAP_RANGES]))
-            i += wire.MAX_GAP_RANGES
+        if seqs:
+            self._emit_gap_ranges(gboot, _ranges(seqs))
 
     # ------------------------------------------------------------ acks
 
@@ -777,9 +787,9 @@ class Outbox:
         self._ack_dirty = True
         keep = []
         for s in self.segs:
-            if s.boot == boot and s.last <= seq and s.count > 0:
-                if s is self._cur:
-                    self._end_cur()
+            if s.boot == boot and s.last <= seq and s.count > 0 and s is not self._cur:
+                # the segment being appended to stays until it is full (flush): deleting it per
+                # ack made a file create + delete per batch, the hottest flash (docs/firmware.md)
                 self._rm(self._name(s.num))
             else:
                 keep.append(s)
