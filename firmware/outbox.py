@@ -41,6 +41,8 @@ _FAST = ">BHIIHHHHBBBi"
 PRIO = {wire.KIND_READING: 0, wire.KIND_STATUS: 0, wire.KIND_WINDOW: 1,
         wire.KIND_ANOMALY: 2, wire.KIND_CEP: 2, wire.KIND_GAP: 3}
 _URGENT = 2  # records of this priority or more are flushed at once
+_LIVE_CHUNK = 32  # live records decoded per take_live()
+_REGAP = 32  # gap records in a compacted group above which they are coalesced even at q = 0
 
 
 class Seg:
@@ -254,8 +256,8 @@ def highest_boot(fs, dir="ob"):
 
 
 class Outbox:
-    def __init__(self, fs, boot, dir="ob", max_bytes=262144, seg_bytes=8192, batch_records=32,
-                 batch_ms=10000, ack_persist_ms=10000, live_max=64):
+    def __init__(self, fs, boot, dir="ob", max_bytes=262144, seg_bytes=8192, batch_records=64,
+                 batch_ms=20000, ack_persist_ms=10000, live_max=None):
         self.fs = fs
         self.boot = boot
         self.dir = dir
@@ -264,7 +266,8 @@ class Outbox:
         self.batch_records = batch_records
         self.batch_ms = batch_ms
         self.ack_persist_ms = ack_persist_ms
-        self.live_max = live_max
+        # live records waiting for take_live (flushed while a session is live); more: rewind
+        self.live_max = live_max if live_max is not None else 2 * batch_records
         self.seq = 0  # next seq of this boot
         self.segs = []  # Seg, oldest first
         self.acked = {}  # boot -> highest acked seq
@@ -272,7 +275,7 @@ class Outbox:
         self._af = None  # its file, kept open: a batch is write + flush (sync), not open/close
         self._next_num = 0
         # RAM batch (not yet on flash): complete frames in _buf[:_pend_bytes], CRCs filled at flush
-        self._cap0 = batch_records * _RFRAME + 512
+        self._cap0 = batch_records * _RFRAME + 256
         self._buf = bytearray(self._cap0)
         self._pend_bytes = 0
         self._pend_n = 0
@@ -284,7 +287,7 @@ class Outbox:
         self._slots = Slots(fs, dir + "/ack")
         # session state (see begin_session)
         self.live = False
-        self._flushed = []
+        self._live_reset()
         self._L = (boot, 0)
         self._rseg = -1
         self._roff = 0
@@ -550,18 +553,19 @@ class Outbox:
                 self._drop_pending()
             return -1
         live = self.live
-        if live and len(self._flushed) + n > self.live_max:
-            self._flushed = []
-            self.need_rewind = True
-            live = False
+        if live:
+            if self._lv_n + n > self.live_max:
+                self._live_reset()
+                self.need_rewind = True
+            else:  # the frames as written, decoded by take_live a chunk at a time (RAM)
+                self._flushed.append(bytes(mv[0:size]))
+                self._lv_n += n
         data = mv = None
         off = 0
         while off < size:
             ln = (buf[off + 1] << 8) | buf[off + 2]
             seq = (buf[off + 7] << 24) | (buf[off + 8] << 16) | (buf[off + 9] << 8) | buf[off + 10]
             cur.add(seq, PRIO.get(buf[off + 19], 0), ln + 7)
-            if live:
-                self._flushed.append(decode_payload(buf, off + 3, ln))
             off += ln + 7
         self._pend_bytes = 0
         self._pend_n = 0
@@ -612,10 +616,27 @@ class Outbox:
         self._emit_gaps(self.boot, seqs)
 
     def take_live(self):
-        """Records flushed since the last call while a session is live (to send now)."""
-        out = self._flushed
-        self._flushed = []
+        """Records flushed while a session is live and not taken yet (to send now), oldest
+        first, at most _LIVE_CHUNK per call: decoded records cost ~150 B each, the frames ~30."""
+        out = []
+        fl = self._flushed
+        off = self._lv_off
+        while fl and len(out) < _LIVE_CHUNK:
+            b = fl[0]
+            ln = (b[off + 1] << 8) | b[off + 2]
+            out.append(decode_payload(b, off + 3, ln))
+            off += ln + 7
+            if off >= len(b):
+                fl.pop(0)
+                off = 0
+        self._lv_off = off
+        self._lv_n -= len(out)
         return out
+
+    def _live_reset(self):
+        self._flushed = []  # frames of flushed batches (bytes) not yet taken by take_live
+        self._lv_n = 0
+        self._lv_off = 0
 
     # ------------------------------------------------------------ full policy
 
@@ -651,7 +672,7 @@ class Outbox:
                     seg = s
                     break
             try:
-                ok = self._compact(seg, q)
+                ok = self._compact(seg, q, self.total_bytes() + size - low)
             except OSError:  # flash full or failing: keep what is stored, refuse the new record
                 self.write_errors += 1
                 self._rm(self._name(seg.num, "t"))
@@ -660,7 +681,7 @@ class Outbox:
                 break
         return self.total_bytes() + size <= self.max_bytes
 
-    def _compact(self, seg, q):
+    def _compact(self, seg, q, need=0):
         """Merge seg and the following segments of its boot into one file without their records
         of priority <= q (and without acked ones), as long as the survivors fit in one segment:
         the number of files stays bounded. Gap records in the group are re-expressed: their ranges,
@@ -671,7 +692,8 @@ class Outbox:
         segs = self.segs
         i = segs.index(seg)
         group = [seg]
-        est = seg.bytes - self._drop_bytes(seg, q)
+        freed = self._drop_bytes(seg, q)
+        est = seg.bytes - freed
         # earlier segments of the boot (survivors of earlier merges) join while they fit, so
         # merged files fill up instead of staying half empty
         while i > 0 and len(group) < 16:
@@ -684,18 +706,26 @@ class Outbox:
             i -= 1
         seg = group[0]
         j = segs.index(group[-1]) + 1
-        while j < len(segs) and len(group) < 16:
+        while j < len(segs) and len(group) < 16 and freed < need:  # no more than needed goes
             s = segs[j]
             if s.boot != seg.boot or s is self._cur:
                 break
-            e = s.bytes - self._drop_bytes(s, q)
-            if est + e > self.seg_bytes:
+            d = self._drop_bytes(s, q)
+            if est + s.bytes - d > self.seg_bytes:
                 break
             group.append(s)
-            est += e
+            est += s.bytes - d
+            freed += d
             j += 1
         if self._cur in group:
             self._end_cur()
+        # gap records are re-expressed (coalesced) when windows or more go, or when many piled up;
+        # dropping raw readings between kept windows rarely makes ranges merge, and rewriting
+        # every gap record on every compaction cost most of a full outbox's flash wear
+        ng = 0
+        for s in group:
+            ng += s.pc[3]
+        regap = q > 0 or ng > _REGAP
         a = self.acked.get(seg.boot, -1)
         drops = {}  # boot -> [[first, end), ...]
         ndrop = 0
@@ -710,13 +740,13 @@ class Outbox:
                         continue
                     k = rec[3]
                     p = PRIO.get(k, 0)
-                    if k == wire.KIND_GAP:
+                    if k == wire.KIND_GAP and regap:
                         _add_range(drops, rec[0], rec[1], 1)
                         self.gaps_merged += 1
                         gb, rs = rec[5]
                         for first, n in rs:
                             _add_range(drops, gb, first, n)
-                    elif p <= q:
+                    elif p <= q and k != wire.KIND_GAP:
                         _add_range(drops, rec[0], rec[1], 1)
                         ndrop += 1
                     else:
@@ -755,7 +785,7 @@ class Outbox:
         return True
 
     def _drop_bytes(self, s, q):
-        n = s.pb[3]
+        n = s.pb[3] if q else 0  # an estimate: gap records may be rewritten at q = 0 too
         for p in range(q + 1):
             n += s.pb[p]
         return n
@@ -851,17 +881,17 @@ class Outbox:
         credits, oldest first); records flushed from now on are live."""
         self.flush()
         self.live = True
-        self._flushed = []
+        self._live_reset()
         self.rewind()
 
     def end_session(self):
         self.live = False
-        self._flushed = []
+        self._live_reset()
 
     def rewind(self):
         """Resend policy: everything stored and unacked becomes backlog again."""
         self.flush()
-        self._flushed = []
+        self._live_reset()
         self._L = (self.boot, self.seq)
         self._rseg = -1
         self._roff = 0

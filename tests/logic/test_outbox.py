@@ -184,7 +184,8 @@ def test_full_of_important_records_refuses_raw():
     for i in range(30):
         ob.reading(0, 1, 0, 1)  # less important than everything stored: refused when no room
     ob.flush()
-    assert ob.refused > 0 and ob.dropped == dropped
+    # readings get in while the low-water room lasts (and later ones replace them); no CEP goes
+    assert ob.refused > 0 and ob.dropped >= dropped
     assert len([r for r in _drain(ob) if r[3] == wire.KIND_CEP]) == ceps
     assert ob.total_bytes() <= 600
 
