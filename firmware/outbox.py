@@ -42,7 +42,6 @@ PRIO = {wire.KIND_READING: 0, wire.KIND_STATUS: 0, wire.KIND_WINDOW: 1,
         wire.KIND_ANOMALY: 2, wire.KIND_CEP: 2, wire.KIND_GAP: 3}
 _URGENT = 2  # records of this priority or more are flushed at once
 _LIVE_CHUNK = 32  # live records decoded per take_live()
-_REGAP = 32  # gap records in a compacted group above which they are coalesced even at q = 0
 
 
 class Seg:
@@ -719,13 +718,14 @@ class Outbox:
             j += 1
         if self._cur in group:
             self._end_cur()
-        # gap records are re-expressed (coalesced) when windows or more go, or when many piled up;
-        # dropping raw readings between kept windows rarely makes ranges merge, and rewriting
-        # every gap record on every compaction cost most of a full outbox's flash wear
-        ng = 0
+        # gap records are re-expressed (coalesced) when windows or more go, or when nothing but
+        # gap records survives (then all ranges merge); dropping raw readings between kept
+        # windows makes no ranges merge (each old gap record's own seq became one more range),
+        # and rewriting every gap record on every compaction cost most of a full outbox's wear
+        keep = 0
         for s in group:
-            ng += s.pc[3]
-        regap = q > 0 or ng > _REGAP
+            keep += s.pc[1] + s.pc[2]
+        regap = q > 0 or not keep
         a = self.acked.get(seg.boot, -1)
         drops = {}  # boot -> [[first, end), ...]
         ndrop = 0
