@@ -25,6 +25,12 @@
 import struct
 import binascii
 
+try:
+    from micropython import const
+except ImportError:
+    def const(x):
+        return x
+
 from shared import wire_dev as wire  # the device side of the contract (shared/wire.py: all of it)
 
 MAGIC = 0xA5
@@ -44,25 +50,31 @@ _URGENT = 2  # records of this priority or more are flushed at once
 _LIVE_CHUNK = 32  # live records decoded per take_live()
 
 
-class Seg:
-    def __init__(self, num, boot):
-        self.num = num
-        self.boot = boot
-        self.first = -1
-        self.last = -1
-        self.count = 0
-        self.bytes = 0
-        self.pc = [0, 0, 0, 0]  # records per priority
-        self.pb = [0, 0, 0, 0]  # bytes per priority
+# The segment index: one plain list per segment file (a list of 14 small ints takes ~88 bytes
+# of heap under MicroPython, an object with the same fields ~141): [num, boot, first seq,
+# last seq, records, bytes, records per priority 0..3, bytes per priority 0..3].
+_NUM = const(0)
+_BOOT = const(1)
+_FIRST = const(2)
+_LAST = const(3)
+_COUNT = const(4)
+_BYTES = const(5)
+_PC = const(6)
+_PB = const(10)
 
-    def add(self, seq, prio, nbytes):
-        if self.count == 0:
-            self.first = seq
-        self.last = seq
-        self.count += 1
-        self.pc[prio] += 1
-        self.pb[prio] += nbytes
-        self.bytes += nbytes
+
+def Seg(num, boot):
+    return [num, boot, -1, -1, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0]
+
+
+def seg_add(s, seq, prio, nbytes):
+    if s[_COUNT] == 0:
+        s[_FIRST] = seq
+    s[_LAST] = seq
+    s[_COUNT] += 1
+    s[_PC + prio] += 1
+    s[_PB + prio] += nbytes
+    s[_BYTES] += nbytes
 
 
 def encode_frame(boot, seq, t, kind, flags, body_bytes):
@@ -114,6 +126,7 @@ class _Frames:
 
     def __init__(self, size=1024):
         self.buf = bytearray(size)
+        self.mv = memoryview(self.buf)  # kept: a memoryview per frame was garbage on every read
         self.crc = bytearray(4)
         self.f = None
         self.s = 0  # next frame at buf[s:], valid data up to e
@@ -134,6 +147,7 @@ class _Frames:
             nb = bytearray(k + 256)
             nb[0:n] = buf[self.s:self.e]
             self.buf = buf = nb
+            self.mv = memoryview(nb)
         elif self.s:
             buf[0:n] = buf[self.s:self.e]
         self.s = 0
@@ -141,7 +155,7 @@ class _Frames:
         f = self.f
         while n < k:
             if hasattr(f, "readinto"):
-                got = f.readinto(memoryview(buf)[n:])
+                got = f.readinto(self.mv[n:])
             else:
                 d = f.read(len(buf) - n)
                 got = len(d)
@@ -168,7 +182,7 @@ class _Frames:
         s = self.s
         e = s + 3 + n
         c = self.crc
-        struct.pack_into(">I", c, 0, binascii.crc32(memoryview(buf)[s:e]) & 0xFFFFFFFF)
+        struct.pack_into(">I", c, 0, binascii.crc32(self.mv[s:e]) & 0xFFFFFFFF)
         if c[0] != buf[e] or c[1] != buf[e + 1] or c[2] != buf[e + 2] or c[3] != buf[e + 3]:
             return -1
         self.p = s + 3
@@ -338,8 +352,8 @@ class Outbox:
         for num in nums:
             seg = self._scan(num)
             prev = self.segs[-1] if self.segs else None
-            if (seg is None or seg.count == 0 or self.acked.get(seg.boot, -1) >= seg.last
-                    or (prev is not None and prev.boot == seg.boot and seg.first <= prev.last)):
+            if (seg is None or seg[_COUNT] == 0 or self.acked.get(seg[_BOOT], -1) >= seg[_LAST]
+                    or (prev is not None and prev[_BOOT] == seg[_BOOT] and seg[_FIRST] <= prev[_LAST])):
                 # the last case: left over by a merge cut short after its rename; its records are
                 # in the merged segment or covered by gap records (written before the rename)
                 self._rm(self._name(num))
@@ -349,8 +363,8 @@ class Outbox:
         # forget acked positions of boots with nothing stored (keep this boot's)
         keep = {}
         for s in self.segs:
-            if s.boot in self.acked:
-                keep[s.boot] = self.acked[s.boot]
+            if s[_BOOT] in self.acked:
+                keep[s[_BOOT]] = self.acked[s[_BOOT]]
         self.acked = keep
         return self
 
@@ -363,9 +377,9 @@ class Outbox:
             for frame, rec in g:
                 if seg is None:
                     seg = Seg(num, rec[0])
-                if rec[0] != seg.boot:
+                if rec[0] != seg[_BOOT]:
                     break
-                seg.add(rec[1], PRIO.get(rec[3], 0), len(frame))
+                seg_add(seg, rec[1], PRIO.get(rec[3], 0), len(frame))
                 good += len(frame)
         finally:
             g.close()  # MicroPython runs a dropped generator's finally (the file close) only so
@@ -376,7 +390,7 @@ class Outbox:
                 size = good
             if size != good:
                 self.torn += 1
-            seg.bytes = size
+            seg[_BYTES] = size
         return seg
 
     def _frames_of(self, num):
@@ -406,7 +420,7 @@ class Outbox:
     def total_bytes(self):
         n = self._pend_bytes
         for s in self.segs:
-            n += s.bytes
+            n += s[_BYTES]
         return n
 
     def pending(self):
@@ -416,7 +430,18 @@ class Outbox:
     def stored_records(self):
         n = self._pend_n
         for s in self.segs:
-            n += s.count
+            n += s[_COUNT]
+        return n
+
+    def boots(self):
+        """The boot of each segment on flash, oldest first."""
+        return [s[_BOOT] for s in self.segs]
+
+    def class_records(self, prio):
+        """Records of priority prio on flash (3: gap records, 2: CEP/anomaly)."""
+        n = 0
+        for s in self.segs:
+            n += s[_PC + prio]
         return n
 
     def append(self, kind, t, flags, body, now_ms=None):
@@ -521,11 +546,11 @@ class Outbox:
             off = e + 4
         data = mv[0:size]  # written from the batch buffer itself: no copy
         cur = self._cur
-        if cur is None or cur.bytes + size > self.seg_bytes:
+        if cur is None or cur[_BYTES] + size > self.seg_bytes:
             self._end_cur()
-            if cur is not None and cur.count and self.acked.get(cur.boot, -1) >= cur.last:
+            if cur is not None and cur[_COUNT] and self.acked.get(cur[_BOOT], -1) >= cur[_LAST]:
                 self.segs.remove(cur)  # kept while current (on_ack): one create + delete per segment
-                self._rm(self._name(cur.num))
+                self._rm(self._name(cur[_NUM]))
             cur = Seg(self._next_num, self.boot)
             self._next_num += 1
             self.segs.append(cur)
@@ -533,19 +558,19 @@ class Outbox:
         try:
             f = self._af
             if f is None:
-                f = self._af = self.fs.open(self._name(cur.num), "ab")
+                f = self._af = self.fs.open(self._name(cur[_NUM]), "ab")
             f.write(data)
             f.flush()  # LittleFS: lfs_file_sync, the batch is durable; the data block is not
             # copied again per batch as a close + reopen would (flash wear: docs/firmware.md)
         except OSError:
             self.write_errors += 1
             self._end_cur()  # the file may hold a torn tail: never append to it again
-            if cur.count == 0:
+            if cur[_COUNT] == 0:
                 self.segs.remove(cur)
-                self._rm(self._name(cur.num))
+                self._rm(self._name(cur[_NUM]))
             else:
                 try:
-                    cur.bytes = self.fs.stat_size(self._name(cur.num))
+                    cur[_BYTES] = self.fs.stat_size(self._name(cur[_NUM]))
                 except OSError:
                     pass
             if self._pend_n > 4 * self.batch_records:
@@ -564,7 +589,7 @@ class Outbox:
         while off < size:
             ln = (buf[off + 1] << 8) | buf[off + 2]
             seq = (buf[off + 7] << 24) | (buf[off + 8] << 16) | (buf[off + 9] << 8) | buf[off + 10]
-            cur.add(seq, PRIO.get(buf[off + 19], 0), ln + 7)
+            seg_add(cur, seq, PRIO.get(buf[off + 19], 0), ln + 7)
             off += ln + 7
         self._pend_bytes = 0
         self._pend_n = 0
@@ -647,7 +672,7 @@ class Outbox:
             if s is self._cur:
                 continue
             for p in range(3):
-                if s.pc[p]:
+                if s[_PC + p]:
                     if q is None or p < q:
                         q = p
                     break
@@ -667,14 +692,14 @@ class Outbox:
                 break
             seg = None
             for s in self.segs:
-                if s.pc[q] and s is not self._cur:
+                if s[_PC + q] and s is not self._cur:
                     seg = s
                     break
             try:
                 ok = self._compact(seg, q, self.total_bytes() + size - low)
             except OSError:  # flash full or failing: keep what is stored, refuse the new record
                 self.write_errors += 1
-                self._rm(self._name(seg.num, "t"))
+                self._rm(self._name(seg[_NUM], "t"))
                 ok = False
             if not ok:
                 break
@@ -692,13 +717,13 @@ class Outbox:
         i = segs.index(seg)
         group = [seg]
         freed = self._drop_bytes(seg, q)
-        est = seg.bytes - freed
+        est = seg[_BYTES] - freed
         # earlier segments of the boot (survivors of earlier merges) join while they fit, so
         # merged files fill up instead of staying half empty
         while i > 0 and len(group) < 16:
             s = segs[i - 1]
-            e = s.bytes - self._drop_bytes(s, q)
-            if s.boot != seg.boot or s is self._cur or est + e > self.seg_bytes:
+            e = s[_BYTES] - self._drop_bytes(s, q)
+            if s[_BOOT] != seg[_BOOT] or s is self._cur or est + e > self.seg_bytes:
                 break
             group.insert(0, s)
             est += e
@@ -707,13 +732,13 @@ class Outbox:
         j = segs.index(group[-1]) + 1
         while j < len(segs) and len(group) < 16 and freed < need:  # no more than needed goes
             s = segs[j]
-            if s.boot != seg.boot or s is self._cur:
+            if s[_BOOT] != seg[_BOOT] or s is self._cur:
                 break
             d = self._drop_bytes(s, q)
-            if est + s.bytes - d > self.seg_bytes:
+            if est + s[_BYTES] - d > self.seg_bytes:
                 break
             group.append(s)
-            est += s.bytes - d
+            est += s[_BYTES] - d
             freed += d
             j += 1
         if self._cur in group:
@@ -724,17 +749,17 @@ class Outbox:
         # and rewriting every gap record on every compaction cost most of a full outbox's wear
         keep = 0
         for s in group:
-            keep += s.pc[1] + s.pc[2]
+            keep += s[_PC + 1] + s[_PC + 2]
         regap = q > 0 or not keep
-        a = self.acked.get(seg.boot, -1)
+        a = self.acked.get(seg[_BOOT], -1)
         drops = {}  # boot -> [[first, end), ...]
         ndrop = 0
-        ns = Seg(seg.num, seg.boot)
-        tmp = self._name(seg.num, "t")
+        ns = Seg(seg[_NUM], seg[_BOOT])
+        tmp = self._name(seg[_NUM], "t")
         out = self.fs.open(tmp, "wb")
         try:
             for s in group:
-                g = self._frames_of(s.num)
+                g = self._frames_of(s[_NUM])
                 for frame, rec in g:
                     if rec[1] <= a:
                         continue
@@ -755,7 +780,7 @@ class Outbox:
                         except OSError:
                             g.close()
                             raise
-                        ns.add(rec[1], p, len(frame))
+                        seg_add(ns, rec[1], p, len(frame))
         finally:
             out.close()
         # 1. the gap records are durable before anything is deleted
@@ -768,26 +793,26 @@ class Outbox:
             return False  # flash refuses writes: keep everything, refuse the new record
         # 2. the survivors replace the group
         nums = []
-        if ns.count:
-            self.fs.rename(tmp, self._name(seg.num))
-            seg.first, seg.last, seg.count, seg.bytes, seg.pc, seg.pb = ns.first, ns.last, ns.count, ns.bytes, ns.pc, ns.pb
+        if ns[_COUNT]:
+            self.fs.rename(tmp, self._name(seg[_NUM]))
+            seg[_FIRST:] = ns[_FIRST:]
             rest = group[1:]
         else:
             self._rm(tmp)
             rest = group
         for s in rest:
-            nums.append(s.num)
-            self._rm(self._name(s.num))
+            nums.append(s[_NUM])
+            self._rm(self._name(s[_NUM]))
             segs.remove(s)
-        if self._rseg == seg.num or self._rseg in nums:
-            self._rseg = seg.num if ns.count else -1  # replay re-reads from there; sent ones are skipped
+        if self._rseg == seg[_NUM] or self._rseg in nums:
+            self._rseg = seg[_NUM] if ns[_COUNT] else -1  # replay re-reads from there; sent ones are skipped
             self._roff = 0
         return True
 
     def _drop_bytes(self, s, q):
-        n = s.pb[3] if q else 0  # an estimate: gap records may be rewritten at q = 0 too
+        n = s[_PB + 3] if q else 0  # an estimate: gap records may be rewritten at q = 0 too
         for p in range(q + 1):
-            n += s.pb[p]
+            n += s[_PB + p]
         return n
 
     def _emit_gap_ranges(self, gboot, rs):
@@ -817,10 +842,10 @@ class Outbox:
         self._ack_dirty = True
         keep = []
         for s in self.segs:
-            if s.boot == boot and s.last <= seq and s.count > 0 and s is not self._cur:
+            if s[_BOOT] == boot and s[_LAST] <= seq and s[_COUNT] > 0 and s is not self._cur:
                 # the segment being appended to stays until it is full (flush): deleting it per
                 # ack made a file create + delete per batch, the hottest flash (docs/firmware.md)
-                self._rm(self._name(s.num))
+                self._rm(self._name(s[_NUM]))
             else:
                 keep.append(s)
         self.segs = keep
@@ -829,7 +854,7 @@ class Outbox:
     def persist_acks(self):
         boots = {}
         for s in self.segs:
-            boots[s.boot] = 1
+            boots[s[_BOOT]] = 1
         items = [(b, self.acked[b]) for b in sorted(boots) if b in self.acked][-30:]
         out = bytearray(1 + 8 * len(items))
         out[0] = len(items)
@@ -847,21 +872,21 @@ class Outbox:
         partially acked and has holes from a compaction)."""
         n = self._pend_n
         for s in self.segs:
-            a = self.acked.get(s.boot, -1)
-            if a >= s.last:
+            a = self.acked.get(s[_BOOT], -1)
+            if a >= s[_LAST]:
                 continue
-            if a < s.first:
-                n += s.count
+            if a < s[_FIRST]:
+                n += s[_COUNT]
             else:
-                n += s.count * (s.last - a) // (s.last - s.first + 1)
+                n += s[_COUNT] * (s[_LAST] - a) // (s[_LAST] - s[_FIRST] + 1)
         return n
 
     def oldest(self):
         """(boot, seq) of the oldest unacked stored record, or (boot, next seq) when empty."""
         for s in self.segs:
-            a = self.acked.get(s.boot, -1)
-            if a < s.last:
-                return s.boot, (s.first if s.first > a else a + 1)
+            a = self.acked.get(s[_BOOT], -1)
+            if a < s[_LAST]:
+                return s[_BOOT], (s[_FIRST] if s[_FIRST] > a else a + 1)
         return self.boot, self.seq
 
     def floor(self):
@@ -909,16 +934,16 @@ class Outbox:
             return out
         L = self._L
         for s in list(self.segs):
-            if s.num < self._rseg:
+            if s[_NUM] < self._rseg:
                 continue
-            a = self.acked.get(s.boot, -1)
-            if a >= s.last or (s.boot, s.first) >= L:
-                if (s.boot, s.first) >= L:
+            a = self.acked.get(s[_BOOT], -1)
+            if a >= s[_LAST] or (s[_BOOT], s[_FIRST]) >= L:
+                if (s[_BOOT], s[_FIRST]) >= L:
                     self._rdone = True
                     return out
                 continue
             try:
-                f = self.fs.open(self._name(s.num), "rb")
+                f = self.fs.open(self._name(s[_NUM]), "rb")
             except OSError:
                 continue
             Lb, Ls = L
@@ -926,7 +951,7 @@ class Outbox:
             if rd is None:
                 rd = self._rd = _Frames()
             try:
-                off = self._roff if s.num == self._rseg else 0
+                off = self._roff if s[_NUM] == self._rseg else 0
                 if off:
                     f.seek(off)
                 rd.start(f)
@@ -941,7 +966,7 @@ class Outbox:
                     q = (buf[p + 4] << 24) | (buf[p + 5] << 16) | (buf[p + 6] << 8) | buf[p + 7]
                     if b > Lb or (b == Lb and q >= Ls):
                         self._rdone = True
-                        self._rseg = s.num
+                        self._rseg = s[_NUM]
                         self._roff = off - ln - 7
                         return out
                     if q <= self.acked.get(b, -1):
@@ -955,7 +980,7 @@ class Outbox:
                     out.append(rec)
                     self._rlb = b
                     self._rls = q
-                    self._rseg = s.num
+                    self._rseg = s[_NUM]
                     self._roff = off
                     if len(out) >= n:
                         return out

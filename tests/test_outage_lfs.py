@@ -26,7 +26,7 @@ def test_files_blocks_index_stay_bounded(outage):
     rows, res, lines = outage
     for r in rows:
         assert r["files"] <= MAX_BYTES // SEG + 4, lines
-        assert r["segs"] <= MAX_BYTES // SEG + 4, lines  # the RAM index: one Seg per file
+        assert r["segs"] <= MAX_BYTES // SEG + 4, lines  # the RAM index: one entry per file
         assert r["blocks"] <= 100, lines  # of 512 (2 MiB)
         assert r["bytes"] <= MAX_BYTES + 1024, lines
         assert r["errors"] == 0 and r["write_errors"] == 0, lines

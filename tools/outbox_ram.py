@@ -3,11 +3,12 @@ with firmware/outbox.py and its imports as tools/deploy.py ships them (.mpy, or 
 
     python tools/outbox_ram.py [--py] [--max-bytes 262144] [--segment-bytes 8192]
 
-Steps (bytes above the step before, read between runPython calls: tools/ram_steps.mjs):
+Steps (bytes kept above the imported modules, read between runPython calls: tools/ram_steps.mjs):
   empty     Outbox(...).load() on empty flash (object, RAM batch buffer, ack slots)
   full      after an outage filled it to max_bytes (readings, a window a minute, gaps): the
             segment index at its largest
-  reboot    the next boot's Outbox.load() on that flash (the old object dropped first)
+  reboot    the next boot's Outbox.load() on that flash (above what is left once the old
+            object is dropped)
   replay    allocation of one read_backlog(50) (gc disabled: an upper bound of the peak)
 """
 import argparse
@@ -31,9 +32,6 @@ try:
 except OSError:
     pass
 fs = firmware.hal.PosixFS("/flash")
-#--- imported
-ob = firmware.outbox.Outbox(fs, 7, "ob", %(max_bytes)d, %(seg)d).load()
-#--- empty
 def fill():
     t = 1767225600000
     i = 0
@@ -44,15 +42,24 @@ def fill():
         i += 1
         t += 333
     ob.flush()
-    print("STATE segs", len(ob.segs), "bytes", ob.total_bytes(), "records", ob.stored_records())
-fill()
+    print("STATE full: segments", len(ob.segs), "bytes", ob.total_bytes(), "records", ob.stored_records())
+#--- empty
+ob = firmware.outbox.Outbox(fs, 7, "ob", %(max_bytes)d, %(seg)d).load()
 #--- full
+fill()
+#--- dropped
 ob.close()
 ob = None
-gc.collect()
-ob = firmware.outbox.Outbox(fs, 8, "ob", %(max_bytes)d, %(seg)d).load()
-print("STATE reboot segs", len(ob.segs))
+#--- churned
+# the wasm build's GC is conservative: a stale pointer left on its stack can keep the dropped
+# outbox alive; a deep call overwrites those slots before the next boot is measured
+def deep(n):
+    return 0 if n == 0 else deep(n - 1) + 1
+deep(60)
 #--- reboot
+ob = firmware.outbox.Outbox(fs, 8, "ob", %(max_bytes)d, %(seg)d).load()
+print("STATE next boot: segments", len(ob.segs))
+#--- replayed
 ob.rewind()
 gc.collect()
 gc.disable()
@@ -62,7 +69,6 @@ m1 = gc.mem_alloc()
 gc.enable()
 print("ALLOC replay", m1 - m0, len(recs))
 recs = None
-#--- replayed
 '''
 
 
@@ -86,9 +92,9 @@ def measure(as_py=False, max_bytes=262144, seg=8192, drop=3000):
             out.setdefault("state", []).append(line[6:])
     if p.returncode != 0 or "reboot" not in ram:
         raise RuntimeError("MicroPython run failed:\n" + p.stdout[-3000:] + p.stderr[-3000:])
-    out["empty"] = ram["empty"] - ram["imported"]
-    out["full"] = ram["full"] - ram["imported"]
-    out["reboot"] = ram["reboot"] - ram["imported"]
+    out["empty"] = ram["empty"] - ram["start"]  # "start": the modules imported
+    out["full"] = ram["full"] - ram["start"]
+    out["reboot"] = ram["reboot"] - ram["churned"]
     return out
 
 
