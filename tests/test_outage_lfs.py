@@ -35,7 +35,7 @@ def test_files_blocks_index_stay_bounded(outage):
 def test_gap_records_merge_and_stay_bounded(outage):
     rows, res, lines = outage
     gaps = [r["gaps"] for r in rows]
-    assert max(gaps) <= 640, lines  # ranges break only at kept windows; merged when windows go (7 days: <= 543)
+    assert max(gaps) <= 640, lines  # ranges break only at kept windows; merged when windows go (7 days: <= 573)
     assert any(b < a for a, b in zip(gaps, gaps[1:])), lines  # merged, not only piled up
     assert rows[-1]["dropped"] > 100000
 
