@@ -9,17 +9,18 @@
 # Payload: boot u32 | seq u32 | t i64 | kind u8 | flags u8 | body
 #   reading body: channel u8 | value i32; other kinds: the wire body (shared.wire.encode_body)
 #
-# Records are batched in RAM and appended + closed per batch (every batch_records records or
-# batch_ms ms, at once for CEP/anomaly/gap records). The RAM batch is a preallocated bytearray
-# of complete frames; their CRCs are filled in at flush, so reading_at() (the per-sample path)
-# allocates nothing on MicroPython. On LittleFS a close is a sync, so a power
-# cut loses at most the unflushed RAM batch. A torn frame (power cut mid-write on a filesystem
+# Records are batched in RAM and appended to the open segment file with write + flush per batch
+# (every batch_records records or batch_ms ms, at once for CEP/anomaly/gap records). The RAM
+# batch is a preallocated bytearray of complete frames; their CRCs are filled in at flush, so
+# reading_at() (the per-sample path) allocates nothing on MicroPython. On LittleFS a flush is a
+# sync (about one block erase each: the batch size sets the flash life), so a power cut loses
+# at most the unflushed RAM batch. A torn frame (power cut mid-write on a filesystem
 # that shows partial appends) fails its CRC: the scan stops there, the records before it are
 # kept, and that segment is never appended to again (a new boot starts a new segment).
 #
 # Full (total bytes > max_bytes): the oldest segment holding the least important records is
 # rewritten without them (raw readings and status first, then windows, then CEP/anomaly; gap
-# records are never dropped). The dropped seq ranges go out as KIND_GAP records (written before
+# records are never dropped), with the segments after it, down to a low-water mark. The dropped seq ranges go out as KIND_GAP records (written before
 # the rewrite) and are counted in `dropped`. A new record less important than everything stored
 # is refused instead (it gets no seq, so it leaves no gap; it is still counted in `dropped`).
 import struct
@@ -795,7 +796,8 @@ class Outbox:
         nums = []
         if ns[_COUNT]:
             self.fs.rename(tmp, self._name(seg[_NUM]))
-            seg[_FIRST:] = ns[_FIRST:]
+            for k in range(_FIRST, _PB + 4):  # (no list slice assignment: a port option)
+                seg[k] = ns[k]
             rest = group[1:]
         else:
             self._rm(tmp)
@@ -974,7 +976,11 @@ class Outbox:
                     if b < self._rlb or (b == self._rlb and q <= self._rls):
                         continue
                     try:
-                        rec = decode_payload(buf, p, ln)
+                        if buf[p + 16] == _KR and ln == _RLEN:  # a reading: no 5-tuple on the way
+                            rec = (b, q, struct.unpack_from(">q", buf, p + 8)[0], _KR, buf[p + 17],
+                                   struct.unpack_from(_RBODY, buf, p + _PAY_SIZE))
+                        else:
+                            rec = decode_payload(buf, p, ln)
                     except (ValueError, KeyError):
                         break  # as read_frame: nothing after an undecodable frame
                     out.append(rec)
