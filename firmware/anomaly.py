@@ -15,7 +15,6 @@
 # An alert calls sink.on_anomaly(detector, t, (channel, detector_id, score, value, baseline)).
 import array
 from shared import wire_dev as wire  # the device side of the contract (shared/wire.py: all of it)
-from firmware.pconf import ConfigError, fixed, integer, channel_mask
 from firmware.window import isqrt
 
 try:
@@ -233,55 +232,8 @@ class Ewma:
         self.t_alert = _shift(self.t_alert, dt)
 
 
-def _k16(d, rid, default):
-    if "k" not in d:
-        return default
-    k = d["k"]
-    if not ((isinstance(k, int) or isinstance(k, float)) and not isinstance(k, bool)) or k != k or k <= 0 or k > MAX_K:
-        raise ConfigError(rid, "'k' must be a number in (0, %d], got %r" % (MAX_K, k))
-    return int(k * k * 16 + 0.5), int(k * 16 + 0.5)
-
-
 def load_anomaly(cfg, channels, sink):
-    """The "anomaly" config section -> list of detectors (each bound to one channel)."""
-    out = []
-    if cfg is None:
-        return out
-    if not isinstance(cfg, dict):
-        raise ConfigError("anomaly", "must be an object")
-    for key in cfg:
-        if key not in ("zscore", "ewma"):
-            raise ConfigError("anomaly." + str(key), "unknown detector (known: zscore, ewma)")
-    z = cfg.get("zscore")
-    if z is not None:
-        rid = "anomaly.zscore"
-        if not isinstance(z, dict):
-            raise ConfigError(rid, "must be an object")
-        mask = channel_mask(z, "channels", rid, channels)
-        w = integer(z, "window", rid, 32, 4, MAX_WINDOW)
-        k = _k16(z, rid, (144, 48))[0]  # default k = 3
-        warm = integer(z, "warmup", rid, w, 2, 100000)
-        cool = integer(z, "cooldown_ms", rid, 60000, 0, 0x10000000)
-        ms = fixed(z, "min_std", rid, 1)
-        if ms < 1:
-            raise ConfigError(rid, "'min_std' must be > 0")
-        for ch in range(30):
-            if mask & (1 << ch):
-                out.append(ZScore(ch, sink, w, k, warm, cool, ms))
-    e = cfg.get("ewma")
-    if e is not None:
-        rid = "anomaly.ewma"
-        if not isinstance(e, dict):
-            raise ConfigError(rid, "must be an object")
-        mask = channel_mask(e, "channels", rid, channels)
-        a = integer(e, "alpha_shift", rid, 4, 1, 10)
-        k = _k16(e, rid, (0, 96))[1]  # default k = 6 MAD
-        warm = integer(e, "warmup", rid, 16, 1, 100000)
-        cool = integer(e, "cooldown_ms", rid, 60000, 0, 0x10000000)
-        md = fixed(e, "min_dev", rid, 1)
-        if md < 1:
-            raise ConfigError(rid, "'min_dev' must be > 0")
-        for ch in range(30):
-            if mask & (1 << ch):
-                out.append(Ewma(ch, sink, a, k, warm, cool, md))
-    return out
+    """The "anomaly" config section -> list of detectors (each bound to one channel). The parser
+    is in firmware/prules.py (config parsing: the board unloads it after boot)."""
+    from firmware.prules import load_anomaly as f
+    return f(cfg, channels, sink)

@@ -12,11 +12,7 @@ import sys
 
 from shared import wire_dev as wire  # the device side of the contract (shared/wire.py: all of it)
 from firmware import hal as _hal
-from firmware.identity import Identity
-from firmware.outbox import Outbox
-from firmware.clock import Clock
-from firmware.uplink import Uplink
-from firmware.pipeline import Pipeline
+# outbox, clock, uplink, pipeline, identity: imported by firmware/appboot.py (App set-up)
 
 FW_VERSION = "0.1.0"
 _MP = sys.implementation.name == "micropython"
@@ -33,65 +29,17 @@ def _u32(v):
 
 class App:
     def __init__(self, config, hal, fw=FW_VERSION):
-        from firmware import config as _config  # boot only: build() unloads it (RAM)
-        self.cfg = _config.load(config)
-        self._chmap = _config.channel_map(self.cfg)
-        self.hal = hal
-        self.fw = fw
-        self.running = False
-        self.killed = False
-        self.boot = None
-        self.outbox = None
-        self.clock = None
-        self.uplink = None
-        self.pipeline = None
-        self._tasks = []
-        self._pbase = 0  # boot ms at the pipeline's t_rel == 0
-        self._phi = 0  # ... as the clock's (ms_hi, ms_lo): t_rel from small ints only
-        self._plo = 0
-        self._chans = []  # (HAL channel id, wire channel) sampled
-        self._raw = True
-        self._every = 1
-        self._n = 0  # sampling rounds mod raw.every
-        self._psynced = False
-        self._pepoch = None
-        self._beat = {}  # task name -> boot ms of its last progress (watchdog feeding)
-        self._fails = {}  # task name -> [failures in the current minute, minute start]
-        self.c = {"samples": 0, "missing": 0, "sensor_errors": 0, "task_errors": 0, "readings": 0, "records": 0, "windows": 0, "cep": 0,
-                  "anomalies": 0, "status": 0, "refused": 0, "ntp_ok": 0, "ntp_fail": 0, "errors": 0}
-        self.cep_events = []  # last CEP events (rule_id, t, body), bounded
+        from firmware.appboot import init  # boot only: build() unloads it (RAM)
+        init(self, config, hal, fw)
 
     # ------------------------------------------------------------ boot
 
     def _boot(self):
-        cfg = self.cfg
-        hal = self.hal
-        fs = hal.fs
-        from firmware.outbox import highest_boot
-        self.identity = Identity(fs, floor=highest_boot(fs, cfg["outbox"]["dir"]))
-        self.boot = self.identity.boot
-        ob = cfg["outbox"]
-        self.outbox = Outbox(fs, self.boot, ob["dir"], ob["max_bytes"], ob["segment_bytes"], ob["batch_records"],
-                             ob["batch_ms"], ob["ack_persist_ms"]).load()
-        c = cfg["clock"]
-        self.clock = Clock(hal, self.boot, c["max_step_ms"], c["use_beacon"])
-        self.outbox.stamp = self.clock.stamp_now
-        self.pipeline = self._make_pipeline()
-        self._pbase = self.clock.boot_ms()
-        self._phi = self.clock.ms_hi
-        self._plo = self.clock.ms_lo
-        self._sync_pipeline()
-        self._chans = [(_hal.CHANNELS[nm], num) for nm, num in self._chmap]
-        self._raw = cfg["raw"]["send"]
-        self._every = cfg["raw"]["every"]
-        self._n = 0
-        hal.use_tls(cfg["broker"].get("tls"))
-        self.uplink = Uplink(cfg, hal, self.outbox, self.clock, self.fw, instance=self.identity.instance)
-        hal.console("edgeflow boot device=%s boot=%d fw=%s" % (cfg["device_id"], self.boot, self.fw))
-        if self.outbox.torn:
-            hal.console("outbox: %d torn segment tail(s) skipped" % self.outbox.torn)
+        from firmware.appboot import boot
+        boot(self)
 
     def _make_pipeline(self):
+        from firmware.pipeline import Pipeline
         return Pipeline(self.cfg, self._emit)
 
     def _sync_pipeline(self):
@@ -116,9 +64,6 @@ class App:
             self.c["cep"] += 1
             self.hal.console("CEP %s severity=%d span_ms=%d t=%d seq=%d evidence=%s"
                              % (body[0], body[1], body[2], t, seq, list(body[3])))
-            self.cep_events.append((body[0], t, body))
-            if len(self.cep_events) > 32:
-                self.cep_events.pop(0)
         elif kind == wire.KIND_ANOMALY:
             self.c["anomalies"] += 1
             self.hal.console("ANOMALY ch=%d detector=%d score=%d value=%d" % (body[0], body[1], body[2], body[3]))
@@ -394,38 +339,25 @@ class App:
 
 
 def build(config_path="config.json"):
-    """Board set-up before the event loop: read and validate config.json, build the ESP32 HAL,
-    boot the App (boot counter, outbox load). Returns the App, or None (reason printed)."""
-    try:
-        with open(config_path) as f:
-            text = f.read()
-    except OSError as e:
-        print("edgeflow: cannot read %s (%r): deploy a config with tools/deploy.py" % (config_path, e))
-        return None
-    from firmware import config as _config
-    try:
-        cfg = _config.load(text)
-    except _config.ConfigError as e:
-        print("edgeflow: CONFIG ERROR %s" % e)
-        return None
-    text = _config = None
-    from firmware.hal_esp32 import Esp32Hal
-    hal = Esp32Hal(cfg)
-    app = App(cfg, hal)
-    unload("firmware.config")  # the validator is needed at boot only
-    app._boot()
+    """Board set-up before the event loop (firmware/appboot.py): read and validate config.json,
+    build the ESP32 HAL, boot the App. Returns the App, or None (reason printed)."""
+    from firmware.appboot import build as b
+    app = b(config_path)
+    unload("firmware.appboot")
     return app
 
 
 def unload(name):
-    """Forget a module (its bytecode becomes garbage once nothing refers to it)."""
-    sys.modules.pop(name, None)
+    """Forget a module (its bytecode becomes garbage once nothing refers to it: no function or
+    class of it may be kept)."""
+    if sys.modules.pop(name, None) is None:
+        return  # not loaded (MicroPython's delattr of a missing module attribute: KeyError)
     pkg, _, sub = name.rpartition(".")
     p = sys.modules.get(pkg)
     if p is not None:
         try:
             delattr(p, sub)
-        except (AttributeError, TypeError):
+        except (AttributeError, TypeError, KeyError):
             pass
 
 

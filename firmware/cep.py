@@ -9,8 +9,8 @@
 # match calls sink.on_cep(rule, t, span_ms, evidence) (allocation is fine there: rare).
 # Format and semantics: docs/pipeline.md.
 from shared import wire_dev as wire  # the device side of the contract (shared/wire.py: all of it)
-from firmware.ring import TimedRing
-from firmware.pconf import ConfigError, MAX_CHANNEL, need, fixed, integer, channel_mask  # noqa: F401 (re-exported)
+from firmware.window import TimedRing
+from firmware.pipeline import ConfigError  # noqa: F401 (re-exported)
 
 try:
     from micropython import const
@@ -22,7 +22,6 @@ _GT = const(0)
 _GE = const(1)
 _LT = const(2)
 _LE = const(3)
-_OPS = {">": 0, ">=": 1, "<": 2, "<=": 3}
 _TMIN = const(-0x20000000)
 MAX_WITHIN_MS = 0x10000000  # 2**28 ms (~3 days): spans stay small ints
 MAX_HISTORY = 64
@@ -41,17 +40,6 @@ def _cmp(op, v, x):
 def _shift(t, dt):
     x = t - dt
     return x if x > _TMIN else _TMIN
-
-
-def _cond(d, rid, channels, what):
-    """{"channel": .., "op": ">", "value": 30} -> (mask, op, fixed value)."""
-    if not isinstance(d, dict):
-        raise ConfigError(rid, "'%s' must be an object with channel, op, value" % what)
-    mask = channel_mask(d, "channel", rid, channels)
-    op = d.get("op", ">")
-    if op not in _OPS:
-        raise ConfigError(rid, "'%s.op' must be one of > >= < <=, got %r" % (what, op))
-    return mask, _OPS[op], fixed(d, "value", rid)
 
 
 # ---------------------------------------------------------------- rules
@@ -295,70 +283,16 @@ class Rate(Rule):
 
 
 # ---------------------------------------------------------------- loading
-
-TYPES = ("threshold", "sequence", "count", "absence", "rate")
+# The rule parsers are in firmware/prules.py (config parsing: the board unloads it after boot).
 
 
 def load_rule(d, channels, sink):
     """One rule dict (as parsed from JSON) -> rule object; ConfigError on any problem."""
-    if not isinstance(d, dict):
-        raise ConfigError("?", "a rule must be an object")
-    rid = d.get("id")
-    if not isinstance(rid, str):
-        raise ConfigError("?", "missing or non-string 'id'")
-    try:
-        wire.check_topic_part(rid, "rule_id", wire.MAX_RULE_ID)
-    except wire.WireError:
-        raise ConfigError(rid, "id must be 1..%d of [A-Za-z0-9_-]" % wire.MAX_RULE_ID)
-    typ = need(d, "type", rid)
-    sev = integer(d, "severity", rid, 1, 0, 255)
-    if typ == "threshold":
-        below = d.get("direction", "above")
-        if below not in ("above", "below"):
-            raise ConfigError(rid, "'direction' must be 'above' or 'below'")
-        below = below == "below"
-        enter = fixed(d, "enter", rid)
-        leave = fixed(d, "leave", rid, enter)
-        if (leave < enter) if below else (leave > enter):
-            raise ConfigError(rid, "'leave' must be on the normal side of 'enter' (hysteresis)")
-        return Threshold(rid, sev, channel_mask(d, "channel", rid, channels), sink, enter, leave, below,
-                         integer(d, "min_duration_ms", rid, 0, 0, MAX_WITHIN_MS))
-    if typ == "sequence":
-        a = _cond(need(d, "first", rid), rid, channels, "first")
-        b = _cond(need(d, "then", rid), rid, channels, "then")
-        return Sequence(rid, sev, sink, a, b, integer(d, "within_ms", rid, None, 0, MAX_WITHIN_MS))
-    if typ == "count":
-        c = _cond(d, rid, channels, "count")
-        return Count(rid, sev, sink, c, integer(d, "count", rid, None, 2, MAX_HISTORY),
-                     integer(d, "within_ms", rid, None, 0, MAX_WITHIN_MS))
-    if typ == "absence":
-        mask = channel_mask(d, "channel", rid, channels)
-        cond = None
-        if "value" in d:
-            cond = _cond(d, rid, channels, "absence")
-        return Absence(rid, sev, mask, sink, cond, integer(d, "within_ms", rid, None, 1, MAX_WITHIN_MS))
-    if typ == "rate":
-        delta = fixed(d, "delta", rid)
-        if delta < 0:
-            raise ConfigError(rid, "'delta' must be >= 0")
-        return Rate(rid, sev, channel_mask(d, "channel", rid, channels, True), sink, delta,
-                    integer(d, "within_ms", rid, None, 1, MAX_WITHIN_MS),
-                    integer(d, "history", rid, 16, 2, MAX_HISTORY))
-    raise ConfigError(rid, "unknown rule type %r (known: %s)" % (typ, ", ".join(TYPES)))
+    from firmware.prules import load_rule as f
+    return f(d, channels, sink)
 
 
 def load_rules(rules, channels, sink):
     """List of rule dicts -> list of rules. Rule ids must be unique."""
-    if rules is None:
-        return []
-    if not isinstance(rules, list):
-        raise ConfigError("rules", "must be a list of rule objects")
-    out = []
-    seen = {}
-    for d in rules:
-        r = load_rule(d, channels, sink)
-        if r.id in seen:
-            raise ConfigError(r.id, "duplicate rule id")
-        seen[r.id] = 1
-        out.append(r)
-    return out
+    from firmware.prules import load_rules as f
+    return f(rules, channels, sink)

@@ -30,8 +30,8 @@ _FIELDS = (
     ("raw", "every", "int", 1, 1, 3600),
     ("outbox", "max_bytes", "int", 262144, 4096, 16777216),
     ("outbox", "segment_bytes", "int", 8192, 256, 1048576),
-    ("outbox", "batch_records", "int", 32, 1, 256),  # 32 / 10 s: flash life (docs/firmware.md)
-    ("outbox", "batch_ms", "int", 10000, 0, 600000),
+    ("outbox", "batch_records", "int", 64, 1, 256),  # 64 / 20 s: flash life (docs/firmware.md)
+    ("outbox", "batch_ms", "int", 20000, 0, 600000),
     ("outbox", "ack_persist_ms", "int", 10000, 0, 3600000),
     ("outbox", "dir", "str", "ob", 1, 16),
     ("uplink", "batch_max", "int", 50, 1, 1000),

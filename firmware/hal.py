@@ -5,7 +5,8 @@
 #   firmware.hal_esp32.Esp32Hal  the board (machine, network, dht, ntptime)
 #   firmware.hal_sim.SimHal      CPython and MicroPython without hardware (tests, fleet simulator)
 #
-# HAL methods (see Hal below for the defaults):
+# HAL methods (firmware/hal_base.py Hal has the no-hardware defaults; the ESP32 HAL does not
+# subclass it, so the board never loads it):
 #   ticks_ms() / ticks_diff(a, b)          monotonic ms (wraps like time.ticks_ms)
 #   async sleep_ms(ms)                     sleep on the HAL's clock (virtual in the simulator)
 #   read(ch) -> fixed int or None           one channel (CH_*), value * 1000; None = sensor missing
@@ -75,14 +76,6 @@ async def sleep_ms(ms):
         await asyncio.sleep(ms / 1000)
 
 
-def epoch_2000_offset_s():
-    """Seconds to add to time.time() to get Unix time (some MicroPython ports count from 2000)."""
-    try:
-        return 946684800 if time.gmtime(0)[0] == 2000 else 0
-    except Exception:
-        return 0
-
-
 # ---------------------------------------------------------------- filesystem
 
 
@@ -127,93 +120,3 @@ class PosixFS:
     def mkdir(self, path):
         if not self.exists(path):
             os.mkdir(self._p(path))
-
-
-def fs_read(fs, path):
-    """Whole file as bytes, or None when missing/unreadable."""
-    try:
-        f = fs.open(path, "rb")
-    except OSError:
-        return None
-    try:
-        return f.read()
-    finally:
-        f.close()
-
-
-# ---------------------------------------------------------------- the interface
-
-
-class Hal:
-    """Base class with no-hardware defaults; a HAL overrides what it has."""
-
-    fs = None
-    name = "base"
-
-    def ticks_ms(self):
-        return ticks_ms()
-
-    def ticks_diff(self, a, b):
-        return ticks_diff(a, b)
-
-    async def sleep_ms(self, ms):
-        await sleep_ms(ms)
-
-    def read(self, ch):
-        return None
-
-    def wifi_connect(self, ssid, password):
-        pass
-
-    def wifi_connected(self):
-        return True
-
-    def ntp(self, host=None):
-        return None
-
-    tls = None  # config broker.tls: {"ca": path on self.fs, "server_hostname": name}
-
-    def use_tls(self, tls):
-        self.tls = tls or None
-
-    async def open_connection(self, host, port):
-        return await open_stream(host, port, self.tls, self.fs)
-
-    def led(self, on):
-        pass
-
-    def button(self):
-        return False
-
-    def wdt_start(self, ms):
-        pass
-
-    def wdt_feed(self):
-        pass
-
-    def reset(self):
-        raise SystemExit("reset")
-
-    def mem_free(self):
-        try:
-            import gc
-            return gc.mem_free()
-        except AttributeError:
-            return 0
-
-    def mem_alloc(self):
-        try:
-            import gc
-            return gc.mem_alloc()
-        except AttributeError:
-            return 0
-
-    def rand(self, n):
-        """Uniform int in [0, n)."""
-        if n <= 1:
-            return 0
-        import random
-        return random.getrandbits(30) % n
-
-    def console(self, line):
-        print(line)

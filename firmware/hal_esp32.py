@@ -17,8 +17,12 @@ from firmware import hal as _hal
 _DHT_MIN_MS = 2100
 
 
-class Esp32Hal(_hal.Hal):
+class Esp32Hal:
+    """Every method of the HAL interface (firmware/hal.py); not a subclass of hal_base.Hal, so
+    the board does not load the defaults it would override anyway (RAM)."""
+
     name = "esp32"
+    tls = None  # config broker.tls: {"ca": path on self.fs, "server_hostname": name}
 
     def __init__(self, cfg=None, root=""):
         self.fs = _hal.PosixFS(root)
@@ -39,7 +43,6 @@ class Esp32Hal(_hal.Hal):
         self._btn = machine.Pin(pins.BUTTON, machine.Pin.IN, machine.Pin.PULL_UP)
         self._wdt = None
         self._wlan = network.WLAN(network.STA_IF)
-        self._epoch_fix = _hal.epoch_2000_offset_s()
 
     # ---- time
     def ticks_ms(self):
@@ -119,6 +122,12 @@ class Esp32Hal(_hal.Hal):
             if s is not None:
                 s.close()
 
+    def use_tls(self, tls):
+        self.tls = tls or None
+
+    async def open_connection(self, host, port):
+        return await _hal.open_stream(host, port, self.tls, self.fs)
+
     # ---- board
     def led(self, on):
         self._led.value(1 if on else 0)
@@ -148,3 +157,6 @@ class Esp32Hal(_hal.Hal):
         import os
         b = os.urandom(4)
         return ((b[0] << 22) | (b[1] << 14) | (b[2] << 6) | (b[3] >> 2)) % n
+
+    def console(self, line):
+        print(line)

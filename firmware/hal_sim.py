@@ -8,6 +8,7 @@ import asyncio
 import time
 
 from firmware import hal as _hal
+from firmware.hal_base import Hal
 
 
 class PowerCut(Exception):
@@ -342,7 +343,7 @@ def _mono_ms():
         return float(time.ticks_ms())
 
 
-class SimHal(_hal.Hal):
+class SimHal(Hal):
     """A simulated board.
 
     speed: virtual clock rate (2.0 = sampling and event time run twice as fast as real time);

@@ -12,6 +12,7 @@ if __name__ != "firmware.main":
               "the button, then reset" % _why)
     else:
         del safemode
-        from firmware.app import main
+        from firmware.app import main, unload
 
+        unload("firmware.safemode")  # RAM: checked once
         main("config.json")

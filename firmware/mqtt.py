@@ -227,7 +227,7 @@ def resolve(host, port):
 class MQTTClient:
     def __init__(self, client_id, host, port=1883, keepalive=30, will=None, clean=True, user=None,
                  password=None, open_connection=None, on_message=None, max_inflight=16,
-                 timeout_ms=5000, resolver=resolve):
+                 timeout_ms=5000, resolver=resolve, retransmit=True):
         self.client_id = client_id
         self.host = host
         self.port = port
@@ -241,9 +241,13 @@ class MQTTClient:
         self.max_inflight = max_inflight
         self.timeout_ms = timeout_ms
         self.resolver = resolver
+        # False: in-flight QoS 1 publishes keep only their packet id (flow control), not the
+        # packet, and are not resent after a reconnect (the owner replays them: the uplink's
+        # outbox does): up to max_inflight packets less in RAM
+        self.retransmit = retransmit
         self.addr = None  # the broker's address, resolved once (again after a failed connect)
         self.connected = False
-        self.inflight = []  # [pid, packet] awaiting PUBACK, oldest first (bounded)
+        self.inflight = []  # [pid, packet or None] awaiting PUBACK, oldest first (bounded)
         self._pid = 0
         self._r = None
         self._w = None
@@ -304,6 +308,8 @@ class MQTTClient:
         self._tasks = [asyncio.create_task(self._reader(r)), asyncio.create_task(self._pinger())]
         try:
             for p in list(self.inflight):
+                if p[1] is None:
+                    continue  # retransmit=False: the owner resends
                 p[1] = set_dup(p[1])
                 self.retransmits += 1
                 await self._send(p[1])
@@ -355,7 +361,7 @@ class MQTTClient:
         pid = self._next_pid() if qos else 0
         pkt = publish_packet(topic, payload, qos, retain, False, pid)
         if qos:
-            self.inflight.append([pid, pkt])
+            self.inflight.append([pid, pkt if self.retransmit else None])
         try:
             await self._send(pkt)
         except Exception as e:

@@ -9,21 +9,28 @@
 # Payload: boot u32 | seq u32 | t i64 | kind u8 | flags u8 | body
 #   reading body: channel u8 | value i32; other kinds: the wire body (shared.wire.encode_body)
 #
-# Records are batched in RAM and appended + closed per batch (every batch_records records or
-# batch_ms ms, at once for CEP/anomaly/gap records). The RAM batch is a preallocated bytearray
-# of complete frames; their CRCs are filled in at flush, so reading_at() (the per-sample path)
-# allocates nothing on MicroPython. On LittleFS a close is a sync, so a power
-# cut loses at most the unflushed RAM batch. A torn frame (power cut mid-write on a filesystem
+# Records are batched in RAM and appended to the open segment file with write + flush per batch
+# (every batch_records records or batch_ms ms, at once for CEP/anomaly/gap records). The RAM
+# batch is a preallocated bytearray of complete frames; their CRCs are filled in at flush, so
+# reading_at() (the per-sample path) allocates nothing on MicroPython. On LittleFS a flush is a
+# sync (about one block erase each: the batch size sets the flash life), so a power cut loses
+# at most the unflushed RAM batch. A torn frame (power cut mid-write on a filesystem
 # that shows partial appends) fails its CRC: the scan stops there, the records before it are
 # kept, and that segment is never appended to again (a new boot starts a new segment).
 #
 # Full (total bytes > max_bytes): the oldest segment holding the least important records is
 # rewritten without them (raw readings and status first, then windows, then CEP/anomaly; gap
-# records are never dropped). The dropped seq ranges go out as KIND_GAP records (written before
+# records are never dropped), with the segments after it, down to a low-water mark. The dropped seq ranges go out as KIND_GAP records (written before
 # the rewrite) and are counted in `dropped`. A new record less important than everything stored
 # is refused instead (it gets no seq, so it leaves no gap; it is still counted in `dropped`).
 import struct
 import binascii
+
+try:
+    from micropython import const
+except ImportError:
+    def const(x):
+        return x
 
 from shared import wire_dev as wire  # the device side of the contract (shared/wire.py: all of it)
 
@@ -41,27 +48,34 @@ _FAST = ">BHIIHHHHBBBi"
 PRIO = {wire.KIND_READING: 0, wire.KIND_STATUS: 0, wire.KIND_WINDOW: 1,
         wire.KIND_ANOMALY: 2, wire.KIND_CEP: 2, wire.KIND_GAP: 3}
 _URGENT = 2  # records of this priority or more are flushed at once
+_LIVE_CHUNK = 32  # live records decoded per take_live()
 
 
-class Seg:
-    def __init__(self, num, boot):
-        self.num = num
-        self.boot = boot
-        self.first = -1
-        self.last = -1
-        self.count = 0
-        self.bytes = 0
-        self.pc = [0, 0, 0, 0]  # records per priority
-        self.pb = [0, 0, 0, 0]  # bytes per priority
+# The segment index: one plain list per segment file (a list of 14 small ints takes ~88 bytes
+# of heap under MicroPython, an object with the same fields ~141): [num, boot, first seq,
+# last seq, records, bytes, records per priority 0..3, bytes per priority 0..3].
+_NUM = const(0)
+_BOOT = const(1)
+_FIRST = const(2)
+_LAST = const(3)
+_COUNT = const(4)
+_BYTES = const(5)
+_PC = const(6)
+_PB = const(10)
 
-    def add(self, seq, prio, nbytes):
-        if self.count == 0:
-            self.first = seq
-        self.last = seq
-        self.count += 1
-        self.pc[prio] += 1
-        self.pb[prio] += nbytes
-        self.bytes += nbytes
+
+def Seg(num, boot):
+    return [num, boot, -1, -1, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0]
+
+
+def seg_add(s, seq, prio, nbytes):
+    if s[_COUNT] == 0:
+        s[_FIRST] = seq
+    s[_LAST] = seq
+    s[_COUNT] += 1
+    s[_PC + prio] += 1
+    s[_PB + prio] += nbytes
+    s[_BYTES] += nbytes
 
 
 def encode_frame(boot, seq, t, kind, flags, body_bytes):
@@ -113,6 +127,7 @@ class _Frames:
 
     def __init__(self, size=1024):
         self.buf = bytearray(size)
+        self.mv = memoryview(self.buf)  # kept: a memoryview per frame was garbage on every read
         self.crc = bytearray(4)
         self.f = None
         self.s = 0  # next frame at buf[s:], valid data up to e
@@ -133,6 +148,7 @@ class _Frames:
             nb = bytearray(k + 256)
             nb[0:n] = buf[self.s:self.e]
             self.buf = buf = nb
+            self.mv = memoryview(nb)
         elif self.s:
             buf[0:n] = buf[self.s:self.e]
         self.s = 0
@@ -140,7 +156,7 @@ class _Frames:
         f = self.f
         while n < k:
             if hasattr(f, "readinto"):
-                got = f.readinto(memoryview(buf)[n:])
+                got = f.readinto(self.mv[n:])
             else:
                 d = f.read(len(buf) - n)
                 got = len(d)
@@ -167,7 +183,7 @@ class _Frames:
         s = self.s
         e = s + 3 + n
         c = self.crc
-        struct.pack_into(">I", c, 0, binascii.crc32(memoryview(buf)[s:e]) & 0xFFFFFFFF)
+        struct.pack_into(">I", c, 0, binascii.crc32(self.mv[s:e]) & 0xFFFFFFFF)
         if c[0] != buf[e] or c[1] != buf[e + 1] or c[2] != buf[e + 2] or c[3] != buf[e + 3]:
             return -1
         self.p = s + 3
@@ -254,8 +270,8 @@ def highest_boot(fs, dir="ob"):
 
 
 class Outbox:
-    def __init__(self, fs, boot, dir="ob", max_bytes=262144, seg_bytes=8192, batch_records=32,
-                 batch_ms=10000, ack_persist_ms=10000, live_max=64):
+    def __init__(self, fs, boot, dir="ob", max_bytes=262144, seg_bytes=8192, batch_records=64,
+                 batch_ms=20000, ack_persist_ms=10000, live_max=None):
         self.fs = fs
         self.boot = boot
         self.dir = dir
@@ -264,7 +280,8 @@ class Outbox:
         self.batch_records = batch_records
         self.batch_ms = batch_ms
         self.ack_persist_ms = ack_persist_ms
-        self.live_max = live_max
+        # live records waiting for take_live (flushed while a session is live); more: rewind
+        self.live_max = live_max if live_max is not None else 2 * batch_records
         self.seq = 0  # next seq of this boot
         self.segs = []  # Seg, oldest first
         self.acked = {}  # boot -> highest acked seq
@@ -272,18 +289,19 @@ class Outbox:
         self._af = None  # its file, kept open: a batch is write + flush (sync), not open/close
         self._next_num = 0
         # RAM batch (not yet on flash): complete frames in _buf[:_pend_bytes], CRCs filled at flush
-        self._cap0 = batch_records * _RFRAME + 512
+        self._cap0 = batch_records * _RFRAME + 256
         self._buf = bytearray(self._cap0)
         self._pend_bytes = 0
         self._pend_n = 0
         self._pend_since = None  # now_ms of the batch's first record; -1: set by the next tick
         self._ack_dirty = False
         self._ack_at = None
+        self._hold = False  # set while a compaction appends its gap records (no flush per record)
         from firmware.identity import Slots
         self._slots = Slots(fs, dir + "/ack")
         # session state (see begin_session)
         self.live = False
-        self._flushed = []
+        self._live_reset()
         self._L = (boot, 0)
         self._rseg = -1
         self._roff = 0
@@ -335,8 +353,8 @@ class Outbox:
         for num in nums:
             seg = self._scan(num)
             prev = self.segs[-1] if self.segs else None
-            if (seg is None or seg.count == 0 or self.acked.get(seg.boot, -1) >= seg.last
-                    or (prev is not None and prev.boot == seg.boot and seg.first <= prev.last)):
+            if (seg is None or seg[_COUNT] == 0 or self.acked.get(seg[_BOOT], -1) >= seg[_LAST]
+                    or (prev is not None and prev[_BOOT] == seg[_BOOT] and seg[_FIRST] <= prev[_LAST])):
                 # the last case: left over by a merge cut short after its rename; its records are
                 # in the merged segment or covered by gap records (written before the rename)
                 self._rm(self._name(num))
@@ -346,8 +364,8 @@ class Outbox:
         # forget acked positions of boots with nothing stored (keep this boot's)
         keep = {}
         for s in self.segs:
-            if s.boot in self.acked:
-                keep[s.boot] = self.acked[s.boot]
+            if s[_BOOT] in self.acked:
+                keep[s[_BOOT]] = self.acked[s[_BOOT]]
         self.acked = keep
         return self
 
@@ -360,9 +378,9 @@ class Outbox:
             for frame, rec in g:
                 if seg is None:
                     seg = Seg(num, rec[0])
-                if rec[0] != seg.boot:
+                if rec[0] != seg[_BOOT]:
                     break
-                seg.add(rec[1], PRIO.get(rec[3], 0), len(frame))
+                seg_add(seg, rec[1], PRIO.get(rec[3], 0), len(frame))
                 good += len(frame)
         finally:
             g.close()  # MicroPython runs a dropped generator's finally (the file close) only so
@@ -373,7 +391,7 @@ class Outbox:
                 size = good
             if size != good:
                 self.torn += 1
-            seg.bytes = size
+            seg[_BYTES] = size
         return seg
 
     def _frames_of(self, num):
@@ -403,7 +421,7 @@ class Outbox:
     def total_bytes(self):
         n = self._pend_bytes
         for s in self.segs:
-            n += s.bytes
+            n += s[_BYTES]
         return n
 
     def pending(self):
@@ -413,7 +431,18 @@ class Outbox:
     def stored_records(self):
         n = self._pend_n
         for s in self.segs:
-            n += s.count
+            n += s[_COUNT]
+        return n
+
+    def boots(self):
+        """The boot of each segment on flash, oldest first."""
+        return [s[_BOOT] for s in self.segs]
+
+    def class_records(self, prio):
+        """Records of priority prio on flash (3: gap records, 2: CEP/anomaly)."""
+        n = 0
+        for s in self.segs:
+            n += s[_PC + prio]
         return n
 
     def append(self, kind, t, flags, body, now_ms=None):
@@ -441,9 +470,10 @@ class Outbox:
         self._pend_n += 1
         if self._pend_since is None:
             self._pend_since = now_ms
-        if prio >= _URGENT:
-            self.flush()
-        elif self._pend_n >= self.batch_records:
+        if self._hold:  # gap records of a compaction: one synced append per full buffer
+            if self._pend_bytes >= self._cap0 - 256:
+                self.flush()
+        elif prio >= _URGENT or self._pend_n >= self.batch_records:
             self.flush()
         return seq
 
@@ -517,8 +547,11 @@ class Outbox:
             off = e + 4
         data = mv[0:size]  # written from the batch buffer itself: no copy
         cur = self._cur
-        if cur is None or cur.bytes + size > self.seg_bytes:
+        if cur is None or cur[_BYTES] + size > self.seg_bytes:
             self._end_cur()
+            if cur is not None and cur[_COUNT] and self.acked.get(cur[_BOOT], -1) >= cur[_LAST]:
+                self.segs.remove(cur)  # kept while current (on_ack): one create + delete per segment
+                self._rm(self._name(cur[_NUM]))
             cur = Seg(self._next_num, self.boot)
             self._next_num += 1
             self.segs.append(cur)
@@ -526,37 +559,38 @@ class Outbox:
         try:
             f = self._af
             if f is None:
-                f = self._af = self.fs.open(self._name(cur.num), "ab")
+                f = self._af = self.fs.open(self._name(cur[_NUM]), "ab")
             f.write(data)
             f.flush()  # LittleFS: lfs_file_sync, the batch is durable; the data block is not
             # copied again per batch as a close + reopen would (flash wear: docs/firmware.md)
         except OSError:
             self.write_errors += 1
             self._end_cur()  # the file may hold a torn tail: never append to it again
-            if cur.count == 0:
+            if cur[_COUNT] == 0:
                 self.segs.remove(cur)
-                self._rm(self._name(cur.num))
+                self._rm(self._name(cur[_NUM]))
             else:
                 try:
-                    cur.bytes = self.fs.stat_size(self._name(cur.num))
+                    cur[_BYTES] = self.fs.stat_size(self._name(cur[_NUM]))
                 except OSError:
                     pass
             if self._pend_n > 4 * self.batch_records:
                 self._drop_pending()
             return -1
         live = self.live
-        if live and len(self._flushed) + n > self.live_max:
-            self._flushed = []
-            self.need_rewind = True
-            live = False
+        if live:
+            if self._lv_n + n > self.live_max:
+                self._live_reset()
+                self.need_rewind = True
+            else:  # the frames as written, decoded by take_live a chunk at a time (RAM)
+                self._flushed.append(bytes(mv[0:size]))
+                self._lv_n += n
         data = mv = None
         off = 0
         while off < size:
             ln = (buf[off + 1] << 8) | buf[off + 2]
             seq = (buf[off + 7] << 24) | (buf[off + 8] << 16) | (buf[off + 9] << 8) | buf[off + 10]
-            cur.add(seq, PRIO.get(buf[off + 19], 0), ln + 7)
-            if live:
-                self._flushed.append(decode_payload(buf, off + 3, ln))
+            seg_add(cur, seq, PRIO.get(buf[off + 19], 0), ln + 7)
             off += ln + 7
         self._pend_bytes = 0
         self._pend_n = 0
@@ -607,10 +641,27 @@ class Outbox:
         self._emit_gaps(self.boot, seqs)
 
     def take_live(self):
-        """Records flushed since the last call while a session is live (to send now)."""
-        out = self._flushed
-        self._flushed = []
+        """Records flushed while a session is live and not taken yet (to send now), oldest
+        first, at most _LIVE_CHUNK per call: decoded records cost ~150 B each, the frames ~30."""
+        out = []
+        fl = self._flushed
+        off = self._lv_off
+        while fl and len(out) < _LIVE_CHUNK:
+            b = fl[0]
+            ln = (b[off + 1] << 8) | b[off + 2]
+            out.append(decode_payload(b, off + 3, ln))
+            off += ln + 7
+            if off >= len(b):
+                fl.pop(0)
+                off = 0
+        self._lv_off = off
+        self._lv_n -= len(out)
         return out
+
+    def _live_reset(self):
+        self._flushed = []  # frames of flushed batches (bytes) not yet taken by take_live
+        self._lv_n = 0
+        self._lv_off = 0
 
     # ------------------------------------------------------------ full policy
 
@@ -622,35 +673,40 @@ class Outbox:
             if s is self._cur:
                 continue
             for p in range(3):
-                if s.pc[p]:
+                if s[_PC + p]:
                     if q is None or p < q:
                         q = p
                     break
         return q
 
     def _make_room(self, size, prio):
+        if self.total_bytes() + size <= self.max_bytes:
+            return True
+        # hysteresis: once full, free down to the low-water mark, so a compaction merges several
+        # segments at once instead of one per batch (flash wear: docs/firmware.md)
+        low = self.max_bytes - max(self.seg_bytes, self.max_bytes >> 3)
         guard = 0
-        while self.total_bytes() + size > self.max_bytes and guard < 64:
+        while self.total_bytes() + size > low and guard < 64:
             guard += 1
             q = self._lowest()
             if q is None or q > prio:
-                return False
+                break
             seg = None
             for s in self.segs:
-                if s.pc[q] and s is not self._cur:
+                if s[_PC + q] and s is not self._cur:
                     seg = s
                     break
             try:
-                ok = self._compact(seg, q)
+                ok = self._compact(seg, q, self.total_bytes() + size - low)
             except OSError:  # flash full or failing: keep what is stored, refuse the new record
                 self.write_errors += 1
-                self._rm(self._name(seg.num, "t"))
+                self._rm(self._name(seg[_NUM], "t"))
                 ok = False
             if not ok:
-                return False
+                break
         return self.total_bytes() + size <= self.max_bytes
 
-    def _compact(self, seg, q):
+    def _compact(self, seg, q, need=0):
         """Merge seg and the following segments of its boot into one file without their records
         of priority <= q (and without acked ones), as long as the survivors fit in one segment:
         the number of files stays bounded. Gap records in the group are re-expressed: their ranges,
@@ -661,52 +717,62 @@ class Outbox:
         segs = self.segs
         i = segs.index(seg)
         group = [seg]
-        est = seg.bytes - self._drop_bytes(seg, q)
+        freed = self._drop_bytes(seg, q)
+        est = seg[_BYTES] - freed
         # earlier segments of the boot (survivors of earlier merges) join while they fit, so
         # merged files fill up instead of staying half empty
         while i > 0 and len(group) < 16:
             s = segs[i - 1]
-            e = s.bytes - self._drop_bytes(s, q)
-            if s.boot != seg.boot or s is self._cur or est + e > self.seg_bytes:
+            e = s[_BYTES] - self._drop_bytes(s, q)
+            if s[_BOOT] != seg[_BOOT] or s is self._cur or est + e > self.seg_bytes:
                 break
             group.insert(0, s)
             est += e
             i -= 1
         seg = group[0]
         j = segs.index(group[-1]) + 1
-        while j < len(segs) and len(group) < 16:
+        while j < len(segs) and len(group) < 16 and freed < need:  # no more than needed goes
             s = segs[j]
-            if s.boot != seg.boot or s is self._cur:
+            if s[_BOOT] != seg[_BOOT] or s is self._cur:
                 break
-            e = s.bytes - self._drop_bytes(s, q)
-            if est + e > self.seg_bytes:
+            d = self._drop_bytes(s, q)
+            if est + s[_BYTES] - d > self.seg_bytes:
                 break
             group.append(s)
-            est += e
+            est += s[_BYTES] - d
+            freed += d
             j += 1
         if self._cur in group:
             self._end_cur()
-        a = self.acked.get(seg.boot, -1)
+        # gap records are re-expressed (coalesced) when windows or more go, or when nothing but
+        # gap records survives (then all ranges merge); dropping raw readings between kept
+        # windows makes no ranges merge (each old gap record's own seq became one more range),
+        # and rewriting every gap record on every compaction cost most of a full outbox's wear
+        keep = 0
+        for s in group:
+            keep += s[_PC + 1] + s[_PC + 2]
+        regap = q > 0 or not keep
+        a = self.acked.get(seg[_BOOT], -1)
         drops = {}  # boot -> [[first, end), ...]
         ndrop = 0
-        ns = Seg(seg.num, seg.boot)
-        tmp = self._name(seg.num, "t")
+        ns = Seg(seg[_NUM], seg[_BOOT])
+        tmp = self._name(seg[_NUM], "t")
         out = self.fs.open(tmp, "wb")
         try:
             for s in group:
-                g = self._frames_of(s.num)
+                g = self._frames_of(s[_NUM])
                 for frame, rec in g:
                     if rec[1] <= a:
                         continue
                     k = rec[3]
                     p = PRIO.get(k, 0)
-                    if k == wire.KIND_GAP:
+                    if k == wire.KIND_GAP and regap:
                         _add_range(drops, rec[0], rec[1], 1)
                         self.gaps_merged += 1
                         gb, rs = rec[5]
                         for first, n in rs:
                             _add_range(drops, gb, first, n)
-                    elif p <= q:
+                    elif p <= q and k != wire.KIND_GAP:
                         _add_range(drops, rec[0], rec[1], 1)
                         ndrop += 1
                     else:
@@ -715,7 +781,7 @@ class Outbox:
                         except OSError:
                             g.close()
                             raise
-                        ns.add(rec[1], p, len(frame))
+                        seg_add(ns, rec[1], p, len(frame))
         finally:
             out.close()
         # 1. the gap records are durable before anything is deleted
@@ -728,44 +794,45 @@ class Outbox:
             return False  # flash refuses writes: keep everything, refuse the new record
         # 2. the survivors replace the group
         nums = []
-        if ns.count:
-            self.fs.rename(tmp, self._name(seg.num))
-            seg.first, seg.last, seg.count, seg.bytes, seg.pc, seg.pb = ns.first, ns.last, ns.count, ns.bytes, ns.pc, ns.pb
+        if ns[_COUNT]:
+            self.fs.rename(tmp, self._name(seg[_NUM]))
+            for k in range(_FIRST, _PB + 4):  # (no list slice assignment: a port option)
+                seg[k] = ns[k]
             rest = group[1:]
         else:
             self._rm(tmp)
             rest = group
         for s in rest:
-            nums.append(s.num)
-            self._rm(self._name(s.num))
+            nums.append(s[_NUM])
+            self._rm(self._name(s[_NUM]))
             segs.remove(s)
-        if self._rseg == seg.num or self._rseg in nums:
-            self._rseg = seg.num if ns.count else -1  # replay re-reads from there; sent ones are skipped
+        if self._rseg == seg[_NUM] or self._rseg in nums:
+            self._rseg = seg[_NUM] if ns[_COUNT] else -1  # replay re-reads from there; sent ones are skipped
             self._roff = 0
         return True
 
     def _drop_bytes(self, s, q):
-        n = s.pb[3]
+        n = s[_PB + 3] if q else 0  # an estimate: gap records may be rewritten at q = 0 too
         for p in range(q + 1):
-            n += s.pb[p]
+            n += s[_PB + p]
         return n
 
     def _emit_gap_ranges(self, gboot, rs):
+        """Gap records for ranges rs, appended to the RAM batch; the caller flushes (a sync
+        per gap record made a compaction cost ~200 erases: docs/firmware.md)."""
         i = 0
-        while i < len(rs):
-            t, fl = self.stamp() if self.stamp is not None else (0, wire.FLAG_UNSYNCED)
-            self.append(wire.KIND_GAP, t, fl, (gboot, rs[i:i + wire.MAX_GAP_RANGES]))
-            i += wire.MAX_GAP_RANGES
+        self._hold = True
+        try:
+            while i < len(rs):
+                t, fl = self.stamp() if self.stamp is not None else (0, wire.FLAG_UNSYNCED)
+                self.append(wire.KIND_GAP, t, fl, (gboot, rs[i:i + wire.MAX_GAP_RANGES]))
+                i += wire.MAX_GAP_RANGES
+        finally:
+            self._hold = False
 
     def _emit_gaps(self, gboot, seqs):
-        if not seqs:
-            return
-        rs = _ranges(seqs)
-        i = 0
-        while i < len(rs):
-            t, fl = self.stamp() if self.stamp is not None else (0, wire.FLAG_UNSYNCED)
-            self.append(wire.KIND_GAP, t, fl, (gboot, rs[i:i + wire.MAX_GAP_RANGES]))
-            i += wire.MAX_GAP_RANGES
+        if seqs:
+            self._emit_gap_ranges(gboot, _ranges(seqs))
 
     # ------------------------------------------------------------ acks
 
@@ -777,10 +844,10 @@ class Outbox:
         self._ack_dirty = True
         keep = []
         for s in self.segs:
-            if s.boot == boot and s.last <= seq and s.count > 0:
-                if s is self._cur:
-                    self._end_cur()
-                self._rm(self._name(s.num))
+            if s[_BOOT] == boot and s[_LAST] <= seq and s[_COUNT] > 0 and s is not self._cur:
+                # the segment being appended to stays until it is full (flush): deleting it per
+                # ack made a file create + delete per batch, the hottest flash (docs/firmware.md)
+                self._rm(self._name(s[_NUM]))
             else:
                 keep.append(s)
         self.segs = keep
@@ -789,7 +856,7 @@ class Outbox:
     def persist_acks(self):
         boots = {}
         for s in self.segs:
-            boots[s.boot] = 1
+            boots[s[_BOOT]] = 1
         items = [(b, self.acked[b]) for b in sorted(boots) if b in self.acked][-30:]
         out = bytearray(1 + 8 * len(items))
         out[0] = len(items)
@@ -807,21 +874,21 @@ class Outbox:
         partially acked and has holes from a compaction)."""
         n = self._pend_n
         for s in self.segs:
-            a = self.acked.get(s.boot, -1)
-            if a >= s.last:
+            a = self.acked.get(s[_BOOT], -1)
+            if a >= s[_LAST]:
                 continue
-            if a < s.first:
-                n += s.count
+            if a < s[_FIRST]:
+                n += s[_COUNT]
             else:
-                n += s.count * (s.last - a) // (s.last - s.first + 1)
+                n += s[_COUNT] * (s[_LAST] - a) // (s[_LAST] - s[_FIRST] + 1)
         return n
 
     def oldest(self):
         """(boot, seq) of the oldest unacked stored record, or (boot, next seq) when empty."""
         for s in self.segs:
-            a = self.acked.get(s.boot, -1)
-            if a < s.last:
-                return s.boot, (s.first if s.first > a else a + 1)
+            a = self.acked.get(s[_BOOT], -1)
+            if a < s[_LAST]:
+                return s[_BOOT], (s[_FIRST] if s[_FIRST] > a else a + 1)
         return self.boot, self.seq
 
     def floor(self):
@@ -841,17 +908,17 @@ class Outbox:
         credits, oldest first); records flushed from now on are live."""
         self.flush()
         self.live = True
-        self._flushed = []
+        self._live_reset()
         self.rewind()
 
     def end_session(self):
         self.live = False
-        self._flushed = []
+        self._live_reset()
 
     def rewind(self):
         """Resend policy: everything stored and unacked becomes backlog again."""
         self.flush()
-        self._flushed = []
+        self._live_reset()
         self._L = (self.boot, self.seq)
         self._rseg = -1
         self._roff = 0
@@ -869,16 +936,16 @@ class Outbox:
             return out
         L = self._L
         for s in list(self.segs):
-            if s.num < self._rseg:
+            if s[_NUM] < self._rseg:
                 continue
-            a = self.acked.get(s.boot, -1)
-            if a >= s.last or (s.boot, s.first) >= L:
-                if (s.boot, s.first) >= L:
+            a = self.acked.get(s[_BOOT], -1)
+            if a >= s[_LAST] or (s[_BOOT], s[_FIRST]) >= L:
+                if (s[_BOOT], s[_FIRST]) >= L:
                     self._rdone = True
                     return out
                 continue
             try:
-                f = self.fs.open(self._name(s.num), "rb")
+                f = self.fs.open(self._name(s[_NUM]), "rb")
             except OSError:
                 continue
             Lb, Ls = L
@@ -886,7 +953,7 @@ class Outbox:
             if rd is None:
                 rd = self._rd = _Frames()
             try:
-                off = self._roff if s.num == self._rseg else 0
+                off = self._roff if s[_NUM] == self._rseg else 0
                 if off:
                     f.seek(off)
                 rd.start(f)
@@ -901,7 +968,7 @@ class Outbox:
                     q = (buf[p + 4] << 24) | (buf[p + 5] << 16) | (buf[p + 6] << 8) | buf[p + 7]
                     if b > Lb or (b == Lb and q >= Ls):
                         self._rdone = True
-                        self._rseg = s.num
+                        self._rseg = s[_NUM]
                         self._roff = off - ln - 7
                         return out
                     if q <= self.acked.get(b, -1):
@@ -909,13 +976,17 @@ class Outbox:
                     if b < self._rlb or (b == self._rlb and q <= self._rls):
                         continue
                     try:
-                        rec = decode_payload(buf, p, ln)
+                        if buf[p + 16] == _KR and ln == _RLEN:  # a reading: no 5-tuple on the way
+                            rec = (b, q, struct.unpack_from(">q", buf, p + 8)[0], _KR, buf[p + 17],
+                                   struct.unpack_from(_RBODY, buf, p + _PAY_SIZE))
+                        else:
+                            rec = decode_payload(buf, p, ln)
                     except (ValueError, KeyError):
                         break  # as read_frame: nothing after an undecodable frame
                     out.append(rec)
                     self._rlb = b
                     self._rls = q
-                    self._rseg = s.num
+                    self._rseg = s[_NUM]
                     self._roff = off
                     if len(out) >= n:
                         return out

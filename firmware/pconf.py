@@ -1,18 +1,12 @@
-# Config helpers of the edge pipeline (pipeline, cep, anomaly): ConfigError and the field
-# checks. Kept apart from the rule classes so that a config without rules or detectors never
+# Config helpers of the edge pipeline (pipeline, cep, anomaly): the field checks and
+# Pipeline set-up. Kept apart from the rule classes so that a config without rules or detectors never
 # loads firmware/cep.py or firmware/anomaly.py on the board (RAM: docs/firmware.md).
 from shared import wire_dev as wire  # the device side of the contract (shared/wire.py: all of it)
+# ConfigError lives in firmware/pipeline.py: a class defined here would keep this module's
+# globals (every function below) alive after the board unloads it (RAM)
+from firmware.pipeline import ConfigError  # noqa: F401 (re-exported)
 
 MAX_CHANNEL = 29  # channel numbers 0..29: masks stay small ints
-
-
-class ConfigError(ValueError):
-    """A bad pipeline config: .rule_id names the rule (or section), .reason says why."""
-
-    def __init__(self, rule_id, reason):
-        super().__init__("%s: %s" % (rule_id, reason))
-        self.rule_id = rule_id
-        self.reason = reason
 
 
 def _is_num(x):
@@ -67,3 +61,99 @@ def channel_mask(d, key, rid, channels, single=False):
             raise ConfigError(rid, "unknown channel %r" % (nm,))
         m |= 1 << channels[nm]
     return m
+
+
+# ---------------------------------------------------------------- Pipeline set-up (boot only)
+
+# Channel numbers for a config that lists names only (the HAL's CH_* ids, firmware/hal.py).
+DEFAULT_CHANNELS = {"temp": 0, "hum": 1, "pot": 2}
+DEFAULT_WINDOW_MS = 60000
+MAX_WINDOW_MS = 0x10000000  # 2**28 ms (~3 days): window arithmetic stays in small ints
+DEFAULT_RING = 64
+
+
+def _channels(cfg):
+    ch = cfg.get("channels", DEFAULT_CHANNELS)
+    out = {}
+    if isinstance(ch, dict):
+        items = list(ch.items())
+    elif isinstance(ch, list):
+        items = []
+        for nm in ch:
+            if nm not in DEFAULT_CHANNELS:
+                raise ConfigError("channels", "unknown channel %r: give a {name: number} map" % (nm,))
+            items.append((nm, DEFAULT_CHANNELS[nm]))
+    else:
+        raise ConfigError("channels", "must be a {name: number} map or a list of names")
+    if not items:
+        raise ConfigError("channels", "no channel")
+    used = {}
+    for nm, n in items:
+        if not isinstance(nm, str) or not isinstance(n, int) or isinstance(n, bool) or n < 0 or n > MAX_CHANNEL:
+            raise ConfigError("channels", "%r: channel numbers are 0..%d" % (nm, MAX_CHANNEL))
+        if n in used:
+            raise ConfigError("channels", "channel number %d used twice" % n)
+        used[n] = 1
+        out[nm] = n
+    return out
+
+
+def setup(p, config):
+    """Parse a pipeline config into Pipeline p: channels, rings, windows, rules, detectors."""
+    from firmware.window import TimedRing
+    from firmware.window import EventWindow, CountWindow
+    if not isinstance(config, dict):
+        raise ConfigError("pipeline", "config must be an object")
+    p.channels = _channels(config)
+    nch = max(p.channels.values()) + 1
+    p.nch = nch
+    w = config.get("window")
+    if w is None:
+        w = {}
+    if not isinstance(w, dict):
+        raise ConfigError("window", "must be an object")
+    p.size_ms = integer(w, "size_ms", "window", DEFAULT_WINDOW_MS, 1, MAX_WINDOW_MS)
+    p.offset_ms = integer(w, "offset_ms", "window", 0, 0, MAX_WINDOW_MS) % p.size_ms
+    grace = integer(w, "grace_ms", "window", 0, 0, MAX_WINDOW_MS)
+    cw = config.get("count_window")
+    if cw is not None:
+        cw = integer(config, "count_window", "count_window", None, 1, 1000000)
+    elif "count" in w:  # same thing inside the "window" section of the device config
+        cw = integer(w, "count", "window", None, 1, 1000000)
+    ring = config.get("ring")
+    rcap = DEFAULT_RING
+    if isinstance(ring, dict):
+        rcap = integer(ring, "capacity", "ring", DEFAULT_RING, 1, 4096)
+    elif ring is not None:
+        rcap = integer(config, "ring", "ring", DEFAULT_RING, 1, 4096)
+    p.known = [False] * nch
+    p.rings = [None] * nch
+    p.windows = [None] * nch
+    p.cwindows = [None] * nch
+    for n in p.channels.values():
+        p.known[n] = True
+        p.rings[n] = TimedRing(rcap)
+        p.windows[n] = EventWindow(n, p.size_ms, p.offset_ms, p, grace)
+        if cw is not None:
+            p.cwindows[n] = CountWindow(n, cw, p)
+    # rule and detector classes are loaded only when the config has some (RAM on the board)
+    p.rules = []
+    p.by_ch = [[] for _ in range(nch)]
+    p.absence = []
+    if config.get("rules") not in (None, []):
+        from firmware.cep import Absence
+        from firmware.prules import load_rules
+        p.rules = load_rules(config.get("rules"), p.channels, p)
+        for r in p.rules:
+            for n in range(nch):
+                if r.mask & (1 << n):
+                    p.by_ch[n].append(r)
+            if isinstance(r, Absence):
+                p.absence.append(r)
+    p.detectors = []
+    if config.get("anomaly") not in (None, {}):
+        from firmware.prules import load_anomaly
+        p.detectors = load_anomaly(config.get("anomaly"), p.channels, p)
+    p.det_by_ch = [[] for _ in range(nch)]
+    for d in p.detectors:
+        p.det_by_ch[d.ch].append(d)

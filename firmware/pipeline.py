@@ -11,125 +11,33 @@
 # nothing in steady state; emits convert to absolute ms (allocation is fine there: rare).
 # Config format, time rules and figures: docs/pipeline.md.
 from shared import wire_dev as wire  # the device side of the contract (shared/wire.py: all of it)
-from firmware.ring import TimedRing
-from firmware.window import EventWindow, CountWindow
-from firmware.pconf import ConfigError, integer, MAX_CHANNEL
-
-# Channel numbers for a config that lists names only (the HAL's CH_* ids, firmware/hal.py).
-DEFAULT_CHANNELS = {"temp": 0, "hum": 1, "pot": 2}
-DEFAULT_WINDOW_MS = 60000
-MAX_WINDOW_MS = 0x10000000  # 2**28 ms (~3 days): window arithmetic stays in small ints
-DEFAULT_RING = 64
 
 __all__ = ("Pipeline", "ConfigError", "example_config")
 
 
+class ConfigError(ValueError):
+    """A bad pipeline config: .rule_id names the rule (or section), .reason says why."""
+
+    def __init__(self, rule_id, reason):
+        super().__init__("%s: %s" % (rule_id, reason))
+        self.rule_id = rule_id
+        self.reason = reason
+
+
 def example_config():
     """The documented example (docs/pipeline.md): 3 channels, 60 s windows, 5 rules, 2 detectors."""
-    return {
-        "channels": {"temp": 0, "hum": 1, "pot": 2},
-        "window": {"size_ms": 60000, "offset_ms": 0},
-        "ring": {"capacity": 64},
-        "rules": [
-            {"id": "hot", "type": "threshold", "channel": "temp", "enter": 30, "leave": 28,
-             "min_duration_ms": 5000, "severity": 2},
-            {"id": "hot_then_dry", "type": "sequence", "first": {"channel": "temp", "op": ">", "value": 30},
-             "then": {"channel": "hum", "op": "<", "value": 20}, "within_ms": 10000, "severity": 3},
-            {"id": "pot_burst", "type": "count", "channel": "pot", "op": ">=", "value": 90, "count": 5,
-             "within_ms": 2000},
-            {"id": "temp_dead", "type": "absence", "channel": "temp", "within_ms": 30000, "severity": 2},
-            {"id": "hum_jump", "type": "rate", "channel": "hum", "delta": 10, "within_ms": 5000},
-        ],
-        "anomaly": {"zscore": {"channels": ["temp"], "window": 32, "k": 4, "min_std": 0.05},
-                    "ewma": {"channels": ["hum"], "alpha_shift": 4, "k": 6, "min_dev": 0.1}},
-    }
-
-
-def _channels(cfg):
-    ch = cfg.get("channels", DEFAULT_CHANNELS)
-    out = {}
-    if isinstance(ch, dict):
-        items = list(ch.items())
-    elif isinstance(ch, list):
-        items = []
-        for nm in ch:
-            if nm not in DEFAULT_CHANNELS:
-                raise ConfigError("channels", "unknown channel %r: give a {name: number} map" % (nm,))
-            items.append((nm, DEFAULT_CHANNELS[nm]))
-    else:
-        raise ConfigError("channels", "must be a {name: number} map or a list of names")
-    if not items:
-        raise ConfigError("channels", "no channel")
-    used = {}
-    for nm, n in items:
-        if not isinstance(nm, str) or not isinstance(n, int) or isinstance(n, bool) or n < 0 or n > MAX_CHANNEL:
-            raise ConfigError("channels", "%r: channel numbers are 0..%d" % (nm, MAX_CHANNEL))
-        if n in used:
-            raise ConfigError("channels", "channel number %d used twice" % n)
-        used[n] = 1
-        out[nm] = n
-    return out
+    from firmware.pexample import example_config as ex  # not loaded on the board (RAM)
+    return ex()
 
 
 class Pipeline:
     """On-device stream processing for every configured channel. See module comment."""
 
     def __init__(self, config, emit):
-        if not isinstance(config, dict):
-            raise ConfigError("pipeline", "config must be an object")
         self.emit = emit
-        self.channels = _channels(config)
-        nch = max(self.channels.values()) + 1
-        self.nch = nch
-        w = config.get("window")
-        if w is None:
-            w = {}
-        if not isinstance(w, dict):
-            raise ConfigError("window", "must be an object")
-        self.size_ms = integer(w, "size_ms", "window", DEFAULT_WINDOW_MS, 1, MAX_WINDOW_MS)
-        self.offset_ms = integer(w, "offset_ms", "window", 0, 0, MAX_WINDOW_MS) % self.size_ms
-        grace = integer(w, "grace_ms", "window", 0, 0, MAX_WINDOW_MS)
-        cw = config.get("count_window")
-        if cw is not None:
-            cw = integer(config, "count_window", "count_window", None, 1, 1000000)
-        elif "count" in w:  # same thing inside the "window" section of the device config
-            cw = integer(w, "count", "window", None, 1, 1000000)
-        ring = config.get("ring")
-        rcap = DEFAULT_RING
-        if isinstance(ring, dict):
-            rcap = integer(ring, "capacity", "ring", DEFAULT_RING, 1, 4096)
-        elif ring is not None:
-            rcap = integer(config, "ring", "ring", DEFAULT_RING, 1, 4096)
-        self.known = [False] * nch
-        self.rings = [None] * nch
-        self.windows = [None] * nch
-        self.cwindows = [None] * nch
-        for n in self.channels.values():
-            self.known[n] = True
-            self.rings[n] = TimedRing(rcap)
-            self.windows[n] = EventWindow(n, self.size_ms, self.offset_ms, self, grace)
-            if cw is not None:
-                self.cwindows[n] = CountWindow(n, cw, self)
-        # rule and detector classes are loaded only when the config has some (RAM on the board)
-        self.rules = []
-        self.by_ch = [[] for _ in range(nch)]
-        self.absence = []
-        if config.get("rules") not in (None, []):
-            from firmware.cep import load_rules, Absence
-            self.rules = load_rules(config.get("rules"), self.channels, self)
-        for r in self.rules:
-            for n in range(nch):
-                if r.mask & (1 << n):
-                    self.by_ch[n].append(r)
-            if isinstance(r, Absence):
-                self.absence.append(r)
-        self.detectors = []
-        if config.get("anomaly") not in (None, {}):
-            from firmware.anomaly import load_anomaly
-            self.detectors = load_anomaly(config.get("anomaly"), self.channels, self)
-        self.det_by_ch = [[] for _ in range(nch)]
-        for d in self.detectors:
-            self.det_by_ch[d.ch].append(d)
+        # config parsing lives in firmware.pconf: the board unloads it after boot (RAM)
+        from firmware.pconf import setup
+        setup(self, config)
         self.base_ms = 0
         self.synced = False
         self.flags = wire.FLAG_UNSYNCED

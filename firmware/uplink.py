@@ -23,10 +23,7 @@
 #   states. Nothing here blocks sampling: every wait is an asyncio sleep.
 import asyncio
 
-from shared import auth
 from shared import wire_dev as wire  # the device side of the contract
-from firmware.mqtt import MQTTClient
-from firmware.backoff import Backoff
 from firmware.hal import ticks_ms, ticks_diff, sleep_ms
 from firmware.identity import rand32
 
@@ -37,52 +34,8 @@ _GW_HELLO_MS = 1000  # hellos triggered by the (unsigned) gateway state: at most
 
 class Uplink:
     def __init__(self, cfg, hal, outbox, clock, fw, console=None, instance=1):
-        self.cfg = cfg
-        self.hal = hal
-        self.outbox = outbox
-        self.clock = clock
-        self.fw = fw
-        self.console = console or hal.console
-        self.dev = cfg["device_id"]
-        self.devb = self.dev.encode()
-        k = cfg.get("ack_key")
-        self.key = auth.Hmac(auth.parse_key(k)) if k else None  # None only with "insecure": true
-        self.instance = instance
-        self.nonce = self.prev_nonce = 0  # 0: no hello yet (a nonce is never 0)
-        self._beacon = None  # gw_time of the last accepted time beacon
-        self.topics = wire.Topics(cfg["prefix"])
-        self.t_ack = self.topics.ack(self.dev)
-        self.t_data = self.topics.data(self.dev)
-        up = cfg["uplink"]
-        self.batch_max = up["batch_max"]
-        self.resend_ms = up["resend_ms"]
-        self.backoff = Backoff(up["backoff_base_ms"], up["backoff_cap_ms"], rng=hal.rand)
-        self.wifi_backoff = Backoff(1000, up["wifi_timeout_ms"], rng=hal.rand)
-        b = cfg["broker"]
-        self.client = MQTTClient(
-            b["client_id"], b["host"], b["port"], keepalive=b["keepalive_s"],
-            will=(self.topics.state(self.dev), wire.encode_state(False), 1, True),
-            clean=True, user=b.get("user"), password=b.get("password"),
-            open_connection=hal.open_connection, on_message=self._on_message,
-            max_inflight=up["max_inflight"], timeout_ms=b["timeout_ms"])
-        self.hosts = b["hosts"]  # fail over between these (round robin, same backoff)
-        self._hi = 0
-        self.running = True
-        self.gw_online = False
-        self._gw_changed = False
-        self.credits = 0
-        self.replay = False
-        self._acks = []
-        self._sent_max = {}
-        self._progress = ticks_ms()
-        self._ack_at = self._hello_at = self._progress  # last ack received / last hello sent
-        self.wake = asyncio.Event()
-        self.session = False
-        # counters
-        self.c = {"connects": 0, "connect_failures": 0, "reconnects": 0, "wifi_outages": 0,
-                  "msgs": 0, "sent": 0, "live": 0, "replayed": 0, "acks": 0, "bad_msgs": 0,
-                  "rewinds": 0, "hellos": 0, "encode_errors": 0, "beacons": 0, "stall_hellos": 0,
-                  "bad_acks": 0, "old_beacons": 0}
+        from firmware.appboot import uplink_init  # set-up code: unloaded after boot (RAM)
+        uplink_init(self, cfg, hal, outbox, clock, fw, console, instance)
 
     # ------------------------------------------------------------ incoming
 
@@ -186,18 +139,21 @@ class Uplink:
             r = recs[i]
             boot = r[0]
             reading = r[3] == wire.KIND_READING
-            t, fl = self.clock.stamp(boot, r[2], r[4])
+            ti = 1 if reading else 2  # where a row holds its (stamped) time
             base_seq = r[1]
-            group = [self._row(r, t, fl, reading)]
+            row = self._row(r, reading)
+            t = row[ti]
+            group = [row]
             j = i + 1
             while j < n and len(group) < self.batch_max:
                 r2 = recs[j]
                 if r2[0] != boot or (r2[3] == wire.KIND_READING) != reading or r2[1] - base_seq > 0xFFFF:
                     break
-                t2, fl2 = self.clock.stamp(boot, r2[2], r2[4])
+                row = self._row(r2, reading)
+                t2 = row[ti]
                 if t2 - t > wire.I32_MAX or t - t2 > wire.I32_MAX:
                     break
-                group.append(self._row(r2, t2, fl2, reading))
+                group.append(row)
                 j += 1
             try:
                 if reading:
@@ -208,6 +164,7 @@ class Uplink:
                 self.c["encode_errors"] += 1
                 i = j
                 continue
+            group = row = None  # RAM: only the payload lives while it is published
             await self.client.publish(self.t_data, payload, 1)
             last = recs[j - 1][1]
             if last > self._sent_max.get(boot, -1):
@@ -216,7 +173,9 @@ class Uplink:
             self.c["sent"] += j - i
             i = j
 
-    def _row(self, r, t, fl, reading):
+    def _row(self, r, reading):
+        """The wire row of a stored record, its time stamped for sending."""
+        t, fl = self.clock.stamp(r[0], r[2], r[4])
         if reading:
             return (r[1], t, r[5][0], fl, r[5][1])
         return (r[3], r[1], t, fl, r[5])

@@ -105,6 +105,8 @@ def merge(part_paths, out_path, size_ms):
                         ("group", key, ch, start, n, s, str(sq), mn, mx, -1))
             opened += 1
     out.execute("INSERT OR REPLACE INTO meta (k, v) VALUES ('global_watermark', ?)", (wm,))
+    # a merged group window has one revision row (numbered by the sum of the partials' revisions)
+    out.execute("INSERT OR REPLACE INTO meta (k, v) VALUES ('merged_partitions', ?)", (len(part_paths),))
     out.commit()
     out.close()
     return {"watermark": wm, "group_fired": fired, "group_open": opened, "partitions": len(part_paths)}

@@ -6,9 +6,39 @@ from shared.wire_dev import (_check_max, _need, _ascii, _decode_body, _mac, _u32
                              _HDR, _READING, _REC, _ACK, _HELLO, _ID_CHARS, _offsets, _i32, _CEP, _GAP,
                              _WINDOW, _ANOMALY, _STATUS, _STATE)
 import struct
+from shared import wire_dev as _dev
 from shared.auth import MAC_LEN, equal
 
 # ---------------------------------------------------------------- gateway side
+
+KIND_NAMES = {1: "reading", 2: "window", 3: "cep", 4: "anomaly", 5: "status", 6: "gap"}
+
+
+class Topics(_dev.Topics):  # the device side + the gateway's subscriptions and parse
+    def __init__(self, prefix="edgeflow"):
+        super().__init__(prefix)
+        self.sub_data = prefix + "/d/+/data"
+        self.sub_hello = prefix + "/d/+/hello"
+        self.sub_state = prefix + "/d/+/state"
+
+    def parse(self, topic):
+        """Return (device_id, leaf) for a device topic, raise WireError otherwise."""
+        if isinstance(topic, (bytes, bytearray)):
+            topic = bytes(topic).decode()
+        p = self.prefix + "/d/"
+        if not topic.startswith(p):
+            raise WireError("bad_topic", topic)
+        rest = topic[len(p):]
+        i = rest.find("/")
+        if i <= 0:
+            raise WireError("bad_topic", topic)
+        dev = rest[:i]
+        leaf = rest[i + 1:]
+        check_device_id(dev)
+        if leaf not in ("data", "hello", "state", "ack"):
+            raise WireError("bad_topic", topic)
+        return dev, leaf
+
 
 def decode_data(payload, max_size=MAX_PAYLOAD):
     """Decode a MSG_READINGS or MSG_RECORDS payload.

@@ -25,7 +25,6 @@ KIND_CEP = 3
 KIND_ANOMALY = 4
 KIND_STATUS = 5
 KIND_GAP = 6  # seq ranges the device dropped by policy (outbox full)
-KIND_NAMES = {1: "reading", 2: "window", 3: "cep", 4: "anomaly", 5: "status", 6: "gap"}
 
 # Record flags.
 FLAG_UNSYNCED = 1  # t is ms since boot, not epoch: the device had no clock yet
@@ -84,15 +83,13 @@ class Topics:
     device -> gateway: {p}/d/{id}/data (QoS 1), {p}/d/{id}/hello (QoS 1),
                        {p}/d/{id}/state (retained; 'offline' is the last will)
     gateway -> device: {p}/d/{id}/ack (QoS 1), {p}/gw/state (retained; last will)
+    The gateway's subscriptions and parse() are in shared/wire.py's Topics (not on the board).
     """
 
     def __init__(self, prefix="edgeflow"):
         check_topic_part(prefix, "prefix", 64, True)
         self.prefix = prefix
         self.gw_state = prefix + "/gw/state"
-        self.sub_data = prefix + "/d/+/data"
-        self.sub_hello = prefix + "/d/+/hello"
-        self.sub_state = prefix + "/d/+/state"
 
     def data(self, dev):
         return self.prefix + "/d/" + dev + "/data"
@@ -105,24 +102,6 @@ class Topics:
 
     def ack(self, dev):
         return self.prefix + "/d/" + dev + "/ack"
-
-    def parse(self, topic):
-        """Return (device_id, leaf) for a device topic, raise WireError otherwise."""
-        if isinstance(topic, (bytes, bytearray)):
-            topic = bytes(topic).decode()
-        p = self.prefix + "/d/"
-        if not topic.startswith(p):
-            raise WireError("bad_topic", topic)
-        rest = topic[len(p):]
-        i = rest.find("/")
-        if i <= 0:
-            raise WireError("bad_topic", topic)
-        dev = rest[:i]
-        leaf = rest[i + 1:]
-        check_device_id(dev)
-        if leaf not in ("data", "hello", "state", "ack"):
-            raise WireError("bad_topic", topic)
-        return dev, leaf
 
 
 _ID_CHARS = "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789_-"
@@ -215,17 +194,21 @@ def encode_readings(device_id, boot, readings):
         raise WireError("empty")
     base_seq = readings[0][0]
     base_time = readings[0][1]
-    out = bytearray(_header(MSG_READINGS, device_id, boot, base_seq, base_time, n))
-    off = len(out)
-    out.extend(bytes(n * READING_SIZE))
+    h = _header(MSG_READINGS, device_id, boot, base_seq, base_time, n)
+    off = len(h)
+    if off + n * READING_SIZE > MAX_PAYLOAD:
+        raise WireError("oversize", str(off + n * READING_SIZE))
+    out = bytearray(off + n * READING_SIZE)  # one buffer, no per-record tuple (device RAM peak)
+    out[0:off] = h
     for r in readings:
-        ds, dt = _offsets(r[0], r[1], base_seq, base_time)
+        ds = r[0] - base_seq
+        dt = r[1] - base_time
+        if ds < 0 or ds > 0xFFFF or dt < I32_MIN or dt > I32_MAX:
+            _offsets(r[0], r[1], base_seq, base_time)  # raises the precise error
         if r[2] < 0 or r[2] > 255 or r[3] < 0 or r[3] > 255:
             raise WireError("bad_channel", repr(r))
         struct.pack_into(_READING, out, off, ds, dt, r[2], r[3], _i32(r[4], "value"))
         off += READING_SIZE
-    if len(out) > MAX_PAYLOAD:
-        raise WireError("oversize", str(len(out)))
     return bytes(out)
 
 

@@ -134,7 +134,11 @@ def test_clean_run_checks_ok(run_dir, tmp_path):
     ("time changed", "UPDATE readings SET t = t + 1 WHERE rowid = 11", "time_mismatch"),
     ("record nobody stored", "INSERT INTO readings VALUES ('dev-0000', 1, 999999, 1767225600000, 0, 0, 5)",
      "unexpected"),
-    ("window sum off", "UPDATE window_results SET sum = sum + 1 WHERE rowid = 2", "window_mismatch"),
+    # window_results is rewritten in place (INSERT OR REPLACE), so tamper with a row that exists
+    ("window sum off", "UPDATE window_results SET sum = sum + 1 WHERE rowid = (SELECT min(rowid) FROM window_results)",
+     "window_mismatch"),
+    ("revision's sum off", "UPDATE window_revisions SET sum = sum + 1 WHERE rowid = 1", "window_mismatch"),
+    ("revision lost", "DELETE FROM window_revisions WHERE rowid = 1", "window_mismatch"),
     ("window result missing", "DELETE FROM window_results WHERE rowid = 1 AND scope = 'device';"
                               "DELETE FROM open_windows", "window_missing"),
     ("late row that was not late", "UPDATE late SET watermark = window_start WHERE rowid = 1", "late_not_late"),

@@ -209,3 +209,63 @@ def test_dead_broker_detected_while_a_publish_is_blocked_then_reconnects(broker)
         await c.disconnect()
 
     run(main(), timeout=60)
+
+
+class _Writer:
+    def __init__(self):
+        self.out = bytearray()
+
+    def write(self, b):
+        self.out.extend(b)
+
+    async def drain(self):
+        pass
+
+    def close(self):
+        pass
+
+
+@pytest.mark.parametrize("retransmit", [True, False])
+def test_inflight_keeps_packets_only_for_retransmission(retransmit):
+    """retransmit=False (the uplink: its outbox replays what was not acked) keeps only the
+    packet ids of in-flight QoS 1 publishes, not their bytes (up to max_inflight packets of
+    RAM on the board), and resends nothing after a reconnect; the default keeps and resends
+    them with DUP."""
+    writers = []
+
+    async def opener(host, port):
+        r = asyncio.StreamReader()
+        r.feed_data(b"\x20\x02\x00\x00")  # CONNACK, accepted
+        w = _Writer()
+        writers.append(w)
+        return r, w
+
+    async def main():
+        c = MQTTClient("c", "127.0.0.1", 1883, open_connection=opener, resolver=None, max_inflight=4,
+                       retransmit=retransmit)
+        await c.connect()
+        for i in range(3):
+            await c.publish("t", b"payload-%d" % i * 20, 1)  # never acknowledged
+        assert [p[0] for p in c.inflight] == [1, 2, 3]
+        kept = [p[1] for p in c.inflight]
+        c.close()
+        await c.connect()
+        c.close()
+        return c, kept
+
+    c, kept = run(main(), 10)
+    if retransmit:
+        assert all(len(p) > 180 for p in kept) and c.retransmits == 3
+        out = writers[1].out  # CONNECT, then the three publishes again
+        assert out.count(b"payload-0") == 20 and out[2 + out[1]] == 0x3A  # PUBLISH, DUP, QoS 1
+    else:
+        assert kept == [None, None, None] and c.retransmits == 0
+        assert b"payload" not in writers[1].out
+
+
+def test_uplink_client_leaves_resends_to_the_outbox():
+    from firmware.app import App
+    from firmware.hal_sim import SimHal
+    app = App({"device_id": "n1", "broker": {"host": "127.0.0.1"}, "insecure": True}, SimHal())
+    app._boot()
+    assert app.uplink.client.retransmit is False

@@ -1,9 +1,10 @@
 """A long outage on the real LittleFS (littlefs-python, configured like MicroPython's ESP32 flash
 filesystem: tools/lfsfs.py). Short variant of tools/outage_week.py (which runs 7 days and prints
-the figures in docs/firmware.md): 26 simulated hours without acks at the default config, one CEP
+the figures in docs/firmware.md): 48 simulated hours without acks at the default config, one CEP
 alert an hour, so the outbox fills, drops raw readings, then window summaries, and its gap
-records merge. Files, flash blocks, segments in the RAM index and gap records stay under fixed
-bounds, alerts are all kept, sampling never stops, and the next boot loads the same records."""
+records merge (they plateau near 500 after ~36 h). Files, flash blocks, segments in the RAM index and gap records stay under fixed
+bounds, alerts are all kept, sampling never stops, the whole flash takes a bounded number of
+erases a day, and the next boot loads the same records."""
 import pytest
 
 pytest.importorskip("littlefs")
@@ -17,7 +18,7 @@ SEG = 8192
 @pytest.fixture(scope="module")
 def outage():
     lines = []
-    rows, res = outage_week.run(days=26 / 24.0, every_h=2, out=lines.append, alert_every_s=3600)
+    rows, res = outage_week.run(days=48 / 24.0, every_h=4, out=lines.append, alert_every_s=3600)
     return rows, res, lines
 
 
@@ -25,7 +26,7 @@ def test_files_blocks_index_stay_bounded(outage):
     rows, res, lines = outage
     for r in rows:
         assert r["files"] <= MAX_BYTES // SEG + 4, lines
-        assert r["segs"] <= MAX_BYTES // SEG + 4, lines  # the RAM index: one Seg per file
+        assert r["segs"] <= MAX_BYTES // SEG + 4, lines  # the RAM index: one entry per file
         assert r["blocks"] <= 100, lines  # of 512 (2 MiB)
         assert r["bytes"] <= MAX_BYTES + 1024, lines
         assert r["errors"] == 0 and r["write_errors"] == 0, lines
@@ -34,7 +35,7 @@ def test_files_blocks_index_stay_bounded(outage):
 def test_gap_records_merge_and_stay_bounded(outage):
     rows, res, lines = outage
     gaps = [r["gaps"] for r in rows]
-    assert max(gaps) <= 512, lines  # ranges break only at kept records; merged on compaction
+    assert max(gaps) <= 640, lines  # ranges break only at kept windows; merged when windows go (7 days: <= 573)
     assert any(b < a for a, b in zip(gaps, gaps[1:])), lines  # merged, not only piled up
     assert rows[-1]["dropped"] > 100000
 
@@ -42,7 +43,7 @@ def test_gap_records_merge_and_stay_bounded(outage):
 def test_alerts_kept_and_sampling_never_stops(outage):
     rows, res, lines = outage
     assert res["samples"] == res["expected_samples"]
-    assert rows[-1]["alerts"] == 26  # one an hour, none dropped while raw and windows can go
+    assert rows[-1]["alerts"] == 48  # one an hour, none dropped while raw and windows can go
 
 
 def test_next_boot_loads_what_was_stored(outage):
@@ -50,3 +51,10 @@ def test_next_boot_loads_what_was_stored(outage):
     assert res["reboot_torn"] == 0
     assert res["reboot_segs"] <= MAX_BYTES // SEG + 4
     assert res["reboot_records"] == rows[-1]["stored"]
+
+
+def test_full_outbox_flash_wear_is_bounded(outage):
+    # compacting continuously cost 112,806 erases/day (a synced append per gap record); now about
+    # 6,300/day, near normal operation (docs/firmware.md "Flash life")
+    rows, res, lines = outage
+    assert res["erases_per_day"] < 10000, (res, lines)

@@ -14,9 +14,11 @@ import pytest
 from tests import mp_harness
 from tools import ram_budget
 
-# regression ceilings, a few KiB above what was measured on 2026-12-01 (docs/firmware.md)
-KEPT_CEILING = {"default": 79 * 1024, "example": 90 * 1024}
-PEAK_CEILING = 128 * 1024  # gc disabled in the step: garbage counts (an upper bound)
+# regression ceilings, a few KiB above what was measured on 2026-12-01 (docs/firmware.md), with room
+# for the outbox branch (wear: batch 64, all live records sent in the live step: peak_live ~105 KiB)
+KEPT_CEILING = {"default": 73 * 1024, "example": 81 * 1024}
+# gc disabled in the steps: garbage counts (an upper bound)
+PEAK_CEILING = {"default": 112 * 1024, "example": 120 * 1024}
 
 
 @pytest.fixture(scope="module", params=["default", "example"])
@@ -36,7 +38,7 @@ def test_per_sample_path_allocates_nothing(ram):
 def test_ram_regression_ceiling(ram):
     assert ram["kept"] <= KEPT_CEILING[ram["name"]], ram["kept"]
     for k in ("peak_backlog", "peak_live", "peak_windows", "peak_cep"):
-        assert ram[k] <= PEAK_CEILING, (k, ram[k])
+        assert ram[k] <= PEAK_CEILING[ram["name"]], (k, ram[k])
 
 
 def test_modules_shipped_are_device_only(ram):
@@ -49,3 +51,14 @@ def test_modules_shipped_are_device_only(ram):
                                        "(docs/firmware.md: RAM); frozen modules or ROMFS are the way")
 def test_ram_budget(ram):
     assert not ram_budget.over_budget(ram), ram_budget.over_budget(ram)
+
+
+def test_module_breakdown_adds_up(ram):
+    """tools/ram_budget.py --modules (the table in docs/firmware.md) accounts for the kept heap."""
+    if ram["name"] != "default":
+        pytest.skip("measured for the default config")
+    rows = ram_budget.measure_modules(timeout=300)
+    assert [r[0] for r in rows] == list(ram_budget.APP_MODULES) + ["build()", "tasks"]
+    total = sum(r[1] for r in rows)
+    assert abs(total - ram["kept"]) <= 4096, (total, ram["kept"])
+    assert all(r[1] > 0 for r in rows[:-1]), rows

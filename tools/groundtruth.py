@@ -27,7 +27,9 @@ Checks, each difference is an error (exit status 1):
    devices), leaving out the records the gateway put in its late table for that scope. The
    aggregate (count, sum, min, max, and mean/std of fired results) must equal the latest
    revision in window_results, or the open state in open_windows for windows not fired
-   yet. Every late row must really be late under the stored watermark
+   yet. window_revisions must hold revisions 0..R of each fired window, each a consistent
+   step towards revision R (count growing, min/max within R's, mean = sum / count), and R
+   equal to the window_results row. Every late row must really be late under the stored watermark
    (end - 1 + allowed_lateness <= watermark) and refer to a checked reading.
 """
 import argparse
@@ -102,6 +104,38 @@ def load_truth(paths):
 def _start(t, size, offset):
     return t - (t - offset) % size
 
+
+
+def _check_revisions(q, got, rep, merged=False):
+    """window_revisions holds every revision of every fired window. Their inputs are not known
+    here, but the history must be revisions 0..R, each a consistent step towards the latest
+    (count growing, min/max within the latest's, mean = sum / count), and revision R must be the
+    row in window_results."""
+    hist = collections.defaultdict(list)
+    for scope, key, ch, start, end, rev, n, s, mn, mx, mean, std in q(
+            "SELECT scope, key, channel, start, end, revision, count, sum, min, max, mean, std FROM window_revisions"
+            " ORDER BY scope, key, channel, start, revision"):
+        hist[(scope, key, ch, start)].append((n, s, mn, mx, mean, std, rev, end))
+    for wk, g in got.items():
+        rows = hist.pop(wk, [])
+        if merged and wk[0] == "group":
+            if rows != [g]:  # gateway/merge.py writes only the merged latest revision
+                rep.err("window_mismatch", (wk, "merged revision differs from window_results", rows, g))
+            continue
+        if [r[6] for r in rows] != list(range(g[6] + 1)):
+            rep.err("window_mismatch", (wk, "revision history", [r[6] for r in rows], "latest", g[6]))
+            continue
+        if rows[-1] != g:
+            rep.err("window_mismatch", (wk, "latest revision differs from window_results", rows[-1], g))
+            continue
+        for r, nxt in zip(rows, rows[1:]):
+            n, s, mn, mx, mean = r[:5]
+            if not (0 < n < nxt[0] and mn >= g[2] and mx <= g[3]
+                    and math.isclose(mean, s / n, rel_tol=1e-9, abs_tol=1e-9)):
+                rep.err("window_mismatch", (wk, "revision %d is not a step towards revision %d" % (r[6], g[6]), r))
+                break
+    for wk, rows in hist.items():
+        rep.err("window_extra", (wk, "revisions without a result", [r[6] for r in rows]))
 
 def check(db_path, truth_paths, windows=None, strict_held=False):
     """windows: {size_ms, offset_ms, allowed_lateness_ms, groups: [{name, devices, channel}]};
@@ -293,6 +327,9 @@ def _check_windows(rep, q, w, readings):
             "SELECT scope, key, channel, start, end, revision, count, sum, min, max, mean, std FROM window_results"):
         got[(scope, key, ch, start)] = (n, s, mn, mx, mean, std, rev, end)
         fired.add((scope, key, ch, start))
+    merged = (q("SELECT 1 FROM sqlite_master WHERE name = 'meta'").fetchone() is not None
+              and q("SELECT v FROM meta WHERE k = 'merged_partitions'").fetchone() is not None)
+    _check_revisions(q, got, rep, merged=merged)
     nopen = 0
     for scope, key, ch, start, n, s, sq, mn, mx, rev in q(
             "SELECT scope, key, channel, start, count, sum, sumsq, min, max, revision FROM open_windows"):

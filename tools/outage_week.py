@@ -35,9 +35,7 @@ BASE_CONFIG = {"device_id": "node-01", "broker": {"host": "127.0.0.1"}, "insecur
 def snapshot(app, fs):
     ob = app.outbox
     d = ob.dir
-    gaps = 0
-    for s in ob.segs:
-        gaps += s.pc[3]
+    gaps = ob.class_records(3)
     return {"files": len(fs.listdir(d)), "blocks": fs.used_blocks(), "segs": len(ob.segs),
             "gaps": gaps, "stored": ob.stored_records(), "bytes": ob.total_bytes(), "dropped": ob.dropped,
             "refused": ob.refused, "readings": app.c["readings"], "samples": app.c["samples"],
@@ -45,10 +43,7 @@ def snapshot(app, fs):
 
 
 def _alerts(ob):
-    n = 0
-    for s in ob.segs:
-        n += s.pc[2]
-    return n
+    return ob.class_records(2)
 
 
 def run(days=7.0, every_h=12, cfg=None, out=print, alert_every_s=0, ack_every_s=0):

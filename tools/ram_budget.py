@@ -1,6 +1,7 @@
 """The device's RAM budget, measured under the real MicroPython (npm WebAssembly build).
 
     python tools/ram_budget.py [--config default|example|FILE.json] [--py] [--arch xtensawin]
+    python tools/ram_budget.py --modules     # what each module keeps (docs/firmware.md table)
 
 The modules are the ones tools/deploy.py ships (its plan_files: .mpy from mpy-cross, or .py
 with --py), loaded from the interpreter's filesystem like a board loads them from flash; the
@@ -11,11 +12,14 @@ not counted. The wasm build collects garbage only at the top level, so every ste
 runPython call and what it keeps is read between calls (tools/ram_steps.mjs).
 
 Figures (bytes, heap in use above the baseline):
-  boot      after main()'s set-up (config read, validated, validator dropped, App booted)
+  boot      after main.py's safe-mode check and main()'s set-up (config read, validated,
+            validator dropped, App booted)
   kept      after the app's tasks ran for a while (sampling, store, uplink without Wi-Fi)
   sample    allocation of sampling rounds between batch flushes (the per-sample path)
   peak_*    kept + allocation (gc disabled, so garbage counts too: an upper bound) of a backlog
-            replay read + encode of one data message, live send, window closes, CEP bursts
+            replay read + encode of one data message, live send, window closes, CEP bursts;
+            publishing builds the MQTT packet and keeps it while the client's in-flight window
+            would (MQTTClient.retransmit)
 Budget (docs/firmware.md): kept <= 48 KiB, every peak <= 64 KiB, sample == 0.
 Exit status 1 when over budget.
 """
@@ -51,7 +55,12 @@ if "/lib" not in sys.path:
 import gc
 import machine, network, dht, asyncio, struct, binascii, json, array, os, time
 #--- boot
+# as main.py: the safe-mode check, then firmware.app.main's build()
+from firmware import safemode
+assert not safemode.reason()
+del safemode
 import firmware.app
+firmware.app.unload("firmware.safemode")
 app = firmware.app.build("config.json")
 #--- started wait=%(run_ms)d
 task = asyncio.create_task(app.run())
@@ -77,8 +86,18 @@ print("ALLOC sample", d, n)
 rounds(%(fill)d)
 app.outbox.flush()
 sent = []
+held = []
+from firmware.mqtt import publish_packet
 async def fake_publish(topic, payload, qos=0, retain=False):
+    # no socket here: the packet the client would write is built, and kept as long as the
+    # client's in-flight window would keep it (no PUBACK arrives within a step)
+    cl = app.uplink.client
+    pkt = publish_packet(topic, payload, qos, retain, False, 1 if qos else 0)
     sent.append(len(payload))
+    if qos:
+        held.append(pkt if cl.retransmit else None)
+        if len(held) > cl.max_inflight:
+            held.pop(0)
     return 1
 app.uplink.client.publish = fake_publish
 def drive(coro):
@@ -96,6 +115,7 @@ def replay():
     return len(recs)
 d, n = measure(replay)
 print("PEAK backlog", d, n, sent[-1] if sent else 0)
+del held[:]  # acknowledged
 #--- live
 def live():
     ob = app.outbox
@@ -113,6 +133,7 @@ def live():
     return n
 d, n = measure(live)
 print("PEAK live", d, n)
+del held[:]
 #--- windows
 def windows():
     p = app.pipeline
@@ -193,6 +214,52 @@ def measure(cfg=None, arch="xtensawin", as_py=False, heap=1 << 20, run_ms=3000, 
     return out
 
 
+# the app's imports in the order firmware.app loads them (--modules)
+APP_MODULES = ("shared.auth", "shared.wire_dev", "firmware.hal", "firmware.pins", "firmware.hal_esp32",
+               "firmware.backoff", "firmware.identity", "firmware.clock", "firmware.window", "firmware.pipeline",
+               "firmware.outbox", "firmware.mqtt", "firmware.uplink", "firmware.app")
+_QSTR = """import micropython
+micropython.qstr_info()"""
+
+
+def measure_modules(cfg=None, arch="xtensawin", timeout=600):
+    """What each module keeps when imported in the app's order, then what build() and the
+    running tasks add. [(name, heap bytes, of which qstr pool bytes)]. Each import is followed
+    by an empty step: this build's conservative GC frees some load garbage one call late."""
+    cfg = dict(cfg or DEFAULT_CONFIG)
+    head = SCRIPT.split("#--- boot")[0]
+    steps = [head + _QSTR]
+    for m in APP_MODULES:
+        steps.append("#--- %s\nimport %s\n%s\n#--- %s_settled\n%s" % (m, m, _QSTR, m, _QSTR))
+    steps.append("#--- build()\napp = firmware.app.build('config.json')\n%s\n#--- build()_settled\n%s" % (_QSTR, _QSTR))
+    steps.append("#--- tasks wait=3000\ntask = asyncio.create_task(app.run())\n%s\n#--- tasks_settled\n%s" % (_QSTR, _QSTR))
+    with tempfile.TemporaryDirectory() as tmp:
+        build_fs(tmp, cfg, arch, False)
+        script = os.path.join(tmp, "steps.py")
+        with open(script, "w") as f:
+            f.write("\n".join(steps) + "\n")
+        proc = subprocess.run(["node", STEPS, "--heap", str(1 << 20), "--fs", tmp, script],
+                              capture_output=True, text=True, timeout=timeout)
+    if proc.returncode != 0:
+        raise RuntimeError("MicroPython run failed:\n" + proc.stdout[-3000:] + proc.stderr[-3000:])
+    ram, qs, q = {}, {}, 0
+    for line in proc.stdout.splitlines():
+        m = re.search(r"n_total_bytes=(\d+)", line)
+        if m:
+            q = int(m.group(1))
+        m = re.match(r"RAM (\S+) (\d+)$", line)
+        if m:
+            ram[m.group(1)] = int(m.group(2))
+            qs[m.group(1)] = q
+    out = []
+    prev = "start"
+    for name in APP_MODULES + ("build()", "tasks"):
+        k = name + "_settled"
+        out.append((name, ram[k] - ram[prev], qs[k] - qs[prev]))
+        prev = k
+    return out
+
+
 def over_budget(r):
     bad = []
     if r["kept"] > KEPT_MAX:
@@ -218,6 +285,7 @@ def main(argv=None):
     ap.add_argument("--py", action="store_true", help="ship .py sources instead of .mpy")
     ap.add_argument("--arch", default="xtensawin")
     ap.add_argument("-v", action="store_true", help="print the interpreter's output")
+    ap.add_argument("--modules", action="store_true", help="what each module keeps (import order of the app)")
     a = ap.parse_args(argv)
     if a.config == "default":
         cfg = DEFAULT_CONFIG
@@ -226,6 +294,14 @@ def main(argv=None):
     else:
         with open(a.config) as f:
             cfg = json.load(f)
+    if a.modules:
+        total = 0
+        print("%-20s %8s %8s" % ("step", "bytes", "qstrs"))
+        for name, b, q in measure_modules(cfg, a.arch):
+            total += b
+            print("%-20s %8d %8d" % (name, b, q))
+        print("%-20s %8d" % ("total", total))
+        return 0
     r = measure(cfg, a.arch, a.py)
     if a.v:
         print(r["stdout"])

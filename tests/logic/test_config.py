@@ -21,7 +21,7 @@ def test_defaults_filled_and_json_text_accepted():
     assert c["device_id"] == "node-1"
     assert c["prefix"] == "edgeflow" and c["sample_ms"] == 1000
     assert c["broker"]["keepalive_s"] == 30 and c["broker"]["client_id"] == "node-1"
-    assert c["outbox"]["max_bytes"] == 262144 and c["outbox"]["batch_records"] == 32
+    assert c["outbox"]["max_bytes"] == 262144 and c["outbox"]["batch_records"] == 64
     assert c["channels"] == ["temp", "hum", "pot"]
     assert c["clock"]["use_beacon"] is True
     assert config.load(c) == c  # a loaded config loads again unchanged

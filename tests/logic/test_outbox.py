@@ -184,7 +184,8 @@ def test_full_of_important_records_refuses_raw():
     for i in range(30):
         ob.reading(0, 1, 0, 1)  # less important than everything stored: refused when no room
     ob.flush()
-    assert ob.refused > 0 and ob.dropped == dropped
+    # readings get in while the low-water room lasts (and later ones replace them); no CEP goes
+    assert ob.refused > 0 and ob.dropped >= dropped
     assert len([r for r in _drain(ob) if r[3] == wire.KIND_CEP]) == ceps
     assert ob.total_bytes() <= 600
 
@@ -393,3 +394,119 @@ def test_flash_failing_drops_ram_batch_into_a_gap_record():
     assert len(covered) == ob.dropped
     for s in range(17):
         assert s in seqs or s in covered, s
+
+
+def _count_compactions(ob):
+    n = [0]
+    orig = ob._compact
+
+    def counted(*a):
+        n[0] += 1
+        return orig(*a)
+    ob._compact = counted
+    return n
+
+
+def test_acked_batches_append_to_one_segment_until_full():
+    # flash wear: an ack used to delete the segment being appended to, so every batch made a new
+    # file (a littlefs create + delete per batch: the hottest metadata blocks)
+    fs = MemFS()
+    ob = _ob(fs, 1, seg_bytes=600, batch_records=4, ack_persist_ms=0)
+    for b in range(20):
+        _fill(ob, 4, 1)  # one batch of 120 bytes
+        ob.on_ack(1, ob.seq - 1)
+        ob.tick(b)
+    assert ob._next_num <= 20 * 120 // 600 + 2, ob._next_num
+    assert len([n for n in fs.listdir("ob") if n.startswith("s")]) <= 2
+    # nothing acked comes back after a reboot, later records do
+    _fill(ob, 3, 1)
+    ob.flush()
+    ob2 = _ob(fs, 2, seg_bytes=600, batch_records=4)
+    assert [(r[0], r[1]) for r in _drain(ob2)] == [(1, 80), (1, 81), (1, 82)]
+
+
+def test_compaction_writes_its_gap_records_in_few_appends():
+    # flash wear: every gap record of a compaction used to be its own synced append (a full
+    # outbox with windows between the dropped readings made dozens per compaction)
+    fs = MemFS()
+    ob = _ob(fs, 1, max_bytes=8000, seg_bytes=1500, batch_records=8)
+    n = _count_compactions(ob)
+    records = 0
+    for i in range(900):
+        ob.reading(0, i, 0, i)
+        ob.reading(1, i, 0, i)
+        ob.append(wire.KIND_WINDOW, i, 0, (0, i * 1000, 1000, -5, 5, 0, 2, 0, 900))
+        records += 3
+    ob.flush()
+    assert n[0] > 5 and ob.dropped > 500
+    # batches of readings (8 per batch; windows are flushed with them) + a few appends per compaction
+    assert ob.flushes <= records // 8 + 4 * n[0], (ob.flushes, n[0])
+    assert ob.total_bytes() <= 8000
+
+
+def test_full_outbox_compacts_in_steps_and_gap_records_stay_bounded():
+    # hysteresis: once full, free down to max_bytes - max(seg_bytes, max_bytes / 8), so there is
+    # one compaction per ~max_bytes / 8 written, not one per batch
+    fs = MemFS()
+    ob = _ob(fs, 1, max_bytes=12000, seg_bytes=600, batch_records=4)
+    n = _count_compactions(ob)
+    _fill(ob, 2400, 1)  # 72,000 bytes of readings, 6 x max_bytes
+    ob.flush()
+    written = 2400 * 30 - 12000
+    assert 0 < n[0] <= written // 1500 + 4, n[0]
+    gaps = ob.class_records(3)
+    assert gaps <= 40, gaps
+    assert ob.total_bytes() <= 12000
+    recs = _drain(ob)
+    covered = {}
+    for r in recs:
+        covered[r[1]] = 1
+        if r[3] == wire.KIND_GAP:
+            for first, k in r[5][1]:
+                for s in range(first, first + k):
+                    covered[s] = 1
+    assert all(s in covered for s in range(ob.seq))  # every seq stored or in a gap range
+
+
+def test_power_cut_at_every_byte_while_full_and_compacting():
+    # compactions (merge, gap records, rename, removes) cut at every byte: every record that was
+    # on flash before the cut is still there or covered by a durable gap record, never twice
+    def scenario(fs, committed, value):
+        Identity(fs)
+        ob = _ob(fs, 1, max_bytes=900, seg_bytes=300, batch_records=3)
+        for i in range(45):
+            s = ob.reading(0, i, 0, i * 7 - 100)  # its seq may follow gap records of a compaction
+            if s is not None:
+                value[s] = i * 7 - 100
+            if i % 5 == 4:
+                ob.append(wire.KIND_WINDOW, i, 0, (0, i * 1000, 1000, -5, 5, 0, 2, 0, 900))
+            if ob.pending() == 0:
+                committed[:] = list(range(ob.seq))
+        assert ob.dropped > 0
+
+    probe = FailingFS(MemFS())
+    scenario(probe, [], {})
+    total = probe.written
+    assert total > 2000
+    for budget in range(total + 1):
+        mem = MemFS()
+        committed = []
+        value = {}
+        try:
+            scenario(FailingFS(mem, budget), committed, value)
+        except PowerCut:
+            pass
+        ob = _ob(mem, Identity(mem).boot, max_bytes=900, seg_bytes=300, batch_records=3)
+        got = {}
+        covered = {}
+        for r in _drain(ob):
+            assert r[0] == 1 and r[1] not in got, (budget, r)
+            got[r[1]] = 1
+            if r[3] == wire.KIND_READING:
+                assert r[5][1] == value[r[1]], (budget, r)  # nothing corrupt
+            elif r[3] == wire.KIND_GAP:
+                for first, n in r[5][1]:
+                    for s in range(first, first + n):
+                        covered[s] = 1
+        for s in committed:
+            assert s in got or s in covered, (budget, s)
