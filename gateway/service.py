@@ -11,7 +11,7 @@
     -> after the commit: PUBACKs to the broker, acks with credits (admission.py) to devices
 
 Threading: one asyncio loop runs everything; paho is driven from it (no
-network thread) and aiosqlite runs the commits in its own thread while the
+network thread) and the store runs the commits in its own database thread (store.Database) while the
 loop keeps processing the next batch. Error model: bad input is quarantined,
 never raised; an unexpected exception while handling one message quarantines
 that message as internal_error; a failed commit stops the gateway (nothing is
@@ -175,7 +175,7 @@ class Gateway:
             self.ingest = self._ingest_factory(self.cfg, self.stats)
             await self.ingest.start()
         except BaseException:
-            # a start-up failure must end the process: nothing left running (aiosqlite's thread)
+            # a start-up failure must end the process: nothing left running (the database thread)
             if self.ingest is not None:
                 await self.ingest.stop(offline=False)
             await self.store.close()
@@ -827,7 +827,7 @@ class Gateway:
         """Commit everything since the last checkpoint; acks follow the commit.
 
         The snapshot is taken synchronously, so processing continues while the
-        transaction runs in aiosqlite's thread; only one commit is in flight."""
+        transaction runs in the database thread; only one commit is in flight."""
         async with self._ckpt_lock:
             if self._commit_task is not None:
                 await asyncio.shield(self._commit_task)

@@ -6,12 +6,13 @@ only a crash of the process (NORMAL in WAL mode can lose the last commits on
 power loss). FULL costs one fsync per checkpoint (~0.2 ms here, a few ms on an
 SD card), negligible at a few checkpoints per second.
 """
+import asyncio
+import functools
 import os
 import sqlite3
 import time
+from concurrent.futures import ThreadPoolExecutor
 from itertools import chain
-
-import aiosqlite
 
 SCHEMA_VERSION = 1
 
@@ -101,6 +102,67 @@ SQL = {
     "sink_outbox": "INSERT INTO sink_outbox (sink, tbl, alert, n, bytes, created_ms, msg_id, body) "
                    "VALUES (?,?,?,?,?,?,?,?)",
 }
+
+
+class Database:
+    """One sqlite3 connection owned by one worker thread, awaited from asyncio.
+
+    Threading model (aiosqlite's, with public API only): the connection is created and used
+    only in a dedicated single-thread executor, so calls run one at a time in the order they
+    were submitted; each call is awaited as a future on the event loop. run(fn, *args) runs
+    fn(conn, *args) there: a whole checkpoint transaction is one hop instead of one await per
+    statement (each await would wait for the busy event loop to come round). close() stops
+    the thread (a non-daemon thread left running would hang the interpreter at exit)."""
+
+    def __init__(self):
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="edgeflow-sqlite")
+        self._conn = None
+
+    @classmethod
+    async def connect(cls, path, **kwargs):
+        db = cls()
+        try:
+            db._conn = await db._call(functools.partial(sqlite3.connect, path, check_same_thread=False, **kwargs))
+        except BaseException:
+            db._pool.shutdown(wait=False)
+            raise
+        return db
+
+    def _call(self, fn, *args):
+        return asyncio.get_running_loop().run_in_executor(self._pool, fn, *args)
+
+    def run(self, fn, *args):
+        """fn(connection, *args) in the database thread; awaitable."""
+        return self._call(fn, self._conn, *args)
+
+    def execute(self, sql, params=()):
+        """The cursor (rowcount, lastrowid; fetch rows with execute_fetchall)."""
+        return self._call(self._conn.execute, sql, params)
+
+    def executemany(self, sql, rows):
+        return self._call(self._conn.executemany, sql, rows)
+
+    def executescript(self, script):
+        return self._call(self._conn.executescript, script)
+
+    def execute_fetchall(self, sql, params=()):
+        return self._call(_fetchall, self._conn, sql, params)
+
+    @property
+    def in_transaction(self):
+        return self._conn is not None and self._conn.in_transaction
+
+    async def close(self):
+        conn, self._conn = self._conn, None
+        try:
+            if conn is not None:
+                await self._call(conn.close)
+        finally:
+            self._pool.shutdown(wait=False)
+
+
+def _fetchall(conn, sql, params):
+    return conn.execute(sql, params).fetchall()
 
 
 class StoreError(sqlite3.DatabaseError):
@@ -207,11 +269,11 @@ class Store:
 
     async def open(self):
         """Open, check (PRAGMA quick_check) and create the schema. StoreError on any problem,
-        with aiosqlite's worker thread stopped (a live non-daemon thread would hang the exit)."""
+        with the database thread stopped (a live non-daemon thread would hang the exit)."""
         try:
             d = os.path.dirname(os.path.abspath(self.path))
             os.makedirs(d, exist_ok=True)
-            self.db = await aiosqlite.connect(self.path, isolation_level=None)
+            self.db = await Database.connect(self.path, isolation_level=None)
             # no mmap of the database file: an I/O error must be an error, not SIGBUS
             await self.db.execute("PRAGMA mmap_size=0")
             bad = [str(r[0]) for r in await self.db.execute_fetchall("PRAGMA quick_check(3)")]
@@ -274,40 +336,15 @@ class Store:
     async def commit(self, writes):
         """writes: list of (sql key, rows). All of it in one transaction; returns rows written.
 
-        The whole transaction is one call into aiosqlite's worker thread: one await per
-        statement would wait for the busy event loop to come round between statements."""
-        run = getattr(self.db, "_execute", None)
+        The whole transaction is one call into the database thread (Database.run)."""
         try:
-            if run is not None:
-                n = await run(_transaction, self.db._conn, writes, self.path, self._file_id, self.pruned)
-            else:  # an aiosqlite without _execute: one await per table, same transaction
-                n = await self._commit_stepwise(writes)
-                _check_same_file(self.path, self._file_id)
+            n = await self.db.run(_transaction, writes, self.path, self._file_id, self.pruned)
         except StoreError:
             raise
         except sqlite3.Error as e:
             raise StoreError("commit to %s failed: %s" % (self.path, e)) from e
         self.commits += 1
         self.rows_written += n
-        return n
-
-    async def _commit_stepwise(self, writes):
-        db = self.db
-        n = 0
-        await db.execute("BEGIN IMMEDIATE")
-        try:
-            for key, rows in writes:
-                if rows:
-                    await db.executemany(SQL[key], rows)
-                    n += len(rows)
-            await db.execute("COMMIT")
-        except BaseException:
-            if db.in_transaction:
-                try:
-                    await db.execute("ROLLBACK")
-                except Exception:  # noqa: BLE001 - the original error is the one to report
-                    pass
-            raise
         return n
 
     async def load_state(self):

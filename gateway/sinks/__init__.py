@@ -305,7 +305,7 @@ class SinkSet:
         return bool(self.cfgs)
 
     async def open(self, db):
-        """db: the gateway's aiosqlite connection (the schema is there: store.py)."""
+        """db: the gateway's store.Database (one connection, its own thread) (the schema is there: store.py)."""
         self.db = db
         if not self.cfgs:
             return
