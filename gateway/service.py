@@ -84,8 +84,8 @@ class StartupError(RuntimeError):
 class Outputs:
     """Everything produced since the last checkpoint (rows per table)."""
 
-    __slots__ = ("readings", "unsynced", "device_windows", "cep_events", "anomalies", "device_status", "gaps",
-                 "late", "quarantine", "mids", "touched", "records", "rx")
+    __slots__ = ("readings", "reading_spans", "unsynced", "device_windows", "cep_events", "anomalies",
+                 "device_status", "gaps", "late", "quarantine", "mids", "touched", "records", "rx")
 
     def __init__(self):
         for k in self.__slots__:
@@ -419,6 +419,7 @@ class Gateway:
         out.records += n
         self._count_live(d, dev, boot, base, base + n - 1, n, now)
         if self.retain:
+            out.reading_spans.append((dev, boot, base, base + n - 1, tmin, tmax, len(out.readings), n))
             out.readings.extend(zip(repeat(dev, n), repeat(boot, n), range(base, base + n),
                                     map(base_t.__add__, toffs), chans, flags, vals))
         wms = self.watermarks
@@ -515,6 +516,7 @@ class Gateway:
         mark = self.dedup.mark
         good = []
         st = self.stats
+        k0 = len(out.readings)
         for rec in recs:
             seq, t, ch, fl, v = rec
             if not self._fresh(d, dev, boot, seq, mark(dev, boot, seq), now):
@@ -538,6 +540,10 @@ class Gateway:
             good.append((seq, t, ch, v))
             if self.retain:
                 out.readings.append((dev, boot, seq, t, ch, fl, v))
+        if len(out.readings) > k0:  # the span of the rows this message added (store.py)
+            seqs = [r[2] for r in out.readings[k0:]]
+            ts = [r[3] for r in out.readings[k0:]]
+            out.reading_spans.append((dev, boot, min(seqs), max(seqs), min(ts), max(ts), k0, len(seqs)))
         if good:
             self._window_seq(dev, boot, good, d, now)
 
@@ -844,7 +850,7 @@ class Gateway:
             self.stats.window_results += sum(1 for r in results if r[5] == 0)
             self.stats.window_revisions += sum(1 for r in results if r[5] > 0)
             writes = [
-                ("readings", out.readings), ("unsynced", out.unsynced), ("device_windows", out.device_windows),
+                ("readings", out.readings), ("reading_spans", out.reading_spans), ("unsynced", out.unsynced), ("device_windows", out.device_windows),
                 ("cep_events", out.cep_events), ("anomalies", out.anomalies), ("device_status", out.device_status),
                 ("gaps", out.gaps), ("late", out.late), ("quarantine", out.quarantine),
                 ("quarantine_prune", [(self.q_rows,)] if out.quarantine else []),

@@ -20,6 +20,9 @@ SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (k TEXT PRIMARY KEY, v);
 CREATE TABLE IF NOT EXISTS readings (device TEXT, boot INTEGER, seq INTEGER, t INTEGER, channel INTEGER,
     flags INTEGER, value INTEGER);
+CREATE TABLE IF NOT EXISTS reading_spans (device TEXT, boot INTEGER, seq_first INTEGER, seq_last INTEGER,
+    t_min INTEGER, t_max INTEGER, row_first INTEGER, row_last INTEGER);
+CREATE INDEX IF NOT EXISTS reading_spans_device_t ON reading_spans (device, t_max);
 CREATE TABLE IF NOT EXISTS unsynced (device TEXT, boot INTEGER, seq INTEGER, t_since_boot_ms INTEGER,
     kind TEXT, channel INTEGER, flags INTEGER, value INTEGER);
 CREATE TABLE IF NOT EXISTS device_windows (device TEXT, boot INTEGER, seq INTEGER, t INTEGER, flags INTEGER,
@@ -76,6 +79,8 @@ _WINDOW_COLS = "scope, key, channel, start, end, revision, count, sum, min, max,
 # Insert statements, in the order a checkpoint applies them.
 SQL = {
     "readings": "INSERT INTO readings VALUES (?,?,?,?,?,?,?)",
+    # one row per wire message's raw readings: the readings' rowid range (see READINGS_RANGE)
+    "reading_spans": "INSERT INTO reading_spans VALUES (?,?,?,?,?,?,?,?)",
     "unsynced": "INSERT INTO unsynced VALUES (?,?,?,?,?,?,?,?)",
     "device_windows": "INSERT INTO device_windows VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
     "cep_events": "INSERT INTO cep_events VALUES (?,?,?,?,?,?,?,?,?)",
@@ -234,6 +239,12 @@ CREATE VIEW devices_v AS SELECT device, online, %(iso_seen)s AS last_seen, fw, b
 
 VIEWS = ("readings_v", "window_results_v", "alerts_v", "late_v", "quarantine_v", "devices_v")
 
+# A device's raw readings in [:from, :to) through reading_spans (one row per wire message,
+# indexed by (device, t_max)): the gateway's raw rows are inserted a message at a time, so
+# each message's readings are one rowid range. Works with or without store.index_readings.
+READINGS_RANGE = ("SELECT r.* FROM reading_spans s JOIN readings r ON r.rowid BETWEEN s.row_first AND s.row_last "
+                  "WHERE s.device = :device AND s.t_max >= :from AND s.t_min < :to AND r.t >= :from AND r.t < :to")
+
 # Retention: (config key, table, time column); deleted in batches of batch_rows per statement.
 RETENTION = (
     ("readings_days", "readings", "t"),
@@ -310,12 +321,23 @@ class Store:
         statement, each statement its own short transaction queued between checkpoints.
         Returns {table: rows deleted}; a table is done when a statement deletes < batch."""
         out = {}
+        indexed = getattr(self, "index_readings", True)
         for key, table, col in RETENTION:
             cut = cutoffs.get(key)
             if not cut:
                 continue
-            sql = prune_sql(table, col, getattr(self, "index_readings", True))
+            sql = prune_sql(table, col, indexed)
             n = 0
+            if table == "readings":
+                # spans first (a chunk of messages per transaction), then the rows no span covers
+                while True:
+                    k, more = await self.db.run(_prune_spans, cut, batch)
+                    n += k
+                    if not more:
+                        break
+                if not indexed:
+                    sql = "DELETE FROM readings WHERE rowid IN (SELECT rowid FROM readings WHERE rowid < %d AND " \
+                          "t < ? LIMIT ?)" % (await self.db.run(_first_spanned_row))
             while True:
                 cur = await self.db.execute(sql, (cut, batch))
                 n += cur.rowcount
@@ -409,11 +431,42 @@ def _check_same_file(path, file_id):
         raise StoreError("database file %s was replaced under the gateway: stopping, nothing more is acked" % path)
 
 
+def _prune_spans(conn, cut, batch):
+    """One transaction: delete the readings of spans that end before cut, about `batch`
+    rows, and their spans. Returns (rows deleted, more to do)."""
+    conn.execute("BEGIN IMMEDIATE")
+    try:
+        spans = conn.execute("SELECT rowid, row_first, row_last FROM reading_spans WHERE t_max < ? LIMIT ?",
+                             (cut, max(1, batch // 50))).fetchall()
+        n = 0
+        for _r, a, b in spans:
+            n += conn.execute("DELETE FROM readings WHERE rowid BETWEEN ? AND ?", (a, b)).rowcount
+        conn.executemany("DELETE FROM reading_spans WHERE rowid = ?", [(r,) for r, _a, _b in spans])
+        conn.execute("COMMIT")
+    except BaseException:
+        if conn.in_transaction:
+            conn.execute("ROLLBACK")
+        raise
+    return n, len(spans) == max(1, batch // 50)
+
+
+def _first_spanned_row(conn):
+    """Rows below the oldest span's first row have no span (written by hand or before spans
+    existed); spans are in insertion order, so the oldest span has the lowest rowids."""
+    r = conn.execute("SELECT row_first FROM reading_spans ORDER BY rowid LIMIT 1").fetchone()
+    if r is None:
+        r = conn.execute("SELECT max(rowid) + 1 FROM readings").fetchone()
+    return int(r[0] or 1)
+
+
 def _transaction(conn, writes, path=None, file_id=None, pruned=None):
     """Runs in the worker thread: BEGIN, batched inserts per table, COMMIT. pruned[0] counts
-    quarantine rows deleted."""
+    quarantine rows deleted. Spans carry row offsets into this checkpoint's readings: SQLite
+    gives inserted rows max(rowid) + 1, + 2, ... (its documented rowid choice), so they become
+    rowids here."""
     pruned = [0] if pruned is None else pruned
     n = 0
+    base = 0
     conn.execute("BEGIN IMMEDIATE")
     try:
         for key, rows in writes:
@@ -421,6 +474,10 @@ def _transaction(conn, writes, path=None, file_id=None, pruned=None):
                 if key == "quarantine_prune":
                     pruned[0] += conn.execute(SQL[key], rows[0]).rowcount
                     continue
+                if key == "readings":
+                    base = (conn.execute("SELECT max(rowid) FROM readings").fetchone()[0] or 0) + 1
+                elif key == "reading_spans":
+                    rows = [(d, b, s0, s1, t0, t1, base + o, base + o + c - 1) for d, b, s0, s1, t0, t1, o, c in rows]
                 _insert(conn, SQL[key], rows)
                 n += len(rows)
         conn.execute("COMMIT")
