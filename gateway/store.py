@@ -17,7 +17,7 @@ from itertools import chain
 SCHEMA_VERSION = 1
 
 SCHEMA = """
-CREATE TABLE IF NOT EXISTS meta (k TEXT PRIMARY KEY, v);
+CREATE TABLE IF NOT EXISTS meta (k TEXT PRIMARY KEY, v) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS readings (device TEXT, boot INTEGER, seq INTEGER, t INTEGER, channel INTEGER,
     flags INTEGER, value INTEGER);
 CREATE TABLE IF NOT EXISTS reading_spans (device TEXT, boot INTEGER, seq_first INTEGER, seq_last INTEGER,
@@ -53,23 +53,26 @@ CREATE TABLE IF NOT EXISTS devices (device TEXT PRIMARY KEY, fw TEXT, hello_boot
     dropped_by_device INTEGER, skipped_by_hello INTEGER, quarantined INTEGER, late INTEGER,
     unsynced INTEGER, deferred INTEGER, live INTEGER, backlog_received INTEGER, status_t INTEGER,
     uptime_s INTEGER, outbox_records INTEGER, outbox_bytes INTEGER, outbox_dropped INTEGER,
-    device_late INTEGER, clock_offset_ms INTEGER, free_mem INTEGER, reconnects INTEGER);
+    device_late INTEGER, clock_offset_ms INTEGER, free_mem INTEGER, reconnects INTEGER) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS dedup (device TEXT, boot INTEGER, hwm INTEGER, bits BLOB,
-    PRIMARY KEY (device, boot));
-CREATE TABLE IF NOT EXISTS dedup_devices (device TEXT PRIMARY KEY, min_boot INTEGER);
+    PRIMARY KEY (device, boot)) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS dedup_devices (device TEXT PRIMARY KEY, min_boot INTEGER) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS device_identity (device TEXT PRIMARY KEY, instance INTEGER, nonce INTEGER,
-    retired TEXT, reflashes INTEGER);
-CREATE TABLE IF NOT EXISTS device_watermarks (device TEXT PRIMARY KEY, max_t INTEGER, online INTEGER);
+    retired TEXT, reflashes INTEGER) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS device_watermarks (device TEXT PRIMARY KEY, max_t INTEGER, online INTEGER) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS open_windows (scope TEXT, key TEXT, channel INTEGER, start INTEGER, count INTEGER,
     sum INTEGER, sumsq TEXT, min INTEGER, max INTEGER, revision INTEGER,
-    PRIMARY KEY (scope, key, channel, start));
+    PRIMARY KEY (scope, key, channel, start)) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS sink_outbox (id INTEGER PRIMARY KEY AUTOINCREMENT, sink TEXT, tbl TEXT,
     alert INTEGER, n INTEGER, bytes INTEGER, created_ms INTEGER, msg_id TEXT, body BLOB);
 CREATE INDEX IF NOT EXISTS sink_outbox_sink ON sink_outbox (sink, id);
 CREATE INDEX IF NOT EXISTS window_results_start ON window_results (start);
 """
 
-# Output tables (what a user queries / exports) and the state tables beside them.
+# Output tables (what a user queries / exports) and the state tables beside them. The tables
+# upserted by key at every checkpoint (devices and the state) are WITHOUT ROWID: one B-tree
+# per upsert instead of the table and its key index (about a fifth less per row here); a
+# database made before keeps its tables as they are (same statements, same results).
 OUTPUT_TABLES = ("readings", "unsynced", "device_windows", "cep_events", "anomalies", "device_status", "gaps",
                  "window_results", "window_revisions", "late", "quarantine", "devices")
 STATE_TABLES = ("dedup", "dedup_devices", "device_identity", "device_watermarks", "open_windows", "meta")
