@@ -82,6 +82,8 @@ _WINDOW_COLS = "scope, key, channel, start, end, revision, count, sum, min, max,
 # Insert statements, in the order a checkpoint applies them.
 SQL = {
     "readings": "INSERT INTO readings VALUES (?,?,?,?,?,?,?)",
+    # the same rows as one flat list, RAW_COLS values a row (the gateway's checkpoints)
+    "readings_flat": "INSERT INTO readings VALUES (?,?,?,?,?,?,?)",
     # one row per wire message's raw readings: the readings' rowid range (see READINGS_RANGE)
     "reading_spans": "INSERT INTO reading_spans VALUES (?,?,?,?,?,?,?,?)",
     "unsynced": "INSERT INTO unsynced VALUES (?,?,?,?,?,?,?,?)",
@@ -171,6 +173,9 @@ class Database:
 
 def _fetchall(conn, sql, params):
     return conn.execute(sql, params).fetchall()
+
+
+RAW_COLS = 7  # columns of a raw reading row
 
 
 class StoreError(sqlite3.DatabaseError):
@@ -423,6 +428,19 @@ def _insert(conn, sql, rows):
         conn.executemany(sql, rows)
 
 
+def _insert_flat(conn, sql, flat, cols):
+    """Rows given as one flat list of `cols` values each: CHUNK-row INSERTs straight from
+    slices, the rest row by row. Returns the rows inserted."""
+    step = CHUNK * cols
+    full = len(flat) - len(flat) % step
+    if full:
+        conn.executemany(_multi_sql(sql), [tuple(flat[i:i + step]) for i in range(0, full, step)])
+    if full < len(flat):
+        rest = flat[full:]
+        conn.executemany(sql, zip(*[iter(rest)] * cols))
+    return len(flat) // cols
+
+
 def _check_same_file(path, file_id):
     """A commit into a file that was deleted or replaced since open is lost at the next
     restart: it must not be acked. Checked after COMMIT, before the caller acks."""
@@ -477,9 +495,12 @@ def _transaction(conn, writes, path=None, file_id=None, pruned=None):
                 if key == "quarantine_prune":
                     pruned[0] += conn.execute(SQL[key], rows[0]).rowcount
                     continue
-                if key == "readings":
+                if key in ("readings", "readings_flat"):
                     base = (conn.execute("SELECT max(rowid) FROM readings").fetchone()[0] or 0) + 1
-                elif key == "reading_spans":
+                if key == "readings_flat":
+                    n += _insert_flat(conn, SQL[key], rows, RAW_COLS)
+                    continue
+                if key == "reading_spans":
                     rows = [(d, b, s0, s1, t0, t1, base + o, base + o + c - 1) for d, b, s0, s1, t0, t1, o, c in rows]
                 _insert(conn, SQL[key], rows)
                 n += len(rows)
