@@ -33,7 +33,7 @@ from nats.js.errors import BucketNotFoundError, KeyWrongLastSequenceError, NoKey
 
 from . import logs
 from .config import Config, ConfigError
-from .ingest_jetstream import Link, PartitionIngest, until_ready
+from .ingest_jetstream import Link, PartitionIngest, Security, until_ready
 from .partitions import fair_share
 from .service import Gateway
 
@@ -53,17 +53,16 @@ class Owner:
         self.config_path = config_path
         self.overrides = dict(overrides or {})
         self.base = Config.load(config_path, self.overrides)  # fail early on a bad file
-        if not self.base.security.insecure:
-            # acks are still signed when [devices] file is set; the transport is not secured
-            raise ConfigError("gateway.scaleout talks to NATS without TLS or credentials (not built yet, "
-                              "docs/scale-out.md): set [security] insecure = true to run it")
+        # TLS + credentials towards NATS ([mqtt] tls_ca, username, password) and a devices
+        # file, as for one gateway on mosquitto; or [security] insecure = true
+        self.base.check_secure()
         self.gid = gid
         self.P = partitions
         self.dir = os.path.abspath(data_dir)
         self.lease_s = lease_s
         self.replicas = replicas
         self.link = Link(nats_urls, mqtt_hosts, "edgeflow-gw-%s" % gid, self.base.mqtt.prefix, replicas,
-                         ack_wait_s=30.0)
+                         ack_wait_s=30.0, security=Security(self.base))
         self.kv = None
         self.parts = {}
         self.alive = 1

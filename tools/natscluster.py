@@ -29,6 +29,8 @@ import threading
 import time
 import urllib.request
 
+from tools import natsauth
+
 _PR_SET_PDEATHSIG = 1
 
 
@@ -58,14 +60,20 @@ def die_with_parent():
 
 
 def node_conf(name, port, http_port, store_dir, cluster_port=None, routes=(), leafnode_port=None,
-              max_file_store="4G", domain=None, leaf_remotes=(), mqtt_port=None, mappings=None, mqtt_replicas=None):
+              max_file_store="4G", domain=None, leaf_remotes=(), mqtt_port=None, mappings=None, mqtt_replicas=None,
+              security=None, conf_dir=None):
+    """security: tools/natsauth.paths() of a provisioned fleet: TLS on the client port, MQTT
+    and routes (mutual TLS), and its users; None: plaintext, anonymous (tests of that only)."""
+    tls = tuple(", " + b for b in natsauth.tls_blocks(security)) if security else ("", "", "")
     lines = ["server_name: %s" % name, "listen: 127.0.0.1:%d" % port, "http: 127.0.0.1:%d" % http_port,
-             "max_payload: 4MB",
-             "jetstream { store_dir: %s, max_memory_store: 64MB, max_file_store: %s%s }"
-             % (json.dumps(store_dir), max_file_store, ", domain: %s" % domain if domain else "")]
+             "max_payload: 4MB"]
+    if security:  # include paths are relative to the config file
+        lines += [tls[0][2:], "include %s" % json.dumps(os.path.relpath(security["auth"], conf_dir))]
+    lines.append("jetstream { store_dir: %s, max_memory_store: 64MB, max_file_store: %s%s }"
+                 % (json.dumps(store_dir), max_file_store, ", domain: %s" % domain if domain else ""))
     if cluster_port:
-        lines.append("cluster { name: edgeflow, listen: 127.0.0.1:%d, no_advertise: true, routes: [%s] }"
-                     % (cluster_port, ", ".join("nats-route://127.0.0.1:%d" % r for r in routes)))
+        lines.append("cluster { name: edgeflow, listen: 127.0.0.1:%d, no_advertise: true, routes: [%s] %s }"
+                     % (cluster_port, ", ".join("nats-route://127.0.0.1:%d" % r for r in routes), tls[2]))
     if leafnode_port:  # no_advertise: leaf nodes use only the URL they were given (a LinkProxy)
         lines.append("leafnodes { listen: 127.0.0.1:%d, no_advertise: true }" % leafnode_port)
     if leaf_remotes:
@@ -77,8 +85,8 @@ def node_conf(name, port, http_port, store_dir, cluster_port=None, routes=(), le
         # stream_replicas explicit: left alone the server picks the replicas from the nodes it
         # sees at the first MQTT connect (2 of 3 here), and an R2 session stream loses its
         # quorum with one node down: no device could connect anywhere
-        lines.append("mqtt { listen: 127.0.0.1:%d, ack_wait: \"30s\", max_ack_pending: 1024%s }"
-                     % (mqtt_port, ", stream_replicas: %d" % mqtt_replicas if mqtt_replicas else ""))
+        lines.append("mqtt { listen: 127.0.0.1:%d, ack_wait: \"30s\", max_ack_pending: 1024%s %s }"
+                     % (mqtt_port, ", stream_replicas: %d" % mqtt_replicas if mqtt_replicas else "", tls[1]))
     if mappings:
         # subject mappings, e.g. gateway/partitions.py's device -> partition function
         lines.append("mappings { %s }" % ", ".join("%s: %s" % (json.dumps(k), json.dumps(v))
@@ -87,8 +95,10 @@ def node_conf(name, port, http_port, store_dir, cluster_port=None, routes=(), le
 
 
 class NatsCluster:
-    def __init__(self, workdir, nodes=3, leafnodes=False, mqtt=False, mappings=None, domain=None, leaf_remotes=()):
-        """mqtt: each node also listens for MQTT (ports in .mqtt_ports); mappings: subject
+    def __init__(self, workdir, nodes=3, leafnodes=False, mqtt=False, mappings=None, domain=None, leaf_remotes=(),
+                 security=None):
+        """security: natsauth.paths(FLEET/nats) of a provisioned fleet (TLS everywhere, its
+        users; .reload() after the users changed); mqtt: each node also listens for MQTT (ports in .mqtt_ports); mappings: subject
         mappings for every node ({from: to}); domain: JetStream domain (hub / site);
         leaf_remotes: hub leaf node ports to connect to (this server is then a site's leaf
         node: its JetStream stores while the link is down)."""
@@ -104,6 +114,7 @@ class NatsCluster:
         self.leaf_ports = [free_port() for _ in range(nodes)] if leafnodes else [None] * nodes
         self.procs = [None] * nodes
         self.kills = 0
+        self.security = security
 
     @property
     def urls(self):
@@ -119,7 +130,8 @@ class NatsCluster:
                               self.cports[i] if self.n > 1 else None, routes, self.leaf_ports[i],
                               mqtt_port=self.mqtt_ports[i], mappings=self.mappings,
                               mqtt_replicas=min(3, self.n) if self.n > 1 else None,
-                              domain=self.domain, leaf_remotes=self.leaf_remotes))
+                              domain=self.domain, leaf_remotes=self.leaf_remotes, security=self.security,
+                              conf_dir=d))
         return path, d
 
     def start_node(self, i):
@@ -169,6 +181,12 @@ class NatsCluster:
             p.wait()
             self.kills += 1
         self.procs[i] = None
+
+    def reload(self):
+        """Every running node rereads its config (users changed): SIGHUP, as `nats-server --signal reload`."""
+        for i in range(self.n):
+            if self.alive(i):
+                self.procs[i].send_signal(signal.SIGHUP)
 
     def stop(self):
         for i, p in enumerate(self.procs):

@@ -185,8 +185,9 @@ def make_ca(name):
     return key, cert
 
 
-def make_server_cert(ca_key, ca_cert, names, ips):
-    """(key, cert) for the broker: DNS names and IP addresses in subjectAltName."""
+def make_server_cert(ca_key, ca_cert, names, ips, client_auth=False):
+    """(key, cert) for the broker: DNS names and IP addresses in subjectAltName. client_auth:
+    also usable as a TLS client certificate (NATS cluster routes authenticate each other)."""
     x509, hashes, _, ec, EKU, NameOID = _crypto()
     key = ec.generate_private_key(ec.SECP256R1())
     now = datetime.datetime.now(datetime.timezone.utc)
@@ -201,7 +202,8 @@ def make_server_cert(ca_key, ca_cert, names, ips):
             .add_extension(x509.KeyUsage(digital_signature=True, content_commitment=False, key_encipherment=False,
                                          data_encipherment=False, key_agreement=False, key_cert_sign=False,
                                          crl_sign=False, encipher_only=False, decipher_only=False), critical=True)
-            .add_extension(x509.ExtendedKeyUsage([EKU.SERVER_AUTH]), critical=False)
+            .add_extension(x509.ExtendedKeyUsage([EKU.SERVER_AUTH] + ([EKU.CLIENT_AUTH] if client_auth else [])),
+                           critical=False)
             .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
             .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()), critical=False)
             .sign(ca_key, hashes.SHA256()))
