@@ -8,7 +8,8 @@ adds to an `edgeflow-provision init` folder (same CA, same device and gateway pa
         names (the devices check server_hostname) + the nodes' names/IPs; server and client
         use (cluster routes authenticate each other with it: mutual TLS, verify on)
     nats/auth.conf      `authorization { users = [...] }` (0600): passwords as bcrypt hashes
-    nats/tls.conf       the tls / mqtt / cluster blocks to paste into each node's config
+    nats/node.conf      a node's whole nats-server config (TLS, users, JetStream, MQTT, routes,
+        the partition mapping): copy it with the files above, set server_name
 
 Users and permissions (NATS checks them on the subjects the MQTT topics map to,
 edgeflow/d/<id>/data -> edgeflow.d.<id>.data, and for a publish after the partition mapping:
@@ -150,16 +151,31 @@ def init(fleet, partitions, names=(), ips=()):
     write_public(fleet.path("nats", "ca.pem"), _read(fleet.path("ca", "ca.pem")))
     fleet.save(st)
     n = render_users(fleet)
-    inst = "/etc/nats/edgeflow"
-    t, m, c = tls_blocks(paths(inst))
-    write_public(fleet.path("nats", "tls.conf"), (
-        "# paste into each node's nats-server config (files from FLEET/nats copied to %s)\n"
-        "%s\ninclude auth.conf     # copy auth.conf next to the node's config file\n"
-        "mqtt { listen: 0.0.0.0:8883, stream_replicas: 3, %s }\n"
-        "cluster { name: edgeflow, listen: 0.0.0.0:6222, %s,\n"
-        "          routes: [nats-route://nats1:6222, nats-route://nats2:6222, nats-route://nats3:6222] }\n"
-        % (inst, t, m, c)))
+    write_public(fleet.path("nats", "node.conf"), node_template(st, list(names) + list(ips)))
     return n
+
+
+def node_template(st, nodes, install="/etc/nats/edgeflow"):
+    """A whole nats-server config for one node of the site (set server_name per node):
+    TLS on every port, the users, JetStream, MQTT, routes, the partition mapping."""
+    from gateway.partitions import nats_mappings
+    t, m, c = tls_blocks(paths(install))
+    routes = ", ".join("nats-route://%s:6222" % h for h in (nodes or ["nats1", "nats2", "nats3"]))
+    maps = ", ".join("%s: %s" % (json.dumps(k), json.dumps(v))
+                     for k, v in nats_mappings(st["prefix"], st["nats"]["partitions"]).items())
+    return ("# nats-server config of one node of an edgeflow site (tools/natsauth.py).\n"
+            "# Copy FLEET/nats/{server.pem,server.key,ca.pem,auth.conf} to %(inst)s and this file\n"
+            "# to %(inst)s/node.conf; set server_name; run nats-server -c %(inst)s/node.conf\n"
+            "server_name: nats1\n"
+            "listen: 0.0.0.0:4222\n"
+            "http: 127.0.0.1:8222      # monitoring stays on the node\n"
+            "max_payload: 4MB\n"
+            "%(t)s\n"
+            "include auth.conf         # the users (next to this file)\n"
+            "jetstream { store_dir: /var/lib/nats, max_file_store: 8G }\n"
+            "mqtt { listen: 0.0.0.0:8883, ack_wait: \"30s\", max_ack_pending: 1024, stream_replicas: 3, %(m)s }\n"
+            "cluster { name: edgeflow, listen: 0.0.0.0:6222, routes: [%(routes)s], %(c)s }\n"
+            "mappings { %(maps)s }\n") % {"inst": install, "t": t, "m": m, "c": c, "routes": routes, "maps": maps}
 
 
 def refresh(fleet):

@@ -8,6 +8,8 @@
     edgeflow-provision renew-server FLEET           # new broker certificate (same CA)
     edgeflow-provision add-service FLEET monitor --access read   # a trusted non-device client
     edgeflow-provision list FLEET
+    edgeflow-provision nats FLEET --partitions 8 --name nats1 --name nats2 --name nats3
+                                                    # a NATS cluster site (tools/natsauth.py)
 
 What FLEET holds (folder 0700, every secret file 0600):
     fleet.json                  settings and the device list (active / revoked); no secrets
@@ -514,6 +516,11 @@ def parse_args(argv=None):
     p.add_argument("fleet")
     p.add_argument("user")
     p.add_argument("--access", choices=("read", "readwrite"), default="read")
+    p = sub.add_parser("nats", help="TLS certificate and users for a NATS cluster that speaks MQTT (scale-out)")
+    p.add_argument("fleet")
+    p.add_argument("--partitions", type=int, required=True, help="P of the site (the servers' partition mapping)")
+    p.add_argument("--name", action="append", default=[], help="DNS name of a NATS node (repeatable)")
+    p.add_argument("--ip", action="append", default=[], help="IP address of a NATS node (repeatable)")
     for name, hlp in (("rotate-gateway", "new gateway MQTT password"),
                       ("renew-server", "new broker certificate from the same CA"),
                       ("list", "devices and their state")):
@@ -530,6 +537,22 @@ def run(argv=None, out=None):
     out = out or sys.stdout
     a = parse_args(argv)
     f = Fleet(a.fleet)
+    rc = _run(a, f, out)
+    if a.cmd not in ("init", "list", "renew-server", "nats"):
+        from tools import natsauth
+        if natsauth.refresh(f) is not None:  # users changed: the NATS side too
+            print("provision: rewrote %s: copy it to every NATS node and reload them (nats-server --signal reload)"
+                  % f.path("nats", "auth.conf"), file=out)
+    return rc
+
+
+def _run(a, f, out):
+    if a.cmd == "nats":
+        from tools import natsauth
+        n = natsauth.init(f, a.partitions, a.name, a.ip)
+        print("provision: NATS certificate and %d users in %s; a node's config in %s (docs/scale-out.md)"
+              % (n, f.path("nats"), f.path("nats", "node.conf")), file=out)
+        return 0
     if a.cmd == "init":
         f.init(a.broker_host, a.name, a.ip, a.port, a.prefix, a.gateway_user, a.install_dir, a.bind, a.devices)
         print("provision: fleet in %s (%d devices); broker files in %s/broker, gateway files in %s/gateway"
