@@ -33,7 +33,7 @@ from nats.js.errors import BucketNotFoundError, KeyWrongLastSequenceError, NoKey
 
 from . import logs
 from .config import Config, ConfigError
-from .ingest_jetstream import Link, PartitionIngest, Security, until_ready
+from .ingest_jetstream import STREAM, Link, PartitionIngest, Security, consumer_name, until_ready
 from .partitions import fair_share
 from .service import Gateway
 
@@ -41,10 +41,88 @@ BUCKET = "edgeflow_leases"
 
 
 class _Part:
-    __slots__ = ("p", "gw", "task", "fd", "rev", "renewed", "since")
+    __slots__ = ("p", "gw", "task", "fd", "rev", "renewed", "since", "pending", "ack_pending")
 
     def __init__(self, p, gw, task, fd, rev, now):
         self.p, self.gw, self.task, self.fd, self.rev, self.renewed, self.since = p, gw, task, fd, rev, now, now
+        self.pending = self.ack_pending = None  # the partition consumer's backlog (refreshed each tick)
+
+
+class ScaleoutCollector:
+    """Per-partition metrics of one scale-out gateway process ([metrics] port): what it owns,
+    lease takeovers, and per owned partition committed records, duplicates, the stream
+    backlog of its consumer (lag in messages) and its watermark lag."""
+
+    def __init__(self, owner):
+        self.o = owner
+
+    def collect(self):
+        from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+        o, p = self.o, "edgeflow_scaleout_"
+        parts = dict(o.parts)
+        yield GaugeMetricFamily(p + "partitions_owned", "partitions this gateway runs", value=len(parts))
+        yield GaugeMetricFamily(p + "gateways_alive", "gateways of the site (lease bucket members)", value=o.alive)
+        yield CounterMetricFamily(p + "partitions_taken", "partitions started here (leases taken)", value=o.taken)
+        yield CounterMetricFamily(p + "lease_takeovers", "partitions started here from an existing checkpoint (another owner's, or this one's after a lost lease)",
+                                  value=o.takeovers)
+        yield CounterMetricFamily(p + "partitions_released", "partitions given back (rebalance, stop)",
+                                  value=o.released)
+        yield CounterMetricFamily(p + "leases_lost", "partitions stopped: lease lost or not renewed in time",
+                                  value=o.lost)
+        yield CounterMetricFamily(p + "partitions_fenced", "takes refused: the old owner still held the file lock",
+                                  value=o.fenced)
+        yield GaugeMetricFamily(p + "last_takeover_start_seconds", "lock + consumer + pipeline start of the last "
+                                "partition taken", value=o.last_start_s)
+        fam = {
+            "owned": GaugeMetricFamily(p + "partition_owned", "1 per partition this gateway runs", labels=["partition"]),
+            "committed": CounterMetricFamily(p + "partition_committed_records", "new records committed (readings "
+                                             "and others, after dedup) since this gateway took the partition",
+                                             labels=["partition"]),
+            "dups": CounterMetricFamily(p + "partition_duplicates", "records dropped as duplicates",
+                                        labels=["partition"]),
+            "msgs": CounterMetricFamily(p + "partition_messages", "JetStream messages processed",
+                                        labels=["partition"]),
+            "pending": GaugeMetricFamily(p + "partition_stream_pending", "messages in the stream not yet delivered "
+                                         "to the partition's consumer (lag)", labels=["partition"]),
+            "ackp": GaugeMetricFamily(p + "partition_ack_pending", "delivered, not yet acked (not committed)",
+                                      labels=["partition"]),
+            "queue": GaugeMetricFamily(p + "partition_queue_depth", "messages fetched, waiting for the pipeline",
+                                       labels=["partition"]),
+            "wm": GaugeMetricFamily(p + "partition_watermark_lag_seconds", "now - the partition's watermark",
+                                    labels=["partition"]),
+            "age": GaugeMetricFamily(p + "partition_last_commit_age_seconds", "seconds since its last commit",
+                                     labels=["partition"]),
+        }
+        now_ms, mono = time.time() * 1000, time.monotonic()
+        for n, h in sorted(parts.items()):
+            lab, s = ["%d" % n], h.gw.stats
+            fam["owned"].add_metric(lab, 1)
+            fam["committed"].add_metric(lab, s.readings + s.records)
+            fam["dups"].add_metric(lab, s.duplicates)
+            fam["msgs"].add_metric(lab, s.messages)
+            fam["queue"].add_metric(lab, h.gw.queue_depth())
+            if h.pending is not None:
+                fam["pending"].add_metric(lab, h.pending)
+                fam["ackp"].add_metric(lab, h.ack_pending)
+            wm = h.gw.watermarks.global_wm
+            if wm is not None:
+                fam["wm"].add_metric(lab, (now_ms - wm) / 1000.0)
+            if s.last_commit_mono is not None:
+                fam["age"].add_metric(lab, mono - s.last_commit_mono)
+        yield from fam.values()
+
+
+def serve_metrics(owner, host, port):
+    """The process's metrics endpoint (None when port is 0)."""
+    if not port:
+        return None
+    from prometheus_client import CollectorRegistry, ProcessCollector, start_http_server
+    reg = CollectorRegistry(auto_describe=False)
+    reg.register(ScaleoutCollector(owner))
+    ProcessCollector(registry=reg)
+    owner.metrics_registry = reg
+    out = start_http_server(port, addr=host, registry=reg)
+    return out[0] if isinstance(out, tuple) else out
 
 
 class Owner:
@@ -70,6 +148,10 @@ class Owner:
         self.released = 0
         self.lost = 0
         self.fenced = 0
+        self.takeovers = 0
+        self.last_start_s = 0.0
+        self.metrics_registry = None
+        self.metrics_server = None
         self._stop = None
         # rotate the scan start so that gateways starting together want different partitions
         self._order = sorted(range(partitions), key=lambda p: (p - sum(gid.encode())) % partitions)
@@ -83,6 +165,12 @@ class Owner:
     async def run(self):
         self._stop = asyncio.Event()
         os.makedirs(self.dir, exist_ok=True)
+        m = self.base.metrics
+        try:
+            self.metrics_server = serve_metrics(self, m.host, m.port)
+        except OSError as e:
+            raise ConfigError("metrics endpoint %s:%d: %s (several gateways on one host: --metrics-port)"
+                              % (m.host, m.port, e.strerror))
         await self.link.start()
         self.kv = await until_ready(self._bucket, "lease bucket")
         logs.info("scaleout_started", id=self.gid, partitions=self.P, lease_s=self.lease_s, dir=self.dir)
@@ -115,6 +203,8 @@ class Owner:
             except Exception:  # noqa: BLE001
                 last = False
             await self.link.close(offline=last)
+            if self.metrics_server is not None:
+                self.metrics_server.shutdown()
             logs.info("scaleout_stopped", id=self.gid, taken=self.taken, released=self.released, lost=self.lost)
 
     async def _bucket(self):
@@ -153,6 +243,7 @@ class Owner:
                 self.lost += 1
                 await self._drop(p, release=False)
         await self._expire_unrenewed()
+        await self._consumer_lag()
         self.alive = max(1, len(await self._members()))
         target = fair_share(self.P, self.alive)
         if len(self.parts) > target:
@@ -168,6 +259,15 @@ class Owner:
             except KeyWrongLastSequenceError:
                 continue  # owned by another gateway
             await self._take(p, rev)
+
+    async def _consumer_lag(self):
+        """The owned partitions' consumer backlog, for the metrics (a few requests per tick)."""
+        for n, h in list(self.parts.items()):
+            try:
+                ci = await self.link.js.consumer_info(STREAM, consumer_name(n))
+            except Exception:  # noqa: BLE001 - a metric; the next tick tries again
+                continue
+            h.pending, h.ack_pending = ci.num_pending, ci.num_ack_pending
 
     async def _expire_unrenewed(self):
         """A lease not renewed for a whole period may belong to someone else by now: stop."""
@@ -193,6 +293,7 @@ class Owner:
             await self.link.reset_consumer(p)
             over = dict(self.overrides)
             over["store.path"] = os.path.join(self.dir, "part-%03d.db" % p)
+            handover = os.path.exists(over["store.path"])  # another owner's checkpoint: a takeover
             over["metrics.port"] = 0
             cfg = Config.load(self.config_path, over)
             link = self.link
@@ -210,6 +311,8 @@ class Owner:
             return
         self.parts[p] = _Part(p, gw, task, fd, rev, time.monotonic())
         self.taken += 1
+        self.takeovers += handover
+        self.last_start_s = time.monotonic() - t0
         self.link.out.announce()  # devices of this partition may have seen a will say offline
         logs.info("partition_taken", partition=p, id=self.gid, start_ms=round((time.monotonic() - t0) * 1000),
                   owned=sorted(self.parts))
@@ -256,14 +359,17 @@ def build_parser():
     ap.add_argument("--dir", required=True, help="directory of the partitions' SQLite files (shared by the site)")
     ap.add_argument("--lease-s", type=float, default=3.0, help="lease TTL; takeover takes about this plus a tick")
     ap.add_argument("--replicas", type=int, default=3, help="stream and bucket replicas")
+    ap.add_argument("--metrics-port", type=int, default=None,
+                    help="this process's metrics port (default [metrics] port; 0 = none)")
     return ap
 
 
 def main(argv=None):
     args = build_parser().parse_args(argv)
     try:
+        over = {} if args.metrics_port is None else {"metrics.port": args.metrics_port}
         owner = Owner(args.config, args.id, args.nats.split(","), _hosts(args.mqtt), args.partitions, args.dir,
-                      args.lease_s, args.replicas)
+                      args.lease_s, args.replicas, overrides=over)
     except (ConfigError, ValueError) as e:
         print("edgeflow-scaleout: %s" % e, file=sys.stderr)
         return 2
@@ -275,7 +381,11 @@ def main(argv=None):
             loop.add_signal_handler(s, owner.stop)
         await owner.run()
 
-    asyncio.run(go())
+    try:
+        asyncio.run(go())
+    except ConfigError as e:
+        print("edgeflow-scaleout: %s" % e, file=sys.stderr)
+        return 1
     return 0
 
 

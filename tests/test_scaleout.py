@@ -152,6 +152,15 @@ def test_cluster_gateway_and_node_kill_exactly_once(tmp_path):
     # firmware broker.hosts: the dead node's devices run sessions on the other nodes
     assert on_n2 >= 1 and tried == moved == on_n2, text
     assert fig["outputs_moved"][0] == fig["outputs_moved"][1] == 2, text  # the gateways' acks too
+    # per-partition metrics from both gateways' endpoints: every partition owned once, the
+    # killed g0's partitions were taken over by g1 from g0's checkpoints, nothing left behind
+    m = fig["metrics"]
+    owned = [k[1] for g in m for k in m[g] if k[0] == "edgeflow_scaleout_partition_owned"]
+    assert sorted(owned, key=int) == [str(p) for p in range(8)], text
+    assert m["g1"][("edgeflow_scaleout_lease_takeovers_total", None)] >= 4, text
+    for g in m:
+        assert sum(v for k, v in m[g].items() if k[0] == "edgeflow_scaleout_partition_stream_pending") == 0, text
+        assert m[g][("edgeflow_scaleout_partitions_owned", None)] == 4, text
 
 
 def test_stalled_owner_is_fenced_then_loses_its_lease(tmp_path):
@@ -190,6 +199,15 @@ def test_stalled_owner_is_fenced_then_loses_its_lease(tmp_path):
             await _until(lambda: a.lost == 2, 20)
             await _until(lambda: len(a.parts) + len(b.parts) == 2 and b.parts, 30)
             assert not set(a.parts) & set(b.parts)
+            # the metrics say so too: b took over from a's checkpoint files, a lost 2 leases
+            from gateway.scaleout import ScaleoutCollector
+            got = {smp.name: smp.value for fam in ScaleoutCollector(b).collect() for smp in fam.samples
+                   if not smp.labels}
+            assert got["edgeflow_scaleout_partitions_owned"] == len(b.parts) >= 1
+            assert got["edgeflow_scaleout_lease_takeovers_total"] >= 1
+            assert got["edgeflow_scaleout_partitions_fenced_total"] >= 2
+            assert {smp.name: smp.value for fam in ScaleoutCollector(a).collect() for smp in fam.samples
+                    if not smp.labels}["edgeflow_scaleout_leases_lost_total"] == 2
         finally:
             a.stop()
             b.stop()

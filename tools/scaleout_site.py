@@ -33,7 +33,7 @@ from gateway.partitions import nats_mappings, partition_of  # noqa: E402
 from tools import groundtruth  # noqa: E402
 from tools.fleet import Fleet, gateway_toml, gateway_windows  # noqa: E402
 from tools import natsauth  # noqa: E402
-from tools.natscluster import NatsCluster, die_with_parent  # noqa: E402
+from tools.natscluster import NatsCluster, die_with_parent, free_port  # noqa: E402
 from tools.provision import Fleet as FleetDir  # noqa: E402
 
 PY = sys.executable
@@ -81,6 +81,7 @@ class ScaleSite:
             f.write(gateway_toml(1883, "unused.db", window_ms, lateness_ms, ooo_ms, idle_ms, groups, extra))
         self.windows = gateway_windows(window_ms, lateness_ms, groups)
         self.gws = {}
+        self.metrics_ports = {}
 
     def start(self):
         self.cluster.start()
@@ -97,11 +98,23 @@ class ScaleSite:
     def start_gateway(self, gid):
         hosts = ",".join("127.0.0.1:%d" % p for p in self.cluster.mqtt_ports)
         log = open(self.log_path(gid), "ab")
+        self.metrics_ports[gid] = free_port()
         self.gws[gid] = subprocess.Popen(
             [PY, "-m", "gateway.scaleout", "--id", gid, "-c", self.conf, "--nats", ",".join(self.cluster.urls),
-             "--mqtt", hosts, "--partitions", str(self.P), "--dir", self.parts_dir, "--lease-s", str(self.lease_s)],
+             "--mqtt", hosts, "--partitions", str(self.P), "--dir", self.parts_dir, "--lease-s", str(self.lease_s),
+             "--metrics-port", str(self.metrics_ports[gid])],
             cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, preexec_fn=die_with_parent)
         log.close()
+
+    def scrape(self, gid):
+        """{(metric name, partition label or None): value} from a gateway's metrics endpoint."""
+        import urllib.request
+        from prometheus_client.parser import text_string_to_metric_families
+        with urllib.request.urlopen("http://127.0.0.1:%d/metrics" % self.metrics_ports[gid], timeout=5) as r:
+            text = r.read().decode()
+        return {(smp.name, smp.labels.get("partition")): smp.value
+                for fam in text_string_to_metric_families(text) for smp in fam.samples
+                if smp.name.startswith("edgeflow_scaleout_")}
 
     def kill_gateway(self, gid):
         p = self.gws.pop(gid, None)
@@ -271,6 +284,17 @@ async def scenario(workdir, devices=20, duration=40.0, gateways=2, partitions=8,
         await asyncio.sleep(step)
         drained = await fleet.quiesce(timeout=90)
         log("devices drained: %s" % drained)
+        await asyncio.sleep(site.lease_s)  # one more lease tick: the consumers' backlog is refreshed
+        fig["metrics"] = {g: site.scrape(g) for g in gids}
+        for g in gids:
+            m = fig["metrics"][g]
+            part = sorted(k[1] for k in m if k[0] == "edgeflow_scaleout_partition_owned")
+            log("metrics %s: owns %s, taken %d, takeovers %d, committed %d, stream pending %d, ack pending %d" % (
+                g, ",".join(part), m[("edgeflow_scaleout_partitions_taken_total", None)],
+                m[("edgeflow_scaleout_lease_takeovers_total", None)],
+                sum(v for k, v in m.items() if k[0] == "edgeflow_scaleout_partition_committed_records_total"),
+                sum(v for k, v in m.items() if k[0] == "edgeflow_scaleout_partition_stream_pending"),
+                sum(v for k, v in m.items() if k[0] == "edgeflow_scaleout_partition_ack_pending")))
         await fleet.shutdown()
         fig["fleet"] = fleet.stats()
         await asyncio.sleep(1.0)
