@@ -465,3 +465,73 @@ def test_scaleout_gateway_refuses_an_insecure_config(tmp_path):
         f.write(gateway_toml(1, "unused.db", groups=False))
     assert main(["--id", "a", "-c", conf, "--nats", "nats://127.0.0.1:1", "--mqtt", "127.0.0.1:1",
                  "--partitions", "2", "--dir", str(tmp_path / "parts")]) == 2
+
+
+def test_jetstream_sink_and_collector_over_tls_with_users(tmp_path):
+    """The JetStream sink and the collector connect with TLS (fleet CA, name checked) and a
+    user + password file: rows reach the central store; without tls_ca, or with a wrong
+    password, the connect is refused."""
+    import secrets
+
+    from gateway import collector as C
+    from gateway.sinks.jetstream import connect
+    from tests.test_sinks import checkpoint, open_set, readings, stop_collector, until
+    from tools import natsauth
+    from tools.natscluster import NatsCluster
+    from tools.provision import write_secret
+    from tools.scaleout_site import secure_fleet
+    fleet, sec, _gw = secure_fleet(str(tmp_path), 1)
+    pw = {u: secrets.token_urlsafe(24) for u in ("sink-s1", "collector")}
+    for u in pw:
+        write_secret(str(tmp_path / (u + ".pw")), pw[u] + "\n")
+    js = "$JS.API."
+    sink_perm = {"publish": {"allow": ["edgeflow.sink.s1.>", js + "INFO", js + "STREAM.INFO.SINKS",
+                                       js + "STREAM.CREATE.SINKS"]}, "subscribe": {"allow": ["_INBOX.>"]}}
+    coll_perm = {"publish": {"allow": [js + "INFO", js + "STREAM.*.SINKS", js + "CONSUMER.*.SINKS.>",
+                                       js + "CONSUMER.*.*.SINKS.>", "$JS.ACK.SINKS.>"]},
+                 "subscribe": {"allow": ["_INBOX.>"]}}
+    sec = dict(sec, auth=str(tmp_path / "sinkauth.conf"))
+    write_secret(sec["auth"], natsauth.auth_conf([
+        natsauth.user_entry(u, natsauth.hash_password(pw[u]), perm, ["STANDARD"])
+        for u, perm in (("sink-s1", sink_perm), ("collector", coll_perm))]))
+    cluster = NatsCluster(tmp_path / "nats", 1, security=sec).start()
+    url, ca = cluster.urls[0], fleet.path("ca", "ca.pem")
+    central = str(tmp_path / "central.db")
+    tls = {"tls_ca": ca, "tls_server_name": "localhost"}
+
+    async def refused(wait=3, **kw):
+        # connect() retries forever (a sink must ride out outages): refused = not connected
+        # within `wait` s, while the same call with the right settings gets 20 s to connect
+        try:
+            nc = await asyncio.wait_for(connect([url], "t", **kw), wait)
+        except Exception as e:  # noqa: BLE001 - the refusal is the result
+            return repr(e)
+        await nc.close()
+        return None
+
+    async def main():
+        assert await refused(20, user="sink-s1", password_file=str(tmp_path / "sink-s1.pw"), **tls) is None
+        assert await refused(user="sink-s1", password_file=str(tmp_path / "collector.pw"), **tls)
+        assert await refused(user="sink-s1", password_file=str(tmp_path / "sink-s1.pw"))  # plaintext
+        store, s = await open_set(tmp_path, [dict(
+            {"name": "c", "type": "jetstream", "servers": [url], "stream": "SINKS", "batch": 5, "tables": ["records"],
+             "user": "sink-s1", "password_file": str(tmp_path / "sink-s1.pw")}, **tls)])
+        s.start()
+        coll = C.Collector(C.load_config(None, {
+            "nats.servers": [url], "nats.stream": "SINKS", "store.path": central, "nats.user": "collector",
+            "nats.password_file": str(tmp_path / "collector.pw"), "nats.tls_ca": ca,
+            "nats.tls_server_name": "localhost"}))
+        ct = asyncio.ensure_future(coll.run())
+        try:
+            await checkpoint(store, s, [("readings", readings("d1", 1, 0, 12))])
+            assert await until(lambda: coll.messages >= 3)
+        finally:
+            await stop_collector(ct, coll)
+            await s.stop()
+            await store.close()
+    try:
+        asyncio.run(main())
+    finally:
+        cluster.stop()
+    db = sqlite3.connect(central)
+    assert db.execute("SELECT count(*) FROM readings WHERE site = 's1'").fetchone()[0] == 12

@@ -96,21 +96,24 @@ def node_conf(name, port, http_port, store_dir, cluster_port=None, routes=(), le
 
 class NatsCluster:
     def __init__(self, workdir, nodes=3, leafnodes=False, mqtt=False, mappings=None, domain=None, leaf_remotes=(),
-                 security=None):
+                 security=None, fixed_ports=False):
         """security: natsauth.paths(FLEET/nats) of a provisioned fleet (TLS everywhere, its
         users; .reload() after the users changed); mqtt: each node also listens for MQTT (ports in .mqtt_ports); mappings: subject
         mappings for every node ({from: to}); domain: JetStream domain (hub / site);
         leaf_remotes: hub leaf node ports to connect to (this server is then a site's leaf
         node: its JetStream stores while the link is down)."""
         self.dir = os.path.abspath(str(workdir))
-        self.mqtt_ports = [free_port() for _ in range(nodes)] if mqtt else [None] * nodes
+
+        def ports(base):  # fixed_ports: the usual ports + node index (a documented try-out)
+            return [base + i if fixed_ports else free_port() for i in range(nodes)]
+        self.mqtt_ports = ports(1883) if mqtt else [None] * nodes
         self.mappings = mappings
         self.n = nodes
         self.domain = domain
         self.leaf_remotes = tuple(leaf_remotes)
-        self.ports = [free_port() for _ in range(nodes)]
-        self.http = [free_port() for _ in range(nodes)]
-        self.cports = [free_port() for _ in range(nodes)] if nodes > 1 else [None]
+        self.ports = ports(4222)
+        self.http = ports(8222)
+        self.cports = ports(6222) if nodes > 1 else [None]
         self.leaf_ports = [free_port() for _ in range(nodes)] if leafnodes else [None] * nodes
         self.procs = [None] * nodes
         self.kills = 0
@@ -312,15 +315,32 @@ def main(argv=None):
     ap.add_argument("--mqtt", action="store_true", help="also listen for MQTT (devices) on every node")
     ap.add_argument("--partitions", type=int, default=0,
                     help="map device subjects to P partitions (gateway/partitions.py; one site, several gateways)")
+    ap.add_argument("--fleet", help="an edgeflow-provision folder with NATS settings (edgeflow-provision nats): "
+                    "TLS on every port and route, its users; without it the servers are open (plaintext, anonymous)")
+    ap.add_argument("--fixed-ports", action="store_true",
+                    help="client 4222+i, MQTT 1883+i, routes 6222+i, monitoring 8222+i instead of free ports")
     args = ap.parse_args(argv)
-    mappings = None
+    mappings = security = None
+    if args.fleet:
+        from tools.provision import Fleet
+        fleet = Fleet(args.fleet)
+        st = fleet.load()
+        if not st.get("nats"):
+            ap.error("%s has no NATS settings: run edgeflow-provision nats %s --partitions P" % (args.fleet, args.fleet))
+        if args.partitions and args.partitions != st["nats"]["partitions"]:
+            ap.error("--partitions %d, but the fleet's NATS users were made for %d"
+                     % (args.partitions, st["nats"]["partitions"]))
+        args.partitions = args.partitions or st["nats"]["partitions"]
+        security = natsauth.paths(fleet.path("nats"))
     if args.partitions:
         from gateway.partitions import nats_mappings
         mappings = nats_mappings("edgeflow", args.partitions)
-    c = NatsCluster(args.dir, args.nodes, args.leafnodes, mqtt=args.mqtt, mappings=mappings).start()
+    c = NatsCluster(args.dir, args.nodes, args.leafnodes, mqtt=args.mqtt, mappings=mappings, security=security,
+                    fixed_ports=args.fixed_ports).start()
     try:
         c.wait_ready()
-        print("NATS JetStream ready: %s" % ",".join(c.urls))
+        print("NATS JetStream ready%s: %s" % (" (TLS, users of %s)" % args.fleet if security else
+                                               " (open: plaintext, anonymous)", ",".join(c.urls)))
         if args.mqtt:
             print("MQTT ports: %s" % ",".join(str(p) for p in c.mqtt_ports))
         if args.leafnodes:

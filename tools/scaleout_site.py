@@ -216,7 +216,7 @@ class ScaleSite:
 
 
 async def scenario(workdir, devices=20, duration=40.0, gateways=2, partitions=8, sample_ms=250, seed=1, log=print,
-                   kill_node=0, node_down_s=None, insecure=False):
+                   kill_node=0, node_down_s=None, insecure=False, device_timeout_ms=None):
     """kill_node: index of the NATS node to kill -9 (None: none); node_down_s: how long it
     stays down at most (default duration/5); it comes back earlier once its devices and the
     gateways' MQTT outputs run on the other nodes."""
@@ -237,6 +237,8 @@ async def scenario(workdir, devices=20, duration=40.0, gateways=2, partitions=8,
             k = i % len(ports)
             order = ports[k:] + ports[:k]
             dev_over[i] = {"broker": {"port": order[0], "hosts": ["127.0.0.1:%d" % p for p in order]}}
+            if device_timeout_ms:
+                dev_over[i]["broker"]["timeout_ms"] = device_timeout_ms
         fleet = Fleet(devices, ports[0], truth, seed=seed, sample_ms=sample_ms, dev_over=dev_over, broker=site.fleet)
         await fleet.start(stagger_s=1.0)
         step = duration / 5
@@ -324,6 +326,8 @@ def main(argv=None):
     ap.add_argument("--no-node-kill", action="store_true", help="only the gateway faults")
     ap.add_argument("--node-down", type=float, default=None, help="max seconds the killed NATS node stays down")
     ap.add_argument("--insecure", action="store_true", help="plaintext, anonymous NATS (the open set-up)")
+    ap.add_argument("--device-timeout-ms", type=int, default=None,
+                    help="the devices' broker.timeout_ms (socket and CONNACK/SUBACK waits; fleet default 3000)")
     args = ap.parse_args(argv)
     if args.short:
         args.devices, args.duration = 6, 20
@@ -331,7 +335,7 @@ def main(argv=None):
     t0 = time.time()
     rep, fig = asyncio.run(scenario(d, args.devices, args.duration, args.gateways, args.partitions, seed=args.seed,
                                        kill_node=None if args.no_node_kill else 0, node_down_s=args.node_down,
-                                       insecure=args.insecure))
+                                       insecure=args.insecure, device_timeout_ms=args.device_timeout_ms))
     print("takeover_s=%s  devices_failover_s=%s  run_s=%.0f  dir=%s" % (
         fig.get("takeover_s"), fig.get("failover_s"), time.time() - t0, d))
     return 0 if rep.ok else 1
