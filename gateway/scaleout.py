@@ -1,7 +1,13 @@
 """One site, several gateways: a gateway process that owns partitions by lease.
 
-    python -m gateway.scaleout --id gw1 -c gateway.toml --dir /var/lib/edgeflow \\
-        --nats nats://10.0.0.1:4222,nats://10.0.0.2:4222 --mqtt 10.0.0.1:1883,10.0.0.2:1883 --partitions 8
+    edgeflow-scaleout --id gw1 -c gateway.toml --dir /var/lib/edgeflow --metrics-port 9108 \\
+        --nats nats://10.0.0.1:4222,nats://10.0.0.2:4222 --mqtt 10.0.0.1:8883,10.0.0.2:8883 --partitions 8
+
+Security as for one gateway: [mqtt] tls_ca / tls_server_name / username / password_file and
+[devices] file are required (or [security] insecure = true); they serve both the NATS
+connection (JetStream) and the MQTT output (tools/natsauth.py makes the servers' users).
+Metrics: this process's endpoint (--metrics-port, default [metrics] port) has per-partition
+metrics (ScaleoutCollector); the partition pipelines serve none of their own.
 
 Ownership: a JetStream key-value bucket (replicas 3) with a TTL of one lease period holds
 `p.<n>` = owning gateway id and `gw.<id>` = membership. Every lease/3 a gateway renews its

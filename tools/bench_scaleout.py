@@ -84,7 +84,8 @@ async def _ensure_stream(site):
 
 
 def cluster_drain(tmp, msgs, n_readings, gateways, partitions=8):
-    site = ScaleSite(os.path.join(tmp, "cluster-g%d" % gateways), partitions=partitions, gw_extra=GW_EXTRA).start()
+    site = ScaleSite(os.path.join(tmp, "cluster-g%d" % gateways), partitions=partitions, gw_extra=GW_EXTRA,
+                     insecure=True).start()  # plaintext on both sides, like the mosquitto baseline
     try:
         asyncio.run(_ensure_stream(site))
         t0 = time.perf_counter()
@@ -313,7 +314,7 @@ def latency(tmp, n, n_ack):
             gw.terminate()
             gw.wait(10)
         b.stop()
-    site = ScaleSite(os.path.join(tmp, "lat-cluster"), partitions=8, gw_extra=GW_EXTRA).start()
+    site = ScaleSite(os.path.join(tmp, "lat-cluster"), partitions=8, gw_extra=GW_EXTRA, insecure=True).start()
     try:
         asyncio.run(_ensure_stream(site))
         res["nats mqtt->jetstream consumer"] = _q(asyncio.run(_nats_latency(site, n)))
