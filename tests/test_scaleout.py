@@ -535,3 +535,32 @@ def test_jetstream_sink_and_collector_over_tls_with_users(tmp_path):
         cluster.stop()
     db = sqlite3.connect(central)
     assert db.execute("SELECT count(*) FROM readings WHERE site = 's1'").fetchone()[0] == 12
+
+
+def test_nats_revoke_and_rotate_take_effect_on_reload(tmp_path):
+    """edgeflow-provision revoke / rotate rewrite the NATS users; at the servers' reload a
+    revoked device is disconnected and refused, a rotated one needs its new password."""
+    from tests.test_security import Client
+    from tools.natscluster import NatsCluster
+    from tools.provision import run
+    from tools.scaleout_site import secure_fleet
+    fleet, sec, _gw = secure_fleet(str(tmp_path), 2, devices=["dev-a", "dev-b"])
+    c = NatsCluster(str(tmp_path / "nats"), 1, mqtt=True, mappings=nats_mappings("edgeflow", 2), security=sec).start()
+    try:
+        c.wait_ready()
+        mq = _NatsMqtt(fleet, c.mqtt_ports[0])
+        old_a, old_b = mq.credentials("dev-a")[1], mq.credentials("dev-b")[1]
+        b = Client(mq, "dev-b")
+        assert b.connect() == "Success"
+        out = open(os.devnull, "w")
+        assert run(["revoke", fleet.root, "dev-b"], out) == 0 and run(["rotate", fleet.root, "dev-a"], out) == 0
+        c.reload()
+        assert b.disconnected.wait(20), "the revoked device stayed connected after the reload"
+        b.close()
+        rcs = []
+        for cl in (Client(mq, "dev-b", password=old_b), Client(mq, "dev-a", password=old_a), Client(mq, "dev-a")):
+            rcs.append(cl.connect())
+            cl.close()
+        assert rcs[0] != "Success" and rcs[1] != "Success" and rcs[2] == "Success", rcs
+    finally:
+        c.stop()
