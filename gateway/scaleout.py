@@ -77,6 +77,9 @@ class ScaleoutCollector:
                                   value=o.lost)
         yield CounterMetricFamily(p + "partitions_fenced", "takes refused: the old owner still held the file lock",
                                   value=o.fenced)
+        yield CounterMetricFamily(p + "leases_reclaimed", "leases that expired on the server and were taken back "
+                                  "within this gateway's own lease period (the pipeline kept running)",
+                                  value=o.reclaimed)
         yield GaugeMetricFamily(p + "last_takeover_start_seconds", "lock + consumer + pipeline start of the last "
                                 "partition taken", value=o.last_start_s)
         fam = {
@@ -155,6 +158,7 @@ class Owner:
         self.lost = 0
         self.fenced = 0
         self.takeovers = 0
+        self.reclaimed = 0
         self.last_start_s = 0.0
         self.metrics_registry = None
         self.metrics_server = None
@@ -180,6 +184,7 @@ class Owner:
         await self.link.start()
         self.kv = await until_ready(self._bucket, "lease bucket")
         logs.info("scaleout_started", id=self.gid, partitions=self.P, lease_s=self.lease_s, dir=self.dir)
+        lag_task = asyncio.ensure_future(self._lag_loop())
         # join first, take partitions one tick later: gateways starting together then see
         # each other and split the partitions at once instead of moving them afterwards
         try:
@@ -201,6 +206,8 @@ class Owner:
                 except asyncio.TimeoutError:
                     pass
         finally:
+            lag_task.cancel()
+            await asyncio.gather(lag_task, return_exceptions=True)
             for p in sorted(self.parts):
                 await self._drop(p, release=True)
             try:
@@ -244,12 +251,25 @@ class Owner:
                 h.rev = await kv.update(_key(p), self.gid.encode(), last=h.rev)
                 h.renewed = now
             except KeyWrongLastSequenceError:
+                # the key expired on the server (its TTL runs from the server's store, this
+                # side's clock from the reply: a slow reply makes it expire "early"), and
+                # maybe another gateway created it and, fenced by our lock, deleted it again.
+                # Still within our own lease period and nobody holds the key: take it back,
+                # the pipeline never stopped (the lock is the fence: no one else ran it).
+                if now - h.renewed <= self.lease_s:
+                    try:
+                        h.rev = await kv.create(_key(p), self.gid.encode())
+                        h.renewed = now
+                        self.reclaimed += 1
+                        logs.warning("lease_reclaimed", partition=p)
+                        continue
+                    except KeyWrongLastSequenceError:
+                        pass
                 # expired and taken by another gateway while this one stalled
                 logs.error("lease_lost", partition=p)
                 self.lost += 1
                 await self._drop(p, release=False)
         await self._expire_unrenewed()
-        await self._consumer_lag()
         self.alive = max(1, len(await self._members()))
         target = fair_share(self.P, self.alive)
         if len(self.parts) > target:
@@ -266,14 +286,20 @@ class Owner:
                 continue  # owned by another gateway
             await self._take(p, rev)
 
-    async def _consumer_lag(self):
-        """The owned partitions' consumer backlog, for the metrics (a few requests per tick)."""
-        for n, h in list(self.parts.items()):
+    async def _lag_loop(self):
+        """The owned partitions' consumer backlog, for the metrics: its own loop with short
+        timeouts, so that a slow JetStream (leaders electing) never delays lease renewals."""
+        while not self._stop.is_set():
+            for n, h in list(self.parts.items()):
+                try:
+                    ci = await asyncio.wait_for(self.link.js.consumer_info(STREAM, consumer_name(n)), 1.0)
+                except Exception:  # noqa: BLE001 - a metric; tried again next round
+                    continue
+                h.pending, h.ack_pending = ci.num_pending, ci.num_ack_pending
             try:
-                ci = await self.link.js.consumer_info(STREAM, consumer_name(n))
-            except Exception:  # noqa: BLE001 - a metric; the next tick tries again
-                continue
-            h.pending, h.ack_pending = ci.num_pending, ci.num_ack_pending
+                await asyncio.wait_for(self._stop.wait(), self.lease_s)
+            except asyncio.TimeoutError:
+                pass
 
     async def _expire_unrenewed(self):
         """A lease not renewed for a whole period may belong to someone else by now: stop."""
@@ -290,10 +316,13 @@ class Owner:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            os.close(fd)  # the old owner still runs it: give the lease back, retry later
-            self.fenced += 1
+            os.close(fd)  # the old owner still runs it: give the lease back (only our
+            self.fenced += 1  # revision: the old owner may have taken it back meanwhile)
             logs.warning("partition_fenced", partition=p)
-            await self.kv.delete(_key(p))
+            try:
+                await self.kv.delete(_key(p), last=rev)
+            except KeyWrongLastSequenceError:
+                pass
             return
         try:
             await self.link.reset_consumer(p)

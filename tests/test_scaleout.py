@@ -564,3 +564,43 @@ def test_nats_revoke_and_rotate_take_effect_on_reload(tmp_path):
         assert rcs[0] != "Success" and rcs[1] != "Success" and rcs[2] == "Success", rcs
     finally:
         c.stop()
+
+
+def test_lease_expired_on_the_server_is_taken_back_without_a_restart(tmp_path):
+    """Under load a lease key can expire on the server although its owner renewed within its
+    own period (the TTL runs from the server's store); another gateway then creates it, is
+    fenced by the lock and deletes it. The owner takes it back (create) instead of stopping
+    and restarting the partition: counted as reclaimed, not lost, the pipeline never stopped."""
+    from gateway.scaleout import Owner, _key
+    from tools.fleet import gateway_toml
+    from tools.natscluster import NatsCluster
+    from tools.scaleout_site import secure_fleet
+    _fleet, sec, gw = secure_fleet(str(tmp_path), 1)
+
+    async def go(c):
+        conf = str(tmp_path / "gw.toml")
+        with open(conf, "w") as f:
+            f.write(gateway_toml(1, "unused.db", groups=False, extra=gw))
+        a = Owner(conf, "a", c.urls, [("127.0.0.1", c.mqtt_ports[0])], 1, str(tmp_path / "parts"), lease_s=3.0,
+                  replicas=1)
+        ta = asyncio.ensure_future(a.run())
+        try:
+            await _until(lambda: len(a.parts) == 1, 20)
+            task = a.parts[0].task
+            # what a fenced taker leaves behind: its create, then its delete
+            await a.kv.delete(_key(0))
+            rev = await a.kv.create(_key(0), b"b")
+            await a.kv.delete(_key(0), last=rev)
+            await _until(lambda: a.reclaimed == 1, 20)
+            assert a.lost == 0 and 0 in a.parts and a.parts[0].task is task and not task.done()
+            assert (await a.kv.get(_key(0))).value == b"a"
+        finally:
+            a.stop()
+            await asyncio.gather(ta, return_exceptions=True)
+
+    c = NatsCluster(str(tmp_path / "nats"), 1, mqtt=True, mappings=nats_mappings("edgeflow", 1), security=sec).start()
+    try:
+        c.wait_ready()
+        asyncio.run(go(c))
+    finally:
+        c.stop()
