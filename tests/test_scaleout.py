@@ -170,9 +170,8 @@ def test_stalled_owner_is_fenced_then_loses_its_lease(tmp_path):
     revision moved), it stops its pipelines, and only then can the other take one."""
     from gateway.scaleout import Owner
     from tools.fleet import gateway_toml
-    from tools.natscluster import NatsCluster
 
-    async def go(c):
+    async def go(c, gw):
         conf = str(tmp_path / "gw.toml")
         with open(conf, "w") as f:
             f.write(gateway_toml(1, "unused.db", groups=False, extra=gw))
@@ -213,12 +212,20 @@ def test_stalled_owner_is_fenced_then_loses_its_lease(tmp_path):
             b.stop()
             await asyncio.gather(ta, *([tb] if tb else []), return_exceptions=True)
 
+    _on_secure_node(tmp_path, 2, go)
+
+
+def _on_secure_node(tmp_path, partitions, go):
+    """asyncio.run(go(cluster, gw)) on one secured NATS node (MQTT, partition mapping);
+    gw: the gateway config sections (TLS, credentials, devices file)."""
+    from tools.natscluster import NatsCluster
     from tools.scaleout_site import secure_fleet
-    _fleet, sec, gw = secure_fleet(str(tmp_path), 2)
-    c = NatsCluster(str(tmp_path / "nats"), 1, mqtt=True, mappings=nats_mappings("edgeflow", 2), security=sec).start()
+    _fleet, sec, gw = secure_fleet(str(tmp_path), partitions)
+    c = NatsCluster(str(tmp_path / "nats"), 1, mqtt=True, mappings=nats_mappings("edgeflow", partitions),
+                    security=sec).start()
     try:
         c.wait_ready()
-        asyncio.run(go(c))
+        asyncio.run(go(c, gw))
     finally:
         c.stop()
 
@@ -573,11 +580,8 @@ def test_lease_expired_on_the_server_is_taken_back_without_a_restart(tmp_path):
     and restarting the partition: counted as reclaimed, not lost, the pipeline never stopped."""
     from gateway.scaleout import Owner, _key
     from tools.fleet import gateway_toml
-    from tools.natscluster import NatsCluster
-    from tools.scaleout_site import secure_fleet
-    _fleet, sec, gw = secure_fleet(str(tmp_path), 1)
 
-    async def go(c):
+    async def go(c, gw):
         conf = str(tmp_path / "gw.toml")
         with open(conf, "w") as f:
             f.write(gateway_toml(1, "unused.db", groups=False, extra=gw))
@@ -598,9 +602,4 @@ def test_lease_expired_on_the_server_is_taken_back_without_a_restart(tmp_path):
             a.stop()
             await asyncio.gather(ta, return_exceptions=True)
 
-    c = NatsCluster(str(tmp_path / "nats"), 1, mqtt=True, mappings=nats_mappings("edgeflow", 1), security=sec).start()
-    try:
-        c.wait_ready()
-        asyncio.run(go(c))
-    finally:
-        c.stop()
+    _on_secure_node(tmp_path, 1, go)
