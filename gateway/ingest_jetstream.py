@@ -162,7 +162,11 @@ class Security:
     gateway config's [mqtt] section; tls None / user "" = that part off (insecure set-ups)."""
 
     def __init__(self, cfg):
+        from .config import ConfigError
         m = cfg.mqtt
+        if m.tls_ca and not m.tls_server_name:
+            # the nodes are reached by several addresses (--nats, --mqtt): one name to check
+            raise ConfigError("mqtt.tls_server_name: the name in the NATS nodes' certificate (with mqtt.tls_ca)")
         self.tls = tls_context(m) if m.tls_ca else None
         self.server_name = m.tls_server_name or None
         self.user = m.username

@@ -470,8 +470,16 @@ def test_scaleout_gateway_refuses_an_insecure_config(tmp_path):
     conf = str(tmp_path / "gw.toml")
     with open(conf, "w") as f:
         f.write(gateway_toml(1, "unused.db", groups=False))
-    assert main(["--id", "a", "-c", conf, "--nats", "nats://127.0.0.1:1", "--mqtt", "127.0.0.1:1",
-                 "--partitions", "2", "--dir", str(tmp_path / "parts")]) == 2
+    args = ["--id", "a", "-c", conf, "--nats", "nats://127.0.0.1:1", "--mqtt", "127.0.0.1:1",
+            "--partitions", "2", "--dir", str(tmp_path / "parts")]
+    assert main(args) == 2
+    # TLS without the name to check in the nodes' certificate: refused too
+    from tools.scaleout_site import secure_fleet
+    _fleet, _sec, gw = secure_fleet(str(tmp_path), 2)
+    gw["mqtt"].pop("tls_server_name")
+    with open(conf, "w") as f:
+        f.write(gateway_toml(1, "unused.db", groups=False, extra=gw))
+    assert main(args) == 2
 
 
 def test_jetstream_sink_and_collector_over_tls_with_users(tmp_path):

@@ -12,6 +12,11 @@ started it, even when that one is killed -9 (a test killed by its timeout leaves
 Routes are not advertised to clients (`no_advertise`), so a client only ever uses the URLs it
 was given: a LinkProxy in front of the servers can then cut a site's link for real.
 
+Secured (NatsCluster(..., security=natsauth.paths(FLEET/nats)), CLI --fleet FLEET): TLS on the
+client port, MQTT and routes (mutual TLS), the fleet's users and permissions
+(tools/natsauth.py); .reload() makes the nodes reread them. Without it the servers are open:
+plaintext, anonymous (the sink tests and benchmarks that compare with an open mosquitto).
+
 LinkProxy(target_ports): one loopback TCP proxy port per target; .down() closes every
 connection and refuses new ones (a WAN link cut), .up() restores it. Runs in its own thread.
 """
