@@ -141,7 +141,7 @@ def test_cluster_gateway_and_node_kill_exactly_once(tmp_path):
     from tools.scaleout_site import scenario
     lines = []
     rep, fig = asyncio.run(scenario(str(tmp_path / "site"), devices=6, duration=20.0, gateways=2, partitions=8,
-                                    log=lines.append, node_down_s=40))
+                                    log=lines.append, node_down_s=60))
     text = "\n".join(lines)
     assert rep.ok, text
     assert rep.counts["delivered"] > 500 and rep.counts.get("held", 0) == 0, text
