@@ -76,7 +76,8 @@ class ScaleSite:
                                    mappings=nats_mappings("edgeflow", partitions), security=security)
         self.parts_dir = os.path.join(self.dir, "parts")
         self.conf = os.path.join(self.dir, "gateway.toml")
-        extra.update(gw_extra or {})
+        for sec, kv in (gw_extra or {}).items():  # per key: gw_extra may add to [mqtt]
+            extra.setdefault(sec, {}).update(kv)
         with open(self.conf, "w") as f:
             f.write(gateway_toml(1883, "unused.db", window_ms, lateness_ms, ooo_ms, idle_ms, groups, extra))
         self.windows = gateway_windows(window_ms, lateness_ms, groups)
