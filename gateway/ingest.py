@@ -144,21 +144,32 @@ class Ingest:
         return self.proto is not None and self.connected.is_set()
 
     async def _misc_loop(self):
-        """Keepalive: PINGREQ after keepalive seconds without sending; no PINGRESP within
-        keepalive (while reading) means a dead connection."""
-        ka = self.cfg.keepalive
         while True:
             await asyncio.sleep(1.0)
-            p = self.proto
-            if p is None or p.closed or not ka:
-                continue
-            now = time.monotonic()
-            if p.ping_sent is not None:
-                if now - p.ping_sent > ka and not p.paused:
-                    logs.warning("mqtt_ping_timeout", seconds=ka)
-                    p.tr.abort()
-            elif now - p.last_tx >= ka:
-                p.ping()
+            self.check_connection(time.monotonic())
+
+    def check_connection(self, now):
+        """Called each second. No CONNACK within min(keepalive, 10) s of the CONNECT (a broker
+        that accepts TCP and then hangs) means a dead connection: before, nothing but the
+        keepalive would notice, after 2 x keepalive, and it would send PINGREQ before CONNACK.
+        Then keepalive: PINGREQ after keepalive seconds without sending; no PINGRESP within
+        keepalive (while reading) means a dead connection."""
+        ka = self.cfg.keepalive
+        p = self.proto
+        if p is None or p.closed or p.tr is None:
+            return
+        if not self.connected.is_set():
+            if now - p.last_tx > min(ka, 10):
+                self.last_error = "no CONNACK within %d s" % min(ka, 10)
+                logs.warning("mqtt_connack_timeout", seconds=min(ka, 10))
+                p.tr.abort()
+            return
+        if p.ping_sent is not None:
+            if now - p.ping_sent > ka and not p.paused:
+                logs.warning("mqtt_ping_timeout", seconds=ka)
+                p.tr.abort()
+        elif now - p.last_tx >= ka:
+            p.ping()
 
     # ------------------------------------------------------------ connection events (mqttc.Protocol)
 

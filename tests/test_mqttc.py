@@ -244,3 +244,37 @@ def test_refused_connack_closes_and_backs_off():
         assert ing.connected.is_set() and ing._refused == 0
         assert bytes(p.tr.out).startswith(b"\x82")  # SUBSCRIBE, then the retained online state
     asyncio.run(go())
+
+
+def test_no_connack_is_a_dead_connection_and_no_ping_goes_before_it():
+    """A broker that accepts TCP, reads CONNECT and never answers: the client gives up after
+    min(keepalive, 10) s (reconnecting with backoff) and sends no PINGREQ before a CONNACK."""
+    import asyncio
+
+    from gateway.config import Config
+    from gateway.ingest import Ingest
+    from gateway.metrics import Stats
+
+    async def go():
+        ing = Ingest(Config({"security": {"insecure": True}, "mqtt": {"keepalive": 30}}), Stats())
+        ing._loop = asyncio.get_running_loop()
+        p = _proto(ing)
+        ing.proto = p
+        p.write(ing._connect)
+        t0 = p.last_tx
+        for dt in (1, 5, 9.9):
+            ing.check_connection(t0 + dt)
+            assert not p.tr.aborted and p.ping_sent is None
+        assert bytes(p.tr.out) == ing._connect  # no PINGREQ
+        ing.check_connection(t0 + 10.1)
+        assert p.tr.aborted and ing.last_error == "no CONNACK within 10 s"
+        # connected: the keepalive rules apply, not the CONNACK timeout
+        p = _proto(ing)
+        ing.proto = p
+        p.data_received(b"\x20\x02\x00\x00")
+        t1 = p.last_tx
+        ing.check_connection(t1 + 20)
+        assert not p.tr.aborted and p.ping_sent is None
+        ing.check_connection(t1 + 30)
+        assert p.ping_sent is not None and bytes(p.tr.out).endswith(b"\xc0\x00")
+    asyncio.run(go())
