@@ -121,7 +121,10 @@ class Database:
     only in a dedicated single-thread executor, so calls run one at a time in the order they
     were submitted; each call is awaited as a future on the event loop. run(fn, *args) runs
     fn(conn, *args) there: a whole checkpoint transaction is one hop instead of one await per
-    statement (each await would wait for the busy event loop to come round). close() stops
+    statement (each await would wait for the busy event loop to come round, and other tasks
+    sharing the connection, sinks and the web view, could slip statements into the open
+    transaction between them). aiosqlite offers no public way to run a function in its thread
+    (only its private _execute), so the gateway uses the standard library's executor. close() stops
     the thread (a non-daemon thread left running would hang the interpreter at exit)."""
 
     def __init__(self):
