@@ -97,7 +97,9 @@ def connect_packet(client_id, keepalive=30, clean=True, will=None, user=None, pa
     return _packet(CONNECT << 4, body)
 
 
-def publish_packet(topic, payload, qos=0, retain=False, dup=False, pid=0):
+def publish_header(topic, n, qos=0, retain=False, dup=False, pid=0):
+    """A PUBLISH packet up to its payload of n bytes (the payload is written after it: no
+    copy of it joined to the header, device RAM)."""
     if qos not in (0, 1):
         raise MQTTError("qos %r not supported" % qos)
     first = (PUBLISH << 4) | (qos << 1) | (1 if retain else 0) | (0x08 if dup and qos else 0)
@@ -106,7 +108,11 @@ def publish_packet(topic, payload, qos=0, retain=False, dup=False, pid=0):
         if not 0 < pid <= 0xFFFF:
             raise MQTTError("bad packet id")
         body += struct.pack(">H", pid)
-    return _packet(first, body + payload)
+    return bytes((first,)) + varlen(len(body) + n) + body
+
+
+def publish_packet(topic, payload, qos=0, retain=False, dup=False, pid=0):
+    return publish_header(topic, len(payload), qos, retain, dup, pid) + payload
 
 
 def set_dup(packet):
@@ -330,9 +336,9 @@ class MQTTClient:
         body = await r.readexactly(n) if n else b""
         return parse(first, body)
 
-    async def _send(self, pkt):
-        """Write one packet; waits for the send lock and for the socket at most timeout_ms each
-        (a full send buffer toward a dead broker never blocks forever)."""
+    async def _send(self, pkt, more=None):
+        """Write one packet (pkt, then more if given); waits for the send lock and for the socket
+        at most timeout_ms each (a full send buffer toward a dead broker never blocks forever)."""
         if not self.connected:
             raise MQTTError("not connected")
         w = self._w
@@ -340,6 +346,8 @@ class MQTTClient:
         await asyncio.wait_for(self._lock.acquire(), t)
         try:
             w.write(pkt)
+            if more is not None:
+                w.write(more)
             await asyncio.wait_for(w.drain(), t)
         except asyncio.TimeoutError:
             self._drop(MQTTError("write timeout"))
@@ -359,16 +367,23 @@ class MQTTClient:
         if not self.connected:
             raise MQTTError("not connected")
         pid = self._next_pid() if qos else 0
-        pkt = publish_packet(topic, payload, qos, retain, False, pid)
+        pkt, more = self.packet(topic, payload, qos, retain, pid)
         if qos:
-            self.inflight.append([pid, pkt if self.retransmit else None])
+            self.inflight.append([pid, pkt if more is None else None])
         try:
-            await self._send(pkt)
+            await self._send(pkt, more)
         except Exception as e:
             self._drop(e)
             raise MQTTError("publish failed: %r" % e)
         self.published += 1
         return pid
+
+    def packet(self, topic, payload, qos, retain, pid):
+        """(packet, None) to keep for a retransmission, else (header, payload) written one
+        after the other: QoS 0 and retransmit=False never join them (a payload copy less)."""
+        if qos and self.retransmit:
+            return publish_packet(topic, payload, qos, retain, False, pid), None
+        return publish_header(topic, len(payload), qos, retain, False, pid), payload
 
     async def subscribe(self, topic, qos=1):
         pid = self._next_pid()

@@ -86,17 +86,16 @@ def rounds(n):
         app.sample_step()
     return n
 held = []
-from firmware.mqtt import publish_packet
 async def fake_publish(topic, payload, qos=0, retain=False):
     # no socket here: the packet the client would write is built, and kept as long as the
     # client's in-flight window would keep it (no PUBACK arrives within a step)
     cl = app.uplink.client
-    pkt = publish_packet(topic, payload, qos, retain, False, 1 if qos else 0)
+    pkt, more = cl.packet(topic, payload, qos, retain, 1 if qos else 0)
     if qos:
-        held.append(pkt if cl.retransmit else None)
+        held.append(pkt if more is None else None)
         if len(held) > cl.max_inflight:
             held.pop(0)
-    pkt = None
+    pkt = more = None
     await pause
     return 1
 app.uplink.client.publish = fake_publish
