@@ -348,17 +348,8 @@ def build(config_path="config.json"):
 
 
 def unload(name):
-    """Forget a module (its bytecode becomes garbage once nothing refers to it: no function or
-    class of it may be kept)."""
-    if sys.modules.pop(name, None) is None:
-        return  # not loaded (MicroPython's delattr of a missing module attribute: KeyError)
-    pkg, _, sub = name.rpartition(".")
-    p = sys.modules.get(pkg)
-    if p is not None:
-        try:
-            delattr(p, sub)
-        except (AttributeError, TypeError, KeyError):
-            pass
+    """Forget a module (firmware.hal.unload), on CPython too."""
+    _hal.unload(name, True)
 
 
 def main(config_path="config.json"):

@@ -17,6 +17,7 @@
 #   open_connection(host, port)            asyncio streams (reader, writer); TLS when use_tls() set it
 #   led(on), button() -> bool, wdt_start(ms), wdt_feed(), reset(), mem_free(), mem_alloc(), rand(n)
 import os
+import sys
 import time
 import asyncio
 
@@ -25,6 +26,24 @@ CH_TEMP = 0  # DHT22 temperature, degC * 1000
 CH_HUM = 1  # DHT22 relative humidity, % * 1000
 CH_POT = 2  # potentiometer, % of full scale * 1000
 CHANNELS = {"temp": CH_TEMP, "hum": CH_HUM, "pot": CH_POT}
+
+_MP = sys.implementation.name == "micropython"
+
+
+def unload(name, always=False):
+    """Forget a module (its bytecode becomes garbage once nothing refers to it: no function or
+    class of it may be kept). Rarely run code is imported on demand and unloaded after; on
+    CPython only with always (tests and the simulator keep it loaded)."""
+    if not (_MP or always) or sys.modules.pop(name, None) is None:
+        return  # not loaded (MicroPython's delattr of a missing module attribute: KeyError)
+    pkg, _, sub = name.rpartition(".")
+    p = sys.modules.get(pkg)
+    if p is not None:
+        try:
+            delattr(p, sub)
+        except (AttributeError, TypeError, KeyError):
+            pass
+
 
 # ---------------------------------------------------------------- network
 

@@ -25,7 +25,6 @@
 # is refused instead (it gets no seq, so it leaves no gap; it is still counted in `dropped`).
 import struct
 import binascii
-import sys
 
 try:
     from micropython import const
@@ -34,8 +33,8 @@ except ImportError:
         return x
 
 from shared import wire_dev as wire  # the device side of the contract (shared/wire.py: all of it)
+from firmware.hal import unload
 
-_MP = sys.implementation.name == "micropython"
 
 MAGIC = 0xA5
 _PAY = ">IIqBB"  # boot, seq, t, kind, flags
@@ -171,12 +170,7 @@ def _full():
 
 
 def _unload(name):
-    """Forget firmware.<name> on MicroPython (its bytecode becomes garbage): rarely run code."""
-    if _MP and sys.modules.pop("firmware." + name, None) is not None:
-        try:
-            delattr(sys.modules["firmware"], name)
-        except (AttributeError, KeyError, TypeError):
-            pass
+    unload("firmware." + name)  # on MicroPython: rarely run code (firmware.hal.unload)
 
 
 class Outbox:
