@@ -98,7 +98,7 @@ class _Frames:
     only the CRC check allocates (a memoryview slice and the crc int) until the caller decodes
     it. Same verdicts as read_frame."""
 
-    def __init__(self, size=1024):
+    def __init__(self, size=256):
         self.buf = bytearray(size)
         self.mv = memoryview(self.buf)  # kept: a memoryview per frame was garbage on every read
         self.crc = bytearray(4)
@@ -156,7 +156,7 @@ class _Frames:
         s = self.s
         e = s + 3 + n
         c = self.crc
-        struct.pack_into(">I", c, 0, binascii.crc32(self.mv[s:e]) & 0xFFFFFFFF)
+        struct.pack_into(">I", c, 0, binascii.crc32(self.mv[s:e]))  # unsigned: no & (a long int less)
         if c[0] != buf[e] or c[1] != buf[e + 1] or c[2] != buf[e + 2] or c[3] != buf[e + 3]:
             return -1
         self.p = s + 3
@@ -370,7 +370,7 @@ class Outbox:
         off = 0
         while off < size:  # seal: the CRC of every frame (idempotent, so a retry redoes it)
             e = off + 3 + ((buf[off + 1] << 8) | buf[off + 2])
-            struct.pack_into(">I", buf, e, binascii.crc32(mv[off:e]) & 0xFFFFFFFF)
+            struct.pack_into(">I", buf, e, binascii.crc32(mv[off:e]))
             off = e + 4
         data = mv[0:size]  # written from the batch buffer itself: no copy
         cur = self._cur
