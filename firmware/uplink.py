@@ -309,6 +309,7 @@ class Uplink:
             if live:
                 await self.send(live)
                 self.c["live"] += len(live)
+            live = None  # RAM: the sent records go before the next take_live / read_backlog
             if self.replay and self.credits > 0 and self.outbox.has_backlog():
                 n = self.credits if self.credits < self.batch_max else self.batch_max
                 recs = self.outbox.read_backlog(n)
@@ -316,7 +317,9 @@ class Uplink:
                     self.credits -= len(recs)
                     await self.send(recs)
                     self.c["replayed"] += len(recs)
+                    recs = None
                     continue
+                recs = None
             await self.check_stall()
             if self.outstanding():
                 if ticks_diff(ticks_ms(), self._progress) > self.resend_ms:

@@ -125,6 +125,8 @@ def step_send():
         c.send(None)
     except StopIteration:
         st[0] = None
+        global recs
+        recs = None  # as the uplink drops the records it sent
 def more():
     return st[0] is not None
 def replay_read():
