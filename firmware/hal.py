@@ -49,21 +49,13 @@ def unload(name, always=False):
 
 
 async def open_stream(host, port, tls=None, fs=None):
-    """asyncio streams to host:port. With tls ({"ca": path, "server_hostname": name}) the session
-    trusts only that CA (read from fs at each connect: nothing stays in RAM between sessions) and
-    checks the name. The same code runs on MicroPython 1.23+ (ssl over mbedTLS) and CPython."""
-    if not tls:
-        return await asyncio.open_connection(host, port)
-    import ssl
-    f = fs.open(tls["ca"].lstrip("/"), "rb")
+    """asyncio streams to host:port, TLS when tls is set (firmware/halnet.py: connect-time code,
+    unloaded after on MicroPython)."""
+    from firmware import halnet
     try:
-        ca = f.read()
+        return await halnet.open_stream(host, port, tls, fs)
     finally:
-        f.close()
-    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
-    ctx.verify_mode = ssl.CERT_REQUIRED
-    ctx.load_verify_locations(cadata=ca.decode())  # PEM text: both runtimes accept it as str
-    return await asyncio.open_connection(host, port, ssl=ctx, server_hostname=tls.get("server_hostname") or host)
+        unload("firmware.halnet")
 
 
 # ---------------------------------------------------------------- portable time helpers
