@@ -35,7 +35,7 @@ try:
 except ImportError:  # pragma: no cover
     loads = json.loads
 from .sinks import tables as T
-from .sinks.jetstream import close_quietly
+from .sinks.jetstream import NATS_SECURITY_KEYS, close_quietly
 
 SITE_RE = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
 TEXT_COLS = {"device", "scope", "key", "rule", "evidence", "kind"}
@@ -48,7 +48,9 @@ I64 = 1 << 63
 DEFAULTS = {
     "nats": {"servers": ["nats://127.0.0.1:4222"], "stream": "EDGEFLOW", "subject_prefix": "edgeflow.sink",
              "durable": "edgeflow-collector", "create_stream": True, "replicas": 1, "max_stream_bytes": 1 << 30,
-             "duplicate_window_s": 600.0, "batch": 256, "ack_wait_s": 30.0, "credentials": ""},
+             "duplicate_window_s": 600.0, "batch": 256, "ack_wait_s": 30.0, "credentials": "",
+             # TLS (only tls_ca trusted, tls_server_name checked) and user + password file
+             "tls_ca": "", "tls_server_name": "", "user": "", "password_file": ""},
     "store": {"backend": "sqlite", "path": "central.db", "dsn": "", "synchronous": "FULL"},
     "log": {"level": "info", "format": "kv"},
 }
@@ -277,7 +279,8 @@ class Collector:
         self.stop_ev = asyncio.Event()
         n = self.cfg["nats"]
         await self.store.open()
-        self.nc = await connect(n["servers"], "edgeflow-collector", n["credentials"])
+        self.nc = await connect(n["servers"], "edgeflow-collector", n["credentials"],
+                                **{k: n[k] for k in NATS_SECURITY_KEYS})
         js = self.nc.jetstream(timeout=10)
         if n["create_stream"]:
             while True:

@@ -47,7 +47,7 @@ SCHEMA = {
         "path": ("edgeflow.db", str, None, "SQLite database file"),
         "synchronous": ("FULL", str, ("NORMAL", "FULL"), "SQLite synchronous mode in WAL (FULL: acked records survive power loss)"),
         "retain_readings": (True, bool, None, "keep every raw reading in table readings"),
-        "index_readings": (True, bool, None, "index raw readings by (device, t): per-device time ranges and retention seek; costs insert speed"),
+        "index_readings": (False, bool, None, "also index raw readings row by row on (device, t); per-device time ranges and retention use reading_spans without it; costs insert speed"),
     },
     "checkpoint": {
         "interval_ms": (200, int, (1, 60000), "commit at least this often when there is pending work"),

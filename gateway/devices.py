@@ -1,4 +1,5 @@
 """What the gateway knows about each device (checkpointed; read by `status`)."""
+from operator import attrgetter
 
 # Counter columns, in table order.
 COUNTERS = ("received", "duplicates", "dropped_by_device", "skipped_by_hello", "quarantined",
@@ -44,6 +45,12 @@ COLUMNS = ("device", "fw", "hello_boot", "hello_next_seq", "backlog", "oldest_bo
                                                            "outbox_dropped", "device_late", "clock_offset_ms",
                                                            "free_mem", "reconnects")
 
+# a device's table row in C (a row per changed device at every checkpoint)
+_HEAD = attrgetter("dev", "fw", "hello_boot", "hello_next_seq", "backlog", "oldest_boot", "oldest_seq", "online",
+                   "last_seen", "last_hello")
+_COUNTS = attrgetter(*COUNTERS)
+_NO_STATUS = (None,) * 9
+
 
 class Registry:
     def __init__(self):
@@ -58,9 +65,7 @@ class Registry:
         return d
 
     def row(self, d):
-        st = d.status or (None,) * 9
-        return ((d.dev, d.fw, d.hello_boot, d.hello_next_seq, d.backlog, d.oldest_boot, d.oldest_seq, d.online,
-                 d.last_seen, d.last_hello) + tuple(getattr(d, c) for c in COUNTERS) + tuple(st))
+        return _HEAD(d) + _COUNTS(d) + tuple(d.status or _NO_STATUS)
 
     def export(self):
         rows = [self.row(self.devs[dev]) for dev in self.dirty]

@@ -17,6 +17,9 @@ one gateway/ingest.py gives it on mosquitto):
 - Output (device acks, credits, the gateway state) goes back through NATS's MQTT side
   (MqttOut): acks are QoS 1 on the device's ack topic; the gateway state is retained with an
   offline last will.
+- Security: the [mqtt] settings of the gateway config serve both sides: TLS with the fleet CA
+  pinned and tls_server_name checked, user name and password (tools/natsauth.py gives that
+  user only its stream, its lease bucket, acks and the gateway state).
 """
 import asyncio
 import collections
@@ -35,6 +38,7 @@ from paho.mqtt.enums import CallbackAPIVersion
 from shared import wire
 
 from . import logs
+from .ingest import tls_context
 from .partitions import partition_filter, stream_subjects, subject_topic
 
 STREAM = "EDGEFLOW"
@@ -50,7 +54,7 @@ class MqttOut:
     paho runs its own network thread (publish() is thread-safe); on a lost connection it
     moves to the next host of the list, like the firmware's host list."""
 
-    def __init__(self, hosts, client_id, prefix="edgeflow", keepalive=10):
+    def __init__(self, hosts, client_id, prefix="edgeflow", keepalive=10, security=None):
         self.hosts = list(hosts)  # [(host, port)]
         self.i = 0
         self.topics = wire.Topics(prefix)
@@ -65,6 +69,11 @@ class MqttOut:
         c.on_connect_fail = self._on_connect_fail
         c.on_message = self._on_message
         c.reconnect_delay_set(0.1, 2)
+        if security is not None:
+            if security.user:
+                c.username_pw_set(security.user, security.password)
+            if security.tls is not None:
+                c.tls_set_context(security.tls)
         self.keepalive = keepalive
 
     def start(self):
@@ -148,11 +157,38 @@ async def until_ready(op, what, deadline_s=120.0, first_s=0.25, cap_s=4.0):
         delay = min(cap_s, delay * 2)
 
 
+class Security:
+    """TLS context (CA pinned, name checked) and credentials for NATS and its MQTT side, from a
+    gateway config's [mqtt] section; tls None / user "" = that part off (insecure set-ups)."""
+
+    def __init__(self, cfg):
+        from .config import ConfigError
+        m = cfg.mqtt
+        if m.tls_ca and not m.tls_server_name:
+            # the nodes are reached by several addresses (--nats, --mqtt): one name to check
+            raise ConfigError("mqtt.tls_server_name: the name in the NATS nodes' certificate (with mqtt.tls_ca)")
+        self.tls = tls_context(m) if m.tls_ca else None
+        self.server_name = m.tls_server_name or None
+        self.user = m.username
+        self.password = cfg.mqtt_password() if m.username else None
+
+    def nats_options(self):
+        kw = {}
+        if self.tls is not None:
+            kw["tls"] = self.tls
+            if self.server_name:
+                kw["tls_hostname"] = self.server_name
+        if self.user:
+            kw["user"], kw["password"] = self.user, self.password
+        return kw
+
+
 class Link:
     """One gateway process's connections: NATS (JetStream) and the MQTT publisher."""
 
     def __init__(self, nats_urls, mqtt_hosts, client_id, prefix="edgeflow", replicas=3, max_bytes=256 << 20,
-                 ack_wait_s=30.0):
+                 ack_wait_s=30.0, security=None):
+        self.security = security
         self.urls = list(nats_urls)
         self.prefix = prefix
         self.replicas = replicas
@@ -160,12 +196,14 @@ class Link:
         self.ack_wait_s = ack_wait_s
         self.nc = None
         self.js = None
-        self.out = MqttOut(mqtt_hosts, client_id, prefix)
+        self.name = client_id
+        self.out = MqttOut(mqtt_hosts, client_id, prefix, security=security)
 
     async def start(self):
+        kw = self.security.nats_options() if self.security is not None else {}
         self.nc = await nats.connect(self.urls, max_reconnect_attempts=-1, reconnect_time_wait=0.5,
-                                     connect_timeout=2, allow_reconnect=True, name=self.out.client._client_id.decode(),
-                                     error_cb=self._error, disconnected_cb=self._disc, reconnected_cb=self._reconn)
+                                     connect_timeout=2, allow_reconnect=True, name=self.name,
+                                     error_cb=self._error, disconnected_cb=self._disc, reconnected_cb=self._reconn, **kw)
         self.js = self.nc.jetstream(timeout=5)
         await until_ready(self.ensure_stream, "stream")
         self.out.start()

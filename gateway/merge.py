@@ -48,6 +48,8 @@ def merge(part_paths, out_path, size_ms):
     returns {'watermark', 'group_fired', 'group_open', 'partitions'}."""
     out = sqlite3.connect(out_path)
     out.executescript(SCHEMA)
+    # copied raw readings have no reading_spans (store.py): index them row by row instead
+    out.execute("CREATE INDEX IF NOT EXISTS readings_device_t ON readings (device, t)")
     for t in _COPY + ("window_results", "window_revisions", "open_windows", "quarantine"):
         out.execute("DELETE FROM %s" % t)
     partials = {}  # (key, ch, start) -> [[n, s, sq, mn, mx, rev], ...]

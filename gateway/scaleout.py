@@ -1,7 +1,13 @@
 """One site, several gateways: a gateway process that owns partitions by lease.
 
-    python -m gateway.scaleout --id gw1 -c gateway.toml --dir /var/lib/edgeflow \\
-        --nats nats://10.0.0.1:4222,nats://10.0.0.2:4222 --mqtt 10.0.0.1:1883,10.0.0.2:1883 --partitions 8
+    edgeflow-scaleout --id gw1 -c gateway.toml --dir /var/lib/edgeflow --metrics-port 9108 \\
+        --nats nats://10.0.0.1:4222,nats://10.0.0.2:4222 --mqtt 10.0.0.1:8883,10.0.0.2:8883 --partitions 8
+
+Security as for one gateway: [mqtt] tls_ca / tls_server_name / username / password_file and
+[devices] file are required (or [security] insecure = true); they serve both the NATS
+connection (JetStream) and the MQTT output (tools/natsauth.py makes the servers' users).
+Metrics: this process's endpoint (--metrics-port, default [metrics] port) has per-partition
+metrics (ScaleoutCollector); the partition pipelines serve none of their own.
 
 Ownership: a JetStream key-value bucket (replicas 3) with a TTL of one lease period holds
 `p.<n>` = owning gateway id and `gw.<id>` = membership. Every lease/3 a gateway renews its
@@ -33,7 +39,7 @@ from nats.js.errors import BucketNotFoundError, KeyWrongLastSequenceError, NoKey
 
 from . import logs
 from .config import Config, ConfigError
-from .ingest_jetstream import Link, PartitionIngest, until_ready
+from .ingest_jetstream import STREAM, Link, PartitionIngest, Security, consumer_name, until_ready
 from .partitions import fair_share
 from .service import Gateway
 
@@ -41,10 +47,91 @@ BUCKET = "edgeflow_leases"
 
 
 class _Part:
-    __slots__ = ("p", "gw", "task", "fd", "rev", "renewed", "since")
+    __slots__ = ("p", "gw", "task", "fd", "rev", "renewed", "since", "pending", "ack_pending")
 
     def __init__(self, p, gw, task, fd, rev, now):
         self.p, self.gw, self.task, self.fd, self.rev, self.renewed, self.since = p, gw, task, fd, rev, now, now
+        self.pending = self.ack_pending = None  # the partition consumer's backlog (refreshed each tick)
+
+
+class ScaleoutCollector:
+    """Per-partition metrics of one scale-out gateway process ([metrics] port): what it owns,
+    lease takeovers, and per owned partition committed records, duplicates, the stream
+    backlog of its consumer (lag in messages) and its watermark lag."""
+
+    def __init__(self, owner):
+        self.o = owner
+
+    def collect(self):
+        from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+        o, p = self.o, "edgeflow_scaleout_"
+        parts = dict(o.parts)
+        yield GaugeMetricFamily(p + "partitions_owned", "partitions this gateway runs", value=len(parts))
+        yield GaugeMetricFamily(p + "gateways_alive", "gateways of the site (lease bucket members)", value=o.alive)
+        yield CounterMetricFamily(p + "partitions_taken", "partitions started here (leases taken)", value=o.taken)
+        yield CounterMetricFamily(p + "lease_takeovers", "partitions started here from an existing checkpoint (another owner's, or this one's after a lost lease)",
+                                  value=o.takeovers)
+        yield CounterMetricFamily(p + "partitions_released", "partitions given back (rebalance, stop)",
+                                  value=o.released)
+        yield CounterMetricFamily(p + "leases_lost", "partitions stopped: lease lost or not renewed in time",
+                                  value=o.lost)
+        yield CounterMetricFamily(p + "partitions_fenced", "takes refused: the old owner still held the file lock",
+                                  value=o.fenced)
+        yield CounterMetricFamily(p + "leases_reclaimed", "leases that expired on the server and were taken back "
+                                  "within this gateway's own lease period (the pipeline kept running)",
+                                  value=o.reclaimed)
+        yield GaugeMetricFamily(p + "last_takeover_start_seconds", "lock + consumer + pipeline start of the last "
+                                "partition taken", value=o.last_start_s)
+        fam = {
+            "owned": GaugeMetricFamily(p + "partition_owned", "1 per partition this gateway runs", labels=["partition"]),
+            "committed": CounterMetricFamily(p + "partition_committed_records", "new records committed (readings "
+                                             "and others, after dedup) since this gateway took the partition",
+                                             labels=["partition"]),
+            "dups": CounterMetricFamily(p + "partition_duplicates", "records dropped as duplicates",
+                                        labels=["partition"]),
+            "msgs": CounterMetricFamily(p + "partition_messages", "JetStream messages processed",
+                                        labels=["partition"]),
+            "pending": GaugeMetricFamily(p + "partition_stream_pending", "messages in the stream not yet delivered "
+                                         "to the partition's consumer (lag)", labels=["partition"]),
+            "ackp": GaugeMetricFamily(p + "partition_ack_pending", "delivered, not yet acked (not committed)",
+                                      labels=["partition"]),
+            "queue": GaugeMetricFamily(p + "partition_queue_depth", "messages fetched, waiting for the pipeline",
+                                       labels=["partition"]),
+            "wm": GaugeMetricFamily(p + "partition_watermark_lag_seconds", "now - the partition's watermark",
+                                    labels=["partition"]),
+            "age": GaugeMetricFamily(p + "partition_last_commit_age_seconds", "seconds since its last commit",
+                                     labels=["partition"]),
+        }
+        now_ms, mono = time.time() * 1000, time.monotonic()
+        for n, h in sorted(parts.items()):
+            lab, s = ["%d" % n], h.gw.stats
+            fam["owned"].add_metric(lab, 1)
+            fam["committed"].add_metric(lab, s.readings + s.records)
+            fam["dups"].add_metric(lab, s.duplicates)
+            fam["msgs"].add_metric(lab, s.messages)
+            fam["queue"].add_metric(lab, h.gw.queue_depth())
+            if h.pending is not None:
+                fam["pending"].add_metric(lab, h.pending)
+                fam["ackp"].add_metric(lab, h.ack_pending)
+            wm = h.gw.watermarks.global_wm
+            if wm is not None:
+                fam["wm"].add_metric(lab, (now_ms - wm) / 1000.0)
+            if s.last_commit_mono is not None:
+                fam["age"].add_metric(lab, mono - s.last_commit_mono)
+        yield from fam.values()
+
+
+def serve_metrics(owner, host, port):
+    """The process's metrics endpoint (None when port is 0)."""
+    if not port:
+        return None
+    from prometheus_client import CollectorRegistry, ProcessCollector, start_http_server
+    reg = CollectorRegistry(auto_describe=False)
+    reg.register(ScaleoutCollector(owner))
+    ProcessCollector(registry=reg)
+    owner.metrics_registry = reg
+    out = start_http_server(port, addr=host, registry=reg)
+    return out[0] if isinstance(out, tuple) else out
 
 
 class Owner:
@@ -53,17 +140,16 @@ class Owner:
         self.config_path = config_path
         self.overrides = dict(overrides or {})
         self.base = Config.load(config_path, self.overrides)  # fail early on a bad file
-        if not self.base.security.insecure:
-            # acks are still signed when [devices] file is set; the transport is not secured
-            raise ConfigError("gateway.scaleout talks to NATS without TLS or credentials (not built yet, "
-                              "docs/scale-out.md): set [security] insecure = true to run it")
+        # TLS + credentials towards NATS ([mqtt] tls_ca, username, password) and a devices
+        # file, as for one gateway on mosquitto; or [security] insecure = true
+        self.base.check_secure()
         self.gid = gid
         self.P = partitions
         self.dir = os.path.abspath(data_dir)
         self.lease_s = lease_s
         self.replicas = replicas
         self.link = Link(nats_urls, mqtt_hosts, "edgeflow-gw-%s" % gid, self.base.mqtt.prefix, replicas,
-                         ack_wait_s=30.0)
+                         ack_wait_s=30.0, security=Security(self.base))
         self.kv = None
         self.parts = {}
         self.alive = 1
@@ -71,6 +157,11 @@ class Owner:
         self.released = 0
         self.lost = 0
         self.fenced = 0
+        self.takeovers = 0
+        self.reclaimed = 0
+        self.last_start_s = 0.0
+        self.metrics_registry = None
+        self.metrics_server = None
         self._stop = None
         # rotate the scan start so that gateways starting together want different partitions
         self._order = sorted(range(partitions), key=lambda p: (p - sum(gid.encode())) % partitions)
@@ -84,9 +175,16 @@ class Owner:
     async def run(self):
         self._stop = asyncio.Event()
         os.makedirs(self.dir, exist_ok=True)
+        m = self.base.metrics
+        try:
+            self.metrics_server = serve_metrics(self, m.host, m.port)
+        except OSError as e:
+            raise ConfigError("metrics endpoint %s:%d: %s (several gateways on one host: --metrics-port)"
+                              % (m.host, m.port, e.strerror))
         await self.link.start()
         self.kv = await until_ready(self._bucket, "lease bucket")
         logs.info("scaleout_started", id=self.gid, partitions=self.P, lease_s=self.lease_s, dir=self.dir)
+        lag_task = asyncio.ensure_future(self._lag_loop())
         # join first, take partitions one tick later: gateways starting together then see
         # each other and split the partitions at once instead of moving them afterwards
         try:
@@ -108,6 +206,8 @@ class Owner:
                 except asyncio.TimeoutError:
                     pass
         finally:
+            lag_task.cancel()
+            await asyncio.gather(lag_task, return_exceptions=True)
             for p in sorted(self.parts):
                 await self._drop(p, release=True)
             try:
@@ -116,6 +216,8 @@ class Owner:
             except Exception:  # noqa: BLE001
                 last = False
             await self.link.close(offline=last)
+            if self.metrics_server is not None:
+                self.metrics_server.shutdown()
             logs.info("scaleout_stopped", id=self.gid, taken=self.taken, released=self.released, lost=self.lost)
 
     async def _bucket(self):
@@ -149,6 +251,20 @@ class Owner:
                 h.rev = await kv.update(_key(p), self.gid.encode(), last=h.rev)
                 h.renewed = now
             except KeyWrongLastSequenceError:
+                # the key expired on the server (its TTL runs from the server's store, this
+                # side's clock from the reply: a slow reply makes it expire "early"), and
+                # maybe another gateway created it and, fenced by our lock, deleted it again.
+                # Still within our own lease period and nobody holds the key: take it back,
+                # the pipeline never stopped (the lock is the fence: no one else ran it).
+                if now - h.renewed <= self.lease_s:
+                    try:
+                        h.rev = await kv.create(_key(p), self.gid.encode())
+                        h.renewed = now
+                        self.reclaimed += 1
+                        logs.warning("lease_reclaimed", partition=p)
+                        continue
+                    except KeyWrongLastSequenceError:
+                        pass
                 # expired and taken by another gateway while this one stalled
                 logs.error("lease_lost", partition=p)
                 self.lost += 1
@@ -170,6 +286,21 @@ class Owner:
                 continue  # owned by another gateway
             await self._take(p, rev)
 
+    async def _lag_loop(self):
+        """The owned partitions' consumer backlog, for the metrics: its own loop with short
+        timeouts, so that a slow JetStream (leaders electing) never delays lease renewals."""
+        while not self._stop.is_set():
+            for n, h in list(self.parts.items()):
+                try:
+                    ci = await asyncio.wait_for(self.link.js.consumer_info(STREAM, consumer_name(n)), 1.0)
+                except Exception:  # noqa: BLE001 - a metric; tried again next round
+                    continue
+                h.pending, h.ack_pending = ci.num_pending, ci.num_ack_pending
+            try:
+                await asyncio.wait_for(self._stop.wait(), self.lease_s)
+            except asyncio.TimeoutError:
+                pass
+
     async def _expire_unrenewed(self):
         """A lease not renewed for a whole period may belong to someone else by now: stop."""
         now = time.monotonic()
@@ -185,15 +316,19 @@ class Owner:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            os.close(fd)  # the old owner still runs it: give the lease back, retry later
-            self.fenced += 1
+            os.close(fd)  # the old owner still runs it: give the lease back (only our
+            self.fenced += 1  # revision: the old owner may have taken it back meanwhile)
             logs.warning("partition_fenced", partition=p)
-            await self.kv.delete(_key(p))
+            try:
+                await self.kv.delete(_key(p), last=rev)
+            except KeyWrongLastSequenceError:
+                pass
             return
         try:
             await self.link.reset_consumer(p)
             over = dict(self.overrides)
             over["store.path"] = os.path.join(self.dir, "part-%03d.db" % p)
+            handover = os.path.exists(over["store.path"])  # another owner's checkpoint: a takeover
             over["metrics.port"] = 0
             cfg = Config.load(self.config_path, over)
             link = self.link
@@ -211,6 +346,8 @@ class Owner:
             return
         self.parts[p] = _Part(p, gw, task, fd, rev, time.monotonic())
         self.taken += 1
+        self.takeovers += handover
+        self.last_start_s = time.monotonic() - t0
         self.link.out.announce()  # devices of this partition may have seen a will say offline
         logs.info("partition_taken", partition=p, id=self.gid, start_ms=round((time.monotonic() - t0) * 1000),
                   owned=sorted(self.parts))
@@ -257,14 +394,17 @@ def build_parser():
     ap.add_argument("--dir", required=True, help="directory of the partitions' SQLite files (shared by the site)")
     ap.add_argument("--lease-s", type=float, default=3.0, help="lease TTL; takeover takes about this plus a tick")
     ap.add_argument("--replicas", type=int, default=3, help="stream and bucket replicas")
+    ap.add_argument("--metrics-port", type=int, default=None,
+                    help="this process's metrics port (default [metrics] port; 0 = none)")
     return ap
 
 
 def main(argv=None):
     args = build_parser().parse_args(argv)
     try:
+        over = {} if args.metrics_port is None else {"metrics.port": args.metrics_port}
         owner = Owner(args.config, args.id, args.nats.split(","), _hosts(args.mqtt), args.partitions, args.dir,
-                      args.lease_s, args.replicas)
+                      args.lease_s, args.replicas, overrides=over)
     except (ConfigError, ValueError) as e:
         print("edgeflow-scaleout: %s" % e, file=sys.stderr)
         return 2
@@ -276,7 +416,11 @@ def main(argv=None):
             loop.add_signal_handler(s, owner.stop)
         await owner.run()
 
-    asyncio.run(go())
+    try:
+        asyncio.run(go())
+    except ConfigError as e:
+        print("edgeflow-scaleout: %s" % e, file=sys.stderr)
+        return 1
     return 0
 
 

@@ -11,7 +11,7 @@
     -> after the commit: PUBACKs to the broker, acks with credits (admission.py) to devices
 
 Threading: one asyncio loop runs everything; paho is driven from it (no
-network thread) and aiosqlite runs the commits in its own thread while the
+network thread) and the store runs the commits in its own database thread (store.Database) while the
 loop keeps processing the next batch. Error model: bad input is quarantined,
 never raised; an unexpected exception while handling one message quarantines
 that message as internal_error; a failed commit stops the gateway (nothing is
@@ -25,7 +25,7 @@ import os
 import struct
 import time
 from bisect import bisect_left
-from itertools import compress, repeat
+from itertools import compress
 from operator import mul
 
 from shared import wire
@@ -38,7 +38,7 @@ from .devices import Registry
 from .ingest import Ingest
 from .keys import Keys, load_devices_file
 from .sinks import SinkSet
-from .store import Store
+from .store import RAW_COLS, Store
 from .watermark import Watermarks
 from .windows import LATE, WindowSet
 
@@ -82,10 +82,11 @@ class StartupError(RuntimeError):
 
 
 class Outputs:
-    """Everything produced since the last checkpoint (rows per table)."""
+    """Everything produced since the last checkpoint (rows per table). Raw readings are one
+    flat list, RAW_COLS values per reading (no tuple per reading; store.py inserts it as is)."""
 
-    __slots__ = ("readings", "unsynced", "device_windows", "cep_events", "anomalies", "device_status", "gaps",
-                 "late", "quarantine", "mids", "touched", "records", "rx")
+    __slots__ = ("readings", "reading_spans", "unsynced", "device_windows", "cep_events", "anomalies",
+                 "device_status", "gaps", "late", "quarantine", "mids", "touched", "records", "rx")
 
     def __init__(self):
         for k in self.__slots__:
@@ -175,7 +176,7 @@ class Gateway:
             self.ingest = self._ingest_factory(self.cfg, self.stats)
             await self.ingest.start()
         except BaseException:
-            # a start-up failure must end the process: nothing left running (aiosqlite's thread)
+            # a start-up failure must end the process: nothing left running (the database thread)
             if self.ingest is not None:
                 await self.ingest.stop(offline=False)
             await self.store.close()
@@ -419,8 +420,16 @@ class Gateway:
         out.records += n
         self._count_live(d, dev, boot, base, base + n - 1, n, now)
         if self.retain:
-            out.readings.extend(zip(repeat(dev, n), repeat(boot, n), range(base, base + n),
-                                    map(base_t.__add__, toffs), chans, flags, vals))
+            raw = out.readings
+            out.reading_spans.append((dev, boot, base, base + n - 1, tmin, tmax, len(raw) // RAW_COLS, n))
+            buf = [dev] * (RAW_COLS * n)  # the rows' columns filled by C loops
+            buf[1::RAW_COLS] = [boot] * n
+            buf[2::RAW_COLS] = range(base, base + n)
+            buf[3::RAW_COLS] = map(base_t.__add__, toffs)
+            buf[4::RAW_COLS] = chans
+            buf[5::RAW_COLS] = flags
+            buf[6::RAW_COLS] = vals
+            raw += buf
         wms = self.watermarks
         wm_d = wms.device_wm(dev)
         gwm = wms.global_wm
@@ -515,6 +524,7 @@ class Gateway:
         mark = self.dedup.mark
         good = []
         st = self.stats
+        k0 = len(out.readings)
         for rec in recs:
             seq, t, ch, fl, v = rec
             if not self._fresh(d, dev, boot, seq, mark(dev, boot, seq), now):
@@ -537,7 +547,11 @@ class Gateway:
             st.readings += 1
             good.append((seq, t, ch, v))
             if self.retain:
-                out.readings.append((dev, boot, seq, t, ch, fl, v))
+                out.readings += (dev, boot, seq, t, ch, fl, v)
+        if len(out.readings) > k0:  # the span of the rows this message added (store.py)
+            seqs = out.readings[k0 + 2::RAW_COLS]
+            ts = out.readings[k0 + 3::RAW_COLS]
+            out.reading_spans.append((dev, boot, min(seqs), max(seqs), min(ts), max(ts), k0 // RAW_COLS, len(seqs)))
         if good:
             self._window_seq(dev, boot, good, d, now)
 
@@ -827,7 +841,7 @@ class Gateway:
         """Commit everything since the last checkpoint; acks follow the commit.
 
         The snapshot is taken synchronously, so processing continues while the
-        transaction runs in aiosqlite's thread; only one commit is in flight."""
+        transaction runs in the database thread; only one commit is in flight."""
         async with self._ckpt_lock:
             if self._commit_task is not None:
                 await asyncio.shield(self._commit_task)
@@ -844,7 +858,8 @@ class Gateway:
             self.stats.window_results += sum(1 for r in results if r[5] == 0)
             self.stats.window_revisions += sum(1 for r in results if r[5] > 0)
             writes = [
-                ("readings", out.readings), ("unsynced", out.unsynced), ("device_windows", out.device_windows),
+                ("readings_flat", out.readings), ("reading_spans", out.reading_spans), ("unsynced", out.unsynced),
+                ("device_windows", out.device_windows),
                 ("cep_events", out.cep_events), ("anomalies", out.anomalies), ("device_status", out.device_status),
                 ("gaps", out.gaps), ("late", out.late), ("quarantine", out.quarantine),
                 ("quarantine_prune", [(self.q_rows,)] if out.quarantine else []),
@@ -857,8 +872,11 @@ class Gateway:
                 ("meta", [("global_watermark", gwm)] if global_changed else []),
             ]
             if self.sinks:  # downstream items commit with the results they carry
-                writes.append(("sink_outbox", self.sinks.stage(writes)))
-            rows = sum(len(r) for _k, r in writes)
+                raw = out.readings  # as rows only for sinks that forward raw readings
+                rows = list(zip(*[iter(raw)] * RAW_COLS)) if raw and any(
+                    "readings" in c["tables"] for c in self.sinks.cfgs) else []
+                writes.append(("sink_outbox", self.sinks.stage(writes + [("readings", rows)])))
+            rows = sum(len(r) for _k, r in writes) - len(out.readings) + len(out.readings) // RAW_COLS
             if not rows and not out.mids and not out.touched:
                 return
             # the marks acked are the ones this transaction commits

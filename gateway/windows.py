@@ -50,7 +50,7 @@ class WindowSet:
         self.offset = offset_ms % size_ms
         self.lateness = allowed_lateness_ms
         self.keys = {}
-        self.dirty = set()  # (key, ch, start) whose open state changed
+        self.dirty = {}  # (key, ch, start) -> its state list, for the windows whose open state changed
         self.purged = set()  # (key, ch, start) to delete from the open-window table
         self.results = []  # emitted results since the last drain, in order
         self.fired = 0
@@ -80,7 +80,7 @@ class WindowSet:
             k = self.keys[key] = _Key()
         st = k.wins.get((ch, start))
         if st is None:
-            k.wins[(ch, start)] = [n, s, sq, mn, mx, -1]
+            st = k.wins[(ch, start)] = [n, s, sq, mn, mx, -1]
             self.open_count += 1
             due = start + self.size - 1
             if k.due is None or due < k.due:
@@ -93,7 +93,7 @@ class WindowSet:
                 st[_MIN] = mn
             if mx > st[_MAX]:
                 st[_MAX] = mx
-        self.dirty.add((key, ch, start))
+        self.dirty[(key, ch, start)] = st
         return True
 
     def add(self, key, ch, t, v, wm):
@@ -119,7 +119,7 @@ class WindowSet:
                 st[_MIN] = v
             if v > st[_MAX]:
                 st[_MAX] = v
-        self.dirty.add((key, ch, start))
+        self.dirty[(key, ch, start)] = st
         if wm is not None and wm >= last:
             st[_REV] += 1
             self._emit(key, ch, start, st, wm)
@@ -145,14 +145,14 @@ class WindowSet:
                     st[_REV] = 0
                     self.fired += 1
                     self._emit(key, ch, start, st, wm)
-                    self.dirty.add((key, ch, start))
+                    self.dirty[(key, ch, start)] = st
                 else:
                     due = last if due is None or last < due else due
                     continue
             if last + lateness <= wm:
                 del k.wins[(ch, start)]
                 self.open_count -= 1
-                self.dirty.discard((key, ch, start))
+                self.dirty.pop((key, ch, start), None)
                 self.purged.add((key, ch, start))
             else:
                 d = last + lateness
@@ -173,13 +173,12 @@ class WindowSet:
 
     def export(self):
         """(open-window upserts, deletes, results) since the last export."""
-        ups = []
-        for key, ch, start in self.dirty:
-            st = self.keys[key].wins[(ch, start)]
-            ups.append((self.scope, key, ch, start, st[_N], st[_SUM], str(st[_SQ]), st[_MIN], st[_MAX], st[_REV]))
-        dels = [(self.scope, key, ch, start) for key, ch, start in self.purged]
+        scope = self.scope
+        ups = [(scope, key, ch, start, n, s, str(sq), mn, mx, rev)
+               for (key, ch, start), (n, s, sq, mn, mx, rev) in self.dirty.items()]
+        dels = [(scope, key, ch, start) for key, ch, start in self.purged]
         res = self.results
-        self.dirty, self.purged, self.results = set(), set(), []
+        self.dirty, self.purged, self.results = {}, set(), []
         return ups, dels, res
 
     def restore(self, rows):

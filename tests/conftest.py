@@ -16,7 +16,7 @@ def pytest_terminal_summary(terminalreporter):
 
 
 def pytest_unconfigure(config):
-    """A test that leaves a non-daemon thread (an unclosed aiosqlite connection) would hang
+    """A test that leaves a non-daemon thread (an unclosed store.Database) would hang
     the interpreter at exit and CI until its time limit: name the leak and exit now."""
     import threading
     left = [t.name for t in threading.enumerate() if t is not threading.main_thread() and not t.daemon and t.is_alive()]

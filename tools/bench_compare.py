@@ -11,7 +11,9 @@ median of --rounds alternating rounds, with raw readings kept and without:
   gateway in-process   Gateway with an in-memory ingest (no MQTT): every message queued at once
   gateway + mosquitto  the same through mosquitto (QoS 1, preloaded persistent session, like
                        tools/bench_gateway.py; an explicitly insecure broker: plaintext, anonymous)
-  plain loop           dict dedup + window dicts + sqlite3 executemany, one thread, same results
+  plain loop           dict dedup + window dicts + sqlite3 executemany, one thread, same results;
+                       raw rows indexed by (device, t) so they can be read by device and time
+                       (the gateway: one reading_spans row per message), then without that index
   handling alone       the gateway's per-message work without event loop or commit (CPU only)
   SQLite ceiling       executemany of the same raw rows alone (one-row and 500-row INSERTs; then
                        without the (device, t) index, and as one blob row per wire message)
@@ -185,20 +187,22 @@ def processing_cpu(tmp, msgs, n, retain):
     return (time.process_time() - c0) / n * 1e6
 
 
-def _connect(db):
+def _connect(db, index=True):
     conn = sqlite3.connect(db, isolation_level=None)
     conn.execute("PRAGMA journal_mode=WAL")
     conn.execute("PRAGMA synchronous=FULL")
     conn.executescript(gstore.SCHEMA)
-    # the gateway's default (store.index_readings = true; Store.prepare makes it)
-    conn.execute("CREATE INDEX IF NOT EXISTS readings_device_t ON readings (device, t)")
+    if index:  # per-device time ranges row by row (the gateway's store.index_readings = true)
+        conn.execute("CREATE INDEX IF NOT EXISTS readings_device_t ON readings (device, t)")
     return conn
 
 
-def plain_loop(db, msgs, retain):
+def plain_loop(db, msgs, retain, index=True):
     """What a plain loop does: decode, drop seqs at or below the device's mark, add to window
-    dicts, fire windows the device watermark passed, executemany every CKPT_MSGS messages."""
-    conn = _connect(db)
+    dicts, fire windows the device watermark passed, executemany every CKPT_MSGS messages.
+    index: raw rows indexed by (device, t), so per-device time ranges can be queried (the
+    gateway gets that from one reading_spans row per message); without it they cannot."""
+    conn = _connect(db, index)
     hdr = struct.Struct(">BBBBIIqH")
     fmts = {}
     marks = {}  # (dev, boot) -> highest seq seen (in-order devices: a dict of marks is the dedup)
@@ -372,6 +376,9 @@ def main(argv=None):
                 runs = []
                 if "plain" in engines:
                     runs.append(("plain", lambda nm: plain_loop(os.path.join(tmp, nm + ".db"), msgs, retain)))
+                if "plain" in engines and retain:
+                    runs.append(("plainnoidx", lambda nm: plain_loop(os.path.join(tmp, nm + ".db"), msgs, retain,
+                                                                     index=False)))
                 if "inproc" in engines:
                     runs.append(("inproc", lambda nm: run_inproc(tmp, nm, msgs, n, retain)))
                 if "mqtt" in engines:
@@ -427,7 +434,8 @@ def main(argv=None):
     print("\nreadings/s committed, median of %d rounds (all runs in k, sorted)" % args.rounds)
     print("%-36s %-28s %s" % ("engine", "raw readings kept", "without raw readings"))
     names = (("inproc", "gateway in-process (no MQTT)"), ("mqtt", "gateway through mosquitto"),
-             ("plain", "plain Python loop, same results"), ("sqlite", "SQLite executemany (ceiling)"),
+             ("plain", "plain Python loop, same results"),
+             ("plainnoidx", "  the same without (device,t) index"), ("sqlite", "SQLite executemany (ceiling)"),
              ("sqlite500", "SQLite 500-row INSERTs (ceiling)"),
              ("sqlite500noidx", "  the same without (device,t) index"), ("sqlitebatch", "  one row per message (blob)"),
              ("proc", "gateway message handling alone"))
@@ -442,6 +450,7 @@ def main(argv=None):
                                               else "-" for tag in ("raw", "noraw"))))
     print("\nratios (medians)")
     for a, b, label in (("inproc", "plain", "in-process / plain loop   (goal >= 1.0)"),
+                        ("inproc", "plainnoidx", "in-process / plain loop without its index"),
                         ("mqtt", "inproc", "mosquitto / in-process    (goal >= 0.8)"),
                         ("inproc", "sqlite", "in-process / SQLite executemany")):
         vals = []
@@ -450,7 +459,9 @@ def main(argv=None):
             vals.append("%.2f" % (x / y) if x and y else "-")
         print("  %-44s raw %s   noraw %s" % (label, vals[0], vals[1]))
     print("ratios by CPU per reading (b's CPU / a's CPU: > 1 means a costs less)")
-    for a, b, label in (("inproc", "plain", "in-process vs plain loop"), ("mqtt", "inproc", "mosquitto vs in-process")):
+    for a, b, label in (("inproc", "plain", "in-process vs plain loop"),
+                        ("inproc", "plainnoidx", "in-process vs plain loop without its index"),
+                        ("mqtt", "inproc", "mosquitto vs in-process")):
         vals = []
         for tag in ("raw", "noraw"):
             x, y = cpu.get((a, tag)), cpu.get((b, tag))

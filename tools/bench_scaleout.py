@@ -2,6 +2,7 @@
 
     python -m tools.bench_scaleout                  # ~4 min on 2 cores
     python -m tools.bench_scaleout --messages 8000 --latency 300
+    python -m tools.bench_scaleout --tls --no-latency   # + the secured cluster: TLS / plaintext ratios
 
 1. Throughput: the same reading batches (50 readings per message, like the firmware's
    batch_max) are published at QoS 1 and drained by
@@ -67,8 +68,15 @@ def mosquitto_drain(port, tmp, msgs, n_readings):
     return asyncio.run(_run_gateway(cfg, until_readings=n_readings))
 
 
-async def _stream_msgs(urls):
-    nc = await nats.connect(urls)
+def _nats_kw(site):
+    """nats.connect() options of the site's gateway (TLS + credentials when secured)."""
+    from gateway.config import Config
+    from gateway.ingest_jetstream import Security
+    return Security(Config.load(site.conf)).nats_options()
+
+
+async def _stream_msgs(site):
+    nc = await nats.connect(site.cluster.urls, **_nats_kw(site))
     try:
         return (await nc.jetstream().stream_info(STREAM)).state.messages
     finally:
@@ -77,23 +85,55 @@ async def _stream_msgs(urls):
 
 async def _ensure_stream(site):
     link = Link(site.cluster.urls, [("127.0.0.1", site.mqtt_ports[0])], "bench-setup")
-    link.nc = await nats.connect(site.cluster.urls)
+    link.nc = await nats.connect(site.cluster.urls, **_nats_kw(site))
     link.js = link.nc.jetstream(timeout=10)
     await link.ensure_stream()
     await link.nc.close()
 
 
-def cluster_drain(tmp, msgs, n_readings, gateways, partitions=8):
-    site = ScaleSite(os.path.join(tmp, "cluster-g%d" % gateways), partitions=partitions, gw_extra=GW_EXTRA).start()
+BENCH_USER = "edgeflow-bench"
+
+
+def tls_publish(site, msgs):
+    """QoS 1 over TLS as a provisioned service user (the devices' topics), every PUBACK awaited."""
+    import ssl
+    c = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=BENCH_USER)
+    c.max_inflight_messages_set(1000)
+    c.max_queued_messages_set(0)
+    c.username_pw_set(BENCH_USER, site.fleet.service_password(BENCH_USER))
+    c.tls_set_context(ssl.create_default_context(cafile=site.fleet.path("ca", "ca.pem")))
+    c.connect("127.0.0.1", site.mqtt_ports[0])
+    c.loop_start()
+    infos = [c.publish(t, p, qos=1) for t, p in msgs]
+    for i in infos:
+        i.wait_for_publish(60)
+    c.loop_stop()
+    c.disconnect()
+
+
+def cluster_drain(tmp, msgs, n_readings, gateways, partitions=8, tls=False):
+    """tls: the secured site (TLS everywhere, users); else plaintext like the mosquitto baseline."""
+    # secured: the workload's devices provisioned (the gateway quarantines unknown ids)
+    devs = sorted({wire.Topics("edgeflow").parse(t)[0] for t, _p in msgs}) if tls else ()
+    site = ScaleSite(os.path.join(tmp, "cluster-g%d%s" % (gateways, "-tls" if tls else "")), partitions=partitions,
+                     gw_extra=GW_EXTRA, insecure=not tls, devices=devs)
+    if tls:
+        from tools import natsauth
+        site.fleet.add_service(BENCH_USER, "readwrite")
+        natsauth.refresh(site.fleet)
+    site.start()
     try:
         asyncio.run(_ensure_stream(site))
         t0 = time.perf_counter()
-        raw_publish(site.mqtt_ports[0], msgs, "bench-pub")
+        if tls:
+            tls_publish(site, msgs)
+        else:
+            raw_publish(site.mqtt_ports[0], msgs, "bench-pub")
         pub_s = time.perf_counter() - t0
         deadline = time.time() + 60
-        while asyncio.run(_stream_msgs(site.cluster.urls)) < len(msgs) and time.time() < deadline:
+        while asyncio.run(_stream_msgs(site)) < len(msgs) and time.time() < deadline:
             time.sleep(0.2)
-        stored = asyncio.run(_stream_msgs(site.cluster.urls))
+        stored = asyncio.run(_stream_msgs(site))
         gids = ["g%d" % i for i in range(gateways)]
         for g in gids:
             site.start_gateway(g)
@@ -106,11 +146,11 @@ def cluster_drain(tmp, msgs, n_readings, gateways, partitions=8):
             time.sleep(0.05)
         procs = {"nats": [p for p in site.cluster.procs if p], "gateways": [site.gws[g] for g in gids]}
         cpu0 = {k: sum(proc_cpu_s(p.pid) or 0 for p in v) for k, v in procs.items()}
-        left0, t1 = asyncio.run(_stream_msgs(site.cluster.urls)), time.perf_counter()
+        left0, t1 = asyncio.run(_stream_msgs(site)), time.perf_counter()
         left, t2 = left0, t1
         while left > 0 and time.perf_counter() - t1 < 300:
             time.sleep(0.25)
-            left, t2 = asyncio.run(_stream_msgs(site.cluster.urls)), time.perf_counter()
+            left, t2 = asyncio.run(_stream_msgs(site)), time.perf_counter()
         cpu = {k: (sum(proc_cpu_s(p.pid) or 0 for p in v) - cpu0[k]) / max(1e-9, t2 - t1) for k, v in procs.items()}
         committed = _count_readings(site.parts_dir)
         rate = (left0 - left) * (n_readings / len(msgs)) / max(1e-9, t2 - t1)
@@ -313,7 +353,7 @@ def latency(tmp, n, n_ack):
             gw.terminate()
             gw.wait(10)
         b.stop()
-    site = ScaleSite(os.path.join(tmp, "lat-cluster"), partitions=8, gw_extra=GW_EXTRA).start()
+    site = ScaleSite(os.path.join(tmp, "lat-cluster"), partitions=8, gw_extra=GW_EXTRA, insecure=True).start()
     try:
         asyncio.run(_ensure_stream(site))
         res["nats mqtt->jetstream consumer"] = _q(asyncio.run(_nats_latency(site, n)))
@@ -334,6 +374,9 @@ def main(argv=None):
     ap.add_argument("--ack-latency", type=int, default=100, help="batches for the end-to-end ack latency")
     ap.add_argument("--repeat", type=int, default=3, help="throughput runs (medians printed)")
     ap.add_argument("--keep", action="store_true")
+    ap.add_argument("--tls", action="store_true",
+                    help="also drain the secured cluster (TLS everywhere, users) with 1 and 2 gateways")
+    ap.add_argument("--no-latency", action="store_true", help="skip the latency part")
     args = ap.parse_args(argv)
     tmp = tempfile.mkdtemp(prefix="bench-scaleout-")
     per = 50
@@ -344,6 +387,8 @@ def main(argv=None):
     try:
         takeover = None
         rates = {"mosquitto, 1 gateway": [], "NATS cluster, 1 gateway": [], "NATS cluster, 2 gateways": []}
+        if args.tls:
+            rates.update({"NATS TLS, 1 gateway": [], "NATS TLS, 2 gateways": []})
         for rep in range(args.repeat):
             b, port = start_broker(os.path.join(tmp, "mosq%d" % rep))
             try:
@@ -353,22 +398,28 @@ def main(argv=None):
             rates["mosquitto, 1 gateway"].append(m["readings"] / m["seconds"])
             print("  run %d mosquitto, 1 gateway: %.0f readings/s committed (%.1f s)"
                   % (rep, m["readings"] / m["seconds"], m["seconds"]))
-            for g in (1, 2):
-                r, t = cluster_drain(os.path.join(tmp, "r%d" % rep), msgs, n, g)
-                takeover = t or takeover
-                rates["NATS cluster, %d gateway%s" % (g, "s" if g > 1 else "")].append(r["readings_per_s"])
-                print("  run %d NATS cluster, %d gateway(s): %.0f readings/s committed (%.1f s draining %d of %d "
-                      "messages; CPU cores busy: nats-servers %.2f, gateways %.2f; publish into NATS %.1f s; "
-                      "%d readings in the partition DBs)"
-                      % (rep, g, r["readings_per_s"], r["drain_s"], r["left_at_balance"], r["stored_msgs"],
-                         r["cpu_nats"], r["cpu_gateways"], r["published_s"], r["committed_readings"]))
+            for tls in (False, True) if args.tls else (False,):
+                for g in (1, 2):
+                    r, t = cluster_drain(os.path.join(tmp, "r%d" % rep), msgs, n, g, tls=tls)
+                    takeover = t or takeover
+                    name = "NATS %s, %d gateway%s" % ("TLS" if tls else "cluster", g, "s" if g > 1 else "")
+                    rates[name].append(r["readings_per_s"])
+                    print("  run %d %s: %.0f readings/s committed (%.1f s draining %d of %d "
+                          "messages; CPU cores busy: nats-servers %.2f, gateways %.2f; publish into NATS %.1f s; "
+                          "%d readings in the partition DBs)"
+                          % (rep, name, r["readings_per_s"], r["drain_s"], r["left_at_balance"], r["stored_msgs"],
+                             r["cpu_nats"], r["cpu_gateways"], r["published_s"], r["committed_readings"]))
         for k, v in rates.items():
             print("%-26s median %8.0f readings/s committed (runs: %s)" % (k + ":", statistics.median(v),
                                                                            ", ".join("%.0f" % x for x in v)))
         if takeover:
             print("takeover: %d partitions of a killed gateway running elsewhere after %.2f s (lease %.1f s)"
                   % (takeover["partitions_moved"], takeover["takeover_s"] or -1, takeover["lease_s"]))
-        for k, v in latency(tmp, args.latency, args.ack_latency).items():
+        if args.tls:
+            for g in ("1 gateway", "2 gateways"):
+                a, b = statistics.median(rates["NATS TLS, " + g]), statistics.median(rates["NATS cluster, " + g])
+                print("NATS TLS / plaintext, %s: %.2f" % (g, a / b))
+        for k, v in ({} if args.no_latency else latency(tmp, args.latency, args.ack_latency)).items():
             print("latency %-40s %s" % (k + ":", v))
     finally:
         if not args.keep:

@@ -12,6 +12,11 @@ started it, even when that one is killed -9 (a test killed by its timeout leaves
 Routes are not advertised to clients (`no_advertise`), so a client only ever uses the URLs it
 was given: a LinkProxy in front of the servers can then cut a site's link for real.
 
+Secured (NatsCluster(..., security=natsauth.paths(FLEET/nats)), CLI --fleet FLEET): TLS on the
+client port, MQTT and routes (mutual TLS), the fleet's users and permissions
+(tools/natsauth.py); .reload() makes the nodes reread them. Without it the servers are open:
+plaintext, anonymous (the sink tests and benchmarks that compare with an open mosquitto).
+
 LinkProxy(target_ports): one loopback TCP proxy port per target; .down() closes every
 connection and refuses new ones (a WAN link cut), .up() restores it. Runs in its own thread.
 """
@@ -28,6 +33,8 @@ import sys
 import threading
 import time
 import urllib.request
+
+from tools import natsauth
 
 _PR_SET_PDEATHSIG = 1
 
@@ -58,14 +65,20 @@ def die_with_parent():
 
 
 def node_conf(name, port, http_port, store_dir, cluster_port=None, routes=(), leafnode_port=None,
-              max_file_store="4G", domain=None, leaf_remotes=(), mqtt_port=None, mappings=None, mqtt_replicas=None):
+              max_file_store="4G", domain=None, leaf_remotes=(), mqtt_port=None, mappings=None, mqtt_replicas=None,
+              security=None, conf_dir=None):
+    """security: tools/natsauth.paths() of a provisioned fleet: TLS on the client port, MQTT
+    and routes (mutual TLS), and its users; None: plaintext, anonymous (tests of that only)."""
+    tls = tuple(", " + b for b in natsauth.tls_blocks(security)) if security else ("", "", "")
     lines = ["server_name: %s" % name, "listen: 127.0.0.1:%d" % port, "http: 127.0.0.1:%d" % http_port,
-             "max_payload: 4MB",
-             "jetstream { store_dir: %s, max_memory_store: 64MB, max_file_store: %s%s }"
-             % (json.dumps(store_dir), max_file_store, ", domain: %s" % domain if domain else "")]
+             "max_payload: 4MB"]
+    if security:  # include paths are relative to the config file
+        lines += [tls[0][2:], "include %s" % json.dumps(os.path.relpath(security["auth"], conf_dir))]
+    lines.append("jetstream { store_dir: %s, max_memory_store: 64MB, max_file_store: %s%s }"
+                 % (json.dumps(store_dir), max_file_store, ", domain: %s" % domain if domain else ""))
     if cluster_port:
-        lines.append("cluster { name: edgeflow, listen: 127.0.0.1:%d, no_advertise: true, routes: [%s] }"
-                     % (cluster_port, ", ".join("nats-route://127.0.0.1:%d" % r for r in routes)))
+        lines.append("cluster { name: edgeflow, listen: 127.0.0.1:%d, no_advertise: true, routes: [%s] %s }"
+                     % (cluster_port, ", ".join("nats-route://127.0.0.1:%d" % r for r in routes), tls[2]))
     if leafnode_port:  # no_advertise: leaf nodes use only the URL they were given (a LinkProxy)
         lines.append("leafnodes { listen: 127.0.0.1:%d, no_advertise: true }" % leafnode_port)
     if leaf_remotes:
@@ -77,8 +90,8 @@ def node_conf(name, port, http_port, store_dir, cluster_port=None, routes=(), le
         # stream_replicas explicit: left alone the server picks the replicas from the nodes it
         # sees at the first MQTT connect (2 of 3 here), and an R2 session stream loses its
         # quorum with one node down: no device could connect anywhere
-        lines.append("mqtt { listen: 127.0.0.1:%d, ack_wait: \"30s\", max_ack_pending: 1024%s }"
-                     % (mqtt_port, ", stream_replicas: %d" % mqtt_replicas if mqtt_replicas else ""))
+        lines.append("mqtt { listen: 127.0.0.1:%d, ack_wait: \"30s\", max_ack_pending: 1024%s %s }"
+                     % (mqtt_port, ", stream_replicas: %d" % mqtt_replicas if mqtt_replicas else "", tls[1]))
     if mappings:
         # subject mappings, e.g. gateway/partitions.py's device -> partition function
         lines.append("mappings { %s }" % ", ".join("%s: %s" % (json.dumps(k), json.dumps(v))
@@ -87,23 +100,29 @@ def node_conf(name, port, http_port, store_dir, cluster_port=None, routes=(), le
 
 
 class NatsCluster:
-    def __init__(self, workdir, nodes=3, leafnodes=False, mqtt=False, mappings=None, domain=None, leaf_remotes=()):
-        """mqtt: each node also listens for MQTT (ports in .mqtt_ports); mappings: subject
+    def __init__(self, workdir, nodes=3, leafnodes=False, mqtt=False, mappings=None, domain=None, leaf_remotes=(),
+                 security=None, fixed_ports=False):
+        """security: natsauth.paths(FLEET/nats) of a provisioned fleet (TLS everywhere, its
+        users; .reload() after the users changed); mqtt: each node also listens for MQTT (ports in .mqtt_ports); mappings: subject
         mappings for every node ({from: to}); domain: JetStream domain (hub / site);
         leaf_remotes: hub leaf node ports to connect to (this server is then a site's leaf
         node: its JetStream stores while the link is down)."""
         self.dir = os.path.abspath(str(workdir))
-        self.mqtt_ports = [free_port() for _ in range(nodes)] if mqtt else [None] * nodes
+
+        def ports(base):  # fixed_ports: the usual ports + node index (a documented try-out)
+            return [base + i if fixed_ports else free_port() for i in range(nodes)]
+        self.mqtt_ports = ports(1883) if mqtt else [None] * nodes
         self.mappings = mappings
         self.n = nodes
         self.domain = domain
         self.leaf_remotes = tuple(leaf_remotes)
-        self.ports = [free_port() for _ in range(nodes)]
-        self.http = [free_port() for _ in range(nodes)]
-        self.cports = [free_port() for _ in range(nodes)] if nodes > 1 else [None]
+        self.ports = ports(4222)
+        self.http = ports(8222)
+        self.cports = ports(6222) if nodes > 1 else [None]
         self.leaf_ports = [free_port() for _ in range(nodes)] if leafnodes else [None] * nodes
         self.procs = [None] * nodes
         self.kills = 0
+        self.security = security
 
     @property
     def urls(self):
@@ -119,7 +138,8 @@ class NatsCluster:
                               self.cports[i] if self.n > 1 else None, routes, self.leaf_ports[i],
                               mqtt_port=self.mqtt_ports[i], mappings=self.mappings,
                               mqtt_replicas=min(3, self.n) if self.n > 1 else None,
-                              domain=self.domain, leaf_remotes=self.leaf_remotes))
+                              domain=self.domain, leaf_remotes=self.leaf_remotes, security=self.security,
+                              conf_dir=d))
         return path, d
 
     def start_node(self, i):
@@ -169,6 +189,12 @@ class NatsCluster:
             p.wait()
             self.kills += 1
         self.procs[i] = None
+
+    def reload(self):
+        """Every running node rereads its config (users changed): SIGHUP, as `nats-server --signal reload`."""
+        for i in range(self.n):
+            if self.alive(i):
+                self.procs[i].send_signal(signal.SIGHUP)
 
     def stop(self):
         for i, p in enumerate(self.procs):
@@ -294,15 +320,32 @@ def main(argv=None):
     ap.add_argument("--mqtt", action="store_true", help="also listen for MQTT (devices) on every node")
     ap.add_argument("--partitions", type=int, default=0,
                     help="map device subjects to P partitions (gateway/partitions.py; one site, several gateways)")
+    ap.add_argument("--fleet", help="an edgeflow-provision folder with NATS settings (edgeflow-provision nats): "
+                    "TLS on every port and route, its users; without it the servers are open (plaintext, anonymous)")
+    ap.add_argument("--fixed-ports", action="store_true",
+                    help="client 4222+i, MQTT 1883+i, routes 6222+i, monitoring 8222+i instead of free ports")
     args = ap.parse_args(argv)
-    mappings = None
+    mappings = security = None
+    if args.fleet:
+        from tools.provision import Fleet
+        fleet = Fleet(args.fleet)
+        st = fleet.load()
+        if not st.get("nats"):
+            ap.error("%s has no NATS settings: run edgeflow-provision nats %s --partitions P" % (args.fleet, args.fleet))
+        if args.partitions and args.partitions != st["nats"]["partitions"]:
+            ap.error("--partitions %d, but the fleet's NATS users were made for %d"
+                     % (args.partitions, st["nats"]["partitions"]))
+        args.partitions = args.partitions or st["nats"]["partitions"]
+        security = natsauth.paths(fleet.path("nats"))
     if args.partitions:
         from gateway.partitions import nats_mappings
         mappings = nats_mappings("edgeflow", args.partitions)
-    c = NatsCluster(args.dir, args.nodes, args.leafnodes, mqtt=args.mqtt, mappings=mappings).start()
+    c = NatsCluster(args.dir, args.nodes, args.leafnodes, mqtt=args.mqtt, mappings=mappings, security=security,
+                    fixed_ports=args.fixed_ports).start()
     try:
         c.wait_ready()
-        print("NATS JetStream ready: %s" % ",".join(c.urls))
+        print("NATS JetStream ready%s: %s" % (" (TLS, users of %s)" % args.fleet if security else
+                                               " (open: plaintext, anonymous)", ",".join(c.urls)))
         if args.mqtt:
             print("MQTT ports: %s" % ",".join(str(p) for p in c.mqtt_ports))
         if args.leafnodes:

@@ -8,6 +8,8 @@
     edgeflow-provision renew-server FLEET           # new broker certificate (same CA)
     edgeflow-provision add-service FLEET monitor --access read   # a trusted non-device client
     edgeflow-provision list FLEET
+    edgeflow-provision nats FLEET --partitions 8 --name nats1 --name nats2 --name nats3
+                                                    # a NATS cluster site (tools/natsauth.py)
 
 What FLEET holds (folder 0700, every secret file 0600):
     fleet.json                  settings and the device list (active / revoked); no secrets
@@ -185,8 +187,9 @@ def make_ca(name):
     return key, cert
 
 
-def make_server_cert(ca_key, ca_cert, names, ips):
-    """(key, cert) for the broker: DNS names and IP addresses in subjectAltName."""
+def make_server_cert(ca_key, ca_cert, names, ips, client_auth=False):
+    """(key, cert) for the broker: DNS names and IP addresses in subjectAltName. client_auth:
+    also usable as a TLS client certificate (NATS cluster routes authenticate each other)."""
     x509, hashes, _, ec, EKU, NameOID = _crypto()
     key = ec.generate_private_key(ec.SECP256R1())
     now = datetime.datetime.now(datetime.timezone.utc)
@@ -201,7 +204,8 @@ def make_server_cert(ca_key, ca_cert, names, ips):
             .add_extension(x509.KeyUsage(digital_signature=True, content_commitment=False, key_encipherment=False,
                                          data_encipherment=False, key_agreement=False, key_cert_sign=False,
                                          crl_sign=False, encipher_only=False, decipher_only=False), critical=True)
-            .add_extension(x509.ExtendedKeyUsage([EKU.SERVER_AUTH]), critical=False)
+            .add_extension(x509.ExtendedKeyUsage([EKU.SERVER_AUTH] + ([EKU.CLIENT_AUTH] if client_auth else [])),
+                           critical=False)
             .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
             .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()), critical=False)
             .sign(ca_key, hashes.SHA256()))
@@ -512,6 +516,11 @@ def parse_args(argv=None):
     p.add_argument("fleet")
     p.add_argument("user")
     p.add_argument("--access", choices=("read", "readwrite"), default="read")
+    p = sub.add_parser("nats", help="TLS certificate and users for a NATS cluster that speaks MQTT (scale-out)")
+    p.add_argument("fleet")
+    p.add_argument("--partitions", type=int, required=True, help="P of the site (the servers' partition mapping)")
+    p.add_argument("--name", action="append", default=[], help="DNS name of a NATS node (repeatable)")
+    p.add_argument("--ip", action="append", default=[], help="IP address of a NATS node (repeatable)")
     for name, hlp in (("rotate-gateway", "new gateway MQTT password"),
                       ("renew-server", "new broker certificate from the same CA"),
                       ("list", "devices and their state")):
@@ -528,6 +537,22 @@ def run(argv=None, out=None):
     out = out or sys.stdout
     a = parse_args(argv)
     f = Fleet(a.fleet)
+    rc = _run(a, f, out)
+    if a.cmd not in ("init", "list", "renew-server", "nats"):
+        from tools import natsauth
+        if natsauth.refresh(f) is not None:  # users changed: the NATS side too
+            print("provision: rewrote %s: copy it to every NATS node and reload them (nats-server --signal reload)"
+                  % f.path("nats", "auth.conf"), file=out)
+    return rc
+
+
+def _run(a, f, out):
+    if a.cmd == "nats":
+        from tools import natsauth
+        n = natsauth.init(f, a.partitions, a.name, a.ip)
+        print("provision: NATS certificate and %d users in %s; a node's config in %s (docs/scale-out.md)"
+              % (n, f.path("nats"), f.path("nats", "node.conf")), file=out)
+        return 0
     if a.cmd == "init":
         f.init(a.broker_host, a.name, a.ip, a.port, a.prefix, a.gateway_user, a.install_dir, a.bind, a.devices)
         print("provision: fleet in %s (%d devices); broker files in %s/broker, gateway files in %s/gateway"

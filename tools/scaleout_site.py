@@ -32,31 +32,57 @@ from gateway.merge import merge  # noqa: E402
 from gateway.partitions import nats_mappings, partition_of  # noqa: E402
 from tools import groundtruth  # noqa: E402
 from tools.fleet import Fleet, gateway_toml, gateway_windows  # noqa: E402
-from tools.natscluster import NatsCluster, die_with_parent  # noqa: E402
+from tools import natsauth  # noqa: E402
+from tools.natscluster import NatsCluster, die_with_parent, free_port  # noqa: E402
+from tools.provision import Fleet as FleetDir  # noqa: E402
 
 PY = sys.executable
 
 
+def secure_fleet(workdir, partitions, devices=()):
+    """A provisioned fleet folder (tools/provision.py: CA, gateway and device credentials)
+    with its NATS settings (tools/natsauth.py: node certificate for localhost/127.0.0.1,
+    users and permissions). Returns (fleet, natsauth.paths, the gateway's config sections)."""
+    fleet = FleetDir(os.path.join(workdir, "fleet"))
+    if not os.path.exists(fleet.state_path):
+        fleet.init("127.0.0.1", names=["localhost"], devices=list(devices))
+        natsauth.init(fleet, partitions)
+    st = fleet.load()
+    gw = {"mqtt": {"username": st["gateway_user"], "password_file": fleet.path("gateway", "mqtt_password"),
+                   "tls_ca": fleet.path("gateway", "ca.pem"), "tls_server_name": "localhost"},
+          "devices": {"file": fleet.path("gateway", "devices.json")}}
+    return fleet, natsauth.paths(fleet.path("nats")), gw
+
+
 class ScaleSite:
-    """NATS cluster (MQTT on every node) + gateway processes; close() stops all of them."""
+    """NATS cluster (MQTT on every node) + gateway processes; close() stops all of them.
+    Secure by default: TLS on every port and route, per-device users (secure_fleet());
+    devices= are provisioned before the servers start. insecure=True: the open set-up."""
 
     def __init__(self, workdir, nodes=3, partitions=8, lease_s=2.0, window_ms=10000, lateness_ms=20000,
-                 ooo_ms=2000, idle_ms=15000, groups=True, gw_extra=None):
+                 ooo_ms=2000, idle_ms=15000, groups=True, gw_extra=None, insecure=False, devices=()):
         self.dir = os.path.abspath(workdir)
         os.makedirs(self.dir, exist_ok=True)
         self.P = partitions
         self.lease_s = lease_s
+        extra = {"log": {"format": "json"}, "store": {"synchronous": "NORMAL"}}
+        self.fleet = security = None
+        if insecure:
+            extra["security"] = {"insecure": True}
+        else:
+            self.fleet, security, gw_sec = secure_fleet(self.dir, partitions, devices)
+            extra.update(gw_sec)
         self.cluster = NatsCluster(os.path.join(self.dir, "nats"), nodes, mqtt=True,
-                                   mappings=nats_mappings("edgeflow", partitions))
+                                   mappings=nats_mappings("edgeflow", partitions), security=security)
         self.parts_dir = os.path.join(self.dir, "parts")
         self.conf = os.path.join(self.dir, "gateway.toml")
-        # insecure: the NATS side has no TLS/credentials yet (docs/scale-out.md); devices too
-        extra = {"log": {"format": "json"}, "store": {"synchronous": "NORMAL"}, "security": {"insecure": True}}
-        extra.update(gw_extra or {})
+        for sec, kv in (gw_extra or {}).items():  # per key: gw_extra may add to [mqtt]
+            extra.setdefault(sec, {}).update(kv)
         with open(self.conf, "w") as f:
             f.write(gateway_toml(1883, "unused.db", window_ms, lateness_ms, ooo_ms, idle_ms, groups, extra))
         self.windows = gateway_windows(window_ms, lateness_ms, groups)
         self.gws = {}
+        self.metrics_ports = {}
 
     def start(self):
         self.cluster.start()
@@ -73,11 +99,23 @@ class ScaleSite:
     def start_gateway(self, gid):
         hosts = ",".join("127.0.0.1:%d" % p for p in self.cluster.mqtt_ports)
         log = open(self.log_path(gid), "ab")
+        self.metrics_ports[gid] = free_port()
         self.gws[gid] = subprocess.Popen(
             [PY, "-m", "gateway.scaleout", "--id", gid, "-c", self.conf, "--nats", ",".join(self.cluster.urls),
-             "--mqtt", hosts, "--partitions", str(self.P), "--dir", self.parts_dir, "--lease-s", str(self.lease_s)],
+             "--mqtt", hosts, "--partitions", str(self.P), "--dir", self.parts_dir, "--lease-s", str(self.lease_s),
+             "--metrics-port", str(self.metrics_ports[gid])],
             cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, preexec_fn=die_with_parent)
         log.close()
+
+    def scrape(self, gid):
+        """{(metric name, partition label or None): value} from a gateway's metrics endpoint."""
+        import urllib.request
+        from prometheus_client.parser import text_string_to_metric_families
+        with urllib.request.urlopen("http://127.0.0.1:%d/metrics" % self.metrics_ports[gid], timeout=5) as r:
+            text = r.read().decode()
+        return {(smp.name, smp.labels.get("partition")): smp.value
+                for fam in text_string_to_metric_families(text) for smp in fam.samples
+                if smp.name.startswith("edgeflow_scaleout_")}
 
     def kill_gateway(self, gid):
         p = self.gws.pop(gid, None)
@@ -179,11 +217,12 @@ class ScaleSite:
 
 
 async def scenario(workdir, devices=20, duration=40.0, gateways=2, partitions=8, sample_ms=250, seed=1, log=print,
-                   kill_node=0, node_down_s=None):
+                   kill_node=0, node_down_s=None, insecure=False, device_timeout_ms=None):
     """kill_node: index of the NATS node to kill -9 (None: none); node_down_s: how long it
     stays down at most (default duration/5); it comes back earlier once its devices and the
     gateways' MQTT outputs run on the other nodes."""
-    site = ScaleSite(workdir, partitions=partitions).start()
+    site = ScaleSite(workdir, partitions=partitions, insecure=insecure,
+                     devices=["dev-%04d" % i for i in range(devices)]).start()
     truth = os.path.join(site.dir, "truth.db")
     fig = {}
     try:
@@ -199,7 +238,9 @@ async def scenario(workdir, devices=20, duration=40.0, gateways=2, partitions=8,
             k = i % len(ports)
             order = ports[k:] + ports[:k]
             dev_over[i] = {"broker": {"port": order[0], "hosts": ["127.0.0.1:%d" % p for p in order]}}
-        fleet = Fleet(devices, ports[0], truth, seed=seed, sample_ms=sample_ms, dev_over=dev_over)
+            if device_timeout_ms:
+                dev_over[i]["broker"]["timeout_ms"] = device_timeout_ms
+        fleet = Fleet(devices, ports[0], truth, seed=seed, sample_ms=sample_ms, dev_over=dev_over, broker=site.fleet)
         await fleet.start(stagger_s=1.0)
         step = duration / 5
         node_down_s = node_down_s or step
@@ -246,6 +287,17 @@ async def scenario(workdir, devices=20, duration=40.0, gateways=2, partitions=8,
         await asyncio.sleep(step)
         drained = await fleet.quiesce(timeout=90)
         log("devices drained: %s" % drained)
+        await asyncio.sleep(site.lease_s)  # one more lease tick: the consumers' backlog is refreshed
+        fig["metrics"] = {g: site.scrape(g) for g in gids}
+        for g in gids:
+            m = fig["metrics"][g]
+            part = sorted(k[1] for k in m if k[0] == "edgeflow_scaleout_partition_owned")
+            log("metrics %s: owns %s, taken %d, takeovers %d, committed %d, stream pending %d, ack pending %d" % (
+                g, ",".join(part), m[("edgeflow_scaleout_partitions_taken_total", None)],
+                m[("edgeflow_scaleout_lease_takeovers_total", None)],
+                sum(v for k, v in m.items() if k[0] == "edgeflow_scaleout_partition_committed_records_total"),
+                sum(v for k, v in m.items() if k[0] == "edgeflow_scaleout_partition_stream_pending"),
+                sum(v for k, v in m.items() if k[0] == "edgeflow_scaleout_partition_ack_pending")))
         await fleet.shutdown()
         fig["fleet"] = fleet.stats()
         await asyncio.sleep(1.0)
@@ -274,13 +326,17 @@ def main(argv=None):
     ap.add_argument("--short", action="store_true", help="the suite's variant: 6 devices, 20 s")
     ap.add_argument("--no-node-kill", action="store_true", help="only the gateway faults")
     ap.add_argument("--node-down", type=float, default=None, help="max seconds the killed NATS node stays down")
+    ap.add_argument("--insecure", action="store_true", help="plaintext, anonymous NATS (the open set-up)")
+    ap.add_argument("--device-timeout-ms", type=int, default=None,
+                    help="the devices' broker.timeout_ms (socket and CONNACK/SUBACK waits; fleet default 3000)")
     args = ap.parse_args(argv)
     if args.short:
         args.devices, args.duration = 6, 20
     d = args.dir or tempfile.mkdtemp(prefix="scaleout-")
     t0 = time.time()
     rep, fig = asyncio.run(scenario(d, args.devices, args.duration, args.gateways, args.partitions, seed=args.seed,
-                                       kill_node=None if args.no_node_kill else 0, node_down_s=args.node_down))
+                                       kill_node=None if args.no_node_kill else 0, node_down_s=args.node_down,
+                                       insecure=args.insecure, device_timeout_ms=args.device_timeout_ms))
     print("takeover_s=%s  devices_failover_s=%s  run_s=%.0f  dir=%s" % (
         fig.get("takeover_s"), fig.get("failover_s"), time.time() - t0, d))
     return 0 if rep.ok else 1

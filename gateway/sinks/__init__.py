@@ -58,6 +58,10 @@ TYPE_KEYS = {
         "max_stream_bytes": (1 << 30, int, (1 << 20, 1 << 50), "stream max bytes (discard new when full)"),
         "duplicate_window_s": (600.0, float, (1, 86400 * 7), "JetStream dedup window on Nats-Msg-Id (>= the retry horizon)"),
         "credentials": ("", str, None, "NATS .creds file (optional)"),
+        "tls_ca": ("", str, None, "CA (PEM) the servers' certificates must chain to: TLS, name checked"),
+        "tls_server_name": ("", str, None, "name checked in the servers' certificates (default: the URL's host)"),
+        "user": ("", str, None, "NATS user name (with password_file)"),
+        "password_file": ("", str, None, "file holding the NATS password (mode 0600)"),
     },
     "webhook": {
         "url": (None, str, None, "POST target (http:// or https://)"),
@@ -305,7 +309,7 @@ class SinkSet:
         return bool(self.cfgs)
 
     async def open(self, db):
-        """db: the gateway's aiosqlite connection (the schema is there: store.py)."""
+        """db: the gateway's store.Database (one connection, its own thread) (the schema is there: store.py)."""
         self.db = db
         if not self.cfgs:
             return

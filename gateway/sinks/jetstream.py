@@ -43,12 +43,42 @@ async def ensure_stream(js, cfg):
         return False
 
 
-async def connect(servers, name, credentials=""):
+def security_options(c):
+    """nats.connect() keywords from a sink's or the collector's NATS settings: TLS with only
+    tls_ca trusted and tls_server_name checked; user + password_file (first line) or a .creds
+    file. Raises ValueError on an unreadable file."""
+    import ssl
     kw = {}
-    if credentials:
-        kw["user_credentials"] = credentials
+    if c.get("credentials"):
+        kw["user_credentials"] = c["credentials"]
+    if c.get("tls_ca"):
+        try:
+            ctx = ssl.create_default_context(cafile=c["tls_ca"])  # CERT_REQUIRED + check_hostname
+        except (OSError, ssl.SSLError) as e:
+            raise ValueError("tls_ca %s: %s" % (c["tls_ca"], e))
+        ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+        kw["tls"] = ctx
+        if c.get("tls_server_name"):
+            kw["tls_hostname"] = c["tls_server_name"]
+    if c.get("user"):
+        kw["user"] = c["user"]
+        if c.get("password_file"):
+            try:
+                with open(c["password_file"]) as f:
+                    kw["password"] = f.readline().strip()
+            except OSError as e:
+                raise ValueError("password_file %s: %s" % (c["password_file"], e.strerror))
+    return kw
+
+
+async def connect(servers, name, credentials="", **security):
+    """security: tls_ca, tls_server_name, user, password_file (see security_options)."""
+    kw = security_options(dict(security, credentials=credentials))
     return await nats.connect(servers=servers, name=name, max_reconnect_attempts=-1, reconnect_time_wait=0.5,
                               connect_timeout=5, allow_reconnect=True, **kw)
+
+
+NATS_SECURITY_KEYS = ("tls_ca", "tls_server_name", "user", "password_file")
 
 
 async def close_quietly(nc):
@@ -73,7 +103,8 @@ class JetStreamSink:
 
     async def _connect(self):
         c = self.cfg
-        self.nc = await connect(c["servers"], "edgeflow-gateway-%s-%s" % (self.site, c["name"]), c["credentials"])
+        self.nc = await connect(c["servers"], "edgeflow-gateway-%s-%s" % (self.site, c["name"]), c["credentials"],
+                                **{k: c[k] for k in NATS_SECURITY_KEYS})
         self.js = self.nc.jetstream(timeout=c["timeout_s"])
         logs.info("sink_connected", sink=c["name"], type="jetstream", servers=",".join(c["servers"]))
 
