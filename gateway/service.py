@@ -10,8 +10,8 @@
     -> checkpoint: one SQLite transaction (store.py) with outputs + state
     -> after the commit: PUBACKs to the broker, acks with credits (admission.py) to devices
 
-Threading: one asyncio loop runs everything; paho is driven from it (no
-network thread) and the store runs the commits in its own database thread (store.Database) while the
+Threading: one asyncio loop runs everything; the MQTT client is an asyncio
+Protocol (mqttc.py, no network thread) and the store runs the commits in its own database thread (store.Database) while the
 loop keeps processing the next batch. Error model: bad input is quarantined,
 never raised; an unexpected exception while handling one message quarantines
 that message as internal_error; a failed commit stops the gateway (nothing is
@@ -117,7 +117,7 @@ class Gateway:
         self.admission = Admission(a.replay_rate, a.replay_burst, a.max_replayers, a.credit_chunk,
                                    a.replay_timeout_s, _now_ms(), adaptive=a.adaptive, rate_min=a.replay_rate_min,
                                    target_s=a.latency_target_s, beta=a.backoff, increase=a.increase,
-                                   first_byte_s=a.first_byte_s)
+                                   first_byte_s=a.first_byte_s, growth=a.growth)
         self.devices = Registry()
         # the devices file: provisioned ids and their ack keys (None: insecure, every id taken)
         self._devices_file = cfg.devices.file  # Config applies EDGEFLOW_DEVICES_FILE
@@ -299,24 +299,29 @@ class Gateway:
         interval = self.cfg.checkpoint.interval_ms
         tick = min(interval, 50) / 1000.0
         last = _now_ms()
+        ckpt = None
         while True:
             await asyncio.sleep(tick)
+            if ckpt is not None and ckpt.done():
+                ckpt.result()  # a failed checkpoint ends the gateway, as when it was awaited here
+                ckpt = None
             now = _now_ms()
             self.watermarks.tick(now)
             self._advance_groups()
             paused = self._replay_paused()
             adm = self.admission
             dec = adm.decreases
-            for dev in adm.tick(now, paused):
-                self._send_grant(dev, now)
+            adm.tick_all(now, lambda dev: self._send_grant(dev, now), paused)
             if adm.decreases != dec:  # the adaptive replay rate backed off: congestion
                 logs.warning("replay_rate_backoff", rate=round(adm.rate * 1000), committed_per_s=round(adm.throughput),
                              outstanding=adm.outstanding, expected_wait_s=round(adm.delay_ms / 1000, 2),
                              queue_full=paused)
             self._flush_acks(now)
-            if now - last >= interval:
+            if now - last >= interval and ckpt is None:
                 last = now
-                await self.checkpoint()
+                # not awaited: it waits for the commit in flight, and admission ticks and acks
+                # must not (a storm drained at 4 ticks/s with 200-300 ms commits, tokens unused)
+                ckpt = asyncio.ensure_future(self.checkpoint())
 
     def _handle(self, topic, payload, now):
         parsed = self._topic_cache.get(topic)

@@ -315,6 +315,41 @@ def test_admission_resent_duplicates_count_as_progress():
     assert a2.tick(2000) == ["d"] and a2.grant("d", 60000)[0] > 0
 
 
+def test_tick_all_admits_until_the_tokens_run_out_not_one_round_of_slots():
+    a = Admission(rate=1.0, burst=1000, max_replayers=2, chunk=2000, timeout_s=30, now=0)
+    for i in range(10):
+        a.hello("d%d" % i, 100, 0)  # the first 2 take the slots, 8 wait
+    sent = []
+
+    def send(dev):
+        c, replay = a.grant(dev, 0)
+        sent.append((dev, c))
+
+    a.tick_all(0, send)
+    assert sent == [("d%d" % i, 100) for i in range(10)]  # 5 rounds of 2 slots, 1000 tokens
+    assert a.tokens == 0 and not a.active and a.waiting_count() == 0
+    # bounded by the tokens: 250 tokens grant 2 whole backlogs and a part of the third
+    b = Admission(rate=1.0, burst=250, max_replayers=2, chunk=2000, timeout_s=30, now=0)
+    for i in range(10):
+        b.hello("d%d" % i, 100, 0)
+    got = []
+    b.tick_all(0, lambda dev: got.append(b.grant(dev, 0)[0]))
+    assert got == [100, 100, 50, 0] and b.tokens == 0 and b.waiting_count() == 6
+    # paused (ingest queue full): nothing is sent, the slots are taken for later
+    c = Admission(rate=1.0, burst=1000, max_replayers=2, chunk=2000, timeout_s=30, now=0)
+    for i in range(4):
+        c.hello("d%d" % i, 100, 0)
+    c.tick_all(0, lambda dev: got.append(dev), paused=True)
+    assert len(c.active) == 2 and c.waiting_count() == 2 and c.tokens == 1000
+    # rounds are bounded even when every round admits (a device with no nonce never takes a grant)
+    d = Admission(rate=1.0, burst=10 ** 9, max_replayers=1, chunk=2000, timeout_s=30, now=0)
+    for i in range(100):
+        d.hello("d%d" % i, 100, 0)
+    n = []
+    d.tick_all(0, lambda dev: n.append(d.grant(dev, 0)), rounds=16)
+    assert len(n) == 16
+
+
 def _adaptive(outstanding=0, per_s=None, rate=10000.0, rate_min=500.0):
     """An adaptive Admission with `outstanding` credits granted to one device and T = per_s."""
     a = Admission(rate, burst=10 ** 9, max_replayers=4, chunk=10 ** 9, timeout_s=30, now=0, adaptive=True,
@@ -358,20 +393,80 @@ def test_adaptive_wait_exactly_at_target_holds():
     assert a.adapt(5000) == 6000.0
 
 
-def test_adaptive_wait_over_target_backs_off_to_measured_throughput():
-    a = _adaptive(outstanding=5001, per_s=1000)  # D just over 5 s
+def test_adaptive_wait_over_target_backs_off_at_most_to_half_the_rate():
+    # the rule (docs/gateway.md "Adaptive replay rate"): rate = max(rate / 2, beta x min(rate, T))
+    a = _adaptive(outstanding=5001, per_s=1000)  # D just over 5 s, T tiny against the rate
     assert a.adapt(1000) == 10000.0  # first congested step: T may still lag a step up in load
-    assert a.adapt(2000) == 500.0  # second: beta x min(rate, T) = 0.5 x 1000 = 500 (= the floor)
+    assert a.adapt(2000) == 5000.0  # second: 0.5 x T = 500 would be a 20x cut; one cut at most halves
     assert a.decreases == 1
     a2 = _adaptive(outstanding=50000, per_s=8000)  # D = 6.25 s
     a2.adapt(1000)
-    assert a2.adapt(2000) == 4000.0  # 0.5 x T
-    assert a2.adapt(3000) == 4000.0 and a2.decreases == 1  # at most one decrease per target (5 s)
-    assert a2.adapt(7000) == 2000.0 and a2.decreases == 2  # 0.5 x min(rate 4000, T 8000)
+    assert a2.adapt(2000) == 5000.0  # max(10000 / 2, 0.5 x 8000 = 4000)
+    assert a2.adapt(3000) == 5000.0 and a2.decreases == 1  # at most one decrease per target (5 s)
+    assert a2.adapt(7000) == 2500.0 and a2.decreases == 2  # max(2500, 0.5 x min(5000, 8000) = 2500)
     # the bucket refills at the new rate
     t0 = a2.tokens
     a2._refill(8000)
-    assert a2.tokens - t0 == 2000.0
+    assert a2.tokens - t0 == 2500.0
+    # beta x T above half the rate: the measured throughput decides (drains the queue in one step)
+    for per_s, want in ((18000, 0.8 * 18000), (12500, 10000.0), (12000, 10000.0)):  # 12500: exactly half
+        a3 = Admission(20000.0, burst=10 ** 9, max_replayers=4, chunk=10 ** 9, timeout_s=30, now=0, adaptive=True,
+                       rate_min=500.0, target_s=5.0, beta=0.8, increase=0.1)
+        a3.hello("d", per_s * 5 + 1, 0)  # D just over the target
+        a3.grant("d", 0)
+        a3.committed(0, 0)
+        a3.committed(per_s, 1000)
+        a3.adapt(1000)
+        assert a3.adapt(2000) == want
+
+
+def test_adaptive_climbs_multiplicatively_far_under_the_target():
+    # D < target / 4: rate = max(rate + increase x rate_max x dt, min(rate x growth ^ dt, growth x T)), growth 2
+    a = _adaptive(outstanding=0, per_s=50000, rate=1000000.0, rate_min=500.0)
+    a.rate = 10000 / 1000.0
+    assert a.adapt(1000) == 110000.0  # +0.1 x 1000000 beats x2
+    a.rate = 30000 / 1000.0
+    a.increase = 0.001
+    assert a.adapt(2000) == 60000.0  # x2 beats +1000
+    assert a.adapt(3000) == 100000.0  # x2 = 120000, capped at growth x T = 100000
+    assert a.adapt(4000) == 101000.0  # at the cap: the additive step only
+    # dt is capped at 2 s: a late step cannot multiply by more than growth ^ 2
+    b = _adaptive(outstanding=0, per_s=10 ** 6, rate=100000.0)
+    b.rate = 1000 / 1000.0
+    b.adapt(1000)
+    b.rate = 1000 / 1000.0
+    assert b.adapt(11000) == max(1000 * 4.0, 1000 + 0.1 * 100000 * 2)  # additive is larger here: 21000
+    b.increase = 0.0
+    b.rate = 1000 / 1000.0
+    assert b.adapt(21000) == 4000.0  # x 2 ^ 2
+    # boundary: D exactly target / 4 is additive only, just under it multiplicative
+    d = _adaptive(outstanding=1250, per_s=1000, rate=100000.0)  # D = 1.25 s = 5 s / 4
+    d.rate = 1000 / 1000.0
+    assert d.adapt(1000) == 11000.0
+    d.backlog_received("d", 1, 1000)  # D = 1.249 s; growth x T = 2000 caps the x2 (22000)
+    assert d.adapt(2000) == 21000.0  # so the additive step wins
+    e = _adaptive(outstanding=1249, per_s=1000, rate=100000.0)
+    e.increase = 0.0
+    e.rate = 600 / 1000.0
+    assert e.adapt(1000) == 1200.0  # x2 under the cap of 2000
+    assert e.adapt(2000) == 2000.0  # capped
+
+
+def test_adaptive_burst_cut_is_undone_in_seconds():
+    # the bench_storm case: T measured during the connect/hello burst is a fifth of the rate;
+    # the rate halves once, and climbs back to the ceiling within 2 steps once the wait is small
+    a = Admission(200000.0, burst=10 ** 9, max_replayers=4, chunk=10 ** 9, timeout_s=30, now=0, adaptive=True,
+                  rate_min=2000.0, target_s=5.0, beta=0.8, increase=0.05)
+    a.hello("d", 500000, 0)
+    a.grant("d", 0)
+    a.committed(0, 0)
+    a.committed(36000, 1000)  # T = 36k/s, O = 500k: D = 13.9 s
+    a.adapt(1000)
+    assert a.adapt(2000) == 100000.0 and a.decreases == 1  # not 0.8 x 36000 = 28800
+    a.backlog_received("d", 500000, 2500)  # the broker queue drained
+    a.committed(300000, 3000)  # 150k/s since the last commit: T = 150k
+    assert a.delay_ms == 13888.888888888889 and a.adapt(3000) == 200000.0  # x2 in one step (cap 2 x T = 300k)
+    assert a.delay_ms == 0.0
 
 
 def test_adaptive_queue_full_holds_the_rate():
@@ -382,19 +477,19 @@ def test_adaptive_queue_full_holds_the_rate():
     for t in (1000, 2000, 3000):
         assert a.adapt(t, queue_full=True) == 5000.0
     assert a.decreases == 0 and a.tick(3500, paused=True) == []
-    assert a.adapt(4000, queue_full=False) == 6000.0  # queue drained, D = 0: increase again
+    assert a.adapt(4000, queue_full=False) == 10000.0  # queue drained, D = 0: x2 (under 2 x T; the ceiling)
     b = _adaptive(outstanding=50000, per_s=8000)  # D over target and queue full: backs off
     b.adapt(1000, queue_full=True)
-    assert b.adapt(2000, queue_full=True) == 4000.0
+    assert b.adapt(2000, queue_full=True) == 5000.0
 
 
 def test_adaptive_rate_floor_and_ceiling():
     a = _adaptive(outstanding=10 ** 6, per_s=10, rate_min=500.0)  # tiny T, huge wait
     a.adapt(1000)
-    assert a.adapt(2000) == 500.0  # never below replay_rate_min
-    for t in range(8000, 29000, 5000):  # (within replay_timeout_s: "d" still counts)
-        a.adapt(t)
-    assert a.rate * 1000 == 500.0 and a.decreases > 2
+    assert a.adapt(2000) == 5000.0  # halves
+    rates = [a.adapt(t) for t in range(7000, 29000, 5000)]  # one cut per target (5 s)
+    assert rates == [2500.0, 1250.0, 625.0, 500.0, 500.0]  # never below replay_rate_min
+    assert a.rate * 1000 == 500.0 and a.decreases == 6
     b = _adaptive(outstanding=0, per_s=10 ** 6)  # D = 0: increase, but never above replay_rate
     for t in range(1000, 30000, 1000):
         r = b.adapt(t)

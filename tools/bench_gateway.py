@@ -110,8 +110,7 @@ def workload(devices, n_msgs, per_msg, prefix="edgeflow"):
 
 
 def gateway_cfg(port, db, sync):
-    return {"mqtt": {"port": port, "client_id": "bench-gw", "queue_size": 1000,
-                     "buffered_reads": os.environ.get("BENCH_BUFFERED", "1") == "1"},
+    return {"mqtt": {"port": port, "client_id": "bench-gw", "queue_size": 1000},
             "store": {"path": db, "synchronous": sync, "retain_readings": os.environ.get("BENCH_RETAIN", "1") == "1"},
             "metrics": {"port": 0}, "security": {"insecure": True},
             "checkpoint": {"interval_ms": 100, "max_messages": 400, "max_records": 50000},

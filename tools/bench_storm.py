@@ -4,6 +4,13 @@ real broker and the real gateway (subprocess); figures, not a test.
     python tools/bench_storm.py --devices 10000 --backlog 720        # full size (docs/benchmarks.md)
     python tools/bench_storm.py --devices 500 --backlog 100          # quick
 
+A steady phase before the storm and another after it (same broker, same gateway process,
+same protocol client; on a shared machine the load changes, so the storm is bracketed):
+--steady-devices already connected devices send live records (no backlog, so no credits), 50
+per message, each keeping at most --steady-window unacked, until --steady-readings are
+committed. The last line prints storm / steady (the mean of the two), by wall clock and by the
+gateway's CPU per reading (goal 3 of issue 16: >= 0.8). --steady-readings 0 skips them.
+
 The devices are protocol-level replayers (asyncio Protocols, every connection in this one
 process), driven by the wire contract exactly as the firmware's uplink (docs/firmware.md,
 "Uplink protocol"): connect with a last will, subscribe to its ack topic and the gateway
@@ -79,6 +86,7 @@ class Replayer(asyncio.Protocol):
         self.last_ack = None
         self.hellos = 0
         self.acks = 0
+        self.live = False  # steady phase: everything is live data (hello backlog 0), no credits
 
     # ---- asyncio.Protocol
     def connection_made(self, tr):
@@ -159,8 +167,9 @@ class Replayer(asyncio.Protocol):
 
     def _hello(self):
         first = self.acked + 1
+        nxt = first if self.live else self.n  # live: nothing below `first` is held, nothing is backlog
         self._pub(self.t.hello(self.dev), wire.encode_hello(
-            self.dev, 1, self.n, int(time.time() * 1000), self.n - first, 1, first, self.idx + 1, self.hellos + 1,
+            self.dev, 1, nxt, int(time.time() * 1000), nxt - first, 1, first, self.idx + 1, self.hellos + 1,
             "bench-storm"))
         self.b.st.hellos += 1
         self.hellos += 1
@@ -224,6 +233,9 @@ class Replayer(asyncio.Protocol):
         self._hello()
         self.progress = time.monotonic()
         was_online = self.gw_online
+        if self.live:
+            b.ready += 1
+            await b.go.wait()
         while self.acked < self.n - 1 and not self.lost.is_set():
             if self.gw_online and not was_online:
                 self._hello()
@@ -231,6 +243,9 @@ class Replayer(asyncio.Protocol):
             if self.next <= self.acked + 1:
                 # nothing outstanding: the resend clock starts at the next send (firmware/uplink.py)
                 self.progress = time.monotonic()
+            if self.live:
+                while self.gw_online and self.next < self.n and self.next - self.acked - 1 < b.window:
+                    self._send(min(b.per_msg, self.n - self.next))
             while self.gw_online and self.replay and self.credits > 0 and self.next < self.n:
                 self._send(min(self.credits, b.per_msg, self.n - self.next))
             if self.next > self.acked + 1 and time.monotonic() - self.progress > b.resend_s:
@@ -251,18 +266,56 @@ class Replayer(asyncio.Protocol):
 
 
 class Bench:
-    def __init__(self, port, devices, backlog, per_msg, jitter, resend_s, prefix="edgeflow", broker=None):
+    def __init__(self, port, devices, backlog, per_msg, jitter, resend_s, prefix="edgeflow", broker=None,
+                 steady_devices=0):
         self.port, self.devices, self.backlog, self.per_msg = port, devices, backlog, per_msg
         self.jitter, self.resend_s, self.prefix = jitter, resend_s, prefix
         self.st = Stats()
         self.stall_s = 90.0
+        self.window = 1000  # live records a steady-phase device keeps unacked
+        self.metrics_port = 0
+        self.go = asyncio.Event()
+        self.ready = 0
         # secure broker: every replayer has its own provisioned credentials and speaks TLS
         self.ssl, self.passwords = None, {}
         if broker is not None and not broker.insecure:
-            ids = ["s%05d" % i for i in range(devices)]
+            ids = ["s%05d" % i for i in range(devices)] + ["%s%05d" % (p, i) for p in "lm"
+                                                             for i in range(steady_devices)]
             broker.add_devices(ids)
             self.passwords = {d: broker.credentials(d)[1] for d in ids}
             self.ssl = broker.tls_context()
+
+    async def steady(self, site, n_dev, per_dev, timeout, prefix="l"):
+        """The steady phase: n_dev connected devices send per_dev live records each.
+        Returns (seconds from the first send to the last ack, readings committed, gateway CPU s)."""
+        saved = self.backlog, self.jitter
+        self.st = Stats()
+        self.backlog, self.jitter = per_dev, 0.0
+        devs = []
+        for i in range(n_dev):
+            r = Replayer(self, "%s%05d" % (prefix, i), self.devices + i)
+            r.live = True
+            devs.append(r)
+        tasks = [asyncio.ensure_future(r.run()) for r in devs]
+        t_end = time.monotonic() + timeout
+        while self.ready < n_dev and time.monotonic() < t_end:
+            await asyncio.sleep(0.05)
+        await asyncio.sleep(0.5)  # the hellos' acks, the connects' state messages
+        cpu0 = proc_cpu_s(site.gateway.pid)
+        t0 = time.monotonic()
+        self.st.last_done = None
+        self.go.set()
+        self.ready = 0
+        while self.st.done < n_dev and time.monotonic() < t_end:
+            await asyncio.sleep(0.05)
+        dt = (self.st.last_done or time.monotonic()) - t0
+        cpu = proc_cpu_s(site.gateway.pid) - cpu0
+        await asyncio.wait(tasks, timeout=5)
+        await _end(tasks, devs)
+        self.st = Stats()
+        self.go = asyncio.Event()
+        self.backlog, self.jitter = saved
+        return dt, sum(r.acked + 1 for r in devs), cpu
 
     async def run(self, site, timeout, progress_s=5.0):
         reps = [Replayer(self, "s%05d" % i, i) for i in range(self.devices)]
@@ -286,22 +339,62 @@ class Bench:
                 last = time.monotonic()
                 committed = sum(r.acked + 1 for r in reps)
                 print("  t=%5.1fs connected %d/%d done %d committed %d/%d (%.0f%%) msgs %d rewinds %d "
-                      "connect failures %d gateway RSS %s MB" % (
+                      "connect failures %d gateway RSS %s MB | gauges: %s" % (
                           time.monotonic() - t0, st.connects, self.devices, st.done, committed, total,
                           100.0 * committed / total, st.msgs, st.rewinds, st.connect_failures,
-                          _mb(vm_hwm_kb(site.gateway.pid) if site.gateway else None)), flush=True)
+                          _mb(vm_hwm_kb(site.gateway.pid) if site.gateway else None),
+                          gateway_gauges(self.metrics_port) if self.metrics_port else "-"), flush=True)
         stuck = [r for r in reps if r.acked < r.n - 1]
         if stuck:
             print("  %d devices not done; e.g.:" % len(stuck))
             for r in stuck[:8]:
                 print("    " + r.state())
-        for t in tasks:
-            t.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
-        for r in reps:
-            if r.tr is not None:
-                r.tr.abort()
+        await _end(tasks, reps)
         return t0, sum(r.acked + 1 for r in reps)
+
+
+async def _end(tasks, reps):
+    """Cancel the devices' tasks and drop their connections."""
+    for t in tasks:
+        t.cancel()
+    await asyncio.gather(*tasks, return_exceptions=True)
+    for r in reps:
+        if r.tr is not None:
+            r.tr.abort()
+
+
+def _free_port():
+    import socket
+    with socket.socket() as so:
+        so.bind(("127.0.0.1", 0))
+        return so.getsockname()[1]
+
+
+GAUGES = (("replay_rate", "rate"), ("replay_credits_outstanding", "outstanding"), ("replayers_active", "active"),
+          ("replayers_waiting", "waiting"), ("replay_tokens", "tokens"), ("queue_depth", "queue"),
+          ("committed_records_per_second", "T"), ("ingest_pauses_total", "pauses"))
+
+
+def gateway_gauges(port):
+    """The admission state from the gateway's metrics endpoint (what limits the drain), one line."""
+    import urllib.request
+    try:
+        text = urllib.request.urlopen("http://127.0.0.1:%d/metrics" % port, timeout=1).read().decode()
+    except OSError:
+        return ""
+    got = {}
+    for ln in text.splitlines():
+        if ln.startswith("edgeflow_gateway_"):
+            k, _, v = ln[len("edgeflow_gateway_"):].partition(" ")
+            got[k] = v
+    return " ".join("%s %.0f" % (short, float(got[k])) for k, short in GAUGES if k in got)
+
+
+def _loadavg():
+    try:
+        return " ".join(open("/proc/loadavg").read().split()[:3])
+    except OSError:
+        return "?"
 
 
 def _mb(kb):
@@ -347,6 +440,13 @@ def main(argv=None):
     ap.add_argument("--stall-s", type=float, default=90, help="stop when nothing moved for this long")
     ap.add_argument("--dir", default=None, help="work dir (default: a temp dir, removed)")
     ap.add_argument("--insecure", action="store_true", help="plaintext anonymous broker (to compare with TLS)")
+    ap.add_argument("--gauges", action="store_true", help="progress lines show the gateway's admission gauges "
+                    "(its metrics endpoint; with 10,000 devices each scrape costs the gateway ~3%% of its CPU "
+                    "during the storm, which biases the ratio)")
+    ap.add_argument("--steady-devices", type=int, default=100, help="steady phase: devices sending live data")
+    ap.add_argument("--steady-readings", type=int, default=2000000, help="steady phase: readings in all "
+                                                                         "(0: no steady phase, no ratio)")
+    ap.add_argument("--steady-window", type=int, default=1000, help="steady phase: unacked live readings per device")
     a = ap.parse_args(argv)
     need = a.devices + 200
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
@@ -361,8 +461,9 @@ def main(argv=None):
         adm["replay_rate"] = a.replay_rate
     if a.max_replayers:
         adm["max_replayers"] = a.max_replayers
+    metrics_port = _free_port()
     extra = {"store": {"synchronous": a.synchronous}, "log": {"level": "warning"},
-             "dedup": {"max_boots": 4}}
+             "dedup": {"max_boots": 4}, "metrics": {"port": metrics_port}}
     if adm:
         extra["admission"] = adm
     site = Site(d, window_ms=60000, lateness_ms=60000, ooo_ms=5000, idle_ms=60000, groups=False, gw_extra=extra,
@@ -370,32 +471,63 @@ def main(argv=None):
     print("bench_storm: %d devices x %d backlog readings = %d readings, %d per message" % (
         a.devices, a.backlog, a.devices * a.backlog, a.per_msg))
     print("machine: %s" % machine())
+    print("load average before: %s (2 cores shared)" % _loadavg())
     rc = 1
     try:
         site.start_broker()
-        bench = Bench(site.port, a.devices, a.backlog, a.per_msg, a.jitter_s, a.resend_s, broker=site.mq)
+        n_steady = a.steady_devices if a.steady_readings > 0 else 0
+        bench = Bench(site.port, a.devices, a.backlog, a.per_msg, a.jitter_s, a.resend_s, broker=site.mq,
+                      steady_devices=n_steady)
+        bench.window = a.steady_window
+        bench.metrics_port = metrics_port if a.gauges else 0
         site.start_gateway()
         time.sleep(1.5)
         bench.stall_s = a.stall_s
+        steady = []
+        per_dev = -(-a.steady_readings // n_steady) if n_steady else 0
+
+        def steady_phase(prefix, when):
+            r = asyncio.run(bench.steady(site, n_steady, per_dev, a.timeout, prefix))
+            print("steady %s: %d connected devices x %d live readings: %d committed in %.1f s = %.0f readings/s, "
+                  "gateway CPU %.2f us per reading, load average %s" % (
+                      when, n_steady, per_dev, r[1], r[0], r[1] / r[0], 1e6 * r[2] / max(1, r[1]), _loadavg()),
+                  flush=True)
+            if r[1] != n_steady * per_dev:
+                print("steady phase incomplete: the ratio below is not valid")
+            steady.append(r)
+
+        if n_steady:
+            steady_phase("l", "before")
+        gw_cpu0 = proc_cpu_s(site.gateway.pid)
         cpu0 = time.process_time()
         t0, committed = asyncio.run(bench.run(site, a.timeout))
         st = bench.st
         t_first = st.first_connect or t0
         drain = (st.last_done or time.monotonic()) - t_first
-        gw_kb, br_kb = vm_hwm_kb(site.gateway.pid), vm_hwm_kb(site.broker.pid)
-        gw_cpu, br_cpu = proc_cpu_s(site.gateway.pid), proc_cpu_s(site.broker.pid)
+        gw_cpu, br_cpu = proc_cpu_s(site.gateway.pid) - gw_cpu0, proc_cpu_s(site.broker.pid)
         me_cpu = time.process_time() - cpu0
+        print("storm done, load average %s" % _loadavg(), flush=True)
+        if n_steady:
+            steady_phase("m", "after")
+        gw_kb, br_kb = vm_hwm_kb(site.gateway.pid), vm_hwm_kb(site.broker.pid)
         me_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
         total = a.devices * a.backlog
         rcg = site.stop_gateway(120)
         # ---- the database
         db = sqlite3.connect(site.db)
+        storm = "FROM readings WHERE device LIKE 's%'"
         rows, distinct = db.execute("SELECT count(*), count(DISTINCT device || ':' || boot || ':' || seq) "
-                                    "FROM readings").fetchone()
+                                    + storm).fetchone()
         bad = db.execute("SELECT count(*) FROM (SELECT device, count(*) n, min(seq) lo, max(seq) hi "
-                         "FROM readings GROUP BY device) WHERE n != ? OR lo != 0 OR hi != ?",
+                         + storm + " GROUP BY device) WHERE n != ? OR lo != 0 OR hi != ?",
                          (a.backlog, a.backlog - 1)).fetchone()[0]
-        ndev = db.execute("SELECT count(DISTINCT device) FROM readings").fetchone()[0]
+        ndev = db.execute("SELECT count(DISTINCT device) " + storm).fetchone()[0]
+        for prefix in "lm"[:len(steady)]:  # the steady phases' rows: each device's seqs exactly once
+            s_rows, s_distinct = db.execute("SELECT count(*), count(DISTINCT device || ':' || seq) FROM readings "
+                                            "WHERE device LIKE ?", (prefix + "%",)).fetchone()
+            if s_rows != s_distinct or s_rows != n_steady * per_dev:
+                print("steady phase: %d rows, %d distinct, %d expected" % (s_rows, s_distinct, n_steady * per_dev))
+                bad += 1
         dups = db.execute("SELECT coalesce(sum(duplicates), 0) FROM devices").fetchone()[0]
         wins = db.execute("SELECT count(*) FROM window_results").fetchone()[0]
         quar = db.execute("SELECT count(*) FROM quarantine").fetchone()[0]
@@ -417,6 +549,15 @@ def main(argv=None):
               "by dedup %d, window results %d, quarantined %d"
               % (rows, distinct, bad, missing, dup_rows, dups, wins, quar))
         ok = missing == 0 and dup_rows == 0 and bad == 0 and ndev == a.devices and rcg == 0
+        if steady and drain:
+            rates = [r[1] / r[0] for r in steady]
+            cpus = [r[2] / max(1, r[1]) for r in steady]
+            s_rate, s_cpu = sum(rates) / len(rates), sum(cpus) / len(cpus)
+            st_rate, st_cpu = committed / drain, (gw_cpu or 0) / max(1, committed)
+            print("storm / steady (goal >= 0.8): %.2f by wall clock (%.0f / %.0f readings/s, steady before and after: "
+                  "%s), %.2f by gateway CPU per reading (%.2f / %.2f us)" % (
+                      st_rate / s_rate, st_rate, s_rate, " ".join("%.0f" % x for x in rates),
+                      s_cpu / st_cpu if st_cpu else 0, 1e6 * st_cpu, 1e6 * s_cpu))
         print("RESULT: %s" % ("OK (0 lost, 0 duplicated)" if ok else
                               "FAILED (%d devices stalled with %d records undelivered, %d duplicated rows)"
                               % (a.devices - st.done, missing, dup_rows)))

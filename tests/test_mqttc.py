@@ -1,0 +1,246 @@
+"""The gateway's MQTT client codec and reader (gateway/mqttc.py) without a broker: every
+split point of a packet stream, backpressure in the middle of a read, malformed input.
+The same client against the real mosquitto: tests/test_gateway_mqtt.py, test_security.py."""
+import random
+
+from firmware import mqtt as M
+from gateway.mqttc import Protocol, publish_packet, puback_packets
+
+
+class Owner:
+    def __init__(self, stop_after=None):
+        self.events = []
+        self.stop_after = stop_after  # pause (return True) after this many messages
+        self.errors = []
+        self.lost = []
+
+    def on_message(self, topic, payload, mid, qos, now):
+        self.events.append(("msg", bytes(topic), bytes(payload), mid, qos))
+        return self.stop_after is not None and len([e for e in self.events if e[0] == "msg"]) >= self.stop_after
+
+    def on_connack(self, sp, rc):
+        self.events.append(("connack", sp, rc))
+
+    def on_suback(self, codes):
+        self.events.append(("suback", codes))
+
+    def on_protocol_error(self, detail):
+        self.errors.append(detail)
+
+    def on_lost(self, proto, exc):
+        self.lost.append(exc)
+
+
+class Transport:
+    def __init__(self):
+        self.out = bytearray()
+        self.reading = True
+        self.aborted = False
+
+    def write(self, b):
+        self.out += b
+
+    def pause_reading(self):
+        self.reading = False
+
+    def resume_reading(self):
+        self.reading = True
+
+    def abort(self):
+        self.aborted = True
+
+    def close(self):
+        pass
+
+
+def _proto(owner):
+    p = Protocol(owner)
+    p.connection_made(Transport())
+    return p
+
+
+def _stream():
+    """Packets as the broker sends them, with the events they must give."""
+    pk, ev = [], []
+    pk.append(b"\x20\x02\x01\x00")
+    ev.append(("connack", 1, 0))
+    pk.append(b"\x90\x05\x00\x01\x01\x01\x80")
+    ev.append(("suback", b"\x01\x01\x80"))
+    rnd = random.Random(5)
+    for i, size in enumerate((0, 1, 100, 126, 127, 128, 16383, 16384, 70000, 2097152)):
+        topic = ("edgeflow/d/dev%d/data" % i).encode()
+        payload = bytes(rnd.getrandbits(8) for _ in range(min(size, 300))) * (size // 300 + 1)
+        payload = payload[:size]
+        qos = i % 2
+        mid = (i * 7919) % 65535 + 1 if qos else 0
+        pk.append(publish_packet(topic, payload, qos, i % 3 == 0, False, mid))
+        ev.append(("msg", topic, payload, mid, qos))
+    pk.append(b"\x40\x02\x12\x34")  # PUBACK of one of ours: no event
+    pk.append(b"\xd0\x00")  # PINGRESP
+    return pk, ev
+
+
+def test_every_split_point_and_random_chunks_give_the_same_messages():
+    pk, ev = _stream()
+    small = b"".join(pk[:6]) + pk[-2] + pk[-1]  # every split point of the short packets
+    small_ev = ev[:6]
+    for cut in range(1, len(small)):
+        o = Owner()
+        p = _proto(o)
+        p.data_received(small[:cut])
+        p.data_received(small[cut:])
+        assert o.events == small_ev and not o.errors, cut
+        assert p.buf == b""
+    data = b"".join(pk)
+    rnd = random.Random(1)
+    for _ in range(5):
+        o = Owner()
+        p = _proto(o)
+        i = 0
+        while i < len(data):
+            n = rnd.choice((1, 2, 3, 7, 1000, 65536, 262144))
+            p.data_received(data[i:i + n])
+            i += n
+        assert o.events == ev and not o.errors and p.buf == b""
+
+
+def test_backpressure_stops_in_the_middle_of_a_read_and_loses_nothing():
+    pk, ev = _stream()
+    msgs = [e for e in ev if e[0] == "msg"]
+    o = Owner(stop_after=3)
+    p = _proto(o)
+    p.data_received(b"".join(pk))  # one read holds every packet
+    got = [e for e in o.events if e[0] == "msg"]
+    assert got == msgs[:3] and p.paused and not p.tr.reading  # the socket is no longer read
+    p.data_received(b"")  # asyncio may still deliver what it had: kept, not parsed
+    assert len([e for e in o.events if e[0] == "msg"]) == 3
+    o.stop_after = None
+    p.resume()
+    assert [e for e in o.events if e[0] == "msg"] == msgs and p.tr.reading and p.buf == b""
+    # pausing again on every message: still each exactly once, in order
+    o = Owner(stop_after=0)
+    p = _proto(o)
+    p.data_received(b"".join(pk))
+    for _ in range(len(msgs)):
+        p.resume()
+    assert [e for e in o.events if e[0] == "msg"] == msgs
+
+
+def test_malformed_packets_close_the_connection_with_the_reason():
+    bad = [
+        b"\x32\x04\x00\x09ab",  # topic longer than the packet
+        b"\x32\x03\x00\x01a",  # QoS 1 without a packet id
+        b"\x34\x05\x00\x01a\x00\x01",  # QoS 2 (subscribed at QoS 1)
+        b"\x30\x00",  # empty PUBLISH
+        b"\x20\x00",  # empty CONNACK
+        b"\x30\xff\xff\xff\xff\x01",  # remaining length over 4 bytes
+        b"\x30\xff\xff\xff\x7f",  # 256 MB announced
+    ]
+    for b in bad:
+        o = Owner()
+        p = _proto(o)
+        p.data_received(b + b"\xd0\x00")
+        assert o.errors and p.tr.aborted and not o.events, b
+    # a good message before the bad one is delivered
+    o = Owner()
+    p = _proto(o)
+    p.data_received(publish_packet(b"t", b"x", 1, False, False, 5) + bad[0])
+    assert o.events == [("msg", b"t", b"x", 5, 1)] and o.errors
+
+
+def test_packet_ids_skip_those_in_flight_and_run_out_boundedly():
+    o = Owner()
+    p = _proto(o)
+    assert [p.publish("t", b"x") for _ in range(3)] == [1, 2, 3]
+    p.data_received(b"\x40\x02\x00\x02")  # PUBACK 2
+    assert p.is_published(2) and not p.is_published(1)
+    p._pid = 65534
+    assert p.publish("t", b"x") == 65535 and p.publish("t", b"x") == 2  # wraps, skips 1 and 3 in flight
+    p.inflight = set(range(1, 65536))
+    assert p.publish("t", b"x") is None and p.next_pid() is None  # all in flight: refused, not blocked
+    assert p.publish("t", b"x", qos=0) == 0
+
+
+def test_puback_batch():
+    assert puback_packets([(7, 1), (8, 0), (65535, 1)]) == M.puback_packet(7) + M.puback_packet(65535)
+    assert puback_packets([(8, 0)]) == b""
+
+
+def test_ingest_uses_no_private_api_of_a_library():
+    """The rule of the project: no library's private API. The MQTT ingest once subclassed
+    paho's Client to override `_sock_recv` and read `MQTTMessage._topic`."""
+    import ast
+    import os
+    import sys
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    for name in ("gateway/ingest.py", "gateway/mqttc.py"):
+        tree = ast.parse(open(os.path.join(root, name)).read())
+        third = set()  # names bound to third-party modules
+        for node in ast.walk(tree):
+            if isinstance(node, (ast.Import, ast.ImportFrom)) and not getattr(node, "level", 0):
+                for a in node.names:
+                    mod = (node.module if isinstance(node, ast.ImportFrom) else a.name).split(".")[0]
+                    if mod not in sys.stdlib_module_names and mod not in ("gateway", "shared", "firmware"):
+                        third.add((a.asname or a.name).split(".")[0])
+        bad = []
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Attribute) and node.attr.startswith("_") and not node.attr.startswith("__"):
+                if not (isinstance(node.value, ast.Name) and node.value.id in ("self", "cls")):
+                    bad.append("%s:%d .%s" % (name, node.lineno, node.attr))
+            if isinstance(node, ast.ClassDef):
+                for b in node.bases:
+                    while isinstance(b, ast.Attribute):
+                        b = b.value
+                    if isinstance(b, ast.Name) and b.id in third:
+                        bad.append("%s:%d class %s subclasses a library class" % (name, node.lineno, node.name))
+        assert not bad, bad
+
+
+def test_puback_only_on_the_connection_that_delivered_the_message():
+    """After a reconnect the broker resends unacked messages under their packet ids and may
+    reuse an id once acked: a PUBACK for a message of the old connection must not go out."""
+    import asyncio
+
+    from gateway.config import Config
+    from gateway.ingest import Ingest
+    from gateway.metrics import Stats
+
+    async def go():
+        ing = Ingest(Config({"security": {"insecure": True}}), Stats())
+        ing._loop = asyncio.get_running_loop()
+        sent = []
+        for conn in (1, 2):
+            p = _proto(ing)
+            ing.proto, ing._conn = p, conn
+            p.data_received(publish_packet(b"edgeflow/d/a/data", b"x", 1, False, False, 7))
+            sent.append(p.tr.out)
+        old, new = ing.queue[0][2], ing.queue[1][2]
+        ing.puback([(old, 1)])  # committed late, after the reconnect: not sent
+        assert bytes(sent[1]) == b""
+        ing.puback([(new, 1), (old, 1)])
+        assert bytes(sent[1]) == b"\x40\x02\x00\x07" and bytes(sent[0]) == b""
+    asyncio.run(go())
+
+
+def test_refused_connack_closes_and_backs_off():
+    import asyncio
+
+    from gateway.config import Config
+    from gateway.ingest import Ingest
+    from gateway.metrics import Stats
+
+    async def go():
+        ing = Ingest(Config({"security": {"insecure": True}}), Stats())
+        ing._loop = asyncio.get_running_loop()
+        for n in (1, 2, 3):
+            p = _proto(ing)
+            ing.proto = p
+            p.data_received(b"\x20\x02\x00\x05")  # CONNACK: not authorized
+            assert p.tr.aborted and not ing.connected.is_set() and ing._refused == n
+            assert ing.last_error == "CONNACK refused, code 5"
+        p = _proto(ing)
+        ing.proto = p
+        p.data_received(b"\x20\x02\x00\x00")
+        assert ing.connected.is_set() and ing._refused == 0
+        assert bytes(p.tr.out).startswith(b"\x82")  # SUBSCRIBE, then the retained online state
+    asyncio.run(go())
