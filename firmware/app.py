@@ -44,14 +44,11 @@ class App:
 
     def _sync_pipeline(self):
         """Give the pipeline its base: epoch ms at t_rel 0 when synced, else boot ms."""
-        ck = self.clock
-        if ck.synced:
-            self._psynced = True
-            self._pepoch = ck.boot_epoch
-            self.pipeline.set_base(ck.boot_epoch + self._pbase, True)
-        else:
-            self._psynced = False
-            self.pipeline.set_base(self._pbase, False)
+        from firmware import appx  # rarely run (firmware/appx.py), unloaded after
+        try:
+            return appx.sync_pipeline(self)
+        finally:
+            _hal.unload("firmware.appx")
 
     def _emit(self, kind, t, flags, body):
         """Pipeline output (window / cep / anomaly records) -> outbox."""
@@ -114,12 +111,11 @@ class App:
         return t_rel
 
     def _rebase(self):
-        ck = self.clock
-        b = ck.boot_ms()
-        self._pbase = b
-        self._phi = ck.ms_hi
-        self._plo = ck.ms_lo
-        self.pipeline.rebase((self._pepoch + b) if self._psynced else b)
+        from firmware import appx  # rarely run (firmware/appx.py), unloaded after
+        try:
+            return appx.rebase(self)
+        finally:
+            _hal.unload("firmware.appx")
 
     async def _sampler(self):
         hal = self.hal
@@ -299,40 +295,18 @@ class App:
     def kill(self):
         """Power cut: stop now. Nothing more reaches flash (the RAM batch is lost), the broker
         publishes the last will. Reboot with hal.reboot() and a new App on the same hal."""
-        self.killed = True
-        self.running = False
-        for t in self._tasks:
-            try:
-                t.cancel()
-            except Exception:
-                pass
-        if self.uplink is not None:
-            self.uplink.kill()
+        from firmware import appx  # rarely run (firmware/appx.py), unloaded after
+        try:
+            return appx.kill(self)
+        finally:
+            _hal.unload("firmware.appx")
 
     def counters(self):
-        out = {}
-        for k in self.c:
-            out[k] = self.c[k]
-        if self.uplink is not None:
-            for k in self.uplink.c:
-                out[k] = self.uplink.c[k]
-            out["connected"] = self.uplink.session
-            out["gw_online"] = self.uplink.gw_online
-        if self.outbox is not None:
-            ob = self.outbox
-            out["boot"] = self.boot
-            out["next_seq"] = ob.seq
-            out["stored"] = ob.stored_records()
-            out["outbox_bytes"] = ob.total_bytes()
-            out["unacked"] = ob.unacked()
-            out["dropped"] = ob.dropped
-            out["outbox_refused"] = ob.refused
-            out["flushes"] = ob.flushes
-            out["torn"] = ob.torn
-        if self.clock is not None:
-            out["synced"] = self.clock.synced
-            out["clock_offset_ms"] = self.clock.offset_ms
-        return out
+        from firmware import appx  # rarely run (firmware/appx.py), unloaded after
+        try:
+            return appx.counters(self)
+        finally:
+            _hal.unload("firmware.appx")
 
 
 # ---------------------------------------------------------------- on the board
@@ -348,17 +322,8 @@ def build(config_path="config.json"):
 
 
 def unload(name):
-    """Forget a module (its bytecode becomes garbage once nothing refers to it: no function or
-    class of it may be kept)."""
-    if sys.modules.pop(name, None) is None:
-        return  # not loaded (MicroPython's delattr of a missing module attribute: KeyError)
-    pkg, _, sub = name.rpartition(".")
-    p = sys.modules.get(pkg)
-    if p is not None:
-        try:
-            delattr(p, sub)
-        except (AttributeError, TypeError, KeyError):
-            pass
+    """Forget a module (firmware.hal.unload), on CPython too."""
+    _hal.unload(name, True)
 
 
 def main(config_path="config.json"):

@@ -38,7 +38,8 @@ def init(app, config, hal, fw):
 def boot(app):
     """App._boot: boot counter, outbox load, clock, pipeline, uplink."""
     from firmware.identity import Identity
-    from firmware.outbox import Outbox, highest_boot
+    from firmware.outbox import Outbox
+    from firmware.obload import highest_boot
     from firmware.clock import Clock
     from firmware.uplink import Uplink
     cfg = app.cfg

@@ -17,6 +17,7 @@
 #   open_connection(host, port)            asyncio streams (reader, writer); TLS when use_tls() set it
 #   led(on), button() -> bool, wdt_start(ms), wdt_feed(), reset(), mem_free(), mem_alloc(), rand(n)
 import os
+import sys
 import time
 import asyncio
 
@@ -26,25 +27,35 @@ CH_HUM = 1  # DHT22 relative humidity, % * 1000
 CH_POT = 2  # potentiometer, % of full scale * 1000
 CHANNELS = {"temp": CH_TEMP, "hum": CH_HUM, "pot": CH_POT}
 
+_MP = sys.implementation.name == "micropython"
+
+
+def unload(name, always=False):
+    """Forget a module (its bytecode becomes garbage once nothing refers to it: no function or
+    class of it may be kept). Rarely run code is imported on demand and unloaded after; on
+    CPython only with always (tests and the simulator keep it loaded)."""
+    if not (_MP or always) or sys.modules.pop(name, None) is None:
+        return  # not loaded (MicroPython's delattr of a missing module attribute: KeyError)
+    pkg, _, sub = name.rpartition(".")
+    p = sys.modules.get(pkg)
+    if p is not None:
+        try:
+            delattr(p, sub)
+        except (AttributeError, TypeError, KeyError):
+            pass
+
+
 # ---------------------------------------------------------------- network
 
 
 async def open_stream(host, port, tls=None, fs=None):
-    """asyncio streams to host:port. With tls ({"ca": path, "server_hostname": name}) the session
-    trusts only that CA (read from fs at each connect: nothing stays in RAM between sessions) and
-    checks the name. The same code runs on MicroPython 1.23+ (ssl over mbedTLS) and CPython."""
-    if not tls:
-        return await asyncio.open_connection(host, port)
-    import ssl
-    f = fs.open(tls["ca"].lstrip("/"), "rb")
+    """asyncio streams to host:port, TLS when tls is set (firmware/halnet.py: connect-time code,
+    unloaded after on MicroPython)."""
+    from firmware import halnet
     try:
-        ca = f.read()
+        return await halnet.open_stream(host, port, tls, fs)
     finally:
-        f.close()
-    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
-    ctx.verify_mode = ssl.CERT_REQUIRED
-    ctx.load_verify_locations(cadata=ca.decode())  # PEM text: both runtimes accept it as str
-    return await asyncio.open_connection(host, port, ssl=ctx, server_hostname=tls.get("server_hostname") or host)
+        unload("firmware.halnet")
 
 
 # ---------------------------------------------------------------- portable time helpers

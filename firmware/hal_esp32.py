@@ -94,33 +94,12 @@ class Esp32Hal:
         return self._wlan.isconnected()
 
     def ntp(self, host=None):
-        """One SNTP query (blocks up to 0.5 s; DNS once, again after a failure); epoch ms with
-        ms resolution, or None."""
-        import socket
-        import struct
-        s = None
+        """One SNTP query (firmware/halnet.py, unloaded after): epoch ms or None."""
+        from firmware import halnet
         try:
-            addr = getattr(self, "_ntp_addr", None)
-            if addr is None:
-                addr = self._ntp_addr = socket.getaddrinfo(host or "pool.ntp.org", 123)[0][-1]
-            s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-            s.settimeout(0.5)
-            q = bytearray(48)
-            q[0] = 0x1B
-            s.sendto(q, addr)
-            msg = s.recv(48)
-            if len(msg) < 48:
-                return None
-            secs, frac = struct.unpack_from("!II", msg, 40)
-            if secs == 0:
-                return None
-            return (secs - 2208988800) * 1000 + (frac * 1000 >> 32)
-        except Exception:
-            self._ntp_addr = None
-            return None
+            return halnet.ntp(self, host)
         finally:
-            if s is not None:
-                s.close()
+            _hal.unload("firmware.halnet")
 
     def use_tls(self, tls):
         self.tls = tls or None

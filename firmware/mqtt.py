@@ -6,12 +6,14 @@
 # or an injected open_connection (the simulated HAL uses it to cut connections).
 #
 # The packet encoders/decoders at the top are pure functions (tested under both runtimes).
+# Connect-time code (CONNECT / SUBSCRIBE, DNS, handshakes) is in firmware/mqttc.py, imported
+# on demand and unloaded after on MicroPython (RAM).
 # The client never reconnects on its own: the owner (firmware.uplink) watches `connected`
 # and calls connect() again with its backoff.
 import struct
 import asyncio
 
-from firmware.hal import ticks_ms, ticks_diff, sleep_ms
+from firmware.hal import ticks_ms, ticks_diff, sleep_ms, unload
 
 CONNECT = 1
 CONNACK = 2
@@ -51,21 +53,6 @@ def varlen(n):
             return bytes(out)
 
 
-def decode_varlen(buf, off=0):
-    """(value, offset after) from buf at off; raises MQTTError if truncated or too long."""
-    n = 0
-    mult = 1
-    for i in range(4):
-        if off >= len(buf):
-            raise MQTTError("truncated length")
-        b = buf[off]
-        off += 1
-        n += (b & 0x7F) * mult
-        if not b & 0x80:
-            return n, off
-        mult *= 128
-    raise MQTTError("length over 4 bytes")
-
 
 def _s(s):
     if isinstance(s, str):
@@ -75,29 +62,9 @@ def _s(s):
     return struct.pack(">H", len(s)) + s
 
 
-def _packet(first, body):
-    return bytes((first,)) + varlen(len(body)) + body
-
-
-def connect_packet(client_id, keepalive=30, clean=True, will=None, user=None, password=None):
-    """will: (topic, payload, qos, retain) or None."""
-    flags = 0x02 if clean else 0
-    payload = _s(client_id)
-    if will is not None:
-        topic, msg, qos, retain = will
-        flags |= 0x04 | (qos << 3) | (0x20 if retain else 0)
-        payload += _s(topic) + _s(msg)
-    if user is not None:
-        flags |= 0x80
-        payload += _s(user)
-        if password is not None:
-            flags |= 0x40
-            payload += _s(password)
-    body = _s("MQTT") + bytes((4, flags)) + struct.pack(">H", keepalive) + payload
-    return _packet(CONNECT << 4, body)
-
-
-def publish_packet(topic, payload, qos=0, retain=False, dup=False, pid=0):
+def publish_header(topic, n, qos=0, retain=False, dup=False, pid=0):
+    """A PUBLISH packet up to its payload of n bytes (the payload is written after it: no
+    copy of it joined to the header, device RAM)."""
     if qos not in (0, 1):
         raise MQTTError("qos %r not supported" % qos)
     first = (PUBLISH << 4) | (qos << 1) | (1 if retain else 0) | (0x08 if dup and qos else 0)
@@ -106,20 +73,12 @@ def publish_packet(topic, payload, qos=0, retain=False, dup=False, pid=0):
         if not 0 < pid <= 0xFFFF:
             raise MQTTError("bad packet id")
         body += struct.pack(">H", pid)
-    return _packet(first, body + payload)
+    return bytes((first,)) + varlen(len(body) + n) + body
 
 
-def set_dup(packet):
-    """The same PUBLISH with the DUP flag set (retransmission)."""
-    return bytes((packet[0] | 0x08,)) + packet[1:]
+def publish_packet(topic, payload, qos=0, retain=False, dup=False, pid=0):
+    return publish_header(topic, len(payload), qos, retain, dup, pid) + payload
 
-
-def subscribe_packet(pid, topics):
-    """topics: list of (topic, qos)."""
-    body = struct.pack(">H", pid)
-    for t, q in topics:
-        body += _s(t) + bytes((q,))
-    return _packet((SUBSCRIBE << 4) | 0x02, body)
 
 
 def puback_packet(pid):
@@ -170,20 +129,6 @@ def parse(first, body):
     raise MQTTError("unexpected packet type %d" % t)
 
 
-def split(buf):
-    """Parse a byte stream into packets (for tests and tools)."""
-    out = []
-    off = 0
-    while off < len(buf):
-        first = buf[off]
-        n, o = decode_varlen(buf, off + 1)
-        if o + n > len(buf):
-            raise MQTTError("truncated packet")
-        out.append(parse(first, buf[o:o + n]))
-        off = o + n
-    return out
-
-
 # ---------------------------------------------------------------- the client
 
 
@@ -206,28 +151,11 @@ def _close_stream(w):
             pass
 
 
-def resolve(host, port):
-    """IP address of host (a literal is returned as is; DNS once per call). None if unknown.
-    Blocking on MicroPython: the client calls it once and caches the answer."""
-    parts = host.split(".")
-    if len(parts) == 4:
-        lit = True
-        for p in parts:
-            if not p.isdigit():
-                lit = False
-        if lit:
-            return host
-    try:
-        import socket
-        return socket.getaddrinfo(host, port)[0][-1][0]
-    except Exception:  # no DNS (or no socket module): let open_connection try the name
-        return None
-
 
 class MQTTClient:
     def __init__(self, client_id, host, port=1883, keepalive=30, will=None, clean=True, user=None,
                  password=None, open_connection=None, on_message=None, max_inflight=16,
-                 timeout_ms=5000, resolver=resolve, retransmit=True):
+                 timeout_ms=5000, resolver="dns", retransmit=True):
         self.client_id = client_id
         self.host = host
         self.port = port
@@ -278,44 +206,21 @@ class MQTTClient:
         raise MQTTError("no free packet id")
 
     async def connect(self):
-        """Open the connection, CONNECT, wait for CONNACK, retransmit in-flight QoS 1 (DUP)."""
-        if self.connected:
-            return
-        t = self.timeout_ms / 1000
-        if self.addr is None and self.resolver is not None:
-            self.addr = self.resolver(self.host, self.port)
+        """Open the connection, CONNECT, wait for CONNACK, retransmit in-flight QoS 1 (DUP)
+        (firmware/mqttc.py, unloaded again when the connect fails)."""
+        from firmware import mqttc
         try:
-            r, w = await asyncio.wait_for(self.open_connection(self.addr or self.host, self.port), t)
+            await mqttc.connect(self)
         except BaseException:
-            self.addr = None  # refresh the DNS answer next time
+            unload("firmware.mqttc")
             raise
+
+    async def subscribe(self, topic, qos=1):
+        from firmware import mqttc
         try:
-            w.write(connect_packet(self.client_id, self.keepalive, self.clean, self.will, self.user, self.password))
-            await asyncio.wait_for(w.drain(), t)
-            pkt = await asyncio.wait_for(self._read_packet(r), t)
-        except BaseException:
-            _close_stream(w)
-            self.addr = None
-            raise
-        if pkt[0] != "connack" or pkt[2] != 0:
-            _close_stream(w)
-            raise MQTTError("connect refused: %r" % (pkt,))
-        self._r = r
-        self._w = w
-        self.connected = True
-        self.connects += 1
-        self._last_rx = self._last_tx = ticks_ms()
-        self._tasks = [asyncio.create_task(self._reader(r)), asyncio.create_task(self._pinger())]
-        try:
-            for p in list(self.inflight):
-                if p[1] is None:
-                    continue  # retransmit=False: the owner resends
-                p[1] = set_dup(p[1])
-                self.retransmits += 1
-                await self._send(p[1])
-        except Exception as e:
-            self._drop(e)
-            raise
+            return await mqttc.subscribe(self, topic, qos)
+        finally:
+            unload("firmware.mqttc")
 
     async def _read_packet(self, r):
         first = (await r.readexactly(1))[0]
@@ -330,9 +235,9 @@ class MQTTClient:
         body = await r.readexactly(n) if n else b""
         return parse(first, body)
 
-    async def _send(self, pkt):
-        """Write one packet; waits for the send lock and for the socket at most timeout_ms each
-        (a full send buffer toward a dead broker never blocks forever)."""
+    async def _send(self, pkt, more=None):
+        """Write one packet (pkt, then more if given); waits for the send lock and for the socket
+        at most timeout_ms each (a full send buffer toward a dead broker never blocks forever)."""
         if not self.connected:
             raise MQTTError("not connected")
         w = self._w
@@ -340,6 +245,8 @@ class MQTTClient:
         await asyncio.wait_for(self._lock.acquire(), t)
         try:
             w.write(pkt)
+            if more is not None:
+                w.write(more)
             await asyncio.wait_for(w.drain(), t)
         except asyncio.TimeoutError:
             self._drop(MQTTError("write timeout"))
@@ -359,30 +266,23 @@ class MQTTClient:
         if not self.connected:
             raise MQTTError("not connected")
         pid = self._next_pid() if qos else 0
-        pkt = publish_packet(topic, payload, qos, retain, False, pid)
+        pkt, more = self.packet(topic, payload, qos, retain, pid)
         if qos:
-            self.inflight.append([pid, pkt if self.retransmit else None])
+            self.inflight.append([pid, pkt if more is None else None])
         try:
-            await self._send(pkt)
+            await self._send(pkt, more)
         except Exception as e:
             self._drop(e)
             raise MQTTError("publish failed: %r" % e)
         self.published += 1
         return pid
 
-    async def subscribe(self, topic, qos=1):
-        pid = self._next_pid()
-        ev = asyncio.Event()
-        self._subacks[pid] = [ev, None]
-        try:
-            await self._send(subscribe_packet(pid, [(topic, qos)]))
-            await asyncio.wait_for(ev.wait(), self.timeout_ms / 1000)
-            codes = self._subacks[pid][1]
-        finally:
-            self._subacks.pop(pid, None)
-        if codes is None or codes[0] == 0x80:
-            raise MQTTError("subscribe refused: %s" % topic)
-        return codes[0]
+    def packet(self, topic, payload, qos, retain, pid):
+        """(packet, None) to keep for a retransmission, else (header, payload) written one
+        after the other: QoS 0 and retransmit=False never join them (a payload copy less)."""
+        if qos and self.retransmit:
+            return publish_packet(topic, payload, qos, retain, False, pid), None
+        return publish_header(topic, len(payload), qos, retain, False, pid), payload
 
     async def wait_inflight(self, timeout_ms=5000):
         """Wait until every QoS 1 publish got its PUBACK. Returns True if so."""

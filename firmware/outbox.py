@@ -33,6 +33,8 @@ except ImportError:
         return x
 
 from shared import wire_dev as wire  # the device side of the contract (shared/wire.py: all of it)
+from firmware.hal import unload
+
 
 MAGIC = 0xA5
 _PAY = ">IIqBB"  # boot, seq, t, kind, flags
@@ -78,12 +80,6 @@ def seg_add(s, seq, prio, nbytes):
     s[_BYTES] += nbytes
 
 
-def encode_frame(boot, seq, t, kind, flags, body_bytes):
-    n = _PAY_SIZE + len(body_bytes)
-    head = struct.pack(">BH" + _PAY[1:], MAGIC, n, boot, seq, t, kind, flags) + body_bytes
-    return head + struct.pack(">I", binascii.crc32(head) & 0xFFFFFFFF)
-
-
 def decode_payload(data, off, n):
     """(boot, seq, t, kind, flags, body) from a verified frame payload at data[off:off+n]."""
     boot, seq, t, kind, flags = struct.unpack_from(_PAY, data, off)
@@ -97,35 +93,12 @@ def decode_payload(data, off, n):
     return (boot, seq, t, kind, flags, body)
 
 
-def read_frame(f):
-    """Next (frame bytes, record) from an open segment file; None at the end or at a torn /
-    corrupt frame (everything after it in that file is ignored)."""
-    h = f.read(3)
-    if len(h) < 3 or h[0] != MAGIC:
-        return None
-    n = (h[1] << 8) | h[2]
-    if n < _PAY_SIZE:
-        return None
-    rest = f.read(n + 4)
-    if len(rest) != n + 4:
-        return None
-    crc = binascii.crc32(h)
-    crc = binascii.crc32(memoryview(rest)[:n], crc) & 0xFFFFFFFF
-    if crc != struct.unpack_from(">I", rest, n)[0]:
-        return None
-    try:
-        rec = decode_payload(rest, 0, n)
-    except (ValueError, KeyError):
-        return None
-    return h + rest, rec
-
-
 class _Frames:
     """The frames of one segment file, read through one reusable buffer (readinto): per frame
     only the CRC check allocates (a memoryview slice and the crc int) until the caller decodes
     it. Same verdicts as read_frame."""
 
-    def __init__(self, size=1024):
+    def __init__(self, size=256):
         self.buf = bytearray(size)
         self.mv = memoryview(self.buf)  # kept: a memoryview per frame was garbage on every read
         self.crc = bytearray(4)
@@ -183,7 +156,7 @@ class _Frames:
         s = self.s
         e = s + 3 + n
         c = self.crc
-        struct.pack_into(">I", c, 0, binascii.crc32(self.mv[s:e]) & 0xFFFFFFFF)
+        struct.pack_into(">I", c, 0, binascii.crc32(self.mv[s:e]))  # unsigned: no & (a long int less)
         if c[0] != buf[e] or c[1] != buf[e + 1] or c[2] != buf[e + 2] or c[3] != buf[e + 3]:
             return -1
         self.p = s + 3
@@ -191,82 +164,13 @@ class _Frames:
         return n
 
 
-def _add_range(drops, boot, first, n):
-    """Add seqs [first, first + n) of boot to drops {boot: [[first, end), ...]} (extends the
-    last range when contiguous: seqs mostly come in order)."""
-    rs = drops.get(boot)
-    if rs is None:
-        rs = drops[boot] = []
-    if rs and rs[-1][1] == first:
-        rs[-1][1] = first + n
-    else:
-        rs.append([first, first + n])
+def _full():
+    from firmware import obfull
+    return obfull
 
 
-def _coalesce(rs):
-    """[[first, end), ...] -> sorted, merged [(first, length)], each length <= 65535."""
-    rs.sort()
-    out = []
-    cf = ce = None
-    for f, e in rs:
-        if cf is not None and f <= ce:
-            if e > ce:
-                ce = e
-            continue
-        if cf is not None:
-            _split(out, cf, ce)
-        cf, ce = f, e
-    if cf is not None:
-        _split(out, cf, ce)
-    return out
-
-
-def _split(out, f, e):
-    while e - f > 0xFFFF:
-        out.append((f, 0xFFFF))
-        f += 0xFFFF
-    out.append((f, e - f))
-
-
-def _ranges(seqs):
-    """Sorted seqs -> [(first, length)] runs, each length <= 65535."""
-    out = []
-    for s in seqs:
-        if out and out[-1][0] + out[-1][1] == s and out[-1][1] < 0xFFFF:
-            out[-1] = (out[-1][0], out[-1][1] + 1)
-        else:
-            out.append((s, 1))
-    return out
-
-
-def highest_boot(fs, dir="ob"):
-    """The boot of the newest segment on flash (0 if none): read before the boot counter is
-    written, so a new boot number is always above every record still held."""
-    try:
-        names = fs.listdir(dir)
-    except OSError:
-        return 0
-    nums = []
-    for nm in names:
-        if len(nm) == 9 and nm[0] == "s" and nm[1:].isdigit():
-            nums.append(int(nm[1:]))
-    nums.sort()
-    hdr = bytearray(7)
-    best = 0
-    for num in nums[-4:]:  # the newest few (a torn or empty newest file is skipped)
-        try:
-            f = fs.open("%s/s%08d" % (dir, num), "rb")
-        except OSError:
-            continue
-        try:
-            d = f.read(7)
-        finally:
-            f.close()
-        if len(d) == 7 and d[0] == MAGIC:
-            b = (d[3] << 24) | (d[4] << 16) | (d[5] << 8) | d[6]
-            if b > best:
-                best = b
-    return best
+def _unload(name):
+    unload("firmware." + name)  # on MicroPython: rarely run code (firmware.hal.unload)
 
 
 class Outbox:
@@ -328,87 +232,10 @@ class Outbox:
 
     def load(self):
         """Scan flash after a boot: rebuild segment index, acked positions, drop garbage."""
-        try:
-            self.fs.mkdir(self.dir)
-        except OSError:
-            pass
-        raw = self._slots.load()
-        if raw:
-            n = raw[0]
-            for i in range(n):
-                b, s = struct.unpack_from(">II", raw, 1 + 8 * i)
-                self.acked[b] = s
-        nums = []
-        try:
-            names = self.fs.listdir(self.dir)
-        except OSError:
-            names = []
-        for nm in names:
-            if len(nm) == 9 and nm[0] in "st" and nm[1:].isdigit():
-                if nm[0] == "t":
-                    self._rm(self.dir + "/" + nm)  # a compaction interrupted before its rename
-                else:
-                    nums.append(int(nm[1:]))
-        nums.sort()
-        for num in nums:
-            seg = self._scan(num)
-            prev = self.segs[-1] if self.segs else None
-            if (seg is None or seg[_COUNT] == 0 or self.acked.get(seg[_BOOT], -1) >= seg[_LAST]
-                    or (prev is not None and prev[_BOOT] == seg[_BOOT] and seg[_FIRST] <= prev[_LAST])):
-                # the last case: left over by a merge cut short after its rename; its records are
-                # in the merged segment or covered by gap records (written before the rename)
-                self._rm(self._name(num))
-            else:
-                self.segs.append(seg)
-            self._next_num = num + 1
-        # forget acked positions of boots with nothing stored (keep this boot's)
-        keep = {}
-        for s in self.segs:
-            if s[_BOOT] in self.acked:
-                keep[s[_BOOT]] = self.acked[s[_BOOT]]
-        self.acked = keep
+        from firmware import obload
+        obload.load(self)
+        _unload("obload")
         return self
-
-    def _scan(self, num):
-        name = self._name(num)
-        seg = None
-        good = 0
-        g = self._frames_of(num)
-        try:
-            for frame, rec in g:
-                if seg is None:
-                    seg = Seg(num, rec[0])
-                if rec[0] != seg[_BOOT]:
-                    break
-                seg_add(seg, rec[1], PRIO.get(rec[3], 0), len(frame))
-                good += len(frame)
-        finally:
-            g.close()  # MicroPython runs a dropped generator's finally (the file close) only so
-        if seg is not None:
-            try:
-                size = self.fs.stat_size(name)
-            except OSError:
-                size = good
-            if size != good:
-                self.torn += 1
-            seg[_BYTES] = size
-        return seg
-
-    def _frames_of(self, num):
-        """(frame bytes, record) of each intact frame of segment num, in file order; stops at a
-        torn or corrupt frame; nothing if the file is missing."""
-        try:
-            f = self.fs.open(self._name(num), "rb")
-        except OSError:
-            return
-        try:
-            while True:
-                r = read_frame(f)
-                if r is None:
-                    return
-                yield r
-        finally:
-            f.close()
 
     def _rm(self, path):
         try:
@@ -543,7 +370,7 @@ class Outbox:
         off = 0
         while off < size:  # seal: the CRC of every frame (idempotent, so a retry redoes it)
             e = off + 3 + ((buf[off + 1] << 8) | buf[off + 2])
-            struct.pack_into(">I", buf, e, binascii.crc32(mv[off:e]) & 0xFFFFFFFF)
+            struct.pack_into(">I", buf, e, binascii.crc32(mv[off:e]))
             off = e + 4
         data = mv[0:size]  # written from the batch buffer itself: no copy
         cur = self._cur
@@ -619,26 +446,8 @@ class Outbox:
 
     def _drop_pending(self):
         """Flash keeps failing: drop the RAM batch (except gap records) and account for it."""
-        buf = self._buf
-        size = self._pend_bytes
-        seqs = []
-        out = 0
-        kept = 0
-        off = 0
-        while off < size:
-            fl = 7 + ((buf[off + 1] << 8) | buf[off + 2])
-            if buf[off + 19] == wire.KIND_GAP:
-                if out != off:
-                    buf[out:out + fl] = buf[off:off + fl]
-                out += fl
-                kept += 1
-            else:
-                seqs.append(struct.unpack_from(">I", buf, off + 7)[0])
-            off += fl
-        self._pend_bytes = out
-        self._pend_n = kept
-        self.dropped += len(seqs)
-        self._emit_gaps(self.boot, seqs)
+        _full().drop_pending(self)
+        _unload("obfull")
 
     def take_live(self):
         """Records flushed while a session is live and not taken yet (to send now), oldest
@@ -665,174 +474,17 @@ class Outbox:
 
     # ------------------------------------------------------------ full policy
 
-    def _lowest(self):
-        """Lowest class stored outside the segment being appended to (compacting that one
-        again and again would leave a trail of tiny files: its records are the newest anyway)."""
-        q = None
-        for s in self.segs:
-            if s is self._cur:
-                continue
-            for p in range(3):
-                if s[_PC + p]:
-                    if q is None or p < q:
-                        q = p
-                    break
-        return q
-
     def _make_room(self, size, prio):
         if self.total_bytes() + size <= self.max_bytes:
             return True
-        # hysteresis: once full, free down to the low-water mark, so a compaction merges several
-        # segments at once instead of one per batch (flash wear: docs/firmware.md)
-        low = self.max_bytes - max(self.seg_bytes, self.max_bytes >> 3)
-        guard = 0
-        while self.total_bytes() + size > low and guard < 64:
-            guard += 1
-            q = self._lowest()
-            if q is None or q > prio:
-                break
-            seg = None
-            for s in self.segs:
-                if s[_PC + q] and s is not self._cur:
-                    seg = s
-                    break
-            try:
-                ok = self._compact(seg, q, self.total_bytes() + size - low)
-            except OSError:  # flash full or failing: keep what is stored, refuse the new record
-                self.write_errors += 1
-                self._rm(self._name(seg[_NUM], "t"))
-                ok = False
-            if not ok:
-                break
-        return self.total_bytes() + size <= self.max_bytes
+        r = _full().make_room(self, size, prio)
+        _unload("obfull")
+        _unload("obload")
+        return r
 
     def _compact(self, seg, q, need=0):
-        """Merge seg and the following segments of its boot into one file without their records
-        of priority <= q (and without acked ones), as long as the survivors fit in one segment:
-        the number of files stays bounded. Gap records in the group are re-expressed: their ranges,
-        their own seqs and the newly dropped seqs go into fresh, coalesced gap records, so gap
-        records merge instead of piling up. Crash-safe order: survivors to a temp file, gap
-        records durable, rename over the first segment, then the others removed (load() drops a
-        leftover that overlaps the merged segment)."""
-        segs = self.segs
-        i = segs.index(seg)
-        group = [seg]
-        freed = self._drop_bytes(seg, q)
-        est = seg[_BYTES] - freed
-        # earlier segments of the boot (survivors of earlier merges) join while they fit, so
-        # merged files fill up instead of staying half empty
-        while i > 0 and len(group) < 16:
-            s = segs[i - 1]
-            e = s[_BYTES] - self._drop_bytes(s, q)
-            if s[_BOOT] != seg[_BOOT] or s is self._cur or est + e > self.seg_bytes:
-                break
-            group.insert(0, s)
-            est += e
-            i -= 1
-        seg = group[0]
-        j = segs.index(group[-1]) + 1
-        while j < len(segs) and len(group) < 16 and freed < need:  # no more than needed goes
-            s = segs[j]
-            if s[_BOOT] != seg[_BOOT] or s is self._cur:
-                break
-            d = self._drop_bytes(s, q)
-            if est + s[_BYTES] - d > self.seg_bytes:
-                break
-            group.append(s)
-            est += s[_BYTES] - d
-            freed += d
-            j += 1
-        if self._cur in group:
-            self._end_cur()
-        # gap records are re-expressed (coalesced) when windows or more go, or when nothing but
-        # gap records survives (then all ranges merge); dropping raw readings between kept
-        # windows makes no ranges merge (each old gap record's own seq became one more range),
-        # and rewriting every gap record on every compaction cost most of a full outbox's wear
-        keep = 0
-        for s in group:
-            keep += s[_PC + 1] + s[_PC + 2]
-        regap = q > 0 or not keep
-        a = self.acked.get(seg[_BOOT], -1)
-        drops = {}  # boot -> [[first, end), ...]
-        ndrop = 0
-        ns = Seg(seg[_NUM], seg[_BOOT])
-        tmp = self._name(seg[_NUM], "t")
-        out = self.fs.open(tmp, "wb")
-        try:
-            for s in group:
-                g = self._frames_of(s[_NUM])
-                for frame, rec in g:
-                    if rec[1] <= a:
-                        continue
-                    k = rec[3]
-                    p = PRIO.get(k, 0)
-                    if k == wire.KIND_GAP and regap:
-                        _add_range(drops, rec[0], rec[1], 1)
-                        self.gaps_merged += 1
-                        gb, rs = rec[5]
-                        for first, n in rs:
-                            _add_range(drops, gb, first, n)
-                    elif p <= q and k != wire.KIND_GAP:
-                        _add_range(drops, rec[0], rec[1], 1)
-                        ndrop += 1
-                    else:
-                        try:
-                            out.write(frame)
-                        except OSError:
-                            g.close()
-                            raise
-                        seg_add(ns, rec[1], p, len(frame))
-        finally:
-            out.close()
-        # 1. the gap records are durable before anything is deleted
-        self.dropped += ndrop
-        for gb in sorted(drops):
-            self._emit_gap_ranges(gb, _coalesce(drops[gb]))
-        self.flush()
-        if self._pend_n:
-            self._rm(tmp)
-            return False  # flash refuses writes: keep everything, refuse the new record
-        # 2. the survivors replace the group
-        nums = []
-        if ns[_COUNT]:
-            self.fs.rename(tmp, self._name(seg[_NUM]))
-            for k in range(_FIRST, _PB + 4):  # (no list slice assignment: a port option)
-                seg[k] = ns[k]
-            rest = group[1:]
-        else:
-            self._rm(tmp)
-            rest = group
-        for s in rest:
-            nums.append(s[_NUM])
-            self._rm(self._name(s[_NUM]))
-            segs.remove(s)
-        if self._rseg == seg[_NUM] or self._rseg in nums:
-            self._rseg = seg[_NUM] if ns[_COUNT] else -1  # replay re-reads from there; sent ones are skipped
-            self._roff = 0
-        return True
-
-    def _drop_bytes(self, s, q):
-        n = s[_PB + 3] if q else 0  # an estimate: gap records may be rewritten at q = 0 too
-        for p in range(q + 1):
-            n += s[_PB + p]
-        return n
-
-    def _emit_gap_ranges(self, gboot, rs):
-        """Gap records for ranges rs, appended to the RAM batch; the caller flushes (a sync
-        per gap record made a compaction cost ~200 erases: docs/firmware.md)."""
-        i = 0
-        self._hold = True
-        try:
-            while i < len(rs):
-                t, fl = self.stamp() if self.stamp is not None else (0, wire.FLAG_UNSYNCED)
-                self.append(wire.KIND_GAP, t, fl, (gboot, rs[i:i + wire.MAX_GAP_RANGES]))
-                i += wire.MAX_GAP_RANGES
-        finally:
-            self._hold = False
-
-    def _emit_gaps(self, gboot, seqs):
-        if seqs:
-            self._emit_gap_ranges(gboot, _ranges(seqs))
+        # firmware/obfull.py; a method, so tests can count compactions
+        return _full().compact(self, seg, q, need)
 
     # ------------------------------------------------------------ acks
 

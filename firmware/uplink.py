@@ -135,37 +135,39 @@ class Uplink:
         """Publish records (boot, seq, t, kind, flags, body) as few data messages as allowed."""
         i = 0
         n = len(recs)
+        bm = self.batch_max
         while i < n:
             r = recs[i]
             boot = r[0]
-            reading = r[3] == wire.KIND_READING
-            ti = 1 if reading else 2  # where a row holds its (stamped) time
             base_seq = r[1]
-            row = self._row(r, reading)
-            t = row[ti]
-            group = [row]
             j = i + 1
-            while j < n and len(group) < self.batch_max:
-                r2 = recs[j]
-                if r2[0] != boot or (r2[3] == wire.KIND_READING) != reading or r2[1] - base_seq > 0xFFFF:
-                    break
-                row = self._row(r2, reading)
-                t2 = row[ti]
-                if t2 - t > wire.I32_MAX or t - t2 > wire.I32_MAX:
-                    break
-                group.append(row)
-                j += 1
             try:
-                if reading:
-                    payload = wire.encode_readings(self.dev, boot, group)
+                if r[3] == wire.KIND_READING:
+                    j = self._span(recs, i, n, bm)
+                    payload = self._readings(recs, i, j)
                 else:
+                    row = self._row(r)
+                    t = row[2]
+                    group = [row]
+                    j = i + 1
+                    while j < n and len(group) < bm:
+                        r2 = recs[j]
+                        if r2[0] != boot or r2[3] == wire.KIND_READING or r2[1] - base_seq > 0xFFFF:
+                            break
+                        row = self._row(r2)
+                        t2 = row[2]
+                        if t2 - t > wire.I32_MAX or t - t2 > wire.I32_MAX:
+                            break
+                        group.append(row)
+                        j += 1
                     payload = wire.encode_records(self.dev, boot, group)
+                    group = row = None  # RAM: only the payload lives while it is published
             except wire.WireError:
                 self.c["encode_errors"] += 1
                 i = j
                 continue
-            group = row = None  # RAM: only the payload lives while it is published
             await self.client.publish(self.t_data, payload, 1)
+            payload = None
             last = recs[j - 1][1]
             if last > self._sent_max.get(boot, -1):
                 self._sent_max[boot] = last
@@ -173,11 +175,53 @@ class Uplink:
             self.c["sent"] += j - i
             i = j
 
-    def _row(self, r, reading):
-        """The wire row of a stored record, its time stamped for sending."""
+    def _span(self, recs, i, n, bm):
+        """End of the readings that go into one message with recs[i] (same boot, seqs within
+        65535, stamped times within the int32 span, at most bm)."""
+        r = recs[i]
+        boot = r[0]
+        base_seq = r[1]
+        t = self._t(r)
+        j = i + 1
+        while j < n and j - i < bm:
+            r2 = recs[j]
+            if r2[0] != boot or r2[3] != wire.KIND_READING or r2[1] - base_seq > 0xFFFF:
+                break
+            d = self._t(r2) - t
+            if d > wire.I32_MAX or -d > wire.I32_MAX:
+                break
+            j += 1
+        return j
+
+    def _readings(self, recs, i, j):
+        """The readings recs[i:j] as one message, encoded straight from the stored records (no
+        row tuples: device RAM), times stamped for sending."""
+        r = recs[i]
+        base_seq = r[1]
+        t = self._t(r)
+        out, off = wire.readings_buffer(self.dev, r[0], base_seq, t, j - i)
+        ck = self.clock
+        for k in range(i, j):
+            r2 = recs[k]
+            b = r2[5]
+            fl = r2[4]
+            if fl & wire.FLAG_UNSYNCED and r2[0] == ck.boot and ck.boot_epoch is not None:
+                wire.put_reading(out, off, r2[1], ck.boot_epoch + r2[2], b[0], fl & ~wire.FLAG_UNSYNCED, b[1], base_seq, t)
+            else:
+                wire.put_reading(out, off, r2[1], r2[2], b[0], fl, b[1], base_seq, t)
+            off += wire.READING_SIZE
+        return out
+
+    def _t(self, r):
+        """A stored record's time as it goes on the wire (firmware.clock.stamp, no tuple)."""
+        ck = self.clock
+        if r[4] & wire.FLAG_UNSYNCED and r[0] == ck.boot and ck.boot_epoch is not None:
+            return ck.boot_epoch + r[2]
+        return r[2]
+
+    def _row(self, r):
+        """The wire row of a stored (non-reading) record, its time stamped for sending."""
         t, fl = self.clock.stamp(r[0], r[2], r[4])
-        if reading:
-            return (r[1], t, r[5][0], fl, r[5][1])
         return (r[3], r[1], t, fl, r[5])
 
     # ------------------------------------------------------------ session
@@ -265,6 +309,7 @@ class Uplink:
             if live:
                 await self.send(live)
                 self.c["live"] += len(live)
+            live = None  # RAM: the sent records go before the next take_live / read_backlog
             if self.replay and self.credits > 0 and self.outbox.has_backlog():
                 n = self.credits if self.credits < self.batch_max else self.batch_max
                 recs = self.outbox.read_backlog(n)
@@ -272,7 +317,9 @@ class Uplink:
                     self.credits -= len(recs)
                     await self.send(recs)
                     self.c["replayed"] += len(recs)
+                    recs = None
                     continue
+                recs = None
             await self.check_stall()
             if self.outstanding():
                 if ticks_diff(ticks_ms(), self._progress) > self.resend_ms:

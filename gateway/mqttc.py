@@ -17,7 +17,8 @@ import struct
 import time
 
 # the encoders are the firmware's (the same MQTT 3.1.1 codec, pure functions, CPython and MicroPython)
-from firmware.mqtt import DISCONNECT_PACKET, PINGREQ_PACKET, connect_packet, publish_packet, subscribe_packet  # noqa: F401
+from firmware.mqtt import DISCONNECT_PACKET, PINGREQ_PACKET, publish_packet  # noqa: F401
+from firmware.mqttc import connect_packet, subscribe_packet  # noqa: F401  (the firmware's connect-time code)
 
 _H = struct.Struct(">H")
 MAX_PACKET = 16 * 1024 * 1024  # larger than the broker lets through (brokerconf message_size_limit)

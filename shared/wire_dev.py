@@ -194,22 +194,36 @@ def encode_readings(device_id, boot, readings):
         raise WireError("empty")
     base_seq = readings[0][0]
     base_time = readings[0][1]
+    out, off = readings_buffer(device_id, boot, base_seq, base_time, n)
+    for r in readings:
+        put_reading(out, off, r[0], r[1], r[2], r[3], r[4], base_seq, base_time)
+        off += READING_SIZE
+    return bytes(out)
+
+
+def readings_buffer(device_id, boot, base_seq, base_time, n):
+    """(buffer, offset of the first record): a readings message of n records, its header
+    written; put_reading fills record i at offset + READING_SIZE * i (the device encodes
+    straight from its stored records: no row tuples, RAM)."""
+    if n == 0:
+        raise WireError("empty")
     h = _header(MSG_READINGS, device_id, boot, base_seq, base_time, n)
     off = len(h)
     if off + n * READING_SIZE > MAX_PAYLOAD:
         raise WireError("oversize", str(off + n * READING_SIZE))
-    out = bytearray(off + n * READING_SIZE)  # one buffer, no per-record tuple (device RAM peak)
+    out = bytearray(off + n * READING_SIZE)
     out[0:off] = h
-    for r in readings:
-        ds = r[0] - base_seq
-        dt = r[1] - base_time
-        if ds < 0 or ds > 0xFFFF or dt < I32_MIN or dt > I32_MAX:
-            _offsets(r[0], r[1], base_seq, base_time)  # raises the precise error
-        if r[2] < 0 or r[2] > 255 or r[3] < 0 or r[3] > 255:
-            raise WireError("bad_channel", repr(r))
-        struct.pack_into(_READING, out, off, ds, dt, r[2], r[3], _i32(r[4], "value"))
-        off += READING_SIZE
-    return bytes(out)
+    return out, off
+
+
+def put_reading(out, off, seq, t, ch, flags, value, base_seq, base_time):
+    ds = seq - base_seq
+    dt = t - base_time
+    if ds < 0 or ds > 0xFFFF or dt < I32_MIN or dt > I32_MAX:
+        _offsets(seq, t, base_seq, base_time)  # raises the precise error
+    if ch < 0 or ch > 255 or flags < 0 or flags > 255:
+        raise WireError("bad_channel", repr((seq, t, ch, flags, value)))
+    struct.pack_into(_READING, out, off, ds, dt, ch, flags, _i32(value, "value"))
 
 
 def encode_body(kind, body):

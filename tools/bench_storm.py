@@ -45,6 +45,7 @@ if ROOT not in sys.path:
 
 from shared import wire  # noqa: E402
 from firmware import mqtt as M  # noqa: E402
+from firmware import mqttc as MC  # noqa: E402  (connect-time packets)
 from tools.fleet import Site, proc_cpu_s, vm_hwm_kb  # noqa: E402
 
 NOW = int(time.time() * 1000)
@@ -193,7 +194,7 @@ class Replayer(asyncio.Protocol):
                 self.connected.clear()
                 await asyncio.wait_for(loop.create_connection(
                     lambda: self, "127.0.0.1", b.port, ssl=b.ssl, server_hostname="localhost" if b.ssl else None), 10)
-                self.tr.write(M.connect_packet(self.dev, KEEPALIVE, True, (self.t.state(self.dev),
+                self.tr.write(MC.connect_packet(self.dev, KEEPALIVE, True, (self.t.state(self.dev),
                                                                       wire.encode_state(False), 1, True),
                                                self.dev if b.ssl else None, b.passwords.get(self.dev)))
                 await asyncio.wait_for(self.connected.wait(), 15)
@@ -218,7 +219,7 @@ class Replayer(asyncio.Protocol):
 
     async def _session(self):
         b = self.b
-        self.tr.write(M.subscribe_packet(self._pid(), [(self.t_ack, 1), (self.t.gw_state, 1)]))
+        self.tr.write(MC.subscribe_packet(self._pid(), [(self.t_ack, 1), (self.t.gw_state, 1)]))
         self._pub(self.t.state(self.dev), wire.encode_state(True), True)
         self.credits, self.replay, self.gw_online = 0, False, False
         t0 = time.monotonic()

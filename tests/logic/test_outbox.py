@@ -1,6 +1,8 @@
 # Outbox: store-and-forward on flash. Runs under CPython and MicroPython.
 from shared import wire
-from firmware.outbox import Outbox, read_frame, encode_frame, _ranges
+from firmware.outbox import Outbox
+from firmware.obload import read_frame, encode_frame
+from firmware.obfull import _ranges
 from firmware.hal_sim import MemFS, FailingFS, PowerCut
 from firmware.hal import PosixFS
 from firmware.identity import Identity

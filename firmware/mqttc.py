@@ -1,0 +1,148 @@
+# The MQTT client's connect-time code (firmware/mqtt.py): CONNECT / SUBSCRIBE packets, DNS,
+# the connect and subscribe handshakes, and split() for tests and tools. MQTTClient imports it
+# on demand and unloads it after (RAM: the steady send path stays in firmware/mqtt.py).
+import struct
+import asyncio
+
+from firmware.hal import ticks_ms
+from firmware.mqtt import MQTTError, CONNECT, SUBSCRIBE, _s, varlen, parse, _close_stream
+
+
+def _packet(first, body):
+    return bytes((first,)) + varlen(len(body)) + body
+
+
+def decode_varlen(buf, off=0):
+    """(value, offset after) from buf at off; raises MQTTError if truncated or too long."""
+    n = 0
+    mult = 1
+    for i in range(4):
+        if off >= len(buf):
+            raise MQTTError("truncated length")
+        b = buf[off]
+        off += 1
+        n += (b & 0x7F) * mult
+        if not b & 0x80:
+            return n, off
+        mult *= 128
+    raise MQTTError("length over 4 bytes")
+
+
+def connect_packet(client_id, keepalive=30, clean=True, will=None, user=None, password=None):
+    """will: (topic, payload, qos, retain) or None."""
+    flags = 0x02 if clean else 0
+    payload = _s(client_id)
+    if will is not None:
+        topic, msg, qos, retain = will
+        flags |= 0x04 | (qos << 3) | (0x20 if retain else 0)
+        payload += _s(topic) + _s(msg)
+    if user is not None:
+        flags |= 0x80
+        payload += _s(user)
+        if password is not None:
+            flags |= 0x40
+            payload += _s(password)
+    body = _s("MQTT") + bytes((4, flags)) + struct.pack(">H", keepalive) + payload
+    return _packet(CONNECT << 4, body)
+
+
+def set_dup(packet):
+    """The same PUBLISH with the DUP flag set (retransmission)."""
+    return bytes((packet[0] | 0x08,)) + packet[1:]
+
+
+def subscribe_packet(pid, topics):
+    """topics: list of (topic, qos)."""
+    body = struct.pack(">H", pid)
+    for t, q in topics:
+        body += _s(t) + bytes((q,))
+    return _packet((SUBSCRIBE << 4) | 0x02, body)
+
+
+def split(buf):
+    """Parse a byte stream into packets (for tests and tools)."""
+    out = []
+    off = 0
+    while off < len(buf):
+        first = buf[off]
+        n, o = decode_varlen(buf, off + 1)
+        if o + n > len(buf):
+            raise MQTTError("truncated packet")
+        out.append(parse(first, buf[o:o + n]))
+        off = o + n
+    return out
+
+
+def resolve(host, port):
+    """IP address of host (a literal is returned as is; DNS once per call). None if unknown.
+    Blocking on MicroPython: the client calls it once and caches the answer."""
+    parts = host.split(".")
+    if len(parts) == 4:
+        lit = True
+        for p in parts:
+            if not p.isdigit():
+                lit = False
+        if lit:
+            return host
+    try:
+        import socket
+        return socket.getaddrinfo(host, port)[0][-1][0]
+    except Exception:  # no DNS (or no socket module): let open_connection try the name
+        return None
+
+
+async def connect(cl):
+    """Open the connection, CONNECT, wait for CONNACK, retransmit in-flight QoS 1 (DUP)."""
+    if cl.connected:
+        return
+    t = cl.timeout_ms / 1000
+    res = resolve if cl.resolver == "dns" else cl.resolver
+    if cl.addr is None and res is not None:
+        cl.addr = res(cl.host, cl.port)
+    try:
+        r, w = await asyncio.wait_for(cl.open_connection(cl.addr or cl.host, cl.port), t)
+    except BaseException:
+        cl.addr = None  # refresh the DNS answer next time
+        raise
+    try:
+        w.write(connect_packet(cl.client_id, cl.keepalive, cl.clean, cl.will, cl.user, cl.password))
+        await asyncio.wait_for(w.drain(), t)
+        pkt = await asyncio.wait_for(cl._read_packet(r), t)
+    except BaseException:
+        _close_stream(w)
+        cl.addr = None
+        raise
+    if pkt[0] != "connack" or pkt[2] != 0:
+        _close_stream(w)
+        raise MQTTError("connect refused: %r" % (pkt,))
+    cl._r = r
+    cl._w = w
+    cl.connected = True
+    cl.connects += 1
+    cl._last_rx = cl._last_tx = ticks_ms()
+    cl._tasks = [asyncio.create_task(cl._reader(r)), asyncio.create_task(cl._pinger())]
+    try:
+        for p in list(cl.inflight):
+            if p[1] is None:
+                continue  # retransmit=False: the owner resends
+            p[1] = set_dup(p[1])
+            cl.retransmits += 1
+            await cl._send(p[1])
+    except Exception as e:
+        cl._drop(e)
+        raise
+
+
+async def subscribe(cl, topic, qos=1):
+    pid = cl._next_pid()
+    ev = asyncio.Event()
+    cl._subacks[pid] = [ev, None]
+    try:
+        await cl._send(subscribe_packet(pid, [(topic, qos)]))
+        await asyncio.wait_for(ev.wait(), cl.timeout_ms / 1000)
+        codes = cl._subacks[pid][1]
+    finally:
+        cl._subacks.pop(pid, None)
+    if codes is None or codes[0] == 0x80:
+        raise MQTTError("subscribe refused: %s" % topic)
+    return codes[0]
