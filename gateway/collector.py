@@ -46,7 +46,7 @@ QUARANTINE_MAX_PAYLOAD = 4096
 I64 = 1 << 63
 
 DEFAULTS = {
-    "nats": {"servers": ["nats://127.0.0.1:4222"], "stream": "EDGEFLOW", "subject_prefix": "edgeflow.sink",
+    "nats": {"servers": ["nats://127.0.0.1:4222"], "stream": "EDGEFLOW_SINK", "subject_prefix": "edgeflow.sink",
              "durable": "edgeflow-collector", "create_stream": True, "replicas": 1, "max_stream_bytes": 1 << 30,
              "duplicate_window_s": 600.0, "batch": 256, "ack_wait_s": 30.0, "credentials": "",
              # TLS (only tls_ca trusted, tls_server_name checked) and user + password file

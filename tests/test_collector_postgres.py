@@ -87,7 +87,7 @@ def test_collector_postgres_backend_dedups_and_quarantines(tmp_path):
         try:
             for _ in range(100):
                 try:
-                    await js.stream_info("EDGEFLOW")
+                    await js.stream_info("EDGEFLOW_SINK")
                     break
                 except Exception:  # noqa: BLE001 - the collector creates it
                     await asyncio.sleep(0.1)

@@ -25,7 +25,7 @@ def test_leaf_node_stores_while_the_wan_link_is_cut(tmp_path):
         hjs = hc.jetstream()
         # the hub stream: no subjects of its own, it sources the site stream over the leaf link
         await hjs.add_stream(api.StreamConfig(
-            name="EDGEFLOW", retention=api.RetentionPolicy.WORK_QUEUE, storage=api.StorageType.FILE,
+            name="EDGEFLOW_SINK", retention=api.RetentionPolicy.WORK_QUEUE, storage=api.StorageType.FILE,
             duplicate_window=600, sources=[api.StreamSource(name="EDGEFLOW_SITE",
                                                             external=api.ExternalStream(api="$JS.site-a.API"))]))
         store, s = await open_set(tmp_path, [{"name": "c", "type": "jetstream", "servers": leaf.urls,

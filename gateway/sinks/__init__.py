@@ -48,7 +48,7 @@ COMMON = {
 TYPE_KEYS = {
     "jetstream": {
         "servers": (["nats://127.0.0.1:4222"], list, None, "NATS URLs"),
-        "stream": ("EDGEFLOW", str, None, "stream name"),
+        "stream": ("EDGEFLOW_SINK", str, None, "stream name (not EDGEFLOW: the scale-out ingest stream's name)"),
         "subject_prefix": ("edgeflow.sink", str, None, "subject = <prefix>.<site>.<table>"),
         "create_stream": (True, bool, None, "create the stream if missing (config below)"),
         "replicas": (1, int, (1, 5), "stream replicas (3 on a 3-node cluster)"),
