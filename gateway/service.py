@@ -878,8 +878,7 @@ class Gateway:
             ]
             if self.sinks:  # downstream items commit with the results they carry
                 raw = out.readings  # as rows only for sinks that forward raw readings
-                rows = list(zip(*[iter(raw)] * RAW_COLS)) if raw and any(
-                    "readings" in c["tables"] for c in self.sinks.cfgs) else []
+                rows = list(zip(*[iter(raw)] * RAW_COLS)) if raw and self.sinks.forwards("readings") else []
                 writes.append(("sink_outbox", self.sinks.stage(writes + [("readings", rows)])))
             rows = sum(len(r) for _k, r in writes) - len(out.readings) + len(out.readings) // RAW_COLS
             if not rows and not out.mids and not out.touched:

@@ -308,6 +308,10 @@ class SinkSet:
     def __bool__(self):
         return bool(self.cfgs)
 
+    def forwards(self, table):
+        """Whether any sink forwards this table (so the checkpoint builds its rows only then)."""
+        return any(table in c["tables"] for c in self.cfgs)
+
     async def open(self, db):
         """db: the gateway's store.Database (one connection, its own thread) (the schema is there: store.py)."""
         self.db = db
