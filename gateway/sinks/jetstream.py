@@ -47,17 +47,15 @@ def security_options(c):
     """nats.connect() keywords from a sink's or the collector's NATS settings: TLS with only
     tls_ca trusted and tls_server_name checked; user + password_file (first line) or a .creds
     file. Raises ValueError on an unreadable file."""
-    import ssl
     kw = {}
     if c.get("credentials"):
         kw["user_credentials"] = c["credentials"]
     if c.get("tls_ca"):
-        try:
-            ctx = ssl.create_default_context(cafile=c["tls_ca"])  # CERT_REQUIRED + check_hostname
-        except (OSError, ssl.SSLError) as e:
-            raise ValueError("tls_ca %s: %s" % (c["tls_ca"], e))
-        ctx.minimum_version = ssl.TLSVersion.TLSv1_2
-        kw["tls"] = ctx
+        from types import SimpleNamespace
+
+        from ..ingest import tls_context  # the gateway's own TLS set-up (a ConfigError is a ValueError)
+        kw["tls"] = tls_context(SimpleNamespace(host=None, tls_server_name=c.get("tls_server_name"),
+                                                tls_ca=c["tls_ca"], tls_cert="", tls_key=""))
         if c.get("tls_server_name"):
             kw["tls_hostname"] = c["tls_server_name"]
     if c.get("user"):
