@@ -262,6 +262,10 @@ def drop_pending(ob):
     kept = 0
     off = 0
     while off < size:
+        if buf[off] != _MAGIC:  # a reading entry (firmware/outbox.py)
+            seqs.append(struct.unpack_from(">I", buf, off + 1)[0])
+            off += 19
+            continue
         fl = 7 + ((buf[off + 1] << 8) | buf[off + 2])
         if buf[off + 19] == wire.KIND_GAP:
             if out != off:
@@ -271,7 +275,7 @@ def drop_pending(ob):
         else:
             seqs.append(struct.unpack_from(">I", buf, off + 7)[0])
         off += fl
-    ob._pend_bytes = out
+    ob._pend_bytes = ob._pend_fl = out
     ob._pend_n = kept
     ob.dropped += len(seqs)
     emit_gaps(ob, ob.boot, seqs)

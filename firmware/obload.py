@@ -41,9 +41,11 @@ def init(ob, fs, boot, dir, max_bytes, seg_bytes, batch_records, batch_ms, ack_p
     ob._cur = None  # segment being appended to
     ob._af = None  # its file, kept open: a batch is write + flush (sync), not open/close
     ob._next_num = 0
-    # RAM batch (not yet on flash): complete frames in _buf[:_pend_bytes], CRCs filled at flush
-    ob._buf = bytearray(batch_records * 30 + 256)
+    # RAM batch (not yet on flash): frames and reading entries (firmware/outbox.py) in
+    # _buf[:_pend_bytes], _pend_fl bytes once on flash; 19 bytes per reading + 128
+    ob._buf = bytearray(batch_records * 19 + 128)
     ob._pend_bytes = 0
+    ob._pend_fl = 0
     ob._pend_n = 0
     ob._pend_since = None  # now_ms of the batch's first record; -1: set by the next tick
     ob._ack_dirty = False
@@ -187,7 +189,8 @@ def floor(ob):
     """Outbox.floor: oldest(), or the first record of the RAM batch when that is older."""
     b, s = oldest(ob)
     if ob._pend_n and b == ob.boot:
-        p = struct.unpack_from(">I", ob._buf, 7)[0]  # first frame of the RAM batch
+        buf = ob._buf  # its first record: a frame or a reading entry (firmware/outbox.py)
+        p = struct.unpack_from(">I", buf, 7 if buf[0] == _MAGIC else 1)[0]
         if p < s:
             s = p
     return b, s

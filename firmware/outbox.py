@@ -14,8 +14,10 @@
 #
 # Records are batched in RAM and appended to the open segment file with write + flush per batch
 # (every batch_records records or batch_ms ms, at once for CEP/anomaly/gap records). The RAM
-# batch is a preallocated bytearray of complete frames; their CRCs are filled in at flush, so
-# reading_at() (the per-sample path) allocates nothing on MicroPython. On LittleFS a flush is a
+# batch is a preallocated bytearray: other records as complete frames (CRCs filled in at
+# flush), raw readings of reading_at() (the per-sample path, allocates nothing on MicroPython)
+# as 19-byte entries: 0x01 | seq u32 | t i64 | flags | channel | value i32, expanded to their
+# 30-byte frames at flush (RAM: 1.2 KB instead of 2.2 KB at the default 64 records). On LittleFS a flush is a
 # sync (about one block erase each: the batch size sets the flash life), so a power cut loses
 # at most the unflushed RAM batch. A torn frame fails its CRC: the scan stops there, the
 # records before it are kept, and that segment is never appended to again.
@@ -40,6 +42,8 @@ _PAYSZ = const(18)  # boot, seq, t, kind, flags
 _KR = const(1)  # shared.wire.KIND_READING
 _RLEN = const(23)  # payload length of a reading
 _RFRAME = const(30)  # bytes per reading on flash
+_RENT = const(19)  # bytes per reading in the RAM batch (obload.init sizes the batch too)
+_SLACK = const(128)  # room in the RAM batch for one more big frame
 _FMAX = const(256)  # no frame is longer (the biggest, a gap record, has 126 bytes)
 _DONE = const(0x3FFFFFFF)  # _rseg once the backlog is read up to _L
 # drop class by kind when full, lowest first: reading/status 0, window 1, CEP/anomaly 2, gap 3
@@ -127,7 +131,7 @@ class Outbox:
     # ------------------------------------------------------------ append / flush
 
     def total_bytes(self):
-        n = self._pend_bytes
+        n = self._pend_fl
         for s in self.segs:
             n += s[_BYTES]
         return n
@@ -164,6 +168,7 @@ class Outbox:
         buf[off + 21:off + size - 4] = bb
         self.seq = seq + 1
         self._pend_bytes = off + size
+        self._pend_fl += size
         self._pend_n += 1
         if self._pend_since is None:
             self._pend_since = now_ms
@@ -186,8 +191,8 @@ class Outbox:
             self.refused += 1
             return None
         off = self._pend_bytes
-        if off + _RFRAME > len(self._buf):
-            off = self._reserve(_RFRAME)
+        if off + _RENT > len(self._buf):
+            off = self._reserve(_RENT)
         x = tb[3] + (lo & 0xFFFF)
         l3 = x & 0xFFFF
         x = tb[2] + (lo >> 16) + (x >> 16)
@@ -196,11 +201,11 @@ class Outbox:
         l1 = x & 0xFFFF
         l0 = (tb[0] + (x >> 16)) & 0xFFFF
         seq = self.seq
-        # a whole reading frame but its crc, t as four big-endian u16 limbs (small ints only)
-        struct.pack_into(">BHIIHHHHBBBi", self._buf, off, _MAGIC, _RLEN, self.boot, seq, l0, l1, l2, l3, _KR,
-                         flags, ch, value)
+        # a reading entry, t as four big-endian u16 limbs (small ints only)
+        struct.pack_into(">BIHHHHBBi", self._buf, off, _KR, seq, l0, l1, l2, l3, flags, ch, value)
         self.seq = seq + 1
-        self._pend_bytes = off + _RFRAME
+        self._pend_bytes = off + _RENT
+        self._pend_fl += _RFRAME
         self._pend_n += 1
         if self._pend_since is None:
             self._pend_since = -1  # the batch's age counts from the next tick()
@@ -231,21 +236,25 @@ class Outbox:
             self._ack_at = now_ms
 
     def flush(self):
-        """Append the RAM batch to the current segment (write + flush). Returns the number of
+        """Append the RAM batch to the current segment (writes + flush). Returns the number of
         records written, -1 on a write error (the batch stays in RAM and is retried)."""
         n = self._pend_n
         if not n:
             return 0
         size = self._pend_bytes
+        fsz = self._pend_fl  # bytes on flash
         buf = self._buf
         mv = memoryview(buf)
         off = 0
         while off < size:  # seal: the CRC of every frame (idempotent, so a retry redoes it)
-            e = off + 3 + ((buf[off + 1] << 8) | buf[off + 2])
-            struct.pack_into(">I", buf, e, binascii.crc32(mv[off:e]))
-            off = e + 4
+            if buf[off] == _MAGIC:
+                e = off + 3 + ((buf[off + 1] << 8) | buf[off + 2])
+                struct.pack_into(">I", buf, e, binascii.crc32(mv[off:e]))
+                off = e + 4
+            else:
+                off += _RENT
         cur = self._cur
-        if cur is None or cur[_BYTES] + size > self.seg_bytes:
+        if cur is None or cur[_BYTES] + fsz > self.seg_bytes:
             self._end_cur()
             if cur is not None and cur[_COUNT] and self.acked.get(cur[_BOOT], -1) >= cur[_LAST]:
                 self.segs.remove(cur)  # kept while current (on_ack): one create + delete per segment
@@ -254,11 +263,28 @@ class Outbox:
             self._next_num += 1
             self.segs.append(cur)
             self._cur = cur
+        fr = bytearray(_RFRAME)  # a reading's frame, rebuilt from its entry
+        struct.pack_into(">BHI", fr, 0, _MAGIC, _RLEN, self.boot)
+        fr[19] = _KR
+        fc = memoryview(fr)[0:_RFRAME - 4]
         try:
             f = self._af
             if f is None:
                 f = self._af = self.fs.open(self._name(cur[_NUM]), "ab")
-            f.write(mv[0:size])  # from the batch buffer itself: no copy
+            off = 0
+            while off < size:
+                if buf[off] == _MAGIC:
+                    e = off + 7 + ((buf[off + 1] << 8) | buf[off + 2])
+                    f.write(mv[off:e])
+                    off = e
+                    continue
+                for i in range(1, 13):
+                    fr[6 + i] = buf[off + i]  # seq, t
+                for i in range(13, 19):
+                    fr[7 + i] = buf[off + i]  # flags, channel, value
+                struct.pack_into(">I", fr, 26, binascii.crc32(fc))
+                f.write(fr)
+                off += _RENT
             f.flush()  # LittleFS: lfs_file_sync, the batch is durable; the data block is not
             # copied again per batch as a close + reopen would (flash wear: docs/firmware.md)
         except OSError:
@@ -283,20 +309,26 @@ class Outbox:
                 self._lv_n = 0
                 self.need_rewind = True
             else:
-                lv.append((cur[_NUM], cur[_BYTES], size, n))
+                lv.append((cur[_NUM], cur[_BYTES], fsz, n))
                 self._lv_n += n
-        mv = None
+        mv = fc = None
         off = 0
         while off < size:
-            fl = 7 + ((buf[off + 1] << 8) | buf[off + 2])
-            seg_add(cur, (buf[off + 7] << 24) | (buf[off + 8] << 16) | (buf[off + 9] << 8) | buf[off + 10],
-                    PRIO[buf[off + 19]], fl)
-            off += fl
+            if buf[off] == _MAGIC:
+                fl = 7 + ((buf[off + 1] << 8) | buf[off + 2])
+                seg_add(cur, (buf[off + 7] << 24) | (buf[off + 8] << 16) | (buf[off + 9] << 8) | buf[off + 10],
+                        PRIO[buf[off + 19]], fl)
+                off += fl
+            else:
+                seg_add(cur, (buf[off + 1] << 24) | (buf[off + 2] << 16) | (buf[off + 3] << 8) | buf[off + 4],
+                        0, _RFRAME)
+                off += _RENT
         self._pend_bytes = 0
+        self._pend_fl = 0
         self._pend_n = 0
         self._pend_since = None
-        if len(buf) > self.batch_records * _RFRAME + 256:
-            self._buf = bytearray(self.batch_records * _RFRAME + 256)
+        if len(buf) > self.batch_records * _RENT + _SLACK:
+            self._buf = bytearray(self.batch_records * _RENT + _SLACK)
         self.flushes += 1
         return n
 
