@@ -253,6 +253,25 @@ def emit_gaps(ob, gboot, seqs):
         emit_gap_ranges(ob, gboot, _ranges(seqs))
 
 
+def write_failed(ob, cur):
+    """Outbox.flush could not write the batch to segment cur: never append to that file
+    again (it may hold a torn tail); the batch stays in RAM and is retried, unless flash
+    keeps failing (then it is dropped, except gap records, and accounted for). Returns -1."""
+    ob.write_errors += 1
+    ob._end_cur()
+    if cur[_COUNT] == 0:
+        ob.segs.remove(cur)
+        ob._rm(ob._name(cur[_NUM]))
+    else:
+        try:
+            cur[_BYTES] = ob.fs.stat_size(ob._name(cur[_NUM]))
+        except OSError:
+            pass
+    if ob._pend_n > 4 * ob.batch_records:
+        drop_pending(ob)
+    return -1
+
+
 def drop_pending(ob):
     """Flash keeps failing: drop the RAM batch (except gap records) and account for it."""
     buf = ob._buf

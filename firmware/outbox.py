@@ -244,25 +244,16 @@ class Outbox:
         size = self._pend_bytes
         fsz = self._pend_fl  # bytes on flash
         buf = self._buf
-        mv = memoryview(buf)
-        off = 0
-        while off < size:  # seal: the CRC of every frame (idempotent, so a retry redoes it)
-            if buf[off] == _MAGIC:
-                e = off + 3 + ((buf[off + 1] << 8) | buf[off + 2])
-                struct.pack_into(">I", buf, e, binascii.crc32(mv[off:e]))
-                off = e + 4
-            else:
-                off += _RENT
         cur = self._cur
         if cur is None or cur[_BYTES] + fsz > self.seg_bytes:
             self._end_cur()
             if cur is not None and cur[_COUNT] and self.acked.get(cur[_BOOT], -1) >= cur[_LAST]:
                 self.segs.remove(cur)  # kept while current (on_ack): one create + delete per segment
                 self._rm(self._name(cur[_NUM]))
-            cur = Seg(self._next_num, self.boot)
+            cur = self._cur = Seg(self._next_num, self.boot)
             self._next_num += 1
             self.segs.append(cur)
-            self._cur = cur
+        mv = memoryview(buf)
         fr = bytearray(_RFRAME)  # a reading's frame, rebuilt from its entry
         struct.pack_into(">BHI", fr, 0, _MAGIC, _RLEN, self.boot)
         fr[19] = _KR
@@ -273,10 +264,11 @@ class Outbox:
                 f = self._af = self.fs.open(self._name(cur[_NUM]), "ab")
             off = 0
             while off < size:
-                if buf[off] == _MAGIC:
-                    e = off + 7 + ((buf[off + 1] << 8) | buf[off + 2])
-                    f.write(mv[off:e])
-                    off = e
+                if buf[off] == _MAGIC:  # seal: its CRC (idempotent, so a retry redoes it)
+                    e = off + 3 + ((buf[off + 1] << 8) | buf[off + 2])
+                    struct.pack_into(">I", buf, e, binascii.crc32(mv[off:e]))
+                    f.write(mv[off:e + 4])
+                    off = e + 4
                     continue
                 for i in range(1, 13):
                     fr[6 + i] = buf[off + i]  # seq, t
@@ -288,20 +280,7 @@ class Outbox:
             f.flush()  # LittleFS: lfs_file_sync, the batch is durable; the data block is not
             # copied again per batch as a close + reopen would (flash wear: docs/firmware.md)
         except OSError:
-            self.write_errors += 1
-            self._end_cur()  # the file may hold a torn tail: never append to it again
-            if cur[_COUNT] == 0:
-                self.segs.remove(cur)
-                self._rm(self._name(cur[_NUM]))
-            else:
-                try:
-                    cur[_BYTES] = self.fs.stat_size(self._name(cur[_NUM]))
-                except OSError:
-                    pass
-            if self._pend_n > 4 * self.batch_records:
-                # flash keeps failing: drop the RAM batch (except gap records), account for it
-                self._x("obfull", "drop_pending")
-            return -1
+            return self._x("obfull", "write_failed", cur)
         lv = self._lv
         if lv is not None:  # a live session: where the batch went, for take_live (no copy)
             if self._lv_n + n > self.live_max:
@@ -314,15 +293,11 @@ class Outbox:
         mv = fc = None
         off = 0
         while off < size:
-            if buf[off] == _MAGIC:
-                fl = 7 + ((buf[off + 1] << 8) | buf[off + 2])
-                seg_add(cur, (buf[off + 7] << 24) | (buf[off + 8] << 16) | (buf[off + 9] << 8) | buf[off + 10],
-                        PRIO[buf[off + 19]], fl)
-                off += fl
-            else:
-                seg_add(cur, (buf[off + 1] << 24) | (buf[off + 2] << 16) | (buf[off + 3] << 8) | buf[off + 4],
-                        0, _RFRAME)
-                off += _RENT
+            fl = 7 + ((buf[off + 1] << 8) | buf[off + 2]) if buf[off] == _MAGIC else 0
+            p = off + 7 if fl else off + 1
+            seg_add(cur, (buf[p] << 24) | (buf[p + 1] << 16) | (buf[p + 2] << 8) | buf[p + 3],
+                    PRIO[buf[off + 19]] if fl else 0, fl or _RFRAME)
+            off += fl or _RENT
         self._pend_bytes = 0
         self._pend_fl = 0
         self._pend_n = 0
