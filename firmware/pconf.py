@@ -69,7 +69,7 @@ def channel_mask(d, key, rid, channels, single=False):
 DEFAULT_CHANNELS = {"temp": 0, "hum": 1, "pot": 2}
 DEFAULT_WINDOW_MS = 60000
 MAX_WINDOW_MS = 0x10000000  # 2**28 ms (~3 days): window arithmetic stays in small ints
-DEFAULT_RING = 64
+DEFAULT_RING = 64  # capacity when the config has a "ring" section without one
 
 
 def _channels(cfg):
@@ -100,7 +100,6 @@ def _channels(cfg):
 
 def setup(p, config):
     """Parse a pipeline config into Pipeline p: channels, rings, windows, rules, detectors."""
-    from firmware.window import TimedRing
     from firmware.window import EventWindow, CountWindow
     if not isinstance(config, dict):
         raise ConfigError("pipeline", "config must be an object")
@@ -120,8 +119,10 @@ def setup(p, config):
         cw = integer(config, "count_window", "count_window", None, 1, 1000000)
     elif "count" in w:  # same thing inside the "window" section of the device config
         cw = integer(w, "count", "window", None, 1, 1000000)
+    # no ring unless the config asks for one: nothing on the device reads it (Pipeline.latest
+    # is for tests and tools), 8 bytes per slot and channel plus firmware/ring.py (RAM)
     ring = config.get("ring")
-    rcap = DEFAULT_RING
+    rcap = 0
     if isinstance(ring, dict):
         rcap = integer(ring, "capacity", "ring", DEFAULT_RING, 1, 4096)
     elif ring is not None:
@@ -130,9 +131,12 @@ def setup(p, config):
     p.rings = [None] * nch
     p.windows = [None] * nch
     p.cwindows = [None] * nch
+    if rcap:
+        from firmware.ring import TimedRing
     for n in p.channels.values():
         p.known[n] = True
-        p.rings[n] = TimedRing(rcap)
+        if rcap:
+            p.rings[n] = TimedRing(rcap)
         p.windows[n] = EventWindow(n, p.size_ms, p.offset_ms, p, grace)
         if cw is not None:
             p.cwindows[n] = CountWindow(n, cw, p)

@@ -79,7 +79,8 @@ class Pipeline:
     def _shift(self, dt):
         for n in range(self.nch):
             if self.known[n]:
-                self.rings[n].shift(dt)
+                if self.rings[n] is not None:
+                    self.rings[n].shift(dt)
                 self.windows[n].shift(dt)
                 if self.cwindows[n] is not None:
                     self.cwindows[n].shift(dt)
@@ -101,7 +102,9 @@ class Pipeline:
         if ch < 0 or ch >= self.nch or not self.known[ch]:
             self.unknown += 1
             return
-        self.rings[ch].push(t, v)
+        r = self.rings[ch]
+        if r is not None:
+            r.push(t, v)
         if self.windows[ch].add(v, t):
             self.late += 1
         cw = self.cwindows[ch]
