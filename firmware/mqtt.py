@@ -1,6 +1,6 @@
 # A small asyncio MQTT 3.1.1 client for MicroPython that runs unchanged under CPython.
 #
-# QoS 0 and 1 (PUBACK tracking, bounded in-flight window, retransmit with DUP after a
+# QoS 0 and 1 (_PUBACK tracking, bounded in-flight window, retransmit with DUP after a
 # reconnect), last will, keepalive pings, subscribe, clean reconnect. Streams come from
 # asyncio.open_connection (both runtimes; MicroPython's Stream has write/drain/readexactly)
 # or an injected open_connection (the simulated HAL uses it to cut connections).
@@ -15,21 +15,24 @@ import asyncio
 
 from firmware.hal import ticks_ms, ticks_diff, sleep_ms, unload
 
-CONNECT = 1
-CONNACK = 2
-PUBLISH = 3
-PUBACK = 4
-SUBSCRIBE = 8
-SUBACK = 9
-UNSUBSCRIBE = 10
-UNSUBACK = 11
-PINGREQ = 12
-PINGRESP = 13
-DISCONNECT = 14
+try:
+    from micropython import const
+except ImportError:
+    def const(x):
+        return x
+
+# packet types: const with a leading underscore, so not stored on the board (RAM)
+_CONNACK = const(2)
+_PUBLISH = const(3)
+_PUBACK = const(4)
+_SUBACK = const(9)
+_UNSUBACK = const(11)
+_PINGREQ = const(12)
+_PINGRESP = const(13)
+_MAX_PACKET = const(268435455)
 
 PINGREQ_PACKET = b"\xc0\x00"
 DISCONNECT_PACKET = b"\xe0\x00"
-MAX_PACKET = 268435455
 
 
 class MQTTError(Exception):
@@ -40,7 +43,7 @@ class MQTTError(Exception):
 
 
 def varlen(n):
-    if n < 0 or n > MAX_PACKET:
+    if n < 0 or n > _MAX_PACKET:
         raise MQTTError("bad length %d" % n)
     out = bytearray()
     while True:
@@ -67,7 +70,7 @@ def publish_header(topic, n, qos=0, retain=False, dup=False, pid=0):
     copy of it joined to the header, device RAM)."""
     if qos not in (0, 1):
         raise MQTTError("qos %r not supported" % qos)
-    first = (PUBLISH << 4) | (qos << 1) | (1 if retain else 0) | (0x08 if dup and qos else 0)
+    first = (_PUBLISH << 4) | (qos << 1) | (1 if retain else 0) | (0x08 if dup and qos else 0)
     body = _s(topic)
     if qos:
         if not 0 < pid <= 0xFFFF:
@@ -82,7 +85,7 @@ def publish_packet(topic, payload, qos=0, retain=False, dup=False, pid=0):
 
 
 def puback_packet(pid):
-    return struct.pack(">BBH", PUBACK << 4, 2, pid)
+    return struct.pack(">BBH", _PUBACK << 4, 2, pid)
 
 
 def parse(first, body):
@@ -90,7 +93,7 @@ def parse(first, body):
     ('connack', session_present, rc) ('publish', topic, payload, qos, retain, dup, pid)
     ('puback', pid) ('suback', pid, codes) ('unsuback', pid) ('pingresp',) ('pingreq',)."""
     t = first >> 4
-    if t == PUBLISH:
+    if t == _PUBLISH:
         qos = (first >> 1) & 3
         if qos > 1:
             raise MQTTError("qos 2 not supported")
@@ -108,23 +111,23 @@ def parse(first, body):
             pid = (body[off] << 8) | body[off + 1]
             off += 2
         return ("publish", topic, bytes(body[off:]), qos, bool(first & 1), bool(first & 8), pid)
-    if t == CONNACK:
+    if t == _CONNACK:
         if len(body) != 2:
             raise MQTTError("bad connack")
         return ("connack", body[0] & 1, body[1])
-    if t == PUBACK:
+    if t == _PUBACK:
         if len(body) != 2:
             raise MQTTError("bad puback")
         return ("puback", (body[0] << 8) | body[1])
-    if t == SUBACK:
+    if t == _SUBACK:
         if len(body) < 3:
             raise MQTTError("bad suback")
         return ("suback", (body[0] << 8) | body[1], tuple(body[2:]))
-    if t == UNSUBACK:
+    if t == _UNSUBACK:
         return ("unsuback", (body[0] << 8) | body[1])
-    if t == PINGRESP:
+    if t == _PINGRESP:
         return ("pingresp",)
-    if t == PINGREQ:
+    if t == _PINGREQ:
         return ("pingreq",)
     raise MQTTError("unexpected packet type %d" % t)
 
@@ -285,7 +288,7 @@ class MQTTClient:
         return publish_header(topic, len(payload), qos, retain, False, pid), payload
 
     async def wait_inflight(self, timeout_ms=5000):
-        """Wait until every QoS 1 publish got its PUBACK. Returns True if so."""
+        """Wait until every QoS 1 publish got its _PUBACK. Returns True if so."""
         t0 = ticks_ms()
         while self.inflight:
             if ticks_diff(ticks_ms(), t0) > timeout_ms:

@@ -5,7 +5,7 @@ import struct
 import asyncio
 
 from firmware.hal import ticks_ms
-from firmware.mqtt import MQTTError, CONNECT, SUBSCRIBE, _s, varlen, parse, _close_stream
+from firmware.mqtt import MQTTError, _s, varlen, parse, _close_stream
 
 
 def _packet(first, body):
@@ -43,7 +43,7 @@ def connect_packet(client_id, keepalive=30, clean=True, will=None, user=None, pa
             flags |= 0x40
             payload += _s(password)
     body = _s("MQTT") + bytes((4, flags)) + struct.pack(">H", keepalive) + payload
-    return _packet(CONNECT << 4, body)
+    return _packet(0x10, body)  # CONNECT
 
 
 def set_dup(packet):
@@ -56,7 +56,7 @@ def subscribe_packet(pid, topics):
     body = struct.pack(">H", pid)
     for t, q in topics:
         body += _s(t) + bytes((q,))
-    return _packet((SUBSCRIBE << 4) | 0x02, body)
+    return _packet(0x82, body)  # SUBSCRIBE
 
 
 def split(buf):

@@ -30,7 +30,7 @@ def fixed(d, key, rid, default=None):
         raise ConfigError(rid, "'%s' must be a number, got %r" % (key, x))
     if x != x or x * wire.SCALE > wire.I32_MAX or x * wire.SCALE < wire.I32_MIN:
         raise ConfigError(rid, "'%s' out of the int32 fixed-point range: %r" % (key, x))
-    return wire.to_fixed(x)
+    return int(round(x * wire.SCALE))  # in the int32 range (checked above)
 
 
 def integer(d, key, rid, default, lo, hi):

@@ -124,16 +124,6 @@ def check_device_id(dev):
 # ---------------------------------------------------------------- helpers
 
 
-def to_fixed(x):
-    """float -> fixed point int (value * SCALE), saturated to int32. Not for the per-sample path."""
-    v = int(round(x * SCALE))
-    if v > I32_MAX:
-        return I32_MAX
-    if v < I32_MIN:
-        return I32_MIN
-    return v
-
-
 def _u32(v, what):
     if not isinstance(v, int) or v < 0 or v > 0xFFFFFFFF:
         raise WireError("bad_" + what, repr(v))
@@ -182,23 +172,6 @@ def _offsets(seq, t, base_seq, base_time):
     if dt < I32_MIN or dt > I32_MAX:
         raise WireError("time_span", "t %d base %d" % (t, base_time))
     return ds, dt
-
-
-def encode_readings(device_id, boot, readings):
-    """readings: list of (seq, t_ms, channel, flags, value_fixed), seq ascending.
-
-    One message per call; seqs must lie within 65535 of the first and times within +-24 days.
-    """
-    n = len(readings)
-    if n == 0:
-        raise WireError("empty")
-    base_seq = readings[0][0]
-    base_time = readings[0][1]
-    out, off = readings_buffer(device_id, boot, base_seq, base_time, n)
-    for r in readings:
-        put_reading(out, off, r[0], r[1], r[2], r[3], r[4], base_seq, base_time)
-        off += READING_SIZE
-    return bytes(out)
 
 
 def readings_buffer(device_id, boot, base_seq, base_time, n):
