@@ -93,6 +93,7 @@ def build(config_path):
     app._boot()
     unload("firmware.pconf")  # pipeline config parsing: boot only
     unload("firmware.prules")
+    unload("shared.wire_ctl")
     # keep only the config the running tasks read (the rest went into the objects): RAM
     c = app.cfg
     app.cfg = app.uplink.cfg = {
@@ -122,9 +123,14 @@ def uplink_init(up, cfg, hal, outbox, clock, fw, console, instance):
     up.instance = instance
     up.nonce = up.prev_nonce = 0  # 0: no hello yet (a nonce is never 0)
     up._beacon = None  # gw_time of the last accepted time beacon
-    up.topics = wire.Topics(cfg["prefix"])
-    up.t_ack = up.topics.ack(up.dev)
-    up.t_data = up.topics.data(up.dev)
+    from shared import wire_ctl  # boot and hello only: unloaded by build() and Uplink.hello (RAM)
+    tp = wire_ctl.Topics(cfg["prefix"])  # not kept: its class would keep wire_ctl loaded
+    up.t_ack = tp.ack(up.dev)
+    up.t_data = tp.data(up.dev)
+    up.t_hello = tp.hello(up.dev)
+    up.t_state = tp.state(up.dev)
+    up.t_gw = tp.gw_state
+    tp = wire_ctl = None
     u = cfg["uplink"]
     up.batch_max = u["batch_max"]
     up.resend_ms = u["resend_ms"]
@@ -133,7 +139,7 @@ def uplink_init(up, cfg, hal, outbox, clock, fw, console, instance):
     b = cfg["broker"]
     up.client = MQTTClient(
         b["client_id"], b["host"], b["port"], keepalive=b["keepalive_s"],
-        will=(up.topics.state(up.dev), wire.encode_state(False), 1, True),
+        will=(up.t_state, wire.encode_state(False), 1, True),
         clean=True, user=b.get("user"), password=b.get("password"),
         open_connection=hal.open_connection, on_message=up._on_message,
         max_inflight=u["max_inflight"], timeout_ms=b["timeout_ms"],

@@ -24,7 +24,7 @@
 import asyncio
 
 from shared import wire_dev as wire  # the device side of the contract
-from firmware.hal import ticks_ms, ticks_diff, sleep_ms
+from firmware.hal import ticks_ms, ticks_diff, sleep_ms, unload
 from firmware.identity import rand32
 
 
@@ -49,7 +49,7 @@ class Uplink:
                 if len(self._acks) >= 32:
                     self._acks.pop(0)  # acks are cumulative: the newest ones matter
                 self._acks.append(a)
-            elif topic == self.topics.gw_state:
+            elif topic == self.t_gw:
                 on = wire.decode_state(payload, True)
                 if on != self.gw_online:
                     self.gw_online = on
@@ -110,9 +110,13 @@ class Uplink:
             n = rand32() & 0x3FFFFFFF
         self.prev_nonce = self.nonce
         self.nonce = n
-        p = wire.encode_hello(self.dev, ob.boot, ob.seq, now, ob.unacked(), b, s, self.instance, n, self.fw, self.key)
+        from shared import wire_ctl  # connect time (shared/wire_ctl.py): unloaded after (RAM)
+        p = wire_ctl.encode_hello(self.dev, ob.boot, ob.seq, now, ob.unacked(), b, s, self.instance, n, self.fw,
+                                  self.key)
+        wire_ctl = None
+        unload("shared.wire_ctl")
         self._hello_at = ticks_ms()
-        await self.client.publish(self.topics.hello(self.dev), p, 1)
+        await self.client.publish(self.t_hello, p, 1)
         self.c["hellos"] += 1
 
     def stalled(self, now):
@@ -281,8 +285,8 @@ class Uplink:
         self._acks = []
         self._sent_max = {}
         await cl.subscribe(self.t_ack, 1)
-        await cl.subscribe(self.topics.gw_state, 1)
-        await cl.publish(self.topics.state(self.dev), wire.encode_state(True), 1, True)
+        await cl.subscribe(self.t_gw, 1)
+        await cl.publish(self.t_state, wire.encode_state(True), 1, True)
         # the broker sends the retained gateway state right after the SUBACK: take it before
         # the hello so one hello per connect suffices (a later offline->online sends another)
         t0 = ticks_ms()
@@ -345,7 +349,7 @@ class Uplink:
         self.running = False
         if self.client.connected:
             try:
-                await self.client.publish(self.topics.state(self.dev), wire.encode_state(False), 1, True)
+                await self.client.publish(self.t_state, wire.encode_state(False), 1, True)
                 await self.client.wait_inflight(1000)
             except Exception:
                 pass

@@ -2,8 +2,11 @@
 # Runs unchanged under MicroPython and CPython: only struct, no classes from typing/dataclasses.
 # Layouts, limits and the reasons for a binary encoding are in docs/wire.md.
 from shared.wire_dev import *  # noqa: F401,F403 (the device side of the contract)
-from shared.wire_dev import (readings_buffer, put_reading, _check_max, _need, _ascii, _decode_body, _mac, _u32, _header,  # noqa: F401
-                             _HDR, _READING, _REC, _ACK, _HELLO, _ID_CHARS, _offsets, _i32, _CEP, _GAP,
+from shared.wire_ctl import *  # noqa: F401,F403
+from shared.wire_ctl import _HELLO, _mac  # noqa: F401
+from shared import wire_ctl as _ctl
+from shared.wire_dev import (readings_buffer, put_reading, _check_max, _need, _ascii, _decode_body, _u32, _header,  # noqa: F401
+                             _HDR, _READING, _REC, _ACK, _ID_CHARS, _offsets, _i32, _CEP, _GAP,
                              _WINDOW, _ANOMALY, _STATUS, _STATE)
 import struct
 from shared import wire_dev as _dev
@@ -43,7 +46,7 @@ def encode_readings(device_id, boot, readings):
 KIND_NAMES = {1: "reading", 2: "window", 3: "cep", 4: "anomaly", 5: "status", 6: "gap"}
 
 
-class Topics(_dev.Topics):  # the device side + the gateway's subscriptions and parse
+class Topics(_ctl.Topics):  # the device side + the gateway's subscriptions and parse
     def __init__(self, prefix="edgeflow"):
         super().__init__(prefix)
         self.sub_data = prefix + "/d/+/data"

@@ -1,11 +1,12 @@
-# The wire contract, device side: everything the firmware runs (constants, topics, encoders,
-# the ack / state decoders it needs). shared/wire.py is the whole contract: it re-exports this
+# The wire contract, device side: everything the firmware runs in steady state (constants,
+# encoders, the ack / state decoders it needs); topics and the hello are in shared/wire_ctl.py
+# (boot and connect time: the board unloads it after use). shared/wire.py is the whole contract: it re-exports this
 # module and adds the gateway-side decoders (decode_data, decode_hello, encode_ack,
 # check_event_time), which the board never loads (RAM: docs/firmware.md). One contract, two
 # modules: change a layout here, the gateway side reads the same constants.
 import struct
 
-from shared.auth import Hmac, MAC_LEN, equal
+from shared.auth import MAC_LEN, equal
 
 VERSION = 2  # v2: hello carries instance id, session nonce, floor and a MAC; acks are authenticated
 MAGIC = 0xE5
@@ -54,7 +55,6 @@ _STATUS = ">IIIIIiII"  # uptime_s, outbox_records, outbox_bytes, dropped, late, 
 _CEP = ">BIB"  # severity, span_ms, evidence count (rule id and evidence follow)
 _GAP = ">IB"  # boot of the dropped records, range count; then (first_seq u32, length u16) each
 _ACK = ">BBBBIIqIBI"  # magic, version, type, flags, boot, seq, gw_time_ms, credits, replay (0/1), nonce; + MAC
-_HELLO = ">IIIIIB"  # backlog records, floor boot, floor seq, instance, nonce, fw length; fw, MAC follow
 _STATE = ">BB"  # online, reserved
 
 DETECTOR_ZSCORE = 1
@@ -72,36 +72,6 @@ class WireError(ValueError):
         super().__init__(reason + (": " + detail if detail else ""))
         self.reason = reason
         self.detail = detail
-
-
-# ---------------------------------------------------------------- topics
-
-
-class Topics:
-    """Topic layout under a prefix (default 'edgeflow').
-
-    device -> gateway: {p}/d/{id}/data (QoS 1), {p}/d/{id}/hello (QoS 1),
-                       {p}/d/{id}/state (retained; 'offline' is the last will)
-    gateway -> device: {p}/d/{id}/ack (QoS 1), {p}/gw/state (retained; last will)
-    The gateway's subscriptions and parse() are in shared/wire.py's Topics (not on the board).
-    """
-
-    def __init__(self, prefix="edgeflow"):
-        check_topic_part(prefix, "prefix", 64, True)
-        self.prefix = prefix
-        self.gw_state = prefix + "/gw/state"
-
-    def data(self, dev):
-        return self.prefix + "/d/" + dev + "/data"
-
-    def hello(self, dev):
-        return self.prefix + "/d/" + dev + "/hello"
-
-    def state(self, dev):
-        return self.prefix + "/d/" + dev + "/state"
-
-    def ack(self, dev):
-        return self.prefix + "/d/" + dev + "/ack"
 
 
 _ID_CHARS = "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789_-"
@@ -320,15 +290,6 @@ def _check_max(payload, max_size):
 # ---------------------------------------------------------------- control messages
 
 
-def _mac(key, parts):
-    """MAC_LEN bytes over parts; zeros without a key (insecure mode: the receiver has no key either)."""
-    if key is None:
-        return bytes(MAC_LEN)
-    if not isinstance(key, Hmac):
-        key = Hmac(key)
-    return key.mac(*parts)
-
-
 ACK_BODY = struct.calcsize(_ACK)  # 29
 ACK_SIZE = ACK_BODY + MAC_LEN  # 45
 
@@ -351,20 +312,6 @@ def ack_mac_ok(payload, device_id_bytes, key):
     """True if an ACK_SIZE payload carries the MAC of `key` (an auth.Hmac) for this device."""
     mv = memoryview(payload)
     return equal(key.mac(device_id_bytes, mv[:ACK_BODY]), mv[ACK_BODY:ACK_SIZE])
-
-
-def encode_hello(device_id, boot, next_seq, now_ms, backlog, floor_boot, floor_seq, instance, nonce, fw,
-                 key=None, flags=0):
-    """Device birth, sent on every connect. floor: the oldest (boot, seq) the device still holds
-    anywhere (docs/wire.md "The hello contract"); instance: random id of this flash identity;
-    nonce: fresh per hello, echoed in every ack. The MAC covers every byte before it."""
-    fwb = fw.encode()
-    if len(fwb) > MAX_FW:
-        raise WireError("bad_fw", fw)
-    body = (_header(MSG_HELLO, device_id, boot, next_seq, now_ms, flags)
-            + struct.pack(_HELLO, _u32(backlog, "backlog"), _u32(floor_boot, "boot"), _u32(floor_seq, "seq"),
-                          _u32(instance, "instance"), _u32(nonce, "nonce"), len(fwb)) + fwb)
-    return body + _mac(key, (body,))
 
 
 def encode_state(online, gateway=False):
