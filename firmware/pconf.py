@@ -1,6 +1,7 @@
-# Config helpers of the edge pipeline (pipeline, cep, anomaly): the field checks and
-# Pipeline set-up. Kept apart from the rule classes so that a config without rules or detectors never
-# loads firmware/cep.py or firmware/anomaly.py on the board (RAM: docs/firmware.md).
+# Config helpers of the edge pipeline (pipeline, cep, anomaly): the field checks, Pipeline
+# set-up and its rarely run methods (time base, stats). Kept apart from the rule classes so that a
+# config without rules or detectors never loads firmware/cep.py or firmware/anomaly.py on the
+# board; imported on demand and unloaded after (RAM: docs/firmware.md).
 from shared import wire_dev as wire  # the device side of the contract (shared/wire.py: all of it)
 # ConfigError lives in firmware/pipeline.py: a class defined here would keep this module's
 # globals (every function below) alive after the board unloads it (RAM)
@@ -100,7 +101,7 @@ def _channels(cfg):
 
 def setup(p, config):
     """Parse a pipeline config into Pipeline p: channels, rings, windows, rules, detectors."""
-    from firmware.window import EventWindow, CountWindow
+    from firmware.window import EventWindow
     if not isinstance(config, dict):
         raise ConfigError("pipeline", "config must be an object")
     p.channels = _channels(config)
@@ -133,6 +134,8 @@ def setup(p, config):
     p.cwindows = [None] * nch
     if rcap:
         from firmware.ring import TimedRing
+    if cw is not None:
+        from firmware.cwindow import CountWindow
     for n in p.channels.values():
         p.known[n] = True
         if rcap:
@@ -161,3 +164,71 @@ def setup(p, config):
     p.det_by_ch = [[] for _ in range(nch)]
     for d in p.detectors:
         p.det_by_ch[d.ch].append(d)
+
+
+# ---------------------------------------------------------------- Pipeline's rare methods
+
+
+def set_base(p, base_ms, synced, shift_ms=0):
+    """New meaning of relative time 0: epoch ms (synced) or boot ms (unsynced).
+
+    Open windows are closed first, under the old base and flags. shift_ms is how far the
+    relative origin itself moves (0 when the caller keeps its t_rel, as the app does on
+    clock sync); internal timestamps move by -shift_ms.
+    """
+    p.close_windows()
+    if shift_ms:
+        _shift(p, shift_ms)
+    p.base_ms = base_ms
+    p.synced = bool(synced)
+    p.flags = 0 if synced else wire.FLAG_UNSYNCED
+    for w in p.windows:
+        if w is not None:
+            w.reframe()
+            w.set_phase(base_ms)
+
+
+def rebase(p, new_base_ms):
+    """Same clock, new origin: every internal time moves by base - new_base_ms. Open
+    windows stay open. Call it well before relative times reach 2**29 ms (~6 days)."""
+    dt = new_base_ms - p.base_ms
+    _shift(p, dt)
+    p.base_ms = new_base_ms
+    for w in p.windows:
+        if w is not None:
+            w.set_phase(new_base_ms)
+
+
+def _shift(p, dt):
+    for n in range(p.nch):
+        if p.known[n]:
+            if p.rings[n] is not None:
+                p.rings[n].shift(dt)
+            p.windows[n].shift(dt)
+            if p.cwindows[n] is not None:
+                p.cwindows[n].shift(dt)
+    for r in p.rules:
+        r.shift(dt)
+    for d in p.detectors:
+        d.shift(dt)
+
+
+def stats(p):
+    """Counters for the status record and the console (allocates: not per sample)."""
+    ow = 0
+    for r in p.rings:
+        if r is not None:
+            ow += r.overwritten
+    sup = 0
+    for d in p.detectors:
+        sup += d.suppressed
+    return {"late": p.late, "unknown": p.unknown, "emitted": p.emitted, "overwritten": ow,
+            "suppressed": sup, "matches": dict((r.id, r.matches) for r in p.rules)}
+
+
+def latest(p, ch):
+    """(t_rel, value) of the newest sample of a channel, or None."""
+    r = p.rings[ch] if 0 <= ch < p.nch else None
+    if r is None or r.n == 0:
+        return None
+    return r.latest_t(0), r.latest_v(0)

@@ -111,7 +111,8 @@ def check_app_starts():
               "firmware.outbox", "firmware.pipeline", "shared.wire_dev", "shared.wire_ctl", "shared.auth",
               # imported on demand by the running app (boot, connect, NTP, full outbox): a
               # missing file would only show then
-              "firmware.obload", "firmware.obfull", "firmware.mqttc", "firmware.halnet", "firmware.appx"):
+              "firmware.obload", "firmware.obfull", "firmware.mqttc", "firmware.halnet", "firmware.appx",
+              "firmware.cwindow"):
         _need(m)
     try:
         import machine  # noqa: F401 (on a board: the ESP32 HAL must import and build too)

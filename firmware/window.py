@@ -171,9 +171,6 @@ class EventWindow:
         """Alignment for a base (epoch ms or boot ms at relative time 0)."""
         self.phase = (base_ms - self.offset) % self.size
 
-    def window_start(self, t):
-        return t - (t + self.phase) % self.size
-
     def add(self, v, t):
         """Returns 0 when the sample went into a window, 1 when it was late."""
         if self.open:
@@ -221,30 +218,4 @@ class EventWindow:
         self.start = _shift(self.start, dt)
         self.end = _shift(self.end, dt)
         self.floor = _shift(self.floor, dt)
-        self.agg.shift(dt)
-
-
-class CountWindow:
-    """Tumbling count window: every `n` samples of one channel (arrival order)."""
-
-    def __init__(self, ch, n, sink):
-        self.ch = ch
-        self.n = n
-        self.sink = sink
-        self.agg = Agg()
-        self.closed = 0
-
-    def add(self, v, t):
-        self.agg.add(v, t)
-        if self.agg.n >= self.n:
-            self.close()
-
-    def close(self):
-        if self.agg.n == 0:
-            return
-        self.closed += 1
-        self.sink.on_count_window(self)
-        self.agg.reset()
-
-    def shift(self, dt):
         self.agg.shift(dt)
