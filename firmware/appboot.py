@@ -45,8 +45,8 @@ def boot(app):
     cfg = app.cfg
     hal = app.hal
     fs = hal.fs
-    app.identity = Identity(fs, floor=highest_boot(fs, cfg["outbox"]["dir"]))
-    app.boot = app.identity.boot
+    ident = Identity(fs, floor=highest_boot(fs, cfg["outbox"]["dir"]))  # not kept: boot only (RAM)
+    app.boot = ident.boot
     ob = cfg["outbox"]
     app.outbox = Outbox(fs, app.boot, ob["dir"], ob["max_bytes"], ob["segment_bytes"], ob["batch_records"],
                         ob["batch_ms"], ob["ack_persist_ms"]).load()
@@ -63,7 +63,7 @@ def boot(app):
     app._every = cfg["raw"]["every"]
     app._n = 0
     hal.use_tls(cfg["broker"].get("tls"))
-    app.uplink = Uplink(cfg, hal, app.outbox, app.clock, app.fw, instance=app.identity.instance)
+    app.uplink = Uplink(cfg, hal, app.outbox, app.clock, app.fw, instance=ident.instance)
     hal.console("edgeflow boot device=%s boot=%d fw=%s" % (cfg["device_id"], app.boot, app.fw))
     if app.outbox.torn:
         hal.console("outbox: %d torn segment tail(s) skipped" % app.outbox.torn)
@@ -94,6 +94,7 @@ def build(config_path):
     unload("firmware.pconf")  # pipeline config parsing: boot only
     unload("firmware.prules")
     unload("shared.wire_ctl")
+    unload("firmware.identity")  # the boot counter (the outbox keeps firmware/slots.py)
     # keep only the config the running tasks read (the rest went into the objects): RAM
     c = app.cfg
     app.cfg = app.uplink.cfg = {

@@ -108,7 +108,8 @@ def check_app_starts():
     a = _need("firmware.app", "App")
     h = _need("firmware.hal_base", "Hal")
     for m in ("firmware.mqtt", "firmware.uplink", "firmware.clock", "firmware.config", "firmware.identity",
-              "firmware.outbox", "firmware.pipeline", "shared.wire_dev", "shared.wire_ctl", "shared.auth",
+              "firmware.slots", "firmware.outbox", "firmware.pipeline", "shared.wire_dev", "shared.wire_ctl",
+              "shared.auth",
               # imported on demand by the running app (boot, connect, NTP, full outbox): a
               # missing file would only show then
               "firmware.obload", "firmware.obfull", "firmware.mqttc", "firmware.halnet", "firmware.appx",

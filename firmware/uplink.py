@@ -25,7 +25,7 @@ import asyncio
 
 from shared import wire_dev as wire  # the device side of the contract
 from firmware.hal import ticks_ms, ticks_diff, sleep_ms, unload
-from firmware.identity import rand32
+from firmware.slots import rand32
 
 
 _MAX_CREDITS = 1 << 24

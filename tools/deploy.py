@@ -244,9 +244,9 @@ def compile_mpy(src, arch):
             return f.read()
 
 
-# never on the board: the simulated HAL; the gateway side of the wire contract and the
+# never on the board: the simulated HAL and CPython's ticks; the gateway side of the wire contract and the
 # self-test (which needs it) only with --selftest
-HOST_ONLY = ("firmware/hal_sim.py",)
+HOST_ONLY = ("firmware/hal_sim.py", "firmware/cpyticks.py")
 SELFTEST_ONLY = ("firmware/selftest.py", "shared/wire.py")
 
 
