@@ -104,7 +104,7 @@ def make_room(ob, size, prio):
                 seg = s
                 break
         try:
-            ok = ob._compact(seg, q, ob.total_bytes() + size - low)
+            ok = compact(ob, seg, q, ob.total_bytes() + size - low)
         except OSError:  # flash full or failing: keep what is stored, refuse the new record
             ob.write_errors += 1
             ob._rm(ob._name(seg[_NUM], "t"))
@@ -173,7 +173,7 @@ def compact(ob, seg, q, need=0):
                 if rec[1] <= a:
                     continue
                 k = rec[3]
-                p = PRIO.get(k, 0)
+                p = PRIO[k]
                 if k == wire.KIND_GAP and regap:
                     _add_range(drops, rec[0], rec[1], 1)
                     ob.gaps_merged += 1

@@ -48,7 +48,8 @@ ob = firmware.outbox.Outbox(fs, 7, "ob", %(max_bytes)d, %(seg)d).load()
 #--- full
 fill()
 #--- dropped
-ob.close()
+ob.flush()
+ob._end_cur()
 ob = None
 #--- churned
 # the wasm build's GC is conservative: a stale pointer left on its stack can keep the dropped
@@ -67,7 +68,7 @@ m0 = gc.mem_alloc()
 recs = ob.read_backlog(50)
 m1 = gc.mem_alloc()
 gc.enable()
-print("ALLOC replay", m1 - m0, len(recs))
+print("ALLOC replay", m1 - m0, len(recs) // 30)
 recs = None
 '''
 

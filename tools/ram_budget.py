@@ -129,12 +129,19 @@ def step_send():
         recs = None  # as the uplink drops the records it sent
 def more():
     return st[0] is not None
+def nrec(fr):
+    # records in the frames read_backlog / take_live hand out (firmware/outbox.py)
+    o = k = 0
+    while o < len(fr):
+        o += 7 + ((fr[o + 1] << 8) | fr[o + 2])
+        k += 1
+    return k
 def replay_read():
     ob = app.outbox
     ob.rewind()
     global recs
     recs = ob.read_backlog(app.uplink.batch_max)
-    st[1] = len(recs)
+    st[1] = nrec(recs)
     st[0] = app.uplink.send(recs)
 def live_begin():
     app.outbox.begin_session()
@@ -147,7 +154,7 @@ def live_take():
     global recs
     recs = None
     recs = app.outbox.take_live()
-    st[1] += len(recs)
+    st[1] += nrec(recs)
     st[0] = app.uplink.send(recs) if recs else None
 def live_end():
     global recs
