@@ -98,6 +98,7 @@ class Outbox:
         """Rarely run code: fn of firmware.<mod> on self, the module unloaded after."""
         r = getattr(_ob(mod), fn)(self, *a)
         unload("firmware." + mod)
+        unload("shared.wire_body")  # loaded by obload for a compaction
         return r
 
     def load(self):
@@ -314,6 +315,7 @@ class Outbox:
             return True
         r = self._x("obfull", "make_room", size, prio)
         unload("firmware.obload")
+        unload("shared.wire_body")
         return r
 
     # ------------------------------------------------------------ acks

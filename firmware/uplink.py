@@ -150,7 +150,7 @@ class Uplink:
                 if fr[i + 19] == wire.KIND_READING:
                     payload = self._readings(fr, i, j, m)
                 else:
-                    payload = self._records(fr, i, j)
+                    payload = self._records(fr, i, j, m)
             except wire.WireError:
                 self.c["encode_errors"] += 1
                 payload = None
@@ -225,16 +225,28 @@ class Uplink:
             o += 7 + ((fr[o + 1] << 8) | fr[o + 2])
         return out
 
-    def _records(self, fr, i, j):
-        """The (non-reading) frames fr[i:j] as one records message, times stamped for sending."""
-        rows = []
+    def _records(self, fr, i, j, m):
+        """The (non-reading) frames fr[i:j] (m of them) as one records message, times stamped
+        for sending; each body is copied as stored (the outbox keeps wire_dev.encode_body's
+        bytes: no decoded tuples, device RAM)."""
+        boot = _u32(fr, i + 3)
+        q0 = _u32(fr, i + 7)
+        st = self._stamps(boot)
+        t, _ = self.clock.stamp(boot, struct.unpack_from(">q", fr, i + 11)[0], fr[i + 20])
+        # a frame: magic, len u16, boot, seq, t i64, kind, flags (payload offset 18), body, crc
+        out, off = wire.records_buffer(self.dev, boot, q0, t, m, (j - i) - m * (25 - wire.REC_SIZE))
+        mv = memoryview(fr)
         o = i
         while o < j:
-            b, q, t, kind, fl = struct.unpack_from(">IIqBB", fr, o + 3)
-            t, fl = self.clock.stamp(b, t, fl)
-            rows.append((kind, q, t, fl, wire._decode_body(kind, fr, o + 21)[0]))
-            o += 7 + ((fr[o + 1] << 8) | fr[o + 2])
-        return wire.encode_records(self.dev, _u32(fr, i + 3), rows)
+            e = o + 3 + ((fr[o + 1] << 8) | fr[o + 2])  # end of the payload
+            fl = fr[o + 20]
+            wire.put_record(out, off, fr[o + 19], _u32(fr, o + 7), t + self._dt(fr, o, i, st),
+                            fl & ~wire.FLAG_UNSYNCED if st else fl, q0, t)
+            off += wire.REC_SIZE
+            out[off:off + e - o - 21] = mv[o + 21:e]
+            off += e - o - 21
+            o = e + 4
+        return out
 
     # ------------------------------------------------------------ session
 

@@ -106,19 +106,6 @@ def _i32(v, what):
     return v
 
 
-def _need(buf, off, size, what):
-    if off + size > len(buf):
-        raise WireError("truncated", what)
-
-
-def _ascii(b, what):
-    try:
-        s = bytes(b).decode()
-    except Exception:
-        raise WireError("bad_" + what, "not utf-8")
-    return s
-
-
 # ---------------------------------------------------------------- data messages
 
 
@@ -148,15 +135,33 @@ def readings_buffer(device_id, boot, base_seq, base_time, n):
     """(buffer, offset of the first record): a readings message of n records, its header
     written; put_reading fills record i at offset + READING_SIZE * i (the device encodes
     straight from its stored records: no row tuples, RAM)."""
+    return _buffer(MSG_READINGS, device_id, boot, base_seq, base_time, n, n * READING_SIZE)
+
+
+def records_buffer(device_id, boot, base_seq, base_time, n, nbytes):
+    """(buffer, offset of the first record): a records message of n records taking nbytes in
+    all (REC_SIZE + body each), its header written; the device writes each record with
+    put_record and copies the stored body after it (the outbox keeps encode_body's bytes)."""
+    return _buffer(MSG_RECORDS, device_id, boot, base_seq, base_time, n, nbytes)
+
+
+def _buffer(mtype, device_id, boot, base_seq, base_time, n, nbytes):
     if n == 0:
         raise WireError("empty")
-    h = _header(MSG_READINGS, device_id, boot, base_seq, base_time, n)
+    h = _header(mtype, device_id, boot, base_seq, base_time, n)
     off = len(h)
-    if off + n * READING_SIZE > MAX_PAYLOAD:
-        raise WireError("oversize", str(off + n * READING_SIZE))
-    out = bytearray(off + n * READING_SIZE)
+    if off + nbytes > MAX_PAYLOAD:
+        raise WireError("oversize", str(off + nbytes))
+    out = bytearray(off + nbytes)
     out[0:off] = h
     return out, off
+
+
+def put_record(out, off, kind, seq, t, flags, base_seq, base_time):
+    """The record header (kind, seq and time offsets, flags) of a records message at out[off:];
+    its body follows at off + REC_SIZE."""
+    ds, dt = _offsets(seq, t, base_seq, base_time)
+    struct.pack_into(_REC, out, off, kind, ds, dt, flags)
 
 
 def put_reading(out, off, seq, t, ch, flags, value, base_seq, base_time):
@@ -201,74 +206,6 @@ def encode_body(kind, body):
                 raise WireError("bad_gap", "length %r" % length)
             out.extend(struct.pack(">IH", _u32(first, "seq"), length))
         return bytes(out)
-    raise WireError("unknown_kind", str(kind))
-
-
-def encode_records(device_id, boot, records):
-    """records: list of (kind, seq, t_ms, flags, body), seq ascending; kind != READING."""
-    n = len(records)
-    if n == 0:
-        raise WireError("empty")
-    base_seq = records[0][1]
-    base_time = records[0][2]
-    out = bytearray(_header(MSG_RECORDS, device_id, boot, base_seq, base_time, n))
-    for kind, seq, t, flags, body in records:
-        ds, dt = _offsets(seq, t, base_seq, base_time)
-        b = encode_body(kind, body)
-        out.extend(struct.pack(_REC, kind, ds, dt, flags))
-        out.extend(b)
-    if len(out) > MAX_PAYLOAD:
-        raise WireError("oversize", str(len(out)))
-    return bytes(out)
-
-
-def _decode_body(kind, buf, off):
-    """Return (body tuple, new offset)."""
-    if kind == KIND_WINDOW:
-        size = 33
-        _need(buf, off, size, "window")
-        return struct.unpack_from(_WINDOW, buf, off), off + size
-    if kind == KIND_CEP:
-        _need(buf, off, 1, "cep")
-        ln = buf[off]
-        off += 1
-        _need(buf, off, ln + 6, "cep")
-        rule = _ascii(buf[off:off + ln], "rule_id")
-        check_topic_part(rule, "rule_id", MAX_RULE_ID)
-        off += ln
-        sev, span, ne = struct.unpack_from(_CEP, buf, off)
-        off += 6
-        if ne > MAX_EVIDENCE:
-            raise WireError("bad_evidence", str(ne))
-        _need(buf, off, 4 * ne, "cep evidence")
-        ev = struct.unpack_from(">" + "i" * ne, buf, off) if ne else ()
-        return (rule, sev, span, tuple(ev)), off + 4 * ne
-    if kind == KIND_ANOMALY:
-        _need(buf, off, 14, "anomaly")
-        b = struct.unpack_from(_ANOMALY, buf, off)
-        if b[1] not in (DETECTOR_ZSCORE, DETECTOR_EWMA):
-            raise WireError("bad_detector", str(b[1]))
-        return b, off + 14
-    if kind == KIND_STATUS:
-        _need(buf, off, 32, "status")
-        return struct.unpack_from(_STATUS, buf, off), off + 32
-    if kind == KIND_GAP:
-        _need(buf, off, 5, "gap")
-        gboot, nr = struct.unpack_from(_GAP, buf, off)
-        off += 5
-        if nr < 1 or nr > MAX_GAP_RANGES:
-            raise WireError("bad_gap", str(nr))
-        _need(buf, off, 6 * nr, "gap ranges")
-        ranges = []
-        for i in range(nr):
-            first, length = struct.unpack_from(">IH", buf, off)
-            if length < 1:
-                raise WireError("bad_gap", "empty range")
-            if first + length - 1 > 0xFFFFFFFF:
-                raise WireError("bad_gap", "range beyond u32")
-            ranges.append((first, length))
-            off += 6
-        return (gboot, tuple(ranges)), off
     raise WireError("unknown_kind", str(kind))
 
 
