@@ -1,6 +1,6 @@
 # A small asyncio MQTT 3.1.1 client for MicroPython that runs unchanged under CPython.
 #
-# QoS 0 and 1 (_PUBACK tracking, bounded in-flight window, retransmit with DUP after a
+# QoS 0 and 1 (PUBACK tracking, bounded in-flight window, retransmit with DUP after a
 # reconnect), last will, keepalive pings, subscribe, clean reconnect. Streams come from
 # asyncio.open_connection (both runtimes; MicroPython's Stream has write/drain/readexactly)
 # or an injected open_connection (the simulated HAL uses it to cut connections).
@@ -22,12 +22,8 @@ except ImportError:
         return x
 
 # packet types: const with a leading underscore, so not stored on the board (RAM)
-_CONNACK = const(2)
 _PUBLISH = const(3)
 _PUBACK = const(4)
-_SUBACK = const(9)
-_UNSUBACK = const(11)
-_PINGREQ = const(12)
 _PINGRESP = const(13)
 _MAX_PACKET = const(268435455)
 
@@ -111,25 +107,17 @@ def parse(first, body):
             pid = (body[off] << 8) | body[off + 1]
             off += 2
         return ("publish", topic, bytes(body[off:]), qos, bool(first & 1), bool(first & 8), pid)
-    if t == _CONNACK:
-        if len(body) != 2:
-            raise MQTTError("bad connack")
-        return ("connack", body[0] & 1, body[1])
     if t == _PUBACK:
         if len(body) != 2:
             raise MQTTError("bad puback")
         return ("puback", (body[0] << 8) | body[1])
-    if t == _SUBACK:
-        if len(body) < 3:
-            raise MQTTError("bad suback")
-        return ("suback", (body[0] << 8) | body[1], tuple(body[2:]))
-    if t == _UNSUBACK:
-        return ("unsuback", (body[0] << 8) | body[1])
     if t == _PINGRESP:
         return ("pingresp",)
-    if t == _PINGREQ:
-        return ("pingreq",)
-    raise MQTTError("unexpected packet type %d" % t)
+    from firmware import mqttc  # the connect-time packets (firmware/mqttc.py)
+    try:
+        return mqttc.parse_rare(t, body)
+    finally:
+        unload("firmware.mqttc")
 
 
 # ---------------------------------------------------------------- the client
@@ -159,42 +147,10 @@ class MQTTClient:
     def __init__(self, client_id, host, port=1883, keepalive=30, will=None, clean=True, user=None,
                  password=None, open_connection=None, on_message=None, max_inflight=16,
                  timeout_ms=5000, resolver="dns", retransmit=True):
-        self.client_id = client_id
-        self.host = host
-        self.port = port
-        self.keepalive = keepalive
-        self.will = will
-        self.clean = clean
-        self.user = user
-        self.password = password
-        self.open_connection = open_connection or asyncio.open_connection
-        self.on_message = on_message
-        self.max_inflight = max_inflight
-        self.timeout_ms = timeout_ms
-        self.resolver = resolver
-        # False: in-flight QoS 1 publishes keep only their packet id (flow control), not the
-        # packet, and are not resent after a reconnect (the owner replays them: the uplink's
-        # outbox does): up to max_inflight packets less in RAM
-        self.retransmit = retransmit
-        self.addr = None  # the broker's address, resolved once (again after a failed connect)
-        self.connected = False
-        self.inflight = []  # [pid, packet or None] awaiting PUBACK, oldest first (bounded)
-        self._pid = 0
-        self._r = None
-        self._w = None
-        self._lock = asyncio.Lock()
-        self._tasks = []
-        self._subacks = {}
-        self._last_rx = 0
-        self._last_tx = 0
-        self.last_error = None
-        # counters
-        self.connects = 0
-        self.published = 0
-        self.received = 0
-        self.pubacks = 0
-        self.retransmits = 0
-        self.pings = 0
+        from firmware import mqttc  # set-up (firmware/mqttc.py): unloaded after (RAM)
+        mqttc.init(self, client_id, host, port, keepalive, will, clean, user, password, open_connection,
+                   on_message, max_inflight, timeout_ms, resolver, retransmit)
+        unload("firmware.mqttc")
 
     def _next_pid(self):
         for _ in range(0x10000):
