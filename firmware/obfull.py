@@ -1,9 +1,12 @@
 # The outbox's full policy (firmware/outbox.py): compaction, gap records, dropping the RAM
-# batch when flash keeps failing. Imported when the outbox is full and unloaded after (RAM:
-# its bytecode counts only at that peak, docs/firmware.md).
+# batch when flash keeps failing; and the frame reader (also the boot scan's, obload.py).
+# Imported when the outbox is full and unloaded after (RAM: its bytecode counts only at that
+# peak, docs/firmware.md).
 import struct
+import binascii
 
 from shared import wire_dev as wire
+from shared.wire_body import _decode_body  # gap bodies: unloaded with this module (outbox._x)
 from firmware.outbox import PRIO, Seg, seg_add
 
 try:
@@ -20,7 +23,8 @@ _COUNT = const(4)
 _BYTES = const(5)
 _PC = const(6)
 _PB = const(10)
-from firmware.obload import frames_of
+_MAGIC = const(0xA5)
+_PAYSZ = const(18)
 
 
 def _add_range(drops, boot, first, n):
@@ -268,3 +272,56 @@ def drop_pending(ob):
     ob._pend_n = kept
     ob.dropped += len(seqs)
     emit_gaps(ob, ob.boot, seqs)
+
+
+def decode_payload(data, off, n):
+    """(boot, seq, t, kind, flags, body) from a verified frame payload at data[off:off+n]."""
+    boot, seq, t, kind, flags = struct.unpack_from(">IIqBB", data, off)
+    bo = off + _PAYSZ
+    if kind == wire.KIND_READING:
+        body = struct.unpack_from(">Bi", data, bo)
+    else:
+        body, end = _decode_body(kind, data, bo)
+        if end != off + n:
+            raise wire.WireError("bad_length", "outbox body")
+    return (boot, seq, t, kind, flags, body)
+
+
+def read_frame(f):
+    """Next (frame bytes, record) from an open segment file; None at the end or at a torn /
+    corrupt frame (everything after it in that file is ignored)."""
+    h = f.read(3)
+    if len(h) < 3 or h[0] != _MAGIC:
+        return None
+    n = (h[1] << 8) | h[2]
+    if n < _PAYSZ:
+        return None
+    rest = f.read(n + 4)
+    if len(rest) != n + 4:
+        return None
+    crc = binascii.crc32(h)
+    crc = binascii.crc32(memoryview(rest)[:n], crc) & 0xFFFFFFFF
+    if crc != struct.unpack_from(">I", rest, n)[0]:
+        return None
+    try:
+        rec = decode_payload(rest, 0, n)
+    except (ValueError, KeyError):
+        return None
+    return h + rest, rec
+
+
+def frames_of(ob, num):
+    """(frame bytes, record) of each intact frame of segment num, in file order; stops at a
+    torn or corrupt frame; nothing if the file is missing."""
+    try:
+        f = ob.fs.open(ob._name(num), "rb")
+    except OSError:
+        return
+    try:
+        while True:
+            r = read_frame(f)
+            if r is None:
+                return
+            yield r
+    finally:
+        f.close()

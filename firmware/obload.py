@@ -1,12 +1,9 @@
 # The outbox's rarely run code (firmware/outbox.py): set-up, the flash scan that rebuilds the
-# segment index at boot, the hello's floor and backlog count, and the frame reader shared with
-# compaction (firmware/obfull.py) and the tools. Imported on demand and unloaded after (RAM:
-# docs/firmware.md).
+# segment index at boot (with the frame reader of firmware/obfull.py), the hello's floor and
+# backlog count. Imported on demand and unloaded after (RAM: docs/firmware.md).
 import struct
 import binascii
 
-from shared import wire_dev as wire
-from shared.wire_body import _decode_body  # compaction only (gap bodies): unloaded with this module
 from firmware.outbox import PRIO, Seg, seg_add
 
 try:
@@ -64,22 +61,10 @@ def encode_frame(boot, seq, t, kind, flags, body_bytes):
     return head + struct.pack(">I", binascii.crc32(head) & 0xFFFFFFFF)
 
 
-def decode_payload(data, off, n):
-    """(boot, seq, t, kind, flags, body) from a verified frame payload at data[off:off+n]."""
-    boot, seq, t, kind, flags = struct.unpack_from(">IIqBB", data, off)
-    bo = off + _PAYSZ
-    if kind == wire.KIND_READING:
-        body = struct.unpack_from(">Bi", data, bo)
-    else:
-        body, end = _decode_body(kind, data, bo)
-        if end != off + n:
-            raise wire.WireError("bad_length", "outbox body")
-    return (boot, seq, t, kind, flags, body)
-
-
 def records(fr):
     """The records (boot, seq, t, kind, flags, body) of frames as read_backlog / take_live
     hand them out (tests and tools; the uplink encodes from the frames)."""
+    from firmware.obfull import decode_payload
     out = []
     o = 0
     while o < len(fr):
@@ -87,29 +72,6 @@ def records(fr):
         out.append(decode_payload(fr, o + 3, n))
         o += n + 7
     return out
-
-
-def read_frame(f):
-    """Next (frame bytes, record) from an open segment file; None at the end or at a torn /
-    corrupt frame (everything after it in that file is ignored)."""
-    h = f.read(3)
-    if len(h) < 3 or h[0] != _MAGIC:
-        return None
-    n = (h[1] << 8) | h[2]
-    if n < _PAYSZ:
-        return None
-    rest = f.read(n + 4)
-    if len(rest) != n + 4:
-        return None
-    crc = binascii.crc32(h)
-    crc = binascii.crc32(memoryview(rest)[:n], crc) & 0xFFFFFFFF
-    if crc != struct.unpack_from(">I", rest, n)[0]:
-        return None
-    try:
-        rec = decode_payload(rest, 0, n)
-    except (ValueError, KeyError):
-        return None
-    return h + rest, rec
 
 
 def highest_boot(fs, dir="ob"):
@@ -186,6 +148,7 @@ def load(ob):
 
 
 def scan(ob, num):
+    from firmware.obfull import frames_of  # the frame reader (unloaded with obload)
     name = ob._name(num)
     seg = None
     good = 0
@@ -209,23 +172,6 @@ def scan(ob, num):
             ob.torn += 1
         seg[_BYTES] = size
     return seg
-
-
-def frames_of(ob, num):
-    """(frame bytes, record) of each intact frame of segment num, in file order; stops at a
-    torn or corrupt frame; nothing if the file is missing."""
-    try:
-        f = ob.fs.open(ob._name(num), "rb")
-    except OSError:
-        return
-    try:
-        while True:
-            r = read_frame(f)
-            if r is None:
-                return
-            yield r
-    finally:
-        f.close()
 
 
 def oldest(ob):

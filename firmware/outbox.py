@@ -103,7 +103,9 @@ class Outbox:
 
     def load(self):
         """Scan flash after a boot: rebuild segment index, acked positions, drop garbage."""
-        return self._x("obload", "load")
+        r = self._x("obload", "load")
+        unload("firmware.obfull")  # its frame reader
+        return r
 
     def floor(self):
         """The hello's floor (docs/wire.md): the oldest (boot, seq) held anywhere, flash or RAM
@@ -313,10 +315,7 @@ class Outbox:
     def _make_room(self, size, prio):
         if self.total_bytes() + size <= self.max_bytes:
             return True
-        r = self._x("obfull", "make_room", size, prio)
-        unload("firmware.obload")
-        unload("shared.wire_body")
-        return r
+        return self._x("obfull", "make_room", size, prio)
 
     # ------------------------------------------------------------ acks
 
@@ -362,6 +361,7 @@ class Outbox:
     def end_session(self):
         self._lv = None
         self._lv_b = 0
+        unload("firmware.obread")
 
     def rewind(self):
         """Resend policy: everything stored and unacked becomes backlog again."""
@@ -389,99 +389,11 @@ class Outbox:
         return b
 
     def read_backlog(self, n):
-        """Up to n backlog records, oldest first, as their frames back to back (a bytearray,
-        empty when none). Read straight into the result: per frame only the CRC check
-        allocates (a memoryview slice and the crc int)."""
+        """Up to n backlog records, oldest first, as their frames back to back (empty when
+        none). firmware/obread.py: loaded while a replay lasts, unloaded when it is done."""
         if self._rseg == _DONE or n <= 0:
             return b""
-        out = bytearray(n * _RFRAME)  # n readings; a bigger record grows it
-        Lb, Ls = self._L
-        rb, rs = self._rl
-        cap = len(out)
-        mv = memoryview(out)
-        c = bytearray(4)
-        w = 0  # out[:w]: the frames handed out
-        k = 0
-        done = True
-        for s in self.segs:
-            num = s[_NUM]
-            if num < self._rseg:
-                continue
-            b = s[_BOOT]
-            if b > Lb or (b == Lb and s[_FIRST] >= Ls):
-                break
-            if self.acked.get(b, -1) >= s[_LAST]:
-                continue
-            try:
-                f = self.fs.open(self._name(num), "rb")
-            except OSError:
-                continue
-            stop = False
-            try:
-                off = self._roff if num == self._rseg else 0  # file offset of out[r]
-                if off:
-                    f.seek(off)
-                r = e = w  # out[r:e]: read, not looked at yet
-                while True:
-                    d = e - r
-                    fl = 3
-                    if d >= 3:
-                        if out[r] != _MAGIC:
-                            break
-                        fl = ((out[r + 1] << 8) | out[r + 2]) + 7
-                        if fl < _PAYSZ + 7 or fl > _FMAX:
-                            break
-                    if d < fl:  # read more of the file
-                        if r > w:  # drop the skipped frames
-                            out[w:w + d] = mv[r:e]
-                            r = w
-                            e = w + d
-                        if e == cap:
-                            cap += cap + _FMAX
-                            nb = bytearray(cap)
-                            nb[0:e] = out
-                            out = nb
-                            mv = memoryview(nb)
-                        got = f.readinto(mv[e:])
-                        if not got:
-                            break  # end of file, or a torn frame
-                        e += got
-                        continue
-                    x = r + fl - 4
-                    struct.pack_into(">I", c, 0, binascii.crc32(mv[r:x]))  # unsigned: no &
-                    if c[0] != out[x] or c[1] != out[x + 1] or c[2] != out[x + 2] or c[3] != out[x + 3]:
-                        break  # torn / corrupt: nothing after it in this file
-                    b = (out[r + 3] << 24) | (out[r + 4] << 16) | (out[r + 5] << 8) | out[r + 6]
-                    q = (out[r + 7] << 24) | (out[r + 8] << 16) | (out[r + 9] << 8) | out[r + 10]
-                    if b > Lb or (b == Lb and q >= Ls):
-                        stop = True  # live from here
-                        break
-                    off += fl
-                    if q <= self.acked.get(b, -1) or b < rb or (b == rb and q <= rs):
-                        r += fl  # acked or sent already
-                        continue
-                    if r > w:
-                        out[w:w + d] = mv[r:e]
-                        e = w + d
-                    r = w = w + fl
-                    k += 1
-                    rb = b
-                    rs = q
-                    if k >= n:
-                        break
-            finally:
-                f.close()
-            self._rseg = num
-            self._roff = off
-            if stop:
-                break
-            if k >= n:
-                done = False
-                break
-        if done:
-            self._rseg = _DONE
-        self._rl = (rb, rs)
-        mv = None
-        out[w:] = b""  # in place (MicroPython too): no second copy
-        return out
-
+        fr = _ob("obread").read(self, n)
+        if self._rseg == _DONE:
+            unload("firmware.obread")
+        return fr

@@ -112,8 +112,8 @@ def check_app_starts():
               "shared.wire_body", "shared.auth",
               # imported on demand by the running app (boot, connect, NTP, full outbox): a
               # missing file would only show then
-              "firmware.obload", "firmware.obfull", "firmware.mqttc", "firmware.halnet", "firmware.appx",
-              "firmware.cwindow"):
+              "firmware.obload", "firmware.obfull", "firmware.obread", "firmware.mqttc", "firmware.halnet",
+              "firmware.appx", "firmware.cwindow"):
         _need(m)
     try:
         import machine  # noqa: F401 (on a board: the ESP32 HAL must import and build too)

@@ -190,14 +190,14 @@ def fill_near():
     while ob.total_bytes() + 2 * ob.batch_records * 30 < ob.max_bytes and ob.dropped == 0:
         app.sample_step()
 def full_modules():
-    # what a compaction loads (firmware/obfull.py and obload.py), kept here through the next
-    # sub-step (the outbox unloads them after the compaction)
+    # what a compaction loads (firmware/obfull.py), kept here through the next sub-step (the
+    # outbox unloads it after the compaction)
     global fullmods
-    from firmware import obfull, obload
-    fullmods = (obfull, obload)
+    from firmware import obfull
+    fullmods = obfull
 def full_batch():
-    # the sampling rounds up to the first compaction: its modules (firmware/obfull.py,
-    # obload.py) are imported, run and unloaded within this sub-step
+    # the sampling rounds up to the first compaction: its module (firmware/obfull.py) is
+    # imported, run and unloaded within this sub-step
     ob = app.outbox
     d = ob.dropped
     k = 0
