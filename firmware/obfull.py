@@ -218,6 +218,10 @@ def compact(ob, seg, q, need=0):
         nums.append(s[_NUM])
         ob._rm(ob._name(s[_NUM]))
         segs.remove(s)
+    if ob._lv:  # live batches may have moved: they go as backlog
+        del ob._lv[:]
+        ob._lv_n = 0
+        ob.need_rewind = True
     if ob._rseg == seg[_NUM] or ob._rseg in nums:
         ob._rseg = seg[_NUM] if ns[_COUNT] else -1  # replay re-reads from there; sent ones are skipped
         ob._roff = 0

@@ -32,8 +32,8 @@ def init(ob, fs, boot, dir, max_bytes, seg_bytes, batch_records, batch_ms, ack_p
     ob.batch_records = batch_records
     ob.batch_ms = batch_ms
     ob.ack_persist_ms = ack_persist_ms
-    # live frames (flushed while a session is live) wait for take_live up to about this many
-    # records (30 bytes each); more: need_rewind, they are sent as backlog
+    # live batches (flushed while a session is live) wait for take_live up to this many
+    # records; more: need_rewind, they are sent as backlog
     ob.live_max = live_max if live_max is not None else 2 * batch_records
     ob.seq = 0  # next seq of this boot
     ob.segs = []  # the segment index, oldest first
@@ -51,7 +51,7 @@ def init(ob, fs, boot, dir, max_bytes, seg_bytes, batch_records, batch_ms, ack_p
     ob.flushes = 0
     from firmware.identity import Slots
     ob._slots = Slots(fs, dir + "/ack")
-    ob._lv = None  # live frames (bytes per flushed batch) while a session is live
+    ob._lv = None  # while a session is live: (segment, offset, bytes, records) per live batch
     ob.rewind()  # the replay cursor
 
 

@@ -1,7 +1,6 @@
 # The outbox's backlog reader (firmware/outbox.py read_backlog): imported when a replay starts
 # and unloaded when it is done, so its code is in RAM only while there is backlog to send
 # (docs/firmware.md: RAM).
-import struct
 import binascii
 
 try:
@@ -13,6 +12,7 @@ except ImportError:
 _MAGIC = const(0xA5)
 _PAYSZ = const(18)
 _RFRAME = const(30)
+_RESIDUE = const(0x2144DF1C)
 _FMAX = const(256)  # no frame is longer (the biggest, a gap record, has 126 bytes)
 _DONE = const(0x3FFFFFFF)  # firmware/outbox.py: _rseg once the backlog is read up to _L
 _NUM = const(0)
@@ -23,15 +23,13 @@ _LAST = const(3)
 
 def read(ob, n):
     """Outbox.read_backlog (n > 0, backlog not done): frames read straight into the result
-    (a bytearray); per frame only the CRC check allocates (a memoryview slice and the crc
-    int). The cursor: _L (boot, seq) where live begins, _rseg / _roff the segment and file
+    (a bytearray); per frame only the CRC check allocates (a memoryview slice). The cursor: _L (boot, seq) where live begins, _rseg / _roff the segment and file
     offset to go on from, _rl the (boot, seq) replayed last."""
     out = bytearray(n * _RFRAME)  # n readings; a bigger record grows it
     Lb, Ls = ob._L
     rb, rs = ob._rl
     cap = len(out)
     mv = memoryview(out)
-    c = bytearray(4)
     w = 0  # out[:w]: the frames handed out
     k = 0
     done = True
@@ -79,9 +77,15 @@ def read(ob, n):
                         break  # end of file, or a torn frame
                     e += got
                     continue
+                # CRC check without a long int: the CRC-32 of a frame with its (big-endian)
+                # CRC bytes reversed is the residue 0x2144DF1C when intact (a small int)
                 x = r + fl - 4
-                struct.pack_into(">I", c, 0, binascii.crc32(mv[r:x]))  # unsigned: no &
-                if c[0] != out[x] or c[1] != out[x + 1] or c[2] != out[x + 2] or c[3] != out[x + 3]:
+                out[x], out[x + 3] = out[x + 3], out[x]
+                out[x + 1], out[x + 2] = out[x + 2], out[x + 1]
+                ok = binascii.crc32(mv[r:x + 4]) == _RESIDUE
+                out[x], out[x + 3] = out[x + 3], out[x]
+                out[x + 1], out[x + 2] = out[x + 2], out[x + 1]
+                if not ok:
                     break  # torn / corrupt: nothing after it in this file
                 b = (out[r + 3] << 24) | (out[r + 4] << 16) | (out[r + 5] << 8) | out[r + 6]
                 q = (out[r + 7] << 24) | (out[r + 8] << 16) | (out[r + 9] << 8) | out[r + 10]

@@ -278,14 +278,14 @@ class Outbox:
                 self._x("obfull", "drop_pending")
             return -1
         lv = self._lv
-        if lv is not None:  # a live session: the frames as written wait for take_live
-            if self._lv_b + size > self.live_max * _RFRAME:
+        if lv is not None:  # a live session: where the batch went, for take_live (no copy)
+            if self._lv_n + n > self.live_max:
                 del lv[:]
-                self._lv_b = 0
+                self._lv_n = 0
                 self.need_rewind = True
             else:
-                lv.append(bytes(mv[0:size]))
-                self._lv_b += size
+                lv.append((cur[_NUM], cur[_BYTES], size, n))
+                self._lv_n += n
         mv = None
         off = 0
         while off < size:
@@ -360,7 +360,7 @@ class Outbox:
 
     def end_session(self):
         self._lv = None
-        self._lv_b = 0
+        self._lv_n = 0
         unload("firmware.obread")
 
     def rewind(self):
@@ -368,7 +368,7 @@ class Outbox:
         self.flush()
         if self._lv:
             self._lv = []
-        self._lv_b = 0
+        self._lv_n = 0
         self._L = (self.boot, self.seq)
         self._rseg = -1
         self._roff = 0
@@ -380,13 +380,25 @@ class Outbox:
 
     def take_live(self):
         """Frames flushed while the session is live and not taken yet, one flushed batch per
-        call (b"" when none)."""
+        call, read back from flash (b"" when none; RAM: no copy waits in a queue)."""
         lv = self._lv
         if not lv:
             return b""
-        b = lv.pop(0)
-        self._lv_b -= len(b)
-        return b
+        num, off, n, k = lv.pop(0)
+        self._lv_n -= k
+        out = bytearray(n)
+        try:
+            f = self.fs.open(self._name(num), "rb")
+            try:
+                f.seek(off)
+                if f.readinto(out) == n and out[0] == _MAGIC:
+                    return out
+            finally:
+                f.close()
+        except OSError:
+            pass
+        self.need_rewind = True  # trimmed or rewritten meanwhile: what is left goes as backlog
+        return b""
 
     def read_backlog(self, n):
         """Up to n backlog records, oldest first, as their frames back to back (empty when

@@ -519,3 +519,49 @@ def test_power_cut_at_every_byte_while_full_and_compacting():
                         covered[s] = 1
         for s in committed:
             assert s in got or s in covered, (budget, s)
+
+
+def test_live_batches_read_back_through_compactions():
+    # live batches are read back from flash (take_live keeps only where they went): a session
+    # that stays live while the outbox fills and compacts, and acks that trim, must neither
+    # hand out moved / wrong frames nor lose a record (each seq sent or in a gap range)
+    fs = MemFS()
+    ob = _ob(fs, 1, max_bytes=3000, seg_bytes=300, batch_records=4, live_max=400)
+    ob.begin_session()
+    got = {}
+    covered = {}
+    value = {}
+    rewinds = 0
+
+    def take(recs):
+        for r in recs:
+            assert r[0] == 1
+            if r[3] == wire.KIND_READING:
+                assert r[5][1] == value[r[1]], r  # the frame of that seq, not a moved one
+            elif r[3] == wire.KIND_GAP:
+                for first, k in r[5][1]:
+                    for s in range(first, first + k):
+                        covered[s] = 1
+            got[r[1]] = 1
+
+    for i in range(400):
+        s = ob.reading(i % 3, 1000 + i, 0, i * 11 - 2000)
+        if s is not None:
+            value[s] = i * 11 - 2000
+        if i % 7 == 0:
+            ob.append(wire.KIND_WINDOW, i, 0, (0, i * 1000, 1000, -5, 5, 0, 2, 0, 900))
+        if i % 13 == 0:  # a slow uplink: several batches wait
+            while ob._lv:
+                take(records(ob.take_live()))
+        if i == 200:
+            ob.on_ack(1, ob.seq // 3)  # trims old segments, maybe one with live batches
+        if ob.need_rewind:
+            rewinds += 1
+            ob.rewind()
+            while ob.has_backlog():
+                take(records(ob.read_backlog(5)))
+    ob.flush()
+    take(records(ob.take_live()))
+    assert ob.dropped > 0 and rewinds > 0
+    for s in range(ob.seq):
+        assert s in got or s in covered or s <= ob.seq // 3, s
