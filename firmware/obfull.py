@@ -6,6 +6,7 @@ import struct
 import binascii
 
 from shared import wire_dev as wire
+from shared.wire_body import _decode_body  # gap bodies: unloaded with this module (outbox._x)
 from firmware.outbox import PRIO, Seg, seg_add
 
 try:
@@ -307,7 +308,7 @@ def decode_payload(data, off, n):
     if kind == wire.KIND_READING:
         body = struct.unpack_from(">Bi", data, bo)
     else:
-        body, end = wire._decode_body(kind, data, bo)
+        body, end = _decode_body(kind, data, bo)
         if end != off + n:
             raise wire.WireError("bad_length", "outbox body")
     return (boot, seq, t, kind, flags, body)

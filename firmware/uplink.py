@@ -25,8 +25,8 @@ import asyncio
 import struct
 
 from shared import wire_dev as wire  # the device side of the contract
-from firmware.hal import ticks_ms, ticks_diff, sleep_ms
-from firmware.identity import rand32
+from firmware.hal import ticks_ms, ticks_diff, sleep_ms, unload
+from firmware.slots import rand32
 
 
 _MAX_CREDITS = 1 << 24
@@ -50,7 +50,7 @@ class Uplink:
                 if len(self._acks) >= 32:
                     self._acks.pop(0)  # acks are cumulative: the newest ones matter
                 self._acks.append(a)
-            elif topic == self.topics.gw_state:
+            elif topic == self.t_gw:
                 on = wire.decode_state(payload, True)
                 if on != self.gw_online:
                     self.gw_online = on
@@ -111,9 +111,13 @@ class Uplink:
             n = rand32() & 0x3FFFFFFF
         self.prev_nonce = self.nonce
         self.nonce = n
-        p = wire.encode_hello(self.dev, ob.boot, ob.seq, now, ob.unacked(), b, s, self.instance, n, self.fw, self.key)
+        from shared import wire_ctl  # connect time (shared/wire_ctl.py): unloaded after (RAM)
+        p = wire_ctl.encode_hello(self.dev, ob.boot, ob.seq, now, ob.unacked(), b, s, self.instance, n, self.fw,
+                                  self.key)
+        wire_ctl = None
+        unload("shared.wire_ctl")
         self._hello_at = ticks_ms()
-        await self.client.publish(self.topics.hello(self.dev), p, 1)
+        await self.client.publish(self.t_hello, p, 1)
         self.c["hellos"] += 1
 
     def stalled(self, now):
@@ -146,7 +150,7 @@ class Uplink:
                 if fr[i + 19] == wire.KIND_READING:
                     payload = self._readings(fr, i, j, m)
                 else:
-                    payload = self._records(fr, i, j)
+                    payload = self._records(fr, i, j, m)
             except wire.WireError:
                 self.c["encode_errors"] += 1
                 payload = None
@@ -221,16 +225,28 @@ class Uplink:
             o += 7 + ((fr[o + 1] << 8) | fr[o + 2])
         return out
 
-    def _records(self, fr, i, j):
-        """The (non-reading) frames fr[i:j] as one records message, times stamped for sending."""
-        rows = []
+    def _records(self, fr, i, j, m):
+        """The (non-reading) frames fr[i:j] (m of them) as one records message, times stamped
+        for sending; each body is copied as stored (the outbox keeps wire_dev.encode_body's
+        bytes: no decoded tuples, device RAM)."""
+        boot = _u32(fr, i + 3)
+        q0 = _u32(fr, i + 7)
+        st = self._stamps(boot)
+        t, _ = self.clock.stamp(boot, struct.unpack_from(">q", fr, i + 11)[0], fr[i + 20])
+        # a frame: magic, len u16, boot, seq, t i64, kind, flags (payload offset 18), body, crc
+        out, off = wire.records_buffer(self.dev, boot, q0, t, m, (j - i) - m * (25 - wire.REC_SIZE))
+        mv = memoryview(fr)
         o = i
         while o < j:
-            b, q, t, kind, fl = struct.unpack_from(">IIqBB", fr, o + 3)
-            t, fl = self.clock.stamp(b, t, fl)
-            rows.append((kind, q, t, fl, wire._decode_body(kind, fr, o + 21)[0]))
-            o += 7 + ((fr[o + 1] << 8) | fr[o + 2])
-        return wire.encode_records(self.dev, _u32(fr, i + 3), rows)
+            e = o + 3 + ((fr[o + 1] << 8) | fr[o + 2])  # end of the payload
+            fl = fr[o + 20]
+            wire.put_record(out, off, fr[o + 19], _u32(fr, o + 7), t + self._dt(fr, o, i, st),
+                            fl & ~wire.FLAG_UNSYNCED if st else fl, q0, t)
+            off += wire.REC_SIZE
+            out[off:off + e - o - 21] = mv[o + 21:e]
+            off += e - o - 21
+            o = e + 4
+        return out
 
     # ------------------------------------------------------------ session
 
@@ -289,8 +305,8 @@ class Uplink:
         self._acks = []
         self._sent_max = {}
         await cl.subscribe(self.t_ack, 1)
-        await cl.subscribe(self.topics.gw_state, 1)
-        await cl.publish(self.topics.state(self.dev), wire.encode_state(True), 1, True)
+        await cl.subscribe(self.t_gw, 1)
+        await cl.publish(self.t_state, wire.encode_state(True), 1, True)
         # the broker sends the retained gateway state right after the SUBACK: take it before
         # the hello so one hello per connect suffices (a later offline->online sends another)
         t0 = ticks_ms()
@@ -352,7 +368,7 @@ class Uplink:
         self.running = False
         if self.client.connected:
             try:
-                await self.client.publish(self.topics.state(self.dev), wire.encode_state(False), 1, True)
+                await self.client.publish(self.t_state, wire.encode_state(False), 1, True)
                 await self.client.wait_inflight(1000)
             except Exception:
                 pass

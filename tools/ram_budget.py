@@ -335,8 +335,8 @@ _ONE_SUB = ("full",)
 
 
 # the app's imports in the order firmware.app loads them (--modules)
-APP_MODULES = ("shared.auth", "shared.wire_dev", "firmware.hal", "firmware.pins", "firmware.hal_esp32",
-               "firmware.backoff", "firmware.identity", "firmware.clock", "firmware.window", "firmware.pipeline",
+APP_MODULES = ("shared.auth", "shared.wire_dev", "firmware.hal", "firmware.hal_esp32",
+               "firmware.backoff", "firmware.slots", "firmware.clock", "firmware.window", "firmware.pipeline",
                "firmware.outbox", "firmware.mqtt", "firmware.uplink", "firmware.app")
 _QSTR = """import micropython
 micropython.qstr_info()"""
