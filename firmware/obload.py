@@ -51,7 +51,7 @@ def init(ob, fs, boot, dir, max_bytes, seg_bytes, batch_records, batch_ms, ack_p
     ob._ack_dirty = False
     ob._ack_at = None
     ob.flushes = 0
-    from firmware.identity import Slots
+    from firmware.slots import Slots
     ob._slots = Slots(fs, dir + "/ack")
     ob._lv = None  # while a session is live: (segment, offset, bytes, records) per live batch
     ob.rewind()  # the replay cursor
