@@ -6,7 +6,6 @@ import struct
 import binascii
 
 from shared import wire_dev as wire
-from shared.wire_body import _decode_body  # gap bodies: unloaded with this module (outbox._x)
 from firmware.outbox import PRIO, Seg, seg_add
 
 try:
@@ -301,22 +300,39 @@ def drop_pending(ob):
     emit_gaps(ob, ob.boot, seqs)
 
 
-def decode_payload(data, off, n):
-    """(boot, seq, t, kind, flags, body) from a verified frame payload at data[off:off+n]."""
+def decode_payload(data, off, n, full=True):
+    """(boot, seq, t, kind, flags, body) from a verified frame payload at data[off:off+n].
+    Reading and gap bodies are decoded here; the others (window, CEP, anomaly, status) only
+    with full, through shared/wire_body.py (tests, tools: the device's compaction and boot
+    scan need none of them, body None, so they load no decoder: RAM)."""
     boot, seq, t, kind, flags = struct.unpack_from(">IIqBB", data, off)
     bo = off + _PAYSZ
+    end = off + n
     if kind == wire.KIND_READING:
         body = struct.unpack_from(">Bi", data, bo)
+        bo += 5
+    elif kind == wire.KIND_GAP:
+        gb, k = struct.unpack_from(">IB", data, bo)
+        bo += 5
+        if k < 1 or k > wire.MAX_GAP_RANGES or bo + 6 * k > end:
+            raise wire.WireError("bad_gap", str(k))
+        body = (gb, tuple([struct.unpack_from(">IH", data, bo + 6 * i) for i in range(k)]))
+        bo += 6 * k
+    elif full:
+        from shared.wire_body import _decode_body
+        body, bo = _decode_body(kind, data, bo)
     else:
-        body, end = _decode_body(kind, data, bo)
-        if end != off + n:
-            raise wire.WireError("bad_length", "outbox body")
+        if kind > wire.KIND_GAP or not kind:
+            raise wire.WireError("unknown_kind", str(kind))
+        return (boot, seq, t, kind, flags, None)
+    if bo != end:
+        raise wire.WireError("bad_length", "outbox body")
     return (boot, seq, t, kind, flags, body)
 
 
-def read_frame(f):
+def read_frame(f, full=True):
     """Next (frame bytes, record) from an open segment file; None at the end or at a torn /
-    corrupt frame (everything after it in that file is ignored)."""
+    corrupt frame (everything after it in that file is ignored). full: decode_payload."""
     h = f.read(3)
     if len(h) < 3 or h[0] != _MAGIC:
         return None
@@ -331,7 +347,7 @@ def read_frame(f):
     if crc != struct.unpack_from(">I", rest, n)[0]:
         return None
     try:
-        rec = decode_payload(rest, 0, n)
+        rec = decode_payload(rest, 0, n, full)
     except (ValueError, KeyError):
         return None
     return h + rest, rec
@@ -339,14 +355,14 @@ def read_frame(f):
 
 def frames_of(ob, num):
     """(frame bytes, record) of each intact frame of segment num, in file order; stops at a
-    torn or corrupt frame; nothing if the file is missing."""
+    torn or corrupt frame; nothing if the file is missing. Bodies: readings and gaps only."""
     try:
         f = ob.fs.open(ob._name(num), "rb")
     except OSError:
         return
     try:
         while True:
-            r = read_frame(f)
+            r = read_frame(f, False)
             if r is None:
                 return
             yield r

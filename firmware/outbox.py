@@ -102,7 +102,6 @@ class Outbox:
         """Rarely run code: fn of firmware.<mod> on self, the module unloaded after."""
         r = getattr(_ob(mod), fn)(self, *a)
         unload("firmware." + mod)
-        unload("shared.wire_body")  # loaded by obfull for a compaction
         return r
 
     def load(self):
