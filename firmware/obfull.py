@@ -221,9 +221,10 @@ def compact(ob, seg, q, need=0):
         del ob._lv[:]
         ob._lv_n = 0
         ob.need_rewind = True
-    if ob._rseg == seg[_NUM] or ob._rseg in nums:
-        ob._rseg = seg[_NUM] if ns[_COUNT] else -1  # replay re-reads from there; sent ones are skipped
-        ob._roff = 0
+    rc = ob._rc  # the replay cursor (firmware/obread.py)
+    if rc[0] == seg[_NUM] or rc[0] in nums:
+        rc[0] = seg[_NUM] if ns[_COUNT] else -1  # replay re-reads from there; sent ones are skipped
+        rc[1] = 0
     return True
 
 

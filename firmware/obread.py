@@ -14,7 +14,7 @@ _PAYSZ = const(18)
 _RFRAME = const(30)
 _RESIDUE = const(0x2144DF1C)
 _FMAX = const(256)  # no frame is longer (the biggest, a gap record, has 126 bytes)
-_DONE = const(0x3FFFFFFF)  # firmware/outbox.py: _rseg once the backlog is read up to _L
+_DONE = const(0x3FFFFFFF)  # firmware/outbox.py: the cursor's segment once the backlog is read up to L
 _NUM = const(0)
 _BOOT = const(1)
 _FIRST = const(2)
@@ -23,11 +23,12 @@ _LAST = const(3)
 
 def read(ob, n):
     """Outbox.read_backlog (n > 0, backlog not done): frames read straight into the result
-    (a bytearray); per frame only the CRC check allocates (a memoryview slice). The cursor: _L (boot, seq) where live begins, _rseg / _roff the segment and file
-    offset to go on from, _rl the (boot, seq) replayed last."""
+    (a bytearray); per frame only the CRC check allocates (a memoryview slice). The cursor
+    ob._rc: [segment, file offset] to go on from, [boot, seq] where live begins, [boot, seq]
+    replayed last."""
     out = bytearray(n * _RFRAME)  # n readings; a bigger record grows it
-    Lb, Ls = ob._L
-    rb, rs = ob._rl
+    rc = ob._rc
+    rseg, roff, Lb, Ls, rb, rs = rc
     cap = len(out)
     mv = memoryview(out)
     w = 0  # out[:w]: the frames handed out
@@ -35,7 +36,7 @@ def read(ob, n):
     done = True
     for s in ob.segs:
         num = s[_NUM]
-        if num < ob._rseg:
+        if num < rseg:
             continue
         b = s[_BOOT]
         if b > Lb or (b == Lb and s[_FIRST] >= Ls):
@@ -48,7 +49,7 @@ def read(ob, n):
             continue
         stop = False
         try:
-            off = ob._roff if num == ob._rseg else 0  # file offset of out[r]
+            off = roff if num == rseg else 0  # file offset of out[r]
             if off:
                 f.seek(off)
             r = e = w  # out[r:e]: read, not looked at yet
@@ -107,16 +108,17 @@ def read(ob, n):
                     break
         finally:
             f.close()
-        ob._rseg = num
-        ob._roff = off
+        rc[0] = num
+        rc[1] = off
         if stop:
             break
         if k >= n:
             done = False
             break
     if done:
-        ob._rseg = _DONE
-    ob._rl = (rb, rs)
+        rc[0] = _DONE
+    rc[4] = rb
+    rc[5] = rs
     mv = None
     out[w:] = b""  # in place (MicroPython too): no second copy
     return out

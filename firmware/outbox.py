@@ -45,7 +45,7 @@ _RFRAME = const(30)  # bytes per reading on flash
 _RENT = const(19)  # bytes per reading in the RAM batch (obload.init sizes the batch too)
 _SLACK = const(128)  # room in the RAM batch for one more big frame
 _FMAX = const(256)  # no frame is longer (the biggest, a gap record, has 126 bytes)
-_DONE = const(0x3FFFFFFF)  # _rseg once the backlog is read up to _L
+_DONE = const(0x3FFFFFFF)  # the replay cursor's segment once the backlog is read up to L
 # drop class by kind when full, lowest first: reading/status 0, window 1, CEP/anomaly 2, gap 3
 PRIO = b"\x00\x00\x01\x02\x02\x00\x03"
 
@@ -76,10 +76,6 @@ def seg_add(s, seq, prio, nbytes):
     s[_BYTES] += nbytes
 
 
-def _ob(name):
-    return __import__("firmware." + name, None, None, ("x",))
-
-
 class Outbox:
     # counters and flags (class defaults: an instance slot only once set, RAM)
     dropped = 0  # records dropped by policy (with a seq: also in a gap record)
@@ -95,12 +91,12 @@ class Outbox:
     def __init__(self, fs, boot, dir="ob", max_bytes=262144, seg_bytes=8192, batch_records=64,
                  batch_ms=20000, ack_persist_ms=10000, live_max=None):
         # set-up: firmware/obload.py (attributes documented there)
-        _ob("obload").init(self, fs, boot, dir, max_bytes, seg_bytes, batch_records, batch_ms,
-                           ack_persist_ms, live_max)
+        self._x("obload", "init", fs, boot, dir, max_bytes, seg_bytes, batch_records, batch_ms, ack_persist_ms,
+                live_max)
 
     def _x(self, mod, fn, *a):
         """Rarely run code: fn of firmware.<mod> on self, the module unloaded after."""
-        r = getattr(_ob(mod), fn)(self, *a)
+        r = getattr(__import__("firmware." + mod, None, None, ("x",)), fn)(self, *a)
         unload("firmware." + mod)
         return r
 
@@ -178,9 +174,6 @@ class Outbox:
         elif prio >= 2 or self._pend_n >= self.batch_records:
             self.flush()
         return seq
-
-    def reading(self, ch, t, flags, value, now_ms=None):
-        return self.append(_KR, t, flags, (ch, value), now_ms)
 
     def reading_at(self, ch, value, tb, flags, lo):
         """The per-sample path: store a raw reading of this boot at t = tb + lo, where tb is
@@ -375,14 +368,14 @@ class Outbox:
         if self._lv:
             self._lv = []
         self._lv_n = 0
-        self._L = (self.boot, self.seq)
-        self._rseg = -1
-        self._roff = 0
-        self._rl = (-1, -1)  # (boot, seq) of the last record replayed
-        self.need_rewind = False
+        # the replay cursor (firmware/obread.py): segment and file offset to go on from, the
+        # (boot, seq) where live begins (L), the (boot, seq) replayed last
+        self._rc = [-1, 0, self.boot, self.seq, -1, -1]
+        if self.need_rewind:
+            self.need_rewind = False
 
     def has_backlog(self):
-        return self._rseg != _DONE
+        return self._rc[0] != _DONE
 
     def take_live(self):
         """Frames flushed while the session is live and not taken yet, one flushed batch per
@@ -409,9 +402,10 @@ class Outbox:
     def read_backlog(self, n):
         """Up to n backlog records, oldest first, as their frames back to back (empty when
         none). firmware/obread.py: loaded while a replay lasts, unloaded when it is done."""
-        if self._rseg == _DONE or n <= 0:
+        if self._rc[0] == _DONE or n <= 0:
             return b""
-        fr = _ob("obread").read(self, n)
-        if self._rseg == _DONE:
+        from firmware.obread import read
+        fr = read(self, n)
+        if self._rc[0] == _DONE:
             unload("firmware.obread")
         return fr

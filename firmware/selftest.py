@@ -153,7 +153,7 @@ def check_outbox():
 def _check_outbox(box):
     if hasattr(box, "load"):
         box.load()
-    seqs = [box.reading(0, 1700000000000 + i * 1000, 0, 20000 + i, now_ms=i * 1000) for i in range(6)]
+    seqs = [box.append(1, 1700000000000 + i * 1000, 0, (0, 20000 + i), i * 1000) for i in range(6)]  # 1: a reading
     assert seqs == [0, 1, 2, 3, 4, 5], seqs
     box.flush()
     assert box.stored_records() == 6, box.stored_records()

@@ -28,17 +28,24 @@ from tools.ram_budget import DEFAULT_CONFIG, STEPS, build_fs  # noqa: E402
 SCRIPT = r'''
 import gc, os
 import firmware.outbox, firmware.hal, firmware.slots
+# the on-demand modules' qstrs are interned for good by their first import: intern them before
+# the baseline, so the figures below are the outbox's objects, not qstr pool growth
+import firmware.obload, firmware.obfull, firmware.obread
+for m in ("firmware.obload", "firmware.obfull", "firmware.obread"):
+    firmware.hal.unload(m)
 from shared import wire_dev as wire
 try:
     os.mkdir("/flash")
 except OSError:
     pass
 fs = firmware.hal.PosixFS("/flash")
+def deep(n):
+    return 0 if n == 0 else deep(n - 1) + 1
 def fill():
     t = 1767225600000
     i = 0
     while ob.dropped < %(drop)d:
-        ob.reading(i %% 3, t, 0, 20000 + i %% 97)
+        ob.append(1, t, 0, (i %% 3, 20000 + i %% 97))
         if i %% 180 == 179:
             ob.append(wire.KIND_WINDOW, t, 0, (i %% 3, t - 60000, 60, 19000, 21000, 1200000, 0, 0, 60000))
         i += 1
@@ -47,17 +54,18 @@ def fill():
     print("STATE full: segments", len(ob.segs), "bytes", ob.total_bytes(), "records", ob.stored_records())
 #--- empty
 ob = firmware.outbox.Outbox(fs, 7, "ob", %(max_bytes)d, %(seg)d).load()
-#--- full
+#--- filled
 fill()
+import firmware
+#--- full
+# the wasm build's GC is conservative: a stale pointer (here to the unloaded firmware/obfull.py
+# of the last compaction) can keep garbage alive; an import and a deep call overwrite them
+deep(60)
 #--- dropped
 ob.flush()
 ob._end_cur()
 ob = None
 #--- churned
-# the wasm build's GC is conservative: a stale pointer left on its stack can keep the dropped
-# outbox alive; a deep call overwrites those slots before the next boot is measured
-def deep(n):
-    return 0 if n == 0 else deep(n - 1) + 1
 deep(60)
 #--- reboot
 ob = firmware.outbox.Outbox(fs, 8, "ob", %(max_bytes)d, %(seg)d).load()
@@ -88,7 +96,7 @@ fr = None
 #--- live
 t = 1767225600000
 for i in range(ob.batch_records):
-    ob.reading(i %% 3, t + i, 0, i)
+    ob.append(1, t + i, 0, (i %% 3, i))
 a, fr = alloc(lambda: ob.take_live())
 print("ALLOC live", a, nrec(fr))
 fr = None

@@ -7,7 +7,7 @@ from firmware.obfull import _ranges
 from firmware.hal_sim import MemFS, FailingFS, PowerCut
 from firmware.hal import PosixFS
 from firmware.identity import Identity
-from tests.logic.util import raises
+from tests.logic.util import raises, reading
 
 
 def _val(boot, seq):
@@ -23,7 +23,7 @@ def _ob(fs, boot, **kw):
 def _fill(ob, n, boot):
     seqs = []
     for i in range(n):
-        s = ob.reading(i % 3, 1000 + i, wire.FLAG_UNSYNCED, _val(boot, ob.seq), now_ms=i)
+        s = reading(ob, i % 3, 1000 + i, wire.FLAG_UNSYNCED, _val(boot, ob.seq), now_ms=i)
         seqs.append(s)
     return seqs
 
@@ -72,7 +72,7 @@ def test_batching_writes_once_per_batch():
 def test_urgent_records_flush_at_once():
     fs = MemFS()
     ob = _ob(fs, 1)
-    ob.reading(0, 1, 0, 5)
+    reading(ob, 0, 1, 0, 5)
     ob.append(wire.KIND_CEP, 10, 0, ("hot", 2, 500, (1, 2)))
     assert ob.flushes == 1 and ob.stored_records() == 2 and not ob.pending()
 
@@ -152,7 +152,7 @@ def test_full_outbox_drops_raw_first_and_reports_gaps():
     ob = _ob(fs, 1, max_bytes=1500, seg_bytes=300)
     cep = []
     for i in range(120):
-        ob.reading(0, i, 0, i)
+        reading(ob, 0, i, 0, i)
         if i % 10 == 0:
             cep.append(ob.append(wire.KIND_CEP, i, 0, ("r%d" % i, 1, 10, (i,))))
     ob.flush()
@@ -186,7 +186,7 @@ def test_full_of_important_records_refuses_raw():
     dropped = ob.dropped
     ceps = len([r for r in _drain(ob) if r[3] == wire.KIND_CEP])
     for i in range(30):
-        ob.reading(0, 1, 0, 1)  # less important than everything stored: refused when no room
+        reading(ob, 0, 1, 0, 1)  # less important than everything stored: refused when no room
     ob.flush()
     # readings get in while the low-water room lasts (and later ones replace them); no CEP goes
     assert ob.refused > 0 and ob.dropped >= dropped
@@ -200,7 +200,7 @@ def test_power_cut_at_every_byte_offset():
         Identity(fs)
         ob = _ob(fs, 1, seg_bytes=120, batch_records=3, ack_persist_ms=0)
         for i in range(9):
-            ob.reading(0, i, 0, _val(1, i))
+            reading(ob, 0, i, 0, _val(1, i))
             if ob.pending() == 0:
                 committed[:] = list(range(i + 1))
         acked[0] = 2  # the gateway committed 0..2: they may go
@@ -323,7 +323,7 @@ def test_backlog_frames_match_read_frame():
     fs = MemFS()
     ob = _ob(fs, 4, seg_bytes=1 << 16, batch_records=64)
     for i in range(40):
-        ob.reading(i % 3, 1700000000000 + i, 0, _val(4, i))
+        reading(ob, i % 3, 1700000000000 + i, 0, _val(4, i))
         if i % 9 == 0:
             ob.append(wire.KIND_CEP, 1700000000000 + i, 0, ("rule%d" % i, 2, 100, (i, -i, i * 1000)))
     ob.flush()
@@ -442,8 +442,8 @@ def test_compaction_writes_its_gap_records_in_few_appends():
     n = _count_compactions(ob)
     records = 0
     for i in range(900):
-        ob.reading(0, i, 0, i)
-        ob.reading(1, i, 0, i)
+        reading(ob, 0, i, 0, i)
+        reading(ob, 1, i, 0, i)
         ob.append(wire.KIND_WINDOW, i, 0, (0, i * 1000, 1000, -5, 5, 0, 2, 0, 900))
         records += 3
     ob.flush()
@@ -484,7 +484,7 @@ def test_power_cut_at_every_byte_while_full_and_compacting():
         Identity(fs)
         ob = _ob(fs, 1, max_bytes=900, seg_bytes=300, batch_records=3)
         for i in range(45):
-            s = ob.reading(0, i, 0, i * 7 - 100)  # its seq may follow gap records of a compaction
+            s = reading(ob, 0, i, 0, i * 7 - 100)  # its seq may follow gap records of a compaction
             if s is not None:
                 value[s] = i * 7 - 100
             if i % 5 == 4:
@@ -545,7 +545,7 @@ def test_live_batches_read_back_through_compactions():
             got[r[1]] = 1
 
     for i in range(400):
-        s = ob.reading(i % 3, 1000 + i, 0, i * 11 - 2000)
+        s = reading(ob, i % 3, 1000 + i, 0, i * 11 - 2000)
         if s is not None:
             value[s] = i * 11 - 2000
         if i % 7 == 0:

@@ -12,6 +12,7 @@ from firmware.hal_sim import SimHal, MemFS
 from firmware.outbox import Outbox
 from firmware.obload import records
 from firmware.pipeline import example_config
+from tests.logic.util import reading
 
 MP = sys.implementation.name == "micropython"
 DAY = 1767225600000  # 2026-01-01T00:00:00Z: window boundaries fall on it
@@ -116,7 +117,7 @@ def test_fast_reading_frames_equal_the_general_path():
         fl = wire.FLAG_UNSYNCED if i % 2 else 0
         v = -2147483648 if i == 3 else 1000 * i - 4000
         assert a.reading_at(i % 4, v, tb, fl, lo) == i
-        assert b.reading(i % 4, base + lo, fl, v) == i
+        assert reading(b, i % 4, base + lo, fl, v) == i
     a.flush()
     b.flush()
     assert fs1.files == fs2.files and len(fs1.files) == 1

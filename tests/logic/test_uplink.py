@@ -11,6 +11,7 @@ from firmware.clock import Clock
 from firmware.uplink import Uplink
 from firmware.hal_sim import SimHal
 from firmware.hal import ticks_add as T
+from tests.logic.util import reading
 
 EPOCH = 1767225600000
 KEY = "5a" * 32
@@ -59,7 +60,7 @@ def test_credits_are_additive_and_replay_zero_holds():
 def test_ack_trims_and_beacon_sets_clock():
     hal, ob, ck, up = _setup()
     for i in range(8):
-        ob.reading(0, i, wire.FLAG_UNSYNCED, i)
+        reading(ob, 0, i, wire.FLAG_UNSYNCED, i)
     ob.flush()
     assert ob.unacked() == 8
     up.handle_ack((2, 7, EPOCH, 0, True, wire.ACK_HAS_TIME, 1))
@@ -98,7 +99,7 @@ def test_send_groups_by_boot_and_type_and_stamps_current_boot():
 def test_hello_reports_backlog_and_live_boundary():
     hal, ob, ck, up = _setup()
     for i in range(6):
-        ob.reading(0, i, wire.FLAG_UNSYNCED, i)
+        reading(ob, 0, i, wire.FLAG_UNSYNCED, i)
     ob.begin_session()
     _run(up.hello())
     t, p, q, r = up.client.pubs[0]
@@ -111,7 +112,7 @@ def test_hello_reports_backlog_and_live_boundary():
 def test_liveness_hello_when_backlog_stalls_without_credits():
     hal, ob, ck, up = _setup()
     for i in range(6):
-        ob.reading(0, i, wire.FLAG_UNSYNCED, i)
+        reading(ob, 0, i, wire.FLAG_UNSYNCED, i)
     ob.begin_session()
     assert ob.has_backlog()
     r = up.resend_ms
@@ -164,10 +165,10 @@ def test_hello_floor_counts_the_ram_batch():
     # them, never next_seq (the gateway would skip them, ack them as duplicates, and they're lost)
     hal, ob, ck, up = _setup()
     for i in range(4):
-        ob.reading(0, i, wire.FLAG_UNSYNCED, i)  # batch_records=4: flushed
+        reading(ob, 0, i, wire.FLAG_UNSYNCED, i)  # batch_records=4: flushed
     assert ob.pending() == 0 and ob.on_ack(2, 3)
     for i in range(3):
-        ob.reading(0, i, wire.FLAG_UNSYNCED, i)  # seqs 4..6 in RAM only
+        reading(ob, 0, i, wire.FLAG_UNSYNCED, i)  # seqs 4..6 in RAM only
     assert ob.pending() == 3 and ob.seq == 7
     _run(up.hello())
     h = wire.decode_hello(up.client.pubs[-1][1])
@@ -181,7 +182,7 @@ def test_hello_floor_counts_the_ram_batch():
 def test_forged_and_replayed_acks_are_ignored():
     hal, ob, ck, up = _setup()
     for i in range(8):
-        ob.reading(0, i, wire.FLAG_UNSYNCED, i)
+        reading(ob, 0, i, wire.FLAG_UNSYNCED, i)
     ob.flush()
     _run(up.hello())
     n1 = up.nonce
