@@ -1,7 +1,7 @@
 # The wire contract: decoders of record bodies (window, CEP, anomaly, status, gap) and their
 # helpers. The gateway decodes every records message with them (shared/wire.py re-exports this
-# module); the board loads it only with the outbox's compaction (firmware/obload.py: RAM,
-# docs/firmware.md), since the device sends stored bodies as they are (wire_dev.put_record).
+# module); the board does not load it: the device sends stored bodies as they are
+# (wire_dev.put_record) and the outbox's compaction decodes only gap bodies (firmware/obfull.py).
 import struct
 
 from shared.wire_dev import (WireError, check_topic_part, KIND_WINDOW, KIND_CEP, KIND_ANOMALY, KIND_STATUS,
