@@ -58,3 +58,38 @@ def test_full_outbox_flash_wear_is_bounded(outage):
     # 6,300/day, near normal operation (docs/firmware.md "Flash life")
     rows, res, lines = outage
     assert res["erases_per_day"] < 10000, (res, lines)
+
+
+def test_live_and_backlog_frames_on_real_littlefs():
+    # take_live reads each live batch back from the segment file that is still open for
+    # appending (one littlefs handle writes, another reads after the sync); read_backlog reads
+    # the same frames after a rewind; segments roll over and acks trim in between
+    from tools.lfsfs import LfsFS
+    from firmware.outbox import Outbox
+    from firmware.obload import records
+    from shared import wire_dev as wire
+    fs = LfsFS()
+    ob = Outbox(fs, 3, seg_bytes=600, batch_records=8).load()
+    ob.begin_session()
+    tb = [0x0000, 0x019B, 0x6A8C, 0x0000]  # an epoch ms as u16 limbs (firmware.clock.tb)
+    live = []
+    for i in range(100):
+        ob.reading_at(i % 3, i * 7 - 300, tb, 0, 1000 * i)
+        if i % 17 == 0:
+            ob.append(wire.KIND_WINDOW, 1000 * i, 0, (0, 60000, 60, -5, 5, 0, 2, 0, 59000))
+        live.extend(records(ob.take_live()))
+        if i == 60:
+            ob.on_ack(3, 20)
+    ob.flush()
+    live.extend(records(ob.take_live()))
+    assert not ob.need_rewind
+    assert [r[1] for r in live] == list(range(ob.seq))
+    t0 = (tb[1] << 32) | (tb[2] << 16)
+    for r in live:
+        if r[3] == wire.KIND_READING:
+            assert r[2] - t0 == 1000 * (r[5][1] + 300) // 7 and r[5][0] == (r[5][1] + 300) // 7 % 3, r
+    ob.rewind()
+    back = []
+    while ob.has_backlog():
+        back.extend(records(ob.read_backlog(9)))
+    assert back == [r for r in live if r[1] > 20]
