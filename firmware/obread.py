@@ -26,6 +26,8 @@ def read(ob, n):
     (a bytearray); per frame only the CRC check allocates (a memoryview slice). The cursor
     ob._rc: [segment, file offset] to go on from, [boot, seq] where live begins, [boot, seq]
     replayed last."""
+    if n > 128:
+        n = 128  # "up to n": the result is allocated for n readings
     out = bytearray(n * _RFRAME)  # n readings; a bigger record grows it
     rc = ob._rc
     rseg, roff, Lb, Ls, rb, rs = rc

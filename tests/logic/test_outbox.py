@@ -565,3 +565,19 @@ def test_live_batches_read_back_through_compactions():
     assert ob.dropped > 0 and rewinds > 0
     for s in range(ob.seq):
         assert s in got or s in covered or s <= ob.seq // 3, s
+
+
+def test_biggest_records_pass_the_backlog_reader():
+    # the replay reader treats a frame longer than 256 bytes as corrupt: the biggest records the
+    # wire allows (a CEP event with the longest rule id and all evidence, a gap record with all
+    # ranges) must fit, and come back whole
+    from firmware.obfull import emit_gap_ranges
+    ob = _ob(MemFS(), 1)
+    cep = ("r" * wire.MAX_RULE_ID, 3, 4000000000, tuple(range(-4, wire.MAX_EVIDENCE - 4)))
+    assert ob.append(wire.KIND_CEP, 5, 0, cep) == 0
+    ranges = tuple((1000 * i, 65535) for i in range(wire.MAX_GAP_RANGES))
+    emit_gap_ranges(ob, 7, ranges)
+    ob.flush()
+    recs = _drain(ob)
+    assert [r[3] for r in recs] == [wire.KIND_CEP, wire.KIND_GAP]
+    assert recs[0][5] == cep and recs[1][5] == (7, ranges)
