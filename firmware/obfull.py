@@ -63,17 +63,6 @@ def _split(out, f, e):
     out.append((f, e - f))
 
 
-def _ranges(seqs):
-    """Sorted seqs -> [(first, length)] runs, each length <= 65535."""
-    out = []
-    for s in seqs:
-        if out and out[-1][0] + out[-1][1] == s and out[-1][1] < 0xFFFF:
-            out[-1] = (out[-1][0], out[-1][1] + 1)
-        else:
-            out.append((s, 1))
-    return out
-
-
 def lowest(ob):
     """Lowest class stored outside the segment being appended to (compacting that one
     again and again would leave a trail of tiny files: its records are the newest anyway)."""
@@ -247,58 +236,6 @@ def emit_gap_ranges(ob, gboot, rs):
             i += wire.MAX_GAP_RANGES
     finally:
         ob._hold = False
-
-
-def emit_gaps(ob, gboot, seqs):
-    if seqs:
-        emit_gap_ranges(ob, gboot, _ranges(seqs))
-
-
-def write_failed(ob, cur):
-    """Outbox.flush could not write the batch to segment cur: never append to that file
-    again (it may hold a torn tail); the batch stays in RAM and is retried, unless flash
-    keeps failing (then it is dropped, except gap records, and accounted for). Returns -1."""
-    ob.write_errors += 1
-    ob._end_cur()
-    if cur[_COUNT] == 0:
-        ob.segs.remove(cur)
-        ob._rm(ob._name(cur[_NUM]))
-    else:
-        try:
-            cur[_BYTES] = ob.fs.stat_size(ob._name(cur[_NUM]))
-        except OSError:
-            pass
-    if ob._pend_n > 4 * ob.batch_records:
-        drop_pending(ob)
-    return -1
-
-
-def drop_pending(ob):
-    """Flash keeps failing: drop the RAM batch (except gap records) and account for it."""
-    buf = ob._buf
-    size = ob._pend_bytes
-    seqs = []
-    out = 0
-    kept = 0
-    off = 0
-    while off < size:
-        if buf[off] != _MAGIC:  # a reading entry (firmware/outbox.py)
-            seqs.append(struct.unpack_from(">I", buf, off + 1)[0])
-            off += 19
-            continue
-        fl = 7 + ((buf[off + 1] << 8) | buf[off + 2])
-        if buf[off + 19] == wire.KIND_GAP:
-            if out != off:
-                buf[out:out + fl] = buf[off:off + fl]
-            out += fl
-            kept += 1
-        else:
-            seqs.append(struct.unpack_from(">I", buf, off + 7)[0])
-        off += fl
-    ob._pend_bytes = ob._pend_fl = out
-    ob._pend_n = kept
-    ob.dropped += len(seqs)
-    emit_gaps(ob, ob.boot, seqs)
 
 
 def decode_payload(data, off, n, full=True):

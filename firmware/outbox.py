@@ -273,7 +273,7 @@ class Outbox:
             f.flush()  # LittleFS: lfs_file_sync, the batch is durable; the data block is not
             # copied again per batch as a close + reopen would (flash wear: docs/firmware.md)
         except OSError:
-            return self._x("obfull", "write_failed", cur)
+            return self._x("obload", "write_failed", cur)
         lv = self._lv
         if lv is not None:  # a live session: where the batch went, for take_live (no copy)
             if self._lv_n + n > self.live_max:

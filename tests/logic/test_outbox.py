@@ -3,7 +3,7 @@ from shared import wire
 from firmware.outbox import Outbox
 from firmware.obload import encode_frame, records
 from firmware.obfull import read_frame
-from firmware.obfull import _ranges
+from firmware.obload import _ranges
 from firmware.hal_sim import MemFS, FailingFS, PowerCut
 from firmware.hal import PosixFS
 from firmware.identity import Identity
