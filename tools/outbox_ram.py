@@ -23,7 +23,7 @@ import tempfile
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-from tools.ram_budget import DEFAULT_CONFIG, STEPS, build_fs  # noqa: E402
+from tools.ram_budget import DEFAULT_CONFIG, NREC, STEPS, build_fs  # noqa: E402
 
 SCRIPT = r'''
 import gc, os
@@ -71,12 +71,7 @@ deep(60)
 ob = firmware.outbox.Outbox(fs, 8, "ob", %(max_bytes)d, %(seg)d).load()
 print("STATE next boot: segments", len(ob.segs))
 #--- replayed
-def nrec(fr):
-    o = k = 0
-    while o < len(fr):
-        o += 7 + ((fr[o + 1] << 8) | fr[o + 2])
-        k += 1
-    return k
+%(nrec)s
 def alloc(f):
     gc.collect()
     gc.disable()
@@ -108,7 +103,7 @@ def measure(as_py=False, max_bytes=262144, seg=8192, drop=3000):
         build_fs(tmp, dict(DEFAULT_CONFIG), "xtensawin", as_py)
         script = os.path.join(tmp, "steps.py")
         with open(script, "w") as f:
-            f.write(SCRIPT % {"max_bytes": max_bytes, "seg": seg, "drop": drop})
+            f.write(SCRIPT % {"max_bytes": max_bytes, "seg": seg, "drop": drop, "nrec": NREC})
         p = subprocess.run(["node", STEPS, "--heap", str(1 << 21), "--fs", tmp, script],
                            capture_output=True, text=True, timeout=900)
     ram = {}

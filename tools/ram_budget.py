@@ -53,6 +53,15 @@ DEFAULT_CONFIG = {"device_id": "node-01", "wifi": {"ssid": "my-network", "passwo
                              "tls": {"ca": "/ca.pem", "server_hostname": "edgeflow-broker"}},
                   "ack_key": "5a" * 32}
 
+# records in the frames read_backlog / take_live hand out (firmware/outbox.py), counted
+# without allocating (also tools/outbox_ram.py)
+NREC = """def nrec(fr):
+    o = k = 0
+    while o < len(fr):
+        o += 7 + ((fr[o + 1] << 8) | fr[o + 2])
+        k += 1
+    return k"""
+
 SCRIPT = r'''
 import sys
 if "/lib" not in sys.path:
@@ -129,13 +138,7 @@ def step_send():
         recs = None  # as the uplink drops the records it sent
 def more():
     return st[0] is not None
-def nrec(fr):
-    # records in the frames read_backlog / take_live hand out (firmware/outbox.py)
-    o = k = 0
-    while o < len(fr):
-        o += 7 + ((fr[o + 1] << 8) | fr[o + 2])
-        k += 1
-    return k
+%(nrec)s
 def replay_read():
     ob = app.outbox
     ob.rewind()
@@ -281,7 +284,7 @@ def measure(cfg=None, arch="xtensawin", as_py=False, heap=1 << 20, run_ms=3000, 
                 files[os.path.relpath(os.path.join(dp, n), tmp)] = os.path.getsize(os.path.join(dp, n))
         script = os.path.join(tmp, "steps.py")
         with open(script, "w") as f:
-            f.write(SCRIPT % {"run_ms": run_ms, "fill": fill} + steps_script())
+            f.write(SCRIPT % {"run_ms": run_ms, "fill": fill, "nrec": NREC} + steps_script())
         proc = subprocess.run(["node", STEPS, "--heap", str(heap), "--fs", tmp, script],
                               capture_output=True, text=True, timeout=timeout)
     out = {"files": files, "stdout": proc.stdout, "stderr": proc.stderr, "rc": proc.returncode}
