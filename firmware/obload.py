@@ -45,8 +45,8 @@ def init(ob, fs, boot, dir, max_bytes, seg_bytes, batch_records, batch_ms, ack_p
     ob._af = None  # its file, kept open: a batch is write + flush (sync), not open/close
     ob._next_num = 0
     # RAM batch (not yet on flash): frames and reading entries (firmware/outbox.py) in
-    # _buf[:_pend_bytes], _pend_fl bytes once on flash; 19 bytes per reading + 128
-    ob._buf = bytearray(batch_records * 19 + 128)
+    # _buf[:_pend_bytes], _pend_fl bytes once on flash; 14 bytes per reading + 128
+    ob._buf = bytearray(batch_records * 14 + 128)
     ob._pend_bytes = 0
     ob._pend_fl = 0
     ob._pend_n = 0
@@ -192,8 +192,8 @@ def floor(ob):
     """Outbox.floor: oldest(), or the first record of the RAM batch when that is older."""
     b, s = oldest(ob)
     if ob._pend_n and b == ob.boot:
-        buf = ob._buf  # its first record: a frame or a reading entry (firmware/outbox.py)
-        p = struct.unpack_from(">I", buf, 7 if buf[0] == _MAGIC else 1)[0]
+        buf = ob._buf  # its first record: a frame, or a reading entry (firmware/outbox.py)
+        p = struct.unpack_from(">I", buf, 7)[0] if buf[0] == _MAGIC else ob.seq - ob._pend_n
         if p < s:
             s = p
     return b, s
@@ -263,20 +263,24 @@ def drop_pending(ob):
     out = 0
     kept = 0
     off = 0
+    q = ob.seq - ob._pend_n  # the first record's seq, if it is a reading entry
     while off < size:
-        if buf[off] != _MAGIC:  # a reading entry (firmware/outbox.py)
-            seqs.append(struct.unpack_from(">I", buf, off + 1)[0])
-            off += 19
+        if buf[off] != _MAGIC:  # a reading entry (firmware/outbox.py): its seq follows
+            seqs.append(q)
+            off += 14
+            q += 1
             continue
         fl = 7 + ((buf[off + 1] << 8) | buf[off + 2])
+        q = struct.unpack_from(">I", buf, off + 7)[0]
         if buf[off + 19] == _KGAP:
             if out != off:
                 buf[out:out + fl] = buf[off:off + fl]
             out += fl
             kept += 1
         else:
-            seqs.append(struct.unpack_from(">I", buf, off + 7)[0])
+            seqs.append(q)
         off += fl
+        q += 1
     ob._pend_bytes = ob._pend_fl = out
     ob._pend_n = kept
     ob.dropped += len(seqs)

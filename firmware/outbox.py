@@ -16,8 +16,11 @@
 # (every batch_records records or batch_ms ms, at once for CEP/anomaly/gap records). The RAM
 # batch is a preallocated bytearray: other records as complete frames (CRCs filled in at
 # flush), raw readings of reading_at() (the per-sample path, allocates nothing on MicroPython)
-# as 19-byte entries: 0x01 | seq u32 | t i64 | flags | channel | value i32, expanded to their
-# 30-byte frames at flush (RAM: 1.2 KB instead of 2.2 KB at the default 64 records). On LittleFS a flush is a
+# as 14-byte entries: t i64 | flags | channel | value i32, expanded to their 30-byte frames at
+# flush (RAM: 1.0 KB instead of 2.2 KB at the default 64 records). An entry's first byte is the
+# top byte of t, 0 for any time before the year 2.2 million, so never the frames' 0xA5; its seq
+# is one more than the record's before it (the first: seq - pending, drop_pending keeps only
+# frames, which carry their seq). On LittleFS a flush is a
 # sync (about one block erase each: the batch size sets the flash life), so a power cut loses
 # at most the unflushed RAM batch. A torn frame fails its CRC: the scan stops there, the
 # records before it are kept, and that segment is never appended to again.
@@ -42,7 +45,7 @@ _PAYSZ = const(18)  # boot, seq, t, kind, flags
 _KR = const(1)  # shared.wire.KIND_READING
 _RLEN = const(23)  # payload length of a reading
 _RFRAME = const(30)  # bytes per reading on flash
-_RENT = const(19)  # bytes per reading in the RAM batch (obload.init sizes the batch too)
+_RENT = const(14)  # bytes per reading in the RAM batch (obload.init sizes the batch too)
 _SLACK = const(128)  # room in the RAM batch for one more big frame
 _FMAX = const(256)  # no frame is longer (the biggest, a gap record, has 126 bytes)
 _DONE = const(0x3FFFFFFF)  # the replay cursor's segment once the backlog is read up to L
@@ -195,7 +198,7 @@ class Outbox:
         l0 = (tb[0] + (x >> 16)) & 0xFFFF
         seq = self.seq
         # a reading entry, t as four big-endian u16 limbs (small ints only)
-        struct.pack_into(">BIHHHHBBi", self._buf, off, _KR, seq, l0, l1, l2, l3, flags, ch, value)
+        struct.pack_into(">HHHHBBi", self._buf, off, l0, l1, l2, l3, flags, ch, value)
         self.seq = seq + 1
         self._pend_bytes = off + _RENT
         self._pend_fl += _RFRAME
@@ -256,20 +259,24 @@ class Outbox:
             if f is None:
                 f = self._af = self.fs.open(self._name(cur[_NUM]), "ab")
             off = 0
+            q = self.seq - n  # the first record's seq, if it is a reading entry
             while off < size:
                 if buf[off] == _MAGIC:  # seal: its CRC (idempotent, so a retry redoes it)
+                    q = (buf[off + 7] << 24) | (buf[off + 8] << 16) | (buf[off + 9] << 8) | buf[off + 10]
                     e = off + 3 + ((buf[off + 1] << 8) | buf[off + 2])
                     struct.pack_into(">I", buf, e, binascii.crc32(mv[off:e]))
                     f.write(mv[off:e + 4])
                     off = e + 4
-                    continue
-                for i in range(1, 13):
-                    fr[6 + i] = buf[off + i]  # seq, t
-                for i in range(13, 19):
-                    fr[7 + i] = buf[off + i]  # flags, channel, value
-                struct.pack_into(">I", fr, 26, binascii.crc32(fc))
-                f.write(fr)
-                off += _RENT
+                else:
+                    struct.pack_into(">I", fr, 7, q)
+                    for i in range(8):
+                        fr[11 + i] = buf[off + i]  # t
+                    for i in range(8, 14):
+                        fr[12 + i] = buf[off + i]  # flags, channel, value
+                    struct.pack_into(">I", fr, 26, binascii.crc32(fc))
+                    f.write(fr)
+                    off += _RENT
+                q += 1
             f.flush()  # LittleFS: lfs_file_sync, the batch is durable; the data block is not
             # copied again per batch as a close + reopen would (flash wear: docs/firmware.md)
         except OSError:
@@ -285,12 +292,17 @@ class Outbox:
                 self._lv_n += n
         mv = fc = None
         off = 0
+        q = self.seq - n
         while off < size:
-            fl = 7 + ((buf[off + 1] << 8) | buf[off + 2]) if buf[off] == _MAGIC else 0
-            p = off + 7 if fl else off + 1
-            seg_add(cur, (buf[p] << 24) | (buf[p + 1] << 16) | (buf[p + 2] << 8) | buf[p + 3],
-                    PRIO[buf[off + 19]] if fl else 0, fl or _RFRAME)
-            off += fl or _RENT
+            if buf[off] == _MAGIC:
+                q = (buf[off + 7] << 24) | (buf[off + 8] << 16) | (buf[off + 9] << 8) | buf[off + 10]
+                fl = 7 + ((buf[off + 1] << 8) | buf[off + 2])
+                seg_add(cur, q, PRIO[buf[off + 19]], fl)
+                off += fl
+            else:
+                seg_add(cur, q, 0, _RFRAME)
+                off += _RENT
+            q += 1
         self._pend_bytes = 0
         self._pend_fl = 0
         self._pend_n = 0

@@ -384,10 +384,15 @@ def test_flash_failing_drops_ram_batch_into_a_gap_record():
     fs = Dead()
     ob = _ob(fs, 1, batch_records=4)
     tb = [0, 0, 0, 0]
-    for i in range(17):  # the 17th record's failed flush drops the batch (> 4 * batch_records)
+    for i in range(34):  # the 17th record's failed flush drops the batch (> 4 * batch_records),
+        # the 34th again: the first gap record is kept, its successors are not its seq + 1
         ob.reading_at(i % 3, i, tb, wire.FLAG_UNSYNCED, 100 + i)
     assert ob.write_errors > 0 and ob.dropped > 0
     assert ob.pending() >= 1  # the gap record(s) wait in RAM
+    # readings after the kept gap records: their seqs (implicit in the RAM batch) follow them
+    later = {}
+    for i in range(2):
+        later[ob.reading_at(1, 50 + i, tb, wire.FLAG_UNSYNCED, 500 + i)] = 50 + i
     fs.fail = False
     ob.flush()
     recs = _drain(ob)
@@ -396,10 +401,12 @@ def test_flash_failing_drops_ram_batch_into_a_gap_record():
         if r[3] == wire.KIND_GAP:
             for first, n in r[5][1]:
                 covered.extend(range(first, first + n))
-    seqs = [r[1] for r in recs if r[3] == wire.KIND_READING]
+    seqs = [r[1] for r in recs]
     assert len(covered) == ob.dropped
-    for s in range(17):
+    for s in range(34):
         assert s in seqs or s in covered, s
+    got = {r[1]: r[5][1] for r in recs if r[3] == wire.KIND_READING}
+    assert all(got.get(s) == v for s, v in later.items()), (later, got)
 
 
 def _count_compactions(ob):
