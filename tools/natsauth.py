@@ -18,8 +18,9 @@ edgeflow.p.<partition>.<id>.data):
   gateway state (mosquitto's %u ACL, one user entry per device: NATS config files have no
   %u pattern);
 - the gateway: NATS and MQTT; publish acks and the gateway state, and on the NATS side only
-  the JetStream API of its stream EDGEFLOW (consume, ack, recreate consumers) and of its
-  lease bucket; nothing on the device subjects it could forge;
+  the JetStream API of its stream EDGEFLOW (consume, ack, recreate consumers), of its
+  lease bucket and of the replicated checkpoint (stream EDGEFLOW_CKPT, object store
+  edgeflow_ckpt); nothing on the device subjects it could forge;
 - services (add-service): read, or read and write, on the whole prefix.
 `add` / `rotate` / `revoke` / `rotate-gateway` / `add-service` rewrite auth.conf when the
 fleet has NATS settings; copy it to the nodes and reload them (`nats-server --signal
@@ -32,6 +33,7 @@ import os
 
 STREAM = "EDGEFLOW"  # gateway/ingest_jetstream.py
 BUCKET = "edgeflow_leases"  # gateway/scaleout.py
+CKPT_STREAM, CKPT_BUCKET = "EDGEFLOW_CKPT", "edgeflow_ckpt"  # gateway/ckpt.py
 BCRYPT_COST = 4
 
 
@@ -62,8 +64,22 @@ def gateway_permissions(prefix, stream=STREAM, bucket=BUCKET):
         "$JS.ACK.%s.>" % stream,
         js + "STREAM.INFO." + kv, js + "STREAM.CREATE." + kv, js + "STREAM.MSG.GET." + kv,
         js + "DIRECT.GET.%s.>" % kv, js + "CONSUMER.*." + kv, js + "CONSUMER.*.%s.>" % kv,
-        "$KV.%s.>" % bucket]},
+        "$KV.%s.>" % bucket] + ckpt_permissions(prefix)},
         "subscribe": {"allow": ["%s.gw.state" % p, "_INBOX.>", "$MQTT.sub.>"]}}
+
+
+def ckpt_permissions(prefix, stream=CKPT_STREAM, bucket=CKPT_BUCKET):
+    """The replicated checkpoint (gateway/ckpt.py): append/read/purge its partition subjects
+    in its stream, and the snapshot object store (chunks, meta, its ordered consumers'
+    flow control)."""
+    js, obj = "$JS.API.", "OBJ_" + bucket
+    # STREAM.NAMES: nats-py's object store looks its stream up by subject (names only)
+    out = ["%s.ckpt.>" % _subj(prefix), "$O.%s.>" % bucket, "$JS.FC.%s.>" % obj, js + "STREAM.NAMES"]
+    for s in (stream, obj):
+        out += [js + "STREAM.INFO." + s, js + "STREAM.CREATE." + s, js + "STREAM.MSG.GET." + s,
+                js + "DIRECT.GET.%s.>" % s, js + "STREAM.PURGE." + s, js + "CONSUMER.*.%s.>" % s,
+                js + "CONSUMER.CREATE." + s, js + "CONSUMER.MSG.NEXT.%s.*" % s]
+    return out
 
 
 def service_permissions(prefix, access):
