@@ -66,6 +66,7 @@ class FeedIngest:
         self.connected = asyncio.Event()
         self.paused = self.closing = False
         self.acked = []
+        self.sent = []  # (topic, payload) of the device acks
         self.published = 0
         self.n = 0
 
@@ -96,6 +97,8 @@ class FeedIngest:
 
     def publish(self, topic, payload, qos=1, retain=False):
         self.published += 1
+        if topic.endswith("/ack"):
+            self.sent.append((topic, payload))
 
 
 def _cfg(db):
@@ -196,6 +199,126 @@ def test_rebuild_from_snapshot_and_tail_equals_the_owners_file_and_the_stream_st
             total, distinct = n.fetchone()
             c2.close()
             assert total == distinct == 6 * 400 + 6 * 20 + 6 * 40
+        finally:
+            await nc.close()
+
+    _on_secure_node(tmp_path, 1, go)
+
+
+_ACK_FMT = ">BBBBIIqIBI"  # shared/wire_dev.py's ack layout: ..., boot, seq, ...
+
+
+def _acked_marks(ing):
+    """device -> highest seq the pipeline's device acks said committed."""
+    from shared import wire
+    out = {}
+    for topic, payload in ing.sent:
+        dev = wire.Topics("edgeflow").parse(topic.encode() if isinstance(topic, str) else topic)[0]
+        seq = struct.unpack_from(_ACK_FMT, payload)[5]
+        out[dev] = max(out.get(dev, -1), seq)
+    return out
+
+
+def _readings_of(path):
+    c = sqlite3.connect(path)
+    try:
+        return dict(c.execute("SELECT device, count(*) FROM readings GROUP BY device").fetchall())
+    finally:
+        c.close()
+
+
+def test_stale_owner_is_fenced_and_acks_nothing(tmp_path):
+    """Owner a runs; gateway b takes the partition over (rebuild + claim) while a still
+    runs (a stalled owner that has not noticed its lease is gone). a's next commit is
+    refused by JetStream: a stops, and not one message or device record of that commit is
+    acked; b's state holds exactly what a had replicated; a's own file, ahead of the
+    stream, is not trusted afterwards."""
+    async def go(c, gw):
+        nc, js = await _connect(c, gw)
+        try:
+            st = ckpt.Settings(replicas=1)
+            obs = await ckpt.ensure(js, st)
+            a = await Pipe(js, obs, st, 0, str(tmp_path / "a" / "part-000.db"), "a").start()
+            first = _msgs(0, per_dev=100)
+            await a.feed(first)
+            assert len(a.ing.acked) == len(first)
+            acked_before, marks_before = list(a.ing.acked), _acked_marks(a.ing)
+            # b takes over from JetStream alone; its claim fences a
+            b_path = str(tmp_path / "b" / "part-000.db")
+            rep_b, info_b = await ckpt.prepare(js, obs, st, 0, b_path, "b")
+            assert not info_b.trusted
+            second = _msgs(6, per_dev=100)
+            a.ing.push(second)
+            await _until(lambda: a.task.done(), 30)
+            err = (await a.stop())[0]
+            assert isinstance(err, StoreError) and "fenced" in str(err), err
+            assert a.ing.acked == acked_before  # nothing of the refused commit
+            late = {d: s for d, s in _acked_marks(a.ing).items() if s > marks_before.get(d, -1)}
+            assert not late, late  # no device was told to delete a record of it
+            assert _readings_of(a.path).keys() > _readings_of(b_path).keys()  # a committed it locally only
+            assert set(_readings_of(b_path)) == {"dev-%04d" % i for i in range(6)}
+            # a's file is ahead of the stream: a retake rebuilds instead of trusting it
+            rep_a2, info_a2 = await ckpt.prepare(js, obs, st, 0, a.path, "a")
+            assert not info_a2.trusted and _readings_of(a.path) == _readings_of(b_path)
+            # and b, fenced by that retake in turn, cannot append either
+            with pytest.raises(ckpt.Fenced):
+                await rep_b.publish(rep_b.next_id(), [("meta", [("x", 1)])])
+        finally:
+            await nc.close()
+
+    _on_secure_node(tmp_path, 1, go)
+
+
+def test_commit_waits_for_jetstream_and_is_never_acked_unreplicated(tmp_path):
+    """NATS down during a commit: its acks wait while the publish is retried; NATS back
+    within publish_timeout_s: acked then. Down for longer: the pipeline stops with nothing
+    of that commit acked; a retake's file is the stream's state."""
+    async def go(c, gw):
+        import nats
+        nc = await nats.connect(c.urls, reconnect_time_wait=0.2, max_reconnect_attempts=-1,
+                                **Security(Config(dict(gw, metrics={"port": 0}))).nats_options())
+        js = nc.jetstream(timeout=5)
+        try:
+            st = ckpt.Settings(replicas=1, publish_timeout_s=20.0)
+            obs = await ckpt.ensure(js, st)
+            a = await Pipe(js, obs, st, 0, str(tmp_path / "a" / "part-000.db"), "a").start()
+            await a.feed(_msgs(0, per_dev=60))
+            n0 = len(a.ing.acked)
+            # 1) down briefly: the commit waits, then is acked
+            c.kill(0)
+            batch = _msgs(6, per_dev=60)
+            a.ing.push(batch)
+            await _until(lambda: a.gw.store.commits > 0 and a.rep.retries > 0, 20)
+            await asyncio.sleep(0.5)
+            assert len(a.ing.acked) == n0  # committed locally, not replicated: not acked
+            c.start_node(0)
+            await _until(lambda: len(a.ing.acked) == n0 + len(batch), 40)
+            assert not a.task.done()
+            # 2) down for longer than publish_timeout_s: stop, nothing acked
+            st.publish_timeout_s = 1.5
+            n1, marks1 = len(a.ing.acked), _acked_marks(a.ing)
+            c.kill(0)
+            a.ing.push(_msgs(12, per_dev=60))
+            await _until(lambda: a.task.done(), 30)
+            err = (await a.stop())[0]
+            assert isinstance(err, StoreError) and "not replicated" in str(err), err
+            assert len(a.ing.acked) == n1
+            assert not {d: s for d, s in _acked_marks(a.ing).items() if s > marks1.get(d, -1)}
+            c.start_node(0)
+            c.wait_ready()
+            # the stream has that commit or not (the client may flush the publish it gave up
+            # on when it reconnects; then nothing was acked and the redelivery is a duplicate):
+            # either way the retake's file is the stream's state
+            for _ in range(10):  # fenced when that late publish lands mid-takeover: retried (the Owner does)
+                try:
+                    await ckpt.prepare(js, obs, st, 0, a.path, "a")
+                    break
+                except ckpt.Fenced:
+                    await asyncio.sleep(0.5)
+            fresh = str(tmp_path / "r" / "part-000.db")
+            await ckpt.rebuild(js, obs, st, 0, fresh)
+            assert _readings_of(a.path) == _readings_of(fresh)
+            assert set(_readings_of(fresh)) >= {"dev-%04d" % i for i in range(12)}
         finally:
             await nc.close()
 
