@@ -45,7 +45,7 @@ from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy, DiscardPolicy,
 from nats.js.errors import APIError, BucketNotFoundError, NotFoundError
 
 from . import logs
-from .store import SCHEMA, Store, StoreError, _transaction
+from .store import SCHEMA, SCHEMA_VERSION, Store, StoreError, _transaction
 
 STREAM = "EDGEFLOW_CKPT"
 BUCKET = "edgeflow_ckpt"
@@ -403,8 +403,14 @@ def _open_rebuild(tmp):
     conn = sqlite3.connect(tmp, isolation_level=None, check_same_thread=False)
     conn.execute("PRAGMA journal_mode=WAL")
     conn.execute("PRAGMA synchronous=OFF")  # a half-built file is thrown away anyway
-    conn.executescript(SCHEMA)
+    _schema(conn)
     return conn
+
+
+def _schema(conn):
+    """What Store.open() makes, so that a rebuilt file equals the owner's."""
+    conn.executescript(SCHEMA)
+    conn.execute("INSERT OR IGNORE INTO meta VALUES ('schema_version', ?)", (SCHEMA_VERSION,))
 
 
 def _meta_id(conn):
@@ -497,11 +503,27 @@ async def prepare(js, obs, st, p, path, gid):
     return rep, info
 
 
+# every table a commit writes (views and channels are made from the config at open)
+STATE_TABLES = ("readings", "reading_spans", "unsynced", "device_windows", "cep_events", "anomalies",
+                "device_status", "gaps", "window_results", "window_revisions", "late", "quarantine", "devices",
+                "dedup", "dedup_devices", "device_identity", "device_watermarks", "open_windows", "meta",
+                "sink_outbox")
+
+
+def dump(path):
+    """{table: sorted rows} of a partition file: two files with equal dumps hold the same state."""
+    c = sqlite3.connect("file:%s?mode=ro" % path, uri=True)
+    try:
+        return {t: sorted(c.execute("SELECT * FROM %s" % t).fetchall(), key=repr) for t in STATE_TABLES}
+    finally:
+        c.close()
+
+
 def _commit_file(path, writes):
     conn = sqlite3.connect(path, isolation_level=None)
     try:
         conn.execute("PRAGMA journal_mode=WAL")
-        conn.executescript(SCHEMA)
+        _schema(conn)
         _transaction(conn, writes)
     finally:
         conn.close()

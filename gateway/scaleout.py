@@ -474,6 +474,26 @@ def _key(p):
     return "p.%03d" % p
 
 
+async def rebuild_all(config_path, nats_urls, partitions, out_dir, overrides=None):
+    """Every partition's file rebuilt from the replicated checkpoint into out_dir
+    (part-<p>.db; e.g. for gateway/merge.py, or to check a gateway's files against the
+    stream). Returns {partition: ckpt.Rebuild}."""
+    import nats
+    cfg = Config.load(config_path, dict(overrides or {}))
+    cfg.check_secure()
+    st = ckpt.Settings(prefix=cfg.mqtt.prefix.replace("/", "."))
+    nc = await nats.connect(list(nats_urls), connect_timeout=5, **Security(cfg).nats_options())
+    try:
+        js = nc.jetstream(timeout=10)
+        obs = await until_ready(lambda: ckpt.ensure(js, st), "checkpoint stream")
+        out = {}
+        for p in range(partitions):
+            out[p], _ = await ckpt.rebuild(js, obs, st, p, os.path.join(out_dir, "part-%03d.db" % p))
+        return out
+    finally:
+        await nc.close()
+
+
 def _hosts(spec):
     out = []
     for part in spec.split(","):
@@ -503,6 +523,9 @@ def build_parser():
                     "max(this, the last snapshot's size); older deltas are then purged")
     ap.add_argument("--ckpt-publish-timeout-s", type=float, default=30.0,
                     help="replicated: how long a commit's acks wait for JetStream before the pipeline stops")
+    ap.add_argument("--rebuild-to", metavar="DIR", default=None,
+                    help="replicated: rebuild every partition's file from JetStream into DIR, then exit "
+                    "(no lease taken; e.g. for edgeflow-merge)")
     ap.add_argument("--metrics-port", type=int, default=None,
                     help="this process's metrics port (default [metrics] port; 0 = none)")
     return ap
@@ -510,6 +533,15 @@ def build_parser():
 
 def main(argv=None):
     args = build_parser().parse_args(argv)
+    if args.rebuild_to:
+        try:
+            got = asyncio.run(rebuild_all(args.config, args.nats.split(","), args.partitions, args.rebuild_to))
+        except (ConfigError, ValueError) as e:
+            print("edgeflow-scaleout: %s" % e, file=sys.stderr)
+            return 2
+        for p, info in sorted(got.items()):
+            print("partition %d: %s" % (p, info.as_dict()))
+        return 0
     try:
         over = {} if args.metrics_port is None else {"metrics.port": args.metrics_port}
         st = None
