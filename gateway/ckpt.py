@@ -9,13 +9,13 @@ JetStream, and a new owner rebuilds the partition's SQLite file from there.
       <prefix>.ckpt.<p>.s   snapshot markers: {"object", "seq", "ckpt_id"}
     object store edgeflow_ckpt   p<p>-<seq>: the partition DB as of delta seq
 
-Commit (ReplicatedStore.commit, awaited by the service between its SQLite commit and any
-ack): the delta is stamped with a unique id (meta ckpt_id, in the same transaction),
-committed locally, then published with Nats-Expected-Last-Subject-Sequence = the last
+Commit (ReplicatedStore.commit, the service's store: it acks only after commit() returned):
+the delta is stamped with a unique id (meta ckpt_id, in the same transaction), committed
+locally and, at the same time, appended with Nats-Expected-Last-Subject-Sequence = the last
 sequence this owner applied. JetStream refuses it when anyone else appended since: the
-fence. A refused or unreplicated delta (NATS unreachable past publish_timeout_s) raises
-StoreError: the pipeline stops and acks nothing; its local file is then ahead of the stream
-and never trusted again (its ckpt_id is not the stream's last).
+fence. A refused or unreplicated delta (NATS unreachable past publish_timeout_s), or a
+failed local commit, raises StoreError: the pipeline stops and acks nothing. The stream is
+the truth; a local file is only trusted while its ckpt_id is the stream's last.
 
 Takeover (prepare()): trust the local file only if its ckpt_id equals the stream's last
 delta; otherwise rebuild a fresh file from the latest snapshot + the deltas after it, then
@@ -186,8 +186,9 @@ class Replicator:
         return "%s-%d" % (self.token, self.n)
 
     async def publish(self, cid, writes):
-        """Append one delta after its local commit; Fenced or StoreError if not replicated."""
-        data = encode(writes, self.st.compress)
+        """Append one delta; Fenced or StoreError if not replicated. Encoded in a worker
+        thread (zlib releases the GIL: it overlaps the event loop and the SQLite commit)."""
+        data = await asyncio.get_running_loop().run_in_executor(None, encode, writes, self.st.compress)
         chunks = [data[i:i + self.st.max_chunk] for i in range(0, len(data), self.st.max_chunk)] or [b""]
         for k, c in enumerate(chunks):
             self.last = await self._append(self.subject, c, "%s.%d" % (cid, k), self.last,
@@ -303,13 +304,22 @@ class ReplicatedStore(Store):
         self.rep = replicator
 
     async def commit(self, writes):
+        """The local transaction and the append run at the same time; this returns (and the
+        service acks) only when both succeeded. Either failing raises StoreError: nothing of
+        it is acked, the pipeline stops. A local file that missed a delta the stream has,
+        or has one the stream lacks, differs from the stream's last ckpt_id: never trusted."""
         cid = self.rep.next_id()
         writes = list(writes) + [("meta", [("ckpt_id", cid)])]
-        n = await super().commit(writes)
+        local = asyncio.ensure_future(super().commit(writes))
         try:
             await self.rep.publish(cid, writes)
         except Fenced as e:
+            await asyncio.gather(local, return_exceptions=True)
             raise StoreError("fenced: another owner appended to the checkpoint (%s); stopping, nothing acked" % e)
+        except BaseException:
+            await asyncio.gather(local, return_exceptions=True)
+            raise
+        n = await local
         if self.rep.want_snapshot():
             self.rep.start_snapshot(self.db, self.path, cid)
         return n
