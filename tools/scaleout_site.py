@@ -346,6 +346,14 @@ async def scenario(workdir, devices=20, duration=40.0, gateways=2, partitions=8,
                 sum(v for k, v in m.items() if k[0] == "edgeflow_scaleout_partition_committed_records_total"),
                 sum(v for k, v in m.items() if k[0] == "edgeflow_scaleout_partition_stream_pending"),
                 sum(v for k, v in m.items() if k[0] == "edgeflow_scaleout_partition_ack_pending")))
+        if checkpoint != "shared":  # since each gateway took its current partitions
+            tot = {k: sum(v for g in gids for kk, v in fig["metrics"][g].items() if kk[0] == k) for k in (
+                "edgeflow_scaleout_partition_ckpt_deltas_total", "edgeflow_scaleout_partition_ckpt_bytes_total",
+                "edgeflow_scaleout_partition_ckpt_snapshots_total")}
+            d, b, n = tot.values()
+            fig["ckpt_appended"] = (d, b, n)
+            log("checkpoint appends of the partitions' current owners: %d deltas, %d bytes (%.0f per delta), "
+                "%d snapshots" % (d, b, b / max(1, d), n))
         await fleet.shutdown()
         fig["fleet"] = fleet.stats()
         await asyncio.sleep(1.0)
