@@ -147,7 +147,8 @@ async def ensure(js, st):
         return await js.object_store(BUCKET)
     except BucketNotFoundError:
         return await js.create_object_store(BUCKET, ObjectStoreConfig(bucket=BUCKET, replicas=st.replicas,
-                                                                      storage=StorageType.FILE))
+                                                                      storage=StorageType.FILE,
+                                                                      max_bytes=st.max_bytes))
 
 
 async def _last(js, subject):
@@ -277,10 +278,11 @@ class Replicator:
                 pass
 
     async def close(self):
+        """The pipeline stops: an upload in progress finishes in the background (the copy
+        is already taken; cancelling it mid-way would leave its chunks in the bucket)."""
         t = self._snap_task
         if t is not None and not t.done():
-            t.cancel()
-            await asyncio.gather(t, return_exceptions=True)
+            await asyncio.wait([t], timeout=5)
 
 
 def _backup(conn, tmp):
