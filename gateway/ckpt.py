@@ -493,10 +493,13 @@ async def prepare(js, obs, st, p, path, gid):
         if k == n - 1 and await asyncio.get_running_loop().run_in_executor(None, _local_id, path) == cid:
             info = Rebuild()
             info.trusted = True
+    seed = False
     if info is None:
         if last is None and marker is None:
-            _remove_db(path)  # nothing replicated yet: start empty (a local file is not the site's)
+            # nothing replicated yet: a local file is the partition's state from before (a
+            # site moving from shared files): kept, and stored as the first snapshot below
             info = Rebuild()
+            info.trusted = seed = os.path.exists(path)
         else:
             info, _ = await rebuild(js, obs, st, p, path, upto=last_seq)
     snap_obj, snap_size = None, 0
@@ -510,9 +513,23 @@ async def prepare(js, obs, st, p, path, gid):
     loop = asyncio.get_running_loop()
     await loop.run_in_executor(None, _commit_file, path, writes)
     await rep.publish(cid, writes)
+    if seed:
+        tmp = path + ".snap"
+        await rep._snapshot(loop.run_in_executor(None, _backup_path, path, tmp), tmp, rep.last, cid)
+        if not rep.snapshots:
+            raise StoreError("partition %d: could not store its existing file as the first snapshot" % p)
+        info.snapshot_bytes = rep.snap_size
     info.seconds = time.monotonic() - t0
     info.db_bytes = os.path.getsize(path)
     return rep, info
+
+
+def _backup_path(path, tmp):
+    src = sqlite3.connect(path)
+    try:
+        return _backup(src, tmp)
+    finally:
+        src.close()
 
 
 # every table a commit writes (views and channels are made from the config at open)

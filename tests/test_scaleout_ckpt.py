@@ -335,3 +335,33 @@ def test_gateway_kill_partitions_rebuilt_from_jetstream_exactly_once(tmp_path):
     assert fig["ckpt_equal"] == (8, 8), text
     assert any(i.snapshot_bytes for i in fig["rebuilt"].values()), text  # snapshots taken and used
     assert fig["misplaced"] == 0 and fig["merge"]["group_fired"] > 0, text
+
+
+def test_first_replicated_take_seeds_the_stream_with_an_existing_file(tmp_path):
+    """A site moving from shared files: the partition's file made without replication is
+    kept on the first take (the stream is empty) and stored as the first snapshot, so a
+    gateway on another disk rebuilds the same state."""
+    async def go(c, gw):
+        nc, js = await _connect(c, gw)
+        try:
+            st = ckpt.Settings(replicas=1)
+            obs = await ckpt.ensure(js, st)
+            old = str(tmp_path / "shared" / "part-000.db")
+            g = Gateway(_cfg(old), ingest_factory=FeedIngest)
+            task = asyncio.ensure_future(g.run())
+            await _until(lambda: g.started.is_set(), 20)
+            msgs = _msgs(0, per_dev=60)
+            g.ingest.push(msgs)
+            await _until(lambda: len(g.ingest.acked) == len(msgs), 30)
+            g.stop()
+            await task
+            before = _readings_of(old)
+            rep, info = await ckpt.prepare(js, obs, st, 0, old, "a")
+            assert info.trusted and info.snapshot_bytes > 0 and _readings_of(old) == before
+            other = str(tmp_path / "other" / "part-000.db")
+            rep_b, info_b = await ckpt.prepare(js, obs, st, 0, other, "b")
+            assert not info_b.trusted and _readings_of(other) == before
+        finally:
+            await nc.close()
+
+    _on_secure_node(tmp_path, 1, go)
