@@ -484,31 +484,23 @@ def test_scaleout_gateway_refuses_an_insecure_config(tmp_path):
 
 def test_jetstream_sink_and_collector_over_tls_with_users(tmp_path):
     """The JetStream sink and the collector connect with TLS (fleet CA, name checked) and a
-    user + password file: rows reach the central store; without tls_ca, or with a wrong
-    password, the connect is refused."""
-    import secrets
+    user + password file made by the provisioning helper: rows reach the central store;
+    without tls_ca, or with a wrong password, the connect is refused; the sink cannot
+    publish under another site, the collector not at all."""
+    import shutil
 
     from gateway import collector as C
     from gateway.sinks.jetstream import connect
     from tests.test_sinks import checkpoint, open_set, readings, stop_collector, until
     from tools import natsauth
     from tools.natscluster import NatsCluster
-    from tools.provision import write_secret
     from tools.scaleout_site import secure_fleet
     fleet, sec, _gw = secure_fleet(str(tmp_path), 1)
-    pw = {u: secrets.token_urlsafe(24) for u in ("sink-s1", "collector")}
-    for u in pw:
-        write_secret(str(tmp_path / (u + ".pw")), pw[u] + "\n")
-    js = "$JS.API."
-    sink_perm = {"publish": {"allow": ["edgeflow.sink.s1.>", js + "INFO", js + "STREAM.INFO.SINKS",
-                                       js + "STREAM.CREATE.SINKS"]}, "subscribe": {"allow": ["_INBOX.>"]}}
-    coll_perm = {"publish": {"allow": [js + "INFO", js + "STREAM.*.SINKS", js + "CONSUMER.*.SINKS.>",
-                                       js + "CONSUMER.*.*.SINKS.>", "$JS.ACK.SINKS.>"]},
-                 "subscribe": {"allow": ["_INBOX.>"]}}
-    sec = dict(sec, auth=str(tmp_path / "sinkauth.conf"))
-    write_secret(sec["auth"], natsauth.auth_conf([
-        natsauth.user_entry(u, natsauth.hash_password(pw[u]), perm, ["STANDARD"])
-        for u, perm in (("sink-s1", sink_perm), ("collector", coll_perm))]))
+    # the provisioning helper makes both users (tools/natsauth.py sink-user / collector-user)
+    pwf = {"sink-s1": natsauth.add_downstream_user(fleet, "sink-s1", "sink", "s1", stream="SINKS"),
+           "collector": natsauth.add_downstream_user(fleet, "collector", "collector", stream="SINKS")}
+    for u, f in pwf.items():
+        shutil.copy(f, str(tmp_path / (u + ".pw")))
     cluster = NatsCluster(tmp_path / "nats", 1, security=sec).start()
     url, ca = cluster.urls[0], fleet.path("ca", "ca.pem")
     central = str(tmp_path / "central.db")
@@ -540,6 +532,20 @@ def test_jetstream_sink_and_collector_over_tls_with_users(tmp_path):
         try:
             await checkpoint(store, s, [("readings", readings("d1", 1, 0, 12))])
             assert await until(lambda: coll.messages >= 3)
+            # the sink user publishes under its own site only; the collector publishes nothing
+            # (the same publish with the right user is stored: the refusals are the permissions)
+            for u, subj, ok in (("sink-s1", "edgeflow.sink.s1.readings", True),
+                                ("sink-s1", "edgeflow.sink.s2.readings", False),
+                                ("collector", "edgeflow.sink.s1.readings", False)):
+                nc = await connect([url], "t", user=u, password_file=str(tmp_path / (u + ".pw")), **tls)
+                try:
+                    if ok:
+                        assert (await nc.jetstream(timeout=5).publish(subj, b"{}", stream="SINKS")).seq > 0
+                    else:
+                        with pytest.raises(Exception):
+                            await nc.jetstream(timeout=2).publish(subj, b"{}", stream="SINKS")
+                finally:
+                    await nc.close()
         finally:
             await stop_collector(ct, coll)
             await s.stop()
