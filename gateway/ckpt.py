@@ -371,10 +371,24 @@ class Rebuild:
                     delta_bytes=self.delta_bytes, s=round(self.seconds, 3), db_bytes=self.db_bytes)
 
 
-async def rebuild(js, obs, st, p, path, upto=None):
+async def rebuild(js, obs, st, p, path, upto=None, attempts=3):
     """A fresh partition DB at path from the latest snapshot + the deltas after it, up to
-    stream sequence `upto` (default: the last). Returns (Rebuild, last applied ckpt id)."""
+    stream sequence `upto` (default: the last). Returns (Rebuild, last applied ckpt id).
+    A stale owner may still store a snapshot and purge the deltas before it meanwhile
+    (markers are fenced among themselves only): a rebuild during which the latest marker
+    changed may have missed purged deltas, so it is done again from the new snapshot."""
     t0 = time.monotonic()
+    for _ in range(attempts):
+        info, got, used = await _rebuild_once(js, obs, st, p, path, upto)
+        now = await _last(js, snap_subject(st.prefix, p))
+        if (now.seq if now is not None else 0) == used:
+            info.seconds = time.monotonic() - t0
+            return info, got
+        logs.warning("ckpt_rebuild_again", partition=p, reason="a new snapshot was stored meanwhile")
+    raise StoreError("partition %d: snapshots kept changing during %d rebuilds" % (p, attempts))
+
+
+async def _rebuild_once(js, obs, st, p, path, upto):
     info = Rebuild()
     tmp = path + ".rebuild"
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
@@ -407,8 +421,7 @@ async def rebuild(js, obs, st, p, path, upto=None):
     _remove_db(path)
     os.replace(tmp, path)
     info.db_bytes = os.path.getsize(path)
-    info.seconds = time.monotonic() - t0
-    return info, got
+    return info, got, marker.seq if marker is not None else 0
 
 
 def _open_rebuild(tmp):
@@ -445,6 +458,7 @@ async def _replay(js, st, p, conn, start, upto, info, got):
                          ack_policy=AckPolicy.NONE, inactive_threshold=60.0, mem_storage=True, num_replicas=1)
     sub = await js.pull_subscribe(delta_subject(st.prefix, p), stream=STREAM, config=cfg)
     cur, parts, batch = None, [], []
+    tail = None  # the ckpt id of the delta ending at `upto`, if one does
     try:
         seq = start - 1
         while seq < upto:
@@ -457,6 +471,8 @@ async def _replay(js, st, p, conn, start, upto, info, got):
                 if seq > upto:
                     break
                 cid, k, n = _hdr(m)
+                if seq == upto and k == n - 1:
+                    tail = cid
                 if k == 0:
                     cur, parts = cid, []
                 if cid != cur or k != len(parts):
@@ -476,6 +492,8 @@ async def _replay(js, st, p, conn, start, upto, info, got):
             await sub.unsubscribe()
         except Exception:  # noqa: BLE001 - the consumer expires by itself (inactive_threshold)
             pass
+    if tail is not None and got != tail:  # its earlier chunks are missing: never build on a hole
+        raise StoreError("partition %d: the last delta %s is incomplete in the stream" % (p, tail))
     return got
 
 
