@@ -2,9 +2,6 @@
 rebuild from JetStream (snapshot + tail) equal to the owner's file, the fence against a
 stale owner, and no ack for a commit JetStream did not take. Real NATS (secured node)."""
 import asyncio
-import collections
-import math
-import os
 import random
 import sqlite3
 import struct
@@ -16,8 +13,9 @@ from gateway import ckpt
 from gateway.config import Config
 from gateway.ingest_jetstream import Security
 from gateway.service import Gateway
-from gateway.store import Store, StoreError
+from gateway.store import StoreError
 from tests.test_scaleout import _fleet_messages, _on_secure_node, _until
+from tools.bench_compare import MemIngest
 
 SECTIONS = {"windows": {"size_ms": 5000, "allowed_lateness_ms": 20000,
                         "groups": [{"name": "all", "devices": ["*"], "channel": 0}]},
@@ -52,18 +50,15 @@ def test_delta_encoding_is_exact_and_rejects_garbage():
         assert not isinstance(ei.value, (MemoryError, SystemError))
 
 
-class FeedIngest:
-    """The service's ingest interface; messages pushed by the test; acked mids recorded."""
+class FeedIngest(MemIngest):
+    """The service's ingest interface; messages pushed by the test; acked mids and the
+    device acks sent recorded."""
 
     def __init__(self, cfg, stats):
-        self.queue = collections.deque()
+        super().__init__([], cfg, stats)
         self.maxsize = 100000
-        self.wake = asyncio.Event()
-        self.connected = asyncio.Event()
-        self.paused = self.closing = False
         self.acked = []
         self.sent = []  # (topic, payload) of the device acks
-        self.published = 0
         self.n = 0
 
     def push(self, msgs):
@@ -73,26 +68,11 @@ class FeedIngest:
             self.n += 1
         self.wake.set()
 
-    async def start(self):
-        self.connected.set()
-
-    async def stop(self, offline=True):
-        pass
-
-    def pause(self):
-        self.paused = True
-
-    def resume(self):
-        self.paused = False
-
-    def maybe_resume(self):
-        pass
-
     def puback(self, mids):
         self.acked.extend(m for m, _q in mids)
 
     def publish(self, topic, payload, qos=1, retain=False):
-        self.published += 1
+        super().publish(topic, payload, qos, retain)
         if topic.endswith("/ack"):
             self.sent.append((topic, payload))
 

@@ -14,7 +14,6 @@
 """
 import argparse
 import asyncio
-import collections
 import os
 import random
 import shutil
@@ -30,8 +29,8 @@ import nats  # noqa: E402
 
 from gateway import ckpt  # noqa: E402
 from gateway.service import Gateway  # noqa: E402
-from gateway.store import Store  # noqa: E402
 from shared import wire  # noqa: E402
+from tools.bench_compare import MemIngest  # noqa: E402  (the service's ingest over a list)
 from tools.natscluster import NatsCluster  # noqa: E402
 
 T0 = int(time.time() * 1000) - 24 * 3600 * 1000
@@ -56,41 +55,6 @@ def workload(devices, n_msgs, per_msg, seed=1):
     return out
 
 
-class ListIngest:
-    """The service's ingest interface over a list, all queued at once; counts acks."""
-
-    def __init__(self, msgs, cfg, stats):
-        now = time.monotonic()
-        self.queue = collections.deque((t.encode(), p, i, 1, now) for i, (t, p) in enumerate(msgs))
-        self.maxsize = max(10, len(self.queue))
-        self.wake = asyncio.Event()
-        self.wake.set()
-        self.connected = asyncio.Event()
-        self.paused = self.closing = False
-        self.acked = 0
-
-    async def start(self):
-        self.connected.set()
-
-    async def stop(self, offline=True):
-        pass
-
-    def pause(self):
-        self.paused = True
-
-    def resume(self):
-        self.paused = False
-
-    def maybe_resume(self):
-        pass
-
-    def puback(self, mids):
-        self.acked += len(mids)
-
-    def publish(self, topic, payload, qos=1, retain=False):
-        pass
-
-
 def cfg(db):
     return {"store": {"path": db, "synchronous": "FULL"}, "metrics": {"port": 0}, "security": {"insecure": True},
             "checkpoint": {"interval_ms": 100, "max_messages": 400, "max_records": 50000},
@@ -100,7 +64,7 @@ def cfg(db):
 
 async def drain(msgs, db, store=None, snapshot_at_end=False):
     """Run one pipeline over msgs; returns (seconds until every message is acked, gateway)."""
-    gw = Gateway(cfg(db), ingest_factory=lambda c, s: ListIngest(msgs, c, s), store=store)
+    gw = Gateway(cfg(db), ingest_factory=lambda c, s: MemIngest(msgs, c, s), store=store)
     task = asyncio.ensure_future(gw.run())
     while gw.ingest is None or not gw.ingest.connected.is_set():
         await asyncio.sleep(0.005)
