@@ -290,7 +290,9 @@ class Owner:
                 # side's clock from the reply: a slow reply makes it expire "early"), and
                 # maybe another gateway created it and, fenced by our lock, deleted it again.
                 # Still within our own lease period and nobody holds the key: take it back,
-                # the pipeline never stopped (the lock is the fence: no one else ran it).
+                # the pipeline never stopped (the lock is the fence: no one else ran it; with
+                # the replicated checkpoint the stream is: if another ran it meanwhile, our
+                # next append is refused and the pipeline stops there).
                 if now - h.renewed <= self.lease_s:
                     try:
                         h.rev = await kv.create(_key(p), self.gid.encode())
