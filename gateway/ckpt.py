@@ -463,7 +463,7 @@ async def _replay(js, st, p, conn, start, upto, info, got):
         seq = start - 1
         while seq < upto:
             try:
-                msgs = await sub.fetch(256, timeout=5)
+                msgs = await sub.fetch(32, timeout=5)  # chunks are <= max_chunk: bounded memory
             except NatsTimeout:
                 raise StoreError("partition %d: checkpoint replay stalled at sequence %d of %d" % (p, seq, upto))
             for m in msgs:

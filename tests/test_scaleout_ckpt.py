@@ -313,6 +313,7 @@ def test_gateway_kill_partitions_rebuilt_from_jetstream_exactly_once(tmp_path):
     moved = fig["takeover_ckpt"]
     assert len(moved) >= 4 and not any(e["trusted"] for e in moved), text  # g1 had no file of them
     assert fig["ckpt_equal"] == (8, 8), text
+    assert fig["ckpt_appended"][0] > 0 and fig["ckpt_appended"][1] > 0, text  # the owners' metrics
     assert any(i.snapshot_bytes for i in fig["rebuilt"].values()), text  # snapshots taken and used
     assert fig["misplaced"] == 0 and fig["merge"]["group_fired"] > 0, text
 
