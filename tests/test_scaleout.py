@@ -215,6 +215,13 @@ def test_stalled_owner_is_fenced_then_loses_its_lease(tmp_path):
     _on_secure_node(tmp_path, 2, go)
 
 
+async def _until_async(get, cond, timeout):
+    deadline = time.monotonic() + timeout
+    while not cond(await get()):
+        assert time.monotonic() < deadline, "condition not reached in %s s" % timeout
+        await asyncio.sleep(0.1)
+
+
 def _on_secure_node(tmp_path, partitions, go):
     """asyncio.run(go(cluster, gw)) on one secured NATS node (MQTT, partition mapping);
     gw: the gateway config sections (TLS, credentials, devices file)."""
@@ -328,6 +335,8 @@ def test_nats_device_cannot_act_as_another_device(secure_nats):
         for p in (0, 1):
             await link.reset_consumer(p)
             subs[p] = await link.js.pull_subscribe(f"edgeflow.p.{p}.*.*", durable="part-%03d" % p, stream="EDGEFLOW")
+        from gateway import ckpt
+        await ckpt.ensure(link.js, ckpt.Settings(replicas=1))  # the replicated checkpoint's stream
         a, b = Client(mq, "dev-a"), Client(mq, "dev-b")
         try:
             assert a.connect() == "Success" and b.connect() == "Success"
@@ -336,7 +345,8 @@ def test_nats_device_cannot_act_as_another_device(secure_nats):
             assert a.sub(top.ack("dev-b"), "edgeflow/#", "edgeflow/d/+/ack") == ["Unspecified error"] * 3
             assert a.sub(top.ack("dev-a")) == ["Granted QoS 1"]
             for t in (top.data("dev-b"), top.hello("dev-b"), top.state("dev-b"), top.ack("dev-b"), top.ack("dev-a"),
-                      top.gw_state, "edgeflow/p/%d/dev-a/data" % (1 - own), "edgeflow/p/%d/dev-b/data" % own):
+                      top.gw_state, "edgeflow/p/%d/dev-a/data" % (1 - own), "edgeflow/p/%d/dev-b/data" % own,
+                      "edgeflow/ckpt/%d/d" % own, "edgeflow/ckpt/%d/s" % own):
                 a.pub(t, b"forged")
             a.pub(top.data("dev-a"), b"control")
             got = []
@@ -347,6 +357,9 @@ def test_nats_device_cannot_act_as_another_device(secure_nats):
                     except nats.errors.TimeoutError:
                         pass
             assert [(m.subject, m.data) for m in got] == [("edgeflow.p.%d.dev-a.data" % own, b"control")]
+            assert (await link.js.stream_info(ckpt.STREAM)).state.messages == 0  # no forged checkpoint
+            link.out.publish("edgeflow/ckpt/9/d", b"x")  # the same path with the gateway's rights lands
+            await _until_async(lambda: link.js.stream_info(ckpt.STREAM), lambda i: i.state.messages == 1, 20)
             for m in got:
                 await m.ack()
             # acks: the gateway's reach their device; none reaches dev-a for dev-b
