@@ -109,7 +109,7 @@ def check_app_starts():
     h = _need("firmware.hal_base", "Hal")
     for m in ("firmware.mqtt", "firmware.uplink", "firmware.clock", "firmware.config", "firmware.identity",
               "firmware.slots", "firmware.outbox", "firmware.pipeline", "shared.wire_dev", "shared.wire_ctl",
-              "shared.wire_body", "shared.auth",
+              "shared.auth",
               # imported on demand by the running app (boot, connect, NTP, full outbox): a
               # missing file would only show then
               "firmware.obload", "firmware.obfull", "firmware.obread", "firmware.mqttc", "firmware.halnet",
