@@ -5,6 +5,7 @@ backlog only within the credits the gateway grants, trims on acks, resends
 unacked messages when the gateway comes back online (and after a quiet
 timeout), and says hello on every connect and every gateway online state.
 """
+import collections
 import threading
 import time
 
@@ -48,9 +49,12 @@ class FakeDevice:
         self.last_progress = time.time()
         self.hellos = 0
         self.extra = []  # raw (topic, payload) to publish once, fire and forget
+        self.t0 = time.monotonic()
+        self.events = collections.deque(maxlen=100)  # (s since creation, what): what a failed test prints
         c = self.client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id="fake-" + dev, clean_session=True)
         c.will_set(self.topics.state(dev), wire.encode_state(False), qos=1, retain=True)
         c.on_connect = self._on_connect
+        c.on_disconnect = lambda c, u, f, rc, p: self._event("disconnected rc=%s" % rc)
         c.on_message = self._on_message
         self.key = None  # the device's ack_key (auth.Hmac): signs hellos, checks acks
         self.bad_acks = 0
@@ -82,7 +86,20 @@ class FakeDevice:
         self.client.disconnect()
         self.client.loop_stop()
 
+    def _event(self, what):
+        self.events.append((round(time.monotonic() - self.t0, 2), what))
+
+    def describe(self):
+        """The device's state and recent events, for a failure message."""
+        with self.lock:
+            return ("%s: acked %s, first unacked entry %d of %d, cursor %d, live_from %d, sent_upto %d, "
+                    "allowance %d, replay %s, gw_online %s, hellos %d, bad_acks %d, paho connected %s; "
+                    "events %s" % (self.dev, self.acked, self._first_unacked(), len(self.outbox), self.cursor,
+                                   self.live_from, self.sent_upto, self.allowance, self.replay, self.gw_online,
+                                   self.hellos, self.bad_acks, self.client.is_connected(), list(self.events)))
+
     def _on_connect(self, client, userdata, flags, rc, props):
+        self._event("connected rc=%s" % rc)
         client.subscribe([(self.topics.ack(self.dev), 1), (self.topics.gw_state, 1)])
         client.publish(self.topics.state(self.dev), wire.encode_state(True), qos=1, retain=True)
 
@@ -100,6 +117,7 @@ class FakeDevice:
                 ob, os_ = self.boot, nxt
             self.allowance = 0
             self.hellos += 1
+            self._event("hello backlog=%d from entry %d" % (backlog, first_unacked))
         self.client.publish(self.topics.hello(self.dev), wire.encode_hello(
             self.dev, self.boot, nxt, 0, backlog, ob, os_, 0xFA4E, self.hellos, self.fw, self.key), qos=1)
 
@@ -114,6 +132,7 @@ class FakeDevice:
             online = wire.decode_state(msg.payload, gateway=True)
             was = self.gw_online
             self.gw_online = online
+            self._event("gw %s" % ("online" if online else "offline"))
             if online and not was:
                 self._hello()
             return
@@ -123,6 +142,7 @@ class FakeDevice:
             return
         with self.lock:
             self.acks.append((boot, seq, t, credits, replay, flags))
+            self._event("ack %d/%d credits=%d replay=%d flags=%d" % (boot, seq, credits, replay, flags))
             if not flags & wire.ACK_NONE and seq > self.acked.get(boot, -1):
                 self.acked[boot] = seq
                 self.last_progress = time.time()
@@ -143,6 +163,7 @@ class FakeDevice:
             if fa == len(self.outbox):
                 return True
             if time.time() - self.last_progress > self.resend_s:
+                self._event("resend from entry %d" % fa)
                 self.cursor = fa  # acks stalled: resend what is unacked
                 self.last_progress = time.time()
             self.cursor = max(self.cursor, fa)

@@ -231,18 +231,30 @@ def test_cli_run_status_export(broker, tmp_path):
     assert out.stdout.splitlines()[0].startswith("device,boot,seq,t")
 
 
+def story(gw, devs, t0=None):
+    """What a failed wait explains itself with: the gateway's connection and counters, each device's state."""
+    s, ing = gw.stats, gw.ingest
+    head = "after %.1f s: " % (time.monotonic() - t0) if t0 is not None else ""
+    return "%sgateway connects %d disconnects %d readings %d duplicates %d hellos %d wills %d acks_sent %d " \
+        "publish_failures %d connected %s last_error %r credits_granted %d; %s" % (
+            head, s.connects, s.disconnects, s.readings, s.duplicates, s.hellos, s.offline_wills, s.acks_sent,
+            ing.publish_failures, ing.is_connected(), ing.last_error, gw.admission.credits_granted,
+            "; ".join(d.describe() for d in devs))
+
+
 def test_broker_restart_reconnects_and_loses_nothing(broker, tmp_path):
     with GwThread(cfg(broker, tmp_path)) as gw:
         d = FakeDevice(broker, "k1", resend_s=0.5)
         for i in range(0, 200, 20):
             d.add_readings(readings(i, 20, T0))
         d.start()
-        assert pump_all([d], 10, until=lambda: d.acked.get(1, -1) >= 99)
+        assert pump_all([d], 10, until=lambda: d.acked.get(1, -1) >= 99), story(gw, [d])
         broker.stop()
         time.sleep(0.3)
         broker.start()
+        t0 = time.monotonic()
         try:
-            assert pump_all([d], 30)
+            assert pump_all([d], 30), "everything acked after the restart: " + story(gw, [d], t0)
         finally:
             d.stop()
         assert gw.stats.connects >= 2
