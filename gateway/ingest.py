@@ -94,6 +94,8 @@ class Ingest:
         await asyncio.wait_for(self._loop.create_connection(
             lambda: proto, self.cfg.host, self.cfg.port, ssl=ctx,
             server_hostname=ctx.server_name if ctx is not None else None), 10.0)
+        if proto.closed:  # lost before we got here (wait_for's extra loop turns): on_lost ignored it
+            raise ConnectionResetError("connection closed by the broker during the connect")
         self.proto = proto
         self._conn = (self._conn + 1) & 0xFFFF
         if self.paused:

@@ -278,3 +278,73 @@ def test_no_connack_is_a_dead_connection_and_no_ping_goes_before_it():
         ing.check_connection(t1 + 30)
         assert p.ping_sent is not None and bytes(p.tr.out).endswith(b"\xc0\x00")
     asyncio.run(go())
+
+
+def test_connection_lost_before_the_connect_attempt_returns_is_retried():
+    """The broker closes a connection just after accepting it (restarting, overloaded) and
+    the loss is delivered before the connect attempt resumes: on Python 3.11 asyncio.wait_for
+    adds loop iterations between connection_made and the attempt's return. The loss must
+    count as a failed attempt and be retried, not leave a dead connection as the current one
+    (nothing would reconnect it: the gateway stalls for good)."""
+    import asyncio
+
+    from gateway.config import Config
+    from gateway.ingest import Ingest
+    from gateway.metrics import Stats
+
+    async def broker(reader, writer):  # CONNACK for every CONNECT, then reads until closed
+        try:
+            while True:
+                head = await reader.readexactly(2)
+                n, shift, c = 0, 0, head[1]
+                while True:
+                    n |= (c & 0x7F) << shift
+                    if not c & 0x80:
+                        break
+                    shift += 7
+                    c = (await reader.readexactly(1))[0]
+                await reader.readexactly(n)
+                if head[0] >> 4 == 1:
+                    writer.write(b"\x20\x02\x00\x00")
+        except (asyncio.IncompleteReadError, ConnectionError):
+            writer.close()
+
+    class Loop:
+        """The running loop; its first connection is closed by the peer at once (fault injection)."""
+        def __init__(self, loop):
+            self.loop, self.dropped = loop, 0
+
+        def __getattr__(self, name):
+            return getattr(self.loop, name)
+
+        async def create_connection(self, factory, *a, **kw):
+            tr, proto = await self.loop.create_connection(factory, *a, **kw)
+            if not self.dropped:
+                self.dropped += 1
+                tr.abort()
+                await asyncio.sleep(0)  # the loss is delivered first
+            return tr, proto
+
+    async def go():
+        server = await asyncio.start_server(broker, "127.0.0.1", 0)
+        port = server.sockets[0].getsockname()[1]
+        ing = Ingest(Config({"security": {"insecure": True}, "mqtt": {"port": port}}), Stats())
+        loop = Loop(asyncio.get_running_loop())
+        ing._loop = loop
+        try:
+            await ing._connect_with_backoff()
+            for _ in range(300):  # bounded: 3 s, the first retry comes after 0.05-0.1 s
+                if ing.is_connected():
+                    break
+                await asyncio.sleep(0.01)
+            assert loop.dropped == 1
+            assert ing.is_connected() and ing.stats.connects == 1, (
+                "not reconnected after a connection lost during the attempt: proto %r closed %s, reconnect %r" % (
+                    ing.proto, ing.proto is not None and ing.proto.closed, ing._reconnect))
+        finally:
+            ing.closing = True
+            if ing.proto is not None:
+                ing.proto.disconnect()
+            server.close()
+            await server.wait_closed()
+    asyncio.run(go())
