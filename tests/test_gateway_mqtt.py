@@ -1,6 +1,7 @@
 """Gateway against a real mosquitto (`broker` fixture): acks, credits, presence, backpressure, metrics, CLI."""
 import asyncio
 import json
+import logging
 import os
 import signal
 import socket
@@ -231,30 +232,46 @@ def test_cli_run_status_export(broker, tmp_path):
     assert out.stdout.splitlines()[0].startswith("device,boot,seq,t")
 
 
-def story(gw, devs, t0=None):
-    """What a failed wait explains itself with: the gateway's connection and counters, each device's state."""
+def story(gw, devs, t0=None, caplog=None):
+    """What a failed wait explains itself with: the gateway's connection, counters and MQTT log
+    (connect failures with their errors), each device's state and recent events."""
     s, ing = gw.stats, gw.ingest
     head = "after %.1f s: " % (time.monotonic() - t0) if t0 is not None else ""
+    mqtt_log = ""
+    if caplog is not None:
+        recs = [r for r in caplog.records if r.getMessage().startswith("mqtt_")]
+        mqtt_log = "; gateway mqtt log (%d): %s" % (len(recs), ["%.2f %s %s" % (
+            r.created % 100, r.getMessage(), getattr(r, "fields", "")) for r in recs[-20:]])
     return "%sgateway connects %d disconnects %d readings %d duplicates %d hellos %d wills %d acks_sent %d " \
-        "publish_failures %d connected %s last_error %r credits_granted %d; %s" % (
+        "publish_failures %d connected %s last_error %r credits_granted %d%s; %s" % (
             head, s.connects, s.disconnects, s.readings, s.duplicates, s.hellos, s.offline_wills, s.acks_sent,
-            ing.publish_failures, ing.is_connected(), ing.last_error, gw.admission.credits_granted,
+            ing.publish_failures, ing.is_connected(), ing.last_error, gw.admission.credits_granted, mqtt_log,
             "; ".join(d.describe() for d in devs))
 
 
-def test_broker_restart_reconnects_and_loses_nothing(broker, tmp_path):
+def broker_state(broker):
+    """Is our mosquitto still the one running (another process can take its port while it is down)?"""
+    with open(broker.log_path, errors="replace") as f:
+        tail = [line.strip() for line in f.readlines()[-8:]]
+    return "mosquitto exit code %s, its log ends %s" % (broker.proc.poll() if broker.proc else "stopped", tail)
+
+
+def test_broker_restart_reconnects_and_loses_nothing(broker, tmp_path, caplog):
+    caplog.set_level(logging.INFO, logger="edgeflow.gateway")
     with GwThread(cfg(broker, tmp_path)) as gw:
         d = FakeDevice(broker, "k1", resend_s=0.5)
         for i in range(0, 200, 20):
             d.add_readings(readings(i, 20, T0))
         d.start()
-        assert pump_all([d], 10, until=lambda: d.acked.get(1, -1) >= 99), story(gw, [d])
+        assert pump_all([d], 10, until=lambda: d.acked.get(1, -1) >= 99), story(gw, [d], None, caplog)
+        t_stop = time.monotonic()
         broker.stop()
         time.sleep(0.3)
         broker.start()
         t0 = time.monotonic()
         try:
-            assert pump_all([d], 30), "everything acked after the restart: " + story(gw, [d], t0)
+            assert pump_all([d], 30), "everything acked after the restart (broker down %.1f s, %s): %s" % (
+                t0 - t_stop, broker_state(broker), story(gw, [d], t0, caplog))
         finally:
             d.stop()
         assert gw.stats.connects >= 2
