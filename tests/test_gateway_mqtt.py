@@ -276,3 +276,20 @@ def test_broker_restart_reconnects_and_loses_nothing(broker, tmp_path, caplog):
             d.stop()
         assert gw.stats.connects >= 2
         assert gw.stats.readings == 200  # redeliveries and resends were duplicates
+
+
+def test_broker_restart_on_a_taken_port_fails_clearly(broker):
+    """While a restarted broker is down, another process (another test run on the machine) can
+    take its port: mosquitto then exits (address in use) but the port answers. start() must say
+    so, not return and leave the gateway connecting to a stranger for the rest of the test."""
+    broker.stop()
+    other = socket.socket()
+    try:
+        other.bind(("127.0.0.1", broker.port))
+        other.listen(8)
+        with pytest.raises(RuntimeError, match="mosquitto exited.*[Aa]ddress already in use"):
+            broker.start()
+    finally:
+        other.close()
+    broker.start()  # the port is free again: the broker is back
+    assert broker.proc.poll() is None

@@ -39,6 +39,35 @@ def mosquitto_bin():
     return None
 
 
+def listens(pid, port):
+    """True if process pid has a TCP socket listening on port, None if /proc cannot tell (not
+    Linux). A connection alone cannot tell: while a restarted broker is down, another process
+    can take its port, and then mosquitto exits (address in use) but the port answers."""
+    if not os.path.isdir("/proc/self/fd"):
+        return None
+    try:
+        inodes = set()
+        for fd in os.listdir("/proc/%d/fd" % pid):
+            try:
+                link = os.readlink("/proc/%d/fd/%s" % (pid, fd))
+            except OSError:
+                continue  # closed meanwhile
+            if link.startswith("socket:["):
+                inodes.add(link[8:-1])
+        rows = []
+        for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+            if os.path.exists(table):
+                with open(table) as f:
+                    rows += f.read().splitlines()[1:]
+    except OSError:  # the process is gone (its exit code tells why)
+        return False
+    for row in rows:
+        f = row.split()  # sl local_address rem_address st ... inode (10th)
+        if len(f) > 9 and f[3] == "0A" and int(f[1].rsplit(":", 1)[1], 16) == port and f[9] in inodes:
+            return True
+    return False
+
+
 def free_port():
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -83,15 +112,27 @@ class Mosquitto:
                               start_new_session=self.new_session)
         deadline = time.time() + timeout
         while time.time() < deadline:
-            try:
-                socket.create_connection(("127.0.0.1", self.port), 0.2).close()
+            if self.proc.poll() is not None:
+                raise RuntimeError("mosquitto exited: %s (see %s)" % (self._log_tail(), self.log_path))
+            mine = listens(self.proc.pid, self.port)
+            if mine is None:  # no /proc: a connection tells that someone listens
+                try:
+                    socket.create_connection(("127.0.0.1", self.port), 0.2).close()
+                    mine = True
+                except OSError:
+                    pass
+            if mine:
                 return self
-            except OSError:
-                if self.proc.poll() is not None:
-                    raise RuntimeError("mosquitto exited: see " + self.log_path)
-                time.sleep(0.05)
+            time.sleep(0.05)
         self.stop()
-        raise RuntimeError("mosquitto did not listen on %d within %.0f s" % (self.port, timeout))
+        raise RuntimeError("mosquitto did not listen on %d within %.0f s: %s" % (self.port, timeout, self._log_tail()))
+
+    def _log_tail(self, n=3):
+        try:
+            with open(self.log_path, errors="replace") as f:
+                return " | ".join(line.strip() for line in f.readlines()[-n:])
+        except OSError as e:
+            return str(e)
 
     def stop(self):
         p, self.proc = self.proc, None
