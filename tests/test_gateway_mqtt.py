@@ -265,7 +265,7 @@ def test_broker_restart_reconnects_and_loses_nothing(broker, tmp_path, caplog):
         d.start()
         assert pump_all([d], 10, until=lambda: d.acked.get(1, -1) >= 99), story(gw, [d], None, caplog)
         t_stop = time.monotonic()
-        broker.stop()
+        broker.stop(hold_port=True)  # no other process on the machine can take the port meanwhile
         time.sleep(0.3)
         broker.start()
         t0 = time.monotonic()
@@ -293,3 +293,8 @@ def test_broker_restart_on_a_taken_port_fails_clearly(broker):
         other.close()
     broker.start()  # the port is free again: the broker is back
     assert broker.proc.poll() is None
+    broker.stop(hold_port=True)  # what the restart tests do
+    with socket.socket() as other, pytest.raises(OSError):
+        other.bind(("127.0.0.1", broker.port))
+    broker.start()
+    assert broker.proc.poll() is None and broker._hold is None

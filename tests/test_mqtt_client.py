@@ -140,7 +140,7 @@ def test_broker_restart_mid_stream_loses_nothing(broker):
         assert len(pub.inflight) == 10
         broker.proc.kill()
         await loop.run_in_executor(None, broker.proc.wait)
-        broker.proc = None
+        broker.stop(hold_port=True)  # already dead: keeps its port from other processes until start()
         await loop.run_in_executor(None, broker.start)
         i = CUT + 10
         while i < N:

@@ -370,7 +370,7 @@ def test_renewed_broker_certificate_is_trusted_without_touching_clients(tmp_path
     try:
         before = open(b.fleet.path("broker", "server.pem")).read()
         b.fleet.renew_server()
-        b.stop()
+        b.stop(hold_port=True)
         b.start()
         assert open(b.fleet.path("broker", "server.pem")).read() != before
         assert _gw_connect(_gw_cfg(b)) == "connected"

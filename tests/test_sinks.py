@@ -328,7 +328,7 @@ def test_mqtt_senml_republish_deleted_only_after_puback(broker, tmp_path):
                 await asyncio.sleep(0.05)
             assert all(w.rows == 0 for w in s.workers)
             # broker down: items stay in the outbox (no PUBACK), delivered after it is back
-            broker.stop()
+            broker.stop(hold_port=True)
             await checkpoint(store, s, [("readings", readings("d1", 1, 10, 2))])
             await asyncio.sleep(1.0)
             assert s.workers[0].rows == 1 and s.workers[0].failures > 0

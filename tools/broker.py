@@ -2,7 +2,7 @@
 
     b = Mosquitto(data_dir, devices=["n1"]).start()  # free port unless port= is given; b.port, b.proc
     b.stop()                          # terminate, kill after 5 s
-    b.start()                         # restart on the same port (persistence kept)
+    b.stop(hold_port=True); b.start() # restart on the same port (persistence kept), the port held meanwhile
 
 Secure by default, like a real site: a fleet is provisioned into data_dir/fleet
 (tools/provision.py: CA, server certificate for localhost/127.0.0.1, password file, ACL) and
@@ -82,6 +82,7 @@ class Mosquitto:
         self.persistence = persistence
         self.new_session = new_session  # own process group: Ctrl-C in a terminal does not reach it
         self.proc = None
+        self._hold = None  # the port kept bound between stop(hold_port=True) and start()
         self.log_path = os.path.join(self.dir, "mosquitto.log")
         self.insecure = insecure
         self.fleet = None
@@ -113,6 +114,7 @@ class Mosquitto:
         deadline = time.time() + timeout
         while time.time() < deadline:
             if self.proc.poll() is not None:
+                self._release()
                 raise RuntimeError("mosquitto exited: %s (see %s)" % (self._log_tail(), self.log_path))
             mine = listens(self.proc.pid, self.port)
             if mine is None:  # no /proc: a connection tells that someone listens
@@ -122,6 +124,7 @@ class Mosquitto:
                 except OSError:
                     pass
             if mine:
+                self._release()
                 return self
             time.sleep(0.05)
         self.stop()
@@ -134,7 +137,9 @@ class Mosquitto:
         except OSError as e:
             return str(e)
 
-    def stop(self):
+    def stop(self, hold_port=False):
+        """hold_port: keep the port bound (SO_REUSEADDR, not listening) until start() has
+        mosquitto listening again, so no other process on the machine takes it meanwhile."""
         p, self.proc = self.proc, None
         if p is not None and p.poll() is None:
             p.terminate()
@@ -143,6 +148,20 @@ class Mosquitto:
             except subprocess.TimeoutExpired:
                 p.kill()
                 p.wait()
+        self._release()
+        if hold_port:
+            s = socket.socket()
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # mosquitto sets it too: it can still bind
+            try:
+                s.bind(("127.0.0.1", self.port))
+                self._hold = s
+            except OSError:
+                s.close()
+
+    def _release(self):
+        s, self._hold = self._hold, None
+        if s is not None:
+            s.close()
 
     # ---- client settings (secure mode)
 
