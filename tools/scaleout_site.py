@@ -175,6 +175,23 @@ class ScaleSite:
                         last[p] = (e["ts"], gid if e["event"] == "partition_taken" else None)
         return {p: g for p, (_ts, g) in last.items() if g is not None}
 
+    async def scrape_settled(self, gids, timeout=30.0):
+        """Every gateway's metrics once ownership has settled: each partition owned once, as
+        evenly as the gateways share them, and the metrics agree with the ownership events (a
+        rebalance after a NATS node's kill can still be moving partitions on a loaded machine).
+        Bounded: after timeout the last scrape is returned and the caller's checks say why."""
+        t0 = time.time()
+        while True:
+            m = {g: self.scrape(g) for g in gids}
+            owned = {g: sorted(int(k[1]) for k in m[g] if k[0] == "edgeflow_scaleout_partition_owned") for g in gids}
+            by_events = self.owners()
+            flat = sorted(p for g in gids for p in owned[g])
+            fair = {len(v) for v in owned.values()} <= {self.P // len(gids), -(-self.P // len(gids))}
+            agree = all(by_events.get(p) == g for g in gids for p in owned[g])
+            if (flat == list(range(self.P)) and fair and agree) or time.time() - t0 > timeout:
+                return m
+            await asyncio.sleep(0.5)
+
     async def wait_owned(self, alive, timeout=60.0):
         """Until every partition is owned by a gateway in `alive`; returns seconds waited."""
         t0 = time.time()
@@ -336,7 +353,7 @@ async def scenario(workdir, devices=20, duration=40.0, gateways=2, partitions=8,
         drained = await fleet.quiesce(timeout=90)
         log("devices drained: %s" % drained)
         await asyncio.sleep(site.lease_s)  # one more lease tick: the consumers' backlog is refreshed
-        fig["metrics"] = {g: site.scrape(g) for g in gids}
+        fig["metrics"] = await site.scrape_settled(gids)
         for g in gids:
             m = fig["metrics"][g]
             part = sorted(k[1] for k in m if k[0] == "edgeflow_scaleout_partition_owned")
