@@ -413,7 +413,7 @@ class Gateway:
             recs = list(zip(range(base, base + n), map(base_t.__add__, toffs), flat[2::5], flags, flat[4::5]))
             self._readings(topic, dev, boot, recs, now)
             return
-        d = self.devices.get(dev)
+        d = self.devices.touch(dev)
         d.last_seen = now
         if res == DUP:
             self._count_dup(d, dev, boot, base, base + n - 1, n, now)
@@ -522,7 +522,7 @@ class Gateway:
 
     def _readings(self, topic, dev, boot, recs, now):
         """Readings one at a time: (seq, t, channel, flags, value)."""
-        d = self.devices.get(dev)
+        d = self.devices.touch(dev)
         d.last_seen = now
         out = self.out
         out.touched.add((dev, boot))
@@ -678,7 +678,7 @@ class Gateway:
 
     def _records(self, topic, dev, boot, recs, now):
         """Window summaries, CEP events, anomalies, status and gap records."""
-        d = self.devices.get(dev)
+        d = self.devices.touch(dev)
         d.last_seen = now
         out = self.out
         out.touched.add((dev, boot))
@@ -729,6 +729,7 @@ class Gateway:
             elif kind == _STATUS:
                 out.device_status.append((dev, boot, seq, t, fl) + tuple(body))
                 d.status = (t,) + tuple(body)
+                self.devices.get(dev)  # a status changes the whole row
 
     def _gap(self, dev, boot, seq, t, body, d):
         """Apply a gap record; False if a range lies beyond the dedup window (resent later).
@@ -838,7 +839,7 @@ class Gateway:
         self.out.records += 1
         self.stats.quarantine(reason)
         if dev is not None:
-            self.devices.get(dev).quarantined += 1
+            self.devices.touch(dev).quarantined += 1
 
     # ================================================================ checkpoint and acks
 
@@ -860,6 +861,7 @@ class Gateway:
             ow1, owd1, res1 = self.dev_windows.export()
             ow2, owd2, res2 = self.group_windows.export()
             results = res1 + res2
+            dev_rows, dev_hot = self.devices.export()
             self.stats.window_results += sum(1 for r in results if r[5] == 0)
             self.stats.window_revisions += sum(1 for r in results if r[5] > 0)
             writes = [
@@ -869,7 +871,7 @@ class Gateway:
                 ("gaps", out.gaps), ("late", out.late), ("quarantine", out.quarantine),
                 ("quarantine_prune", [(self.q_rows,)] if out.quarantine else []),
                 ("window_revisions", results), ("window_results", results),
-                ("devices", self.devices.export()),
+                ("devices", dev_rows), ("devices_hot", dev_hot),
                 ("dedup", dd_ups), ("dedup_del", dd_dels), ("dedup_devices", list(mins.items())),
                 ("device_identity", ids),
                 ("device_watermarks", [(dev, mt, on) for dev, (mt, on) in wm_rows.items()]),

@@ -98,6 +98,10 @@ SQL = {
     "window_revisions": "INSERT OR REPLACE INTO window_revisions (%s) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?)" % _WINDOW_COLS,
     "window_results": "INSERT OR REPLACE INTO window_results (%s) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?)" % _WINDOW_COLS,
     "devices": "INSERT OR REPLACE INTO devices VALUES (%s)" % ",".join("?" * 29),
+    # a device whose row exists and only its last_seen and counters changed (devices.Registry)
+    "devices_hot": "UPDATE devices SET last_seen_ms = ?, received = ?, duplicates = ?, dropped_by_device = ?, "
+                   "skipped_by_hello = ?, quarantined = ?, late = ?, unsynced = ?, deferred = ?, live = ?, "
+                   "backlog_received = ? WHERE device = ?",
     "dedup": "INSERT OR REPLACE INTO dedup VALUES (?,?,?,?)",
     "dedup_del": "DELETE FROM dedup WHERE device = ? AND boot = ?",
     "dedup_devices": "INSERT OR REPLACE INTO dedup_devices VALUES (?,?)",
