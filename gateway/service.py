@@ -136,6 +136,7 @@ class Gateway:
         self.q_bytes = lim.quarantine_payload_bytes
         self.q_rows = lim.quarantine_max_rows
         self._groups_cache = {}
+        self._nchan = {}  # dev -> channels per tick in its last batch (_add_run's guess)
         self._committed = {}  # dev -> {boot: committed contiguous mark}
         self._epoch = {}  # dev -> re-flashes seen in this run: acks computed before one are void
         self._ack_due = {}  # dev -> boots whose committed mark is not acked yet
@@ -458,19 +459,37 @@ class Gateway:
 
     def _add_run(self, dev, start, chans, vals, wm_d, gwm, gmap):
         """Records of one window that is not due: aggregated per channel in C loops."""
-        nc = len(set(chans))
-        if nc == 1:
-            split = ((chans[0], vals),)
-        elif chans[nc:] == chans[:-nc] and len(set(chans[:nc])) == nc:  # channels interleaved per tick
-            split = tuple((chans[i], vals[i::nc]) for i in range(nc))
+        n = len(chans)
+        # Channel i of a period of m is vals[i::m] (aggregates add, so a channel may recur
+        # within the period). m: the device's channels per tick in its last batch, else found again.
+        nc = self._nchan.get(dev, 1)
+        m = nc if nc < n else n
+        if chans[m:] != chans[:-m]:
+            nc = len(set(chans))
+            if len(self._nchan) < 4 * self.max_devices:
+                self._nchan[dev] = nc
+            m = nc if nc < n else n
+            if chans[m:] != chans[:-m]:
+                m = 0  # no period: split by channel
+        if m == 1:
+            aggs = ((chans[0], n, sum(vals), sum(map(mul, vals, vals)), min(vals), max(vals)),)
+        elif m:
+            sq = list(map(mul, vals, vals))
+            aggs = []
+            for i in range(m):
+                vs = vals[i::m]
+                aggs.append((chans[i], len(vs), sum(vs), sum(sq[i::m]), min(vs), max(vs)))
         else:
-            split = tuple((ch, list(compress(vals, map(ch.__eq__, chans)))) for ch in set(chans))
-        dw, gw = self.dev_windows, self.group_windows
-        for ch, vs in split:
-            agg = (len(vs), sum(vs), sum(map(mul, vs, vs)), min(vs), max(vs))
-            dw.add_agg(dev, ch, start, *agg, wm_d)
-            for name in gmap.get(ch, ()):
-                gw.add_agg(name, ch, start, *agg, gwm)
+            aggs = []
+            for ch in set(chans):
+                vs = list(compress(vals, map(ch.__eq__, chans)))
+                aggs.append((ch, len(vs), sum(vs), sum(map(mul, vs, vs)), min(vs), max(vs)))
+        self.dev_windows.add_aggs(dev, start, aggs, wm_d)
+        if gmap:
+            gw = self.group_windows
+            for a in aggs:
+                for name in gmap.get(a[0], ()):
+                    gw.add_agg(name, a[0], start, *a[1:], gwm)
 
     def _window_runs(self, dev, boot, base, base_t, toffs, chans, vals, d, now, gmap):
         """A time-ordered batch that spans windows or makes some due: cut into runs that end where

@@ -96,6 +96,33 @@ class WindowSet:
         self.dirty[(key, ch, start)] = st
         return True
 
+    def add_aggs(self, key, start, aggs, wm):
+        """add_agg for (ch, n, sum, sumsq, min, max) of several channels in one window."""
+        if wm is not None and wm >= start + self.size - 1:
+            return False
+        k = self.keys.get(key)
+        if k is None:
+            k = self.keys[key] = _Key()
+        wins, dirty = k.wins, self.dirty
+        for ch, n, s, sq, mn, mx in aggs:
+            st = wins.get((ch, start))
+            if st is None:
+                st = wins[(ch, start)] = [n, s, sq, mn, mx, -1]
+                self.open_count += 1
+                due = start + self.size - 1
+                if k.due is None or due < k.due:
+                    k.due = due
+            else:
+                st[_N] += n
+                st[_SUM] += s
+                st[_SQ] += sq
+                if mn < st[_MIN]:
+                    st[_MIN] = mn
+                if mx > st[_MAX]:
+                    st[_MAX] = mx
+            dirty[(key, ch, start)] = st
+        return True
+
     def add(self, key, ch, t, v, wm):
         """One record. Returns OK, AMENDED (a revision was emitted) or LATE (not added)."""
         start = t - (t - self.offset) % self.size

@@ -106,3 +106,31 @@ def test_restored_state_equals_running_state_after_every_checkpoint(tmp_path):
             await gw.store.close()
 
     asyncio.run(go())
+
+
+def test_channel_pattern_changes_between_batches_equal_one_by_one(tmp_path):
+    """_add_run guesses a device's channels per tick from its last batch; a batch with another
+    pattern (fewer, more, reordered or irregular channels) must aggregate the same."""
+    from tests.test_gateway_pipeline import dump
+    pats = [lambda s: s % 3, lambda s: s % 2, lambda s: (2 - s) % 3, lambda s: 1, lambda s: (s * 7 // 5) % 3,
+            lambda s: s % 4, lambda s: s % 3]
+    rs = []
+    for k, pat in enumerate(pats):
+        for s in range(30 * k, 30 * k + 30):
+            rs.append((s, T0 + 41 * s, pat(s), 0, 1000 + (s * 37) % 101))
+
+    async def go(name, batches):
+        gw = Gateway(cfg(tmp_path, name))
+        gw.ingest = StubIngest()
+        await gw.open()
+        for b in batches:
+            deliver(gw, TOP.data("n1"), wire.encode_readings("n1", 1, b))
+        await flush(gw)
+        await gw.store.close()
+
+    asyncio.run(go("a.db", [rs[i:i + 30] for i in range(0, len(rs), 30)]))
+    asyncio.run(go("b.db", [rs[i:i + 7] for i in range(0, len(rs), 7)]))
+    asyncio.run(go("c.db", [[r] for r in rs]))
+    for t in ("window_results", "window_revisions", "late", "open_windows"):
+        a, b, c = (dump(str(tmp_path / n), t) for n in ("a.db", "b.db", "c.db"))
+        assert a == b == c, t
