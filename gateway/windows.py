@@ -21,6 +21,8 @@ OK = 0
 LATE = 1
 AMENDED = 2
 
+_I64 = 1 << 63  # sums of squares are >= 0
+
 # state list slots
 _N, _SUM, _SQ, _MIN, _MAX, _REV = range(6)
 
@@ -201,7 +203,9 @@ class WindowSet:
     def export(self):
         """(open-window upserts, deletes, results) since the last export."""
         scope = self.scope
-        ups = [(scope, key, ch, start, n, s, str(sq), mn, mx, rev)
+        # sumsq: its TEXT column stores an int as the same text; only a value past int64 (which
+        # SQLite cannot bind) is made a str here, the rest SQLite converts in C
+        ups = [(scope, key, ch, start, n, s, sq if sq < _I64 else str(sq), mn, mx, rev)
                for (key, ch, start), (n, s, sq, mn, mx, rev) in self.dirty.items()]
         dels = [(scope, key, ch, start) for key, ch, start in self.purged]
         res = self.results

@@ -8,7 +8,7 @@ import asyncio
 from gateway.service import Gateway
 from shared import wire
 from tests.test_gateway_fakes import T0, readings
-from tests.test_gateway_pipeline import NOW, TOP, StubIngest, cfg, deliver, flush, hello
+from tests.test_gateway_pipeline import NOW, TOP, StubIngest, cfg, deliver, dump, flush, hello
 
 
 def state_of(gw):
@@ -111,7 +111,6 @@ def test_restored_state_equals_running_state_after_every_checkpoint(tmp_path):
 def test_channel_pattern_changes_between_batches_equal_one_by_one(tmp_path):
     """_add_run guesses a device's channels per tick from its last batch; a batch with another
     pattern (fewer, more, reordered or irregular channels) must aggregate the same."""
-    from tests.test_gateway_pipeline import dump
     pats = [lambda s: s % 3, lambda s: s % 2, lambda s: (2 - s) % 3, lambda s: 1, lambda s: (s * 7 // 5) % 3,
             lambda s: s % 4, lambda s: s % 3]
     rs = []
@@ -132,5 +131,62 @@ def test_channel_pattern_changes_between_batches_equal_one_by_one(tmp_path):
     asyncio.run(go("b.db", [rs[i:i + 7] for i in range(0, len(rs), 7)]))
     asyncio.run(go("c.db", [[r] for r in rs]))
     for t in ("window_results", "window_revisions", "late", "open_windows"):
+        a, b, c = (dump(str(tmp_path / n), t) for n in ("a.db", "b.db", "c.db"))
+        assert a == b == c, t
+
+
+
+def test_hot_device_rows_match_their_statement():
+    from gateway import devices, store
+    assert store.SQL["devices_hot"].count("?") == len(devices._HOT(devices.Device("x")))
+    for c in devices.COUNTERS:
+        assert " %s = ?" % c in store.SQL["devices_hot"]
+
+
+def test_batches_equal_one_by_one_without_groups(tmp_path):
+    """Without group windows _window_runs brings the watermark state up to date only where
+    something is due: results, revisions, late rows and the watermarks they carry must still
+    equal record-by-record processing, for time-ordered batches that span windows, make
+    windows due mid-batch, and start in a window already due (late within the lateness, and
+    beyond it)."""
+    bursts = []
+    seq = 0
+    t = T0
+    for k in range(60):
+        b = []
+        for m in range(9 + k % 5):
+            b.append((seq, t, m % 3, 0, 500 + (seq * 53) % 211))
+            seq += 1
+            t += 97 + 13 * (k % 3)
+        bursts.append(b)
+        if k % 4 == 3:  # a sorted burst back in time: late within the lateness, then beyond
+            bursts.append([(seq + m, t - 3100 + 350 * m, m % 2, 0, 7 + m) for m in range(7)])
+            seq += 7
+    merged = [list(bursts[0])]
+    for b in bursts[1:]:
+        if b[0][1] > merged[-1][-1][1] and len(merged[-1]) + len(b) <= 50:
+            merged[-1].extend(b)
+        else:
+            merged.append(list(b))
+    c = {"windows": {"size_ms": 1000, "allowed_lateness_ms": 1500, "groups": []},
+         "watermark": {"out_of_orderness_ms": 250}}
+
+    async def go(name, batches):
+        gw = Gateway(cfg(tmp_path, name, **c))
+        gw.ingest = StubIngest()
+        await gw.open()
+        assert not gw.groups
+        for dev in ("n1", "n2"):
+            for b in batches:
+                deliver(gw, TOP.data(dev), wire.encode_readings(dev, 1, b))
+        await flush(gw)
+        s = gw.stats
+        await gw.store.close()
+        return s.late, s.window_revisions, s.window_results
+
+    stats = [asyncio.run(go("a.db", merged)), asyncio.run(go("b.db", bursts)),
+             asyncio.run(go("c.db", [[r] for b in bursts for r in b]))]
+    assert stats[0] == stats[1] == stats[2] and min(stats[0]) > 0
+    for t in ("window_results", "window_revisions", "late", "open_windows", "device_watermarks"):
         a, b, c = (dump(str(tmp_path / n), t) for n in ("a.db", "b.db", "c.db"))
         assert a == b == c, t
