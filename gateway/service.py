@@ -38,7 +38,7 @@ from .devices import Registry
 from .ingest import Ingest
 from .keys import Keys, load_devices_file
 from .sinks import SinkSet
-from .store import RAW_COLS, Store
+from .store import RAW_COLS, Store, journal_entry
 from .watermark import Watermarks
 from .windows import LATE, WindowSet
 
@@ -71,6 +71,11 @@ def _readings_struct(n):
         _fmt_size[0] += n
     return s
 
+
+# The state tables are brought up to date from the state journal (store.py) at least this often,
+# and after at most this many checkpoints: what they lag while the gateway runs.
+STATE_FOLD_S = 1.0
+STATE_FOLD_MAX = 64
 
 # Unsynced times are ms since the device booted: anything outside this cannot be one (and a
 # value beyond int64 would make the commit fail).
@@ -143,6 +148,8 @@ class Gateway:
         self._last_ack = {}  # dev -> processing ms of the last ack
         self._group_wm = None
         self._commit_task = None
+        self._journaled = 0  # state journal rows since the last fold (store.py)
+        self._folded = time.monotonic()
         self._ack_rx = {}  # dev -> monotonic receipt of the oldest committed message its next ack covers
         self.web = None
         self._ops_task = None
@@ -890,6 +897,8 @@ class Gateway:
                 ("gaps", out.gaps), ("late", out.late), ("quarantine", out.quarantine),
                 ("quarantine_prune", [(self.q_rows,)] if out.quarantine else []),
                 ("window_revisions", results), ("window_results", results),
+            ]
+            state = [  # store.JOURNALED, in the order a fold applies them
                 ("devices", dev_rows), ("devices_hot", dev_hot),
                 ("dedup", dd_ups), ("dedup_del", dd_dels), ("dedup_devices", list(mins.items())),
                 ("device_identity", ids),
@@ -901,9 +910,19 @@ class Gateway:
                 raw = out.readings  # as rows only for sinks that forward raw readings
                 rows = list(zip(*[iter(raw)] * RAW_COLS)) if raw and self.sinks.forwards("readings") else []
                 writes.append(("sink_outbox", self.sinks.stage(writes + [("readings", rows)])))
-            rows = sum(len(r) for _k, r in writes) - len(out.readings) + len(out.readings) // RAW_COLS
+            n_state = sum(len(r) for _k, r in state)
+            rows = sum(len(r) for _k, r in writes) - len(out.readings) + len(out.readings) // RAW_COLS + n_state
             if not rows and not out.mids and not out.touched:
                 return
+            # the state's changes: one journal row; folded into the state tables about once a
+            # second (store.py, "The state journal")
+            if n_state:
+                writes.append(("state_journal", [(journal_entry(state),)]))
+                self._journaled += 1
+            mono = time.monotonic()
+            if self._journaled and (mono - self._folded >= STATE_FOLD_S or self._journaled >= STATE_FOLD_MAX):
+                writes.append(("state_fold", [()]))
+                self._journaled, self._folded = 0, mono
             # the marks acked are the ones this transaction commits
             ep = self._epoch
             acks = sorted((dev, boot, self.dedup.hwm(dev, boot), ep.get(dev, 0)) for dev, boot in out.touched)

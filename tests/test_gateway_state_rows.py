@@ -190,3 +190,88 @@ def test_batches_equal_one_by_one_without_groups(tmp_path):
     for t in ("window_results", "window_revisions", "late", "open_windows", "device_watermarks"):
         a, b, c = (dump(str(tmp_path / n), t) for n in ("a.db", "b.db", "c.db"))
         assert a == b == c, t
+
+
+def test_state_journal_fold_equals_writing_every_checkpoint(tmp_path):
+    """Random checkpoints' state writes (upserts, deletes and re-inserts of the same keys, full
+    and hot device rows in any order), applied as they come in one database and journaled then
+    folded at random points (and at open) in another: the state tables end up identical."""
+    import random
+    import sqlite3
+    from gateway import store
+
+    rng = random.Random(16)
+    devs = ["d%d" % i for i in range(6)]
+    seen = set()
+
+    def delta():
+        full, hot = [], []
+        for d in rng.sample(devs, 3):
+            if d not in seen or rng.random() < 0.3:
+                full.append((d, "fw%d" % rng.randrange(3), 1, 2, 3, 4, 5, 1, rng.randrange(9), 0)
+                            + tuple(rng.randrange(99) for _ in range(10)) + (None,) * 9)
+                seen.add(d)
+            else:
+                hot.append((rng.randrange(1000),) + tuple(rng.randrange(99) for _ in range(10)) + (d,))
+        keys = [(d, b) for d in rng.sample(devs, 3) for b in (1, 2)]
+        ups = [(d, b, rng.randrange(50), b"\x01" * rng.randrange(3)) for d, b in keys if rng.random() < 0.6]
+        dels = [k for k in keys if k not in {u[:2] for u in ups} and rng.random() < 0.5]
+        wins = [("device", d, ch, 60000 * rng.randrange(3)) for d in rng.sample(devs, 2) for ch in (0, 1)]
+        ow = [w + (5, 6, rng.randrange(1 << 64), 1, 2, -1) for w in wins if rng.random() < 0.6]
+        owd = [w for w in wins if w not in {o[:4] for o in ow} and rng.random() < 0.5]
+        return [("devices", full), ("devices_hot", hot), ("dedup", ups), ("dedup_del", dels),
+                ("dedup_devices", [(d, rng.randrange(3)) for d in rng.sample(devs, 1)]),
+                ("device_identity", [(d, 7, rng.randrange(9), "", 0) for d in rng.sample(devs, 1)]),
+                ("device_watermarks", [(d, rng.randrange(10 ** 6), 1) for d in rng.sample(devs, 2)]),
+                ("open_windows", [o[:6] + (str(o[6]),) + o[7:] for o in ow]), ("open_windows_del", owd),
+                ("meta", [("global_watermark", rng.randrange(10 ** 6))] if rng.random() < 0.5 else [])]
+
+    a = sqlite3.connect(str(tmp_path / "a.db"), isolation_level=None)
+    a.execute("PRAGMA synchronous=OFF")
+    a.executescript(store.SCHEMA)
+    b_path = str(tmp_path / "b.db")
+    b = sqlite3.connect(b_path, isolation_level=None)
+    b.execute("PRAGMA synchronous=OFF")
+    b.executescript(store.SCHEMA)
+    folds = 0
+    for k in range(300):
+        d = delta()
+        store._transaction(a, d)
+        w = [("state_journal", [(store.journal_entry(d),)])]
+        if rng.random() < 0.2:
+            w.append(("state_fold", [()]))
+            folds += 1
+        store._transaction(b, w)
+        if k % 50 == 49:  # a restart: open folds
+            b.close()
+            b = sqlite3.connect(b_path, isolation_level=None)
+            b.execute("PRAGMA synchronous=OFF")
+            store.fold_journal(b)
+    store.fold_journal(b)
+    assert folds > 30 and not b.execute("SELECT count(*) FROM state_journal").fetchone()[0]
+    for t in ("devices", "dedup", "dedup_devices", "device_identity", "device_watermarks", "open_windows", "meta"):
+        q = "SELECT * FROM %s" % t
+        assert sorted(a.execute(q).fetchall(), key=repr) == sorted(b.execute(q).fetchall(), key=repr), t
+
+
+def test_state_journal_fold_keeps_the_latest_op_per_key():
+    import sqlite3
+    from gateway import store
+    full = ("d1", "fw", 1, 2, 3, 4, 5, 1, 7, 0) + tuple(range(10)) + (None,) * 9
+    hot = (999,) + tuple(range(50, 60)) + ("d1",)
+    ow = ("device", "d1", 0, 0, 5, 6, "7", 1, 2, -1)
+    seqs = [[("devices", [full])], [("devices_hot", [hot])], [("devices", [full])],  # full after hot wins
+            [("open_windows", [ow])], [("open_windows_del", [ow[:4]])],  # deleted
+            [("dedup_del", [("d1", 1)])], [("dedup", [("d1", 1, 5, b"")])],  # re-inserted
+            [("device_watermarks", [("d1", 5, 1)])], [("device_watermarks", [("d1", 9, 0)])]]
+    a = sqlite3.connect(":memory:", isolation_level=None)
+    b = sqlite3.connect(":memory:", isolation_level=None)
+    for c in (a, b):
+        c.executescript(store.SCHEMA)
+    for d in seqs:
+        store._transaction(a, d)
+        store._transaction(b, [("state_journal", [(store.journal_entry(d),)])])
+    store._transaction(b, [("state_fold", [()])])
+    for t in ("devices", "open_windows", "dedup", "device_watermarks"):
+        assert a.execute("SELECT * FROM " + t).fetchall() == b.execute("SELECT * FROM " + t).fetchall(), t
+    assert b.execute("SELECT count(*) FROM dedup").fetchone()[0] == 1
