@@ -214,7 +214,7 @@ class Gateway:
             await asyncio.gather(*tasks, stop, return_exceptions=True)
             if failed is None:
                 try:
-                    await self.checkpoint()
+                    await self.checkpoint(fold=True)  # a replica gets the fold too (not only close())
                     if self._commit_task:
                         await self._commit_task
                 except Exception as e:  # noqa: BLE001 - reported below
@@ -869,11 +869,12 @@ class Gateway:
 
     # ================================================================ checkpoint and acks
 
-    async def checkpoint(self):
+    async def checkpoint(self, fold=False):
         """Commit everything since the last checkpoint; acks follow the commit.
 
         The snapshot is taken synchronously, so processing continues while the
-        transaction runs in the database thread; only one commit is in flight."""
+        transaction runs in the database thread; only one commit is in flight.
+        fold: also bring the state tables up to date (the last checkpoint of run())."""
         async with self._ckpt_lock:
             if self._commit_task is not None:
                 await asyncio.shield(self._commit_task)
@@ -912,17 +913,20 @@ class Gateway:
                 writes.append(("sink_outbox", self.sinks.stage(writes + [("readings", rows)])))
             n_state = sum(len(r) for _k, r in state)
             rows = sum(len(r) for _k, r in writes) - len(out.readings) + len(out.readings) // RAW_COLS + n_state
-            if not rows and not out.mids and not out.touched:
+            mono = time.monotonic()
+            fold = (self._journaled or n_state) and (fold or mono - self._folded >= STATE_FOLD_S or
+                                                     self._journaled >= STATE_FOLD_MAX)
+            if not rows and not out.mids and not out.touched and not fold:
                 return
             # the state's changes: one journal row; folded into the state tables about once a
-            # second (store.py, "The state journal")
+            # second, in a checkpoint's transaction (store.py, "The state journal")
             if n_state:
                 writes.append(("state_journal", [(journal_entry(state),)]))
                 self._journaled += 1
-            mono = time.monotonic()
-            if self._journaled and (mono - self._folded >= STATE_FOLD_S or self._journaled >= STATE_FOLD_MAX):
+            if fold:
                 writes.append(("state_fold", [()]))
                 self._journaled, self._folded = 0, mono
+                rows += 1
             # the marks acked are the ones this transaction commits
             ep = self._epoch
             acks = sorted((dev, boot, self.dedup.hwm(dev, boot), ep.get(dev, 0)) for dev, boot in out.touched)
