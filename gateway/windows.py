@@ -75,28 +75,7 @@ class WindowSet:
     def add_agg(self, key, ch, start, n, s, sq, mn, mx, wm):
         """Fast path for a batch of records of one window. Only taken while the window is
         not due yet (W < end - 1): then it equals adding them one by one. False otherwise."""
-        if wm is not None and wm >= start + self.size - 1:
-            return False
-        k = self.keys.get(key)
-        if k is None:
-            k = self.keys[key] = _Key()
-        st = k.wins.get((ch, start))
-        if st is None:
-            st = k.wins[(ch, start)] = [n, s, sq, mn, mx, -1]
-            self.open_count += 1
-            due = start + self.size - 1
-            if k.due is None or due < k.due:
-                k.due = due
-        else:
-            st[_N] += n
-            st[_SUM] += s
-            st[_SQ] += sq
-            if mn < st[_MIN]:
-                st[_MIN] = mn
-            if mx > st[_MAX]:
-                st[_MAX] = mx
-        self.dirty[(key, ch, start)] = st
-        return True
+        return self.add_aggs(key, start, ((ch, n, s, sq, mn, mx),), wm)
 
     def add_aggs(self, key, start, aggs, wm):
         """add_agg for (ch, n, sum, sumsq, min, max) of several channels in one window."""
