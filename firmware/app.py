@@ -44,9 +44,13 @@ class App:
 
     def _sync_pipeline(self):
         """Give the pipeline its base: epoch ms at t_rel 0 when synced, else boot ms."""
-        from firmware import appx  # rarely run (firmware/appx.py), unloaded after
+        self._x("sync_pipeline")
+
+    def _x(self, name):
+        """Run firmware/appx.py's name(self): rarely run App code, unloaded after (RAM)."""
+        from firmware import appx
         try:
-            return appx.sync_pipeline(self)
+            return getattr(appx, name)(self)
         finally:
             _hal.unload("firmware.appx")
 
@@ -111,11 +115,7 @@ class App:
         return t_rel
 
     def _rebase(self):
-        from firmware import appx  # rarely run (firmware/appx.py), unloaded after
-        try:
-            return appx.rebase(self)
-        finally:
-            _hal.unload("firmware.appx")
+        self._x("rebase")
 
     async def _sampler(self):
         hal = self.hal
@@ -228,17 +228,7 @@ class App:
                 # retried every minute only while the clock is unset: once NTP or the gateway's
                 # beacon set it, NTP runs at its period (each query blocks <= 0.5 s, hal_esp32)
                 last_ntp = b
-                b0 = ck.boot_ms()
-                e = None
-                try:
-                    e = hal.ntp(cfg["clock"]["ntp_host"])
-                except Exception:
-                    e = None
-                if e is None:
-                    self.c["ntp_fail"] += 1
-                else:
-                    self.c["ntp_ok"] += 1
-                    ck.set_time(e, "ntp", (b0 + ck.boot_ms()) // 2)
+                self._x("ntp")
             if ck.steps != steps or (ck.synced and not self._psynced):
                 steps = ck.steps
                 if ck.synced and (not self._psynced or self._pepoch != ck.boot_epoch):
@@ -277,9 +267,7 @@ class App:
             self._tasks = []
             if not self.killed:
                 try:
-                    self.pipeline.flush(self.clock.boot_ms() - self._pbase)
-                    self.outbox.flush()
-                    self.outbox.persist_acks()
+                    self._x("flush_all")
                 except Exception as e:
                     self.hal.console("shutdown flush failed %r" % (e,))
                 await up.shutdown()
@@ -295,18 +283,10 @@ class App:
     def kill(self):
         """Power cut: stop now. Nothing more reaches flash (the RAM batch is lost), the broker
         publishes the last will. Reboot with hal.reboot() and a new App on the same hal."""
-        from firmware import appx  # rarely run (firmware/appx.py), unloaded after
-        try:
-            return appx.kill(self)
-        finally:
-            _hal.unload("firmware.appx")
+        self._x("kill")
 
     def counters(self):
-        from firmware import appx  # rarely run (firmware/appx.py), unloaded after
-        try:
-            return appx.counters(self)
-        finally:
-            _hal.unload("firmware.appx")
+        return self._x("counters")
 
 
 # ---------------------------------------------------------------- on the board

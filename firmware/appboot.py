@@ -45,8 +45,8 @@ def boot(app):
     cfg = app.cfg
     hal = app.hal
     fs = hal.fs
-    app.identity = Identity(fs, floor=highest_boot(fs, cfg["outbox"]["dir"]))
-    app.boot = app.identity.boot
+    ident = Identity(fs, floor=highest_boot(fs, cfg["outbox"]["dir"]))  # not kept: boot only (RAM)
+    app.boot = ident.boot
     ob = cfg["outbox"]
     app.outbox = Outbox(fs, app.boot, ob["dir"], ob["max_bytes"], ob["segment_bytes"], ob["batch_records"],
                         ob["batch_ms"], ob["ack_persist_ms"]).load()
@@ -63,7 +63,7 @@ def boot(app):
     app._every = cfg["raw"]["every"]
     app._n = 0
     hal.use_tls(cfg["broker"].get("tls"))
-    app.uplink = Uplink(cfg, hal, app.outbox, app.clock, app.fw, instance=app.identity.instance)
+    app.uplink = Uplink(cfg, hal, app.outbox, app.clock, app.fw, instance=ident.instance)
     hal.console("edgeflow boot device=%s boot=%d fw=%s" % (cfg["device_id"], app.boot, app.fw))
     if app.outbox.torn:
         hal.console("outbox: %d torn segment tail(s) skipped" % app.outbox.torn)
@@ -93,6 +93,8 @@ def build(config_path):
     app._boot()
     unload("firmware.pconf")  # pipeline config parsing: boot only
     unload("firmware.prules")
+    unload("shared.wire_ctl")
+    unload("firmware.identity")  # the boot counter (the outbox keeps firmware/slots.py)
     # keep only the config the running tasks read (the rest went into the objects): RAM
     c = app.cfg
     app.cfg = app.uplink.cfg = {
@@ -122,9 +124,14 @@ def uplink_init(up, cfg, hal, outbox, clock, fw, console, instance):
     up.instance = instance
     up.nonce = up.prev_nonce = 0  # 0: no hello yet (a nonce is never 0)
     up._beacon = None  # gw_time of the last accepted time beacon
-    up.topics = wire.Topics(cfg["prefix"])
-    up.t_ack = up.topics.ack(up.dev)
-    up.t_data = up.topics.data(up.dev)
+    from shared import wire_ctl  # boot and hello only: unloaded by build() and Uplink.hello (RAM)
+    tp = wire_ctl.Topics(cfg["prefix"])  # not kept: its class would keep wire_ctl loaded
+    up.t_ack = tp.ack(up.dev)
+    up.t_data = tp.data(up.dev)
+    up.t_hello = tp.hello(up.dev)
+    up.t_state = tp.state(up.dev)
+    up.t_gw = tp.gw_state
+    tp = wire_ctl = None
     u = cfg["uplink"]
     up.batch_max = u["batch_max"]
     up.resend_ms = u["resend_ms"]
@@ -133,7 +140,7 @@ def uplink_init(up, cfg, hal, outbox, clock, fw, console, instance):
     b = cfg["broker"]
     up.client = MQTTClient(
         b["client_id"], b["host"], b["port"], keepalive=b["keepalive_s"],
-        will=(up.topics.state(up.dev), wire.encode_state(False), 1, True),
+        will=(up.t_state, wire.encode_state(False), 1, True),
         clean=True, user=b.get("user"), password=b.get("password"),
         open_connection=hal.open_connection, on_message=up._on_message,
         max_inflight=u["max_inflight"], timeout_ms=b["timeout_ms"],

@@ -1,6 +1,6 @@
 # Rarely run App code (firmware/app.py): the pipeline's time base after a clock change or
-# every 2**28 ms, counters (tests, simulator, selftest), the simulated power cut. Imported on
-# demand and unloaded after on MicroPython (RAM).
+# every 2**28 ms, the NTP query, the shutdown flush, counters (tests, simulator, selftest), the
+# simulated power cut. Imported on demand and unloaded after on MicroPython (RAM).
 
 
 def sync_pipeline(app):
@@ -62,3 +62,26 @@ def counters(app):
         out["synced"] = app.clock.synced
         out["clock_offset_ms"] = app.clock.offset_ms
     return out
+
+
+def ntp(app):
+    """One NTP query (hal.ntp: bounded), counted; the clock takes the answer at the query's midpoint."""
+    ck = app.clock
+    b0 = ck.boot_ms()
+    e = None
+    try:
+        e = app.hal.ntp(app.cfg["clock"]["ntp_host"])
+    except Exception:
+        e = None
+    if e is None:
+        app.c["ntp_fail"] += 1
+    else:
+        app.c["ntp_ok"] += 1
+        ck.set_time(e, "ntp", (b0 + ck.boot_ms()) // 2)
+
+
+def flush_all(app):
+    """Graceful stop: close the windows, flush the outbox, persist the acks."""
+    app.pipeline.flush(app.clock.boot_ms() - app._pbase)
+    app.outbox.flush()
+    app.outbox.persist_acks()

@@ -9,7 +9,7 @@
 # match calls sink.on_cep(rule, t, span_ms, evidence) (allocation is fine there: rare).
 # Format and semantics: docs/pipeline.md.
 from shared import wire_dev as wire  # the device side of the contract (shared/wire.py: all of it)
-from firmware.window import TimedRing
+from firmware.ring import TimedRing
 from firmware.pipeline import ConfigError  # noqa: F401 (re-exported)
 
 try:

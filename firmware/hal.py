@@ -64,19 +64,8 @@ try:
     ticks_ms = time.ticks_ms
     ticks_diff = time.ticks_diff
     ticks_add = time.ticks_add
-except AttributeError:  # CPython
-    _T0 = time.monotonic()
-    _PERIOD = 1 << 30
-    _HALF = _PERIOD >> 1
-
-    def ticks_ms():
-        return int((time.monotonic() - _T0) * 1000) & (_PERIOD - 1)
-
-    def ticks_diff(a, b):
-        return ((a - b + _HALF) & (_PERIOD - 1)) - _HALF
-
-    def ticks_add(a, d):
-        return (a + d) & (_PERIOD - 1)
+except AttributeError:  # CPython (firmware/cpyticks.py is never copied to the board: RAM)
+    from firmware.cpyticks import ticks_ms, ticks_diff, ticks_add
 
 
 async def sleep_ms(ms):

@@ -11,7 +11,6 @@ import asyncio
 import machine
 import network
 
-from firmware import pins
 from firmware import hal as _hal
 
 _DHT_MIN_MS = 2100
@@ -25,6 +24,7 @@ class Esp32Hal:
     tls = None  # config broker.tls: {"ca": path on self.fs, "server_hostname": name}
 
     def __init__(self, cfg=None, root=""):
+        from firmware import pins  # read here only: unloaded below (RAM)
         self.fs = _hal.PosixFS(root)
         self._adc = machine.ADC(machine.Pin(pins.POT_ADC))
         try:
@@ -43,6 +43,7 @@ class Esp32Hal:
         self._btn = machine.Pin(pins.BUTTON, machine.Pin.IN, machine.Pin.PULL_UP)
         self._wdt = None
         self._wlan = network.WLAN(network.STA_IF)
+        _hal.unload("firmware.pins")
 
     # ---- time
     def ticks_ms(self):

@@ -15,21 +15,20 @@ import asyncio
 
 from firmware.hal import ticks_ms, ticks_diff, sleep_ms, unload
 
-CONNECT = 1
-CONNACK = 2
-PUBLISH = 3
-PUBACK = 4
-SUBSCRIBE = 8
-SUBACK = 9
-UNSUBSCRIBE = 10
-UNSUBACK = 11
-PINGREQ = 12
-PINGRESP = 13
-DISCONNECT = 14
+try:
+    from micropython import const
+except ImportError:
+    def const(x):
+        return x
+
+# packet types: const with a leading underscore, so not stored on the board (RAM)
+_PUBLISH = const(3)
+_PUBACK = const(4)
+_PINGRESP = const(13)
+_MAX_PACKET = const(268435455)
 
 PINGREQ_PACKET = b"\xc0\x00"
 DISCONNECT_PACKET = b"\xe0\x00"
-MAX_PACKET = 268435455
 
 
 class MQTTError(Exception):
@@ -40,7 +39,7 @@ class MQTTError(Exception):
 
 
 def varlen(n):
-    if n < 0 or n > MAX_PACKET:
+    if n < 0 or n > _MAX_PACKET:
         raise MQTTError("bad length %d" % n)
     out = bytearray()
     while True:
@@ -67,7 +66,7 @@ def publish_header(topic, n, qos=0, retain=False, dup=False, pid=0):
     copy of it joined to the header, device RAM)."""
     if qos not in (0, 1):
         raise MQTTError("qos %r not supported" % qos)
-    first = (PUBLISH << 4) | (qos << 1) | (1 if retain else 0) | (0x08 if dup and qos else 0)
+    first = (_PUBLISH << 4) | (qos << 1) | (1 if retain else 0) | (0x08 if dup and qos else 0)
     body = _s(topic)
     if qos:
         if not 0 < pid <= 0xFFFF:
@@ -82,7 +81,7 @@ def publish_packet(topic, payload, qos=0, retain=False, dup=False, pid=0):
 
 
 def puback_packet(pid):
-    return struct.pack(">BBH", PUBACK << 4, 2, pid)
+    return struct.pack(">BBH", _PUBACK << 4, 2, pid)
 
 
 def parse(first, body):
@@ -90,7 +89,7 @@ def parse(first, body):
     ('connack', session_present, rc) ('publish', topic, payload, qos, retain, dup, pid)
     ('puback', pid) ('suback', pid, codes) ('unsuback', pid) ('pingresp',) ('pingreq',)."""
     t = first >> 4
-    if t == PUBLISH:
+    if t == _PUBLISH:
         qos = (first >> 1) & 3
         if qos > 1:
             raise MQTTError("qos 2 not supported")
@@ -108,25 +107,17 @@ def parse(first, body):
             pid = (body[off] << 8) | body[off + 1]
             off += 2
         return ("publish", topic, bytes(body[off:]), qos, bool(first & 1), bool(first & 8), pid)
-    if t == CONNACK:
-        if len(body) != 2:
-            raise MQTTError("bad connack")
-        return ("connack", body[0] & 1, body[1])
-    if t == PUBACK:
+    if t == _PUBACK:
         if len(body) != 2:
             raise MQTTError("bad puback")
         return ("puback", (body[0] << 8) | body[1])
-    if t == SUBACK:
-        if len(body) < 3:
-            raise MQTTError("bad suback")
-        return ("suback", (body[0] << 8) | body[1], tuple(body[2:]))
-    if t == UNSUBACK:
-        return ("unsuback", (body[0] << 8) | body[1])
-    if t == PINGRESP:
+    if t == _PINGRESP:
         return ("pingresp",)
-    if t == PINGREQ:
-        return ("pingreq",)
-    raise MQTTError("unexpected packet type %d" % t)
+    from firmware import mqttc  # the connect-time packets (firmware/mqttc.py)
+    try:
+        return mqttc.parse_rare(t, body)
+    finally:
+        unload("firmware.mqttc")
 
 
 # ---------------------------------------------------------------- the client
@@ -156,42 +147,10 @@ class MQTTClient:
     def __init__(self, client_id, host, port=1883, keepalive=30, will=None, clean=True, user=None,
                  password=None, open_connection=None, on_message=None, max_inflight=16,
                  timeout_ms=5000, resolver="dns", retransmit=True):
-        self.client_id = client_id
-        self.host = host
-        self.port = port
-        self.keepalive = keepalive
-        self.will = will
-        self.clean = clean
-        self.user = user
-        self.password = password
-        self.open_connection = open_connection or asyncio.open_connection
-        self.on_message = on_message
-        self.max_inflight = max_inflight
-        self.timeout_ms = timeout_ms
-        self.resolver = resolver
-        # False: in-flight QoS 1 publishes keep only their packet id (flow control), not the
-        # packet, and are not resent after a reconnect (the owner replays them: the uplink's
-        # outbox does): up to max_inflight packets less in RAM
-        self.retransmit = retransmit
-        self.addr = None  # the broker's address, resolved once (again after a failed connect)
-        self.connected = False
-        self.inflight = []  # [pid, packet or None] awaiting PUBACK, oldest first (bounded)
-        self._pid = 0
-        self._r = None
-        self._w = None
-        self._lock = asyncio.Lock()
-        self._tasks = []
-        self._subacks = {}
-        self._last_rx = 0
-        self._last_tx = 0
-        self.last_error = None
-        # counters
-        self.connects = 0
-        self.published = 0
-        self.received = 0
-        self.pubacks = 0
-        self.retransmits = 0
-        self.pings = 0
+        from firmware import mqttc  # set-up (firmware/mqttc.py): unloaded after (RAM)
+        mqttc.init(self, client_id, host, port, keepalive, will, clean, user, password, open_connection,
+                   on_message, max_inflight, timeout_ms, resolver, retransmit)
+        unload("firmware.mqttc")
 
     def _next_pid(self):
         for _ in range(0x10000):
@@ -285,7 +244,7 @@ class MQTTClient:
         return publish_header(topic, len(payload), qos, retain, False, pid), payload
 
     async def wait_inflight(self, timeout_ms=5000):
-        """Wait until every QoS 1 publish got its PUBACK. Returns True if so."""
+        """Wait until every QoS 1 publish got its _PUBACK. Returns True if so."""
         t0 = ticks_ms()
         while self.inflight:
             if ticks_diff(ticks_ms(), t0) > timeout_ms:

@@ -1,11 +1,12 @@
 # The MQTT client's connect-time code (firmware/mqtt.py): CONNECT / SUBSCRIBE packets, DNS,
-# the connect and subscribe handshakes, and split() for tests and tools. MQTTClient imports it
-# on demand and unloads it after (RAM: the steady send path stays in firmware/mqtt.py).
+# the connect and subscribe handshakes, the client's set-up, the rare packet types, and split()
+# for tests and tools. MQTTClient imports it on demand and unloads it after (RAM: the steady
+# send path stays in firmware/mqtt.py).
 import struct
 import asyncio
 
 from firmware.hal import ticks_ms
-from firmware.mqtt import MQTTError, CONNECT, SUBSCRIBE, _s, varlen, parse, _close_stream
+from firmware.mqtt import MQTTError, _s, varlen, parse, _close_stream
 
 
 def _packet(first, body):
@@ -43,7 +44,7 @@ def connect_packet(client_id, keepalive=30, clean=True, will=None, user=None, pa
             flags |= 0x40
             payload += _s(password)
     body = _s("MQTT") + bytes((4, flags)) + struct.pack(">H", keepalive) + payload
-    return _packet(CONNECT << 4, body)
+    return _packet(0x10, body)  # CONNECT
 
 
 def set_dup(packet):
@@ -56,7 +57,7 @@ def subscribe_packet(pid, topics):
     body = struct.pack(">H", pid)
     for t, q in topics:
         body += _s(t) + bytes((q,))
-    return _packet((SUBSCRIBE << 4) | 0x02, body)
+    return _packet(0x82, body)  # SUBSCRIBE
 
 
 def split(buf):
@@ -146,3 +147,61 @@ async def subscribe(cl, topic, qos=1):
     if codes is None or codes[0] == 0x80:
         raise MQTTError("subscribe refused: %s" % topic)
     return codes[0]
+
+
+def init(c, client_id, host, port, keepalive, will, clean, user, password, open_connection, on_message,
+         max_inflight, timeout_ms, resolver, retransmit):
+    """MQTTClient.__init__ (firmware/mqtt.py)."""
+    c.client_id = client_id
+    c.host = host
+    c.port = port
+    c.keepalive = keepalive
+    c.will = will
+    c.clean = clean
+    c.user = user
+    c.password = password
+    c.open_connection = open_connection or asyncio.open_connection
+    c.on_message = on_message
+    c.max_inflight = max_inflight
+    c.timeout_ms = timeout_ms
+    c.resolver = resolver
+    # False: in-flight QoS 1 publishes keep only their packet id (flow control), not the
+    # packet, and are not resent after a reconnect (the owner replays them: the uplink's
+    # outbox does): up to max_inflight packets less in RAM
+    c.retransmit = retransmit
+    c.addr = None  # the broker's address, resolved once (again after a failed connect)
+    c.connected = False
+    c.inflight = []  # [pid, packet or None] awaiting PUBACK, oldest first (bounded)
+    c._pid = 0
+    c._r = None
+    c._w = None
+    c._lock = asyncio.Lock()
+    c._tasks = []
+    c._subacks = {}
+    c._last_rx = 0
+    c._last_tx = 0
+    c.last_error = None
+    # counters
+    c.connects = 0
+    c.published = 0
+    c.received = 0
+    c.pubacks = 0
+    c.retransmits = 0
+    c.pings = 0
+
+
+def parse_rare(t, body):
+    """mqtt.parse for CONNACK, SUBACK, UNSUBACK, PINGREQ and unknown types."""
+    if t == 2:  # CONNACK
+        if len(body) != 2:
+            raise MQTTError("bad connack")
+        return ("connack", body[0] & 1, body[1])
+    if t == 9:  # SUBACK
+        if len(body) < 3:
+            raise MQTTError("bad suback")
+        return ("suback", (body[0] << 8) | body[1], tuple(body[2:]))
+    if t == 11:  # UNSUBACK
+        return ("unsuback", (body[0] << 8) | body[1])
+    if t == 12:  # PINGREQ
+        return ("pingreq",)
+    raise MQTTError("unexpected packet type %d" % t)

@@ -1,7 +1,9 @@
 # The outbox's full policy (firmware/outbox.py): compaction, gap records, dropping the RAM
-# batch when flash keeps failing. Imported when the outbox is full and unloaded after (RAM:
-# its bytecode counts only at that peak, docs/firmware.md).
+# batch when flash keeps failing; and the frame reader (also the boot scan's, obload.py).
+# Imported when the outbox is full and unloaded after (RAM: its bytecode counts only at that
+# peak, docs/firmware.md).
 import struct
+import binascii
 
 from shared import wire_dev as wire
 from firmware.outbox import PRIO, Seg, seg_add
@@ -20,7 +22,8 @@ _COUNT = const(4)
 _BYTES = const(5)
 _PC = const(6)
 _PB = const(10)
-from firmware.obload import frames_of
+_MAGIC = const(0xA5)
+_PAYSZ = const(18)
 
 
 def _add_range(drops, boot, first, n):
@@ -104,7 +107,7 @@ def make_room(ob, size, prio):
                 seg = s
                 break
         try:
-            ok = ob._compact(seg, q, ob.total_bytes() + size - low)
+            ok = compact(ob, seg, q, ob.total_bytes() + size - low)
         except OSError:  # flash full or failing: keep what is stored, refuse the new record
             ob.write_errors += 1
             ob._rm(ob._name(seg[_NUM], "t"))
@@ -173,7 +176,7 @@ def compact(ob, seg, q, need=0):
                 if rec[1] <= a:
                     continue
                 k = rec[3]
-                p = PRIO.get(k, 0)
+                p = PRIO[k]
                 if k == wire.KIND_GAP and regap:
                     _add_range(drops, rec[0], rec[1], 1)
                     ob.gaps_merged += 1
@@ -214,6 +217,10 @@ def compact(ob, seg, q, need=0):
         nums.append(s[_NUM])
         ob._rm(ob._name(s[_NUM]))
         segs.remove(s)
+    if ob._lv:  # live batches may have moved: they go as backlog
+        del ob._lv[:]
+        ob._lv_n = 0
+        ob.need_rewind = True
     if ob._rseg == seg[_NUM] or ob._rseg in nums:
         ob._rseg = seg[_NUM] if ns[_COUNT] else -1  # replay re-reads from there; sent ones are skipped
         ob._roff = 0
@@ -246,6 +253,25 @@ def emit_gaps(ob, gboot, seqs):
         emit_gap_ranges(ob, gboot, _ranges(seqs))
 
 
+def write_failed(ob, cur):
+    """Outbox.flush could not write the batch to segment cur: never append to that file
+    again (it may hold a torn tail); the batch stays in RAM and is retried, unless flash
+    keeps failing (then it is dropped, except gap records, and accounted for). Returns -1."""
+    ob.write_errors += 1
+    ob._end_cur()
+    if cur[_COUNT] == 0:
+        ob.segs.remove(cur)
+        ob._rm(ob._name(cur[_NUM]))
+    else:
+        try:
+            cur[_BYTES] = ob.fs.stat_size(ob._name(cur[_NUM]))
+        except OSError:
+            pass
+    if ob._pend_n > 4 * ob.batch_records:
+        drop_pending(ob)
+    return -1
+
+
 def drop_pending(ob):
     """Flash keeps failing: drop the RAM batch (except gap records) and account for it."""
     buf = ob._buf
@@ -255,6 +281,10 @@ def drop_pending(ob):
     kept = 0
     off = 0
     while off < size:
+        if buf[off] != _MAGIC:  # a reading entry (firmware/outbox.py)
+            seqs.append(struct.unpack_from(">I", buf, off + 1)[0])
+            off += 19
+            continue
         fl = 7 + ((buf[off + 1] << 8) | buf[off + 2])
         if buf[off + 19] == wire.KIND_GAP:
             if out != off:
@@ -264,7 +294,77 @@ def drop_pending(ob):
         else:
             seqs.append(struct.unpack_from(">I", buf, off + 7)[0])
         off += fl
-    ob._pend_bytes = out
+    ob._pend_bytes = ob._pend_fl = out
     ob._pend_n = kept
     ob.dropped += len(seqs)
     emit_gaps(ob, ob.boot, seqs)
+
+
+def decode_payload(data, off, n, full=True):
+    """(boot, seq, t, kind, flags, body) from a verified frame payload at data[off:off+n].
+    Reading and gap bodies are decoded here; the others (window, CEP, anomaly, status) only
+    with full, through shared/wire_body.py (tests, tools: the device's compaction and boot
+    scan need none of them, body None, so they load no decoder: RAM)."""
+    boot, seq, t, kind, flags = struct.unpack_from(">IIqBB", data, off)
+    bo = off + _PAYSZ
+    end = off + n
+    if kind == wire.KIND_READING:
+        body = struct.unpack_from(">Bi", data, bo)
+        bo += 5
+    elif kind == wire.KIND_GAP:
+        gb, k = struct.unpack_from(">IB", data, bo)
+        bo += 5
+        if k < 1 or k > wire.MAX_GAP_RANGES or bo + 6 * k > end:
+            raise wire.WireError("bad_gap", str(k))
+        body = (gb, tuple([struct.unpack_from(">IH", data, bo + 6 * i) for i in range(k)]))
+        bo += 6 * k
+    elif full:
+        from shared.wire_body import _decode_body
+        body, bo = _decode_body(kind, data, bo)
+    else:
+        if kind > wire.KIND_GAP or not kind:
+            raise wire.WireError("unknown_kind", str(kind))
+        return (boot, seq, t, kind, flags, None)
+    if bo != end:
+        raise wire.WireError("bad_length", "outbox body")
+    return (boot, seq, t, kind, flags, body)
+
+
+def read_frame(f, full=True):
+    """Next (frame bytes, record) from an open segment file; None at the end or at a torn /
+    corrupt frame (everything after it in that file is ignored). full: decode_payload."""
+    h = f.read(3)
+    if len(h) < 3 or h[0] != _MAGIC:
+        return None
+    n = (h[1] << 8) | h[2]
+    if n < _PAYSZ:
+        return None
+    rest = f.read(n + 4)
+    if len(rest) != n + 4:
+        return None
+    crc = binascii.crc32(h)
+    crc = binascii.crc32(memoryview(rest)[:n], crc) & 0xFFFFFFFF
+    if crc != struct.unpack_from(">I", rest, n)[0]:
+        return None
+    try:
+        rec = decode_payload(rest, 0, n, full)
+    except (ValueError, KeyError):
+        return None
+    return h + rest, rec
+
+
+def frames_of(ob, num):
+    """(frame bytes, record) of each intact frame of segment num, in file order; stops at a
+    torn or corrupt frame; nothing if the file is missing. Bodies: readings and gaps only."""
+    try:
+        f = ob.fs.open(ob._name(num), "rb")
+    except OSError:
+        return
+    try:
+        while True:
+            r = read_frame(f, False)
+            if r is None:
+                return
+            yield r
+    finally:
+        f.close()

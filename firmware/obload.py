@@ -1,10 +1,10 @@
-# The outbox's boot-time code (firmware/outbox.py): the flash scan that rebuilds the segment
-# index, and the frame reader it shares with compaction (firmware/obfull.py). Imported on
-# demand and unloaded after (RAM: docs/firmware.md).
+# The outbox's rarely run code (firmware/outbox.py): set-up, the flash scan that rebuilds the
+# segment index at boot (with the frame reader of firmware/obfull.py), the hello's floor and
+# backlog count. Imported on demand and unloaded after (RAM: docs/firmware.md).
 import struct
 import binascii
 
-from firmware.outbox import MAGIC, _PAY, _PAY_SIZE, PRIO, Seg, seg_add, decode_payload
+from firmware.outbox import PRIO, Seg, seg_add
 
 try:
     from micropython import const
@@ -12,7 +12,9 @@ except ImportError:
     def const(x):
         return x
 
-# the segment index's fields (firmware/outbox.py: const names are not module attributes)
+# the frame and the segment index (firmware/outbox.py: const names are not module attributes)
+_MAGIC = const(0xA5)
+_PAYSZ = const(18)
 _BOOT = const(1)
 _FIRST = const(2)
 _LAST = const(3)
@@ -20,33 +22,58 @@ _COUNT = const(4)
 _BYTES = const(5)
 
 
+def init(ob, fs, boot, dir, max_bytes, seg_bytes, batch_records, batch_ms, ack_persist_ms, live_max):
+    """Outbox.__init__ (its arguments: firmware/outbox.py)."""
+    ob.fs = fs
+    ob.boot = boot
+    ob.dir = dir
+    ob.max_bytes = max_bytes
+    ob.seg_bytes = seg_bytes
+    ob.batch_records = batch_records
+    ob.batch_ms = batch_ms
+    ob.ack_persist_ms = ack_persist_ms
+    # live batches (flushed while a session is live) wait for take_live up to this many
+    # records; more: need_rewind, they are sent as backlog
+    ob.live_max = live_max if live_max is not None else 2 * batch_records
+    ob.seq = 0  # next seq of this boot
+    ob.segs = []  # the segment index, oldest first
+    ob.acked = {}  # boot -> highest acked seq
+    ob._cur = None  # segment being appended to
+    ob._af = None  # its file, kept open: a batch is write + flush (sync), not open/close
+    ob._next_num = 0
+    # RAM batch (not yet on flash): frames and reading entries (firmware/outbox.py) in
+    # _buf[:_pend_bytes], _pend_fl bytes once on flash; 19 bytes per reading + 128
+    ob._buf = bytearray(batch_records * 19 + 128)
+    ob._pend_bytes = 0
+    ob._pend_fl = 0
+    ob._pend_n = 0
+    ob._pend_since = None  # now_ms of the batch's first record; -1: set by the next tick
+    ob._ack_dirty = False
+    ob._ack_at = None
+    ob.flushes = 0
+    from firmware.slots import Slots
+    ob._slots = Slots(fs, dir + "/ack")
+    ob._lv = None  # while a session is live: (segment, offset, bytes, records) per live batch
+    ob.rewind()  # the replay cursor
+
+
 def encode_frame(boot, seq, t, kind, flags, body_bytes):
-    n = _PAY_SIZE + len(body_bytes)
-    head = struct.pack(">BH" + _PAY[1:], MAGIC, n, boot, seq, t, kind, flags) + body_bytes
+    n = _PAYSZ + len(body_bytes)
+    head = struct.pack(">BHIIqBB", _MAGIC, n, boot, seq, t, kind, flags) + body_bytes
     return head + struct.pack(">I", binascii.crc32(head) & 0xFFFFFFFF)
 
 
-def read_frame(f):
-    """Next (frame bytes, record) from an open segment file; None at the end or at a torn /
-    corrupt frame (everything after it in that file is ignored)."""
-    h = f.read(3)
-    if len(h) < 3 or h[0] != MAGIC:
-        return None
-    n = (h[1] << 8) | h[2]
-    if n < _PAY_SIZE:
-        return None
-    rest = f.read(n + 4)
-    if len(rest) != n + 4:
-        return None
-    crc = binascii.crc32(h)
-    crc = binascii.crc32(memoryview(rest)[:n], crc) & 0xFFFFFFFF
-    if crc != struct.unpack_from(">I", rest, n)[0]:
-        return None
-    try:
-        rec = decode_payload(rest, 0, n)
-    except (ValueError, KeyError):
-        return None
-    return h + rest, rec
+def records(fr):
+    """The records (boot, seq, t, kind, flags, body) of frames as read_backlog / take_live
+    hand them out (tests and tools; the uplink encodes from the frames)."""
+    from firmware.obfull import decode_payload
+    out = []
+    o = 0
+    while o < len(fr):
+        n = (fr[o + 1] << 8) | fr[o + 2]
+        out.append(decode_payload(fr, o + 3, n))
+        o += n + 7
+    return out
 
 
 def highest_boot(fs, dir="ob"):
@@ -61,7 +88,6 @@ def highest_boot(fs, dir="ob"):
         if len(nm) == 9 and nm[0] == "s" and nm[1:].isdigit():
             nums.append(int(nm[1:]))
     nums.sort()
-    hdr = bytearray(7)
     best = 0
     for num in nums[-4:]:  # the newest few (a torn or empty newest file is skipped)
         try:
@@ -72,7 +98,7 @@ def highest_boot(fs, dir="ob"):
             d = f.read(7)
         finally:
             f.close()
-        if len(d) == 7 and d[0] == MAGIC:
+        if len(d) == 7 and d[0] == _MAGIC:
             b = (d[3] << 24) | (d[4] << 16) | (d[5] << 8) | d[6]
             if b > best:
                 best = b
@@ -124,6 +150,7 @@ def load(ob):
 
 
 def scan(ob, num):
+    from firmware.obfull import frames_of  # the frame reader (unloaded with obload)
     name = ob._name(num)
     seg = None
     good = 0
@@ -134,7 +161,7 @@ def scan(ob, num):
                 seg = Seg(num, rec[0])
             if rec[0] != seg[_BOOT]:
                 break
-            seg_add(seg, rec[1], PRIO.get(rec[3], 0), len(frame))
+            seg_add(seg, rec[1], PRIO[rec[3]], len(frame))
             good += len(frame)
     finally:
         g.close()  # MicroPython runs a dropped generator's finally (the file close) only so
@@ -149,18 +176,36 @@ def scan(ob, num):
     return seg
 
 
-def frames_of(ob, num):
-    """(frame bytes, record) of each intact frame of segment num, in file order; stops at a
-    torn or corrupt frame; nothing if the file is missing."""
-    try:
-        f = ob.fs.open(ob._name(num), "rb")
-    except OSError:
-        return
-    try:
-        while True:
-            r = read_frame(f)
-            if r is None:
-                return
-            yield r
-    finally:
-        f.close()
+def oldest(ob):
+    """(boot, seq) of the oldest unacked stored record, or (boot, next seq) when empty."""
+    for s in ob.segs:
+        a = ob.acked.get(s[_BOOT], -1)
+        if a < s[_LAST]:
+            return s[_BOOT], (s[_FIRST] if s[_FIRST] > a else a + 1)
+    return ob.boot, ob.seq
+
+
+def floor(ob):
+    """Outbox.floor: oldest(), or the first record of the RAM batch when that is older."""
+    b, s = oldest(ob)
+    if ob._pend_n and b == ob.boot:
+        buf = ob._buf  # its first record: a frame or a reading entry (firmware/outbox.py)
+        p = struct.unpack_from(">I", buf, 7 if buf[0] == _MAGIC else 1)[0]
+        if p < s:
+            s = p
+    return b, s
+
+
+def unacked(ob):
+    """Approximate number of stored records not yet acked (exact unless a segment is
+    partially acked and has holes from a compaction)."""
+    n = ob._pend_n
+    for s in ob.segs:
+        a = ob.acked.get(s[_BOOT], -1)
+        if a >= s[_LAST]:
+            continue
+        if a < s[_FIRST]:
+            n += s[_COUNT]
+        else:
+            n += s[_COUNT] * (s[_LAST] - a) // (s[_LAST] - s[_FIRST] + 1)
+    return n

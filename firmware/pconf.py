@@ -1,6 +1,7 @@
-# Config helpers of the edge pipeline (pipeline, cep, anomaly): the field checks and
-# Pipeline set-up. Kept apart from the rule classes so that a config without rules or detectors never
-# loads firmware/cep.py or firmware/anomaly.py on the board (RAM: docs/firmware.md).
+# Config helpers of the edge pipeline (pipeline, cep, anomaly): the field checks, Pipeline
+# set-up and its rarely run methods (time base, stats). Kept apart from the rule classes so that a
+# config without rules or detectors never loads firmware/cep.py or firmware/anomaly.py on the
+# board; imported on demand and unloaded after (RAM: docs/firmware.md).
 from shared import wire_dev as wire  # the device side of the contract (shared/wire.py: all of it)
 # ConfigError lives in firmware/pipeline.py: a class defined here would keep this module's
 # globals (every function below) alive after the board unloads it (RAM)
@@ -30,7 +31,7 @@ def fixed(d, key, rid, default=None):
         raise ConfigError(rid, "'%s' must be a number, got %r" % (key, x))
     if x != x or x * wire.SCALE > wire.I32_MAX or x * wire.SCALE < wire.I32_MIN:
         raise ConfigError(rid, "'%s' out of the int32 fixed-point range: %r" % (key, x))
-    return wire.to_fixed(x)
+    return int(round(x * wire.SCALE))  # in the int32 range (checked above)
 
 
 def integer(d, key, rid, default, lo, hi):
@@ -69,7 +70,7 @@ def channel_mask(d, key, rid, channels, single=False):
 DEFAULT_CHANNELS = {"temp": 0, "hum": 1, "pot": 2}
 DEFAULT_WINDOW_MS = 60000
 MAX_WINDOW_MS = 0x10000000  # 2**28 ms (~3 days): window arithmetic stays in small ints
-DEFAULT_RING = 64
+DEFAULT_RING = 64  # capacity when the config has a "ring" section without one
 
 
 def _channels(cfg):
@@ -100,8 +101,7 @@ def _channels(cfg):
 
 def setup(p, config):
     """Parse a pipeline config into Pipeline p: channels, rings, windows, rules, detectors."""
-    from firmware.window import TimedRing
-    from firmware.window import EventWindow, CountWindow
+    from firmware.window import EventWindow
     if not isinstance(config, dict):
         raise ConfigError("pipeline", "config must be an object")
     p.channels = _channels(config)
@@ -120,8 +120,10 @@ def setup(p, config):
         cw = integer(config, "count_window", "count_window", None, 1, 1000000)
     elif "count" in w:  # same thing inside the "window" section of the device config
         cw = integer(w, "count", "window", None, 1, 1000000)
+    # no ring unless the config asks for one: nothing on the device reads it (Pipeline.latest
+    # is for tests and tools), 8 bytes per slot and channel plus firmware/ring.py (RAM)
     ring = config.get("ring")
-    rcap = DEFAULT_RING
+    rcap = 0
     if isinstance(ring, dict):
         rcap = integer(ring, "capacity", "ring", DEFAULT_RING, 1, 4096)
     elif ring is not None:
@@ -130,9 +132,14 @@ def setup(p, config):
     p.rings = [None] * nch
     p.windows = [None] * nch
     p.cwindows = [None] * nch
+    if rcap:
+        from firmware.ring import TimedRing
+    if cw is not None:
+        from firmware.cwindow import CountWindow
     for n in p.channels.values():
         p.known[n] = True
-        p.rings[n] = TimedRing(rcap)
+        if rcap:
+            p.rings[n] = TimedRing(rcap)
         p.windows[n] = EventWindow(n, p.size_ms, p.offset_ms, p, grace)
         if cw is not None:
             p.cwindows[n] = CountWindow(n, cw, p)
@@ -157,3 +164,71 @@ def setup(p, config):
     p.det_by_ch = [[] for _ in range(nch)]
     for d in p.detectors:
         p.det_by_ch[d.ch].append(d)
+
+
+# ---------------------------------------------------------------- Pipeline's rare methods
+
+
+def set_base(p, base_ms, synced, shift_ms=0):
+    """New meaning of relative time 0: epoch ms (synced) or boot ms (unsynced).
+
+    Open windows are closed first, under the old base and flags. shift_ms is how far the
+    relative origin itself moves (0 when the caller keeps its t_rel, as the app does on
+    clock sync); internal timestamps move by -shift_ms.
+    """
+    p.close_windows()
+    if shift_ms:
+        _shift(p, shift_ms)
+    p.base_ms = base_ms
+    p.synced = bool(synced)
+    p.flags = 0 if synced else wire.FLAG_UNSYNCED
+    for w in p.windows:
+        if w is not None:
+            w.reframe()
+            w.set_phase(base_ms)
+
+
+def rebase(p, new_base_ms):
+    """Same clock, new origin: every internal time moves by base - new_base_ms. Open
+    windows stay open. Call it well before relative times reach 2**29 ms (~6 days)."""
+    dt = new_base_ms - p.base_ms
+    _shift(p, dt)
+    p.base_ms = new_base_ms
+    for w in p.windows:
+        if w is not None:
+            w.set_phase(new_base_ms)
+
+
+def _shift(p, dt):
+    for n in range(p.nch):
+        if p.known[n]:
+            if p.rings[n] is not None:
+                p.rings[n].shift(dt)
+            p.windows[n].shift(dt)
+            if p.cwindows[n] is not None:
+                p.cwindows[n].shift(dt)
+    for r in p.rules:
+        r.shift(dt)
+    for d in p.detectors:
+        d.shift(dt)
+
+
+def stats(p):
+    """Counters for the status record and the console (allocates: not per sample)."""
+    ow = 0
+    for r in p.rings:
+        if r is not None:
+            ow += r.overwritten
+    sup = 0
+    for d in p.detectors:
+        sup += d.suppressed
+    return {"late": p.late, "unknown": p.unknown, "emitted": p.emitted, "overwritten": ow,
+            "suppressed": sup, "matches": dict((r.id, r.matches) for r in p.rules)}
+
+
+def latest(p, ch):
+    """(t_rel, value) of the newest sample of a channel, or None."""
+    r = p.rings[ch] if 0 <= ch < p.nch else None
+    if r is None or r.n == 0:
+        return None
+    return r.latest_t(0), r.latest_v(0)

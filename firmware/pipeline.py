@@ -11,6 +11,7 @@
 # nothing in steady state; emits convert to absolute ms (allocation is fine there: rare).
 # Config format, time rules and figures: docs/pipeline.md.
 from shared import wire_dev as wire  # the device side of the contract (shared/wire.py: all of it)
+from firmware.hal import unload
 
 __all__ = ("Pipeline", "ConfigError", "example_config")
 
@@ -49,50 +50,14 @@ class Pipeline:
     # ------------------------------------------------------------ time
 
     def set_base(self, base_ms, synced, shift_ms=0):
-        """New meaning of relative time 0: epoch ms (synced) or boot ms (unsynced).
-
-        Open windows are closed first, under the old base and flags. shift_ms is how far the
-        relative origin itself moves (0 when the caller keeps its t_rel, as the app does on
-        clock sync); internal timestamps move by -shift_ms.
-        """
-        self.close_windows()
-        if shift_ms:
-            self._shift(shift_ms)
-        self.base_ms = base_ms
-        self.synced = bool(synced)
-        self.flags = 0 if synced else wire.FLAG_UNSYNCED
-        for w in self.windows:
-            if w is not None:
-                w.reframe()
-                w.set_phase(base_ms)
+        """New meaning of relative time 0: epoch ms (synced) or boot ms (unsynced). Open windows
+        close first, under the old base and flags; shift_ms: how far the relative origin itself
+        moves (firmware/pconf.py, rarely run: unloaded after)."""
+        _conf("set_base", self, base_ms, synced, shift_ms)
 
     def rebase(self, new_base_ms):
-        """Same clock, new origin: every internal time moves by base - new_base_ms. Open
-        windows stay open. Call it well before relative times reach 2**29 ms (~6 days)."""
-        dt = new_base_ms - self.base_ms
-        self._shift(dt)
-        self.base_ms = new_base_ms
-        for w in self.windows:
-            if w is not None:
-                w.set_phase(new_base_ms)
-
-    def _shift(self, dt):
-        for n in range(self.nch):
-            if self.known[n]:
-                self.rings[n].shift(dt)
-                self.windows[n].shift(dt)
-                if self.cwindows[n] is not None:
-                    self.cwindows[n].shift(dt)
-        for r in self.rules:
-            r.shift(dt)
-        for d in self.detectors:
-            d.shift(dt)
-
-    def to_abs(self, t_rel):
-        return self.base_ms + t_rel
-
-    def to_rel(self, t_ms):
-        return t_ms - self.base_ms
+        """Same clock, new origin (pconf.rebase); call it before relative times reach 2**29 ms."""
+        _conf("rebase", self, new_base_ms)
 
     # ------------------------------------------------------------ per sample
 
@@ -101,7 +66,9 @@ class Pipeline:
         if ch < 0 or ch >= self.nch or not self.known[ch]:
             self.unknown += 1
             return
-        self.rings[ch].push(t, v)
+        r = self.rings[ch]
+        if r is not None:
+            r.push(t, v)
         if self.windows[ch].add(v, t):
             self.late += 1
         cw = self.cwindows[ch]
@@ -157,23 +124,22 @@ class Pipeline:
         self.emitted += 1
         self.emit(kind, self.base_ms + t_rel, self.flags, body)
 
-    # ------------------------------------------------------------ status
+    # ------------------------------------------------------------ status (firmware/pconf.py)
 
     def stats(self):
         """Counters for the status record and the console (allocates: not per sample)."""
-        ow = 0
-        for r in self.rings:
-            if r is not None:
-                ow += r.overwritten
-        sup = 0
-        for d in self.detectors:
-            sup += d.suppressed
-        return {"late": self.late, "unknown": self.unknown, "emitted": self.emitted, "overwritten": ow,
-                "suppressed": sup, "matches": dict((r.id, r.matches) for r in self.rules)}
+        return _conf("stats", self)
 
     def latest(self, ch):
-        """(t_rel, value) of the newest sample of a channel, or None."""
-        r = self.rings[ch] if 0 <= ch < self.nch else None
-        if r is None or r.n == 0:
-            return None
-        return r.latest_t(0), r.latest_v(0)
+        """(t_rel, value) of the newest sample of a channel (needs a ring), or None."""
+        return _conf("latest", self, ch)
+
+
+def _conf(name, *a):
+    # rarely run pipeline code lives in firmware/pconf.py (with the config parsing): loaded
+    # for the call, unloaded after on MicroPython (RAM)
+    from firmware import pconf
+    try:
+        return getattr(pconf, name)(*a)
+    finally:
+        unload("firmware.pconf")

@@ -8,8 +8,116 @@
 import array
 import struct
 
-# _Slots and TimedRing (all the app uses) live in firmware.window: the board never loads this module
-from firmware.window import _Slots, TimedRing  # noqa: F401 (re-exported)
+
+class _Slots:
+    """Slot bookkeeping shared by both rings: head, fill and overwrite count.
+
+    push() stays written out in each ring (no extra call on the per-sample path).
+    """
+
+    def __init__(self, capacity):
+        if not isinstance(capacity, int) or capacity < 1:
+            raise ValueError("capacity must be a positive int")
+        self.cap = capacity
+        self.head = 0  # next slot written
+        self.n = 0
+        self.overwritten = 0
+
+    def clear(self):
+        self.head = 0
+        self.n = 0
+
+    def __len__(self):
+        return self.n
+
+    def _slot(self, i):
+        # Slot of the i-th oldest item (0 <= i < n).
+        s = self.head - self.n + i
+        if s < 0:
+            s += self.cap
+        return s
+
+    def _lslot(self, k):
+        # Slot of the k-th newest item.
+        if k < 0 or k >= self.n:
+            raise IndexError("ring index")
+        s = self.head - 1 - k
+        if s < 0:
+            s += self.cap
+        return s
+
+
+class TimedRing(_Slots):
+    """Fixed-capacity ring of (t, value) pairs, both int32: 8 bytes per slot.
+
+    t is the pipeline's small-int relative time (ms since its base), never epoch ms.
+    """
+
+    def __init__(self, capacity):
+        _Slots.__init__(self, capacity)
+        self.ts = array.array("i", [0] * capacity)
+        self.vs = array.array("i", [0] * capacity)
+
+    def bytes_per_slot(self):
+        return 8  # two int32 arrays
+
+    def push(self, t, v):
+        h = self.head
+        self.ts[h] = t
+        self.vs[h] = v
+        h += 1
+        if h == self.cap:
+            h = 0
+        self.head = h
+        if self.n < self.cap:
+            self.n += 1
+        else:
+            self.overwritten += 1
+
+    def t_at(self, i):
+        """Time of the i-th oldest pair."""
+        if i < 0 or i >= self.n:
+            raise IndexError("ring index")
+        return self.ts[self._slot(i)]
+
+    def v_at(self, i):
+        if i < 0 or i >= self.n:
+            raise IndexError("ring index")
+        return self.vs[self._slot(i)]
+
+    def latest_t(self, k=0):
+        """Time of the k-th newest pair (0 = newest)."""
+        return self.ts[self._lslot(k)]
+
+    def latest_v(self, k=0):
+        return self.vs[self._lslot(k)]
+
+    def count_since(self, t0):
+        """Pairs with t >= t0, counted from the newest back (stops at the first older one)."""
+        c = 0
+        s = self.head
+        ts = self.ts
+        for _ in range(self.n):
+            s -= 1
+            if s < 0:
+                s = self.cap - 1
+            if ts[s] < t0:
+                break
+            c += 1
+        return c
+
+    def shift(self, dt):
+        """Move every timestamp by -dt (the pipeline's rebase); O(capacity), rare."""
+        ts = self.ts
+        for i in range(self.cap):
+            x = ts[i] - dt
+            ts[i] = x if x > -0x20000000 else -0x20000000
+
+    def __iter__(self):
+        # Convenience only: allocates a generator and tuples.
+        for i in range(self.n):
+            s = self._slot(i)
+            yield (self.ts[s], self.vs[s])
 
 
 class Ring(_Slots):

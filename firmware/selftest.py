@@ -108,10 +108,12 @@ def check_app_starts():
     a = _need("firmware.app", "App")
     h = _need("firmware.hal_base", "Hal")
     for m in ("firmware.mqtt", "firmware.uplink", "firmware.clock", "firmware.config", "firmware.identity",
-              "firmware.outbox", "firmware.pipeline", "shared.wire_dev", "shared.auth",
+              "firmware.slots", "firmware.outbox", "firmware.pipeline", "shared.wire_dev", "shared.wire_ctl",
+              "shared.wire_body", "shared.auth",
               # imported on demand by the running app (boot, connect, NTP, full outbox): a
               # missing file would only show then
-              "firmware.obload", "firmware.obfull", "firmware.mqttc", "firmware.halnet", "firmware.appx"):
+              "firmware.obload", "firmware.obfull", "firmware.obread", "firmware.mqttc", "firmware.halnet",
+              "firmware.appx", "firmware.cwindow"):
         _need(m)
     try:
         import machine  # noqa: F401 (on a board: the ESP32 HAL must import and build too)

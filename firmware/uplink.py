@@ -22,10 +22,11 @@
 # - Reconnect: exponential backoff with full jitter; Wi-Fi and broker outages are separate
 #   states. Nothing here blocks sampling: every wait is an asyncio sleep.
 import asyncio
+import struct
 
 from shared import wire_dev as wire  # the device side of the contract
-from firmware.hal import ticks_ms, ticks_diff, sleep_ms
-from firmware.identity import rand32
+from firmware.hal import ticks_ms, ticks_diff, sleep_ms, unload
+from firmware.slots import rand32
 
 
 _MAX_CREDITS = 1 << 24
@@ -49,7 +50,7 @@ class Uplink:
                 if len(self._acks) >= 32:
                     self._acks.pop(0)  # acks are cumulative: the newest ones matter
                 self._acks.append(a)
-            elif topic == self.topics.gw_state:
+            elif topic == self.t_gw:
                 on = wire.decode_state(payload, True)
                 if on != self.gw_online:
                     self.gw_online = on
@@ -110,9 +111,13 @@ class Uplink:
             n = rand32() & 0x3FFFFFFF
         self.prev_nonce = self.nonce
         self.nonce = n
-        p = wire.encode_hello(self.dev, ob.boot, ob.seq, now, ob.unacked(), b, s, self.instance, n, self.fw, self.key)
+        from shared import wire_ctl  # connect time (shared/wire_ctl.py): unloaded after (RAM)
+        p = wire_ctl.encode_hello(self.dev, ob.boot, ob.seq, now, ob.unacked(), b, s, self.instance, n, self.fw,
+                                  self.key)
+        wire_ctl = None
+        unload("shared.wire_ctl")
         self._hello_at = ticks_ms()
-        await self.client.publish(self.topics.hello(self.dev), p, 1)
+        await self.client.publish(self.t_hello, p, 1)
         self.c["hellos"] += 1
 
     def stalled(self, now):
@@ -131,98 +136,117 @@ class Uplink:
         await self.hello()
         return True
 
-    async def send(self, recs):
-        """Publish records (boot, seq, t, kind, flags, body) as few data messages as allowed."""
+    async def send(self, fr):
+        """Publish stored frames (firmware/outbox.py: read_backlog / take_live, oldest first)
+        as few data messages as allowed, encoded straight from the frames (no record tuples:
+        device RAM). Returns the number of records."""
         i = 0
-        n = len(recs)
-        bm = self.batch_max
+        n = len(fr)
+        k = 0
         while i < n:
-            r = recs[i]
-            boot = r[0]
-            base_seq = r[1]
-            j = i + 1
+            j, m, last = self._span(fr, i, n)
+            boot = _u32(fr, i + 3)
             try:
-                if r[3] == wire.KIND_READING:
-                    j = self._span(recs, i, n, bm)
-                    payload = self._readings(recs, i, j)
+                if fr[i + 19] == wire.KIND_READING:
+                    payload = self._readings(fr, i, j, m)
                 else:
-                    row = self._row(r)
-                    t = row[2]
-                    group = [row]
-                    j = i + 1
-                    while j < n and len(group) < bm:
-                        r2 = recs[j]
-                        if r2[0] != boot or r2[3] == wire.KIND_READING or r2[1] - base_seq > 0xFFFF:
-                            break
-                        row = self._row(r2)
-                        t2 = row[2]
-                        if t2 - t > wire.I32_MAX or t - t2 > wire.I32_MAX:
-                            break
-                        group.append(row)
-                        j += 1
-                    payload = wire.encode_records(self.dev, boot, group)
-                    group = row = None  # RAM: only the payload lives while it is published
+                    payload = self._records(fr, i, j, m)
             except wire.WireError:
                 self.c["encode_errors"] += 1
-                i = j
+                payload = None
+            k += m
+            i = j
+            if payload is None:
                 continue
             await self.client.publish(self.t_data, payload, 1)
             payload = None
-            last = recs[j - 1][1]
             if last > self._sent_max.get(boot, -1):
                 self._sent_max[boot] = last
             self.c["msgs"] += 1
-            self.c["sent"] += j - i
-            i = j
+            self.c["sent"] += m
+        return k
 
-    def _span(self, recs, i, n, bm):
-        """End of the readings that go into one message with recs[i] (same boot, seqs within
-        65535, stamped times within the int32 span, at most bm)."""
-        r = recs[i]
-        boot = r[0]
-        base_seq = r[1]
-        t = self._t(r)
-        j = i + 1
-        while j < n and j - i < bm:
-            r2 = recs[j]
-            if r2[0] != boot or r2[3] != wire.KIND_READING or r2[1] - base_seq > 0xFFFF:
+    def _stamps(self, boot):
+        """Records of this boot are stamped with the clock's epoch (firmware.clock.stamp)."""
+        ck = self.clock
+        return boot == ck.boot and ck.boot_epoch is not None
+
+    def _dt(self, fr, o, i, st):
+        """Sent time of the frame at fr[o:] minus that of the frame at fr[i:] (same boot; st:
+        self._stamps(boot)); 16-bit limbs: small ints unless the span is large."""
+        d = 0
+        for x in range(11, 19, 2):
+            d = (d << 16) + ((fr[o + x] << 8) | fr[o + x + 1]) - ((fr[i + x] << 8) | fr[i + x + 1])
+        if st and (fr[o + 20] ^ fr[i + 20]) & wire.FLAG_UNSYNCED:
+            e = self.clock.boot_epoch  # one stamped, one not (the clock was set in between)
+            d += e if fr[o + 20] & wire.FLAG_UNSYNCED else -e
+        return d
+
+    def _span(self, fr, i, n):
+        """(end, count, last seq) of the frames from fr[i:] that go into one message: the
+        same boot, all readings or none, seqs within 65535 and sent times within the int32
+        span of the first, at most batch_max."""
+        boot = _u32(fr, i + 3)
+        q0 = _u32(fr, i + 7)
+        rd = fr[i + 19] == wire.KIND_READING
+        st = self._stamps(boot)
+        j = i
+        m = 0
+        last = q0
+        while j < n and m < self.batch_max:
+            q = _u32(fr, j + 7)
+            if _u32(fr, j + 3) != boot or (fr[j + 19] == wire.KIND_READING) != rd or q - q0 > 0xFFFF:
                 break
-            d = self._t(r2) - t
+            d = self._dt(fr, j, i, st)
             if d > wire.I32_MAX or -d > wire.I32_MAX:
                 break
-            j += 1
-        return j
+            last = q
+            m += 1
+            j += 7 + ((fr[j + 1] << 8) | fr[j + 2])
+        return j, m, last
 
-    def _readings(self, recs, i, j):
-        """The readings recs[i:j] as one message, encoded straight from the stored records (no
-        row tuples: device RAM), times stamped for sending."""
-        r = recs[i]
-        base_seq = r[1]
-        t = self._t(r)
-        out, off = wire.readings_buffer(self.dev, r[0], base_seq, t, j - i)
-        ck = self.clock
-        for k in range(i, j):
-            r2 = recs[k]
-            b = r2[5]
-            fl = r2[4]
-            if fl & wire.FLAG_UNSYNCED and r2[0] == ck.boot and ck.boot_epoch is not None:
-                wire.put_reading(out, off, r2[1], ck.boot_epoch + r2[2], b[0], fl & ~wire.FLAG_UNSYNCED, b[1], base_seq, t)
-            else:
-                wire.put_reading(out, off, r2[1], r2[2], b[0], fl, b[1], base_seq, t)
+    def _readings(self, fr, i, j, m):
+        """The reading frames fr[i:j] (m of them) as one readings message, times stamped for
+        sending; record layout: shared/wire_dev.py _READING (seq and time offsets, channel,
+        flags, value)."""
+        boot = _u32(fr, i + 3)
+        q0 = _u32(fr, i + 7)
+        st = self._stamps(boot)
+        t, _ = self.clock.stamp(boot, struct.unpack_from(">q", fr, i + 11)[0], fr[i + 20])
+        out, off = wire.readings_buffer(self.dev, boot, q0, t, m)
+        o = i
+        while o < j:
+            struct.pack_into(">Hi", out, off, _u32(fr, o + 7) - q0, self._dt(fr, o, i, st))
+            out[off + 6] = fr[o + 21]  # channel
+            out[off + 7] = fr[o + 20] & ~wire.FLAG_UNSYNCED if st else fr[o + 20]
+            for x in range(4):
+                out[off + 8 + x] = fr[o + 22 + x]  # value i32, as stored
             off += wire.READING_SIZE
+            o += 7 + ((fr[o + 1] << 8) | fr[o + 2])
         return out
 
-    def _t(self, r):
-        """A stored record's time as it goes on the wire (firmware.clock.stamp, no tuple)."""
-        ck = self.clock
-        if r[4] & wire.FLAG_UNSYNCED and r[0] == ck.boot and ck.boot_epoch is not None:
-            return ck.boot_epoch + r[2]
-        return r[2]
-
-    def _row(self, r):
-        """The wire row of a stored (non-reading) record, its time stamped for sending."""
-        t, fl = self.clock.stamp(r[0], r[2], r[4])
-        return (r[3], r[1], t, fl, r[5])
+    def _records(self, fr, i, j, m):
+        """The (non-reading) frames fr[i:j] (m of them) as one records message, times stamped
+        for sending; each body is copied as stored (the outbox keeps wire_dev.encode_body's
+        bytes: no decoded tuples, device RAM)."""
+        boot = _u32(fr, i + 3)
+        q0 = _u32(fr, i + 7)
+        st = self._stamps(boot)
+        t, _ = self.clock.stamp(boot, struct.unpack_from(">q", fr, i + 11)[0], fr[i + 20])
+        # a frame: magic, len u16, boot, seq, t i64, kind, flags (payload offset 18), body, crc
+        out, off = wire.records_buffer(self.dev, boot, q0, t, m, (j - i) - m * (25 - wire.REC_SIZE))
+        mv = memoryview(fr)
+        o = i
+        while o < j:
+            e = o + 3 + ((fr[o + 1] << 8) | fr[o + 2])  # end of the payload
+            fl = fr[o + 20]
+            wire.put_record(out, off, fr[o + 19], _u32(fr, o + 7), t + self._dt(fr, o, i, st),
+                            fl & ~wire.FLAG_UNSYNCED if st else fl, q0, t)
+            off += wire.REC_SIZE
+            out[off:off + e - o - 21] = mv[o + 21:e]
+            off += e - o - 21
+            o = e + 4
+        return out
 
     # ------------------------------------------------------------ session
 
@@ -281,8 +305,8 @@ class Uplink:
         self._acks = []
         self._sent_max = {}
         await cl.subscribe(self.t_ack, 1)
-        await cl.subscribe(self.topics.gw_state, 1)
-        await cl.publish(self.topics.state(self.dev), wire.encode_state(True), 1, True)
+        await cl.subscribe(self.t_gw, 1)
+        await cl.publish(self.t_state, wire.encode_state(True), 1, True)
         # the broker sends the retained gateway state right after the SUBACK: take it before
         # the hello so one hello per connect suffices (a later offline->online sends another)
         t0 = ticks_ms()
@@ -307,16 +331,15 @@ class Uplink:
                 await self._rewind()
             live = self.outbox.take_live()
             if live:
-                await self.send(live)
-                self.c["live"] += len(live)
+                self.c["live"] += await self.send(live)
             live = None  # RAM: the sent records go before the next take_live / read_backlog
             if self.replay and self.credits > 0 and self.outbox.has_backlog():
                 n = self.credits if self.credits < self.batch_max else self.batch_max
                 recs = self.outbox.read_backlog(n)
                 if recs:
-                    self.credits -= len(recs)
-                    await self.send(recs)
-                    self.c["replayed"] += len(recs)
+                    k = await self.send(recs)
+                    self.credits -= k
+                    self.c["replayed"] += k
                     recs = None
                     continue
                 recs = None
@@ -345,7 +368,7 @@ class Uplink:
         self.running = False
         if self.client.connected:
             try:
-                await self.client.publish(self.topics.state(self.dev), wire.encode_state(False), 1, True)
+                await self.client.publish(self.t_state, wire.encode_state(False), 1, True)
                 await self.client.wait_inflight(1000)
             except Exception:
                 pass
@@ -360,3 +383,8 @@ class Uplink:
 def _err(e):
     s = str(e)
     return "%s %s" % (type(e).__name__, s) if s else type(e).__name__
+
+
+def _u32(b, o):
+    """The big-endian u32 at b[o:] (a small int for boots < 2**29 and seqs < 2**30)."""
+    return (b[o] << 24) | (b[o + 1] << 16) | (b[o + 2] << 8) | b[o + 3]

@@ -6,9 +6,6 @@
 # (population) std are computed exactly, in integers, only when the window closes.
 # Zero allocation per sample holds for |value| < 2**28 (fixed point, +-268435 units) and
 # relative times |t| < 2**29; outside it the arithmetic stays exact and only allocates.
-# TimedRing (end of file): each channel's (t, value) ring, 8 bytes per slot (firmware/ring.py).
-import array
-
 try:
     from micropython import const
 except ImportError:
@@ -174,9 +171,6 @@ class EventWindow:
         """Alignment for a base (epoch ms or boot ms at relative time 0)."""
         self.phase = (base_ms - self.offset) % self.size
 
-    def window_start(self, t):
-        return t - (t + self.phase) % self.size
-
     def add(self, v, t):
         """Returns 0 when the sample went into a window, 1 when it was late."""
         if self.open:
@@ -225,143 +219,3 @@ class EventWindow:
         self.end = _shift(self.end, dt)
         self.floor = _shift(self.floor, dt)
         self.agg.shift(dt)
-
-
-class CountWindow:
-    """Tumbling count window: every `n` samples of one channel (arrival order)."""
-
-    def __init__(self, ch, n, sink):
-        self.ch = ch
-        self.n = n
-        self.sink = sink
-        self.agg = Agg()
-        self.closed = 0
-
-    def add(self, v, t):
-        self.agg.add(v, t)
-        if self.agg.n >= self.n:
-            self.close()
-
-    def close(self):
-        if self.agg.n == 0:
-            return
-        self.closed += 1
-        self.sink.on_count_window(self)
-        self.agg.reset()
-
-    def shift(self, dt):
-        self.agg.shift(dt)
-
-
-# ---------------------------------------------------------------- the pipeline's ring
-# (firmware/ring.py re-exports these with the generic Ring, which the app does not use)
-
-class _Slots:
-    """Slot bookkeeping shared by both rings: head, fill and overwrite count.
-
-    push() stays written out in each ring (no extra call on the per-sample path).
-    """
-
-    def __init__(self, capacity):
-        if not isinstance(capacity, int) or capacity < 1:
-            raise ValueError("capacity must be a positive int")
-        self.cap = capacity
-        self.head = 0  # next slot written
-        self.n = 0
-        self.overwritten = 0
-
-    def clear(self):
-        self.head = 0
-        self.n = 0
-
-    def __len__(self):
-        return self.n
-
-    def _slot(self, i):
-        # Slot of the i-th oldest item (0 <= i < n).
-        s = self.head - self.n + i
-        if s < 0:
-            s += self.cap
-        return s
-
-    def _lslot(self, k):
-        # Slot of the k-th newest item.
-        if k < 0 or k >= self.n:
-            raise IndexError("ring index")
-        s = self.head - 1 - k
-        if s < 0:
-            s += self.cap
-        return s
-
-
-class TimedRing(_Slots):
-    """Fixed-capacity ring of (t, value) pairs, both int32: 8 bytes per slot.
-
-    t is the pipeline's small-int relative time (ms since its base), never epoch ms.
-    """
-
-    def __init__(self, capacity):
-        _Slots.__init__(self, capacity)
-        self.ts = array.array("i", [0] * capacity)
-        self.vs = array.array("i", [0] * capacity)
-
-    def bytes_per_slot(self):
-        return 8  # two int32 arrays
-
-    def push(self, t, v):
-        h = self.head
-        self.ts[h] = t
-        self.vs[h] = v
-        h += 1
-        if h == self.cap:
-            h = 0
-        self.head = h
-        if self.n < self.cap:
-            self.n += 1
-        else:
-            self.overwritten += 1
-
-    def t_at(self, i):
-        """Time of the i-th oldest pair."""
-        if i < 0 or i >= self.n:
-            raise IndexError("ring index")
-        return self.ts[self._slot(i)]
-
-    def v_at(self, i):
-        if i < 0 or i >= self.n:
-            raise IndexError("ring index")
-        return self.vs[self._slot(i)]
-
-    def latest_t(self, k=0):
-        """Time of the k-th newest pair (0 = newest)."""
-        return self.ts[self._lslot(k)]
-
-    def latest_v(self, k=0):
-        return self.vs[self._lslot(k)]
-
-    def count_since(self, t0):
-        """Pairs with t >= t0, counted from the newest back (stops at the first older one)."""
-        c = 0
-        s = self.head
-        ts = self.ts
-        for _ in range(self.n):
-            s -= 1
-            if s < 0:
-                s = self.cap - 1
-            if ts[s] < t0:
-                break
-            c += 1
-        return c
-
-    def shift(self, dt):
-        """Move every timestamp by -dt (the pipeline's rebase); O(capacity), rare."""
-        ts = self.ts
-        for i in range(self.cap):
-            x = ts[i] - dt
-            ts[i] = x if x > -0x20000000 else -0x20000000
-
-    def __iter__(self):
-        # Convenience only: allocates a generator and tuples.
-        for i in range(self.n):
-            s = self._slot(i)
-            yield (self.ts[s], self.vs[s])

@@ -23,8 +23,12 @@ delivered at once. Fencing: the owner holds flock() on <dir>/part-<n>.lock while
 pipeline runs; a paused old owner that still holds it blocks the new one (which gives
 the lease back and retries), so two pipelines never write one partition. flock and the
 file need storage every gateway of the site can open: one host (gateway processes per
-core) or a shared filesystem with working locks; docs/scale-out.md says what changes
-for separate disks.
+core) or a shared filesystem with working locks.
+
+Gateways on separate disks (--checkpoint replicated, gateway/ckpt.py): every commit's delta
+is appended to JetStream before its acks, fenced by the stream's expected last sequence;
+a new owner rebuilds the partition file from the latest snapshot + the deltas after it
+(its own local copy only if that equals the stream), so no file is shared.
 """
 import argparse
 import asyncio
@@ -37,7 +41,7 @@ import time
 from nats.js.api import KeyValueConfig, StorageType
 from nats.js.errors import BucketNotFoundError, KeyWrongLastSequenceError, NoKeysError
 
-from . import logs
+from . import ckpt, logs
 from .config import Config, ConfigError
 from .ingest_jetstream import STREAM, Link, PartitionIngest, Security, consumer_name, until_ready
 from .partitions import fair_share
@@ -47,11 +51,12 @@ BUCKET = "edgeflow_leases"
 
 
 class _Part:
-    __slots__ = ("p", "gw", "task", "fd", "rev", "renewed", "since", "pending", "ack_pending")
+    __slots__ = ("p", "gw", "task", "fd", "rev", "renewed", "since", "pending", "ack_pending", "rep")
 
     def __init__(self, p, gw, task, fd, rev, now):
         self.p, self.gw, self.task, self.fd, self.rev, self.renewed, self.since = p, gw, task, fd, rev, now, now
         self.pending = self.ack_pending = None  # the partition consumer's backlog (refreshed each tick)
+        self.rep = None  # replicated checkpoint: its Replicator
 
 
 class ScaleoutCollector:
@@ -81,7 +86,15 @@ class ScaleoutCollector:
                                   "within this gateway's own lease period (the pipeline kept running)",
                                   value=o.reclaimed)
         yield GaugeMetricFamily(p + "last_takeover_start_seconds", "lock + consumer + pipeline start of the last "
-                                "partition taken", value=o.last_start_s)
+                                "partition taken (replicated checkpoint: the rebuild included)", value=o.last_start_s)
+        if o.ckpt is not None:
+            rb = o.last_rebuild
+            yield GaugeMetricFamily(p + "last_rebuild_seconds", "replicated checkpoint: trust check or rebuild of "
+                                    "the last partition taken, claim included", value=rb.seconds if rb else 0)
+            yield GaugeMetricFamily(p + "last_rebuild_db_bytes", "replicated checkpoint: size of the partition file "
+                                    "it produced", value=rb.db_bytes if rb else 0)
+            yield CounterMetricFamily(p + "rebuilds", "partitions rebuilt from JetStream (local file not trusted)",
+                                      value=o.rebuilds)
         fam = {
             "owned": GaugeMetricFamily(p + "partition_owned", "1 per partition this gateway runs", labels=["partition"]),
             "committed": CounterMetricFamily(p + "partition_committed_records", "new records committed (readings "
@@ -101,6 +114,12 @@ class ScaleoutCollector:
                                     labels=["partition"]),
             "age": GaugeMetricFamily(p + "partition_last_commit_age_seconds", "seconds since its last commit",
                                      labels=["partition"]),
+            "cdel": CounterMetricFamily(p + "partition_ckpt_deltas", "replicated checkpoint: deltas appended",
+                                        labels=["partition"]),
+            "cbytes": CounterMetricFamily(p + "partition_ckpt_bytes", "replicated checkpoint: delta bytes appended",
+                                          labels=["partition"]),
+            "csnap": CounterMetricFamily(p + "partition_ckpt_snapshots", "replicated checkpoint: snapshots stored",
+                                         labels=["partition"]),
         }
         now_ms, mono = time.time() * 1000, time.monotonic()
         for n, h in sorted(parts.items()):
@@ -118,6 +137,10 @@ class ScaleoutCollector:
                 fam["wm"].add_metric(lab, (now_ms - wm) / 1000.0)
             if s.last_commit_mono is not None:
                 fam["age"].add_metric(lab, mono - s.last_commit_mono)
+            if h.rep is not None:
+                fam["cdel"].add_metric(lab, h.rep.published)
+                fam["cbytes"].add_metric(lab, h.rep.bytes)
+                fam["csnap"].add_metric(lab, h.rep.snapshots)
         yield from fam.values()
 
 
@@ -136,7 +159,9 @@ def serve_metrics(owner, host, port):
 
 class Owner:
     def __init__(self, config_path, gid, nats_urls, mqtt_hosts, partitions, data_dir, lease_s=3.0, replicas=3,
-                 overrides=None):
+                 overrides=None, checkpoint=None):
+        """checkpoint: None = the partition files are shared (flock fences); a ckpt.Settings =
+        replicated through JetStream (data_dir is this gateway's own)."""
         self.config_path = config_path
         self.overrides = dict(overrides or {})
         self.base = Config.load(config_path, self.overrides)  # fail early on a bad file
@@ -160,6 +185,14 @@ class Owner:
         self.takeovers = 0
         self.reclaimed = 0
         self.last_start_s = 0.0
+        self.ckpt = checkpoint
+        if checkpoint is not None:
+            checkpoint.prefix = self.base.mqtt.prefix.replace("/", ".")
+            checkpoint.replicas = replicas
+        self.obs = None
+        self.rebuilds = 0
+        self.last_rebuild = None
+        self._taking = None  # [partition, lease revision] while a take is in progress
         self.metrics_registry = None
         self.metrics_server = None
         self._stop = None
@@ -183,6 +216,8 @@ class Owner:
                               % (m.host, m.port, e.strerror))
         await self.link.start()
         self.kv = await until_ready(self._bucket, "lease bucket")
+        if self.ckpt is not None:
+            self.obs = await until_ready(lambda: ckpt.ensure(self.link.js, self.ckpt), "checkpoint stream")
         logs.info("scaleout_started", id=self.gid, partitions=self.P, lease_s=self.lease_s, dir=self.dir)
         lag_task = asyncio.ensure_future(self._lag_loop())
         # join first, take partitions one tick later: gateways starting together then see
@@ -255,7 +290,9 @@ class Owner:
                 # side's clock from the reply: a slow reply makes it expire "early"), and
                 # maybe another gateway created it and, fenced by our lock, deleted it again.
                 # Still within our own lease period and nobody holds the key: take it back,
-                # the pipeline never stopped (the lock is the fence: no one else ran it).
+                # the pipeline never stopped (the lock is the fence: no one else ran it; with
+                # the replicated checkpoint the stream is: if another ran it meanwhile, our
+                # next append is refused and the pipeline stops there).
                 if now - h.renewed <= self.lease_s:
                     try:
                         h.rev = await kv.create(_key(p), self.gid.encode())
@@ -324,15 +361,36 @@ class Owner:
             except KeyWrongLastSequenceError:
                 pass
             return
+        rep = None
         try:
-            await self.link.reset_consumer(p)
             over = dict(self.overrides)
-            over["store.path"] = os.path.join(self.dir, "part-%03d.db" % p)
-            handover = os.path.exists(over["store.path"])  # another owner's checkpoint: a takeover
+            over["store.path"] = path = os.path.join(self.dir, "part-%03d.db" % p)
+            handover = os.path.exists(path)  # another owner's checkpoint: a takeover
             over["metrics.port"] = 0
             cfg = Config.load(self.config_path, over)
+            store = None
+            if self.ckpt is not None:
+                # trust the local file or rebuild it from JetStream, then claim (fences the old owner)
+                try:
+                    rep, info = await self._while_renewing(
+                        ckpt.prepare(self.link.js, self.obs, self.ckpt, p, path, self.gid), p, rev)
+                except ckpt.Fenced as e:
+                    os.close(fd)
+                    self.fenced += 1
+                    logs.warning("partition_fenced", partition=p, error=str(e))
+                    try:
+                        await self.kv.delete(_key(p), last=self._taking_rev(rev))
+                    except KeyWrongLastSequenceError:
+                        pass
+                    return
+                handover = not info.trusted or handover
+                self.rebuilds += not info.trusted
+                self.last_rebuild = info
+                logs.info("partition_checkpoint", partition=p, **info.as_dict())
+                store = ckpt.ReplicatedStore(path, cfg.store.synchronous, rep)
+            await self.link.reset_consumer(p)
             link = self.link
-            gw = Gateway(cfg, ingest_factory=lambda c, s, p=p: PartitionIngest(link, p, c, s))
+            gw = Gateway(cfg, ingest_factory=lambda c, s, p=p: PartitionIngest(link, p, c, s), store=store)
             task = asyncio.ensure_future(gw.run())
             started = asyncio.ensure_future(gw.started.wait())
             await asyncio.wait([task, started], return_when=asyncio.FIRST_COMPLETED)
@@ -341,16 +399,58 @@ class Owner:
                 task.result()  # raises: the partition is released below
         except Exception as e:  # noqa: BLE001
             logs.error("partition_start_failed", partition=p, error=repr(e))
+            self._taking = None
             os.close(fd)
+            if rep is not None:
+                await rep.close()
             await self.kv.delete(_key(p))
             return
+        rev = self._taking_rev(rev)
         self.parts[p] = _Part(p, gw, task, fd, rev, time.monotonic())
+        self.parts[p].rep = rep
         self.taken += 1
         self.takeovers += handover
         self.last_start_s = time.monotonic() - t0
         self.link.out.announce()  # devices of this partition may have seen a will say offline
         logs.info("partition_taken", partition=p, id=self.gid, start_ms=round((time.monotonic() - t0) * 1000),
                   owned=sorted(self.parts))
+
+    def _taking_rev(self, rev):
+        t, self._taking = self._taking, None
+        return t[1] if t is not None else rev
+
+    async def _while_renewing(self, coro, p, rev):
+        """Await coro (a rebuild can take longer than a lease) while renewing every lease
+        this gateway holds, the one being taken included, every lease/3."""
+        self._taking = [p, rev]
+        task = asyncio.ensure_future(coro)
+        try:
+            while True:
+                done, _ = await asyncio.wait([task], timeout=self.lease_s / 3)
+                if done:
+                    return task.result()
+                await self._renew_during_take()
+        finally:
+            if not task.done():
+                task.cancel()
+                await asyncio.gather(task, return_exceptions=True)
+
+    async def _renew_during_take(self):
+        """Renewals only; losses are handled by the next tick."""
+        kv, now = self.kv, time.monotonic()
+        try:
+            await kv.put("gw." + self.gid, b"%d" % len(self.parts))
+            for h in list(self.parts.values()):
+                try:
+                    h.rev = await kv.update(_key(h.p), self.gid.encode(), last=h.rev)
+                    h.renewed = now
+                except KeyWrongLastSequenceError:
+                    pass
+            t = self._taking
+            if t is not None:
+                t[1] = await kv.update(_key(t[0]), self.gid.encode(), last=t[1])
+        except Exception as e:  # noqa: BLE001 - a NATS hiccup: the next renewal or tick tries again
+            logs.warning("lease_renew_failed", error=repr(e))
 
     async def _drop(self, p, release):
         h = self.parts.pop(p, None)
@@ -376,6 +476,26 @@ def _key(p):
     return "p.%03d" % p
 
 
+async def rebuild_all(config_path, nats_urls, partitions, out_dir, overrides=None):
+    """Every partition's file rebuilt from the replicated checkpoint into out_dir
+    (part-<p>.db; e.g. for gateway/merge.py, or to check a gateway's files against the
+    stream). Returns {partition: ckpt.Rebuild}."""
+    import nats
+    cfg = Config.load(config_path, dict(overrides or {}))
+    cfg.check_secure()
+    st = ckpt.Settings(prefix=cfg.mqtt.prefix.replace("/", "."))
+    nc = await nats.connect(list(nats_urls), connect_timeout=5, **Security(cfg).nats_options())
+    try:
+        js = nc.jetstream(timeout=10)
+        obs = await until_ready(lambda: ckpt.ensure(js, st), "checkpoint stream")
+        out = {}
+        for p in range(partitions):
+            out[p], _ = await ckpt.rebuild(js, obs, st, p, os.path.join(out_dir, "part-%03d.db" % p))
+        return out
+    finally:
+        await nc.close()
+
+
 def _hosts(spec):
     out = []
     for part in spec.split(","):
@@ -391,9 +511,23 @@ def build_parser():
     ap.add_argument("--nats", required=True, help="comma-separated NATS URLs of the cluster")
     ap.add_argument("--mqtt", required=True, help="comma-separated host:port of the cluster's MQTT listeners")
     ap.add_argument("--partitions", type=int, required=True, help="P: must equal the servers' mapping")
-    ap.add_argument("--dir", required=True, help="directory of the partitions' SQLite files (shared by the site)")
+    ap.add_argument("--dir", required=True, help="directory of the partitions' SQLite files (shared by the site's "
+                    "gateways; with --checkpoint replicated this gateway's own)")
     ap.add_argument("--lease-s", type=float, default=3.0, help="lease TTL; takeover takes about this plus a tick")
     ap.add_argument("--replicas", type=int, default=3, help="stream and bucket replicas")
+    ap.add_argument("--checkpoint", choices=("shared", "replicated"), default="shared",
+                    help="shared: partition files on storage every gateway opens (flock fences); replicated: "
+                    "each commit's delta in JetStream, a new owner rebuilds from it (gateways on separate disks)")
+    ap.add_argument("--ckpt-max-bytes", type=int, default=1 << 30,
+                    help="replicated: bound of the checkpoint stream (full: commits wait, then the pipeline stops)")
+    ap.add_argument("--snapshot-min-bytes", type=int, default=8 << 20,
+                    help="replicated: snapshot a partition once its deltas since the last snapshot exceed "
+                    "max(this, the last snapshot's size); older deltas are then purged")
+    ap.add_argument("--ckpt-publish-timeout-s", type=float, default=30.0,
+                    help="replicated: how long a commit's acks wait for JetStream before the pipeline stops")
+    ap.add_argument("--rebuild-to", metavar="DIR", default=None,
+                    help="replicated: rebuild every partition's file from JetStream into DIR, then exit "
+                    "(no lease taken; e.g. for edgeflow-merge)")
     ap.add_argument("--metrics-port", type=int, default=None,
                     help="this process's metrics port (default [metrics] port; 0 = none)")
     return ap
@@ -401,10 +535,23 @@ def build_parser():
 
 def main(argv=None):
     args = build_parser().parse_args(argv)
+    if args.rebuild_to:
+        try:
+            got = asyncio.run(rebuild_all(args.config, args.nats.split(","), args.partitions, args.rebuild_to))
+        except (ConfigError, ValueError) as e:
+            print("edgeflow-scaleout: %s" % e, file=sys.stderr)
+            return 2
+        for p, info in sorted(got.items()):
+            print("partition %d: %s" % (p, info.as_dict()))
+        return 0
     try:
         over = {} if args.metrics_port is None else {"metrics.port": args.metrics_port}
+        st = None
+        if args.checkpoint == "replicated":
+            st = ckpt.Settings(max_bytes=args.ckpt_max_bytes, publish_timeout_s=args.ckpt_publish_timeout_s,
+                               snapshot_min_bytes=args.snapshot_min_bytes)
         owner = Owner(args.config, args.id, args.nats.split(","), _hosts(args.mqtt), args.partitions, args.dir,
-                      args.lease_s, args.replicas, overrides=over)
+                      args.lease_s, args.replicas, overrides=over, checkpoint=st)
     except (ConfigError, ValueError) as e:
         print("edgeflow-scaleout: %s" % e, file=sys.stderr)
         return 2

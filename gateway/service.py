@@ -103,15 +103,18 @@ class Outputs:
 class Gateway:
     """Python API: Gateway(config).run() until stop(); config is a Config, a dict of sections or None."""
 
-    def __init__(self, config=None, ingest_factory=None):
+    def __init__(self, config=None, ingest_factory=None, store=None):
         """ingest_factory(config, stats) -> an ingest (default: ingest.Ingest on MQTT; the
-        JetStream partition ingest of gateway/ingest_jetstream.py has the same interface)."""
+        JetStream partition ingest of gateway/ingest_jetstream.py has the same interface).
+        store: a Store for cfg.store.path (default Store); the scale-out replicated checkpoint
+        passes one whose commit() also replicates the delta before it returns (gateway/ckpt.py),
+        so the acks that follow the commit cover replicated effects only."""
         if config is None or isinstance(config, dict):
             config = Config(config)
         self.cfg = cfg = config
         self.topics = wire.Topics(cfg.mqtt.prefix)
         self.stats = metrics.Stats()
-        self.store = Store(cfg.store.path, cfg.store.synchronous)
+        self.store = store or Store(cfg.store.path, cfg.store.synchronous)
         self.dedup = Dedup(cfg.dedup.window, cfg.dedup.max_boots)
         self.watermarks = Watermarks(cfg.watermark.out_of_orderness_ms, cfg.watermark.idle_timeout_ms)
         w = cfg.windows

@@ -2,19 +2,69 @@
 # Runs unchanged under MicroPython and CPython: only struct, no classes from typing/dataclasses.
 # Layouts, limits and the reasons for a binary encoding are in docs/wire.md.
 from shared.wire_dev import *  # noqa: F401,F403 (the device side of the contract)
-from shared.wire_dev import (_check_max, _need, _ascii, _decode_body, _mac, _u32, _header,  # noqa: F401
-                             _HDR, _READING, _REC, _ACK, _HELLO, _ID_CHARS, _offsets, _i32, _CEP, _GAP,
+from shared.wire_ctl import *  # noqa: F401,F403
+from shared.wire_ctl import _HELLO, _mac  # noqa: F401
+from shared import wire_ctl as _ctl
+from shared.wire_body import _need, _ascii, _decode_body  # noqa: F401
+from shared.wire_dev import (readings_buffer, put_reading, _check_max, _u32, _header,  # noqa: F401
+                             _HDR, _READING, _REC, _ACK, _ID_CHARS, _offsets, _i32, _CEP, _GAP,
                              _WINDOW, _ANOMALY, _STATUS, _STATE)
 import struct
-from shared import wire_dev as _dev
 from shared.auth import MAC_LEN, equal
 
 # ---------------------------------------------------------------- gateway side
+# (and the encoders the board does not run: RAM, docs/firmware.md)
+
+
+def to_fixed(x):
+    """float -> fixed point int (value * SCALE), saturated to int32. Not for the per-sample path."""
+    v = int(round(x * SCALE))
+    if v > I32_MAX:
+        return I32_MAX
+    if v < I32_MIN:
+        return I32_MIN
+    return v
+
+
+def encode_readings(device_id, boot, readings):
+    """readings: list of (seq, t_ms, channel, flags, value_fixed), seq ascending.
+
+    One message per call; seqs must lie within 65535 of the first and times within +-24 days.
+    """
+    n = len(readings)
+    if n == 0:
+        raise WireError("empty")
+    base_seq = readings[0][0]
+    base_time = readings[0][1]
+    out, off = readings_buffer(device_id, boot, base_seq, base_time, n)
+    for r in readings:
+        put_reading(out, off, r[0], r[1], r[2], r[3], r[4], base_seq, base_time)
+        off += READING_SIZE
+    return bytes(out)
+
+
+def encode_records(device_id, boot, records):
+    """records: list of (kind, seq, t_ms, flags, body), seq ascending; kind != READING."""
+    n = len(records)
+    if n == 0:
+        raise WireError("empty")
+    base_seq = records[0][1]
+    base_time = records[0][2]
+    out = bytearray(_header(MSG_RECORDS, device_id, boot, base_seq, base_time, n))
+    for kind, seq, t, flags, body in records:
+        ds, dt = _offsets(seq, t, base_seq, base_time)
+        b = encode_body(kind, body)
+        out.extend(struct.pack(_REC, kind, ds, dt, flags))
+        out.extend(b)
+    if len(out) > MAX_PAYLOAD:
+        raise WireError("oversize", str(len(out)))
+    return bytes(out)
+
 
 KIND_NAMES = {1: "reading", 2: "window", 3: "cep", 4: "anomaly", 5: "status", 6: "gap"}
 
 
-class Topics(_dev.Topics):  # the device side + the gateway's subscriptions and parse
+class Topics(_ctl.Topics):  # the device side + the gateway's subscriptions and parse
     def __init__(self, prefix="edgeflow"):
         super().__init__(prefix)
         self.sub_data = prefix + "/d/+/data"

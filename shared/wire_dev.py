@@ -1,11 +1,12 @@
-# The wire contract, device side: everything the firmware runs (constants, topics, encoders,
-# the ack / state decoders it needs). shared/wire.py is the whole contract: it re-exports this
+# The wire contract, device side: everything the firmware runs in steady state (constants,
+# encoders, the ack / state decoders it needs); topics and the hello are in shared/wire_ctl.py
+# (boot and connect time: the board unloads it after use). shared/wire.py is the whole contract: it re-exports this
 # module and adds the gateway-side decoders (decode_data, decode_hello, encode_ack,
 # check_event_time), which the board never loads (RAM: docs/firmware.md). One contract, two
 # modules: change a layout here, the gateway side reads the same constants.
 import struct
 
-from shared.auth import Hmac, MAC_LEN, equal
+from shared.auth import MAC_LEN, equal
 
 VERSION = 2  # v2: hello carries instance id, session nonce, floor and a MAC; acks are authenticated
 MAGIC = 0xE5
@@ -54,7 +55,6 @@ _STATUS = ">IIIIIiII"  # uptime_s, outbox_records, outbox_bytes, dropped, late, 
 _CEP = ">BIB"  # severity, span_ms, evidence count (rule id and evidence follow)
 _GAP = ">IB"  # boot of the dropped records, range count; then (first_seq u32, length u16) each
 _ACK = ">BBBBIIqIBI"  # magic, version, type, flags, boot, seq, gw_time_ms, credits, replay (0/1), nonce; + MAC
-_HELLO = ">IIIIIB"  # backlog records, floor boot, floor seq, instance, nonce, fw length; fw, MAC follow
 _STATE = ">BB"  # online, reserved
 
 DETECTOR_ZSCORE = 1
@@ -72,36 +72,6 @@ class WireError(ValueError):
         super().__init__(reason + (": " + detail if detail else ""))
         self.reason = reason
         self.detail = detail
-
-
-# ---------------------------------------------------------------- topics
-
-
-class Topics:
-    """Topic layout under a prefix (default 'edgeflow').
-
-    device -> gateway: {p}/d/{id}/data (QoS 1), {p}/d/{id}/hello (QoS 1),
-                       {p}/d/{id}/state (retained; 'offline' is the last will)
-    gateway -> device: {p}/d/{id}/ack (QoS 1), {p}/gw/state (retained; last will)
-    The gateway's subscriptions and parse() are in shared/wire.py's Topics (not on the board).
-    """
-
-    def __init__(self, prefix="edgeflow"):
-        check_topic_part(prefix, "prefix", 64, True)
-        self.prefix = prefix
-        self.gw_state = prefix + "/gw/state"
-
-    def data(self, dev):
-        return self.prefix + "/d/" + dev + "/data"
-
-    def hello(self, dev):
-        return self.prefix + "/d/" + dev + "/hello"
-
-    def state(self, dev):
-        return self.prefix + "/d/" + dev + "/state"
-
-    def ack(self, dev):
-        return self.prefix + "/d/" + dev + "/ack"
 
 
 _ID_CHARS = "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789_-"
@@ -124,16 +94,6 @@ def check_device_id(dev):
 # ---------------------------------------------------------------- helpers
 
 
-def to_fixed(x):
-    """float -> fixed point int (value * SCALE), saturated to int32. Not for the per-sample path."""
-    v = int(round(x * SCALE))
-    if v > I32_MAX:
-        return I32_MAX
-    if v < I32_MIN:
-        return I32_MIN
-    return v
-
-
 def _u32(v, what):
     if not isinstance(v, int) or v < 0 or v > 0xFFFFFFFF:
         raise WireError("bad_" + what, repr(v))
@@ -144,19 +104,6 @@ def _i32(v, what):
     if not isinstance(v, int) or v < I32_MIN or v > I32_MAX:
         raise WireError("bad_" + what, repr(v))
     return v
-
-
-def _need(buf, off, size, what):
-    if off + size > len(buf):
-        raise WireError("truncated", what)
-
-
-def _ascii(b, what):
-    try:
-        s = bytes(b).decode()
-    except Exception:
-        raise WireError("bad_" + what, "not utf-8")
-    return s
 
 
 # ---------------------------------------------------------------- data messages
@@ -184,36 +131,37 @@ def _offsets(seq, t, base_seq, base_time):
     return ds, dt
 
 
-def encode_readings(device_id, boot, readings):
-    """readings: list of (seq, t_ms, channel, flags, value_fixed), seq ascending.
-
-    One message per call; seqs must lie within 65535 of the first and times within +-24 days.
-    """
-    n = len(readings)
-    if n == 0:
-        raise WireError("empty")
-    base_seq = readings[0][0]
-    base_time = readings[0][1]
-    out, off = readings_buffer(device_id, boot, base_seq, base_time, n)
-    for r in readings:
-        put_reading(out, off, r[0], r[1], r[2], r[3], r[4], base_seq, base_time)
-        off += READING_SIZE
-    return bytes(out)
-
-
 def readings_buffer(device_id, boot, base_seq, base_time, n):
     """(buffer, offset of the first record): a readings message of n records, its header
     written; put_reading fills record i at offset + READING_SIZE * i (the device encodes
     straight from its stored records: no row tuples, RAM)."""
+    return _buffer(MSG_READINGS, device_id, boot, base_seq, base_time, n, n * READING_SIZE)
+
+
+def records_buffer(device_id, boot, base_seq, base_time, n, nbytes):
+    """(buffer, offset of the first record): a records message of n records taking nbytes in
+    all (REC_SIZE + body each), its header written; the device writes each record with
+    put_record and copies the stored body after it (the outbox keeps encode_body's bytes)."""
+    return _buffer(MSG_RECORDS, device_id, boot, base_seq, base_time, n, nbytes)
+
+
+def _buffer(mtype, device_id, boot, base_seq, base_time, n, nbytes):
     if n == 0:
         raise WireError("empty")
-    h = _header(MSG_READINGS, device_id, boot, base_seq, base_time, n)
+    h = _header(mtype, device_id, boot, base_seq, base_time, n)
     off = len(h)
-    if off + n * READING_SIZE > MAX_PAYLOAD:
-        raise WireError("oversize", str(off + n * READING_SIZE))
-    out = bytearray(off + n * READING_SIZE)
+    if off + nbytes > MAX_PAYLOAD:
+        raise WireError("oversize", str(off + nbytes))
+    out = bytearray(off + nbytes)
     out[0:off] = h
     return out, off
+
+
+def put_record(out, off, kind, seq, t, flags, base_seq, base_time):
+    """The record header (kind, seq and time offsets, flags) of a records message at out[off:];
+    its body follows at off + REC_SIZE."""
+    ds, dt = _offsets(seq, t, base_seq, base_time)
+    struct.pack_into(_REC, out, off, kind, ds, dt, flags)
 
 
 def put_reading(out, off, seq, t, ch, flags, value, base_seq, base_time):
@@ -261,74 +209,6 @@ def encode_body(kind, body):
     raise WireError("unknown_kind", str(kind))
 
 
-def encode_records(device_id, boot, records):
-    """records: list of (kind, seq, t_ms, flags, body), seq ascending; kind != READING."""
-    n = len(records)
-    if n == 0:
-        raise WireError("empty")
-    base_seq = records[0][1]
-    base_time = records[0][2]
-    out = bytearray(_header(MSG_RECORDS, device_id, boot, base_seq, base_time, n))
-    for kind, seq, t, flags, body in records:
-        ds, dt = _offsets(seq, t, base_seq, base_time)
-        b = encode_body(kind, body)
-        out.extend(struct.pack(_REC, kind, ds, dt, flags))
-        out.extend(b)
-    if len(out) > MAX_PAYLOAD:
-        raise WireError("oversize", str(len(out)))
-    return bytes(out)
-
-
-def _decode_body(kind, buf, off):
-    """Return (body tuple, new offset)."""
-    if kind == KIND_WINDOW:
-        size = 33
-        _need(buf, off, size, "window")
-        return struct.unpack_from(_WINDOW, buf, off), off + size
-    if kind == KIND_CEP:
-        _need(buf, off, 1, "cep")
-        ln = buf[off]
-        off += 1
-        _need(buf, off, ln + 6, "cep")
-        rule = _ascii(buf[off:off + ln], "rule_id")
-        check_topic_part(rule, "rule_id", MAX_RULE_ID)
-        off += ln
-        sev, span, ne = struct.unpack_from(_CEP, buf, off)
-        off += 6
-        if ne > MAX_EVIDENCE:
-            raise WireError("bad_evidence", str(ne))
-        _need(buf, off, 4 * ne, "cep evidence")
-        ev = struct.unpack_from(">" + "i" * ne, buf, off) if ne else ()
-        return (rule, sev, span, tuple(ev)), off + 4 * ne
-    if kind == KIND_ANOMALY:
-        _need(buf, off, 14, "anomaly")
-        b = struct.unpack_from(_ANOMALY, buf, off)
-        if b[1] not in (DETECTOR_ZSCORE, DETECTOR_EWMA):
-            raise WireError("bad_detector", str(b[1]))
-        return b, off + 14
-    if kind == KIND_STATUS:
-        _need(buf, off, 32, "status")
-        return struct.unpack_from(_STATUS, buf, off), off + 32
-    if kind == KIND_GAP:
-        _need(buf, off, 5, "gap")
-        gboot, nr = struct.unpack_from(_GAP, buf, off)
-        off += 5
-        if nr < 1 or nr > MAX_GAP_RANGES:
-            raise WireError("bad_gap", str(nr))
-        _need(buf, off, 6 * nr, "gap ranges")
-        ranges = []
-        for i in range(nr):
-            first, length = struct.unpack_from(">IH", buf, off)
-            if length < 1:
-                raise WireError("bad_gap", "empty range")
-            if first + length - 1 > 0xFFFFFFFF:
-                raise WireError("bad_gap", "range beyond u32")
-            ranges.append((first, length))
-            off += 6
-        return (gboot, tuple(ranges)), off
-    raise WireError("unknown_kind", str(kind))
-
-
 def _check_max(payload, max_size):
     if not isinstance(payload, (bytes, bytearray, memoryview)):
         raise WireError("not_bytes", str(type(payload)))
@@ -345,15 +225,6 @@ def _check_max(payload, max_size):
 
 
 # ---------------------------------------------------------------- control messages
-
-
-def _mac(key, parts):
-    """MAC_LEN bytes over parts; zeros without a key (insecure mode: the receiver has no key either)."""
-    if key is None:
-        return bytes(MAC_LEN)
-    if not isinstance(key, Hmac):
-        key = Hmac(key)
-    return key.mac(*parts)
 
 
 ACK_BODY = struct.calcsize(_ACK)  # 29
@@ -378,20 +249,6 @@ def ack_mac_ok(payload, device_id_bytes, key):
     """True if an ACK_SIZE payload carries the MAC of `key` (an auth.Hmac) for this device."""
     mv = memoryview(payload)
     return equal(key.mac(device_id_bytes, mv[:ACK_BODY]), mv[ACK_BODY:ACK_SIZE])
-
-
-def encode_hello(device_id, boot, next_seq, now_ms, backlog, floor_boot, floor_seq, instance, nonce, fw,
-                 key=None, flags=0):
-    """Device birth, sent on every connect. floor: the oldest (boot, seq) the device still holds
-    anywhere (docs/wire.md "The hello contract"); instance: random id of this flash identity;
-    nonce: fresh per hello, echoed in every ack. The MAC covers every byte before it."""
-    fwb = fw.encode()
-    if len(fwb) > MAX_FW:
-        raise WireError("bad_fw", fw)
-    body = (_header(MSG_HELLO, device_id, boot, next_seq, now_ms, flags)
-            + struct.pack(_HELLO, _u32(backlog, "backlog"), _u32(floor_boot, "boot"), _u32(floor_seq, "seq"),
-                          _u32(instance, "instance"), _u32(nonce, "nonce"), len(fwb)) + fwb)
-    return body + _mac(key, (body,))
 
 
 def encode_state(online, gateway=False):

@@ -212,7 +212,7 @@ def test_app_survives_broker_restart_and_reboots_every_record_once(broker, tmp_p
         app3 = App(cfg, hal)
         task = asyncio.create_task(app3.run())
         assert await until(lambda: app3.uplink is not None and app3.uplink.session)
-        assert await until(lambda: all(b == b1 + 2 for b in app3.outbox.boots()), 10), app3.counters()
+        assert await until(lambda: all(s[1] == b1 + 2 for s in app3.outbox.segs), 10), app3.counters()
         for sig in hal.signals.values():
             sig.missing = True  # sensor fault: no new readings, the outbox drains
         await asyncio.sleep(0.3)

@@ -215,6 +215,13 @@ def test_stalled_owner_is_fenced_then_loses_its_lease(tmp_path):
     _on_secure_node(tmp_path, 2, go)
 
 
+async def _until_async(get, cond, timeout):
+    deadline = time.monotonic() + timeout
+    while not cond(await get()):
+        assert time.monotonic() < deadline, "condition not reached in %s s" % timeout
+        await asyncio.sleep(0.1)
+
+
 def _on_secure_node(tmp_path, partitions, go):
     """asyncio.run(go(cluster, gw)) on one secured NATS node (MQTT, partition mapping);
     gw: the gateway config sections (TLS, credentials, devices file)."""
@@ -328,6 +335,8 @@ def test_nats_device_cannot_act_as_another_device(secure_nats):
         for p in (0, 1):
             await link.reset_consumer(p)
             subs[p] = await link.js.pull_subscribe(f"edgeflow.p.{p}.*.*", durable="part-%03d" % p, stream="EDGEFLOW")
+        from gateway import ckpt
+        await ckpt.ensure(link.js, ckpt.Settings(replicas=1))  # the replicated checkpoint's stream
         a, b = Client(mq, "dev-a"), Client(mq, "dev-b")
         try:
             assert a.connect() == "Success" and b.connect() == "Success"
@@ -336,7 +345,8 @@ def test_nats_device_cannot_act_as_another_device(secure_nats):
             assert a.sub(top.ack("dev-b"), "edgeflow/#", "edgeflow/d/+/ack") == ["Unspecified error"] * 3
             assert a.sub(top.ack("dev-a")) == ["Granted QoS 1"]
             for t in (top.data("dev-b"), top.hello("dev-b"), top.state("dev-b"), top.ack("dev-b"), top.ack("dev-a"),
-                      top.gw_state, "edgeflow/p/%d/dev-a/data" % (1 - own), "edgeflow/p/%d/dev-b/data" % own):
+                      top.gw_state, "edgeflow/p/%d/dev-a/data" % (1 - own), "edgeflow/p/%d/dev-b/data" % own,
+                      "edgeflow/ckpt/%d/d" % own, "edgeflow/ckpt/%d/s" % own):
                 a.pub(t, b"forged")
             a.pub(top.data("dev-a"), b"control")
             got = []
@@ -347,6 +357,9 @@ def test_nats_device_cannot_act_as_another_device(secure_nats):
                     except nats.errors.TimeoutError:
                         pass
             assert [(m.subject, m.data) for m in got] == [("edgeflow.p.%d.dev-a.data" % own, b"control")]
+            assert (await link.js.stream_info(ckpt.STREAM)).state.messages == 0  # no forged checkpoint
+            link.out.publish("edgeflow/ckpt/9/d", b"x")  # the same path with the gateway's rights lands
+            await _until_async(lambda: link.js.stream_info(ckpt.STREAM), lambda i: i.state.messages == 1, 20)
             for m in got:
                 await m.ack()
             # acks: the gateway's reach their device; none reaches dev-a for dev-b
@@ -484,31 +497,23 @@ def test_scaleout_gateway_refuses_an_insecure_config(tmp_path):
 
 def test_jetstream_sink_and_collector_over_tls_with_users(tmp_path):
     """The JetStream sink and the collector connect with TLS (fleet CA, name checked) and a
-    user + password file: rows reach the central store; without tls_ca, or with a wrong
-    password, the connect is refused."""
-    import secrets
+    user + password file made by the provisioning helper: rows reach the central store;
+    without tls_ca, or with a wrong password, the connect is refused; the sink cannot
+    publish under another site, the collector not at all."""
+    import shutil
 
     from gateway import collector as C
     from gateway.sinks.jetstream import connect
     from tests.test_sinks import checkpoint, open_set, readings, stop_collector, until
     from tools import natsauth
     from tools.natscluster import NatsCluster
-    from tools.provision import write_secret
     from tools.scaleout_site import secure_fleet
     fleet, sec, _gw = secure_fleet(str(tmp_path), 1)
-    pw = {u: secrets.token_urlsafe(24) for u in ("sink-s1", "collector")}
-    for u in pw:
-        write_secret(str(tmp_path / (u + ".pw")), pw[u] + "\n")
-    js = "$JS.API."
-    sink_perm = {"publish": {"allow": ["edgeflow.sink.s1.>", js + "INFO", js + "STREAM.INFO.SINKS",
-                                       js + "STREAM.CREATE.SINKS"]}, "subscribe": {"allow": ["_INBOX.>"]}}
-    coll_perm = {"publish": {"allow": [js + "INFO", js + "STREAM.*.SINKS", js + "CONSUMER.*.SINKS.>",
-                                       js + "CONSUMER.*.*.SINKS.>", "$JS.ACK.SINKS.>"]},
-                 "subscribe": {"allow": ["_INBOX.>"]}}
-    sec = dict(sec, auth=str(tmp_path / "sinkauth.conf"))
-    write_secret(sec["auth"], natsauth.auth_conf([
-        natsauth.user_entry(u, natsauth.hash_password(pw[u]), perm, ["STANDARD"])
-        for u, perm in (("sink-s1", sink_perm), ("collector", coll_perm))]))
+    # the provisioning helper makes both users (tools/natsauth.py sink-user / collector-user)
+    pwf = {"sink-s1": natsauth.add_downstream_user(fleet, "sink-s1", "sink", "s1", stream="SINKS"),
+           "collector": natsauth.add_downstream_user(fleet, "collector", "collector", stream="SINKS")}
+    for u, f in pwf.items():
+        shutil.copy(f, str(tmp_path / (u + ".pw")))
     cluster = NatsCluster(tmp_path / "nats", 1, security=sec).start()
     url, ca = cluster.urls[0], fleet.path("ca", "ca.pem")
     central = str(tmp_path / "central.db")
@@ -540,6 +545,20 @@ def test_jetstream_sink_and_collector_over_tls_with_users(tmp_path):
         try:
             await checkpoint(store, s, [("readings", readings("d1", 1, 0, 12))])
             assert await until(lambda: coll.messages >= 3)
+            # the sink user publishes under its own site only; the collector publishes nothing
+            # (the same publish with the right user is stored: the refusals are the permissions)
+            for u, subj, ok in (("sink-s1", "edgeflow.sink.s1.readings", True),
+                                ("sink-s1", "edgeflow.sink.s2.readings", False),
+                                ("collector", "edgeflow.sink.s1.readings", False)):
+                nc = await connect([url], "t", user=u, password_file=str(tmp_path / (u + ".pw")), **tls)
+                try:
+                    if ok:
+                        assert (await nc.jetstream(timeout=5).publish(subj, b"{}", stream="SINKS")).seq > 0
+                    else:
+                        with pytest.raises(Exception):
+                            await nc.jetstream(timeout=2).publish(subj, b"{}", stream="SINKS")
+                finally:
+                    await nc.close()
         finally:
             await stop_collector(ct, coll)
             await s.stop()

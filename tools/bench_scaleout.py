@@ -3,6 +3,7 @@
     python -m tools.bench_scaleout                  # ~4 min on 2 cores
     python -m tools.bench_scaleout --messages 8000 --latency 300
     python -m tools.bench_scaleout --tls --no-latency   # + the secured cluster: TLS / plaintext ratios
+    python -m tools.bench_scaleout --replicated --no-latency   # + the replicated checkpoint (separate disks)
 
 1. Throughput: the same reading batches (50 readings per message, like the firmware's
    batch_max) are published at QoS 1 and drained by
@@ -111,12 +112,15 @@ def tls_publish(site, msgs):
     c.disconnect()
 
 
-def cluster_drain(tmp, msgs, n_readings, gateways, partitions=8, tls=False):
-    """tls: the secured site (TLS everywhere, users); else plaintext like the mosquitto baseline."""
+def cluster_drain(tmp, msgs, n_readings, gateways, partitions=8, tls=False, checkpoint="shared"):
+    """tls: the secured site (TLS everywhere, users); else plaintext like the mosquitto baseline.
+    checkpoint "replicated": each gateway its own directory, every commit's delta to JetStream
+    (the production snapshot threshold, 8 MiB)."""
     # secured: the workload's devices provisioned (the gateway quarantines unknown ids)
     devs = sorted({wire.Topics("edgeflow").parse(t)[0] for t, _p in msgs}) if tls else ()
-    site = ScaleSite(os.path.join(tmp, "cluster-g%d%s" % (gateways, "-tls" if tls else "")), partitions=partitions,
-                     gw_extra=GW_EXTRA, insecure=not tls, devices=devs)
+    site = ScaleSite(os.path.join(tmp, "cluster-g%d%s-%s" % (gateways, "-tls" if tls else "", checkpoint)),
+                     partitions=partitions, gw_extra=GW_EXTRA, insecure=not tls, devices=devs, checkpoint=checkpoint,
+                     snapshot_min_bytes=8 << 20)
     if tls:
         from tools import natsauth
         site.fleet.add_service(BENCH_USER, "readwrite")
@@ -152,11 +156,18 @@ def cluster_drain(tmp, msgs, n_readings, gateways, partitions=8, tls=False):
             time.sleep(0.25)
             left, t2 = asyncio.run(_stream_msgs(site)), time.perf_counter()
         cpu = {k: (sum(proc_cpu_s(p.pid) or 0 for p in v) - cpu0[k]) / max(1e-9, t2 - t1) for k, v in procs.items()}
-        committed = _count_readings(site.parts_dir)
+        committed = _count_readings(site)
         rate = (left0 - left) * (n_readings / len(msgs)) / max(1e-9, t2 - t1)
         res = {"gateways": gateways, "published_s": pub_s, "stored_msgs": stored, "left_at_balance": left0,
                "drain_s": t2 - t1, "readings_per_s": rate, "committed_readings": committed, "left": left,
                "cpu_nats": cpu["nats"], "cpu_gateways": cpu["gateways"]}
+        if checkpoint != "shared":  # what the replicated checkpoint appended
+            time.sleep(0.5)
+            m = [site.scrape(g) for g in gids]
+            res["ckpt_deltas"] = sum(v for x in m for k, v in x.items() if k[0].endswith("partition_ckpt_deltas_total"))
+            res["ckpt_bytes"] = sum(v for x in m for k, v in x.items() if k[0].endswith("partition_ckpt_bytes_total"))
+            res["ckpt_snapshots"] = sum(v for x in m for k, v in x.items()
+                                        if k[0].endswith("partition_ckpt_snapshots_total"))
         takeover = None
         if gateways >= 2:
             takeover = _takeover(site, gids)
@@ -167,9 +178,13 @@ def cluster_drain(tmp, msgs, n_readings, gateways, partitions=8, tls=False):
         site.close()
 
 
-def _count_readings(parts_dir):
+def _count_readings(site):
+    if site.checkpoint == "shared":
+        files = glob.glob(os.path.join(site.parts_dir, "part-*.db"))
+    else:  # each partition's file at its (last) owner
+        files = [os.path.join(site.gw_dir(g), "part-%03d.db" % p) for p, g in site.last_owners().items()]
     n = 0
-    for p in glob.glob(os.path.join(parts_dir, "part-*.db")):
+    for p in files:
         c = sqlite3.connect(p)
         n += c.execute("SELECT count(*) FROM readings").fetchone()[0]
         c.close()
@@ -182,7 +197,12 @@ def _takeover(site, gids):
     site.kill_gateway(gids[0])
     asyncio.run(site.wait_owned(gids[1:], 60))
     s, _ = site.takeover_s(owned, t_kill)
-    return {"partitions_moved": len(owned), "takeover_s": s, "lease_s": site.lease_s}
+    out = {"partitions_moved": len(owned), "takeover_s": s, "lease_s": site.lease_s}
+    if site.checkpoint != "shared":  # the survivors rebuilt them from JetStream
+        ev = [e for g in gids[1:] for e in site.events(g, "partition_checkpoint") if e["ts"] > t_kill
+              and e["partition"] in owned]
+        out["rebuilds"] = [(e["s"], e["db_bytes"], e["snapshot_bytes"], e["deltas"], e["delta_bytes"]) for e in ev]
+    return out
 
 
 # ---------------------------------------------------------------- latency
@@ -377,6 +397,9 @@ def main(argv=None):
     ap.add_argument("--tls", action="store_true",
                     help="also drain the secured cluster (TLS everywhere, users) with 1 and 2 gateways")
     ap.add_argument("--no-latency", action="store_true", help="skip the latency part")
+    ap.add_argument("--replicated", action="store_true",
+                    help="also drain with the replicated checkpoint (gateways on separate disks) with 1 and 2 "
+                    "gateways: throughput / shared files, bytes per commit, takeover by rebuild")
     args = ap.parse_args(argv)
     tmp = tempfile.mkdtemp(prefix="bench-scaleout-")
     per = 50
@@ -389,6 +412,11 @@ def main(argv=None):
         rates = {"mosquitto, 1 gateway": [], "NATS cluster, 1 gateway": [], "NATS cluster, 2 gateways": []}
         if args.tls:
             rates.update({"NATS TLS, 1 gateway": [], "NATS TLS, 2 gateways": []})
+        modes = [(False, "shared")] + ([(True, "shared")] if args.tls else []) + \
+            ([(False, "replicated")] if args.replicated else [])
+        if args.replicated:
+            rates.update({"NATS replicated, 1 gateway": [], "NATS replicated, 2 gateways": []})
+        ckpt_takeover = None
         for rep in range(args.repeat):
             b, port = start_broker(os.path.join(tmp, "mosq%d" % rep))
             try:
@@ -398,11 +426,19 @@ def main(argv=None):
             rates["mosquitto, 1 gateway"].append(m["readings"] / m["seconds"])
             print("  run %d mosquitto, 1 gateway: %.0f readings/s committed (%.1f s)"
                   % (rep, m["readings"] / m["seconds"], m["seconds"]))
-            for tls in (False, True) if args.tls else (False,):
+            for tls, mode in modes:
                 for g in (1, 2):
-                    r, t = cluster_drain(os.path.join(tmp, "r%d" % rep), msgs, n, g, tls=tls)
-                    takeover = t or takeover
-                    name = "NATS %s, %d gateway%s" % ("TLS" if tls else "cluster", g, "s" if g > 1 else "")
+                    r, t = cluster_drain(os.path.join(tmp, "r%d" % rep), msgs, n, g, tls=tls, checkpoint=mode)
+                    if mode == "shared":
+                        takeover = t or takeover
+                    else:
+                        ckpt_takeover = t or ckpt_takeover
+                    name = "NATS %s, %d gateway%s" % ("TLS" if tls else "cluster" if mode == "shared" else mode, g,
+                                                      "s" if g > 1 else "")
+                    if "ckpt_bytes" in r:
+                        print("  run %d %s: checkpoint deltas %d, %.0f bytes per delta, %.2f bytes per reading, "
+                              "snapshots %d" % (rep, name, r["ckpt_deltas"], r["ckpt_bytes"] / max(1, r["ckpt_deltas"]),
+                                                r["ckpt_bytes"] / max(1, r["committed_readings"]), r["ckpt_snapshots"]))
                     rates[name].append(r["readings_per_s"])
                     print("  run %d %s: %.0f readings/s committed (%.1f s draining %d of %d "
                           "messages; CPU cores busy: nats-servers %.2f, gateways %.2f; publish into NATS %.1f s; "
@@ -415,6 +451,15 @@ def main(argv=None):
         if takeover:
             print("takeover: %d partitions of a killed gateway running elsewhere after %.2f s (lease %.1f s)"
                   % (takeover["partitions_moved"], takeover["takeover_s"] or -1, takeover["lease_s"]))
+        if ckpt_takeover:
+            print("takeover, replicated checkpoint: %d partitions after %.2f s (lease %.1f s); rebuilds "
+                  "(s, file bytes, snapshot bytes, deltas, delta bytes): %s"
+                  % (ckpt_takeover["partitions_moved"], ckpt_takeover["takeover_s"] or -1, ckpt_takeover["lease_s"],
+                     ckpt_takeover.get("rebuilds")))
+        if args.replicated:
+            for g in ("1 gateway", "2 gateways"):
+                a, b = statistics.median(rates["NATS replicated, " + g]), statistics.median(rates["NATS cluster, " + g])
+                print("NATS replicated / shared files, %s: %.2f" % (g, a / b))
         if args.tls:
             for g in ("1 gateway", "2 gateways"):
                 a, b = statistics.median(rates["NATS TLS, " + g]), statistics.median(rates["NATS cluster, " + g])

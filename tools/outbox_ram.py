@@ -9,7 +9,9 @@ Steps (bytes kept above the imported modules, read between runPython calls: tool
             segment index at its largest
   reboot    the next boot's Outbox.load() on that flash (above what is left once the old
             object is dropped)
-  replay    allocation of one read_backlog(50) (gc disabled: an upper bound of the peak)
+  replay    allocation of one read_backlog(50) (gc disabled: an upper bound of the peak), the
+            first of a replay (it loads firmware/obread.py) and a later one
+  live      allocation of one take_live() of a full batch (read back from flash)
 """
 import argparse
 import os
@@ -25,7 +27,7 @@ from tools.ram_budget import DEFAULT_CONFIG, STEPS, build_fs  # noqa: E402
 
 SCRIPT = r'''
 import gc, os
-import firmware.outbox, firmware.hal, firmware.identity
+import firmware.outbox, firmware.hal, firmware.slots
 from shared import wire_dev as wire
 try:
     os.mkdir("/flash")
@@ -48,7 +50,8 @@ ob = firmware.outbox.Outbox(fs, 7, "ob", %(max_bytes)d, %(seg)d).load()
 #--- full
 fill()
 #--- dropped
-ob.close()
+ob.flush()
+ob._end_cur()
 ob = None
 #--- churned
 # the wasm build's GC is conservative: a stale pointer left on its stack can keep the dropped
@@ -60,15 +63,35 @@ deep(60)
 ob = firmware.outbox.Outbox(fs, 8, "ob", %(max_bytes)d, %(seg)d).load()
 print("STATE next boot: segments", len(ob.segs))
 #--- replayed
-ob.rewind()
-gc.collect()
-gc.disable()
-m0 = gc.mem_alloc()
-recs = ob.read_backlog(50)
-m1 = gc.mem_alloc()
-gc.enable()
-print("ALLOC replay", m1 - m0, len(recs))
-recs = None
+def nrec(fr):
+    o = k = 0
+    while o < len(fr):
+        o += 7 + ((fr[o + 1] << 8) | fr[o + 2])
+        k += 1
+    return k
+def alloc(f):
+    gc.collect()
+    gc.disable()
+    m0 = gc.mem_alloc()
+    r = f()
+    m1 = gc.mem_alloc()
+    gc.enable()
+    return m1 - m0, r
+ob.begin_session()
+a, fr = alloc(lambda: ob.read_backlog(50))
+print("ALLOC replay_first", a, nrec(fr))
+fr = None
+#--- replayed2
+a, fr = alloc(lambda: ob.read_backlog(50))
+print("ALLOC replay", a, nrec(fr))
+fr = None
+#--- live
+t = 1767225600000
+for i in range(ob.batch_records):
+    ob.reading(i %% 3, t + i, 0, i)
+a, fr = alloc(lambda: ob.take_live())
+print("ALLOC live", a, nrec(fr))
+fr = None
 '''
 
 
@@ -86,8 +109,8 @@ def measure(as_py=False, max_bytes=262144, seg=8192, drop=3000):
         m = re.match(r"RAM (\S+) (\d+)$", line)
         if m:
             ram[m.group(1)] = int(m.group(2))
-        elif line.startswith("ALLOC replay"):
-            out["replay"] = int(line.split()[2])
+        elif line.startswith("ALLOC "):
+            out[line.split()[1]] = int(line.split()[2])
         elif line.startswith("STATE"):
             out.setdefault("state", []).append(line[6:])
     if p.returncode != 0 or "reboot" not in ram:
@@ -108,7 +131,9 @@ def main(argv=None):
     for s in r.get("state", []):
         print(s)
     print("outbox RAM above its imported modules: empty %d B, full %d B, next boot %d B; "
-          "read_backlog(50) allocates %d B" % (r["empty"], r["full"], r["reboot"], r["replay"]))
+          "read_backlog(50) allocates %d B (the first of a replay, with its module: %d B); "
+          "take_live() of a batch %d B" % (r["empty"], r["full"], r["reboot"], r["replay"], r["replay_first"],
+                                          r["live"]))
     return 0
 
 

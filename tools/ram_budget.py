@@ -129,12 +129,19 @@ def step_send():
         recs = None  # as the uplink drops the records it sent
 def more():
     return st[0] is not None
+def nrec(fr):
+    # records in the frames read_backlog / take_live hand out (firmware/outbox.py)
+    o = k = 0
+    while o < len(fr):
+        o += 7 + ((fr[o + 1] << 8) | fr[o + 2])
+        k += 1
+    return k
 def replay_read():
     ob = app.outbox
     ob.rewind()
     global recs
     recs = ob.read_backlog(app.uplink.batch_max)
-    st[1] = len(recs)
+    st[1] = nrec(recs)
     st[0] = app.uplink.send(recs)
 def live_begin():
     app.outbox.begin_session()
@@ -147,7 +154,7 @@ def live_take():
     global recs
     recs = None
     recs = app.outbox.take_live()
-    st[1] += len(recs)
+    st[1] += nrec(recs)
     st[0] = app.uplink.send(recs) if recs else None
 def live_end():
     global recs
@@ -183,14 +190,14 @@ def fill_near():
     while ob.total_bytes() + 2 * ob.batch_records * 30 < ob.max_bytes and ob.dropped == 0:
         app.sample_step()
 def full_modules():
-    # what a compaction loads (firmware/obfull.py and obload.py), kept here through the next
-    # sub-step (the outbox unloads them after the compaction)
+    # what a compaction loads (firmware/obfull.py), kept here through the next sub-step (the
+    # outbox unloads it after the compaction)
     global fullmods
-    from firmware import obfull, obload
-    fullmods = (obfull, obload)
+    from firmware import obfull
+    fullmods = obfull
 def full_batch():
-    # the sampling rounds up to the first compaction: its modules (firmware/obfull.py,
-    # obload.py) are imported, run and unloaded within this sub-step
+    # the sampling rounds up to the first compaction: its module (firmware/obfull.py) is
+    # imported, run and unloaded within this sub-step
     ob = app.outbox
     d = ob.dropped
     k = 0
@@ -328,8 +335,8 @@ _ONE_SUB = ("full",)
 
 
 # the app's imports in the order firmware.app loads them (--modules)
-APP_MODULES = ("shared.auth", "shared.wire_dev", "firmware.hal", "firmware.pins", "firmware.hal_esp32",
-               "firmware.backoff", "firmware.identity", "firmware.clock", "firmware.window", "firmware.pipeline",
+APP_MODULES = ("shared.auth", "shared.wire_dev", "firmware.hal", "firmware.hal_esp32",
+               "firmware.backoff", "firmware.slots", "firmware.clock", "firmware.window", "firmware.pipeline",
                "firmware.outbox", "firmware.mqtt", "firmware.uplink", "firmware.app")
 _QSTR = """import micropython
 micropython.qstr_info()"""

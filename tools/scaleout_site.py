@@ -4,6 +4,12 @@ real firmware App, unchanged) over MQTT into the cluster, faults, and the ground
 
     python -m tools.scaleout_site --devices 30 --duration 60 --gateways 2 --partitions 8
     python -m tools.scaleout_site --short          # the suite's variant (tests/test_scaleout.py)
+    python -m tools.scaleout_site --checkpoint replicated --devices 30 --duration 60   # separate disks
+
+--checkpoint replicated: every gateway has its own directory (nothing shared); partitions
+move by the replicated checkpoint in JetStream (gateway/ckpt.py). At the end every
+partition is rebuilt from JetStream alone, compared table by table with the file of its
+last owner, and the ground truth runs on the rebuilt files.
 
 Faults (times in seconds from the start): kill -9 gateway g0 (its partitions move to the
 others: takeover time measured from its logs), restart it (partitions rebalance back),
@@ -60,7 +66,8 @@ class ScaleSite:
     devices= are provisioned before the servers start. insecure=True: the open set-up."""
 
     def __init__(self, workdir, nodes=3, partitions=8, lease_s=2.0, window_ms=10000, lateness_ms=20000,
-                 ooo_ms=2000, idle_ms=15000, groups=True, gw_extra=None, insecure=False, devices=()):
+                 ooo_ms=2000, idle_ms=15000, groups=True, gw_extra=None, insecure=False, devices=(),
+                 checkpoint="shared", snapshot_min_bytes=256 << 10):
         self.dir = os.path.abspath(workdir)
         os.makedirs(self.dir, exist_ok=True)
         self.P = partitions
@@ -75,6 +82,8 @@ class ScaleSite:
         self.cluster = NatsCluster(os.path.join(self.dir, "nats"), nodes, mqtt=True,
                                    mappings=nats_mappings("edgeflow", partitions), security=security)
         self.parts_dir = os.path.join(self.dir, "parts")
+        self.checkpoint = checkpoint
+        self.snapshot_min_bytes = snapshot_min_bytes
         self.conf = os.path.join(self.dir, "gateway.toml")
         for sec, kv in (gw_extra or {}).items():  # per key: gw_extra may add to [mqtt]
             extra.setdefault(sec, {}).update(kv)
@@ -93,6 +102,10 @@ class ScaleSite:
     def mqtt_ports(self):
         return self.cluster.mqtt_ports
 
+    def gw_dir(self, gid):
+        """A gateway's partition directory: shared, or its own with the replicated checkpoint."""
+        return self.parts_dir if self.checkpoint == "shared" else os.path.join(self.dir, "parts-" + gid)
+
     def log_path(self, gid):
         return os.path.join(self.dir, "%s.log" % gid)
 
@@ -102,8 +115,9 @@ class ScaleSite:
         self.metrics_ports[gid] = free_port()
         self.gws[gid] = subprocess.Popen(
             [PY, "-m", "gateway.scaleout", "--id", gid, "-c", self.conf, "--nats", ",".join(self.cluster.urls),
-             "--mqtt", hosts, "--partitions", str(self.P), "--dir", self.parts_dir, "--lease-s", str(self.lease_s),
-             "--metrics-port", str(self.metrics_ports[gid])],
+             "--mqtt", hosts, "--partitions", str(self.P), "--dir", self.gw_dir(gid), "--lease-s", str(self.lease_s),
+             "--metrics-port", str(self.metrics_ports[gid]), "--checkpoint", self.checkpoint,
+             "--snapshot-min-bytes", str(self.snapshot_min_bytes)],
             cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, preexec_fn=die_with_parent)
         log.close()
 
@@ -182,12 +196,38 @@ class ScaleSite:
             return None, owned
         return max(taken.values()) - t_kill, owned
 
+    def last_owners(self):
+        """partition -> the gateway that took it last (its file is the partition's latest)."""
+        last = {}
+        for gid in {os.path.basename(p)[:-4] for p in glob.glob(self.dir + "/*.log")}:
+            for e in self.events(gid, "partition_taken"):
+                if e["partition"] not in last or e["ts"] >= last[e["partition"]][0]:
+                    last[e["partition"]] = (e["ts"], gid)
+        return {p: g for p, (_ts, g) in last.items()}
+
+    async def rebuild_from_stream(self):
+        """Replicated checkpoint, gateways stopped: every partition rebuilt from JetStream
+        alone into merge_dir. Returns (partitions whose rebuilt file equals, table by table,
+        the file of its last owner; {partition: ckpt.Rebuild})."""
+        from gateway import ckpt
+        from gateway.scaleout import rebuild_all
+        infos = await rebuild_all(self.conf, self.cluster.urls, self.P, self.merge_dir)
+        owners = self.last_owners()
+        name = "part-%03d.db"
+        equal = [p for p in sorted(owners) if ckpt.dump(os.path.join(self.merge_dir, name % p))
+                 == ckpt.dump(os.path.join(self.gw_dir(owners[p]), name % p))]
+        return equal, infos
+
     def merge(self):
         out = os.path.join(self.dir, "site.db")
         if os.path.exists(out):
             os.remove(out)
-        parts = sorted(glob.glob(os.path.join(self.parts_dir, "part-*.db")))
+        parts = sorted(glob.glob(os.path.join(self.merge_dir, "part-*.db")))
         return out, merge(parts, out, self.windows["size_ms"])
+
+    @property
+    def merge_dir(self):
+        return self.parts_dir if self.checkpoint == "shared" else os.path.join(self.dir, "rebuilt")
 
     def outputs_moved(self, since, dead_port):
         """Running gateways whose MQTT output connected to another node after `since`."""
@@ -202,7 +242,7 @@ class ScaleSite:
         """Devices found in a partition DB other than gateway.partitions.partition_of() says:
         the servers' {{partition}} mapping and the Python function must agree."""
         bad = 0
-        for path in glob.glob(os.path.join(self.parts_dir, "part-*.db")):
+        for path in glob.glob(os.path.join(self.merge_dir, "part-*.db")):
             p = int(os.path.basename(path)[5:8])
             c = sqlite3.connect(path)
             devs = [r[0] for r in c.execute("SELECT device FROM devices")]
@@ -217,12 +257,13 @@ class ScaleSite:
 
 
 async def scenario(workdir, devices=20, duration=40.0, gateways=2, partitions=8, sample_ms=250, seed=1, log=print,
-                   kill_node=0, node_down_s=None, insecure=False, device_timeout_ms=None):
+                   kill_node=0, node_down_s=None, insecure=False, device_timeout_ms=None, checkpoint="shared",
+                   snapshot_min_bytes=256 << 10):
     """kill_node: index of the NATS node to kill -9 (None: none); node_down_s: how long it
     stays down at most (default duration/5); it comes back earlier once its devices and the
     gateways' MQTT outputs run on the other nodes."""
-    site = ScaleSite(workdir, partitions=partitions, insecure=insecure,
-                     devices=["dev-%04d" % i for i in range(devices)]).start()
+    site = ScaleSite(workdir, partitions=partitions, insecure=insecure, devices=["dev-%04d" % i for i in range(devices)],
+                     checkpoint=checkpoint, snapshot_min_bytes=snapshot_min_bytes).start()
     truth = os.path.join(site.dir, "truth.db")
     fig = {}
     try:
@@ -252,6 +293,13 @@ async def scenario(workdir, devices=20, duration=40.0, gateways=2, partitions=8,
         await site.wait_owned(gids[1:])
         fig["takeover_s"], moved = site.takeover_s(owned, t_kill)
         log("g0's partitions %s taken over in %.2f s" % (sorted(moved), fig["takeover_s"] or -1))
+        if checkpoint != "shared":  # how the survivors got g0's partitions: rebuilt from JetStream
+            fig["takeover_ckpt"] = [e for g in gids[1:] for e in site.events(g, "partition_checkpoint")
+                                    if e["ts"] > t_kill and e["partition"] in moved]
+            for e in fig["takeover_ckpt"]:
+                log("  partition %d: trusted %s, rebuilt in %.3f s (claim included): snapshot %d B + %d deltas "
+                    "(%d B) -> file %d B" % (e["partition"], e["trusted"], e["s"], e["snapshot_bytes"], e["deltas"],
+                                             e["delta_bytes"], e["db_bytes"]))
         await asyncio.sleep(step)
         site.start_gateway("g0")
         log("restart g0")
@@ -298,11 +346,25 @@ async def scenario(workdir, devices=20, duration=40.0, gateways=2, partitions=8,
                 sum(v for k, v in m.items() if k[0] == "edgeflow_scaleout_partition_committed_records_total"),
                 sum(v for k, v in m.items() if k[0] == "edgeflow_scaleout_partition_stream_pending"),
                 sum(v for k, v in m.items() if k[0] == "edgeflow_scaleout_partition_ack_pending")))
+        if checkpoint != "shared":  # since each gateway took its current partitions
+            tot = {k: sum(v for g in gids for kk, v in fig["metrics"][g].items() if kk[0] == k) for k in (
+                "edgeflow_scaleout_partition_ckpt_deltas_total", "edgeflow_scaleout_partition_ckpt_bytes_total",
+                "edgeflow_scaleout_partition_ckpt_snapshots_total")}
+            d, b, n = tot.values()
+            fig["ckpt_appended"] = (d, b, n)
+            log("checkpoint appends of the partitions' current owners: %d deltas, %d bytes (%.0f per delta), "
+                "%d snapshots" % (d, b, b / max(1, d), n))
         await fleet.shutdown()
         fig["fleet"] = fleet.stats()
         await asyncio.sleep(1.0)
         for g in gids:
             site.stop_gateway(g)
+        if checkpoint != "shared":
+            equal, infos = await site.rebuild_from_stream()
+            fig["ckpt_equal"] = (len(equal), partitions)
+            fig["rebuilt"] = infos
+            log("partitions rebuilt from JetStream alone equal to their last owner's file: %d of %d "
+                "(snapshots used: %d)" % (len(equal), partitions, sum(1 for i in infos.values() if i.snapshot_bytes)))
         db, info = site.merge()
         fig["merge"] = info
         fig["misplaced"] = site.misplaced()
@@ -327,6 +389,10 @@ def main(argv=None):
     ap.add_argument("--no-node-kill", action="store_true", help="only the gateway faults")
     ap.add_argument("--node-down", type=float, default=None, help="max seconds the killed NATS node stays down")
     ap.add_argument("--insecure", action="store_true", help="plaintext, anonymous NATS (the open set-up)")
+    ap.add_argument("--checkpoint", choices=("shared", "replicated"), default="shared",
+                    help="replicated: each gateway its own directory, partitions move through JetStream")
+    ap.add_argument("--snapshot-min-bytes", type=int, default=256 << 10,
+                    help="replicated: the gateways' snapshot threshold (small: snapshots during the run)")
     ap.add_argument("--device-timeout-ms", type=int, default=None,
                     help="the devices' broker.timeout_ms (socket and CONNACK/SUBACK waits; fleet default 3000)")
     args = ap.parse_args(argv)
@@ -336,9 +402,12 @@ def main(argv=None):
     t0 = time.time()
     rep, fig = asyncio.run(scenario(d, args.devices, args.duration, args.gateways, args.partitions, seed=args.seed,
                                        kill_node=None if args.no_node_kill else 0, node_down_s=args.node_down,
-                                       insecure=args.insecure, device_timeout_ms=args.device_timeout_ms))
+                                       insecure=args.insecure, device_timeout_ms=args.device_timeout_ms,
+                                       checkpoint=args.checkpoint, snapshot_min_bytes=args.snapshot_min_bytes))
     print("takeover_s=%s  devices_failover_s=%s  run_s=%.0f  dir=%s" % (
         fig.get("takeover_s"), fig.get("failover_s"), time.time() - t0, d))
+    if "ckpt_equal" in fig:
+        print("replicated checkpoint: rebuilt == last owner's file for %d of %d partitions" % fig["ckpt_equal"])
     return 0 if rep.ok else 1
 
 

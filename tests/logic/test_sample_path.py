@@ -10,6 +10,7 @@ from firmware.app import App
 from firmware.clock import Clock
 from firmware.hal_sim import SimHal, MemFS
 from firmware.outbox import Outbox
+from firmware.obload import records
 from firmware.pipeline import example_config
 
 MP = sys.implementation.name == "micropython"
@@ -70,7 +71,7 @@ def _check_steady(app, n, flags, lo_t, hi_t):
     ob.begin_session()
     recs = []
     while True:
-        got = ob.read_backlog(50)
+        got = records(ob.read_backlog(50))
         if not got:
             break
         recs.extend(got)
@@ -120,7 +121,7 @@ def test_fast_reading_frames_equal_the_general_path():
     b.flush()
     assert fs1.files == fs2.files and len(fs1.files) == 1
     b.begin_session()
-    got = b.read_backlog(100)
+    got = records(b.read_backlog(100))
     assert [r[2] for r in got] == [base + lo for base, lo in cases]
 
 

@@ -1,9 +1,12 @@
 # Uplink logic without a network: ack/credit handling, message grouping, send-time stamping.
 # Coroutines are driven by hand (the fake client never really waits), so this also runs under
 # the MicroPython test build, which has no asyncio.run.
+import struct
+
 from shared import auth, wire
 from firmware import config
 from firmware.outbox import Outbox
+from firmware.obload import encode_frame
 from firmware.clock import Clock
 from firmware.uplink import Uplink
 from firmware.hal_sim import SimHal
@@ -60,7 +63,7 @@ def test_ack_trims_and_beacon_sets_clock():
     ob.flush()
     assert ob.unacked() == 8
     up.handle_ack((2, 7, EPOCH, 0, True, wire.ACK_HAS_TIME, 1))
-    assert ob.unacked() == 0 and ob.oldest() == (2, 8)  # the segment being appended to stays until full
+    assert ob.unacked() == 0 and ob.floor() == (2, 8)  # the segment being appended to stays until full
     assert ck.synced and ck.source == "gw"
 
 
@@ -76,7 +79,9 @@ def test_send_groups_by_boot_and_type_and_stamps_current_boot():
             (2, 4, EPOCH + 700, wire.KIND_READING, 0, (1, 6)),
             (2, 5, EPOCH + 800, wire.KIND_READING, 0, (1, 7)),
             (2, 6, EPOCH + 900, wire.KIND_READING, 0, (1, 8))]
-    _run(up.send(recs))
+    fr = b"".join(encode_frame(r[0], r[1], r[2], r[3], r[4], wire.encode_body(r[3], r[5]) if r[3] != wire.KIND_READING
+                               else struct.pack(">Bi", r[5][0], r[5][1])) for r in recs)
+    assert _run(up.send(fr)) == 9
     msgs = [wire.decode_data(p[1]) for p in up.client.pubs]
     assert all(p[0] == "edgeflow/d/d1/data" and p[2] == 1 for p in up.client.pubs)
     shape = [(m[0], m[2], [r[0] if m[0] == wire.MSG_READINGS else r[1] for r in m[3]]) for m in msgs]

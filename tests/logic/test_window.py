@@ -1,5 +1,6 @@
 # Device tumbling windows: epoch alignment, [start, end) boundaries, late samples, exact stats.
-from firmware.window import Agg, EventWindow, CountWindow, isqrt
+from firmware.window import Agg, EventWindow, isqrt
+from firmware.cwindow import CountWindow
 
 
 class Sink:

@@ -1,0 +1,19 @@
+# CPython stand-ins for MicroPython's time.ticks_ms / ticks_diff / ticks_add (firmware/hal.py
+# imports them only where time has none; tools/deploy.py never copies this file to the board).
+import time
+
+_T0 = time.monotonic()
+_PERIOD = 1 << 30
+_HALF = _PERIOD >> 1
+
+
+def ticks_ms():
+    return int((time.monotonic() - _T0) * 1000) & (_PERIOD - 1)
+
+
+def ticks_diff(a, b):
+    return ((a - b + _HALF) & (_PERIOD - 1)) - _HALF
+
+
+def ticks_add(a, d):
+    return (a + d) & (_PERIOD - 1)
