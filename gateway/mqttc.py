@@ -49,10 +49,16 @@ class Protocol(asyncio.Protocol):
         self.last_tx = time.monotonic()
         self.ping_sent = None
         self.closed = False
+        self._wq = None  # writes of this event-loop step, sent together at its end
+        self._loop = None
 
     # ---- asyncio.Protocol
     def connection_made(self, tr):
         self.tr = tr
+        try:
+            self._loop = asyncio.get_running_loop()
+        except RuntimeError:  # driven by hand (tests): writes go out at once
+            self._loop = None
 
     def connection_lost(self, exc):
         self.closed = True
@@ -162,9 +168,23 @@ class Protocol(asyncio.Protocol):
 
     # ---- writing
     def write(self, data):
-        if self.tr is not None and data:
+        """Writes of one event-loop step go out as one transport write at its end: a commit's
+        PUBACKs and its acks (one per device) take one send() instead of one each."""
+        if self.tr is None or not data:
+            return
+        self.last_tx = time.monotonic()
+        if self._wq is not None:
+            self._wq.append(data)
+        elif self._loop is not None:
+            self._wq = [data]
+            self._loop.call_soon(self.flush)
+        else:
             self.tr.write(data)
-            self.last_tx = time.monotonic()
+
+    def flush(self):
+        wq, self._wq = self._wq, None
+        if wq and self.tr is not None:
+            self.tr.write(wq[0] if len(wq) == 1 else b"".join(wq))
 
     def next_pid(self):
         """A packet id not in flight, or None when all 65,535 are."""
@@ -199,6 +219,7 @@ class Protocol(asyncio.Protocol):
         self.ping_sent = time.monotonic()
 
     def disconnect(self):
+        self.flush()
         if self.tr is not None:
             self.tr.write(DISCONNECT_PACKET)
             self.tr.close()

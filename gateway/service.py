@@ -38,7 +38,7 @@ from .devices import Registry
 from .ingest import Ingest
 from .keys import Keys, load_devices_file
 from .sinks import SinkSet
-from .store import RAW_COLS, Store
+from .store import RAW_COLS, Store, journal_entry
 from .watermark import Watermarks
 from .windows import LATE, WindowSet
 
@@ -71,6 +71,11 @@ def _readings_struct(n):
         _fmt_size[0] += n
     return s
 
+
+# The state tables are brought up to date from the state journal (store.py) at least this often,
+# and after at most this many checkpoints: what they lag while the gateway runs.
+STATE_FOLD_S = 1.0
+STATE_FOLD_MAX = 64
 
 # Unsynced times are ms since the device booted: anything outside this cannot be one (and a
 # value beyond int64 would make the commit fail).
@@ -139,12 +144,15 @@ class Gateway:
         self.q_bytes = lim.quarantine_payload_bytes
         self.q_rows = lim.quarantine_max_rows
         self._groups_cache = {}
+        self._nchan = {}  # dev -> channels per tick in its last batch (_add_run's guess)
         self._committed = {}  # dev -> {boot: committed contiguous mark}
         self._epoch = {}  # dev -> re-flashes seen in this run: acks computed before one are void
         self._ack_due = {}  # dev -> boots whose committed mark is not acked yet
         self._last_ack = {}  # dev -> processing ms of the last ack
         self._group_wm = None
         self._commit_task = None
+        self._journaled = 0  # state journal rows since the last fold (store.py)
+        self._folded = time.monotonic()
         self._ack_rx = {}  # dev -> monotonic receipt of the oldest committed message its next ack covers
         self.web = None
         self._ops_task = None
@@ -209,7 +217,7 @@ class Gateway:
             await asyncio.gather(*tasks, stop, return_exceptions=True)
             if failed is None:
                 try:
-                    await self.checkpoint()
+                    await self.checkpoint(fold=True)  # a replica gets the fold too (not only close())
                     if self._commit_task:
                         await self._commit_task
                 except Exception as e:  # noqa: BLE001 - reported below
@@ -416,7 +424,7 @@ class Gateway:
             recs = list(zip(range(base, base + n), map(base_t.__add__, toffs), flat[2::5], flags, flat[4::5]))
             self._readings(topic, dev, boot, recs, now)
             return
-        d = self.devices.get(dev)
+        d = self.devices.touch(dev)
         d.last_seen = now
         if res == DUP:
             self._count_dup(d, dev, boot, base, base + n - 1, n, now)
@@ -461,19 +469,37 @@ class Gateway:
 
     def _add_run(self, dev, start, chans, vals, wm_d, gwm, gmap):
         """Records of one window that is not due: aggregated per channel in C loops."""
-        nc = len(set(chans))
-        if nc == 1:
-            split = ((chans[0], vals),)
-        elif chans[nc:] == chans[:-nc] and len(set(chans[:nc])) == nc:  # channels interleaved per tick
-            split = tuple((chans[i], vals[i::nc]) for i in range(nc))
+        n = len(chans)
+        # Channel i of a period of m is vals[i::m] (aggregates add, so a channel may recur
+        # within the period). m: the device's channels per tick in its last batch, else found again.
+        nc = self._nchan.get(dev, 1)
+        m = nc if nc < n else n
+        if chans[m:] != chans[:-m]:
+            nc = len(set(chans))
+            if len(self._nchan) < 4 * self.max_devices:
+                self._nchan[dev] = nc
+            m = nc if nc < n else n
+            if chans[m:] != chans[:-m]:
+                m = 0  # no period: split by channel
+        if m == 1:
+            aggs = ((chans[0], n, sum(vals), sum(map(mul, vals, vals)), min(vals), max(vals)),)
+        elif m:
+            sq = list(map(mul, vals, vals))
+            aggs = []
+            for i in range(m):
+                vs = vals[i::m]
+                aggs.append((chans[i], len(vs), sum(vs), sum(sq[i::m]), min(vs), max(vs)))
         else:
-            split = tuple((ch, list(compress(vals, map(ch.__eq__, chans)))) for ch in set(chans))
-        dw, gw = self.dev_windows, self.group_windows
-        for ch, vs in split:
-            agg = (len(vs), sum(vs), sum(map(mul, vs, vs)), min(vs), max(vs))
-            dw.add_agg(dev, ch, start, *agg, wm_d)
-            for name in gmap.get(ch, ()):
-                gw.add_agg(name, ch, start, *agg, gwm)
+            aggs = []
+            for ch in set(chans):
+                vs = list(compress(vals, map(ch.__eq__, chans)))
+                aggs.append((ch, len(vs), sum(vs), sum(map(mul, vs, vs)), min(vs), max(vs)))
+        self.dev_windows.add_aggs(dev, start, aggs, wm_d)
+        if gmap:
+            gw = self.group_windows
+            for a in aggs:
+                for name in gmap.get(a[0], ()):
+                    gw.add_agg(name, a[0], start, *a[1:], gwm)
 
     def _window_runs(self, dev, boot, base, base_t, toffs, chans, vals, d, now, gmap):
         """A time-ordered batch that spans windows or makes some due: cut into runs that end where
@@ -525,7 +551,7 @@ class Gateway:
 
     def _readings(self, topic, dev, boot, recs, now):
         """Readings one at a time: (seq, t, channel, flags, value)."""
-        d = self.devices.get(dev)
+        d = self.devices.touch(dev)
         d.last_seen = now
         out = self.out
         out.touched.add((dev, boot))
@@ -681,7 +707,7 @@ class Gateway:
 
     def _records(self, topic, dev, boot, recs, now):
         """Window summaries, CEP events, anomalies, status and gap records."""
-        d = self.devices.get(dev)
+        d = self.devices.touch(dev)
         d.last_seen = now
         out = self.out
         out.touched.add((dev, boot))
@@ -732,6 +758,7 @@ class Gateway:
             elif kind == _STATUS:
                 out.device_status.append((dev, boot, seq, t, fl) + tuple(body))
                 d.status = (t,) + tuple(body)
+                self.devices.get(dev)  # a status changes the whole row
 
     def _gap(self, dev, boot, seq, t, body, d):
         """Apply a gap record; False if a range lies beyond the dedup window (resent later).
@@ -841,15 +868,16 @@ class Gateway:
         self.out.records += 1
         self.stats.quarantine(reason)
         if dev is not None:
-            self.devices.get(dev).quarantined += 1
+            self.devices.touch(dev).quarantined += 1
 
     # ================================================================ checkpoint and acks
 
-    async def checkpoint(self):
+    async def checkpoint(self, fold=False):
         """Commit everything since the last checkpoint; acks follow the commit.
 
         The snapshot is taken synchronously, so processing continues while the
-        transaction runs in the database thread; only one commit is in flight."""
+        transaction runs in the database thread; only one commit is in flight.
+        fold: also bring the state tables up to date (the last checkpoint of run())."""
         async with self._ckpt_lock:
             if self._commit_task is not None:
                 await asyncio.shield(self._commit_task)
@@ -863,6 +891,7 @@ class Gateway:
             ow1, owd1, res1 = self.dev_windows.export()
             ow2, owd2, res2 = self.group_windows.export()
             results = res1 + res2
+            dev_rows, dev_hot = self.devices.export()
             self.stats.window_results += sum(1 for r in results if r[5] == 0)
             self.stats.window_revisions += sum(1 for r in results if r[5] > 0)
             writes = [
@@ -872,7 +901,9 @@ class Gateway:
                 ("gaps", out.gaps), ("late", out.late), ("quarantine", out.quarantine),
                 ("quarantine_prune", [(self.q_rows,)] if out.quarantine else []),
                 ("window_revisions", results), ("window_results", results),
-                ("devices", self.devices.export()),
+            ]
+            state = [  # store.JOURNALED, in the order a fold applies them
+                ("devices", dev_rows), ("devices_hot", dev_hot),
                 ("dedup", dd_ups), ("dedup_del", dd_dels), ("dedup_devices", list(mins.items())),
                 ("device_identity", ids),
                 ("device_watermarks", [(dev, mt, on) for dev, (mt, on) in wm_rows.items()]),
@@ -883,9 +914,22 @@ class Gateway:
                 raw = out.readings  # as rows only for sinks that forward raw readings
                 rows = list(zip(*[iter(raw)] * RAW_COLS)) if raw and self.sinks.forwards("readings") else []
                 writes.append(("sink_outbox", self.sinks.stage(writes + [("readings", rows)])))
-            rows = sum(len(r) for _k, r in writes) - len(out.readings) + len(out.readings) // RAW_COLS
-            if not rows and not out.mids and not out.touched:
+            n_state = sum(len(r) for _k, r in state)
+            rows = sum(len(r) for _k, r in writes) - len(out.readings) + len(out.readings) // RAW_COLS + n_state
+            mono = time.monotonic()
+            fold = (self._journaled or n_state) and (fold or mono - self._folded >= STATE_FOLD_S or
+                                                     self._journaled >= STATE_FOLD_MAX)
+            if not rows and not out.mids and not out.touched and not fold:
                 return
+            # the state's changes: one journal row; folded into the state tables about once a
+            # second, in a checkpoint's transaction (store.py, "The state journal")
+            if n_state:
+                writes.append(("state_journal", [(journal_entry(state),)]))
+                self._journaled += 1
+            if fold:
+                writes.append(("state_fold", [()]))
+                self._journaled, self._folded = 0, mono
+                rows += 1
             # the marks acked are the ones this transaction commits
             ep = self._epoch
             acks = sorted((dev, boot, self.dedup.hwm(dev, boot), ep.get(dev, 0)) for dev, boot in out.touched)

@@ -8,6 +8,7 @@ SD card), negligible at a few checkpoints per second.
 """
 import asyncio
 import functools
+import marshal
 import os
 import sqlite3
 import time
@@ -66,6 +67,7 @@ CREATE TABLE IF NOT EXISTS open_windows (scope TEXT, key TEXT, channel INTEGER, 
 CREATE TABLE IF NOT EXISTS sink_outbox (id INTEGER PRIMARY KEY AUTOINCREMENT, sink TEXT, tbl TEXT,
     alert INTEGER, n INTEGER, bytes INTEGER, created_ms INTEGER, msg_id TEXT, body BLOB);
 CREATE INDEX IF NOT EXISTS sink_outbox_sink ON sink_outbox (sink, id);
+CREATE TABLE IF NOT EXISTS state_journal (id INTEGER PRIMARY KEY, body BLOB);
 CREATE INDEX IF NOT EXISTS window_results_start ON window_results (start);
 """
 
@@ -76,6 +78,25 @@ CREATE INDEX IF NOT EXISTS window_results_start ON window_results (start);
 OUTPUT_TABLES = ("readings", "unsynced", "device_windows", "cep_events", "anomalies", "device_status", "gaps",
                  "window_results", "window_revisions", "late", "quarantine", "devices")
 STATE_TABLES = ("dedup", "dedup_devices", "device_identity", "device_watermarks", "open_windows", "meta")
+
+# The state journal (issue 16). A checkpoint's changes to the per-device state (the write keys
+# below: device rows, dedup marks, identities, watermarks, open windows, the global watermark)
+# are one marshalled row of state_journal, in the same transaction as the outputs they go
+# with, instead of a few upserts per device per checkpoint. A fold (write key "state_fold",
+# about once a second, at every open and at close) applies the journal to those tables, each
+# key once with its latest row, and empties it in the same transaction. So the database holds
+# the exact state at every commit: tables + journal; the tables alone lag by up to a fold.
+JOURNALED = ("devices", "devices_hot", "dedup", "dedup_del", "dedup_devices", "device_identity",
+             "device_watermarks", "open_windows", "open_windows_del", "meta")
+# upsert key -> (its delete key or None, key columns); rows of a delete key are key columns
+_KEYED = {"dedup": ("dedup_del", 2), "dedup_devices": (None, 1), "device_identity": (None, 1),
+          "device_watermarks": (None, 1), "open_windows": ("open_windows_del", 4), "meta": (None, 1)}
+_DELETES = {d: up for up, (d, _k) in _KEYED.items() if d}
+
+
+def journal_entry(state):
+    """[(key, rows)] of JOURNALED keys -> the state_journal body."""
+    return marshal.dumps([(k, rows) for k, rows in state if rows])
 
 _WINDOW_COLS = "scope, key, channel, start, end, revision, count, sum, min, max, mean, std, watermark"
 
@@ -98,6 +119,10 @@ SQL = {
     "window_revisions": "INSERT OR REPLACE INTO window_revisions (%s) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?)" % _WINDOW_COLS,
     "window_results": "INSERT OR REPLACE INTO window_results (%s) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?)" % _WINDOW_COLS,
     "devices": "INSERT OR REPLACE INTO devices VALUES (%s)" % ",".join("?" * 29),
+    # a device whose row exists and only its last_seen and counters changed (devices.Registry)
+    "devices_hot": "UPDATE devices SET last_seen_ms = ?, received = ?, duplicates = ?, dropped_by_device = ?, "
+                   "skipped_by_hello = ?, quarantined = ?, late = ?, unsynced = ?, deferred = ?, live = ?, "
+                   "backlog_received = ? WHERE device = ?",
     "dedup": "INSERT OR REPLACE INTO dedup VALUES (?,?,?,?)",
     "dedup_del": "DELETE FROM dedup WHERE device = ? AND boot = ?",
     "dedup_devices": "INSERT OR REPLACE INTO dedup_devices VALUES (?,?)",
@@ -106,6 +131,7 @@ SQL = {
     "open_windows": "INSERT OR REPLACE INTO open_windows VALUES (?,?,?,?,?,?,?,?,?,?)",
     "open_windows_del": "DELETE FROM open_windows WHERE scope = ? AND key = ? AND channel = ? AND start = ?",
     "meta": "INSERT OR REPLACE INTO meta VALUES (?,?)",
+    "state_journal": "INSERT INTO state_journal (body) VALUES (?)",
     # keep the newest N rows (ids only grow): bad input cannot fill the disk
     "quarantine_prune": "DELETE FROM quarantine WHERE id <= (SELECT max(id) FROM quarantine) - ?",
     # downstream items, committed with the results they carry (gateway/sinks)
@@ -288,6 +314,7 @@ class Store:
         self.rows_written = 0
         self._file_id = None  # (st_dev, st_ino) of the file opened: a replaced file is detected
         self.pruned = [0]  # quarantine rows deleted to keep its bound
+        self.failed = None  # the error of a failed commit: nothing more is written, not even at close
 
     async def open(self):
         """Open, check (PRAGMA quick_check) and create the schema. StoreError on any problem,
@@ -308,6 +335,7 @@ class Store:
             await self.db.executescript(SCHEMA)
             await self.db.execute("INSERT OR IGNORE INTO meta VALUES ('schema_version', ?)", (SCHEMA_VERSION,))
             self._file_id = _file_id(self.path)
+            await self.db.run(fold_journal)  # state tables current before anything reads them
         except BaseException as e:
             await self.close()
             if isinstance(e, (sqlite3.Error, OSError)) and not isinstance(e, StoreError):
@@ -361,6 +389,12 @@ class Store:
     async def close(self):
         db, self.db = self.db, None
         if db is not None:
+            if self._file_id is not None and self.failed is None:
+                try:  # leave the state tables current for readers (open folds anyway)
+                    if _file_id(self.path) == self._file_id:
+                        await db.run(fold_journal)
+                except Exception:  # noqa: BLE001 - closing after a failure: the journal stays, open folds it
+                    pass
             try:
                 await db.close()
             except Exception:  # noqa: BLE001 - closing a broken database: the thread is stopped anyway
@@ -372,10 +406,15 @@ class Store:
         The whole transaction is one call into the database thread (Database.run)."""
         try:
             n = await self.db.run(_transaction, writes, self.path, self._file_id, self.pruned)
-        except StoreError:
+        except StoreError as e:
+            self.failed = e
             raise
         except sqlite3.Error as e:
-            raise StoreError("commit to %s failed: %s" % (self.path, e)) from e
+            self.failed = StoreError("commit to %s failed: %s" % (self.path, e))
+            raise self.failed from e
+        except BaseException as e:
+            self.failed = e
+            raise
         self.commits += 1
         self.rows_written += n
         return n
@@ -498,6 +537,9 @@ def _transaction(conn, writes, path=None, file_id=None, pruned=None):
                 if key == "quarantine_prune":
                     pruned[0] += conn.execute(SQL[key], rows[0]).rowcount
                     continue
+                if key == "state_fold":
+                    n += _fold(conn)
+                    continue
                 if key in ("readings", "readings_flat"):
                     base = (conn.execute("SELECT max(rowid) FROM readings").fetchone()[0] or 0) + 1
                 if key == "readings_flat":
@@ -520,6 +562,61 @@ def _transaction(conn, writes, path=None, file_id=None, pruned=None):
     if file_id is not None:
         _check_same_file(path, file_id)
     return n
+
+
+def _fold(conn):
+    """Apply the state journal to the state tables (each key once, its latest row; a later
+    delete wins over an earlier upsert and the reverse) and empty it. Inside a transaction.
+    Returns the rows written."""
+    entries = conn.execute("SELECT id, body FROM state_journal ORDER BY id").fetchall()
+    if not entries:
+        return 0
+    full, hot = {}, {}  # devices: whole rows, then the hot columns of newer changes
+    merged = {k: {} for k in _KEYED}
+    for _id, body in entries:
+        for key, rows in marshal.loads(body):
+            if key == "devices":
+                for r in rows:
+                    full[r[0]] = r
+                    hot.pop(r[0], None)
+            elif key == "devices_hot":
+                for r in rows:
+                    hot[r[-1]] = r  # the device is the last column
+            elif key in _KEYED:
+                m, kl = merged[key], _KEYED[key][1]
+                for r in rows:
+                    m[tuple(r[:kl])] = r
+            else:
+                m = merged[_DELETES[key]]
+                for r in rows:
+                    m[tuple(r)] = None
+    n = len(full) + len(hot)
+    _insert(conn, SQL["devices"], list(full.values()))
+    if hot:
+        conn.executemany(SQL["devices_hot"], list(hot.values()))
+    for key, (dkey, _kl) in _KEYED.items():
+        m = merged[key]
+        dels = [k for k, r in m.items() if r is None]
+        if dels:
+            conn.executemany(SQL[dkey], dels)
+        ups = [r for r in m.values() if r is not None]
+        _insert(conn, SQL[key], ups)
+        n += len(dels) + len(ups)
+    conn.execute("DELETE FROM state_journal WHERE id <= ?", (entries[-1][0],))
+    return n
+
+
+def fold_journal(conn):
+    """Bring the state tables up to date from the state journal, in a transaction of its own
+    (conn: a sqlite3 connection in autocommit mode, isolation_level=None)."""
+    conn.execute("BEGIN IMMEDIATE")
+    try:
+        _fold(conn)
+        conn.execute("COMMIT")
+    except BaseException:
+        if conn.in_transaction:
+            conn.execute("ROLLBACK")
+        raise
 
 
 def now_ms():

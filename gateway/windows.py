@@ -21,6 +21,8 @@ OK = 0
 LATE = 1
 AMENDED = 2
 
+_I64 = 1 << 63  # sums of squares are >= 0
+
 # state list slots
 _N, _SUM, _SQ, _MIN, _MAX, _REV = range(6)
 
@@ -73,27 +75,33 @@ class WindowSet:
     def add_agg(self, key, ch, start, n, s, sq, mn, mx, wm):
         """Fast path for a batch of records of one window. Only taken while the window is
         not due yet (W < end - 1): then it equals adding them one by one. False otherwise."""
+        return self.add_aggs(key, start, ((ch, n, s, sq, mn, mx),), wm)
+
+    def add_aggs(self, key, start, aggs, wm):
+        """add_agg for (ch, n, sum, sumsq, min, max) of several channels in one window."""
         if wm is not None and wm >= start + self.size - 1:
             return False
         k = self.keys.get(key)
         if k is None:
             k = self.keys[key] = _Key()
-        st = k.wins.get((ch, start))
-        if st is None:
-            st = k.wins[(ch, start)] = [n, s, sq, mn, mx, -1]
-            self.open_count += 1
-            due = start + self.size - 1
-            if k.due is None or due < k.due:
-                k.due = due
-        else:
-            st[_N] += n
-            st[_SUM] += s
-            st[_SQ] += sq
-            if mn < st[_MIN]:
-                st[_MIN] = mn
-            if mx > st[_MAX]:
-                st[_MAX] = mx
-        self.dirty[(key, ch, start)] = st
+        wins, dirty = k.wins, self.dirty
+        for ch, n, s, sq, mn, mx in aggs:
+            st = wins.get((ch, start))
+            if st is None:
+                st = wins[(ch, start)] = [n, s, sq, mn, mx, -1]
+                self.open_count += 1
+                due = start + self.size - 1
+                if k.due is None or due < k.due:
+                    k.due = due
+            else:
+                st[_N] += n
+                st[_SUM] += s
+                st[_SQ] += sq
+                if mn < st[_MIN]:
+                    st[_MIN] = mn
+                if mx > st[_MAX]:
+                    st[_MAX] = mx
+            dirty[(key, ch, start)] = st
         return True
 
     def add(self, key, ch, t, v, wm):
@@ -174,7 +182,9 @@ class WindowSet:
     def export(self):
         """(open-window upserts, deletes, results) since the last export."""
         scope = self.scope
-        ups = [(scope, key, ch, start, n, s, str(sq), mn, mx, rev)
+        # sumsq: its TEXT column stores an int as the same text; only a value past int64 (which
+        # SQLite cannot bind) is made a str here, the rest SQLite converts in C
+        ups = [(scope, key, ch, start, n, s, sq if sq < _I64 else str(sq), mn, mx, rev)
                for (key, ch, start), (n, s, sq, mn, mx, rev) in self.dirty.items()]
         dels = [(scope, key, ch, start) for key, ch, start in self.purged]
         res = self.results

@@ -216,8 +216,10 @@ def test_puback_only_on_the_connection_that_delivered_the_message():
             sent.append(p.tr.out)
         old, new = ing.queue[0][2], ing.queue[1][2]
         ing.puback([(old, 1)])  # committed late, after the reconnect: not sent
+        await asyncio.sleep(0)  # a step's writes go out at its end
         assert bytes(sent[1]) == b""
         ing.puback([(new, 1), (old, 1)])
+        await asyncio.sleep(0)
         assert bytes(sent[1]) == b"\x40\x02\x00\x07" and bytes(sent[0]) == b""
     asyncio.run(go())
 
@@ -242,6 +244,7 @@ def test_refused_connack_closes_and_backs_off():
         ing.proto = p
         p.data_received(b"\x20\x02\x00\x00")
         assert ing.connected.is_set() and ing._refused == 0
+        await asyncio.sleep(0)  # a step's writes go out at its end
         assert bytes(p.tr.out).startswith(b"\x82")  # SUBSCRIBE, then the retained online state
     asyncio.run(go())
 
@@ -265,6 +268,7 @@ def test_no_connack_is_a_dead_connection_and_no_ping_goes_before_it():
         for dt in (1, 5, 9.9):
             ing.check_connection(t0 + dt)
             assert not p.tr.aborted and p.ping_sent is None
+        await asyncio.sleep(0)  # a step's writes go out at its end
         assert bytes(p.tr.out) == ing._connect  # no PINGREQ
         ing.check_connection(t0 + 10.1)
         assert p.tr.aborted and ing.last_error == "no CONNACK within 10 s"
@@ -276,6 +280,7 @@ def test_no_connack_is_a_dead_connection_and_no_ping_goes_before_it():
         ing.check_connection(t1 + 20)
         assert not p.tr.aborted and p.ping_sent is None
         ing.check_connection(t1 + 30)
+        await asyncio.sleep(0)
         assert p.ping_sent is not None and bytes(p.tr.out).endswith(b"\xc0\x00")
     asyncio.run(go())
 
@@ -347,4 +352,25 @@ def test_connection_lost_before_the_connect_attempt_returns_is_retried():
                 ing.proto.disconnect()
             server.close()
             await server.wait_closed()
+    asyncio.run(go())
+
+
+def test_writes_of_one_loop_step_go_out_as_one_transport_write_in_order():
+    import asyncio
+
+    async def go():
+        o = Owner()
+        p = _proto(o)
+        writes = []
+        p.tr.write = writes.append
+        p.tr.close = lambda: None
+        assert p.publish("t", b"a") == 1 and p.publish("t", b"b", qos=0) == 0
+        p.write(puback_packets([(9, 1)]))
+        assert writes == []  # not yet: at the end of this step
+        await asyncio.sleep(0)
+        assert writes == [publish_packet("t", b"a", 1, False, False, 1) + publish_packet("t", b"b", 0, False, False, 0)
+                          + b"\x40\x02\x00\x09"]
+        p.write(b"\xc0\x00")
+        p.disconnect()  # flushes first: DISCONNECT is last
+        assert writes[1:] == [b"\xc0\x00", b"\xe0\x00"]
     asyncio.run(go())
