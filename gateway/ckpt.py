@@ -45,7 +45,7 @@ from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy, DiscardPolicy,
 from nats.js.errors import APIError, BucketNotFoundError, NotFoundError
 
 from . import logs
-from .store import SCHEMA, SCHEMA_VERSION, Store, StoreError, _transaction
+from .store import SCHEMA, SCHEMA_VERSION, Store, StoreError, _transaction, fold_journal
 
 STREAM = "EDGEFLOW_CKPT"
 BUCKET = "edgeflow_ckpt"
@@ -414,6 +414,9 @@ async def _rebuild_once(js, obs, st, p, path, upto):
             upto = last.seq if last is not None else 0
         if upto >= start:
             got = await _replay(js, st, p, conn, start, upto, info, got)
+        # the state journal's tail after the last fold: its tables current for readers of the
+        # file (--rebuild-to, merge), as Store.open() leaves an owner's file
+        await loop.run_in_executor(None, fold_journal, conn)
         await loop.run_in_executor(None, conn.close)
     except BaseException:
         conn.close()
@@ -558,12 +561,18 @@ STATE_TABLES = ("readings", "reading_spans", "unsynced", "device_windows", "cep_
 
 
 def dump(path):
-    """{table: sorted rows} of a partition file: two files with equal dumps hold the same state."""
-    c = sqlite3.connect("file:%s?mode=ro" % path, uri=True)
+    """{table: sorted rows} of a partition file: two files with equal dumps hold the same state
+    (read from a copy with the state journal folded: a file left by a killed gateway holds up
+    to a fold's worth of state only in the journal)."""
+    src = sqlite3.connect("file:%s?mode=ro" % path, uri=True)
+    c = sqlite3.connect(":memory:", isolation_level=None)
     try:
+        src.backup(c)
+        fold_journal(c)
         return {t: sorted(c.execute("SELECT * FROM %s" % t).fetchall(), key=repr) for t in STATE_TABLES}
     finally:
         c.close()
+        src.close()
 
 
 def _commit_file(path, writes):

@@ -150,6 +150,9 @@ def test_rebuild_from_snapshot_and_tail_equals_the_owners_file_and_the_stream_st
             info, last_id = await ckpt.rebuild(js, obs, st, 0, str(tmp_path / "r" / "part-000.db"))
             assert info.snapshot_bytes > 0 and info.deltas >= 1
             assert ckpt.dump(str(tmp_path / "r" / "part-000.db")) == ckpt.dump(a.path)
+            # its state tables are current for readers of the file (merge, --rebuild-to)
+            with sqlite3.connect(str(tmp_path / "r" / "part-000.db")) as r:
+                assert r.execute("SELECT count(*) FROM state_journal").fetchone()[0] == 0
             assert (await a.stop())[0] is None
             # the owner's file equals the stream: trusted on a retake, no rebuild
             a2 = await Pipe(js, obs, st, 0, a.path, "a").start()
