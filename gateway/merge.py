@@ -43,6 +43,18 @@ def _result(n, s, sq):
     return s / n, (math.sqrt(var) / n if var > 0 else 0.0)
 
 
+class MergeError(Exception):
+    pass
+
+
+def _journal_rows(db):
+    """Rows of the state journal (store.py): state the tables alone do not show yet."""
+    try:
+        return db.execute("SELECT count(*) FROM state_journal").fetchone()[0]
+    except sqlite3.OperationalError:  # a file made before the journal existed
+        return 0
+
+
 def merge(part_paths, out_path, size_ms):
     """size_ms: the windows' size (the same on every gateway). Writes the site database;
     returns {'watermark', 'group_fired', 'group_open', 'partitions'}."""
@@ -56,6 +68,11 @@ def merge(part_paths, out_path, size_ms):
     wms = []
     for path in part_paths:
         db = sqlite3.connect("file:%s?mode=ro" % path, uri=True)
+        if _journal_rows(db):
+            db.close()
+            raise MergeError("%s holds state not yet folded into its tables (its gateway was killed): open it "
+                             "once with the gateway (or edgeflow-scaleout --rebuild-to), or fold it with the "
+                             "command in docs/gateway.md (The state journal), then merge" % path)
         for t in _COPY:
             cols = [r[1] for r in db.execute("PRAGMA table_info(%s)" % t)]
             rows = db.execute("SELECT %s FROM %s" % (", ".join(cols), t)).fetchall()
@@ -120,7 +137,11 @@ def main(argv=None):
     ap.add_argument("-c", "--config", help="the gateways' TOML (for windows.size_ms)")
     ap.add_argument("parts", nargs="+", help="partition databases (part-*.db)")
     args = ap.parse_args(argv)
-    print(merge(args.parts, args.out, Config.load(args.config).windows.size_ms))
+    try:
+        print(merge(args.parts, args.out, Config.load(args.config).windows.size_ms))
+    except MergeError as e:
+        print("edgeflow-merge: %s" % e, file=sys.stderr)
+        return 2
     return 0
 
 

@@ -630,3 +630,18 @@ def test_lease_expired_on_the_server_is_taken_back_without_a_restart(tmp_path):
             await asyncio.gather(ta, return_exceptions=True)
 
     _on_secure_node(tmp_path, 1, go)
+
+
+def test_merge_refuses_a_partition_file_with_an_unfolded_state_journal(tmp_path):
+    """A partition file left by a killed gateway holds its last state changes only in the
+    state journal (store.py): merging its tables alone would give stale windows, so the merge
+    says what to do instead of writing a wrong site database."""
+    from gateway.store import SCHEMA
+    part = str(tmp_path / "part-000.db")
+    with sqlite3.connect(part) as c:
+        c.executescript(SCHEMA)
+    assert gmerge.merge([part], str(tmp_path / "site.db"), 60000)["partitions"] == 1
+    with sqlite3.connect(part) as c:
+        c.execute("INSERT INTO state_journal (body) VALUES (?)", (b"x",))
+    with pytest.raises(gmerge.MergeError, match="not yet folded"):
+        gmerge.merge([part], str(tmp_path / "site2.db"), 60000)
