@@ -574,7 +574,13 @@ def _fold(conn):
     full, hot = {}, {}  # devices: whole rows, then the hot columns of newer changes
     merged = {k: {} for k in _KEYED}
     for _id, body in entries:
-        for key, rows in marshal.loads(body):
+        try:
+            # marshal: the gateway's own rows, folded within about a second and at every close;
+            # newer Pythons read older marshal versions (a crash, then an upgrade, still folds)
+            journal = marshal.loads(body)
+        except (ValueError, EOFError, TypeError) as e:
+            raise sqlite3.DatabaseError("state journal row %d is unreadable (%s): the file is damaged" % (_id, e))
+        for key, rows in journal:
             if key == "devices":
                 for r in rows:
                     full[r[0]] = r

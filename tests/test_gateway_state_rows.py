@@ -304,3 +304,26 @@ def test_a_stopped_gateway_leaves_the_state_tables_current_through_its_last_comm
     assert conn.execute("SELECT count(*) FROM state_journal").fetchone()[0] == 0
     assert conn.execute("SELECT count(*) FROM device_watermarks").fetchone()[0] == 5
     assert conn.execute("SELECT sum(received) FROM devices").fetchone()[0] == n
+
+
+def test_damaged_state_journal_row_is_a_clear_store_error(tmp_path):
+    """A journal row that does not decode (a damaged file) stops the open with a StoreError
+    that names the row, not a traceback from marshal."""
+    import asyncio
+    import sqlite3
+
+    from gateway import store
+    p = str(tmp_path / "g.db")
+    with sqlite3.connect(p) as c:
+        c.executescript(store.SCHEMA)
+        c.execute("INSERT INTO state_journal (body) VALUES (?)", (b"\xff\x00damaged",))
+
+    async def go():
+        s = store.Store(p)
+        try:
+            await s.open()
+        except store.StoreError as e:
+            return str(e)
+        finally:
+            await s.close()
+    assert "state journal row 1 is unreadable" in asyncio.run(go())
