@@ -45,7 +45,7 @@ from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy, DiscardPolicy,
 from nats.js.errors import APIError, BucketNotFoundError, NotFoundError
 
 from . import logs
-from .store import SCHEMA, SCHEMA_VERSION, Store, StoreError, _transaction, fold_journal
+from .store import Store, StoreError, _transaction, create_schema, fold_journal
 
 STREAM = "EDGEFLOW_CKPT"
 BUCKET = "edgeflow_ckpt"
@@ -339,12 +339,11 @@ def _local_id(path):
     try:
         c = sqlite3.connect("file:%s?mode=ro" % path, uri=True)
         try:
-            r = c.execute("SELECT v FROM meta WHERE k = 'ckpt_id'").fetchone()
+            return _meta_id(c)
         finally:
             c.close()
     except sqlite3.Error:
         return None
-    return r[0] if r else None
 
 
 def _remove_db(path):
@@ -431,14 +430,8 @@ def _open_rebuild(tmp):
     conn = sqlite3.connect(tmp, isolation_level=None, check_same_thread=False)
     conn.execute("PRAGMA journal_mode=WAL")
     conn.execute("PRAGMA synchronous=OFF")  # a half-built file is thrown away anyway
-    _schema(conn)
+    create_schema(conn)  # what Store.open() makes: a rebuilt file equals the owner's
     return conn
-
-
-def _schema(conn):
-    """What Store.open() makes, so that a rebuilt file equals the owner's."""
-    conn.executescript(SCHEMA)
-    conn.execute("INSERT OR IGNORE INTO meta VALUES ('schema_version', ?)", (SCHEMA_VERSION,))
 
 
 def _meta_id(conn):
@@ -579,7 +572,7 @@ def _commit_file(path, writes):
     conn = sqlite3.connect(path, isolation_level=None)
     try:
         conn.execute("PRAGMA journal_mode=WAL")
-        _schema(conn)
+        create_schema(conn)
         _transaction(conn, writes)
     finally:
         conn.close()

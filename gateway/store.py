@@ -332,8 +332,7 @@ class Store:
                                  "backup, or start with an empty file" % (self.path, why))
             await self.db.execute("PRAGMA journal_mode=WAL")
             await self.db.execute("PRAGMA synchronous=%s" % self.synchronous)
-            await self.db.executescript(SCHEMA)
-            await self.db.execute("INSERT OR IGNORE INTO meta VALUES ('schema_version', ?)", (SCHEMA_VERSION,))
+            await self.db.run(create_schema)
             self._file_id = _file_id(self.path)
             await self.db.run(fold_journal)  # state tables current before anything reads them
         except BaseException as e:
@@ -610,6 +609,12 @@ def _fold(conn):
         n += len(dels) + len(ups)
     conn.execute("DELETE FROM state_journal WHERE id <= ?", (entries[-1][0],))
     return n
+
+
+def create_schema(conn):
+    """The tables and the schema version (what open() makes; a rebuilt replica makes the same)."""
+    conn.executescript(SCHEMA)
+    conn.execute("INSERT OR IGNORE INTO meta VALUES ('schema_version', ?)", (SCHEMA_VERSION,))
 
 
 def fold_journal(conn):
