@@ -460,7 +460,7 @@ async def _replay(js, st, p, conn, start, upto, info, got):
         while seq < upto:
             try:
                 msgs = await sub.fetch(32, timeout=5)  # chunks are <= max_chunk: bounded memory
-            except NatsTimeout:
+            except (NatsTimeout, asyncio.TimeoutError):  # nats-py raises the plain one when a pull ends early
                 raise StoreError("partition %d: checkpoint replay stalled at sequence %d of %d" % (p, seq, upto))
             for m in msgs:
                 seq = m.metadata.sequence.stream

@@ -298,7 +298,7 @@ class PartitionIngest:
                 continue
             try:
                 msgs = await self._sub.fetch(room, timeout=1.0)
-            except NatsTimeout:
+            except (NatsTimeout, asyncio.TimeoutError):  # nats-py raises the plain one when a pull ends early
                 continue
             except asyncio.CancelledError:
                 raise
