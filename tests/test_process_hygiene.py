@@ -102,3 +102,14 @@ def test_killed_test_process_leaves_no_broker_or_gateway(tmp_path):
         if parent.poll() is None:
             parent.kill()
         kill_all(d)
+
+
+def test_free_ports_lie_below_the_ephemeral_range_and_are_not_given_twice():
+    """A server's port taken from the ephemeral range can become the local port of an
+    outgoing connection (a NATS route between two nodes) before the server binds it: a
+    3-node cluster once failed to start with 'address already in use' that way."""
+    from tools import proc
+    ports = [proc.free_port() for _ in range(300)]
+    assert len(set(ports)) == len(ports)
+    if proc._ephemeral_low() > 11000:
+        assert max(ports) < proc._ephemeral_low()

@@ -29,7 +29,7 @@ import time
 
 from tools.brokerconf import render
 from tools.provision import Fleet, security_paths
-from tools.proc import popen
+from tools.proc import free_port, popen  # noqa: F401 (free_port: re-exported to tests and tools)
 
 
 def mosquitto_bin():
@@ -66,12 +66,6 @@ def listens(pid, port):
         if len(f) > 9 and f[3] == "0A" and int(f[1].rsplit(":", 1)[1], 16) == port and f[9] in inodes:
             return True
     return False
-
-
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class Mosquitto:

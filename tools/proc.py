@@ -11,8 +11,11 @@ may exit first.
 """
 import ctypes
 import ctypes.util
+import collections
 import os
+import random
 import signal
+import socket
 import subprocess
 import sys
 
@@ -51,3 +54,39 @@ def exit_on_sigterm(code=143):
         signal.signal(signal.SIGTERM, lambda *a: None)  # one orderly shutdown, not a second one
         raise SystemExit(code)
     signal.signal(signal.SIGTERM, handler)
+
+
+_handed_out = collections.deque(maxlen=4096)  # ports given out lately: not given again before they are bound
+
+
+def _ephemeral_low():
+    try:
+        with open("/proc/sys/net/ipv4/ip_local_port_range") as f:
+            return int(f.read().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32768
+
+
+def free_port():
+    """A TCP port free on 127.0.0.1 for a server started next. Taken below the kernel's
+    ephemeral range: a port from that range can become the local port of any outgoing
+    connection (a NATS route between two nodes, a client) between this call and the server's
+    bind, and the server then exits with 'address already in use'."""
+    low = _ephemeral_low()
+    if low > 11000:
+        for _ in range(200):
+            port = random.randrange(10000, low)
+            if port in _handed_out:
+                continue
+            with socket.socket() as s:
+                try:
+                    s.bind(("127.0.0.1", port))
+                except OSError:
+                    continue
+            _handed_out.append(port)
+            return port
+    with socket.socket() as s:  # no room below the range: the kernel's choice
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    _handed_out.append(port)
+    return port
