@@ -23,6 +23,7 @@ FIRST = 20  # entries of the first RAM pool (2 x the frozen pool's alloc of 10)
 # modules a board loads at its first connect (TLS connect, NTP query), which the harness (no
 # network) never does: their qstrs count as interned at start-up
 CONNECTED = ("/lib/firmware/halnet.mpy",)
+_STEP_WORDS = ("backlog", "live", "windows", "cep", "full")
 
 
 def esp32_rom():
@@ -82,11 +83,27 @@ def mpy_tables(root):
     return out
 
 
-def board_delta(stdout, tables, rom=None, at=1, harness_at=None):
+def script_names(src):
+    """The names and short strings (what the compiler interns) of a harness script."""
+    import io
+    import tokenize
+    out = set()
+    for tok in tokenize.generate_tokens(io.StringIO(src).readline):
+        if tok.type == tokenize.NAME:
+            out.add(tok.string)
+        elif tok.type == tokenize.STRING and not tok.string.startswith(("b", "f")):
+            v = ast.literal_eval(tok.string)
+            if len(v) <= 10:
+                out.add(v)
+    return out
+
+
+def board_delta(stdout, tables, rom=None, at=1, harness_at=None, harness_src=""):
     """What the board's heap holds more than the WebAssembly build's at the at-th qstr dump of
     the run (dump 0: the baseline): the wasm's pool blocks and strings since the baseline
     replaced by those the board would allocate (tables: mpy_tables() of the shipped files).
-    harness_at: the dump just after the harness's own code (its qstrs are the harness's, since the
+    harness_src: the harness's later steps (their names are the harness's unless a module
+    of the app has them too). harness_at: the dump just after the harness's own code (its qstrs are the harness's, since the
     dump before it: they are left out of the board's pool, as its bytes are of every figure).
     Returns a dict of the figures; "delta" is to be added to the wasm's figure."""
     rom = esp32_rom() if rom is None else rom
@@ -103,6 +120,10 @@ def board_delta(stdout, tables, rom=None, at=1, harness_at=None):
     for m in CONNECTED:  # loaded on the board within seconds of start-up, never in the harness
         loaded.update(tables.get(m, ()))
         loaded.update((m, m[5:-4].replace("/", "."), m.split("/")[-1][:-4]))
+    # the harness's own print labels ("N live") and names, as far as no module has them
+    extra = {s for s in script_names(harness_src) | {"N " + w for w in _STEP_WORDS} if s in window} - loaded
+    window -= extra
+    harness |= extra
     board = (window | loaded) - rom
     r = {"wasm_qstrs": n1 - n0, "wasm_base_qstrs": n0, "board_qstrs": len(board),
          "wasm_pools": pool_bytes(n0, n1), "board_pools": pool_bytes(0, len(board)),

@@ -325,7 +325,8 @@ def measure(cfg=None, arch="xtensawin", as_py=False, heap=1 << 20, run_ms=3000, 
     delta = delta_end = 0
     if not as_py:
         out["qstr"] = qstr_board.board_delta(proc.stdout, tables, at=1)
-        out["qstr_end"] = qstr_board.board_delta(proc.stdout, tables, at=3, harness_at=2)
+        out["qstr_end"] = qstr_board.board_delta(proc.stdout, tables, at=3, harness_at=2,
+                                                 harness_src=SCRIPT.split("#--- harness")[1] + steps_script())
         delta, delta_end = out["qstr"]["delta"], out["qstr_end"]["delta"]
     out["kept"] = out["kept_wasm"] + delta
     out["boot_wasm"] = out["boot"]
