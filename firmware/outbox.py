@@ -103,11 +103,11 @@ class Outbox:
         self._x("obload", "init", fs, boot, dir, max_bytes, seg_bytes, batch_records, batch_ms, ack_persist_ms,
                 live_max)
 
-    def _x(self, mod, fn, *a):
-        """Rarely run code: fn of firmware.<mod> on self, the module unloaded after."""
-        mod = "firmware" + "." + mod
-        r = getattr(__import__(mod, None, None, ("x",)), fn)(self, *a)
-        unload(mod)
+    def _x(self, module, fn, *a):
+        """Rarely run code: fn of firmware.<module> on self, the module unloaded after."""
+        module = "firmware" + "." + module
+        r = getattr(__import__(module, None, None, ("x",)), fn)(self, *a)
+        unload(module)
         return r
 
     def load(self):

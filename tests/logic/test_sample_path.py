@@ -11,7 +11,7 @@ from firmware.clock import Clock
 from firmware.hal_sim import SimHal, MemFS
 from firmware.outbox import Outbox
 from firmware.obload import records
-from firmware.pipeline import example_config
+from firmware.pexample import example_config
 from tests.logic.util import reading
 
 MP = sys.implementation.name == "micropython"
