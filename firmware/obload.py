@@ -60,25 +60,6 @@ def init(ob, fs, boot, dir, max_bytes, seg_bytes, batch_records, batch_ms, ack_p
     ob.rewind()  # the replay cursor
 
 
-def encode_frame(boot, seq, t, kind, flags, body_bytes):
-    n = _PAYSZ + len(body_bytes)
-    head = struct.pack(">BHIIqBB", _MAGIC, n, boot, seq, t, kind, flags) + body_bytes
-    return head + struct.pack(">I", binascii.crc32(head) & 0xFFFFFFFF)
-
-
-def records(fr):
-    """The records (boot, seq, t, kind, flags, body) of frames as read_backlog / take_live
-    hand them out (tests and tools; the uplink encodes from the frames)."""
-    from firmware.obfull import decode_payload
-    out = []
-    o = 0
-    while o < len(fr):
-        n = (fr[o + 1] << 8) | fr[o + 2]
-        out.append(decode_payload(fr, o + 3, n))
-        o += n + 7
-    return out
-
-
 def highest_boot(fs, dir="ob"):
     """The boot of the newest segment on flash (0 if none): read before the boot counter is
     written, so a new boot number is always above every record still held."""

@@ -10,7 +10,7 @@ from firmware.app import App
 from firmware.clock import Clock
 from firmware.hal_sim import SimHal, MemFS
 from firmware.outbox import Outbox
-from firmware.obload import records
+from firmware.obframe import records
 from firmware.pexample import example_config
 from tests.logic.util import reading
 
