@@ -1,5 +1,7 @@
 # CPython stand-ins for MicroPython's time.ticks_ms / ticks_diff / ticks_add (firmware/hal.py
-# imports them only where time has none; tools/deploy.py never copies this file to the board).
+# imports them only where time has none) and micropython.const (the firmware's modules import it
+# from here on CPython: a fallback def in each module would be a function object on the board,
+# RAM); tools/deploy.py never copies this file to the board.
 import time
 
 _T0 = time.monotonic()
@@ -17,3 +19,7 @@ def ticks_diff(a, b):
 
 def ticks_add(a, d):
     return (a + d) & (_PERIOD - 1)
+
+
+def const(x):
+    return x

@@ -33,9 +33,8 @@ import binascii
 
 try:
     from micropython import const
-except ImportError:
-    def const(x):
-        return x
+except ImportError:  # CPython (no function object on the board: RAM)
+    from firmware.cpyticks import const
 
 from shared import wire_dev as wire  # the device side of the contract (shared/wire.py: all of it)
 from firmware.hal import unload

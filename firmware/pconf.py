@@ -10,9 +10,8 @@ from firmware.pipeline import ConfigError  # noqa: F401 (re-exported)
 
 try:
     from micropython import const
-except ImportError:
-    def const(x):
-        return x
+except ImportError:  # CPython (no function object on the board: RAM)
+    from firmware.cpyticks import const
 
 _MAX_CHANNEL = const(29)  # channel numbers 0..29: masks stay small ints
 

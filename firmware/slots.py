@@ -10,9 +10,8 @@ import binascii
 
 try:
     from micropython import const
-except ImportError:
-    def const(x):
-        return x
+except ImportError:  # CPython (no function object on the board: RAM)
+    from firmware.cpyticks import const
 
 _HDR = const(">IH")
 
