@@ -1,8 +1,13 @@
 # CPython stand-ins for MicroPython's time.ticks_ms / ticks_diff / ticks_add (firmware/hal.py
-# imports them only where time has none) and micropython.const (the firmware's modules import it
-# from here on CPython: a fallback def in each module would be a function object on the board,
-# RAM); tools/deploy.py never copies this file to the board.
+# imports them only where time has none; tools/deploy.py never copies this file to the board).
 import time
+
+
+def const(x):
+    """micropython.const: the firmware imports it from here on CPython (a fallback def in each
+    module would be a function object on the board, RAM)."""
+    return x
+
 
 _T0 = time.monotonic()
 _PERIOD = 1 << 30
@@ -19,7 +24,3 @@ def ticks_diff(a, b):
 
 def ticks_add(a, d):
     return (a + d) & (_PERIOD - 1)
-
-
-def const(x):
-    return x
