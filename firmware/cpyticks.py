@@ -1,5 +1,6 @@
-# CPython stand-ins for MicroPython's time.ticks_ms / ticks_diff / ticks_add (firmware/hal.py
-# imports them only where time has none; tools/deploy.py never copies this file to the board).
+# CPython stand-ins for MicroPython's time.ticks_ms / ticks_diff / ticks_add and asyncio.sleep_ms
+# (firmware/hal.py imports them only where time has none; tools/deploy.py never copies this
+# file to the board).
 import time
 
 _T0 = time.monotonic()
@@ -17,3 +18,8 @@ def ticks_diff(a, b):
 
 def ticks_add(a, d):
     return (a + d) & (_PERIOD - 1)
+
+
+async def sleep_ms(ms):
+    import asyncio
+    await asyncio.sleep(ms / 1000)

@@ -64,16 +64,9 @@ try:
     ticks_ms = time.ticks_ms
     ticks_diff = time.ticks_diff
     ticks_add = time.ticks_add
+    sleep_ms = asyncio.sleep_ms  # asyncio sleep in ms (real time); allocates nothing per call
 except AttributeError:  # CPython (firmware/cpyticks.py is never copied to the board: RAM)
-    from firmware.cpyticks import ticks_ms, ticks_diff, ticks_add
-
-
-async def sleep_ms(ms):
-    """asyncio sleep in ms on both runtimes (real time)."""
-    if hasattr(asyncio, "sleep_ms"):
-        await asyncio.sleep_ms(ms)
-    else:
-        await asyncio.sleep(ms / 1000)
+    from firmware.cpyticks import ticks_ms, ticks_diff, ticks_add, sleep_ms
 
 
 # ---------------------------------------------------------------- filesystem

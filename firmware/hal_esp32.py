@@ -4,9 +4,7 @@
 #   DHT22 from its raw 5-byte frame (tenths of degC / %RH) -> x100; re-measured at most every
 #   2 s (the sensor's minimum interval), the cached frame is used in between.
 #   pot from ADC read_u16() (11 dB attenuation, ~0..3.3 V) -> % of full scale x1000.
-import time
 import gc
-import asyncio
 
 import machine
 import network
@@ -45,15 +43,11 @@ class Esp32Hal:
         self._wlan = network.WLAN(network.STA_IF)
         _hal.unload("firmware.pins")
 
-    # ---- time
-    def ticks_ms(self):
-        return time.ticks_ms()
-
-    def ticks_diff(self, a, b):
-        return time.ticks_diff(a, b)
-
-    async def sleep_ms(self, ms):
-        await asyncio.sleep_ms(ms)
+    # ---- time: the functions themselves, not methods wrapping them (RAM: a function object
+    # and its bytecode each)
+    ticks_ms = staticmethod(_hal.ticks_ms)
+    ticks_diff = staticmethod(_hal.ticks_diff)
+    sleep_ms = staticmethod(_hal.sleep_ms)
 
     # ---- sensors
     def _dht_measure(self):
@@ -122,14 +116,9 @@ class Esp32Hal:
         if self._wdt is not None:
             self._wdt.feed()
 
-    def reset(self):
-        machine.reset()
-
-    def mem_free(self):
-        return gc.mem_free()
-
-    def mem_alloc(self):
-        return gc.mem_alloc()
+    reset = staticmethod(machine.reset)
+    mem_free = staticmethod(getattr(gc, "mem_free", int))  # int: 0 on CPython (tests)
+    mem_alloc = staticmethod(getattr(gc, "mem_alloc", int))
 
     def rand(self, n):
         if n <= 1:
@@ -138,5 +127,4 @@ class Esp32Hal:
         b = os.urandom(4)
         return ((b[0] << 22) | (b[1] << 14) | (b[2] << 6) | (b[3] >> 2)) % n
 
-    def console(self, line):
-        print(line)
+    console = staticmethod(print)
