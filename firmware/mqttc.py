@@ -116,7 +116,6 @@ async def connect(cl):
     if pkt[0] != "connack" or pkt[2] != 0:
         _close_stream(w)
         raise MQTTError("connect refused: %r" % (pkt,))
-    cl._r = r
     cl._w = w
     cl.connected = True
     cl.connects += 1
@@ -173,7 +172,6 @@ def init(c, client_id, host, port, keepalive, will, clean, user, password, open_
     c.connected = False
     c.inflight = []  # [pid, packet or None] awaiting PUBACK, oldest first (bounded)
     c._pid = 0
-    c._r = None
     c._w = None
     c._lock = asyncio.Lock()
     c._tasks = []

@@ -44,7 +44,10 @@ class Uplink:
         try:
             if topic == self.t_ack:
                 a = wire.decode_ack(payload)
-                if not self.ack_ok(payload, a[6]):
+                # forged (bad MAC) or replayed (nonce of an older hello) acks are refused
+                n = a[6]
+                if (n == 0 or (n != self.nonce and n != self.prev_nonce)
+                        or (self.key is not None and not wire.ack_mac_ok(payload, self.devb, self.key))):
                     self.c["bad_acks"] += 1
                     return
                 if len(self._acks) >= 32:
@@ -58,12 +61,6 @@ class Uplink:
             self.wake.set()
         except wire.WireError:
             self.c["bad_msgs"] += 1
-
-    def ack_ok(self, payload, nonce):
-        """Forged (bad MAC) or replayed (nonce of an older hello) acks are refused."""
-        if nonce == 0 or (nonce != self.nonce and nonce != self.prev_nonce):
-            return False
-        return self.key is None or wire.ack_mac_ok(payload, self.devb, self.key)
 
     def handle_ack(self, a):
         boot, seq, gw_time, credits, replay, flags, _nonce = a
@@ -147,10 +144,7 @@ class Uplink:
             j, m, last = self._span(fr, i, n)
             boot = _u32(fr, i + 3)
             try:
-                if fr[i + 19] == wire.KIND_READING:
-                    payload = self._readings(fr, i, j, m)
-                else:
-                    payload = self._records(fr, i, j, m)
+                payload = self._message(fr, i, j, m)
             except wire.WireError:
                 self.c["encode_errors"] += 1
                 payload = None
@@ -205,46 +199,36 @@ class Uplink:
             j += 7 + ((fr[j + 1] << 8) | fr[j + 2])
         return j, m, last
 
-    def _readings(self, fr, i, j, m):
-        """The reading frames fr[i:j] (m of them) as one readings message, times stamped for
-        sending; record layout: shared/wire_dev.py _READING (seq and time offsets, channel,
-        flags, value)."""
+    def _message(self, fr, i, j, m):
+        """The frames fr[i:j] (m of them, from _span: one boot, all readings or none) as one
+        data message, times stamped for sending, encoded straight from the frames (no record
+        tuples: device RAM). A frame: magic, len u16, boot, seq, t i64, kind, flags (offset 20),
+        body, crc. Readings: records of shared/wire_dev.py's _READING layout; other kinds: the
+        record header, then the body as stored (the outbox keeps wire_dev.encode_body's bytes)."""
         boot = _u32(fr, i + 3)
         q0 = _u32(fr, i + 7)
         st = self._stamps(boot)
         t, _ = self.clock.stamp(boot, struct.unpack_from(">q", fr, i + 11)[0], fr[i + 20])
-        out, off = wire.readings_buffer(self.dev, boot, q0, t, m)
-        o = i
-        while o < j:
-            struct.pack_into(">Hi", out, off, _u32(fr, o + 7) - q0, self._dt(fr, o, i, st))
-            out[off + 6] = fr[o + 21]  # channel
-            out[off + 7] = fr[o + 20] & ~wire.FLAG_UNSYNCED if st else fr[o + 20]
-            for x in range(4):
-                out[off + 8 + x] = fr[o + 22 + x]  # value i32, as stored
-            off += wire.READING_SIZE
-            o += 7 + ((fr[o + 1] << 8) | fr[o + 2])
-        return out
-
-    def _records(self, fr, i, j, m):
-        """The (non-reading) frames fr[i:j] (m of them) as one records message, times stamped
-        for sending; each body is copied as stored (the outbox keeps wire_dev.encode_body's
-        bytes: no decoded tuples, device RAM)."""
-        boot = _u32(fr, i + 3)
-        q0 = _u32(fr, i + 7)
-        st = self._stamps(boot)
-        t, _ = self.clock.stamp(boot, struct.unpack_from(">q", fr, i + 11)[0], fr[i + 20])
-        # a frame: magic, len u16, boot, seq, t i64, kind, flags (payload offset 18), body, crc
-        out, off = wire.records_buffer(self.dev, boot, q0, t, m, (j - i) - m * (25 - wire.REC_SIZE))
+        rd = fr[i + 19] == wire.KIND_READING
+        if rd:
+            out, off = wire.readings_buffer(self.dev, boot, q0, t, m)
+        else:  # each frame's 25 bytes around its body become a REC_SIZE record header
+            out, off = wire.records_buffer(self.dev, boot, q0, t, m, (j - i) - m * (25 - wire.REC_SIZE))
         mv = memoryview(fr)
         o = i
         while o < j:
             e = o + 3 + ((fr[o + 1] << 8) | fr[o + 2])  # end of the payload
-            fl = fr[o + 20]
-            wire.put_record(out, off, fr[o + 19], _u32(fr, o + 7), t + self._dt(fr, o, i, st),
-                            fl & ~wire.FLAG_UNSYNCED if st else fl, q0, t)
-            off += wire.REC_SIZE
-            out[off:off + e - o - 21] = mv[o + 21:e]
-            off += e - o - 21
+            fl = fr[o + 20] & ~wire.FLAG_UNSYNCED if st else fr[o + 20]
+            if rd:  # seq and time offsets, channel, flags, then the value i32 as stored
+                struct.pack_into(">HiBB", out, off, _u32(fr, o + 7) - q0, self._dt(fr, o, i, st), fr[o + 21], fl)
+                for x in range(22, 26):
+                    out[off + x - 14] = fr[o + x]
+                off += wire.READING_SIZE
+            else:
+                wire.put_record(out, off, fr[o + 19], _u32(fr, o + 7), t + self._dt(fr, o, i, st), fl, q0, t)
+                off += wire.REC_SIZE
+                out[off:off + e - o - 21] = mv[o + 21:e]
+                off += e - o - 21
             o = e + 4
         return out
 

@@ -6,7 +6,7 @@ from shared.wire_ctl import *  # noqa: F401,F403
 from shared.wire_ctl import _HELLO, _mac  # noqa: F401
 from shared import wire_ctl as _ctl
 from shared.wire_body import _need, _ascii, _decode_body  # noqa: F401
-from shared.wire_dev import (readings_buffer, put_reading, _check_max, _u32, _header,  # noqa: F401
+from shared.wire_dev import (readings_buffer, _check_max, _u32, _header,  # noqa: F401
                              _HDR, _READING, _REC, _ACK, _ID_CHARS, _offsets, _i32, _CEP, _GAP,
                              _WINDOW, _ANOMALY, _STATUS, _STATE)
 import struct
@@ -24,6 +24,18 @@ def to_fixed(x):
     if v < I32_MIN:
         return I32_MIN
     return v
+
+
+def put_reading(out, off, seq, t, ch, flags, value, base_seq, base_time):
+    """One reading record at out[off:] of a readings_buffer (the board writes its records
+    from the stored frames: firmware/uplink.py)."""
+    ds = seq - base_seq
+    dt = t - base_time
+    if ds < 0 or ds > 0xFFFF or dt < I32_MIN or dt > I32_MAX:
+        _offsets(seq, t, base_seq, base_time)  # raises the precise error
+    if ch < 0 or ch > 255 or flags < 0 or flags > 255:
+        raise WireError("bad_channel", repr((seq, t, ch, flags, value)))
+    struct.pack_into(_READING, out, off, ds, dt, ch, flags, _i32(value, "value"))
 
 
 def encode_readings(device_id, boot, readings):

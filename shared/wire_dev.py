@@ -133,8 +133,8 @@ def _offsets(seq, t, base_seq, base_time):
 
 def readings_buffer(device_id, boot, base_seq, base_time, n):
     """(buffer, offset of the first record): a readings message of n records, its header
-    written; put_reading fills record i at offset + READING_SIZE * i (the device encodes
-    straight from its stored records: no row tuples, RAM)."""
+    written; record i goes at offset + READING_SIZE * i (the device encodes straight from its
+    stored records, firmware/uplink.py; the gateway side with shared/wire.py put_reading)."""
     return _buffer(MSG_READINGS, device_id, boot, base_seq, base_time, n, n * READING_SIZE)
 
 
@@ -162,16 +162,6 @@ def put_record(out, off, kind, seq, t, flags, base_seq, base_time):
     its body follows at off + REC_SIZE."""
     ds, dt = _offsets(seq, t, base_seq, base_time)
     struct.pack_into(_REC, out, off, kind, ds, dt, flags)
-
-
-def put_reading(out, off, seq, t, ch, flags, value, base_seq, base_time):
-    ds = seq - base_seq
-    dt = t - base_time
-    if ds < 0 or ds > 0xFFFF or dt < I32_MIN or dt > I32_MAX:
-        _offsets(seq, t, base_seq, base_time)  # raises the precise error
-    if ch < 0 or ch > 255 or flags < 0 or flags > 255:
-        raise WireError("bad_channel", repr((seq, t, ch, flags, value)))
-    struct.pack_into(_READING, out, off, ds, dt, ch, flags, _i32(value, "value"))
 
 
 def encode_body(kind, body):
