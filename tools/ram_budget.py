@@ -25,6 +25,9 @@ Figures (bytes, heap in use above the baseline):
             step allocates with gc off throughout. Publishing builds the MQTT packet and keeps
             it while the client's in-flight window would (MQTTClient.retransmit).
 The harness's own code and state (read between "kept" and "harness") is subtracted.
+Printed figures are the ESP32 board's: the WebAssembly build's qstr pool blocks and strings
+replaced by those the stock ESP32_GENERIC image would hold (tools/qstr_board.py; the build's
+own figure in brackets beside each).
 Budget (docs/firmware.md): kept <= 48 KiB, every peak <= 64 KiB, sample == 0.
 Exit status 1 when over budget.
 """
@@ -39,6 +42,7 @@ import tempfile
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
+from tools import qstr_board  # noqa: E402
 
 KEPT_MAX = 48 * 1024
 PEAK_MAX = 64 * 1024
@@ -67,7 +71,8 @@ import sys
 if "/lib" not in sys.path:
     sys.path.append("/lib")
 import gc
-import machine, network, dht, asyncio, struct, binascii, json, array, os, time
+import machine, network, dht, asyncio, struct, binascii, json, array, os, time, micropython
+micropython.qstr_info(1)
 #--- boot
 # as main.py: the safe-mode check, then firmware.app.main's build()
 from firmware import safemode
@@ -79,7 +84,7 @@ app = firmware.app.build("config.json")
 #--- started wait=%(run_ms)d
 task = asyncio.create_task(app.run())
 #--- kept
-pass
+micropython.qstr_info(1)
 #--- harness
 # the harness's own code and state (subtracted from every later figure)
 def measure(f, *a):
@@ -208,6 +213,7 @@ def full_batch():
         app.sample_step()
         k += 1
     st[1] = ob.dropped - d
+micropython.qstr_info(1)
 #--- sampled
 nrounds = (app.outbox.batch_records - 1) // len(app._chans)
 app.outbox.flush()
@@ -257,7 +263,7 @@ def steps_script(live_rounds=40, cep_rounds=60, max_pubs=4):
     parts.append("#--- filled_full\nfill_near()")
     part("full", "sub(full_modules)")
     part("full", "sub(full_batch)")
-    parts.append("#--- full_done\nprint('N full', st[1])\nfullmods = None")
+    parts.append("#--- full_done\nprint('N full', st[1])\nfullmods = None\nmicropython.qstr_info(1)")
     return "\n".join(parts) + "\n"
 
 
@@ -287,6 +293,7 @@ def measure(cfg=None, arch="xtensawin", as_py=False, heap=1 << 20, run_ms=3000, 
             f.write(SCRIPT % {"run_ms": run_ms, "fill": fill, "nrec": NREC} + steps_script())
         proc = subprocess.run(["node", STEPS, "--heap", str(heap), "--fs", tmp, script],
                               capture_output=True, text=True, timeout=timeout)
+        tables = qstr_board.mpy_tables(tmp)
     out = {"files": files, "stdout": proc.stdout, "stderr": proc.stderr, "rc": proc.returncode}
     parts = []  # [(part name, live bytes after it, bytes it allocated or None)] in run order
     ram = {}
@@ -311,7 +318,19 @@ def measure(cfg=None, arch="xtensawin", as_py=False, heap=1 << 20, run_ms=3000, 
     for k, v in ram.items():
         out["ram_" + k] = v - base
     out["boot"] = ram["boot"] - base
-    out["kept"] = ram["kept"] - base
+    out["kept_wasm"] = ram["kept"] - base
+    # the board's figures (tools/qstr_board.py): kept and boot with the qstr pool as the ESP32
+    # image holds it at "kept"; every peak with the larger of that and the pool at the end of
+    # the run (the replay and compaction modules add qstrs that may start a new pool block)
+    delta = delta_end = 0
+    if not as_py:
+        out["qstr"] = qstr_board.board_delta(proc.stdout, tables, at=1)
+        out["qstr_end"] = qstr_board.board_delta(proc.stdout, tables, at=3, harness_at=2,
+                                                 harness_src=SCRIPT.split("#--- harness")[1] + steps_script())
+        delta, delta_end = out["qstr"]["delta"], out["qstr_end"]["delta"]
+    out["kept"] = out["kept_wasm"] + delta
+    out["boot_wasm"] = out["boot"]
+    out["boot"] += delta
     for i, (name, live, a) in enumerate(parts):
         step = name.split(".")[0]
         if a is None or step not in STEPS_MEASURED:
@@ -327,6 +346,9 @@ def measure(cfg=None, arch="xtensawin", as_py=False, heap=1 << 20, run_ms=3000, 
         if gk not in out:
             out[gk] = before
         out[gk] += a
+    for st in STEPS_MEASURED:
+        out["peak_%s_wasm" % st] = out["peak_" + st]
+        out["peak_" + st] += max(delta, delta_end)
     return out
 
 
@@ -388,7 +410,7 @@ def over_budget(r):
     if r["kept"] > KEPT_MAX:
         bad.append("kept %d > %d" % (r["kept"], KEPT_MAX))
     for k in r:
-        if k.startswith("peak_") and r[k] > PEAK_MAX:
+        if k.startswith("peak_") and not k.endswith("_wasm") and r[k] > PEAK_MAX:
             bad.append("%s %d > %d" % (k, r[k], PEAK_MAX))
     if r.get("sample", 0) != 0:
         bad.append("per-sample path allocates %d bytes" % r["sample"])
@@ -429,13 +451,25 @@ def main(argv=None):
     if a.v:
         print(r["stdout"])
     print("modules: %d files, %d bytes (%s)" % (len(r["files"]), sum(r["files"].values()), "py" if a.py else ".mpy " + a.arch))
+    wasm = {"boot": r["boot_wasm"], "kept": r["kept_wasm"]}
+    print("figures for the ESP32 board (qstr pool as the stock image holds it); [the WebAssembly build's own]")
     for k in ("boot", "kept", "sample"):
-        print("%-13s %7d B  %6.1f KiB" % (k, r[k], r[k] / 1024))
+        print("%-13s %7d B  %6.1f KiB  [%d]" % (k, r[k], r[k] / 1024, wasm.get(k, r[k])))
     for st in STEPS_MEASURED:
         k = "peak_" + st
         g = r["garbage_" + st]
-        print("%-13s %7d B  %6.1f KiB  (%d records/events; at %s; garbage made %.1f KiB)"
-              % (k, r[k], r[k] / 1024, r.get("n_" + st, 0), r["at_" + st], g / 1024))
+        print("%-13s %7d B  %6.1f KiB  [%d]  (%d records/events; at %s; garbage made %.1f KiB)"
+              % (k, r[k], r[k] / 1024, r[k + "_wasm"], r.get("n_" + st, 0), r["at_" + st], g / 1024))
+    if "qstr" in r:
+        for name, q in (("kept", r["qstr"]), ("end of run", r["qstr_end"])):
+            print("qstrs at %s: board %d RAM qstrs (pool blocks %d B, strings %d B); WebAssembly %d "
+                  "after %d at the baseline (pool blocks %d B, strings %d B); %d in the board's ROM, "
+                  "%d hidden on the WebAssembly build; board - wasm %+d B"
+                  % (name, q["board_qstrs"], q["board_pools"], q["board_strings"], q["wasm_qstrs"],
+                     q["wasm_base_qstrs"], q["wasm_pools"], q["wasm_strings"], q["rom_on_board"],
+                     q["hidden_on_wasm"], q["delta"]))
+        nxt = qstr_board.next_block(r["qstr_end"]["board_qstrs"])
+        print("board qstr pool: the next block (%d B) is allocated at RAM qstr %d" % nxt)
     print("(harness code and state, %d B, not counted)" % r["harness"])
     bad = over_budget(r)
     print("budget: kept <= %d, peak <= %d, sample == 0: %s" % (KEPT_MAX, PEAK_MAX, "OVER: " + "; ".join(bad) if bad else "ok"))
