@@ -6,11 +6,17 @@ from shared.wire_ctl import *  # noqa: F401,F403
 from shared.wire_ctl import _HELLO, _mac  # noqa: F401
 from shared import wire_ctl as _ctl
 from shared.wire_body import _need, _ascii, _decode_body  # noqa: F401
-from shared.wire_dev import (readings_buffer, _check_max, _u32, _header,  # noqa: F401
-                             _HDR, _READING, _REC, _ACK, _ID_CHARS, _offsets, _i32, _CEP, _GAP,
-                             _WINDOW, _ANOMALY, _STATUS, _STATE)
+# the numbers and layouts the device module keeps as consts (shared/wire_dev.py contract())
+from shared.wire_body import (VERSION, MAGIC, MSG_READINGS, MSG_RECORDS, MSG_ACK, MSG_STATE, MSG_GW_STATE,  # noqa: F401
+                              MAX_PAYLOAD, MAX_DEVICE_ID, MAX_EVIDENCE, ACK_HAS_TIME, ACK_BODY, ACK_SIZE, _HDR,
+                              _READING, _REC, _WINDOW, _ANOMALY, _STATUS, _CEP, _GAP, _ACK)
+from shared.wire_dev import readings_buffer, _check_max, _u32, _header, _ID_CHARS, _offsets, _i32  # noqa: F401
 import struct
 from shared.auth import MAC_LEN, equal
+
+HDR_SIZE = struct.calcsize(_HDR)  # 22, followed by the device id bytes
+_STATE = ">BB"  # online, reserved
+FLAG_CLAMPED = 2  # value saturated to the int32 range
 
 # ---------------------------------------------------------------- gateway side
 # (and the encoders the board does not run: RAM, docs/firmware.md)
