@@ -11,7 +11,13 @@ import network
 
 from firmware import hal as _hal
 
-_DHT_MIN_MS = 2100
+try:
+    from micropython import const
+except ImportError:  # CPython: tests run this HAL on the virtual board's stubs
+    def const(x):
+        return x
+
+_DHT_MIN_MS = const(2100)  # the DHT22's minimum interval between measurements, and a margin
 
 
 class Esp32Hal:
@@ -50,24 +56,23 @@ class Esp32Hal:
     sleep_ms = staticmethod(_hal.sleep_ms)
 
     # ---- sensors
-    def _dht_measure(self):
-        now = _hal.ticks_ms()  # time.ticks_ms on the board (portable: tests run it on the stubs)
-        if self._dht_at is not None and _hal.ticks_diff(now, self._dht_at) < _DHT_MIN_MS:
-            return self._dht_ok
-        self._dht_at = now
-        try:
-            self._dht.measure()
-            self._dht_ok = True
-        except Exception:  # OSError (no answer) or a plain Exception("checksum error")
-            self._dht_ok = False
-        return self._dht_ok
-
     def read(self, ch):
         if ch == _hal.CH_POT:
             return (self._adc.read_u16() * 3125) >> 11  # 65535 -> 99998 (= 99.998 %)
-        if self._dht is None or not self._dht_measure():
+        d = self._dht
+        if d is None:
             return None
-        b = self._dht.buf
+        now = _hal.ticks_ms()  # time.ticks_ms on the board (portable: tests run it on the stubs)
+        if self._dht_at is None or _hal.ticks_diff(now, self._dht_at) >= _DHT_MIN_MS:
+            self._dht_at = now
+            try:
+                d.measure()
+                self._dht_ok = True
+            except Exception:  # OSError (no answer) or a plain Exception("checksum error")
+                self._dht_ok = False
+        if not self._dht_ok:
+            return None
+        b = d.buf
         if ch == _hal.CH_TEMP:
             v = ((b[2] & 0x7F) << 8 | b[3]) * 100
             return -v if b[2] & 0x80 else v

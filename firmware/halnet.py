@@ -39,7 +39,7 @@ def ntp(hal, host=None):
         msg = s.recv(48)
         if len(msg) < 48:
             return None
-        secs, frac = struct.unpack_from("!II", msg, 40)
+        secs, frac = struct.unpack_from(">II", msg, 40)  # network order
         if secs == 0:
             return None
         return (secs - 2208988800) * 1000 + (frac * 1000 >> 32)

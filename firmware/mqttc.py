@@ -9,10 +9,6 @@ from firmware.hal import ticks_ms
 from firmware.mqtt import MQTTError, _s, varlen, parse, _close_stream
 
 
-def _packet(first, body):
-    return bytes((first,)) + varlen(len(body)) + body
-
-
 def decode_varlen(buf, off=0):
     """(value, offset after) from buf at off; raises MQTTError if truncated or too long."""
     n = 0
@@ -43,8 +39,8 @@ def connect_packet(client_id, keepalive=30, clean=True, will=None, user=None, pa
         if password is not None:
             flags |= 0x40
             payload += _s(password)
-    body = _s("MQTT") + bytes((4, flags)) + struct.pack(">H", keepalive) + payload
-    return _packet(0x10, body)  # CONNECT
+    body = b"\x00\x04MQTT\x04" + bytes((flags,)) + struct.pack(">H", keepalive) + payload  # protocol name, level 4
+    return b"\x10" + varlen(len(body)) + body  # CONNECT
 
 
 def set_dup(packet):
@@ -57,7 +53,7 @@ def subscribe_packet(pid, topics):
     body = struct.pack(">H", pid)
     for t, q in topics:
         body += _s(t) + bytes((q,))
-    return _packet(0x82, body)  # SUBSCRIBE
+    return b"\x82" + varlen(len(body)) + body  # SUBSCRIBE
 
 
 def split(buf):
@@ -121,16 +117,13 @@ async def connect(cl):
     cl.connects += 1
     cl._last_rx = cl._last_tx = ticks_ms()
     cl._tasks = [asyncio.create_task(cl._reader(r)), asyncio.create_task(cl._pinger())]
-    try:
-        for p in list(cl.inflight):
-            if p[1] is None:
-                continue  # retransmit=False: the owner resends
-            p[1] = set_dup(p[1])
-            cl.retransmits += 1
-            await cl._send(p[1])
-    except Exception as e:
-        cl._drop(e)
-        raise
+    for p in list(cl.inflight):
+        if p[1] is None:
+            continue  # retransmit=False: the owner resends
+        p[1] = set_dup(p[1])
+        cl.retransmits += 1
+        if not await cl._send(p[1]):  # it dropped the connection
+            raise MQTTError("retransmit failed: %r" % (cl.last_error,))
 
 
 async def subscribe(cl, topic, qos=1):
@@ -138,7 +131,8 @@ async def subscribe(cl, topic, qos=1):
     ev = asyncio.Event()
     cl._subacks[pid] = [ev, None]
     try:
-        await cl._send(subscribe_packet(pid, [(topic, qos)]))
+        if not await cl._send(subscribe_packet(pid, [(topic, qos)])):
+            raise MQTTError("subscribe failed: %r" % (cl.last_error,))
         await asyncio.wait_for(ev.wait(), cl.timeout_ms / 1000)
         codes = cl._subacks[pid][1]
     finally:
@@ -196,7 +190,7 @@ def parse_rare(t, body):
         return ("connack", body[0] & 1, body[1])
     if t == 9:  # SUBACK
         if len(body) < 3:
-            raise MQTTError("bad suback")
+            raise MQTTError("bad suback length")
         return ("suback", (body[0] << 8) | body[1], tuple(body[2:]))
     if t == 11:  # UNSUBACK
         return ("unsuback", (body[0] << 8) | body[1])

@@ -28,9 +28,14 @@ from shared import wire_dev as wire  # the device side of the contract
 from firmware.hal import ticks_ms, ticks_diff, sleep_ms, unload
 from firmware.slots import rand32
 
+try:
+    from micropython import const
+except ImportError:
+    def const(x):
+        return x
 
-_MAX_CREDITS = 1 << 24
-_GW_HELLO_MS = 1000  # hellos triggered by the (unsigned) gateway state: at most one per second
+_MAX_CREDITS = const(1 << 24)
+_GW_HELLO_MS = const(1000)  # hellos triggered by the (unsigned) gateway state: at most one per second
 
 
 class Uplink:
@@ -141,10 +146,10 @@ class Uplink:
         n = len(fr)
         k = 0
         while i < n:
-            j, m, last = self._span(fr, i, n)
+            j, m, last, st = self._span(fr, i, n)
             boot = _u32(fr, i + 3)
             try:
-                payload = self._message(fr, i, j, m)
+                payload = self._message(fr, i, j, m, st)
             except wire.WireError:
                 self.c["encode_errors"] += 1
                 payload = None
@@ -160,30 +165,27 @@ class Uplink:
             self.c["sent"] += m
         return k
 
-    def _stamps(self, boot):
-        """Records of this boot are stamped with the clock's epoch (firmware.clock.stamp)."""
-        ck = self.clock
-        return boot == ck.boot and ck.boot_epoch is not None
-
-    def _dt(self, fr, o, i, st):
-        """Sent time of the frame at fr[o:] minus that of the frame at fr[i:] (same boot; st:
-        self._stamps(boot)); 16-bit limbs: small ints unless the span is large."""
+    def _dt(self, fr, j, i, st):
+        """Sent time of the frame at fr[j:] minus that of the frame at fr[i:] (same boot; st:
+        its records are stamped, see _span); 16-bit limbs: small ints unless the span is large."""
         d = 0
         for x in range(11, 19, 2):
-            d = (d << 16) + ((fr[o + x] << 8) | fr[o + x + 1]) - ((fr[i + x] << 8) | fr[i + x + 1])
-        if st and (fr[o + 20] ^ fr[i + 20]) & wire.FLAG_UNSYNCED:
+            d = (d << 16) + ((fr[j + x] << 8) | fr[j + x + 1]) - ((fr[i + x] << 8) | fr[i + x + 1])
+        if st and (fr[j + 20] ^ fr[i + 20]) & wire.FLAG_UNSYNCED:
             e = self.clock.boot_epoch  # one stamped, one not (the clock was set in between)
-            d += e if fr[o + 20] & wire.FLAG_UNSYNCED else -e
+            d += e if fr[j + 20] & wire.FLAG_UNSYNCED else -e
         return d
 
     def _span(self, fr, i, n):
-        """(end, count, last seq) of the frames from fr[i:] that go into one message: the
-        same boot, all readings or none, seqs within 65535 and sent times within the int32
-        span of the first, at most batch_max."""
+        """(end, count, last seq, stamped) of the frames from fr[i:] that go into one message:
+        the same boot, all readings or none, seqs within 65535 and sent times within the int32
+        span of the first, at most batch_max. stamped: records of this boot get the clock's
+        epoch (firmware.clock.stamp)."""
         boot = _u32(fr, i + 3)
         q0 = _u32(fr, i + 7)
         rd = fr[i + 19] == wire.KIND_READING
-        st = self._stamps(boot)
+        ck = self.clock
+        st = boot == ck.boot and ck.boot_epoch is not None
         j = i
         m = 0
         last = q0
@@ -197,23 +199,22 @@ class Uplink:
             last = q
             m += 1
             j += 7 + ((fr[j + 1] << 8) | fr[j + 2])
-        return j, m, last
+        return j, m, last, st
 
-    def _message(self, fr, i, j, m):
-        """The frames fr[i:j] (m of them, from _span: one boot, all readings or none) as one
+    def _message(self, fr, i, j, n, st):
+        """The frames fr[i:j] (n of them, from _span: one boot, all readings or none) as one
         data message, times stamped for sending, encoded straight from the frames (no record
         tuples: device RAM). A frame: magic, len u16, boot, seq, t i64, kind, flags (offset 20),
         body, crc. Readings: records of shared/wire_dev.py's _READING layout; other kinds: the
         record header, then the body as stored (the outbox keeps wire_dev.encode_body's bytes)."""
         boot = _u32(fr, i + 3)
         q0 = _u32(fr, i + 7)
-        st = self._stamps(boot)
         t, _ = self.clock.stamp(boot, struct.unpack_from(">q", fr, i + 11)[0], fr[i + 20])
         rd = fr[i + 19] == wire.KIND_READING
         if rd:
-            out, off = wire.readings_buffer(self.dev, boot, q0, t, m)
+            out, off = wire.readings_buffer(self.dev, boot, q0, t, n)
         else:  # each frame's 25 bytes around its body become a REC_SIZE record header
-            out, off = wire.records_buffer(self.dev, boot, q0, t, m, (j - i) - m * (25 - wire.REC_SIZE))
+            out, off = wire.records_buffer(self.dev, boot, q0, t, n, (j - i) - n * (25 - wire.REC_SIZE))
         mv = memoryview(fr)
         o = i
         while o < j:
@@ -264,14 +265,14 @@ class Uplink:
                 self.c["connect_failures"] += 1
                 self.next_host()
                 d = self.backoff.next()
-                self.console("mqtt connect failed (%s), retry in %d ms" % (_err(e), d))
+                self.console("mqtt connect failed (%r), retry in %d ms" % (e, d))
                 await self._sleep(d)
                 continue
             try:
                 await self._session()
             except Exception as e:
                 if self.running:
-                    self.console("mqtt session ended (%s)" % _err(e))
+                    self.console("mqtt session ended (%r)" % (e,))
             self.session = False
             self.outbox.end_session()
             self.client.close()
@@ -362,11 +363,6 @@ class Uplink:
         self.running = False
         self.client.close()
         self.wake.set()
-
-
-def _err(e):
-    s = str(e)
-    return "%s %s" % (type(e).__name__, s) if s else type(e).__name__
 
 
 def _u32(b, o):
