@@ -14,11 +14,18 @@ from shared import wire_dev as wire  # the device side of the contract (shared/w
 from firmware import hal as _hal
 # outbox, clock, uplink, pipeline, identity: imported by firmware/appboot.py (App set-up)
 
-FW_VERSION = "0.1.0"
+try:
+    from micropython import const
+except ImportError:
+    def const(x):
+        return x
+
+# underscore consts: no global, no qstr on the board (RAM)
+_FW_VERSION = const("0.1.0")
 _MP = sys.implementation.name == "micropython"
-_REBASE_MS = 1 << 28  # rebase the pipeline's relative time well before small ints overflow
-_HI = 1 << 28  # firmware.clock: boot ms = ms_hi * 2**28 + ms_lo
-RESET_AFTER = 5  # task failures within a minute before the board is reset
+_REBASE_MS = const(1 << 28)  # rebase the pipeline's relative time well before small ints overflow
+_HI = const(1 << 28)  # firmware.clock: boot ms = ms_hi * 2**28 + ms_lo
+_RESET_AFTER = const(5)  # task failures within a minute before the board is reset
 
 
 def _u32(v):
@@ -28,7 +35,7 @@ def _u32(v):
 
 
 class App:
-    def __init__(self, config, hal, fw=FW_VERSION):
+    def __init__(self, config, hal, fw=_FW_VERSION):
         from firmware.appboot import init  # boot only: build() unloads it (RAM)
         init(self, config, hal, fw)
 
@@ -84,7 +91,7 @@ class App:
         lo = ck.ms_lo
         t_rel = (ck.ms_hi - self._phi) * _HI + (lo - self._plo)
         if t_rel >= _REBASE_MS:
-            self._rebase()
+            self._x("rebase")
             t_rel = 0
         hal = self.hal
         p = self.pipeline
@@ -113,9 +120,6 @@ class App:
         n = self._n + 1
         self._n = n if n < self._every else 0
         return t_rel
-
-    def _rebase(self):
-        self._x("rebase")
 
     async def _sampler(self):
         hal = self.hal
@@ -157,7 +161,7 @@ class App:
 
     async def _supervise(self, name, fn):
         """Run a task; any exception is counted, logged and the task restarted after 1 s. More
-        than RESET_AFTER failures of one task within a minute: the board is reset (HAL)."""
+        than _RESET_AFTER failures of one task within a minute: the board is reset (HAL)."""
         while self.running:
             try:
                 await fn()
@@ -174,7 +178,7 @@ class App:
                     sys.print_exception(e)
                 except AttributeError:
                     pass
-                if f[0] > RESET_AFTER:
+                if f[0] > _RESET_AFTER:
                     self.hal.console("edgeflow: task %s keeps failing: reset" % name)
                     self.hal.reset()
                     f[0] = 0

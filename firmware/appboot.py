@@ -8,7 +8,6 @@ def init(app, config, hal, fw):
     """App.__init__: validate the config (firmware.config), set the initial state."""
     from firmware import config as _config  # boot only: build() unloads it (RAM)
     app.cfg = _config.load(config)
-    app._chmap = _config.channel_map(app.cfg)
     app.hal = hal
     app.fw = fw
     app.running = False
@@ -22,7 +21,7 @@ def init(app, config, hal, fw):
     app._pbase = 0  # boot ms at the pipeline's t_rel == 0
     app._phi = 0  # ... as the clock's (ms_hi, ms_lo): t_rel from small ints only
     app._plo = 0
-    app._chans = []  # (HAL channel id, wire channel) sampled
+    app._chans = _config.channel_map(app.cfg)  # (name, wire channel); boot(): (HAL channel id, wire channel)
     app._raw = True
     app._every = 1
     app._n = 0  # sampling rounds mod raw.every
@@ -58,7 +57,7 @@ def boot(app):
     app._phi = app.clock.ms_hi
     app._plo = app.clock.ms_lo
     app._sync_pipeline()
-    app._chans = [(_hal.CHANNELS[nm], num) for nm, num in app._chmap]
+    app._chans = [(_hal.CHANNELS[nm], num) for nm, num in app._chans]
     app._raw = cfg["raw"]["send"]
     app._every = cfg["raw"]["every"]
     app._n = 0

@@ -19,10 +19,19 @@ class ConfigError(ValueError):
         self.reason = reason
 
 
-_CHANNELS = ("temp", "hum", "pot")
+try:
+    from micropython import const
+except ImportError:
+    def const(x):
+        return x
+
+# RAM: the tables are const tuples: their strings are not interned (qstrs stay for good after
+# this module is unloaded; docs/firmware.md, "RAM")
+_CHANNELS = const(("temp", "hum", "pot"))
+_KNOWN = const("temp, hum, pot")
 
 # (section, key, kind, default, lo, hi); kind: int, bool, str
-_FIELDS = (
+_FIELDS = const((
     ("broker", "port", "int", 1883, 1, 65535),
     ("broker", "keepalive_s", "int", 30, 5, 600),
     ("broker", "timeout_ms", "int", 5000, 500, 60000),
@@ -44,55 +53,24 @@ _FIELDS = (
     ("clock", "ntp_every_s", "int", 3600, 0, 604800),
     ("clock", "use_beacon", "bool", True, None, None),
     ("clock", "max_step_ms", "int", 1000, 10, 86400000),
-)
-_TOP = (
+))
+_TOP = const((
     ("prefix", "str", "edgeflow", 1, 64),
     ("sample_ms", "int", 1000, 10, 3600000),
     ("status_every_s", "int", 60, 0, 86400),
     ("watchdog_ms", "int", 30000, 0, 600000),
     ("insecure", "bool", False, None, None),
-)
-_SECTIONS = ("broker", "wifi", "raw", "outbox", "uplink", "clock")
-_PASS = {"window": (dict,), "rules": (list,), "anomaly": (dict,), "ring": (dict, int), "count_window": (int,)}
-
-
-def _hosts(v, port):
-    """broker.hosts: up to 8 of "host" or "host:port" -> [[host, port], ...] (after broker.host)."""
-    if v is None:
-        return []
-    if not isinstance(v, list) or len(v) > 8:
-        raise ConfigError("broker.hosts", "must be a list of at most 8 \"host\" or \"host:port\" (got %r)" % (v,))
-    out = []
-    for i, h in enumerate(v):
-        where = "broker.hosts[%d]" % i
-        if isinstance(h, list) and len(h) == 2 and isinstance(h[0], str) and _is_int(h[1]):
-            h = "%s:%d" % (h[0], h[1])  # the loaded form [host, port]: a loaded config loads again
-        if not isinstance(h, str):
-            raise ConfigError(where, "must be a string (got %r)" % (h,))
-        p = port
-        k = h.rfind(":")
-        if k >= 0:
-            try:
-                p = int(h[k + 1:])
-            except ValueError:
-                p = 0
-            h = h[:k]
-            if not 1 <= p <= 65535:
-                raise ConfigError(where, "port must be 1..65535 (got %r)" % (v[i],))
-        if not h or len(h) > 253:
-            raise ConfigError(where, "must be a host name or IP address (got %r)" % (v[i],))
-        if [h, p] not in out:
-            out.append([h, p])
-    return out
-
-
-def _is_int(v):
-    return isinstance(v, int) and not isinstance(v, bool)
+))
+_SECTIONS = const(("broker", "wifi", "raw", "outbox", "uplink", "clock"))
+# sections the pipeline checks: (name, JSON types allowed: 1 object, 2 array, 4 integer, message)
+_PASS = const((("window", 1, "must be a JSON object"), ("rules", 2, "must be a JSON array"),
+               ("anomaly", 1, "must be a JSON object"), ("ring", 5, "must be a JSON object or integer"),
+               ("count_window", 4, "must be a JSON integer")))
 
 
 def _check(path, v, kind, lo, hi):
     if kind == "int":
-        if not _is_int(v):
+        if not isinstance(v, int) or isinstance(v, bool):
             raise ConfigError(path, "must be an integer (got %r)" % (v,))
         if v < lo or v > hi:
             raise ConfigError(path, "must be %d..%d (got %d)" % (lo, hi, v))
@@ -121,7 +99,7 @@ def load(src):
     for k in src:
         if not isinstance(k, str):
             raise ConfigError(repr(k), "keys must be strings")
-        if k.startswith("_") or k == "device_id" or k in _SECTIONS or k in _PASS:
+        if k.startswith("_") or k == "device_id" or k in _SECTIONS or k in [t[0] for t in _PASS]:
             continue
         known = False
         for t in _TOP:
@@ -146,7 +124,7 @@ def load(src):
         try:
             auth.parse_key(key)
         except ValueError:
-            raise ConfigError("ack_key", "must be 64 hex characters (got %r)" % (key if not isinstance(key, str) else "%d chars" % len(key),))
+            raise ConfigError("ack_key", "must be 64 hex characters (got %r)" % (key if not isinstance(key, str) else "%d characters" % len(key),))
         cfg["ack_key"] = key
     for key, kind, default, lo, hi in _TOP:
         cfg[key] = _check(key, src.get(key, default), kind, lo, hi)
@@ -173,7 +151,31 @@ def load(src):
     for sec, key, kind, default, lo, hi in _FIELDS:
         cfg[sec][key] = _check(sec + "." + key, src.get(sec, {}).get(key, default), kind, lo, hi)
     b = src.get("broker", {})
-    hosts = _hosts(b.get("hosts"), cfg["broker"]["port"])
+    # broker.hosts: up to 8 of "host" or "host:port" -> [[host, port], ...] (after broker.host)
+    v = b.get("hosts")
+    hosts = []
+    if v is not None and (not isinstance(v, list) or len(v) > 8):
+        raise ConfigError("broker.hosts", "must be a list of at most 8 \"host\" or \"host:port\" (got %r)" % (v,))
+    for i, h in enumerate(v or ()):
+        where = "broker.hosts[%d]" % i
+        if isinstance(h, list) and len(h) == 2 and isinstance(h[0], str) and isinstance(h[1], int) and not isinstance(h[1], bool):
+            h = h[0] + ":" + str(h[1])  # the loaded form [host, port]: a loaded config loads again
+        if not isinstance(h, str):
+            raise ConfigError(where, "must be a string (got %r)" % (h,))
+        p = cfg["broker"]["port"]
+        k = h.rfind(":")
+        if k >= 0:
+            try:
+                p = int(h[k + 1:])
+            except ValueError:
+                p = 0
+            h = h[:k]
+            if not 1 <= p <= 65535:
+                raise ConfigError(where, "port must be 1..65535 (got %r)" % (v[i],))
+        if not h or len(h) > 253:
+            raise ConfigError(where, "must be a host name or IP address (got %r)" % (v[i],))
+        if [h, p] not in hosts:
+            hosts.append([h, p])
     host = b.get("host")
     if host is None and hosts:  # no broker.host: the first of the list (and its port)
         host, cfg["broker"]["port"] = hosts[0]
@@ -185,12 +187,37 @@ def load(src):
     cfg["broker"]["hosts"] = [first] + [h for h in hosts if h != first]
     for k in ("user", "password"):
         if k in b:
-            cfg["broker"][k] = _check("broker." + k, b[k], "str", 0, 128)
+            cfg["broker"][k] = _check("broker" + "." + k, b[k], "str", 0, 128)
     cid = b.get("client_id", dev)
     cfg["broker"]["client_id"] = _check("broker.client_id", cid, "str", 1, 64)
-    _check_tls(cfg, b)
+    # broker.tls = {"ca": "/ca.pem", "server_hostname": "name in the broker certificate"}.
+    # Secure by default: TLS and MQTT credentials are required unless "insecure": true.
+    bt = "broker" + "." + "tls"
+    t = b.get("tls")
+    if t is not None:
+        if not isinstance(t, dict):
+            raise ConfigError(bt, "must be an object {ca, server_hostname}")
+        for k in t:
+            if k not in ("ca", "server_hostname"):
+                raise ConfigError(bt + "." + str(k), "unknown field (typo?)")
+        ca = _check("broker.tls.ca", t.get("ca"), "str", 2, 64) if "ca" in t else None
+        if ca is None or ca[0] != "/" or ".." in ca:
+            raise ConfigError("broker.tls.ca", "must be the CA file's path on the board, like \"/ca.pem\" (got %r)"
+                              % (ca,))
+        name = _check("broker.tls.server_hostname", t.get("server_hostname", cfg["broker"]["host"]), "str", 1, 253)
+        cfg["broker"]["tls"] = {"ca": ca, "server_hostname": name}
+    if not cfg["insecure"]:
+        if t is None:
+            raise ConfigError(bt, "is required (TLS to the broker; edgeflow-provision writes it) "
+                              "unless \"insecure\": true")
+        if not b.get("user") or not b.get("password"):
+            raise ConfigError("broker.user", "user and password are required (edgeflow-provision) "
+                              "unless \"insecure\": true")
+        if "ack_key" not in cfg:
+            raise ConfigError("ack_key", "is required (authenticated acks; edgeflow-provision writes it) "
+                              "unless \"insecure\": true")
     w = src.get("wifi", {})
-    cfg["wifi"]["ssid"] = _check("wifi.ssid", w.get("ssid", ""), "str", 0, 32)
+    cfg["wifi"]["ssid"] = _check("wifi" + "." + "ssid", w.get("ssid", ""), "str", 0, 32)
     pw = _check("wifi.password", w.get("password", ""), "str", 0, 64)
     if pw and len(pw) < 8:
         raise ConfigError("wifi.password", "must be empty (open network) or 8..64 characters")
@@ -200,7 +227,7 @@ def load(src):
         raise ConfigError("outbox.segment_bytes", "must be at most half of outbox.max_bytes (%d)" % ob["max_bytes"])
     for c in ob["dir"]:
         if c not in wire._ID_CHARS:
-            raise ConfigError("outbox.dir", "must be a plain name of A-Z a-z 0-9 _ - (got %r)" % ob["dir"])
+            raise ConfigError("outbox" + "." + "dir", "must be a plain name of A-Z a-z 0-9 _ - (got %r)" % ob["dir"])
     up = cfg["uplink"]
     if up["backoff_cap_ms"] < up["backoff_base_ms"]:
         raise ConfigError("uplink.backoff_cap_ms", "must be >= uplink.backoff_base_ms")
@@ -209,92 +236,52 @@ def load(src):
         # {name: channel number on the wire}; names are the sensors the HAL knows
         for nm in chans:
             if nm not in _CHANNELS:
-                raise ConfigError("channels." + str(nm), "unknown channel (known: %s)" % ", ".join(_CHANNELS))
-            _check("channels." + nm, chans[nm], "int", 0, 255)
+                raise ConfigError("channels" + "." + str(nm), "unknown channel (known: %s)" % _KNOWN)
+            _check("channels" + "." + nm, chans[nm], "int", 0, 255)
         if not chans:
             raise ConfigError("channels", "no channel")
         cfg["channels"] = dict(chans)
     else:
         if not isinstance(chans, list) or not chans:
-            raise ConfigError("channels", "must be a non-empty list of %s (or a {name: number} map)" % ", ".join(_CHANNELS))
+            raise ConfigError("channels", "must be a non-empty list of %s (or a {name: number} map)" % _KNOWN)
         seen = []
         for i in range(len(chans)):
             c = chans[i]
             if c not in _CHANNELS:
-                raise ConfigError("channels[%d]" % i, "unknown channel %r (known: %s)" % (c, ", ".join(_CHANNELS)))
+                raise ConfigError("channels[%d]" % i, "unknown channel %r (known: %s)" % (c, _KNOWN))
             if c in seen:
                 raise ConfigError("channels[%d]" % i, "duplicate channel %r" % c)
             seen.append(c)
         cfg["channels"] = seen
-    for k in _PASS:
+    for k, types, msg in _PASS:
         if k in src:
             v = src[k]
-            ok = False
-            for t in _PASS[k]:
-                if isinstance(v, t) and not isinstance(v, bool):
-                    ok = True
-            if not ok:
-                raise ConfigError(k, "must be a JSON %s" % " or ".join(
-                    ["array" if t is list else "object" if t is dict else "integer" for t in _PASS[k]]))
+            if isinstance(v, bool) or not ((types & 1 and isinstance(v, dict)) or (types & 2 and isinstance(v, list))
+                                           or (types & 4 and isinstance(v, int))):
+                raise ConfigError(k, msg)
             cfg[k] = v
     for k in src:
         if k.startswith("_"):
             cfg[k] = src[k]
-    _check_pipeline(cfg)
+    # the edge pipeline validates its own sections (window, rules, anomaly, ...): build it once
+    try:
+        from firmware.pipeline import Pipeline
+    except ImportError:
+        return cfg
+    try:
+        Pipeline(cfg, lambda *a: None)
+    except ValueError as e:
+        path = getattr(e, "rule_id", None) or "pipeline"
+        if path not in ("window", "rules", "anomaly", "ring", "count_window", "channels") and "." not in path:
+            path = "rules" + "." + path  # a rule id
+        raise ConfigError(path, getattr(e, "reason", str(e)))
     return cfg
-
-
-def _check_tls(cfg, b):
-    """broker.tls = {"ca": "/ca.pem", "server_hostname": "name in the broker certificate"}.
-    Secure by default: TLS and MQTT credentials are required unless "insecure": true."""
-    t = b.get("tls")
-    if t is not None:
-        if not isinstance(t, dict):
-            raise ConfigError("broker.tls", "must be an object {ca, server_hostname}")
-        for k in t:
-            if k not in ("ca", "server_hostname"):
-                raise ConfigError("broker.tls." + str(k), "unknown field (typo?)")
-        ca = _check("broker.tls.ca", t.get("ca"), "str", 2, 64) if "ca" in t else None
-        if ca is None or ca[0] != "/" or ".." in ca:
-            raise ConfigError("broker.tls.ca", "must be the CA file's path on the board, like \"/ca.pem\" (got %r)"
-                              % (ca,))
-        name = _check("broker.tls.server_hostname", t.get("server_hostname", cfg["broker"]["host"]), "str", 1, 253)
-        cfg["broker"]["tls"] = {"ca": ca, "server_hostname": name}
-    if not cfg["insecure"]:
-        if t is None:
-            raise ConfigError("broker.tls", "is required (TLS to the broker; edgeflow-provision writes it) "
-                              "unless \"insecure\": true")
-        if not b.get("user") or not b.get("password"):
-            raise ConfigError("broker.user", "user and password are required (edgeflow-provision) "
-                              "unless \"insecure\": true")
-        if "ack_key" not in cfg:
-            raise ConfigError("ack_key", "is required (authenticated acks; edgeflow-provision writes it) "
-                              "unless \"insecure\": true")
 
 
 def channel_map(cfg):
     """[(name, wire channel number)] of a loaded config."""
     ch = cfg["channels"]
     if isinstance(ch, dict):
-        return sorted(ch.items(), key=lambda kv: kv[1])
+        return [(nm, n) for n, nm in sorted((n, nm) for nm, n in ch.items())]
     from firmware.hal import CHANNELS
     return [(nm, CHANNELS[nm]) for nm in ch]
-
-
-def _check_pipeline(cfg):
-    """The edge pipeline validates its own sections (window, rules, anomaly, ...): build it once."""
-    try:
-        from firmware.pipeline import Pipeline
-    except ImportError:
-        return
-    try:
-        Pipeline(cfg, _ignore)
-    except ValueError as e:
-        path = getattr(e, "rule_id", None) or "pipeline"
-        if path not in ("window", "rules", "anomaly", "ring", "count_window", "channels") and "." not in path:
-            path = "rules." + path  # a rule id
-        raise ConfigError(path, getattr(e, "reason", str(e)))
-
-
-def _ignore(*a):
-    pass

@@ -11,7 +11,6 @@ class CountWindow:
         self.n = n
         self.sink = sink
         self.agg = Agg()
-        self.closed = 0
 
     def add(self, v, t):
         self.agg.add(v, t)
@@ -21,7 +20,6 @@ class CountWindow:
     def close(self):
         if self.agg.n == 0:
             return
-        self.closed += 1
         self.sink.on_count_window(self)
         self.agg.reset()
 

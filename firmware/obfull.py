@@ -24,6 +24,7 @@ _PC = const(6)
 _PB = const(10)
 _MAGIC = const(0xA5)
 _PAYSZ = const(18)
+_PN = const(2)  # firmware.outbox: Outbox._pend[_PN], records in the RAM batch
 
 
 def _add_range(drops, boot, first, n):
@@ -189,7 +190,7 @@ def compact(ob, seg, q, need=0):
     for gb in sorted(drops):
         emit_gap_ranges(ob, gb, _coalesce(drops[gb]))
     ob.flush()
-    if ob._pend_n:
+    if ob._pend[_PN]:
         ob._rm(tmp)
         return False  # flash refuses writes: keep everything, refuse the new record
     # 2. the survivors replace the group

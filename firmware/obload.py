@@ -23,6 +23,9 @@ _COUNT = const(4)
 _BYTES = const(5)
 _NUM = const(0)
 _KGAP = const(6)  # shared.wire.KIND_GAP
+_PUSED = const(0)  # firmware.outbox: Outbox._pend
+_PFL = const(1)
+_PN = const(2)
 
 
 def init(ob, fs, boot, dir, max_bytes, seg_bytes, batch_records, batch_ms, ack_persist_ms, live_max):
@@ -45,12 +48,9 @@ def init(ob, fs, boot, dir, max_bytes, seg_bytes, batch_records, batch_ms, ack_p
     ob._af = None  # its file, kept open: a batch is write + flush (sync), not open/close
     ob._next_num = 0
     # RAM batch (not yet on flash): frames and reading entries (firmware/outbox.py) in
-    # _buf[:_pend_bytes], _pend_fl bytes once on flash; 14 bytes per reading + 128
+    # _buf[:_pend[0]], _pend[1] bytes once on flash; 14 bytes per reading + 128
     ob._buf = bytearray(batch_records * 14 + 128)
-    ob._pend_bytes = 0
-    ob._pend_fl = 0
-    ob._pend_n = 0
-    ob._pend_since = None  # now_ms of the batch's first record; -1: set by the next tick
+    ob._pend = [0, 0, 0, None]  # used, on flash, records, now_ms of the first (-1: set by the next tick)
     ob._ack_dirty = False
     ob._ack_at = None
     ob.flushes = 0
@@ -94,7 +94,7 @@ def highest_boot(fs, dir="ob"):
     best = 0
     for num in nums[-4:]:  # the newest few (a torn or empty newest file is skipped)
         try:
-            f = fs.open("%s/s%08d" % (dir, num), "rb")
+            f = fs.open("%s/%s%08d" % (dir, "s", num), "rb")
         except OSError:
             continue
         try:
@@ -191,9 +191,9 @@ def oldest(ob):
 def floor(ob):
     """Outbox.floor: oldest(), or the first record of the RAM batch when that is older."""
     b, s = oldest(ob)
-    if ob._pend_n and b == ob.boot:
+    if ob._pend[_PN] and b == ob.boot:
         buf = ob._buf  # its first record: a frame, or a reading entry (firmware/outbox.py)
-        p = struct.unpack_from(">I", buf, 7)[0] if buf[0] == _MAGIC else ob.seq - ob._pend_n
+        p = struct.unpack_from(">I", buf, 7)[0] if buf[0] == _MAGIC else ob.seq - ob._pend[_PN]
         if p < s:
             s = p
     return b, s
@@ -202,7 +202,7 @@ def floor(ob):
 def unacked(ob):
     """Approximate number of stored records not yet acked (exact unless a segment is
     partially acked and has holes from a compaction)."""
-    n = ob._pend_n
+    n = ob._pend[_PN]
     for s in ob.segs:
         a = ob.acked.get(s[_BOOT], -1)
         if a >= s[_LAST]:
@@ -248,7 +248,7 @@ def write_failed(ob, cur):
             cur[_BYTES] = ob.fs.stat_size(ob._name(cur[_NUM]))
         except OSError:
             pass
-    if ob._pend_n > 4 * ob.batch_records:
+    if ob._pend[_PN] > 4 * ob.batch_records:
         drop_pending(ob)
         from firmware.hal import unload
         unload("firmware.obfull")  # its gap records (emit_gaps)
@@ -258,12 +258,12 @@ def write_failed(ob, cur):
 def drop_pending(ob):
     """Flash keeps failing: drop the RAM batch (except gap records) and account for it."""
     buf = ob._buf
-    size = ob._pend_bytes
+    size = ob._pend[_PUSED]
     seqs = []
     out = 0
     kept = 0
     off = 0
-    q = ob.seq - ob._pend_n  # the first record's seq, if it is a reading entry
+    q = ob.seq - ob._pend[_PN]  # the first record's seq, if it is a reading entry
     while off < size:
         if buf[off] != _MAGIC:  # a reading entry (firmware/outbox.py): its seq follows
             seqs.append(q)
@@ -281,7 +281,7 @@ def drop_pending(ob):
             seqs.append(q)
         off += fl
         q += 1
-    ob._pend_bytes = ob._pend_fl = out
-    ob._pend_n = kept
+    ob._pend[_PUSED] = ob._pend[_PFL] = out
+    ob._pend[_PN] = kept
     ob.dropped += len(seqs)
     emit_gaps(ob, ob.boot, seqs)

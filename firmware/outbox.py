@@ -63,6 +63,12 @@ _COUNT = const(4)
 _BYTES = const(5)
 _PC = const(6)
 _PB = const(10)
+# the RAM batch: Outbox._pend = [bytes used in _buf, bytes once on flash, records, now_ms of
+# the first record (None: empty; -1: set by the next tick)] (one name, RAM)
+_PUSED = const(0)
+_PFL = const(1)
+_PN = const(2)
+_PSINCE = const(3)
 
 
 def Seg(num, boot):
@@ -99,8 +105,9 @@ class Outbox:
 
     def _x(self, mod, fn, *a):
         """Rarely run code: fn of firmware.<mod> on self, the module unloaded after."""
-        r = getattr(__import__("firmware." + mod, None, None, ("x",)), fn)(self, *a)
-        unload("firmware." + mod)
+        mod = "firmware" + "." + mod
+        r = getattr(__import__(mod, None, None, ("x",)), fn)(self, *a)
+        unload(mod)
         return r
 
     def load(self):
@@ -118,8 +125,8 @@ class Outbox:
         """Approximate number of stored records not yet acked (firmware/obload.py)."""
         return self._x("obload", "unacked")
 
-    def _name(self, num, pre="s"):
-        return "%s/%s%08d" % (self.dir, pre, num)
+    def _name(self, num, prefix="s"):
+        return "%s/%s%08d" % (self.dir, prefix, num)
 
     def _rm(self, path):
         try:
@@ -130,17 +137,17 @@ class Outbox:
     # ------------------------------------------------------------ append / flush
 
     def total_bytes(self):
-        n = self._pend_fl
+        n = self._pend[_PFL]
         for s in self.segs:
             n += s[_BYTES]
         return n
 
     def pending(self):
         """Records in the RAM batch (not yet on flash)."""
-        return self._pend_n
+        return self._pend[_PN]
 
     def stored_records(self):
-        n = self._pend_n
+        n = self._pend[_PN]
         for s in self.segs:
             n += s[_COUNT]
         return n
@@ -166,15 +173,16 @@ class Outbox:
         struct.pack_into(">BHIIqBB", buf, off, _MAGIC, size - 7, self.boot, seq, t, kind, flags)
         buf[off + 21:off + size - 4] = bb
         self.seq = seq + 1
-        self._pend_bytes = off + size
-        self._pend_fl += size
-        self._pend_n += 1
-        if self._pend_since is None:
-            self._pend_since = now_ms
+        p = self._pend
+        p[_PUSED] = off + size
+        p[_PFL] += size
+        p[_PN] += 1
+        if p[_PSINCE] is None:
+            p[_PSINCE] = now_ms
         if self._hold:  # gap records of a compaction: one synced append per full buffer
-            if self._pend_bytes >= self.batch_records * _RFRAME:
+            if p[_PUSED] >= self.batch_records * _RFRAME:
                 self.flush()
-        elif prio >= 2 or self._pend_n >= self.batch_records:
+        elif prio >= 2 or p[_PN] >= self.batch_records:
             self.flush()
         return seq
 
@@ -186,7 +194,8 @@ class Outbox:
         if not self._make_room(_RFRAME, 0):
             self.refused += 1
             return None
-        off = self._pend_bytes
+        p = self._pend
+        off = p[_PUSED]
         if off + _RENT > len(self._buf):
             off = self._reserve(_RENT)
         x = tb[3] + (lo & 0xFFFF)
@@ -200,19 +209,19 @@ class Outbox:
         # a reading entry, t as four big-endian u16 limbs (small ints only)
         struct.pack_into(">HHHHBBi", self._buf, off, l0, l1, l2, l3, flags, ch, value)
         self.seq = seq + 1
-        self._pend_bytes = off + _RENT
-        self._pend_fl += _RFRAME
-        self._pend_n += 1
-        if self._pend_since is None:
-            self._pend_since = -1  # the batch's age counts from the next tick()
-        if self._pend_n >= self.batch_records:
+        p[_PUSED] = off + _RENT
+        p[_PFL] += _RFRAME
+        p[_PN] += 1
+        if p[_PSINCE] is None:
+            p[_PSINCE] = -1  # the batch's age counts from the next tick()
+        if p[_PN] >= self.batch_records:
             self.flush()
         return seq
 
     def _reserve(self, nbytes):
         """Offset for nbytes more in the RAM batch, growing the buffer when needed (rare:
         flash write errors, big records)."""
-        off = self._pend_bytes
+        off = self._pend[_PUSED]
         if off + nbytes > len(self._buf):
             nb = bytearray(max(2 * len(self._buf), off + nbytes))
             nb[0:off] = self._buf[0:off]
@@ -221,10 +230,11 @@ class Outbox:
 
     def tick(self, now_ms):
         """Call periodically: flushes an old batch, persists ack positions."""
-        if self._pend_n:
-            s = self._pend_since
+        p = self._pend
+        if p[_PN]:
+            s = p[_PSINCE]
             if s == -1:
-                s = self._pend_since = now_ms
+                s = p[_PSINCE] = now_ms
             if s is None or now_ms - s >= self.batch_ms:
                 self.flush()
         if self._ack_dirty and (self._ack_at is None or now_ms - self._ack_at >= self.ack_persist_ms):
@@ -234,11 +244,12 @@ class Outbox:
     def flush(self):
         """Append the RAM batch to the current segment (writes + flush). Returns the number of
         records written, -1 on a write error (the batch stays in RAM and is retried)."""
-        n = self._pend_n
+        p = self._pend
+        n = p[_PN]
         if not n:
             return 0
-        size = self._pend_bytes
-        fsz = self._pend_fl  # bytes on flash
+        size = p[_PUSED]
+        fsz = p[_PFL]  # bytes on flash
         buf = self._buf
         cur = self._cur
         if cur is None or cur[_BYTES] + fsz > self.seg_bytes:
@@ -303,10 +314,8 @@ class Outbox:
                 seg_add(cur, q, 0, _RFRAME)
                 off += _RENT
             q += 1
-        self._pend_bytes = 0
-        self._pend_fl = 0
-        self._pend_n = 0
-        self._pend_since = None
+        p[_PUSED] = p[_PFL] = p[_PN] = 0
+        p[_PSINCE] = None
         if len(buf) > self.batch_records * _RENT + _SLACK:
             self._buf = bytearray(self.batch_records * _RENT + _SLACK)
         self.flushes += 1

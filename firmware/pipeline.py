@@ -53,11 +53,11 @@ class Pipeline:
         """New meaning of relative time 0: epoch ms (synced) or boot ms (unsynced). Open windows
         close first, under the old base and flags; shift_ms: how far the relative origin itself
         moves (firmware/pconf.py, rarely run: unloaded after)."""
-        _conf("set_base", self, base_ms, synced, shift_ms)
+        _conf("set_base", self, "firmware.pconf", base_ms, synced, shift_ms)
 
     def rebase(self, new_base_ms):
         """Same clock, new origin (pconf.rebase); call it before relative times reach 2**29 ms."""
-        _conf("rebase", self, new_base_ms)
+        _conf("rebase", self, "firmware.pconf", new_base_ms)
 
     # ------------------------------------------------------------ per sample
 
@@ -128,18 +128,19 @@ class Pipeline:
 
     def stats(self):
         """Counters for the status record and the console (allocates: not per sample)."""
-        return _conf("stats", self)
+        return _conf("stats", self, "firmware.prules")
 
     def latest(self, ch):
         """(t_rel, value) of the newest sample of a channel (needs a ring), or None."""
-        return _conf("latest", self, ch)
+        return _conf("latest", self, "firmware.prules", ch)
 
 
-def _conf(name, *a):
-    # rarely run pipeline code lives in firmware/pconf.py (with the config parsing): loaded
-    # for the call, unloaded after on MicroPython (RAM)
-    from firmware import pconf
+def _conf(name, p, mod, *a):
+    # rarely run pipeline code lives in firmware/pconf.py (with the config parsing) or
+    # firmware/prules.py: loaded for the call, unloaded after on MicroPython (RAM)
+    m = __import__(mod, None, None, ("x",))
     try:
-        return getattr(pconf, name)(*a)
+        return getattr(m, name)(p, *a)
     finally:
-        unload("firmware.pconf")
+        unload(mod)
+        unload("firmware.pconf")  # prules imports it

@@ -1,9 +1,111 @@
-# Parsers of the pipeline's rules and detectors (boot only): firmware/cep.py and
-# firmware/anomaly.py hold the classes that run, these build them from the config. Loaded only
-# when the config has rules or detectors; the board unloads it after boot (RAM).
+# Parsers of the pipeline's optional parts (boot only): rings, count windows, rules and
+# detectors (firmware/cep.py and firmware/anomaly.py hold the classes that run, these build them
+# from the config), and the pipeline's stats. Loaded only when the config has some (or for
+# stats); the board unloads it after boot (RAM).
 from shared import wire_dev as wire  # the device side of the contract
 from firmware.pipeline import ConfigError
-from firmware.pconf import need, fixed, integer, channel_mask
+from firmware.pconf import integer
+
+_DEFAULT_RING = 64  # capacity when the config has a "ring" section without one
+
+
+def extras(p, config, w):
+    """Pipeline set-up (firmware/pconf.py) of the optional parts: per-channel rings, count
+    windows, rules and detectors."""
+    cw = config.get("count_window")
+    if cw is not None:
+        cw = integer(config, "count_window", "count_window", None, 1, 1000000)
+    elif "count" in w:  # same thing inside the "window" section of the device config
+        cw = integer(w, "count", "window", None, 1, 1000000)
+    # no ring unless the config asks for one: nothing on the device reads it (Pipeline.latest
+    # is for tests and tools), 8 bytes per slot and channel plus firmware/ring.py (RAM)
+    ring = config.get("ring")
+    rcap = 0
+    if isinstance(ring, dict):
+        rcap = integer(ring, "capacity", "ring", _DEFAULT_RING, 1, 4096)
+    elif ring is not None:
+        rcap = integer(config, "ring", "ring", _DEFAULT_RING, 1, 4096)
+    if rcap:
+        from firmware.ring import TimedRing
+    if cw is not None:
+        from firmware.cwindow import CountWindow
+    for n in p.channels.values():
+        if rcap:
+            p.rings[n] = TimedRing(rcap)
+        if cw is not None:
+            p.cwindows[n] = CountWindow(n, cw, p)
+    nch = p.nch
+    if config.get("rules") not in (None, []):
+        from firmware.cep import Absence
+        p.rules = load_rules(config.get("rules"), p.channels, p)
+        for r in p.rules:
+            for n in range(nch):
+                if r.mask & (1 << n):
+                    p.by_ch[n].append(r)
+            if isinstance(r, Absence):
+                p.absence.append(r)
+    p.detectors = []  # also in p.det_by_ch (tests read this list)
+    if config.get("anomaly") not in (None, {}):
+        p.detectors = load_anomaly(config.get("anomaly"), p.channels, p)
+    for d in p.detectors:
+        p.det_by_ch[d.ch].append(d)
+
+
+def need(d, key, rid):
+    if key not in d:
+        raise ConfigError(rid, "missing field '%s'" % key)
+    return d[key]
+
+
+def fixed(d, key, rid, default=None):
+    """Natural-unit number -> fixed point int (x wire.SCALE), int32."""
+    if key not in d:
+        if default is None:
+            raise ConfigError(rid, "missing field '%s'" % key)
+        return default
+    x = d[key]
+    if not (isinstance(x, int) or isinstance(x, float)) or isinstance(x, bool):
+        raise ConfigError(rid, "'%s' must be a number, got %r" % (key, x))
+    if x != x or x * wire.SCALE > wire.I32_MAX or x * wire.SCALE < wire.I32_MIN:
+        raise ConfigError(rid, "'%s' out of the int32 fixed-point range: %r" % (key, x))
+    return int(round(x * wire.SCALE))  # in the int32 range (checked above)
+
+
+def channel_mask(d, key, rid, channels, single=False):
+    """Channel name or list of names -> bit mask over channel numbers."""
+    names = need(d, key, rid)
+    if isinstance(names, str):
+        names = [names]
+    if not isinstance(names, list) or not names or (single and len(names) != 1):
+        raise ConfigError(rid, "'%s' must be %s" % (key, "one channel name" if single else "a channel name or a list of them"))
+    m = 0
+    for nm in names:
+        if not isinstance(nm, str) or nm not in channels:
+            raise ConfigError(rid, "unknown channel %r" % (nm,))
+        m |= 1 << channels[nm]
+    return m
+
+
+def stats(p):
+    """Counters for the status record and the console (allocates: not per sample)."""
+    ow = 0
+    for r in p.rings:
+        if r is not None:
+            ow += r.overwritten
+    sup = 0
+    for ds in p.det_by_ch:
+        for d in ds:
+            sup += d.suppressed
+    return {"late": p.late, "unknown": p.unknown, "emitted": p.emitted, "overwritten": ow,
+            "suppressed": sup, "matches": dict((r.id, r.matches) for r in p.rules)}
+
+
+def latest(p, ch):
+    """(t_rel, value) of the newest sample of a channel, or None."""
+    r = p.rings[ch] if 0 <= ch < p.nch else None
+    if r is None or r.n == 0:
+        return None
+    return r.latest_t(0), r.latest_v(0)
 
 _OPS = {">": 0, ">=": 1, "<": 2, "<=": 3}
 

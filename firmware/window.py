@@ -19,13 +19,27 @@ _SQ_FAST = const(23170)  # a*a < 2**29 below this
 _TMIN = const(-0x20000000)
 
 
+# Agg.limbs: sum of d = [_S1] * 2**24 + [_S0], |[_S0]| < 2**24 after each sample; sum of d*d =
+# [_Q2] * 2**30 + [_Q1] * 2**15 + [_Q0] (a list: one name, RAM)
+_S0 = const(0)
+_S1 = const(1)
+_Q0 = const(2)
+_Q1 = const(3)
+_Q2 = const(4)
+
+
 def isqrt(n):
     """floor(sqrt(n)) for an int n >= 0, by integer Newton steps (no float)."""
     if n < 0:
         raise ValueError("isqrt of a negative number")
     if n < 2:
         return n
-    x = 1 << ((_bitlen(n) + 1) >> 1)
+    b = 0  # bit length of n
+    x = n
+    while x:
+        x >>= 1
+        b += 1
+    x = 1 << ((b + 1) >> 1)
     while True:
         y = (x + n // x) >> 1
         if y >= x:
@@ -33,93 +47,81 @@ def isqrt(n):
         x = y
 
 
-def _bitlen(n):
-    b = 0
-    while n:
-        n >>= 1
-        b += 1
-    return b
-
-
 class Agg:
     """Window aggregate: count, min, max, mean, std, first/last event time."""
 
     def __init__(self):
+        self.limbs = [0, 0, 0, 0, 0]
         self.reset()
 
     def reset(self):
         self.n = 0
-        self.v0 = 0  # first value: the reference of d
-        self.mn = 0
-        self.mx = 0
+        self.first = 0  # first value: the reference of d
+        self.min = 0
+        self.max = 0
         self.t0 = 0  # earliest event time seen
         self.t1 = 0  # latest event time seen
-        self.s0 = 0  # sum of d = s1 * 2**24 + s0, |s0| < 2**24 after each sample
-        self.s1 = 0
-        self.q0 = 0  # sum of d*d = q2 * 2**30 + q1 * 2**15 + q0
-        self.q1 = 0
-        self.q2 = 0
+        sq = self.limbs
+        for i in range(5):
+            sq[i] = 0
 
     def add(self, v, t):
         n = self.n
         if n == 0:
             self.n = 1
-            self.v0 = v
-            self.mn = v
-            self.mx = v
+            self.first = v
+            self.min = v
+            self.max = v
             self.t0 = t
             self.t1 = t
             return
         self.n = n + 1
-        if v < self.mn:
-            self.mn = v
-        elif v > self.mx:
-            self.mx = v
+        if v < self.min:
+            self.min = v
+        elif v > self.max:
+            self.max = v
         if t < self.t0:
             self.t0 = t
         elif t > self.t1:
             self.t1 = t
-        d = v - self.v0
-        s = self.s0 + d
+        d = v - self.first
+        sq = self.limbs
+        s = sq[_S0] + d
         if s >= _L24 or s <= -_L24:
             c = s >> 24
-            self.s1 += c
+            sq[_S1] += c
             s -= c << 24
-        self.s0 = s
+        sq[_S0] = s
         a = -d if d < 0 else d
         if a < _SQ_FAST:
-            q = self.q0 + a * a
+            q = sq[_Q0] + a * a
             if q >= _L29:
-                q1 = self.q1 + (q >> 15)
+                q1 = sq[_Q1] + (q >> 15)
                 q &= _M15
                 if q1 >= _L29:
-                    self.q2 += q1 >> 15
+                    sq[_Q2] += q1 >> 15
                     q1 &= _M15
-                self.q1 = q1
-            self.q0 = q
-        else:
-            self._add_big(a)
-
-    def _add_big(self, a):
+                sq[_Q1] = q1
+            sq[_Q0] = q
+            return
         # a*a = h*h*2**30 + 2*h*l*2**15 + l*l with 15-bit halves; every step stays < 2**30.
         h = a >> 15
         lo = a & _M15
-        q = self.q0
-        q1 = self.q1 + (q >> 15)
+        q = sq[_Q0]
+        q1 = sq[_Q1] + (q >> 15)
         q = (q & _M15) + lo * lo
         q1 += q >> 15
-        self.q0 = q & _M15
-        q2 = self.q2 + (q1 >> 15)
+        sq[_Q0] = q & _M15
+        q2 = sq[_Q2] + (q1 >> 15)
         q1 = (q1 & _M15) + 2 * h * lo
         q2 += q1 >> 15
-        self.q1 = q1 & _M15
-        self.q2 = q2 + h * h
+        sq[_Q1] = q1 & _M15
+        sq[_Q2] = q2 + h * h
 
     def sums(self):
         """(sum of d, sum of d*d) as exact ints (may be long ints: call only on close)."""
-        s = self.s1 * _L24 + self.s0
-        q = (self.q2 * 32768 + self.q1) * 32768 + self.q0
-        return s, q
+        sq = self.limbs
+        return sq[_S1] * _L24 + sq[_S0], (sq[_Q2] * 32768 + sq[_Q1]) * 32768 + sq[_Q0]
 
     def result(self):
         """(count, min, max, mean, std); mean rounded half up, population std rounded half up."""
@@ -127,10 +129,10 @@ class Agg:
         if n == 0:
             return 0, 0, 0, 0, 0
         s, q = self.sums()
-        mean = self.v0 + (2 * s + n) // (2 * n)
+        mean = self.first + (2 * s + n) // (2 * n)
         var_n2 = n * q - s * s  # n**2 * variance, exact and >= 0
         std = (isqrt(4 * var_n2) + n) // (2 * n)
-        return n, self.mn, self.mx, mean, std
+        return n, self.min, self.max, mean, std
 
     def shift(self, dt):
         self.t0 = _shift(self.t0, dt)
@@ -155,7 +157,7 @@ class EventWindow:
         self.ch = ch
         self.size = size_ms
         self.offset = offset_ms
-        self.grace = grace_ms
+        self.grace_ms = grace_ms
         self.sink = sink
         self.phase = 0
         self.agg = Agg()
@@ -164,7 +166,6 @@ class EventWindow:
         self.end = 0
         self.floor = _TMIN  # samples before this are late
         self.late = 0
-        self.closed = 0
         self.t_last = _TMIN  # newest event time summarised so far
 
     def set_phase(self, base_ms):
@@ -193,7 +194,7 @@ class EventWindow:
 
     def tick(self, t):
         """Close the open window once t >= end + grace (no sample needed)."""
-        if self.open and t >= self.end + self.grace:
+        if self.open and t >= self.end + self.grace_ms:
             self.close()
 
     def close(self):
@@ -203,7 +204,6 @@ class EventWindow:
         self.floor = self.end
         if self.agg.t1 > self.t_last:
             self.t_last = self.agg.t1
-        self.closed += 1
         self.sink.on_window(self)
         self.agg.reset()
 
