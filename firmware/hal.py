@@ -45,19 +45,6 @@ def unload(name, always=False):
             pass
 
 
-# ---------------------------------------------------------------- network
-
-
-async def open_stream(host, port, tls=None, fs=None):
-    """asyncio streams to host:port, TLS when tls is set (firmware/halnet.py: connect-time code,
-    unloaded after on MicroPython)."""
-    from firmware import halnet
-    try:
-        return await halnet.open_stream(host, port, tls, fs)
-    finally:
-        unload("firmware.halnet")
-
-
 # ---------------------------------------------------------------- portable time helpers
 
 try:

@@ -105,7 +105,11 @@ class Esp32Hal:
         self.tls = tls or None
 
     async def open_connection(self, host, port):
-        return await _hal.open_stream(host, port, self.tls, self.fs)
+        from firmware import halnet  # connect-time code (TLS): unloaded after (RAM)
+        try:
+            return await halnet.open_stream(host, port, self.tls, self.fs)
+        finally:
+            _hal.unload("firmware.halnet")
 
     # ---- board
     def led(self, on):

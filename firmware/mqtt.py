@@ -341,6 +341,4 @@ class MQTTClient:
                 pass
         self._drop()
 
-    def close(self):
-        """Abrupt close (the broker publishes the will)."""
-        self._drop()
+    close = _drop  # abrupt close (the broker publishes the will)

@@ -211,10 +211,10 @@ class Uplink:
         q0 = _u32(fr, i + 7)
         t, _ = self.clock.stamp(boot, struct.unpack_from(">q", fr, i + 11)[0], fr[i + 20])
         rd = fr[i + 19] == wire.KIND_READING
-        if rd:
-            out, off = wire.readings_buffer(self.dev, boot, q0, t, n)
-        else:  # each frame's 25 bytes around its body become a REC_SIZE record header
-            out, off = wire.records_buffer(self.dev, boot, q0, t, n, (j - i) - n * (25 - wire.REC_SIZE))
+        # a reading is READING_SIZE bytes; around any other body, a frame's 25 bytes become a
+        # REC_SIZE record header
+        out, off = wire.records_buffer(self.dev, boot, q0, t, n, n * wire.READING_SIZE if rd
+                                       else (j - i) - n * (25 - wire.REC_SIZE), rd)
         mv = memoryview(fr)
         o = i
         while o < j:
@@ -257,27 +257,22 @@ class Uplink:
                 await self._sleep(250)
                 continue
             wifi_started = None
+            up = False  # connected: the session ran
             try:
                 del self.client.inflight[:]  # the outbox replays what was not acked
                 await self.client.connect()
+                up = True
                 self.c["connects"] += 1
-            except Exception as e:
-                self.c["connect_failures"] += 1
-                self.next_host()
-                d = self.backoff.next()
-                self.console("mqtt connect failed (%r), retry in %d ms" % (e, d))
-                await self._sleep(d)
-                continue
-            try:
                 await self._session()
             except Exception as e:
                 if self.running:
-                    self.console("mqtt session ended (%r)" % (e,))
-            self.session = False
-            self.outbox.end_session()
-            self.client.close()
+                    self.console("mqtt %s (%r)" % ("session ended" if up else "connect failed", e))
+            if up:
+                self.session = False
+                self.outbox.end_session()
+                self.client.close()
             if self.running:
-                self.c["reconnects"] += 1
+                self.c["reconnects" if up else "connect_failures"] += 1
                 self.next_host()
                 await self._sleep(self.backoff.next())
 

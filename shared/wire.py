@@ -10,7 +10,7 @@ from shared.wire_body import _need, _ascii, _decode_body  # noqa: F401
 from shared.wire_body import (VERSION, MAGIC, MSG_READINGS, MSG_RECORDS, MSG_ACK, MSG_STATE, MSG_GW_STATE,  # noqa: F401
                               MAX_PAYLOAD, MAX_DEVICE_ID, MAX_EVIDENCE, ACK_HAS_TIME, ACK_BODY, ACK_SIZE, _HDR,
                               _READING, _REC, _WINDOW, _ANOMALY, _STATUS, _CEP, _GAP, _ACK)
-from shared.wire_dev import readings_buffer, _check_max, _u32, _header, _ID_CHARS, _offsets, _i32  # noqa: F401
+from shared.wire_dev import records_buffer, _check_max, _u32, _header, _ID_CHARS, _offsets, _i32  # noqa: F401
 import struct
 from shared.auth import MAC_LEN, equal
 
@@ -33,8 +33,8 @@ def to_fixed(x):
 
 
 def put_reading(out, off, seq, t, ch, flags, value, base_seq, base_time):
-    """One reading record at out[off:] of a readings_buffer (the board writes its records
-    from the stored frames: firmware/uplink.py)."""
+    """One reading record at out[off:] of a records_buffer(..., readings=True) (the board
+    writes its records from the stored frames: firmware/uplink.py)."""
     ds = seq - base_seq
     dt = t - base_time
     if ds < 0 or ds > 0xFFFF or dt < I32_MIN or dt > I32_MAX:
@@ -54,7 +54,7 @@ def encode_readings(device_id, boot, readings):
         raise WireError("empty")
     base_seq = readings[0][0]
     base_time = readings[0][1]
-    out, off = readings_buffer(device_id, boot, base_seq, base_time, n)
+    out, off = records_buffer(device_id, boot, base_seq, base_time, n, n * READING_SIZE, True)
     for r in readings:
         put_reading(out, off, r[0], r[1], r[2], r[3], r[4], base_seq, base_time)
         off += READING_SIZE

@@ -148,24 +148,15 @@ def _offsets(seq, t, base_seq, base_time):
     return ds, dt
 
 
-def readings_buffer(device_id, boot, base_seq, base_time, n):
-    """(buffer, offset of the first record): a readings message of n records, its header
-    written; record i goes at offset + READING_SIZE * i (the device encodes straight from its
-    stored records, firmware/uplink.py; the gateway side with shared/wire.py put_reading)."""
-    return _buffer(_MSG_READINGS, device_id, boot, base_seq, base_time, n, n * READING_SIZE)
-
-
-def records_buffer(device_id, boot, base_seq, base_time, n, nbytes):
-    """(buffer, offset of the first record): a records message of n records taking nbytes in
-    all (REC_SIZE + body each), its header written; the device writes each record with
-    put_record and copies the stored body after it (the outbox keeps encode_body's bytes)."""
-    return _buffer(_MSG_RECORDS, device_id, boot, base_seq, base_time, n, nbytes)
-
-
-def _buffer(mtype, device_id, boot, base_seq, base_time, n, nbytes):
+def records_buffer(device_id, boot, base_seq, base_time, n, nbytes, readings=False):
+    """(buffer, offset of the first record): a records message (a readings message with
+    readings) of n records taking nbytes in all, its header written. The device encodes straight
+    from its stored frames (firmware/uplink.py): a reading is READING_SIZE bytes; any other
+    record is put_record's REC_SIZE bytes and the stored body after it (the outbox keeps
+    encode_body's bytes). The gateway side: shared/wire.py put_reading / encode_records."""
     if n == 0:
         raise WireError("empty")
-    h = _header(mtype, device_id, boot, base_seq, base_time, n)
+    h = _header(_MSG_READINGS if readings else _MSG_RECORDS, device_id, boot, base_seq, base_time, n)
     off = len(h)
     if off + nbytes > _MAX_PAYLOAD:
         raise WireError("oversize", str(off + nbytes))
