@@ -237,7 +237,6 @@ class MQTTClient:
             self.inflight.append([pid, data if more is None else None])
         if not await self._send(data, more):
             raise MQTTError("publish failed: %r" % (self.last_error,))
-        self.published += 1
         return pid
 
     def packet(self, topic, payload, qos, retain, pid):
@@ -263,7 +262,6 @@ class MQTTClient:
                 self._last_rx = ticks_ms()
                 k = pkt[0]
                 if k == "publish":
-                    self.received += 1
                     if self.on_message is not None:
                         try:
                             self.on_message(pkt[1], pkt[2], pkt[4])

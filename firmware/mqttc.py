@@ -175,8 +175,6 @@ def init(c, client_id, host, port, keepalive, will, clean, user, password, open_
     c.last_error = None
     # counters
     c.connects = 0
-    c.published = 0
-    c.received = 0
     c.pubacks = 0
     c.retransmits = 0
     c.pings = 0
