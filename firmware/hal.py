@@ -52,8 +52,17 @@ try:
     ticks_diff = time.ticks_diff
     ticks_add = time.ticks_add
     sleep_ms = asyncio.sleep_ms  # asyncio sleep in ms (real time); allocates nothing per call
+
+    def close_stream(w):
+        """Close an asyncio stream at once (MicroPython's Stream.close() is a no-op: the socket
+        is .s)."""
+        try:
+            w.close()
+            w.s.close()
+        except Exception:
+            pass
 except AttributeError:  # CPython (firmware/cpyticks.py is never copied to the board: RAM)
-    from firmware.cpyticks import ticks_ms, ticks_diff, ticks_add, sleep_ms
+    from firmware.cpyticks import ticks_ms, ticks_diff, ticks_add, sleep_ms, close_stream
 
 
 # ---------------------------------------------------------------- filesystem

@@ -13,7 +13,7 @@
 import struct
 import asyncio
 
-from firmware.hal import ticks_ms, ticks_diff, sleep_ms, unload
+from firmware.hal import ticks_ms, ticks_diff, sleep_ms, unload, close_stream
 
 try:
     from micropython import const
@@ -121,26 +121,6 @@ def parse(first, body):
 
 
 # ---------------------------------------------------------------- the client
-
-
-def _close_stream(w):
-    t = getattr(w, "transport", None)  # CPython: abort, so a drain() stuck on a full buffer ends now
-    if t is not None:
-        try:
-            t.abort()
-        except Exception:
-            pass
-    try:
-        w.close()
-    except Exception:
-        pass
-    s = getattr(w, "s", None)  # MicroPython Stream: close() is a no-op, the socket is .s
-    if s is not None:
-        try:
-            s.close()
-        except Exception:
-            pass
-
 
 
 class MQTTClient:
@@ -324,7 +304,7 @@ class MQTTClient:
                     pass
         self._tasks = []
         if self._w is not None:
-            _close_stream(self._w)
+            close_stream(self._w)
             self._w = None
         for s in self._subacks.values():
             s[0].set()

@@ -5,8 +5,8 @@
 import struct
 import asyncio
 
-from firmware.hal import ticks_ms
-from firmware.mqtt import MQTTError, _s, varlen, parse, _close_stream
+from firmware.hal import ticks_ms, close_stream
+from firmware.mqtt import MQTTError, _s, varlen, parse
 
 
 def decode_varlen(buf, off=0):
@@ -106,11 +106,11 @@ async def connect(cl):
         await asyncio.wait_for(w.drain(), t)
         pkt = await asyncio.wait_for(cl._read_packet(r), t)
     except BaseException:
-        _close_stream(w)
+        close_stream(w)
         cl.addr = None
         raise
     if pkt[0] != "connack" or pkt[2] != 0:
-        _close_stream(w)
+        close_stream(w)
         raise MQTTError("connect refused: %r" % (pkt,))
     cl._w = w
     cl.connected = True
