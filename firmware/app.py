@@ -16,9 +16,8 @@ from firmware import hal as _hal
 
 try:
     from micropython import const
-except ImportError:
-    def const(x):
-        return x
+except ImportError:  # CPython (no function object on the board: RAM)
+    from firmware.cpyticks import const
 
 # underscore consts: no global, no qstr on the board (RAM)
 _FW_VERSION = const("0.1.0")

@@ -21,9 +21,8 @@ class ConfigError(ValueError):
 
 try:
     from micropython import const
-except ImportError:
-    def const(x):
-        return x
+except ImportError:  # CPython (no function object on the board: RAM)
+    from firmware.cpyticks import const
 
 # RAM: the tables are const tuples: their strings are not interned (qstrs stay for good after
 # this module is unloaded; docs/firmware.md, "RAM")

@@ -10,9 +10,8 @@ from firmware.outbox import PRIO, Seg, seg_add
 
 try:
     from micropython import const
-except ImportError:
-    def const(x):
-        return x
+except ImportError:  # CPython (no function object on the board: RAM)
+    from firmware.cpyticks import const
 
 # the segment index's fields (firmware/outbox.py: const names are not module attributes)
 _NUM = const(0)
@@ -209,7 +208,6 @@ def compact(ob, seg, q, need=0):
         segs.remove(s)
     if ob._lv:  # live batches may have moved: they go as backlog
         del ob._lv[:]
-        ob._lv_n = 0
         ob.need_rewind = True
     rc = ob._rc  # the replay cursor (firmware/obread.py)
     if rc[0] == seg[_NUM] or rc[0] in nums:
@@ -239,11 +237,11 @@ def emit_gap_ranges(ob, gboot, rs):
         ob._hold = False
 
 
-def decode_payload(data, off, n, full=True):
+def decode_payload(data, off, n):
     """(boot, seq, t, kind, flags, body) from a verified frame payload at data[off:off+n].
-    Reading and gap bodies are decoded here; the others (window, CEP, anomaly, status) only
-    with full, through shared/wire_body.py (tests, tools: the device's compaction and boot
-    scan need none of them, body None, so they load no decoder: RAM)."""
+    Reading and gap bodies are decoded; the others (window, CEP, anomaly, status) are body None:
+    the device's compaction and boot scan need none of them, so they load no decoder (RAM;
+    tests and tools decode them with firmware/obframe.py)."""
     boot, seq, t, kind, flags = struct.unpack_from(">IIqBB", data, off)
     bo = off + _PAYSZ
     end = off + n
@@ -257,9 +255,6 @@ def decode_payload(data, off, n, full=True):
             raise wire.WireError("bad_gap", str(k))
         body = (gb, tuple([struct.unpack_from(">IH", data, bo + 6 * i) for i in range(k)]))
         bo += 6 * k
-    elif full:
-        from shared.wire_body import _decode_body
-        body, bo = _decode_body(kind, data, bo)
     else:
         if kind > wire.KIND_GAP or not kind:
             raise wire.WireError("unknown_kind", str(kind))
@@ -269,9 +264,9 @@ def decode_payload(data, off, n, full=True):
     return (boot, seq, t, kind, flags, body)
 
 
-def read_frame(f, full=True):
+def read_frame(f):
     """Next (frame bytes, record) from an open segment file; None at the end or at a torn /
-    corrupt frame (everything after it in that file is ignored). full: decode_payload."""
+    corrupt frame (everything after it in that file is ignored). Record: decode_payload."""
     h = f.read(3)
     if len(h) < 3 or h[0] != _MAGIC:
         return None
@@ -286,7 +281,7 @@ def read_frame(f, full=True):
     if crc != struct.unpack_from(">I", rest, n)[0]:
         return None
     try:
-        rec = decode_payload(rest, 0, n, full)
+        rec = decode_payload(rest, 0, n)
     except (ValueError, KeyError):
         return None
     return h + rest, rec
@@ -301,7 +296,7 @@ def frames_of(ob, num):
         return
     try:
         while True:
-            r = read_frame(f, False)
+            r = read_frame(f)
             if r is None:
                 return
             yield r

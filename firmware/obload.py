@@ -9,9 +9,8 @@ from firmware.outbox import PRIO, Seg, seg_add
 
 try:
     from micropython import const
-except ImportError:
-    def const(x):
-        return x
+except ImportError:  # CPython (no function object on the board: RAM)
+    from firmware.cpyticks import const
 
 # the frame and the segment index (firmware/outbox.py: const names are not module attributes)
 _MAGIC = const(0xA5)
@@ -58,25 +57,6 @@ def init(ob, fs, boot, dir, max_bytes, seg_bytes, batch_records, batch_ms, ack_p
     ob._slots = Slots(fs, dir + "/ack")
     ob._lv = None  # while a session is live: (segment, offset, bytes, records) per live batch
     ob.rewind()  # the replay cursor
-
-
-def encode_frame(boot, seq, t, kind, flags, body_bytes):
-    n = _PAYSZ + len(body_bytes)
-    head = struct.pack(">BHIIqBB", _MAGIC, n, boot, seq, t, kind, flags) + body_bytes
-    return head + struct.pack(">I", binascii.crc32(head) & 0xFFFFFFFF)
-
-
-def records(fr):
-    """The records (boot, seq, t, kind, flags, body) of frames as read_backlog / take_live
-    hand them out (tests and tools; the uplink encodes from the frames)."""
-    from firmware.obfull import decode_payload
-    out = []
-    o = 0
-    while o < len(fr):
-        n = (fr[o + 1] << 8) | fr[o + 2]
-        out.append(decode_payload(fr, o + 3, n))
-        o += n + 7
-    return out
 
 
 def highest_boot(fs, dir="ob"):

@@ -5,9 +5,8 @@ import binascii
 
 try:
     from micropython import const
-except ImportError:
-    def const(x):
-        return x
+except ImportError:  # CPython (no function object on the board: RAM)
+    from firmware.cpyticks import const
 
 _MAGIC = const(0xA5)
 _PAYSZ = const(18)

@@ -33,9 +33,8 @@ import binascii
 
 try:
     from micropython import const
-except ImportError:
-    def const(x):
-        return x
+except ImportError:  # CPython (no function object on the board: RAM)
+    from firmware.cpyticks import const
 
 from shared import wire_dev as wire  # the device side of the contract (shared/wire.py: all of it)
 from firmware.hal import unload
@@ -103,11 +102,11 @@ class Outbox:
         self._x("obload", "init", fs, boot, dir, max_bytes, seg_bytes, batch_records, batch_ms, ack_persist_ms,
                 live_max)
 
-    def _x(self, mod, fn, *a):
-        """Rarely run code: fn of firmware.<mod> on self, the module unloaded after."""
-        mod = "firmware" + "." + mod
-        r = getattr(__import__(mod, None, None, ("x",)), fn)(self, *a)
-        unload(mod)
+    def _x(self, module, fn, *a):
+        """Rarely run code: fn of firmware.<module> on self, the module unloaded after."""
+        module = "firmware" + "." + module
+        r = getattr(__import__(module, None, None, ("x",)), fn)(self, *a)
+        unload(module)
         return r
 
     def load(self):
@@ -164,7 +163,7 @@ class Outbox:
                 return None
         prio = PRIO[kind]
         size = 25 + len(bb)
-        if prio < 3 and not self._make_room(size, prio):
+        if prio < 3 and self.total_bytes() + size > self.max_bytes and not self._x("obfull", "make_room", size, prio):
             self.refused += 1
             return None
         seq = self.seq
@@ -191,7 +190,7 @@ class Outbox:
         an i64 as four big-endian u16 limbs and 0 <= lo < 2**28 (firmware.clock: tb, tfl,
         ms_lo). Returns its seq, or None when refused. Allocates nothing on MicroPython
         unless the batch is flushed (batch full) or the outbox is full."""
-        if not self._make_room(_RFRAME, 0):
+        if self.total_bytes() + _RFRAME > self.max_bytes and not self._x("obfull", "make_room", _RFRAME, 0):
             self.refused += 1
             return None
         p = self._pend
@@ -294,13 +293,11 @@ class Outbox:
             return self._x("obload", "write_failed", cur)
         lv = self._lv
         if lv is not None:  # a live session: where the batch went, for take_live (no copy)
-            if self._lv_n + n > self.live_max:
+            if sum(e[3] for e in lv) + n > self.live_max:
                 del lv[:]
-                self._lv_n = 0
                 self.need_rewind = True
             else:
                 lv.append((cur[_NUM], cur[_BYTES], fsz, n))
-                self._lv_n += n
         mv = fc = None
         off = 0
         q = self.seq - n
@@ -331,11 +328,6 @@ class Outbox:
                 f.close()
             except OSError:
                 pass
-
-    def _make_room(self, size, prio):
-        if self.total_bytes() + size <= self.max_bytes:
-            return True
-        return self._x("obfull", "make_room", size, prio)
 
     # ------------------------------------------------------------ acks
 
@@ -380,7 +372,6 @@ class Outbox:
 
     def end_session(self):
         self._lv = None
-        self._lv_n = 0
         unload("firmware.obread")
 
     def rewind(self):
@@ -388,7 +379,6 @@ class Outbox:
         self.flush()
         if self._lv:
             self._lv = []
-        self._lv_n = 0
         # the replay cursor (firmware/obread.py): segment and file offset to go on from, the
         # (boot, seq) where live begins (L), the (boot, seq) replayed last
         self._rc = [-1, 0, self.boot, self.seq, -1, -1]
@@ -404,8 +394,7 @@ class Outbox:
         lv = self._lv
         if not lv:
             return b""
-        num, off, n, k = lv.pop(0)
-        self._lv_n -= k
+        num, off, n, _ = lv.pop(0)
         out = bytearray(n)
         try:
             f = self.fs.open(self._name(num), "rb")

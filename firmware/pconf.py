@@ -10,9 +10,8 @@ from firmware.pipeline import ConfigError  # noqa: F401 (re-exported)
 
 try:
     from micropython import const
-except ImportError:
-    def const(x):
-        return x
+except ImportError:  # CPython (no function object on the board: RAM)
+    from firmware.cpyticks import const
 
 _MAX_CHANNEL = const(29)  # channel numbers 0..29: masks stay small ints
 
@@ -84,16 +83,15 @@ def setup(self, config):
     self.offset_ms = integer(w, "offset_ms", "window", 0, 0, _MAX_WINDOW_MS) % self.size_ms
     grace = integer(w, "grace_ms", "window", 0, 0, _MAX_WINDOW_MS)
     self.known = [False] * nch
-    self.rings = [None] * nch
     self.windows = [None] * nch
-    self.cwindows = [None] * nch
     for n in out.values():
         self.known[n] = True
         self.windows[n] = EventWindow(n, self.size_ms, self.offset_ms, self, grace)
-    self.rules = []
-    self.by_ch = [[] for _ in range(nch)]
-    self.absence = []
-    self.det_by_ch = [[] for _ in range(nch)]
+    # none of the optional parts (RAM: one shared list of None, empty tuples); firmware/prules.py
+    # gives the pipeline its own lists for the parts the config has
+    self.rings = self.cwindows = [None] * nch
+    self.rules = self.absence = ()
+    self.by_ch = self.det_by_ch = [()] * nch
     # no ring, count window, rule or detector unless the config asks for one: their code and
     # names stay off the board (RAM)
     if (config.get("ring") is None and config.get("count_window") is None and "count" not in w

@@ -1,5 +1,5 @@
 # The documented example pipeline config (docs/pipeline.md): tests, tools and the self-test use
-# it through firmware.pipeline.example_config(); the app never loads this module (RAM).
+# it as firmware.pexample.example_config(); the app never loads this module (RAM).
 
 
 def example_config():

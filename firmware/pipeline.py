@@ -13,7 +13,7 @@
 from shared import wire_dev as wire  # the device side of the contract (shared/wire.py: all of it)
 from firmware.hal import unload
 
-__all__ = ("Pipeline", "ConfigError", "example_config")
+__all__ = ("Pipeline", "ConfigError")
 
 
 class ConfigError(ValueError):
@@ -23,12 +23,6 @@ class ConfigError(ValueError):
         super().__init__("%s: %s" % (rule_id, reason))
         self.rule_id = rule_id
         self.reason = reason
-
-
-def example_config():
-    """The documented example (docs/pipeline.md): 3 channels, 60 s windows, 5 rules, 2 detectors."""
-    from firmware.pexample import example_config as ex  # not loaded on the board (RAM)
-    return ex()
 
 
 class Pipeline:
@@ -108,21 +102,24 @@ class Pipeline:
         self._emit(wire.KIND_WINDOW, w.start,
                    (w.ch, w.size, n, mn, mx, mean, std, a.t0 - w.start, a.t1 - w.start))
 
-    def on_count_window(self, cw):
-        a = cw.agg
+    # (short parameter names: each name is a qstr on the board, RAM)
+    def on_count_window(self, w):
+        a = w.agg
         n, mn, mx, mean, std = a.result()
         # size_ms 0 marks a count window; t is its first sample.
-        self._emit(wire.KIND_WINDOW, a.t0, (cw.ch, 0, n, mn, mx, mean, std, 0, a.t1 - a.t0))
+        self._emit(wire.KIND_WINDOW, a.t0, (w.ch, 0, n, mn, mx, mean, std, 0, a.t1 - a.t0))
 
-    def on_cep(self, rule, t, span, evidence):
-        self._emit(wire.KIND_CEP, t, (rule.id, rule.severity, span, evidence))
+    def on_cep(self, r, t, span, evidence):
+        """A CEP rule r matched."""
+        self._emit(wire.KIND_CEP, t, (r.id, r.severity, span, evidence))
 
-    def on_anomaly(self, det, t, body):
+    def on_anomaly(self, d, t, body):
+        """Detector d alerted."""
         self._emit(wire.KIND_ANOMALY, t, body)
 
-    def _emit(self, kind, t_rel, body):
+    def _emit(self, kind, t, body):
         self.emitted += 1
-        self.emit(kind, self.base_ms + t_rel, self.flags, body)
+        self.emit(kind, self.base_ms + t, self.flags, body)
 
     # ------------------------------------------------------------ status (firmware/pconf.py)
 
@@ -135,12 +132,12 @@ class Pipeline:
         return _conf("latest", self, "firmware.prules", ch)
 
 
-def _conf(name, p, mod, *a):
+def _conf(name, pipeline, module, *a):
     # rarely run pipeline code lives in firmware/pconf.py (with the config parsing) or
     # firmware/prules.py: loaded for the call, unloaded after on MicroPython (RAM)
-    m = __import__(mod, None, None, ("x",))
+    m = __import__(module, None, None, ("x",))
     try:
-        return getattr(m, name)(p, *a)
+        return getattr(m, name)(pipeline, *a)
     finally:
-        unload(mod)
+        unload(module)
         unload("firmware.pconf")  # prules imports it

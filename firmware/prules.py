@@ -25,19 +25,23 @@ def extras(p, config, w):
         rcap = integer(ring, "capacity", "ring", _DEFAULT_RING, 1, 4096)
     elif ring is not None:
         rcap = integer(config, "ring", "ring", _DEFAULT_RING, 1, 4096)
+    nch = p.nch
     if rcap:
         from firmware.ring import TimedRing
+        p.rings = [None] * nch
     if cw is not None:
         from firmware.cwindow import CountWindow
+        p.cwindows = [None] * nch
     for n in p.channels.values():
         if rcap:
             p.rings[n] = TimedRing(rcap)
         if cw is not None:
             p.cwindows[n] = CountWindow(n, cw, p)
-    nch = p.nch
     if config.get("rules") not in (None, []):
         from firmware.cep import Absence
         p.rules = load_rules(config.get("rules"), p.channels, p)
+        p.by_ch = [[] for _ in range(nch)]
+        p.absence = []
         for r in p.rules:
             for n in range(nch):
                 if r.mask & (1 << n):
@@ -47,6 +51,7 @@ def extras(p, config, w):
     p.detectors = []  # also in p.det_by_ch (tests read this list)
     if config.get("anomaly") not in (None, {}):
         p.detectors = load_anomaly(config.get("anomaly"), p.channels, p)
+        p.det_by_ch = [[] for _ in range(nch)]
     for d in p.detectors:
         p.det_by_ch[d.ch].append(d)
 

@@ -2,15 +2,15 @@
 # file /safemode exists (tools/deploy.py writes it for the time of a deploy; --safe-mode leaves
 # it) or the button (firmware/pins.py BUTTON, to GND) is held at boot. The REPL stays free for
 # mpremote; remove the flag (or release the button) and reset to run the app again.
-FLAG = "safemode"
 
 
-def reason(flag=FLAG):
+
+def reason():
     """Why the app must not start ('flag file /safemode', 'button held') or None."""
     import os
     try:
-        os.stat(flag)
-        return "flag file /" + flag
+        os.stat("safemode")  # the module's name: no qstr of its own (RAM)
+        return "flag file /safemode"
     except OSError:
         pass
     try:

@@ -209,9 +209,10 @@ def check_cep():
 
 
 def check_pipeline():
-    p = _need("firmware.pipeline", "Pipeline", "example_config")
+    p = _need("firmware.pipeline", "Pipeline")
+    ex = _need("firmware.pexample", "example_config")
     got = []
-    pl = p.Pipeline(p.example_config(), lambda kind, t, flags, body: got.append(kind))
+    pl = p.Pipeline(ex.example_config(), lambda kind, t, flags, body: got.append(kind))
     pl.set_base(1767225600000, True)
     for i in range(200):
         pl.sample(0, 21000 + (i % 5), i * 100)

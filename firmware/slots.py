@@ -8,7 +8,12 @@
 import struct
 import binascii
 
-_HDR = ">IH"
+try:
+    from micropython import const
+except ImportError:  # CPython (no function object on the board: RAM)
+    from firmware.cpyticks import const
+
+_HDR = const(">IH")
 
 
 class Slots:
@@ -20,7 +25,7 @@ class Slots:
 
     def _read(self, i):
         try:
-            f = self.fs.open("%s.%d" % (self.name, i), "rb")
+            f = self.fs.open(self.name + "." + str(i), "rb")
         except OSError:
             return None
         try:
@@ -55,7 +60,7 @@ class Slots:
         slot = 1 - self.slot
         head = struct.pack(_HDR, gen, len(payload)) + payload
         data = head + struct.pack(">I", binascii.crc32(head) & 0xFFFFFFFF)
-        f = self.fs.open("%s.%d" % (self.name, slot), "wb")
+        f = self.fs.open(self.name + "." + str(slot), "wb")
         try:
             f.write(data)
             if hasattr(f, "flush"):

@@ -8,9 +8,8 @@
 # relative times |t| < 2**29; outside it the arithmetic stays exact and only allocates.
 try:
     from micropython import const
-except ImportError:
-    def const(x):
-        return x
+except ImportError:  # CPython (no function object on the board: RAM)
+    from firmware.cpyticks import const
 
 _L24 = const(0x1000000)
 _L29 = const(0x20000000)

@@ -7,7 +7,7 @@ import sqlite3
 
 import pytest
 
-from firmware import obfull as _outbox
+from firmware import obframe as _outbox
 from tools import groundtruth
 from tools.broker import free_port
 from tools.fleet import Fleet, Site, parse_faults, random_faults

@@ -66,7 +66,7 @@ def test_live_and_backlog_frames_on_real_littlefs():
     # the same frames after a rewind; segments roll over and acks trim in between
     from tools.lfsfs import LfsFS
     from firmware.outbox import Outbox
-    from firmware.obload import records
+    from firmware.obframe import records
     from shared import wire_dev as wire
     fs = LfsFS()
     ob = Outbox(fs, 3, seg_bytes=600, batch_records=8).load()

@@ -57,6 +57,7 @@ def test_modules_shipped_are_device_only(ram):
     assert "lib/firmware/hal_sim.mpy" not in shipped
     assert "lib/shared/wire.mpy" not in shipped  # the gateway side of the contract stays off the board
     assert "lib/firmware/cpyticks.mpy" not in shipped
+    assert "lib/firmware/obframe.mpy" not in shipped  # frame helpers of tests and tools
 
 
 @pytest.mark.xfail(strict=True, reason="48 KiB kept not met with .mpy bytecode in RAM (docs/firmware.md: RAM); "

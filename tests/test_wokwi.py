@@ -25,7 +25,9 @@ PARTS = {
     "wokwi-led": ({"A", "C"}, {}),
     "wokwi-resistor": ({"1", "2"}, {}),
 }
-# pins.PINS name -> (part type, the part's pin that carries the signal)
+# the firmware's pin map (firmware/pins.py) by name, and each name -> (part type, the part's pin
+# that carries the signal)
+PINS = {"dht22": pins.DHT22_DATA, "pot": pins.POT_ADC, "button": pins.BUTTON, "led": pins.STATUS_LED}
 SIGNAL = {"dht22": ("wokwi-dht22", "SDA"), "pot": ("wokwi-potentiometer", "SIG"),
           "button": ("wokwi-pushbutton", None), "led": ("wokwi-led", "A")}
 
@@ -96,13 +98,13 @@ def test_diagram_matches_firmware_pin_map_both_ways(diagram):
                 gpio_of[(part, pin)] = gpios[0]
         wired.update(gpios)
     # every pin map entry is wired to its part's signal pin
-    for name, gpio in pins.PINS.items():
+    for name, gpio in PINS.items():
         ptype, sig = SIGNAL[name]
         found = [(pid, pin) for (pid, pin), g in gpio_of.items()
                  if g == gpio and ids[pid] == ptype and (sig is None or pin == sig)]
         assert found, "%s (GPIO %d) is not wired to a %s" % (name, gpio, ptype)
     # and every GPIO the diagram uses is in the pin map
-    assert wired <= set(pins.PINS.values()), wired - set(pins.PINS.values())
+    assert wired <= set(PINS.values()), wired - set(PINS.values())
     assert pins.POT_ADC in ADC1  # ADC1 still works with Wi-Fi on
     assert pins.BUTTON not in INPUT_ONLY  # needs the internal pull-up
     # the LED has its series resistor to GND

@@ -9,10 +9,12 @@ import time
 import array
 
 try:
-    from firmware.pipeline import Pipeline, example_config
+    from firmware.pipeline import Pipeline
+    from firmware.pexample import example_config
 except ImportError:
     sys.path.insert(0, ".")
-    from firmware.pipeline import Pipeline, example_config
+    from firmware.pipeline import Pipeline
+    from firmware.pexample import example_config
 
 MP = sys.implementation.name == "micropython"
 N = 4000 if MP else 20000

@@ -18,7 +18,7 @@ except ImportError:
     sys.path.insert(0, ".")
     from firmware.app import App
 from firmware.hal_sim import SimHal
-from firmware.pipeline import example_config
+from firmware.pexample import example_config
 
 MP = sys.implementation.name == "micropython"
 N = 300

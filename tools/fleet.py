@@ -65,7 +65,7 @@ from tools.proc import exit_on_sigterm, popen  # noqa: E402
 from shared import wire  # noqa: E402
 from firmware.app import App  # noqa: E402
 from firmware.hal_sim import SimHal, MemFS, FailingFS, PowerCut  # noqa: E402
-from firmware import obfull as _outbox  # noqa: E402  (the frame reader)
+from firmware import obframe as _outbox  # noqa: E402  (the frame reader)
 from firmware import hal as _hal  # noqa: E402
 
 PY = sys.executable

@@ -20,9 +20,10 @@ ROM_FILE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "esp32_rom_q
 ENTRY = 7  # bytes per pool entry: const char * + 2-byte hash + 1-byte length
 HEADER = 24  # qstr_pool_t before its entries (32-bit)
 FIRST = 20  # entries of the first RAM pool (2 x the frozen pool's alloc of 10)
-# modules a board loads at its first connect (TLS connect, NTP query), which the harness (no
-# network) never does: their qstrs count as interned at start-up
-CONNECTED = ("/lib/firmware/halnet.mpy",)
+# modules a board loads in normal operation soon after start-up, which the harness's start-up
+# (no network, empty flash) does not: the first connect (TLS connect, NTP query) and the replay
+# of a backlog (after any outage); their qstrs count as interned at start-up
+CONNECTED = ("/lib/firmware/halnet.mpy", "/lib/firmware/obread.mpy")
 _STEP_WORDS = ("backlog", "live", "windows", "cep", "full")
 
 

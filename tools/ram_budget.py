@@ -418,7 +418,7 @@ def over_budget(r):
 
 
 def example_cfg():
-    from firmware.pipeline import example_config
+    from firmware.pexample import example_config
     cfg = dict(DEFAULT_CONFIG)
     cfg.update(example_config())
     return cfg

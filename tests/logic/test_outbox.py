@@ -1,8 +1,8 @@
 # Outbox: store-and-forward on flash. Runs under CPython and MicroPython.
 from shared import wire
 from firmware.outbox import Outbox
-from firmware.obload import encode_frame, records
-from firmware.obfull import read_frame
+from firmware.obframe import encode_frame, records
+from firmware.obframe import read_frame
 from firmware.obload import _ranges
 from firmware.hal_sim import MemFS, FailingFS, PowerCut
 from firmware.hal import PosixFS

@@ -4,7 +4,8 @@ import sys
 import gc
 import array
 from shared import wire
-from firmware.pipeline import Pipeline, ConfigError, example_config
+from firmware.pipeline import Pipeline, ConfigError
+from firmware.pexample import example_config
 from tests.logic.util import raises
 
 MP = sys.implementation.name == "micropython"

@@ -10,8 +10,8 @@ from firmware.app import App
 from firmware.clock import Clock
 from firmware.hal_sim import SimHal, MemFS
 from firmware.outbox import Outbox
-from firmware.obload import records
-from firmware.pipeline import example_config
+from firmware.obframe import records
+from firmware.pexample import example_config
 from tests.logic.util import reading
 
 MP = sys.implementation.name == "micropython"

@@ -6,7 +6,7 @@ import struct
 from shared import auth, wire
 from firmware import config
 from firmware.outbox import Outbox
-from firmware.obload import encode_frame
+from firmware.obframe import encode_frame
 from firmware.clock import Clock
 from firmware.uplink import Uplink
 from firmware.hal_sim import SimHal
