@@ -18,9 +18,8 @@ from shared import wire_dev as wire  # the device side of the contract (shared/w
 
 try:
     from micropython import const
-except ImportError:
-    def const(x):
-        return x
+except ImportError:  # CPython
+    from firmware.cpyticks import const
 
 _I32_MAX = const(2147483647)
 _HI = const(1 << 28)  # boot ms = ms_hi * 2**28 + ms_lo: both stay small ints (no heap on MicroPython)

@@ -13,9 +13,8 @@ from firmware import hal as _hal
 
 try:
     from micropython import const
-except ImportError:  # CPython: tests run this HAL on the virtual board's stubs
-    def const(x):
-        return x
+except ImportError:  # CPython
+    from firmware.cpyticks import const
 
 _DHT_MIN_MS = const(2100)  # the DHT22's minimum interval between measurements, and a margin
 

@@ -17,9 +17,8 @@ from firmware.hal import ticks_ms, ticks_diff, sleep_ms, unload, close_stream
 
 try:
     from micropython import const
-except ImportError:
-    def const(x):
-        return x
+except ImportError:  # CPython
+    from firmware.cpyticks import const
 
 # packet types: const with a leading underscore, so not stored on the board (RAM)
 _PUBLISH = const(3)

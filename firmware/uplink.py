@@ -30,9 +30,8 @@ from firmware.slots import rand32
 
 try:
     from micropython import const
-except ImportError:
-    def const(x):
-        return x
+except ImportError:  # CPython
+    from firmware.cpyticks import const
 
 _MAX_CREDITS = const(1 << 24)
 _GW_HELLO_MS = const(1000)  # hellos triggered by the (unsigned) gateway state: at most one per second
