@@ -1,4 +1,5 @@
-# The ESP32 HAL (device only: imports machine, network, dht). Pins come from firmware/pins.py.
+# The ESP32 HAL (device only: imports machine, network, dht). Its set-up (pins from
+# firmware/pins.py, the drivers) is in firmware/halnet.py.
 #
 # Sensor values are fixed point (value * 1000) computed without floats:
 #   DHT22 from its raw 5-byte frame (tenths of degC / %RH) -> x100; re-measured at most every
@@ -7,7 +8,6 @@
 import gc
 
 import machine
-import network
 
 from firmware import hal as _hal
 
@@ -27,26 +27,9 @@ class Esp32Hal:
     tls = None  # config broker.tls: {"ca": path on self.fs, "server_hostname": name}
 
     def __init__(self, cfg=None, root=""):
-        from firmware import pins  # read here only: unloaded below (RAM)
-        self.fs = _hal.PosixFS(root)
-        self._adc = machine.ADC(machine.Pin(pins.POT_ADC))
-        try:
-            self._adc.atten(machine.ADC.ATTN_11DB)
-        except AttributeError:
-            pass
-        self._dht = None
-        try:
-            import dht
-            self._dht = dht.DHT22(machine.Pin(pins.DHT22_DATA))
-        except Exception as e:
-            print("edgeflow: no DHT22 driver (%r)" % (e,))
-        self._dht_at = None
-        self._dht_ok = False
-        self._led = machine.Pin(pins.STATUS_LED, machine.Pin.OUT)
-        self._btn = machine.Pin(pins.BUTTON, machine.Pin.IN, machine.Pin.PULL_UP)
-        self._wdt = None
-        self._wlan = network.WLAN(network.STA_IF)
-        _hal.unload("firmware.pins")
+        from firmware import halnet  # the set-up (firmware/halnet.py): unloaded after (RAM)
+        halnet.setup(self, root)
+        _hal.unload("firmware.halnet")
 
     # ---- time: the functions themselves, not methods wrapping them (RAM: a function object
     # and its bytecode each)

@@ -277,6 +277,8 @@ class Uplink:
 
     async def _session(self):
         cl = self.client
+        ob = self.outbox
+        c = self.c
         self.gw_online = False
         self._gw_changed = False
         self.credits = 0
@@ -292,7 +294,7 @@ class Uplink:
         while not self._gw_changed and cl.connected and ticks_diff(ticks_ms(), t0) < 300:
             await sleep_ms(10)
         self._gw_changed = False
-        self.outbox.begin_session()
+        ob.begin_session()
         self.session = True
         await self.hello()
         self._progress = self._ack_at = ticks_ms()
@@ -306,22 +308,22 @@ class Uplink:
                 self._gw_changed = False
                 if self.gw_online:
                     await self.hello()
-            if self.outbox.need_rewind:
+            if ob.need_rewind:
                 await self._rewind()
-            live = self.outbox.take_live()
-            if live:
-                self.c["live"] += await self.send(live)
-            live = None  # RAM: the sent records go before the next take_live / read_backlog
-            if self.replay and self.credits > 0 and self.outbox.has_backlog():
-                n = self.credits if self.credits < self.batch_max else self.batch_max
-                recs = self.outbox.read_backlog(n)
-                if recs:
-                    k = await self.send(recs)
-                    self.credits -= k
-                    self.c["replayed"] += k
-                    recs = None
+            fr = ob.take_live()
+            if fr:
+                c["live"] += await self.send(fr)
+            fr = None  # RAM: the sent records go before the next take_live / read_backlog
+            n = self.credits
+            if self.replay and n > 0 and ob.has_backlog():
+                fr = ob.read_backlog(n if n < self.batch_max else self.batch_max)
+                if fr:
+                    n = await self.send(fr)
+                    fr = None
+                    self.credits -= n
+                    c["replayed"] += n
                     continue
-                recs = None
+                fr = None
             await self.check_stall()
             if self.outstanding():
                 if ticks_diff(ticks_ms(), self._progress) > self.resend_ms:
