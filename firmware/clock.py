@@ -31,8 +31,7 @@ class Clock:
         self.boot = boot
         self.max_step_ms = max_step_ms
         self.use_beacon = use_beacon
-        self._last = hal.ticks_ms()
-        ms = self._last  # ticks start at 0 at reset: ms since boot
+        self._last = ms = hal.ticks_ms()  # ticks start at 0 at reset: ms since boot
         self.ms_hi = ms // _HI
         self.ms_lo = ms % _HI
         # time base of the per-sample path: t = tb (4 big-endian u16 limbs of an i64) + ms_lo,
@@ -40,11 +39,8 @@ class Clock:
         self.tb = array("H", [0, 0, 0, 0])
         self.tfl = wire.FLAG_UNSYNCED
         self._tb_e = self._tb_hi = -1
-        self.boot_epoch = None
-        self.source = None
-        self.offset_ms = 0
-        self.syncs = 0
-        self.steps = 0
+        self.boot_epoch = self.source = None
+        self.offset_ms = self.steps = 0
 
     def update(self):
         """Advance ms_hi / ms_lo from the ticks and keep tb / tfl current. The per-sample
@@ -107,7 +103,6 @@ class Clock:
             return False
         b = self.boot_ms() if at_boot_ms is None else at_boot_ms
         new = epoch_ms - b
-        self.syncs += 1
         if self.boot_epoch is None:
             self.boot_epoch = new
             self.source = source

@@ -95,12 +95,6 @@ class Uplink:
             self._hi = (self._hi + 1) % len(self.hosts)
             self.client.host, self.client.port = self.hosts[self._hi]
 
-    def outstanding(self):
-        for b in self._sent_max:
-            if self._sent_max[b] > self.outbox.acked.get(b, -1):
-                return True
-        return False
-
     # ------------------------------------------------------------ outgoing
 
     async def hello(self):
@@ -325,10 +319,13 @@ class Uplink:
                     continue
                 fr = None
             await self.check_stall()
-            if self.outstanding():
-                if ticks_diff(ticks_ms(), self._progress) > self.resend_ms:
-                    await self._rewind()
-                    self._progress = ticks_ms()
+            sm = self._sent_max
+            for b in sm:
+                if sm[b] > ob.acked.get(b, -1):  # records sent and not acked: resend them
+                    if ticks_diff(ticks_ms(), self._progress) > self.resend_ms:  # after no progress
+                        await self._rewind()
+                        self._progress = ticks_ms()
+                    break
             else:
                 self._progress = ticks_ms()
             self.wake.clear()
