@@ -135,7 +135,6 @@ def uplink_init(up, cfg, hal, outbox, clock, fw, console, instance):
     up.batch_max = u["batch_max"]
     up.resend_ms = u["resend_ms"]
     up.backoff = Backoff(u["backoff_base_ms"], u["backoff_cap_ms"], rng=hal.rand)
-    up.wifi_backoff = Backoff(1000, u["wifi_timeout_ms"], rng=hal.rand)
     b = cfg["broker"]
     up.client = MQTTClient(
         b["client_id"], b["host"], b["port"], keepalive=b["keepalive_s"],

@@ -16,18 +16,22 @@ from array import array
 
 from shared import wire_dev as wire  # the device side of the contract (shared/wire.py: all of it)
 
-_I32_MAX = 2147483647
-_HI = 1 << 28  # boot ms = ms_hi * 2**28 + ms_lo: both stay small ints (no heap on MicroPython)
+try:
+    from micropython import const
+except ImportError:  # CPython
+    from firmware.cpyticks import const
+
+_I32_MAX = const(2147483647)
+_HI = const(1 << 28)  # boot ms = ms_hi * 2**28 + ms_lo: both stay small ints (no heap on MicroPython)
 
 
 class Clock:
     def __init__(self, hal, boot, max_step_ms=1000, use_beacon=True):
         self.hal = hal
         self.boot = boot
-        self.max_step = max_step_ms
+        self.max_step_ms = max_step_ms
         self.use_beacon = use_beacon
-        self._last = hal.ticks_ms()
-        ms = self._last  # ticks start at 0 at reset: ms since boot
+        self._last = ms = hal.ticks_ms()  # ticks start at 0 at reset: ms since boot
         self.ms_hi = ms // _HI
         self.ms_lo = ms % _HI
         # time base of the per-sample path: t = tb (4 big-endian u16 limbs of an i64) + ms_lo,
@@ -35,11 +39,8 @@ class Clock:
         self.tb = array("H", [0, 0, 0, 0])
         self.tfl = wire.FLAG_UNSYNCED
         self._tb_e = self._tb_hi = -1
-        self.boot_epoch = None
-        self.source = None
-        self.offset_ms = 0
-        self.syncs = 0
-        self.steps = 0
+        self.boot_epoch = self.source = None
+        self.offset_ms = self.steps = 0
 
     def update(self):
         """Advance ms_hi / ms_lo from the ticks and keep tb / tfl current. The per-sample
@@ -54,11 +55,9 @@ class Clock:
                 lo = lo % _HI
             self.ms_lo = lo
             self._last = now
-        if self.boot_epoch is not self._tb_e or self.ms_hi != self._tb_hi:
-            self._set_tb()
-
-    def _set_tb(self):
         e = self.boot_epoch
+        if e is self._tb_e and self.ms_hi == self._tb_hi:
+            return
         base = self.ms_hi * _HI
         if e is None:
             self.tfl = wire.FLAG_UNSYNCED
@@ -104,7 +103,6 @@ class Clock:
             return False
         b = self.boot_ms() if at_boot_ms is None else at_boot_ms
         new = epoch_ms - b
-        self.syncs += 1
         if self.boot_epoch is None:
             self.boot_epoch = new
             self.source = source
@@ -118,7 +116,7 @@ class Clock:
         self.offset_ms = off
         if source == "gw" and self.source == "ntp":
             return False
-        if off > self.max_step or off < -self.max_step or (source == "ntp" and self.source != "ntp"):
+        if off > self.max_step_ms or off < -self.max_step_ms or (source == "ntp" and self.source != "ntp"):
             self.boot_epoch = new
             self.source = source
             self.steps += 1

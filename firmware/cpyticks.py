@@ -1,5 +1,6 @@
-# CPython stand-ins for MicroPython's time.ticks_ms / ticks_diff / ticks_add (firmware/hal.py
-# imports them only where time has none; tools/deploy.py never copies this file to the board).
+# CPython stand-ins for MicroPython's time.ticks_ms / ticks_diff / ticks_add, asyncio.sleep_ms and
+# firmware.hal.close_stream (firmware/hal.py imports them only where time has none;
+# tools/deploy.py never copies this file to the board).
 import time
 
 
@@ -24,3 +25,23 @@ def ticks_diff(a, b):
 
 def ticks_add(a, d):
     return (a + d) & (_PERIOD - 1)
+
+
+async def sleep_ms(ms):
+    import asyncio
+    await asyncio.sleep(ms / 1000)
+
+
+def close_stream(w):
+    """Close an asyncio stream at once: abort its transport, so a drain() stuck on a full send
+    buffer ends now (a plain close() would wait for the buffer to drain)."""
+    t = getattr(w, "transport", None)
+    if t is not None:
+        try:
+            t.abort()
+        except Exception:
+            pass
+    try:
+        w.close()
+    except Exception:
+        pass

@@ -45,35 +45,24 @@ def unload(name, always=False):
             pass
 
 
-# ---------------------------------------------------------------- network
-
-
-async def open_stream(host, port, tls=None, fs=None):
-    """asyncio streams to host:port, TLS when tls is set (firmware/halnet.py: connect-time code,
-    unloaded after on MicroPython)."""
-    from firmware import halnet
-    try:
-        return await halnet.open_stream(host, port, tls, fs)
-    finally:
-        unload("firmware.halnet")
-
-
 # ---------------------------------------------------------------- portable time helpers
 
 try:
     ticks_ms = time.ticks_ms
     ticks_diff = time.ticks_diff
     ticks_add = time.ticks_add
+    sleep_ms = asyncio.sleep_ms  # asyncio sleep in ms (real time); allocates nothing per call
+
+    def close_stream(w):
+        """Close an asyncio stream at once (MicroPython's Stream.close() is a no-op: the socket
+        is .s)."""
+        try:
+            w.close()
+            w.s.close()
+        except Exception:
+            pass
 except AttributeError:  # CPython (firmware/cpyticks.py is never copied to the board: RAM)
-    from firmware.cpyticks import ticks_ms, ticks_diff, ticks_add
-
-
-async def sleep_ms(ms):
-    """asyncio sleep in ms on both runtimes (real time)."""
-    if hasattr(asyncio, "sleep_ms"):
-        await asyncio.sleep_ms(ms)
-    else:
-        await asyncio.sleep(ms / 1000)
+    from firmware.cpyticks import ticks_ms, ticks_diff, ticks_add, sleep_ms, close_stream
 
 
 # ---------------------------------------------------------------- filesystem

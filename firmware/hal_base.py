@@ -1,7 +1,7 @@
 # The HAL interface with no-hardware defaults (firmware/hal.py lists the methods). The simulated
 # HAL and test HALs subclass it; the ESP32 HAL implements every method itself, so the board
 # never loads this module (RAM: docs/firmware.md).
-from firmware.hal import ticks_ms, ticks_diff, sleep_ms, open_stream
+from firmware.hal import ticks_ms, ticks_diff, sleep_ms, unload
 
 
 class Hal:
@@ -37,7 +37,11 @@ class Hal:
         self.tls = tls or None
 
     async def open_connection(self, host, port):
-        return await open_stream(host, port, self.tls, self.fs)
+        from firmware import halnet  # connect-time code (TLS): unloaded after on MicroPython
+        try:
+            return await halnet.open_stream(host, port, self.tls, self.fs)
+        finally:
+            unload("firmware.halnet")
 
     def led(self, on):
         pass

@@ -1,19 +1,22 @@
-# The ESP32 HAL (device only: imports machine, network, dht). Pins come from firmware/pins.py.
+# The ESP32 HAL (device only: imports machine, network, dht). Its set-up (pins from
+# firmware/pins.py, the drivers) is in firmware/halnet.py.
 #
 # Sensor values are fixed point (value * 1000) computed without floats:
 #   DHT22 from its raw 5-byte frame (tenths of degC / %RH) -> x100; re-measured at most every
 #   2 s (the sensor's minimum interval), the cached frame is used in between.
 #   pot from ADC read_u16() (11 dB attenuation, ~0..3.3 V) -> % of full scale x1000.
-import time
 import gc
-import asyncio
 
 import machine
-import network
 
 from firmware import hal as _hal
 
-_DHT_MIN_MS = 2100
+try:
+    from micropython import const
+except ImportError:  # CPython
+    from firmware.cpyticks import const
+
+_DHT_MIN_MS = const(2100)  # the DHT22's minimum interval between measurements, and a margin
 
 
 class Esp32Hal:
@@ -24,56 +27,34 @@ class Esp32Hal:
     tls = None  # config broker.tls: {"ca": path on self.fs, "server_hostname": name}
 
     def __init__(self, cfg=None, root=""):
-        from firmware import pins  # read here only: unloaded below (RAM)
-        self.fs = _hal.PosixFS(root)
-        self._adc = machine.ADC(machine.Pin(pins.POT_ADC))
-        try:
-            self._adc.atten(machine.ADC.ATTN_11DB)
-        except AttributeError:
-            pass
-        self._dht = None
-        try:
-            import dht
-            self._dht = dht.DHT22(machine.Pin(pins.DHT22_DATA))
-        except Exception as e:
-            print("edgeflow: no DHT22 driver (%r)" % (e,))
-        self._dht_at = None
-        self._dht_ok = False
-        self._led = machine.Pin(pins.STATUS_LED, machine.Pin.OUT)
-        self._btn = machine.Pin(pins.BUTTON, machine.Pin.IN, machine.Pin.PULL_UP)
-        self._wdt = None
-        self._wlan = network.WLAN(network.STA_IF)
-        _hal.unload("firmware.pins")
+        from firmware import halnet  # the set-up (firmware/halnet.py): unloaded after (RAM)
+        halnet.setup(self, root)
+        _hal.unload("firmware.halnet")
 
-    # ---- time
-    def ticks_ms(self):
-        return time.ticks_ms()
-
-    def ticks_diff(self, a, b):
-        return time.ticks_diff(a, b)
-
-    async def sleep_ms(self, ms):
-        await asyncio.sleep_ms(ms)
+    # ---- time: the functions themselves, not methods wrapping them (RAM: a function object
+    # and its bytecode each)
+    ticks_ms = staticmethod(_hal.ticks_ms)
+    ticks_diff = staticmethod(_hal.ticks_diff)
+    sleep_ms = staticmethod(_hal.sleep_ms)
 
     # ---- sensors
-    def _dht_measure(self):
-        now = _hal.ticks_ms()  # time.ticks_ms on the board (portable: tests run it on the stubs)
-        if self._dht_at is not None and _hal.ticks_diff(now, self._dht_at) < _DHT_MIN_MS:
-            return self._dht_ok
-        self._dht_at = now
-        try:
-            self._dht.measure()
-            self._dht_ok = True
-        except Exception:  # OSError (no answer) or a plain Exception("checksum error")
-            self._dht_ok = False
-        return self._dht_ok
-
     def read(self, ch):
         if ch == _hal.CH_POT:
             return (self._adc.read_u16() * 3125) >> 11  # 65535 -> 99998 (= 99.998 %)
-        if self._dht is None or not self._dht_measure():
+        d = self._dht
+        if d is None:
             return None
-        b = self._dht.buf
+        now = _hal.ticks_ms()  # time.ticks_ms on the board (portable: tests run it on the stubs)
+        if self._dht_at is None or _hal.ticks_diff(now, self._dht_at) >= _DHT_MIN_MS:
+            self._dht_at = now
+            try:
+                d.measure()
+                self._dht_ok = True
+            except Exception:  # OSError (no answer) or a plain Exception("checksum error")
+                self._dht_ok = False
+        if not self._dht_ok:
+            return None
+        b = d.buf
         if ch == _hal.CH_TEMP:
             v = ((b[2] & 0x7F) << 8 | b[3]) * 100
             return -v if b[2] & 0x80 else v
@@ -106,7 +87,11 @@ class Esp32Hal:
         self.tls = tls or None
 
     async def open_connection(self, host, port):
-        return await _hal.open_stream(host, port, self.tls, self.fs)
+        from firmware import halnet  # connect-time code (TLS): unloaded after (RAM)
+        try:
+            return await halnet.open_stream(host, port, self.tls, self.fs)
+        finally:
+            _hal.unload("firmware.halnet")
 
     # ---- board
     def led(self, on):
@@ -122,14 +107,9 @@ class Esp32Hal:
         if self._wdt is not None:
             self._wdt.feed()
 
-    def reset(self):
-        machine.reset()
-
-    def mem_free(self):
-        return gc.mem_free()
-
-    def mem_alloc(self):
-        return gc.mem_alloc()
+    reset = staticmethod(machine.reset)
+    mem_free = staticmethod(getattr(gc, "mem_free", int))  # int: 0 on CPython (tests)
+    mem_alloc = staticmethod(getattr(gc, "mem_alloc", int))
 
     def rand(self, n):
         if n <= 1:
@@ -138,5 +118,4 @@ class Esp32Hal:
         b = os.urandom(4)
         return ((b[0] << 22) | (b[1] << 14) | (b[2] << 6) | (b[3] >> 2)) % n
 
-    def console(self, line):
-        print(line)
+    console = staticmethod(print)

@@ -447,7 +447,7 @@ class SimHal(Hal):
     async def open_connection(self, host, port):
         if not self.wifi_up:
             raise OSError(113, "EHOSTUNREACH (simulated Wi-Fi down)")
-        r, w = await _hal.open_stream(host, port, self.tls, self.fs)
+        r, w = await Hal.open_connection(self, host, port)
         self.connections = [c for c in self.connections if not _closing(c)]
         self.connections.append(w)
         return r, w

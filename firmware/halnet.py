@@ -1,6 +1,36 @@
-# Network code the HAL runs rarely (firmware/hal.py, firmware/hal_esp32.py): the TLS connect
-# and one NTP query. Imported on demand and unloaded after on MicroPython (RAM).
+# Code the HAL runs rarely (firmware/hal_base.py, firmware/hal_esp32.py): the ESP32 HAL's
+# set-up, the TLS connect and one NTP query. Imported on demand and unloaded after on
+# MicroPython (RAM).
 import asyncio
+
+
+def setup(hal, root):
+    """Esp32Hal.__init__: the file system, the sensor drivers, LED, button and the Wi-Fi
+    interface; the pins from firmware/pins.py (read here only, unloaded after: RAM)."""
+    import machine
+    import network
+    from firmware import pins
+    from firmware.hal import PosixFS, unload
+    Pin = machine.Pin
+    hal.fs = PosixFS(root)
+    hal._adc = machine.ADC(Pin(pins.POT_ADC))
+    try:
+        hal._adc.atten(machine.ADC.ATTN_11DB)
+    except AttributeError:
+        pass
+    hal._dht = None
+    try:
+        import dht
+        hal._dht = dht.DHT22(Pin(pins.DHT22_DATA))
+    except Exception as e:
+        print("edgeflow: no DHT22 driver (%r)" % (e,))
+    hal._dht_at = None
+    hal._dht_ok = False
+    hal._led = Pin(pins.STATUS_LED, Pin.OUT)
+    hal._btn = Pin(pins.BUTTON, Pin.IN, Pin.PULL_UP)
+    hal._wdt = None
+    hal._wlan = network.WLAN(network.STA_IF)
+    unload("firmware.pins")
 
 
 async def open_stream(host, port, tls=None, fs=None):
@@ -39,7 +69,7 @@ def ntp(hal, host=None):
         msg = s.recv(48)
         if len(msg) < 48:
             return None
-        secs, frac = struct.unpack_from("!II", msg, 40)
+        secs, frac = struct.unpack_from(">II", msg, 40)  # network order
         if secs == 0:
             return None
         return (secs - 2208988800) * 1000 + (frac * 1000 >> 32)

@@ -13,13 +13,12 @@
 import struct
 import asyncio
 
-from firmware.hal import ticks_ms, ticks_diff, sleep_ms, unload
+from firmware.hal import ticks_ms, ticks_diff, sleep_ms, unload, close_stream
 
 try:
     from micropython import const
-except ImportError:
-    def const(x):
-        return x
+except ImportError:  # CPython
+    from firmware.cpyticks import const
 
 # packet types: const with a leading underscore, so not stored on the board (RAM)
 _PUBLISH = const(3)
@@ -123,26 +122,6 @@ def parse(first, body):
 # ---------------------------------------------------------------- the client
 
 
-def _close_stream(w):
-    t = getattr(w, "transport", None)  # CPython: abort, so a drain() stuck on a full buffer ends now
-    if t is not None:
-        try:
-            t.abort()
-        except Exception:
-            pass
-    try:
-        w.close()
-    except Exception:
-        pass
-    s = getattr(w, "s", None)  # MicroPython Stream: close() is a no-op, the socket is .s
-    if s is not None:
-        try:
-            s.close()
-        except Exception:
-            pass
-
-
-
 class MQTTClient:
     def __init__(self, client_id, host, port=1883, keepalive=30, will=None, clean=True, user=None,
                  password=None, open_connection=None, on_message=None, max_inflight=16,
@@ -194,25 +173,32 @@ class MQTTClient:
         body = await r.readexactly(n) if n else b""
         return parse(first, body)
 
-    async def _send(self, pkt, more=None):
-        """Write one packet (pkt, then more if given); waits for the send lock and for the socket
-        at most timeout_ms each (a full send buffer toward a dead broker never blocks forever)."""
+    async def _send(self, data, payload=None):
+        """Write one packet (data, then payload if given); waits for the send lock and for the
+        socket at most timeout_ms each (a full send buffer toward a dead broker never blocks
+        forever). Never raises: a failed write drops the connection (last_error says why) and
+        returns False, so a task may run it (the keepalive's ping)."""
         if not self.connected:
-            raise MQTTError("not connected")
+            return False
         w = self._w
         t = self.timeout_ms / 1000
-        await asyncio.wait_for(self._lock.acquire(), t)
         try:
-            w.write(pkt)
-            if more is not None:
-                w.write(more)
+            await asyncio.wait_for(self._lock.acquire(), t)
+        except Exception:  # asyncio.TimeoutError
+            self._drop(MQTTError("send lock timeout"))
+            return False
+        try:
+            w.write(data)
+            if payload is not None:
+                w.write(payload)
             await asyncio.wait_for(w.drain(), t)
-        except asyncio.TimeoutError:
-            self._drop(MQTTError("write timeout"))
-            raise MQTTError("write timeout")
+        except Exception as e:
+            self._drop(MQTTError("write timeout") if isinstance(e, asyncio.TimeoutError) else e)
+            return False
         finally:
             self._lock.release()
         self._last_tx = ticks_ms()
+        return True
 
     async def publish(self, topic, payload, qos=0, retain=False):
         """QoS 1 waits (up to timeout_ms) for room in the in-flight window; returns the pid."""
@@ -225,15 +211,11 @@ class MQTTClient:
         if not self.connected:
             raise MQTTError("not connected")
         pid = self._next_pid() if qos else 0
-        pkt, more = self.packet(topic, payload, qos, retain, pid)
+        data, more = self.packet(topic, payload, qos, retain, pid)
         if qos:
-            self.inflight.append([pid, pkt if more is None else None])
-        try:
-            await self._send(pkt, more)
-        except Exception as e:
-            self._drop(e)
-            raise MQTTError("publish failed: %r" % e)
-        self.published += 1
+            self.inflight.append([pid, data if more is None else None])
+        if not await self._send(data, more):
+            raise MQTTError("publish failed: %r" % (self.last_error,))
         return pid
 
     def packet(self, topic, payload, qos, retain, pid):
@@ -259,7 +241,6 @@ class MQTTClient:
                 self._last_rx = ticks_ms()
                 k = pkt[0]
                 if k == "publish":
-                    self.received += 1
                     if self.on_message is not None:
                         try:
                             self.on_message(pkt[1], pkt[2], pkt[4])
@@ -297,22 +278,16 @@ class MQTTClient:
                     return
                 if ticks_diff(now, self._last_tx) >= ka // 2 and not self._lock.locked():
                     self.pings += 1
-                    asyncio.create_task(self._ping())
+                    asyncio.create_task(self._send(PINGREQ_PACKET))
         except asyncio.CancelledError:
             raise
         except Exception as e:
             self._drop(e)
 
-    async def _ping(self):
-        try:
-            await self._send(PINGREQ_PACKET)
-        except Exception as e:
-            self._drop(e)
-
-    def _drop(self, err=None):
+    def _drop(self, e=None):
         """Connection lost or closed: stop the tasks, close the socket. In-flight stays."""
-        if err is not None:
-            self.last_error = err
+        if e is not None:
+            self.last_error = e
         was = self.connected
         self.connected = False
         cur = None
@@ -328,7 +303,7 @@ class MQTTClient:
                     pass
         self._tasks = []
         if self._w is not None:
-            _close_stream(self._w)
+            close_stream(self._w)
             self._w = None
         for s in self._subacks.values():
             s[0].set()
@@ -339,10 +314,8 @@ class MQTTClient:
         if self.connected:
             try:
                 await asyncio.wait_for(self._send(DISCONNECT_PACKET), 1)
-            except Exception:
+            except Exception:  # asyncio.TimeoutError
                 pass
         self._drop()
 
-    def close(self):
-        """Abrupt close (the broker publishes the will)."""
-        self._drop()
+    close = _drop  # abrupt close (the broker publishes the will)

@@ -5,12 +5,8 @@
 import struct
 import asyncio
 
-from firmware.hal import ticks_ms
-from firmware.mqtt import MQTTError, _s, varlen, parse, _close_stream
-
-
-def _packet(first, body):
-    return bytes((first,)) + varlen(len(body)) + body
+from firmware.hal import ticks_ms, close_stream
+from firmware.mqtt import MQTTError, _s, varlen, parse
 
 
 def decode_varlen(buf, off=0):
@@ -43,8 +39,8 @@ def connect_packet(client_id, keepalive=30, clean=True, will=None, user=None, pa
         if password is not None:
             flags |= 0x40
             payload += _s(password)
-    body = _s("MQTT") + bytes((4, flags)) + struct.pack(">H", keepalive) + payload
-    return _packet(0x10, body)  # CONNECT
+    body = b"\x00\x04MQTT\x04" + bytes((flags,)) + struct.pack(">H", keepalive) + payload  # protocol name, level 4
+    return b"\x10" + varlen(len(body)) + body  # CONNECT
 
 
 def set_dup(packet):
@@ -57,7 +53,7 @@ def subscribe_packet(pid, topics):
     body = struct.pack(">H", pid)
     for t, q in topics:
         body += _s(t) + bytes((q,))
-    return _packet(0x82, body)  # SUBSCRIBE
+    return b"\x82" + varlen(len(body)) + body  # SUBSCRIBE
 
 
 def split(buf):
@@ -110,28 +106,24 @@ async def connect(cl):
         await asyncio.wait_for(w.drain(), t)
         pkt = await asyncio.wait_for(cl._read_packet(r), t)
     except BaseException:
-        _close_stream(w)
+        close_stream(w)
         cl.addr = None
         raise
     if pkt[0] != "connack" or pkt[2] != 0:
-        _close_stream(w)
+        close_stream(w)
         raise MQTTError("connect refused: %r" % (pkt,))
-    cl._r = r
     cl._w = w
     cl.connected = True
     cl.connects += 1
     cl._last_rx = cl._last_tx = ticks_ms()
     cl._tasks = [asyncio.create_task(cl._reader(r)), asyncio.create_task(cl._pinger())]
-    try:
-        for p in list(cl.inflight):
-            if p[1] is None:
-                continue  # retransmit=False: the owner resends
-            p[1] = set_dup(p[1])
-            cl.retransmits += 1
-            await cl._send(p[1])
-    except Exception as e:
-        cl._drop(e)
-        raise
+    for p in list(cl.inflight):
+        if p[1] is None:
+            continue  # retransmit=False: the owner resends
+        p[1] = set_dup(p[1])
+        cl.retransmits += 1
+        if not await cl._send(p[1]):  # it dropped the connection
+            raise MQTTError("retransmit failed: %r" % (cl.last_error,))
 
 
 async def subscribe(cl, topic, qos=1):
@@ -139,7 +131,8 @@ async def subscribe(cl, topic, qos=1):
     ev = asyncio.Event()
     cl._subacks[pid] = [ev, None]
     try:
-        await cl._send(subscribe_packet(pid, [(topic, qos)]))
+        if not await cl._send(subscribe_packet(pid, [(topic, qos)])):
+            raise MQTTError("subscribe failed: %r" % (cl.last_error,))
         await asyncio.wait_for(ev.wait(), cl.timeout_ms / 1000)
         codes = cl._subacks[pid][1]
     finally:
@@ -173,7 +166,6 @@ def init(c, client_id, host, port, keepalive, will, clean, user, password, open_
     c.connected = False
     c.inflight = []  # [pid, packet or None] awaiting PUBACK, oldest first (bounded)
     c._pid = 0
-    c._r = None
     c._w = None
     c._lock = asyncio.Lock()
     c._tasks = []
@@ -183,8 +175,6 @@ def init(c, client_id, host, port, keepalive, will, clean, user, password, open_
     c.last_error = None
     # counters
     c.connects = 0
-    c.published = 0
-    c.received = 0
     c.pubacks = 0
     c.retransmits = 0
     c.pings = 0
@@ -198,7 +188,7 @@ def parse_rare(t, body):
         return ("connack", body[0] & 1, body[1])
     if t == 9:  # SUBACK
         if len(body) < 3:
-            raise MQTTError("bad suback")
+            raise MQTTError("bad suback length")
         return ("suback", (body[0] << 8) | body[1], tuple(body[2:]))
     if t == 11:  # UNSUBACK
         return ("unsuback", (body[0] << 8) | body[1])

@@ -28,9 +28,13 @@ from shared import wire_dev as wire  # the device side of the contract
 from firmware.hal import ticks_ms, ticks_diff, sleep_ms, unload
 from firmware.slots import rand32
 
+try:
+    from micropython import const
+except ImportError:  # CPython
+    from firmware.cpyticks import const
 
-_MAX_CREDITS = 1 << 24
-_GW_HELLO_MS = 1000  # hellos triggered by the (unsigned) gateway state: at most one per second
+_MAX_CREDITS = const(1 << 24)
+_GW_HELLO_MS = const(1000)  # hellos triggered by the (unsigned) gateway state: at most one per second
 
 
 class Uplink:
@@ -44,7 +48,10 @@ class Uplink:
         try:
             if topic == self.t_ack:
                 a = wire.decode_ack(payload)
-                if not self.ack_ok(payload, a[6]):
+                # forged (bad MAC) or replayed (nonce of an older hello) acks are refused
+                n = a[6]
+                if (n == 0 or (n != self.nonce and n != self.prev_nonce)
+                        or (self.key is not None and not wire.ack_mac_ok(payload, self.devb, self.key))):
                     self.c["bad_acks"] += 1
                     return
                 if len(self._acks) >= 32:
@@ -58,12 +65,6 @@ class Uplink:
             self.wake.set()
         except wire.WireError:
             self.c["bad_msgs"] += 1
-
-    def ack_ok(self, payload, nonce):
-        """Forged (bad MAC) or replayed (nonce of an older hello) acks are refused."""
-        if nonce == 0 or (nonce != self.nonce and nonce != self.prev_nonce):
-            return False
-        return self.key is None or wire.ack_mac_ok(payload, self.devb, self.key)
 
     def handle_ack(self, a):
         boot, seq, gw_time, credits, replay, flags, _nonce = a
@@ -93,12 +94,6 @@ class Uplink:
         if len(self.hosts) > 1:
             self._hi = (self._hi + 1) % len(self.hosts)
             self.client.host, self.client.port = self.hosts[self._hi]
-
-    def outstanding(self):
-        for b in self._sent_max:
-            if self._sent_max[b] > self.outbox.acked.get(b, -1):
-                return True
-        return False
 
     # ------------------------------------------------------------ outgoing
 
@@ -144,13 +139,10 @@ class Uplink:
         n = len(fr)
         k = 0
         while i < n:
-            j, m, last = self._span(fr, i, n)
+            j, m, last, st = self._span(fr, i, n)
             boot = _u32(fr, i + 3)
             try:
-                if fr[i + 19] == wire.KIND_READING:
-                    payload = self._readings(fr, i, j, m)
-                else:
-                    payload = self._records(fr, i, j, m)
+                payload = self._message(fr, i, j, m, st)
             except wire.WireError:
                 self.c["encode_errors"] += 1
                 payload = None
@@ -166,30 +158,27 @@ class Uplink:
             self.c["sent"] += m
         return k
 
-    def _stamps(self, boot):
-        """Records of this boot are stamped with the clock's epoch (firmware.clock.stamp)."""
-        ck = self.clock
-        return boot == ck.boot and ck.boot_epoch is not None
-
-    def _dt(self, fr, o, i, st):
-        """Sent time of the frame at fr[o:] minus that of the frame at fr[i:] (same boot; st:
-        self._stamps(boot)); 16-bit limbs: small ints unless the span is large."""
+    def _dt(self, fr, j, i, st):
+        """Sent time of the frame at fr[j:] minus that of the frame at fr[i:] (same boot; st:
+        its records are stamped, see _span); 16-bit limbs: small ints unless the span is large."""
         d = 0
         for x in range(11, 19, 2):
-            d = (d << 16) + ((fr[o + x] << 8) | fr[o + x + 1]) - ((fr[i + x] << 8) | fr[i + x + 1])
-        if st and (fr[o + 20] ^ fr[i + 20]) & wire.FLAG_UNSYNCED:
+            d = (d << 16) + ((fr[j + x] << 8) | fr[j + x + 1]) - ((fr[i + x] << 8) | fr[i + x + 1])
+        if st and (fr[j + 20] ^ fr[i + 20]) & wire.FLAG_UNSYNCED:
             e = self.clock.boot_epoch  # one stamped, one not (the clock was set in between)
-            d += e if fr[o + 20] & wire.FLAG_UNSYNCED else -e
+            d += e if fr[j + 20] & wire.FLAG_UNSYNCED else -e
         return d
 
     def _span(self, fr, i, n):
-        """(end, count, last seq) of the frames from fr[i:] that go into one message: the
-        same boot, all readings or none, seqs within 65535 and sent times within the int32
-        span of the first, at most batch_max."""
+        """(end, count, last seq, stamped) of the frames from fr[i:] that go into one message:
+        the same boot, all readings or none, seqs within 65535 and sent times within the int32
+        span of the first, at most batch_max. stamped: records of this boot get the clock's
+        epoch (firmware.clock.stamp)."""
         boot = _u32(fr, i + 3)
         q0 = _u32(fr, i + 7)
         rd = fr[i + 19] == wire.KIND_READING
-        st = self._stamps(boot)
+        ck = self.clock
+        st = boot == ck.boot and ck.boot_epoch is not None
         j = i
         m = 0
         last = q0
@@ -203,48 +192,37 @@ class Uplink:
             last = q
             m += 1
             j += 7 + ((fr[j + 1] << 8) | fr[j + 2])
-        return j, m, last
+        return j, m, last, st
 
-    def _readings(self, fr, i, j, m):
-        """The reading frames fr[i:j] (m of them) as one readings message, times stamped for
-        sending; record layout: shared/wire_dev.py _READING (seq and time offsets, channel,
-        flags, value)."""
+    def _message(self, fr, i, j, n, st):
+        """The frames fr[i:j] (n of them, from _span: one boot, all readings or none) as one
+        data message, times stamped for sending, encoded straight from the frames (no record
+        tuples: device RAM). A frame: magic, len u16, boot, seq, t i64, kind, flags (offset 20),
+        body, crc. Readings: records of shared/wire_dev.py's _READING layout; other kinds: the
+        record header, then the body as stored (the outbox keeps wire_dev.encode_body's bytes)."""
         boot = _u32(fr, i + 3)
         q0 = _u32(fr, i + 7)
-        st = self._stamps(boot)
         t, _ = self.clock.stamp(boot, struct.unpack_from(">q", fr, i + 11)[0], fr[i + 20])
-        out, off = wire.readings_buffer(self.dev, boot, q0, t, m)
-        o = i
-        while o < j:
-            struct.pack_into(">Hi", out, off, _u32(fr, o + 7) - q0, self._dt(fr, o, i, st))
-            out[off + 6] = fr[o + 21]  # channel
-            out[off + 7] = fr[o + 20] & ~wire.FLAG_UNSYNCED if st else fr[o + 20]
-            for x in range(4):
-                out[off + 8 + x] = fr[o + 22 + x]  # value i32, as stored
-            off += wire.READING_SIZE
-            o += 7 + ((fr[o + 1] << 8) | fr[o + 2])
-        return out
-
-    def _records(self, fr, i, j, m):
-        """The (non-reading) frames fr[i:j] (m of them) as one records message, times stamped
-        for sending; each body is copied as stored (the outbox keeps wire_dev.encode_body's
-        bytes: no decoded tuples, device RAM)."""
-        boot = _u32(fr, i + 3)
-        q0 = _u32(fr, i + 7)
-        st = self._stamps(boot)
-        t, _ = self.clock.stamp(boot, struct.unpack_from(">q", fr, i + 11)[0], fr[i + 20])
-        # a frame: magic, len u16, boot, seq, t i64, kind, flags (payload offset 18), body, crc
-        out, off = wire.records_buffer(self.dev, boot, q0, t, m, (j - i) - m * (25 - wire.REC_SIZE))
+        rd = fr[i + 19] == wire.KIND_READING
+        # a reading is READING_SIZE bytes; around any other body, a frame's 25 bytes become a
+        # REC_SIZE record header
+        out, off = wire.records_buffer(self.dev, boot, q0, t, n, n * wire.READING_SIZE if rd
+                                       else (j - i) - n * (25 - wire.REC_SIZE), rd)
         mv = memoryview(fr)
         o = i
         while o < j:
             e = o + 3 + ((fr[o + 1] << 8) | fr[o + 2])  # end of the payload
-            fl = fr[o + 20]
-            wire.put_record(out, off, fr[o + 19], _u32(fr, o + 7), t + self._dt(fr, o, i, st),
-                            fl & ~wire.FLAG_UNSYNCED if st else fl, q0, t)
-            off += wire.REC_SIZE
-            out[off:off + e - o - 21] = mv[o + 21:e]
-            off += e - o - 21
+            fl = fr[o + 20] & ~wire.FLAG_UNSYNCED if st else fr[o + 20]
+            if rd:  # seq and time offsets, channel, flags, then the value i32 as stored
+                struct.pack_into(">HiBB", out, off, _u32(fr, o + 7) - q0, self._dt(fr, o, i, st), fr[o + 21], fl)
+                for x in range(22, 26):
+                    out[off + x - 14] = fr[o + x]
+                off += wire.READING_SIZE
+            else:
+                wire.put_record(out, off, fr[o + 19], _u32(fr, o + 7), t + self._dt(fr, o, i, st), fl, q0, t)
+                off += wire.REC_SIZE
+                out[off:off + e - o - 21] = mv[o + 21:e]
+                off += e - o - 21
             o = e + 4
         return out
 
@@ -272,32 +250,29 @@ class Uplink:
                 await self._sleep(250)
                 continue
             wifi_started = None
+            up = False  # connected: the session ran
             try:
                 del self.client.inflight[:]  # the outbox replays what was not acked
                 await self.client.connect()
+                up = True
                 self.c["connects"] += 1
-            except Exception as e:
-                self.c["connect_failures"] += 1
-                self.next_host()
-                d = self.backoff.next()
-                self.console("mqtt connect failed (%s), retry in %d ms" % (_err(e), d))
-                await self._sleep(d)
-                continue
-            try:
                 await self._session()
             except Exception as e:
                 if self.running:
-                    self.console("mqtt session ended (%s)" % _err(e))
-            self.session = False
-            self.outbox.end_session()
-            self.client.close()
+                    self.console("mqtt %s (%r)" % ("session ended" if up else "connect failed", e))
+            if up:
+                self.session = False
+                self.outbox.end_session()
+                self.client.close()
             if self.running:
-                self.c["reconnects"] += 1
+                self.c["reconnects" if up else "connect_failures"] += 1
                 self.next_host()
                 await self._sleep(self.backoff.next())
 
     async def _session(self):
         cl = self.client
+        ob = self.outbox
+        c = self.c
         self.gw_online = False
         self._gw_changed = False
         self.credits = 0
@@ -313,7 +288,7 @@ class Uplink:
         while not self._gw_changed and cl.connected and ticks_diff(ticks_ms(), t0) < 300:
             await sleep_ms(10)
         self._gw_changed = False
-        self.outbox.begin_session()
+        ob.begin_session()
         self.session = True
         await self.hello()
         self._progress = self._ack_at = ticks_ms()
@@ -327,27 +302,30 @@ class Uplink:
                 self._gw_changed = False
                 if self.gw_online:
                     await self.hello()
-            if self.outbox.need_rewind:
+            if ob.need_rewind:
                 await self._rewind()
-            live = self.outbox.take_live()
-            if live:
-                self.c["live"] += await self.send(live)
-            live = None  # RAM: the sent records go before the next take_live / read_backlog
-            if self.replay and self.credits > 0 and self.outbox.has_backlog():
-                n = self.credits if self.credits < self.batch_max else self.batch_max
-                recs = self.outbox.read_backlog(n)
-                if recs:
-                    k = await self.send(recs)
-                    self.credits -= k
-                    self.c["replayed"] += k
-                    recs = None
+            fr = ob.take_live()
+            if fr:
+                c["live"] += await self.send(fr)
+            fr = None  # RAM: the sent records go before the next take_live / read_backlog
+            n = self.credits
+            if self.replay and n > 0 and ob.has_backlog():
+                fr = ob.read_backlog(n if n < self.batch_max else self.batch_max)
+                if fr:
+                    n = await self.send(fr)
+                    fr = None
+                    self.credits -= n
+                    c["replayed"] += n
                     continue
-                recs = None
+                fr = None
             await self.check_stall()
-            if self.outstanding():
-                if ticks_diff(ticks_ms(), self._progress) > self.resend_ms:
-                    await self._rewind()
-                    self._progress = ticks_ms()
+            sm = self._sent_max
+            for b in sm:
+                if sm[b] > ob.acked.get(b, -1):  # records sent and not acked: resend them
+                    if ticks_diff(ticks_ms(), self._progress) > self.resend_ms:  # after no progress
+                        await self._rewind()
+                        self._progress = ticks_ms()
+                    break
             else:
                 self._progress = ticks_ms()
             self.wake.clear()
@@ -378,11 +356,6 @@ class Uplink:
         self.running = False
         self.client.close()
         self.wake.set()
-
-
-def _err(e):
-    s = str(e)
-    return "%s %s" % (type(e).__name__, s) if s else type(e).__name__
 
 
 def _u32(b, o):

@@ -26,21 +26,18 @@ class Hmac:
         self._ipad = bytes(ipad)
         self._opad = bytes(opad)
 
-    def digest(self, *parts):
+    def mac(self, *parts, n=MAC_LEN):
+        """The HMAC over the parts, its first n bytes (MAC_LEN: what the wire carries; 32: all)."""
         h = hashlib.sha256(self._ipad)
         for p in parts:
             h.update(p)
         o = hashlib.sha256(self._opad)
         o.update(h.digest())
-        return o.digest()
-
-    def mac(self, *parts):
-        """The truncated MAC (MAC_LEN bytes) the wire carries."""
-        return self.digest(*parts)[:MAC_LEN]
+        return o.digest()[:n]
 
 
 def hmac_sha256(key, msg):
-    return Hmac(key).digest(msg)
+    return Hmac(key).mac(msg, n=32)
 
 
 def equal(a, b):

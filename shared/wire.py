@@ -6,11 +6,17 @@ from shared.wire_ctl import *  # noqa: F401,F403
 from shared.wire_ctl import _HELLO, _mac  # noqa: F401
 from shared import wire_ctl as _ctl
 from shared.wire_body import _need, _ascii, _decode_body  # noqa: F401
-from shared.wire_dev import (readings_buffer, put_reading, _check_max, _u32, _header,  # noqa: F401
-                             _HDR, _READING, _REC, _ACK, _ID_CHARS, _offsets, _i32, _CEP, _GAP,
-                             _WINDOW, _ANOMALY, _STATUS, _STATE)
+# the numbers and layouts the device module keeps as consts (shared/wire_dev.py contract())
+from shared.wire_body import (VERSION, MAGIC, MSG_READINGS, MSG_RECORDS, MSG_ACK, MSG_STATE, MSG_GW_STATE,  # noqa: F401
+                              MAX_PAYLOAD, MAX_DEVICE_ID, MAX_EVIDENCE, ACK_HAS_TIME, ACK_BODY, ACK_SIZE, _HDR,
+                              _READING, _REC, _WINDOW, _ANOMALY, _STATUS, _CEP, _GAP, _ACK)
+from shared.wire_dev import records_buffer, _check_max, _u32, _header, _ID_CHARS, _offsets, _i32  # noqa: F401
 import struct
 from shared.auth import MAC_LEN, equal
+
+HDR_SIZE = struct.calcsize(_HDR)  # 22, followed by the device id bytes
+_STATE = ">BB"  # online, reserved
+FLAG_CLAMPED = 2  # value saturated to the int32 range
 
 # ---------------------------------------------------------------- gateway side
 # (and the encoders the board does not run: RAM, docs/firmware.md)
@@ -26,6 +32,18 @@ def to_fixed(x):
     return v
 
 
+def put_reading(out, off, seq, t, ch, flags, value, base_seq, base_time):
+    """One reading record at out[off:] of a records_buffer(..., readings=True) (the board
+    writes its records from the stored frames: firmware/uplink.py)."""
+    ds = seq - base_seq
+    dt = t - base_time
+    if ds < 0 or ds > 0xFFFF or dt < I32_MIN or dt > I32_MAX:
+        _offsets(seq, t, base_seq, base_time)  # raises the precise error
+    if ch < 0 or ch > 255 or flags < 0 or flags > 255:
+        raise WireError("bad_channel", repr((seq, t, ch, flags, value)))
+    struct.pack_into(_READING, out, off, ds, dt, ch, flags, _i32(value, "value"))
+
+
 def encode_readings(device_id, boot, readings):
     """readings: list of (seq, t_ms, channel, flags, value_fixed), seq ascending.
 
@@ -36,7 +54,7 @@ def encode_readings(device_id, boot, readings):
         raise WireError("empty")
     base_seq = readings[0][0]
     base_time = readings[0][1]
-    out, off = readings_buffer(device_id, boot, base_seq, base_time, n)
+    out, off = records_buffer(device_id, boot, base_seq, base_time, n, n * READING_SIZE, True)
     for r in readings:
         put_reading(out, off, r[0], r[1], r[2], r[3], r[4], base_seq, base_time)
         off += READING_SIZE

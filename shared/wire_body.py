@@ -5,8 +5,11 @@
 import struct
 
 from shared.wire_dev import (WireError, check_topic_part, KIND_WINDOW, KIND_CEP, KIND_ANOMALY, KIND_STATUS,
-                             KIND_GAP, MAX_RULE_ID, MAX_EVIDENCE, MAX_GAP_RANGES, DETECTOR_ZSCORE, DETECTOR_EWMA,
-                             _WINDOW, _CEP, _ANOMALY, _STATUS, _GAP)
+                             KIND_GAP, MAX_RULE_ID, MAX_GAP_RANGES, DETECTOR_ZSCORE, DETECTOR_EWMA, contract)
+
+# the numbers and layouts shared/wire_dev.py keeps as consts (shared/wire.py re-exports them)
+(VERSION, MAGIC, MSG_READINGS, MSG_RECORDS, MSG_ACK, MSG_STATE, MSG_GW_STATE, MAX_PAYLOAD, MAX_DEVICE_ID, MAX_EVIDENCE,
+ ACK_HAS_TIME, ACK_BODY, ACK_SIZE, _HDR, _READING, _REC, _WINDOW, _ANOMALY, _STATUS, _CEP, _GAP, _ACK) = contract()
 
 
 def _need(buf, off, size, what):

@@ -21,31 +21,34 @@ class Topics:
     The gateway's subscriptions and parse() are in shared/wire.py's Topics (not on the board).
     """
 
+    # the topic formats are longer than 10 characters: not interned, so the board keeps none
+    # of them after it unloads this module (RAM)
     def __init__(self, prefix="edgeflow"):
         check_topic_part(prefix, "prefix", 64, True)
         self.prefix = prefix
-        self.gw_state = prefix + "/gw/state"
+        self.gw_state = "%s/gw/state" % prefix
 
     def data(self, dev):
-        return self.prefix + "/d/" + dev + "/data"
+        return "%s/d/%s/data" % (self.prefix, dev)
 
     def hello(self, dev):
-        return self.prefix + "/d/" + dev + "/hello"
+        return "%s/d/%s/hello" % (self.prefix, dev)
 
     def state(self, dev):
-        return self.prefix + "/d/" + dev + "/state"
+        return "%s/d/%s/state" % (self.prefix, dev)
 
     def ack(self, dev):
-        return self.prefix + "/d/" + dev + "/ack"
+        return "%s/d/%s/ack" % (self.prefix, dev)
 
 
-def _mac(key, parts):
-    """MAC_LEN bytes over parts; zeros without a key (insecure mode: the receiver has no key either)."""
+def _mac(key, args):
+    """MAC_LEN bytes over the byte strings args; zeros without a key (insecure mode: the
+    receiver has no key either)."""
     if key is None:
         return bytes(MAC_LEN)
     if not isinstance(key, Hmac):
         key = Hmac(key)
-    return key.mac(*parts)
+    return key.mac(*args)
 
 
 def encode_hello(device_id, boot, next_seq, now_ms, backlog, floor_boot, floor_seq, instance, nonce, fw,

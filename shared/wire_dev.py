@@ -6,18 +6,27 @@
 # modules: change a layout here, the gateway side reads the same constants.
 import struct
 
-from shared.auth import MAC_LEN, equal
+from shared.auth import equal
 
-VERSION = 2  # v2: hello carries instance id, session nonce, floor and a MAC; acks are authenticated
-MAGIC = 0xE5
+try:
+    from micropython import const
+except ImportError:
+    def const(x):
+        return x
+
+# The numbers and layouts only this module and the gateway side use are underscore consts: the
+# board keeps no name for them (RAM: each kept name is a qstr); shared/wire.py takes them from
+# contract() under their public names (MAGIC, VERSION, MSG_READINGS, ..., via shared/wire_body.py).
+_VERSION = const(2)  # v2: hello carries instance id, session nonce, floor and a MAC; acks are authenticated
+_MAGIC = const(0xE5)
 
 # Message types (byte 2 of every message).
-MSG_READINGS = 1  # batch of raw readings, fixed 12-byte records
-MSG_RECORDS = 2  # batch of window / cep / anomaly / status / gap records
-MSG_ACK = 3  # gateway -> device
+_MSG_READINGS = const(1)  # batch of raw readings, fixed 12-byte records
+_MSG_RECORDS = const(2)  # batch of window / cep / anomaly / status / gap records
+_MSG_ACK = const(3)  # gateway -> device
 MSG_HELLO = 4  # device birth: firmware, backlog
-MSG_STATE = 5  # device online/offline (retained; offline is the last will)
-MSG_GW_STATE = 6  # gateway online/offline (retained; offline is its last will)
+_MSG_STATE = const(5)  # device online/offline (retained; offline is the last will)
+_MSG_GW_STATE = const(6)  # gateway online/offline (retained; offline is its last will)
 
 # Record kinds. Identity of every record is (device_id, boot, seq).
 KIND_READING = 1
@@ -27,42 +36,50 @@ KIND_ANOMALY = 4
 KIND_STATUS = 5
 KIND_GAP = 6  # seq ranges the device dropped by policy (outbox full)
 
-# Record flags.
+# Record flags (FLAG_CLAMPED: shared/wire.py).
 FLAG_UNSYNCED = 1  # t is ms since boot, not epoch: the device had no clock yet
-FLAG_CLAMPED = 2  # value saturated to the int32 range
 
 # Values travel as fixed point: value * SCALE as a signed 32-bit integer.
 SCALE = 1000
 I32_MIN = -2147483648
 I32_MAX = 2147483647
 
-MAX_PAYLOAD = 65536  # bytes; larger payloads are rejected before parsing
-MAX_DEVICE_ID = 32
+_MAX_PAYLOAD = const(65536)  # bytes; larger payloads are rejected before parsing
+_MAX_DEVICE_ID = const(32)
 MAX_RULE_ID = 32
-MAX_EVIDENCE = 8
+_MAX_EVIDENCE = const(8)
 MAX_GAP_RANGES = 16
 MAX_FW = 32
 
-_HDR = ">BBBBIIqH"  # magic, version, type, id length, boot, base_seq, base_time, count
-HDR_SIZE = struct.calcsize(_HDR)  # 22, followed by the device id bytes
-_READING = ">HiBBi"  # seq offset, time offset, channel, flags, value
-READING_SIZE = struct.calcsize(_READING)  # 12
-_REC = ">BHiB"  # kind, seq offset, time offset, flags
-REC_SIZE = struct.calcsize(_REC)  # 8
-_WINDOW = ">BIIiiiIII"  # channel, size_ms, count, min, max, mean, std, first_dt, last_dt
-_ANOMALY = ">BBiii"  # channel, detector, score, value, baseline
-_STATUS = ">IIIIIiII"  # uptime_s, outbox_records, outbox_bytes, dropped, late, clock_offset_ms, free_mem, reconnects
-_CEP = ">BIB"  # severity, span_ms, evidence count (rule id and evidence follow)
-_GAP = ">IB"  # boot of the dropped records, range count; then (first_seq u32, length u16) each
-_ACK = ">BBBBIIqIBI"  # magic, version, type, flags, boot, seq, gw_time_ms, credits, replay (0/1), nonce; + MAC
-_STATE = ">BB"  # online, reserved
+_HDR = const(">BBBBIIqH")  # magic, version, type, id length, boot, base_seq, base_time, count (22 bytes)
+_READING = const(">HiBBi")  # seq offset, time offset, channel, flags, value
+READING_SIZE = 12  # struct.calcsize(_READING) (tests/logic/test_wire.py checks these sizes)
+_REC = const(">BHiB")  # kind, seq offset, time offset, flags
+REC_SIZE = 8
+_WINDOW = const(">BIIiiiIII")  # channel, size_ms, count, min, max, mean, std, first_dt, last_dt
+_ANOMALY = const(">BBiii")  # channel, detector, score, value, baseline
+_STATUS = const(">IIIIIiII")  # uptime_s, outbox_records, outbox_bytes, dropped, late, clock_offset_ms, free_mem, reconnects
+_CEP = const(">BIB")  # severity, span_ms, evidence count (rule id and evidence follow)
+_GAP = const(">IB")  # boot of the dropped records, range count; then (first_seq u32, length u16) each
+_ACK = const(">BBBBIIqIBI")  # magic, version, type, flags, boot, seq, gw_time_ms, credits, replay (0/1), nonce; + MAC
 
 DETECTOR_ZSCORE = 1
 DETECTOR_EWMA = 2
 
 # Ack flags.
-ACK_HAS_TIME = 1  # gw_time_ms is a valid time beacon
+_ACK_HAS_TIME = const(1)  # gw_time_ms is a valid time beacon
 ACK_NONE = 2  # nothing of this boot committed yet (seq is meaningless)
+_ACK_BODY = const(29)  # struct.calcsize(_ACK)
+_ACK_SIZE = const(45)  # _ACK_BODY + shared.auth.MAC_LEN
+
+
+def contract():
+    """The consts above, for the gateway side (shared/wire_body.py names them in this order):
+    one definition, and on MicroPython a const's name is not kept, so it cannot be imported."""
+    # a list: a constant tuple would keep its strings as heap objects, not the interned layouts
+    return [_VERSION, _MAGIC, _MSG_READINGS, _MSG_RECORDS, _MSG_ACK, _MSG_STATE, _MSG_GW_STATE, _MAX_PAYLOAD,
+            _MAX_DEVICE_ID, _MAX_EVIDENCE, _ACK_HAS_TIME, _ACK_BODY, _ACK_SIZE, _HDR, _READING, _REC, _WINDOW,
+            _ANOMALY, _STATUS, _CEP, _GAP, _ACK]
 
 
 class WireError(ValueError):
@@ -88,7 +105,7 @@ def check_topic_part(s, what, limit, allow_slash=False):
 
 def check_device_id(dev):
     """Device ids are 1..32 of [A-Za-z0-9_-]: safe in topics and file names."""
-    return check_topic_part(dev, "device_id", MAX_DEVICE_ID)
+    return check_topic_part(dev, "device_id", _MAX_DEVICE_ID)
 
 
 # ---------------------------------------------------------------- helpers
@@ -118,7 +135,7 @@ def _header(mtype, device_id, boot, base_seq, base_time, n):
     if n > 0xFFFF:
         raise WireError("too_many_records", str(n))
     idb = device_id.encode()
-    return struct.pack(_HDR, MAGIC, VERSION, mtype, len(idb), boot, base_seq, base_time, n) + idb
+    return struct.pack(_HDR, _MAGIC, _VERSION, mtype, len(idb), boot, base_seq, base_time, n) + idb
 
 
 def _offsets(seq, t, base_seq, base_time):
@@ -131,26 +148,17 @@ def _offsets(seq, t, base_seq, base_time):
     return ds, dt
 
 
-def readings_buffer(device_id, boot, base_seq, base_time, n):
-    """(buffer, offset of the first record): a readings message of n records, its header
-    written; put_reading fills record i at offset + READING_SIZE * i (the device encodes
-    straight from its stored records: no row tuples, RAM)."""
-    return _buffer(MSG_READINGS, device_id, boot, base_seq, base_time, n, n * READING_SIZE)
-
-
-def records_buffer(device_id, boot, base_seq, base_time, n, nbytes):
-    """(buffer, offset of the first record): a records message of n records taking nbytes in
-    all (REC_SIZE + body each), its header written; the device writes each record with
-    put_record and copies the stored body after it (the outbox keeps encode_body's bytes)."""
-    return _buffer(MSG_RECORDS, device_id, boot, base_seq, base_time, n, nbytes)
-
-
-def _buffer(mtype, device_id, boot, base_seq, base_time, n, nbytes):
+def records_buffer(device_id, boot, base_seq, base_time, n, nbytes, readings=False):
+    """(buffer, offset of the first record): a records message (a readings message with
+    readings) of n records taking nbytes in all, its header written. The device encodes straight
+    from its stored frames (firmware/uplink.py): a reading is READING_SIZE bytes; any other
+    record is put_record's REC_SIZE bytes and the stored body after it (the outbox keeps
+    encode_body's bytes). The gateway side: shared/wire.py put_reading / encode_records."""
     if n == 0:
         raise WireError("empty")
-    h = _header(mtype, device_id, boot, base_seq, base_time, n)
+    h = _header(_MSG_READINGS if readings else _MSG_RECORDS, device_id, boot, base_seq, base_time, n)
     off = len(h)
-    if off + nbytes > MAX_PAYLOAD:
+    if off + nbytes > _MAX_PAYLOAD:
         raise WireError("oversize", str(off + nbytes))
     out = bytearray(off + nbytes)
     out[0:off] = h
@@ -164,16 +172,6 @@ def put_record(out, off, kind, seq, t, flags, base_seq, base_time):
     struct.pack_into(_REC, out, off, kind, ds, dt, flags)
 
 
-def put_reading(out, off, seq, t, ch, flags, value, base_seq, base_time):
-    ds = seq - base_seq
-    dt = t - base_time
-    if ds < 0 or ds > 0xFFFF or dt < I32_MIN or dt > I32_MAX:
-        _offsets(seq, t, base_seq, base_time)  # raises the precise error
-    if ch < 0 or ch > 255 or flags < 0 or flags > 255:
-        raise WireError("bad_channel", repr((seq, t, ch, flags, value)))
-    struct.pack_into(_READING, out, off, ds, dt, ch, flags, _i32(value, "value"))
-
-
 def encode_body(kind, body):
     """Kind-specific bytes of a non-reading record. body is a tuple, see docs/wire.md."""
     if kind == KIND_WINDOW:
@@ -183,8 +181,8 @@ def encode_body(kind, body):
     if kind == KIND_CEP:
         rule_id, severity, span_ms, evidence = body
         check_topic_part(rule_id, "rule_id", MAX_RULE_ID)
-        if len(evidence) > MAX_EVIDENCE:
-            raise WireError("bad_evidence", "more than %d values" % MAX_EVIDENCE)
+        if len(evidence) > _MAX_EVIDENCE:
+            raise WireError("bad_evidence", "more than %d values" % _MAX_EVIDENCE)
         rb = rule_id.encode()
         out = bytearray(struct.pack(">B", len(rb)) + rb + struct.pack(_CEP, severity, _u32(span_ms, "span"), len(evidence)))
         for v in evidence:
@@ -216,44 +214,41 @@ def _check_max(payload, max_size):
         raise WireError("oversize", "%d > %d bytes" % (len(payload), max_size))
     if len(payload) < 4:
         raise WireError("truncated", "%d bytes" % len(payload))
-    if payload[0] != MAGIC:
+    if payload[0] != _MAGIC:
         raise WireError("bad_magic", "0x%02x" % payload[0])
-    if payload[1] != VERSION:
-        if payload[1] > VERSION:
-            raise WireError("newer_version", "v%d, this side speaks v%d" % (payload[1], VERSION))
+    if payload[1] != _VERSION:
+        if payload[1] > _VERSION:
+            raise WireError("newer_version", "v%d, this side speaks v%d" % (payload[1], _VERSION))
         raise WireError("unknown_version", "v%d" % payload[1])
 
 
 # ---------------------------------------------------------------- control messages
 
 
-ACK_BODY = struct.calcsize(_ACK)  # 29
-ACK_SIZE = ACK_BODY + MAC_LEN  # 45
-
-
 def decode_ack(payload):
     """Returns (boot, seq, gw_time_ms or None, credits, replay, flags, nonce). Checks no MAC:
     the device does (ack_mac_ok) before it acts on anything in it."""
     _check_max(payload, 256)
-    if len(payload) != ACK_SIZE:
-        raise WireError("bad_length", "ack is %d bytes" % ACK_SIZE)
+    if len(payload) != _ACK_SIZE:
+        raise WireError("bad_length", "ack is %d bytes" % _ACK_SIZE)
     _m, _v, mtype, flags, boot, seq, t, credits, replay, nonce = struct.unpack_from(_ACK, payload, 0)
-    if mtype != MSG_ACK:
+    if mtype != _MSG_ACK:
         raise WireError("unexpected_type", str(mtype))
     if replay > 1:
         raise WireError("bad_replay", str(replay))
-    return boot, seq, (t if flags & ACK_HAS_TIME else None), credits, replay == 1, flags, nonce
+    return boot, seq, (t if flags & _ACK_HAS_TIME else None), credits, replay == 1, flags, nonce
 
 
 def ack_mac_ok(payload, device_id_bytes, key):
-    """True if an ACK_SIZE payload carries the MAC of `key` (an auth.Hmac) for this device."""
+    """True if an ack payload (decode_ack checked its size) carries the MAC of `key` (an
+    auth.Hmac) for this device."""
     mv = memoryview(payload)
-    return equal(key.mac(device_id_bytes, mv[:ACK_BODY]), mv[ACK_BODY:ACK_SIZE])
+    return equal(key.mac(device_id_bytes, mv[:_ACK_BODY]), mv[_ACK_BODY:_ACK_SIZE])
 
 
 def encode_state(online, gateway=False):
     """Device or gateway presence (retained). The offline form is the last will."""
-    return bytes((MAGIC, VERSION, MSG_GW_STATE if gateway else MSG_STATE, 0, 1 if online else 0, 0))
+    return bytes((_MAGIC, _VERSION, _MSG_GW_STATE if gateway else _MSG_STATE, 0, 1 if online else 0, 0))
 
 
 def decode_state(payload, gateway=False):
@@ -261,7 +256,7 @@ def decode_state(payload, gateway=False):
     _check_max(payload, 64)
     if len(payload) != 6:
         raise WireError("bad_length", "state is 6 bytes")
-    if payload[2] != (MSG_GW_STATE if gateway else MSG_STATE):
+    if payload[2] != (_MSG_GW_STATE if gateway else _MSG_STATE):
         raise WireError("unexpected_type", str(payload[2]))
     if payload[4] > 1:
         raise WireError("bad_state", str(payload[4]))

@@ -29,8 +29,9 @@ def test_full_jitter_is_uniform_below_ceiling_and_deterministic():
 def test_zero_jitter_and_bad_args():
     b = Backoff(100, 1000, rng=lambda n: 0, min_ms=10)
     assert b.next() == 10
-    raises(ValueError, Backoff, 0, 10)
-    raises(ValueError, Backoff, 100, 10)
+    raises(ValueError, Backoff, 0, 10, lambda n: 0)
+    raises(ValueError, Backoff, 100, 10, lambda n: 0)
+    raises(ValueError, Backoff, 100, 1000)  # no rng
 
 
 def test_fleet_spreads_reconnects():

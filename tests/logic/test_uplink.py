@@ -93,7 +93,7 @@ def test_send_groups_by_boot_and_type_and_stamps_current_boot():
     assert msgs[1][3][0] == (0, EPOCH + 300, 1, 0, 3)
     assert msgs[2][3][0] == (wire.KIND_CEP, 2, EPOCH + 500, 0, ("hot", 2, 100, (1,)))
     assert up.c["sent"] == 9 and up.c["msgs"] == 5
-    assert up.outstanding()
+    assert up._sent_max == {1: 6, 2: 6} and not ob.acked  # outstanding: resent without acks
 
 
 def test_hello_reports_backlog_and_live_boundary():

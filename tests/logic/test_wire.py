@@ -18,6 +18,16 @@ def _sample_records():
     ]
 
 
+def test_device_consts_match_their_layouts():
+    # shared/wire_dev.py writes these sizes as consts (no struct.calcsize at import on the board)
+    import struct
+    assert wire.READING_SIZE == struct.calcsize(wire._READING) == 12
+    assert wire.REC_SIZE == struct.calcsize(wire._REC) == 8
+    assert wire.ACK_BODY == struct.calcsize(wire._ACK) and wire.ACK_SIZE == wire.ACK_BODY + auth.MAC_LEN
+    assert wire.HDR_SIZE == struct.calcsize(wire._HDR) == 22
+    assert (wire.MAGIC, wire.VERSION, wire.MSG_READINGS, wire.MSG_GW_STATE) == (0xE5, 2, 1, 6)
+
+
 def test_readings_roundtrip():
     rs = [(5, T0, 0, 0, 21500), (6, T0 + 1000, 1, 0, -1), (9, T0 - 3, 255, wire.FLAG_UNSYNCED, wire.I32_MAX)]
     p = wire.encode_readings("node-1", 3, rs)
