@@ -172,6 +172,42 @@ def test_watermark_restore_keeps_devices_active():
     assert v.global_wm == 99  # a still holds it: a restart does not let b race ahead
 
 
+def test_watermark_matches_a_brute_force_model_and_the_heap_stays_one_entry_per_device():
+    # the heap is re-keyed lazily and the idle scan skipped until something can be idle
+    # (issue 16: a 10,000-device storm pushed an entry per message, scanned the fleet 20 x a
+    # second); the global watermark and the idle transitions must be exactly the plain rule's
+    import random
+    rnd = random.Random(16)
+    for _ in range(12):
+        n, timeout, delay = rnd.randint(1, 12), rnd.choice((50, 300, 2000)), rnd.choice((0, 7))
+        w = Watermarks(delay - 1, timeout)
+        mt, last, active, g = {}, {}, {}, None
+        now = 0
+        for _ in range(600):
+            now += rnd.choice((0, 1, 5, 40))
+            dev = "d%d" % rnd.randrange(n)
+            op = rnd.random()
+            if op < 0.7:
+                t = max(0, mt.get(dev, 1000) + rnd.randint(-50, 200))
+                w.observe(dev, t, now)
+                mt[dev] = max(mt.get(dev, t), t)
+                last[dev], active[dev] = now, True
+            elif op < 0.8:
+                w.set_online(dev, False)
+                active[dev] = False
+            else:
+                w.tick(now)
+                for d in active:
+                    if active[d] and now - last[d] >= timeout:
+                        active[d] = False
+            low = [mt[d] - delay for d in active if active[d]]
+            if low and (g is None or min(low) > g):
+                g = min(low)
+            assert w.global_wm == g
+            assert {d for d in active if active[d]} == {d for d, x in w.devs.items() if x.active}
+            assert len(w._heap) <= len(w.devs)  # one entry per device, not one per advance
+
+
 # ------------------------------------------------------------------ windows
 
 
