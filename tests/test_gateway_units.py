@@ -488,15 +488,22 @@ def test_adaptive_climbs_multiplicatively_far_under_the_target():
     assert e.adapt(2000) == 2000.0  # capped
 
 
+def _storm_admission(outstanding, per_s):
+    """The gateway's defaults (200k/s ceiling, target 5 s), one device holding `outstanding`
+    credits, T = per_s."""
+    a = Admission(200000.0, burst=10 ** 9, max_replayers=4, chunk=10 ** 9, timeout_s=30, now=0, adaptive=True,
+                  rate_min=2000.0, target_s=5.0, beta=0.8, increase=0.05)
+    a.hello("d", outstanding, 0)
+    a.grant("d", 0)
+    a.committed(0, 0)
+    a.committed(per_s, 1000)
+    return a
+
+
 def test_adaptive_burst_cut_is_undone_in_seconds():
     # the bench_storm case: T measured during the connect/hello burst is a fifth of the rate;
     # the rate halves once, and climbs back to the ceiling within 2 steps once the wait is small
-    a = Admission(200000.0, burst=10 ** 9, max_replayers=4, chunk=10 ** 9, timeout_s=30, now=0, adaptive=True,
-                  rate_min=2000.0, target_s=5.0, beta=0.8, increase=0.05)
-    a.hello("d", 500000, 0)
-    a.grant("d", 0)
-    a.committed(0, 0)
-    a.committed(36000, 1000)  # T = 36k/s, O = 500k: D = 13.9 s
+    a = _storm_admission(500000, 36000)  # T = 36k/s, O = 500k: D = 13.9 s
     a.adapt(1000)
     assert a.adapt(2000) == 100000.0 and a.decreases == 1  # not 0.8 x 36000 = 28800
     a.backlog_received("d", 500000, 2500)  # the broker queue drained
@@ -638,22 +645,12 @@ def test_adaptive_never_grants_under_T_with_little_outstanding():
     # full and only 0.75 s of granted backlog was left. The old rule held 54k/s (full queue), so
     # the outstanding drained and the gateway sat with an empty queue until the x2 climb caught
     # up. Under target / 4 the rate is at least T, full queue or not.
-    a = Admission(200000.0, burst=10 ** 9, max_replayers=4, chunk=10 ** 9, timeout_s=30, now=0, adaptive=True,
-                  rate_min=2000.0, target_s=5.0, beta=0.8, increase=0.05)
-    a.hello("d", 89136, 0)
-    a.grant("d", 0)
-    a.committed(0, 0)
-    a.committed(118930, 1000)
+    a = _storm_admission(89136, 118930)
     a.rate = 54447 / 1000.0
     assert a.adapt(1000, queue_full=True) == 118930.0  # D = 0.75 s < 1.25 s: at least T, no climb
     assert a.adapt(2000, queue_full=True) == 118930.0  # and no further while the queue is full
     assert a.adapt(3000) == 200000.0  # queue not full: the climb as before (x2, capped at 2 x T, ceiling)
     # between a quarter and the target nothing changes: the rate may stay under T there, O drains
-    b = Admission(200000.0, burst=10 ** 9, max_replayers=4, chunk=10 ** 9, timeout_s=30, now=0, adaptive=True,
-                  rate_min=2000.0, target_s=5.0, beta=0.8, increase=0.05)
-    b.hello("d", 300000, 0)
-    b.grant("d", 0)
-    b.committed(0, 0)
-    b.committed(100000, 1000)  # D = 3 s
+    b = _storm_admission(300000, 100000)  # D = 3 s
     b.rate = 54447 / 1000.0
     assert b.adapt(1000, queue_full=True) == 54447.0
