@@ -54,6 +54,8 @@ class Watermarks:
         if d is None:
             d = self.devs[dev] = _DevWm()
         d.last_data = now
+        if now + self.idle_timeout < self._idle_due:  # an activation (or the clock stepped back)
+            self._idle_due = now + self.idle_timeout
         if d.max_t is None or max_t > d.max_t:
             d.max_t = max_t
             self.dirty.add(dev)
@@ -65,8 +67,6 @@ class Watermarks:
             d.online = True
             self.rejoins += 1
             advanced = True
-            if now + self.idle_timeout < self._idle_due:
-                self._idle_due = now + self.idle_timeout
         if advanced:
             if not d.in_heap:
                 d.in_heap = True
@@ -86,9 +86,9 @@ class Watermarks:
             self._recompute()
 
     def tick(self, now):
-        """Processing-time check for idle devices. A device's idle time only moves later
-        (data) or appears with its activation (observe lowers _idle_due), so nothing can go
-        idle before _idle_due: the scan of the fleet runs only then."""
+        """Processing-time check for idle devices. observe() keeps _idle_due at or below every
+        active device's last_data + idle_timeout, so nothing can go idle before it: the scan
+        of the fleet runs only then."""
         if now < self._idle_due:
             return
         changed = False
