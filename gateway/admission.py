@@ -30,6 +30,7 @@ rate follows the gateway's measured capacity instead of staying at the configure
                                                      min(rate * growth ** dt, growth * T))
     D < target / 2 and queue not full ->  rate = rate + increase * rate_max * dt
     otherwise (and before any T)      ->  rate unchanged (a full ingest queue also pauses grants)
+    then, if D < target / 4 (full queue or not): rate = max(rate, T)
     then rate = clamp(rate, rate_min, rate_max); dt in s, at most 2
 """
 import collections
@@ -289,6 +290,12 @@ class Admission:
                     # but not past growth x T (a Pi committing 20k/s must not jump to a 200k ceiling)
                     up = max(up, min(rate * self.growth ** s, self.growth * T))
                 rate = up
+            if D < self.target_ms / 4:
+                # little granted and not received: granting less than the gateway commits would
+                # starve it within about target / 4, however full the queue is now (bench_storm:
+                # a rate cut to 54k/s held by a full queue while T was back at 110k/s emptied
+                # the queue 2 s later, every 15-20 s)
+                rate = max(rate, T)
         rate = max(self.rate_min, min(self.rate_max, rate))
         self.rate = rate / 1000.0
         return rate

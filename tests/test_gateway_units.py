@@ -172,6 +172,42 @@ def test_watermark_restore_keeps_devices_active():
     assert v.global_wm == 99  # a still holds it: a restart does not let b race ahead
 
 
+def test_watermark_matches_a_brute_force_model_and_the_heap_stays_one_entry_per_device():
+    # the heap is re-keyed lazily and the idle scan skipped until something can be idle
+    # (issue 16: a 10,000-device storm pushed an entry per message, scanned the fleet 20 x a
+    # second); the global watermark and the idle transitions must be exactly the plain rule's
+    import random
+    rnd = random.Random(16)
+    for _ in range(12):
+        n, timeout, delay = rnd.randint(1, 12), rnd.choice((50, 300, 2000)), rnd.choice((0, 7))
+        w = Watermarks(delay - 1, timeout)
+        mt, last, active, g = {}, {}, {}, None
+        now = 0
+        for _ in range(600):
+            now += rnd.choice((0, 1, 5, 40, 40, -30))  # the wall clock may step back
+            dev = "d%d" % rnd.randrange(n)
+            op = rnd.random()
+            if op < 0.7:
+                t = max(0, mt.get(dev, 1000) + rnd.randint(-50, 200))
+                w.observe(dev, t, now)
+                mt[dev] = max(mt.get(dev, t), t)
+                last[dev], active[dev] = now, True
+            elif op < 0.8:
+                w.set_online(dev, False)
+                active[dev] = False
+            else:
+                w.tick(now)
+                for d in active:
+                    if active[d] and now - last[d] >= timeout:
+                        active[d] = False
+            low = [mt[d] - delay for d in active if active[d]]
+            if low and (g is None or min(low) > g):
+                g = min(low)
+            assert w.global_wm == g
+            assert {d for d in active if active[d]} == {d for d, x in w.devs.items() if x.active}
+            assert len(w._heap) <= len(w.devs)  # one entry per device, not one per advance
+
+
 # ------------------------------------------------------------------ windows
 
 
@@ -431,7 +467,7 @@ def test_adaptive_climbs_multiplicatively_far_under_the_target():
     assert a.adapt(3000) == 100000.0  # x2 = 120000, capped at growth x T = 100000
     assert a.adapt(4000) == 101000.0  # at the cap: the additive step only
     # dt is capped at 2 s: a late step cannot multiply by more than growth ^ 2
-    b = _adaptive(outstanding=0, per_s=10 ** 6, rate=100000.0)
+    b = _adaptive(outstanding=0, per_s=3000, rate=100000.0)  # growth x T = 6000 and the floor T stay out of the way
     b.rate = 1000 / 1000.0
     b.adapt(1000)
     b.rate = 1000 / 1000.0
@@ -452,15 +488,22 @@ def test_adaptive_climbs_multiplicatively_far_under_the_target():
     assert e.adapt(2000) == 2000.0  # capped
 
 
+def _storm_admission(outstanding, per_s):
+    """The gateway's defaults (200k/s ceiling, target 5 s), one device holding `outstanding`
+    credits, T = per_s."""
+    a = Admission(200000.0, burst=10 ** 9, max_replayers=4, chunk=10 ** 9, timeout_s=30, now=0, adaptive=True,
+                  rate_min=2000.0, target_s=5.0, beta=0.8, increase=0.05)
+    a.hello("d", outstanding, 0)
+    a.grant("d", 0)
+    a.committed(0, 0)
+    a.committed(per_s, 1000)
+    return a
+
+
 def test_adaptive_burst_cut_is_undone_in_seconds():
     # the bench_storm case: T measured during the connect/hello burst is a fifth of the rate;
     # the rate halves once, and climbs back to the ceiling within 2 steps once the wait is small
-    a = Admission(200000.0, burst=10 ** 9, max_replayers=4, chunk=10 ** 9, timeout_s=30, now=0, adaptive=True,
-                  rate_min=2000.0, target_s=5.0, beta=0.8, increase=0.05)
-    a.hello("d", 500000, 0)
-    a.grant("d", 0)
-    a.committed(0, 0)
-    a.committed(36000, 1000)  # T = 36k/s, O = 500k: D = 13.9 s
+    a = _storm_admission(500000, 36000)  # T = 36k/s, O = 500k: D = 13.9 s
     a.adapt(1000)
     assert a.adapt(2000) == 100000.0 and a.decreases == 1  # not 0.8 x 36000 = 28800
     a.backlog_received("d", 500000, 2500)  # the broker queue drained
@@ -472,12 +515,13 @@ def test_adaptive_burst_cut_is_undone_in_seconds():
 def test_adaptive_queue_full_holds_the_rate():
     # a full ingest queue already pauses grants (pause_queue_fraction); the rate holds, it
     # does not grow (backing off on it too cost 15% of the drain rate in bench_storm)
-    a = _adaptive(outstanding=0, per_s=20000)
+    a = _adaptive(outstanding=30000, per_s=20000, rate=100000.0)  # D = 1.5 s, over a quarter of the target
     a.rate = 5000 / 1000.0
     for t in (1000, 2000, 3000):
         assert a.adapt(t, queue_full=True) == 5000.0
     assert a.decreases == 0 and a.tick(3500, paused=True) == []
-    assert a.adapt(4000, queue_full=False) == 10000.0  # queue drained, D = 0: x2 (under 2 x T; the ceiling)
+    a.backlog_received("d", 30000, 3500)
+    assert a.adapt(4000, queue_full=False) == 20000.0  # queue drained, D = 0: x2 = 10000, and at least T
     b = _adaptive(outstanding=50000, per_s=8000)  # D over target and queue full: backs off
     b.adapt(1000, queue_full=True)
     assert b.adapt(2000, queue_full=True) == 5000.0
@@ -594,3 +638,19 @@ def test_fake_hellos_do_not_starve_real_replay():
     first, got = _fake_hello_attack()
     assert first is not None and first - 400 <= 3500, first  # within one first-byte timeout
     assert got == 2000  # its whole backlog
+
+
+def test_adaptive_never_grants_under_T_with_little_outstanding():
+    # bench_storm (issue 16): cuts took the rate to 54k/s; T came back to ~119k/s, the queue was
+    # full and only 0.75 s of granted backlog was left. The old rule held 54k/s (full queue), so
+    # the outstanding drained and the gateway sat with an empty queue until the x2 climb caught
+    # up. Under target / 4 the rate is at least T, full queue or not.
+    a = _storm_admission(89136, 118930)
+    a.rate = 54447 / 1000.0
+    assert a.adapt(1000, queue_full=True) == 118930.0  # D = 0.75 s < 1.25 s: at least T, no climb
+    assert a.adapt(2000, queue_full=True) == 118930.0  # and no further while the queue is full
+    assert a.adapt(3000) == 200000.0  # queue not full: the climb as before (x2, capped at 2 x T, ceiling)
+    # between a quarter and the target nothing changes: the rate may stay under T there, O drains
+    b = _storm_admission(300000, 100000)  # D = 3 s
+    b.rate = 54447 / 1000.0
+    assert b.adapt(1000, queue_full=True) == 54447.0

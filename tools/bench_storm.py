@@ -34,6 +34,7 @@ import random
 import resource
 import shutil
 import sqlite3
+import struct
 import subprocess
 import sys
 import tempfile
@@ -50,6 +51,38 @@ from tools.fleet import Site, proc_cpu_s, vm_hwm_kb  # noqa: E402
 
 NOW = int(time.time() * 1000)
 KEEPALIVE = 60  # s; a PINGREQ goes out after KEEPALIVE / 2 without sending
+_PACKS = {}  # k -> struct.Struct of k readings (wire_dev._READING each)
+
+
+def encode_batch(dev, idx, t_base, s0, k):
+    """wire.encode_readings(dev, 1, rows) of the bench's rows s0..s0+k-1, in one pack: the
+    replayers share the box with the gateway, and encoding record by record cost them about a
+    third of their CPU (py-spy), CPU the gateway then lacked in the storm. main() checks
+    that the bytes equal wire.encode_readings'."""
+    out, off = wire.readings_buffer(dev, 1, s0, t_base + s0 * 1000, k)
+    pk = _PACKS.get(k)
+    if pk is None:
+        pk = _PACKS[k] = struct.Struct(">" + "HiBBi" * k)
+    flat = []
+    for i in range(k):
+        s = s0 + i
+        flat += (i, i * 1000, s % 3, 0, 20000 + (s * 37 + idx) % 5000)
+    pk.pack_into(out, off, *flat)
+    return bytes(out)
+
+
+def _rows(idx, t_base, s0, k):
+    return [(s, t_base + s * 1000, s % 3, 0, 20000 + (s * 37 + idx) % 5000) for s in range(s0, s0 + k)]
+
+
+async def _wait(ev, timeout):
+    """ev.wait() for at most timeout s; cheaper than asyncio.wait_for (no task per wait,
+    10,000 devices wait a few times a second each). The timeout sets ev."""
+    h = asyncio.get_running_loop().call_later(timeout, ev.set)
+    try:
+        await ev.wait()
+    finally:
+        h.cancel()
 
 
 class Stats:
@@ -174,10 +207,11 @@ class Replayer(asyncio.Protocol):
         self.b.st.hellos += 1
         self.hellos += 1
 
-    def _send(self, k):
+    def _send(self, k, out):
+        """Appends the publish of the next k records to out (written at once by the caller)."""
         s0 = self.next
-        rows = [(s, self.t_base + s * 1000, s % 3, 0, 20000 + (s * 37 + self.idx) % 5000) for s in range(s0, s0 + k)]
-        self._pub(self.t_data, wire.encode_readings(self.dev, 1, rows))
+        out.append(M.publish_packet(self.t_data, encode_batch(self.dev, self.idx, self.t_base, s0, k), 1, False,
+                                    False, self._pid()))
         self.next += k
         self.credits -= k
         self.b.st.msgs += 1
@@ -225,10 +259,7 @@ class Replayer(asyncio.Protocol):
         t0 = time.monotonic()
         while not self.gw_online and time.monotonic() - t0 < 0.5 and not self.lost.is_set():
             self.wake.clear()
-            try:
-                await asyncio.wait_for(self.wake.wait(), 0.5)
-            except asyncio.TimeoutError:
-                pass
+            await _wait(self.wake, 0.5)
         self.next = self.acked + 1  # everything unacked is backlog again
         self._hello()
         self.progress = time.monotonic()
@@ -243,11 +274,15 @@ class Replayer(asyncio.Protocol):
             if self.next <= self.acked + 1:
                 # nothing outstanding: the resend clock starts at the next send (firmware/uplink.py)
                 self.progress = time.monotonic()
+            out = []
             if self.live:
                 while self.gw_online and self.next < self.n and self.next - self.acked - 1 < b.window:
-                    self._send(min(b.per_msg, self.n - self.next))
+                    self._send(min(b.per_msg, self.n - self.next), out)
             while self.gw_online and self.replay and self.credits > 0 and self.next < self.n:
-                self._send(min(self.credits, b.per_msg, self.n - self.next))
+                self._send(min(self.credits, b.per_msg, self.n - self.next), out)
+            if out:  # one write (one syscall) for what this wake-up sends, not one per message
+                self.tr.write(b"".join(out))
+                self.last_tx = time.monotonic()
             if self.next > self.acked + 1 and time.monotonic() - self.progress > b.resend_s:
                 self.next = self.acked + 1
                 self.b.st.rewinds += 1
@@ -257,10 +292,7 @@ class Replayer(asyncio.Protocol):
                 self.tr.write(M.PINGREQ_PACKET)
                 self.last_tx = time.monotonic()
             self.wake.clear()
-            try:  # acks and the gateway state wake it; the timeout only drives rewinds and pings
-                await asyncio.wait_for(self.wake.wait(), 5.0)
-            except asyncio.TimeoutError:
-                pass
+            await _wait(self.wake, 5.0)  # acks and the gateway state wake it; the timeout: rewinds, pings
         if self.lost.is_set() and self.tr is not None:
             self.tr.abort()
 
@@ -301,7 +333,8 @@ class Bench:
         while self.ready < n_dev and time.monotonic() < t_end:
             await asyncio.sleep(0.05)
         await asyncio.sleep(0.5)  # the hellos' acks, the connects' state messages
-        cpu0 = proc_cpu_s(site.gateway.pid)
+        c0 = (time.monotonic(), _cpus(site))
+        cpu0, loop0 = c0[1][0], _loop_cpu_s(site.gateway.pid)
         t0 = time.monotonic()
         self.st.last_done = None
         self.go.set()
@@ -309,13 +342,15 @@ class Bench:
         while self.st.done < n_dev and time.monotonic() < t_end:
             await asyncio.sleep(0.05)
         dt = (self.st.last_done or time.monotonic()) - t0
-        cpu = proc_cpu_s(site.gateway.pid) - cpu0
+        c1 = (time.monotonic(), _cpus(site))
+        cpu = c1[1][0] - cpu0
+        loop_cpu = _loop_cpu_s(site.gateway.pid) - loop0
         await asyncio.wait(tasks, timeout=5)
         await _end(tasks, devs)
         self.st = Stats()
         self.go = asyncio.Event()
         self.backlog, self.jitter = saved
-        return dt, sum(r.acked + 1 for r in devs), cpu
+        return dt, sum(r.acked + 1 for r in devs), cpu, _cpu_shares(c0, c1), loop_cpu
 
     async def run(self, site, timeout, progress_s=5.0):
         reps = [Replayer(self, "s%05d" % i, i) for i in range(self.devices)]
@@ -325,6 +360,7 @@ class Bench:
         total = self.devices * self.backlog
         last = 0
         seen, moved = -1, time.monotonic()
+        cpu_last = (time.monotonic(), _cpus(site))
         while time.monotonic() - t0 < timeout:
             await asyncio.sleep(0.5)
             if st.done == self.devices:
@@ -338,12 +374,14 @@ class Bench:
             if time.monotonic() - last >= progress_s:
                 last = time.monotonic()
                 committed = sum(r.acked + 1 for r in reps)
+                now_cpu = (time.monotonic(), _cpus(site))
                 print("  t=%5.1fs connected %d/%d done %d committed %d/%d (%.0f%%) msgs %d rewinds %d "
-                      "connect failures %d gateway RSS %s MB | gauges: %s" % (
+                      "connect failures %d gateway RSS %s MB | CPU %% gateway/broker/replayers %s | gauges: %s" % (
                           time.monotonic() - t0, st.connects, self.devices, st.done, committed, total,
                           100.0 * committed / total, st.msgs, st.rewinds, st.connect_failures,
-                          _mb(vm_hwm_kb(site.gateway.pid) if site.gateway else None),
+                          _mb(vm_hwm_kb(site.gateway.pid) if site.gateway else None), _cpu_shares(cpu_last, now_cpu),
                           gateway_gauges(self.metrics_port) if self.metrics_port else "-"), flush=True)
+                cpu_last = now_cpu
         stuck = [r for r in reps if r.acked < r.n - 1]
         if stuck:
             print("  %d devices not done; e.g.:" % len(stuck))
@@ -388,6 +426,30 @@ def gateway_gauges(port):
             k, _, v = ln[len("edgeflow_gateway_"):].partition(" ")
             got[k] = v
     return " ".join("%s %.0f" % (short, float(got[k])) for k, short in GAUGES if k in got)
+
+
+def _loop_cpu_s(pid):
+    """CPU seconds of a process's main thread (the gateway's event loop; the rest of its CPU is
+    the database thread's)."""
+    try:
+        with open("/proc/%d/task/%d/stat" % (pid, pid)) as f:
+            parts = f.read().rsplit(")", 1)[1].split()
+        return (int(parts[11]) + int(parts[12])) / os.sysconf("SC_CLK_TCK")
+    except OSError:
+        return None
+
+
+def _cpus(site):
+    """CPU seconds so far of the gateway, the broker and this process (the replayers)."""
+    return (proc_cpu_s(site.gateway.pid) if site.gateway else None,
+            proc_cpu_s(site.broker.pid) if site.broker else None, time.process_time())
+
+
+def _cpu_shares(a, b):
+    """Per process: % of one core used between two _cpus() samples (where the wall time goes)."""
+    dt = b[0] - a[0]
+    return "/".join("-" if x is None or y is None or dt <= 0 else "%.0f" % (100.0 * (y - x) / dt)
+                    for x, y in zip(a[1], b[1]))
 
 
 def _loadavg():
@@ -443,11 +505,16 @@ def main(argv=None):
     ap.add_argument("--gauges", action="store_true", help="progress lines show the gateway's admission gauges "
                     "(its metrics endpoint; with 10,000 devices each scrape costs the gateway ~3%% of its CPU "
                     "during the storm, which biases the ratio)")
+    ap.add_argument("--progress-s", type=float, default=5.0, help="seconds between progress lines")
     ap.add_argument("--steady-devices", type=int, default=100, help="steady phase: devices sending live data")
     ap.add_argument("--steady-readings", type=int, default=2000000, help="steady phase: readings in all "
                                                                          "(0: no steady phase, no ratio)")
     ap.add_argument("--steady-window", type=int, default=1000, help="steady phase: unacked live readings per device")
     a = ap.parse_args(argv)
+    for dev, idx, s0, k in (("s00000", 0, 0, 50), ("s09999", 9999, 700, 20), ("l00042", 10042, 19999, 1)):
+        t_base = NOW - 720000
+        if encode_batch(dev, idx, t_base, s0, k) != wire.encode_readings(dev, 1, _rows(idx, t_base, s0, k)):
+            raise SystemExit("bench_storm: encode_batch differs from wire.encode_readings")
     need = a.devices + 200
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     if soft < need:
@@ -489,8 +556,9 @@ def main(argv=None):
         def steady_phase(prefix, when):
             r = asyncio.run(bench.steady(site, n_steady, per_dev, a.timeout, prefix))
             print("steady %s: %d connected devices x %d live readings: %d committed in %.1f s = %.0f readings/s, "
-                  "gateway CPU %.2f us per reading, load average %s" % (
-                      when, n_steady, per_dev, r[1], r[0], r[1] / r[0], 1e6 * r[2] / max(1, r[1]), _loadavg()),
+                  "gateway CPU %.2f us per reading (event loop %.2f), CPU %% gateway/broker/replayers %s, "
+                  "load average %s" % (when, n_steady, per_dev, r[1], r[0], r[1] / r[0], 1e6 * r[2] / max(1, r[1]),
+                                       1e6 * r[4] / max(1, r[1]), r[3], _loadavg()),
                   flush=True)
             if r[1] != n_steady * per_dev:
                 print("steady phase incomplete: the ratio below is not valid")
@@ -498,13 +566,14 @@ def main(argv=None):
 
         if n_steady:
             steady_phase("l", "before")
-        gw_cpu0 = proc_cpu_s(site.gateway.pid)
+        gw_cpu0, gw_loop0 = proc_cpu_s(site.gateway.pid), _loop_cpu_s(site.gateway.pid)
         cpu0 = time.process_time()
-        t0, committed = asyncio.run(bench.run(site, a.timeout))
+        t0, committed = asyncio.run(bench.run(site, a.timeout, a.progress_s))
         st = bench.st
         t_first = st.first_connect or t0
         drain = (st.last_done or time.monotonic()) - t_first
         gw_cpu, br_cpu = proc_cpu_s(site.gateway.pid) - gw_cpu0, proc_cpu_s(site.broker.pid)
+        gw_loop = _loop_cpu_s(site.gateway.pid) - gw_loop0
         me_cpu = time.process_time() - cpu0
         print("storm done, load average %s" % _loadavg(), flush=True)
         if n_steady:
@@ -543,7 +612,9 @@ def main(argv=None):
                   st.holds))
         print("peak RSS (VmHWM): gateway %s MB, broker %s MB, replayers (this process) %.0f MB" % (
             _mb(gw_kb), _mb(br_kb), me_kb / 1024.0))
-        print("CPU: gateway %.1f s, broker %.1f s, replayers %.1f s" % (gw_cpu or 0, br_cpu or 0, me_cpu))
+        print("CPU: gateway %.1f s, broker %.1f s, replayers %.1f s (%s %% of one core over the drain)" % (
+            gw_cpu or 0, br_cpu or 0, me_cpu, "/".join("%.0f" % (100.0 * (c or 0) / drain) if drain else "-"
+                                                       for c in (gw_cpu, br_cpu, me_cpu))))
         print("database: %d readings rows, %d distinct identities, %d devices incomplete, "
               "missing %d (still held by devices that did not finish), duplicated rows %d, duplicates absorbed "
               "by dedup %d, window results %d, quarantined %d"
@@ -555,9 +626,10 @@ def main(argv=None):
             s_rate, s_cpu = sum(rates) / len(rates), sum(cpus) / len(cpus)
             st_rate, st_cpu = committed / drain, (gw_cpu or 0) / max(1, committed)
             print("storm / steady (goal >= 0.8): %.2f by wall clock (%.0f / %.0f readings/s, steady before and after: "
-                  "%s), %.2f by gateway CPU per reading (%.2f / %.2f us)" % (
+                  "%s), %.2f by gateway CPU per reading (%.2f / %.2f us; event loop %.2f / %.2f)" % (
                       st_rate / s_rate, st_rate, s_rate, " ".join("%.0f" % x for x in rates),
-                      s_cpu / st_cpu if st_cpu else 0, 1e6 * st_cpu, 1e6 * s_cpu))
+                      s_cpu / st_cpu if st_cpu else 0, 1e6 * st_cpu, 1e6 * s_cpu,
+                      1e6 * gw_loop / max(1, committed), 1e6 * sum(r[4] / max(1, r[1]) for r in steady) / len(steady)))
         print("RESULT: %s" % ("OK (0 lost, 0 duplicated)" if ok else
                               "FAILED (%d devices stalled with %d records undelivered, %d duplicated rows)"
                               % (a.devices - st.done, missing, dup_rows)))
