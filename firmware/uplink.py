@@ -259,7 +259,7 @@ class Uplink:
                 await self._session()
             except Exception as e:
                 if self.running:
-                    self.console("mqtt %s (%r)" % ("session ended" if up else "connect failed", e))
+                    self.console(("mqtt session ended (%r)" if up else "mqtt connect failed (%r)") % (e,))
             if up:
                 self.session = False
                 self.outbox.end_session()
