@@ -157,7 +157,7 @@ def uplink_init(up, cfg, hal, outbox, clock, fw, console, instance):
     up.wake = asyncio.Event()
     up.session = False
     # counters
-    up.c = {"connects": 0, "connect_failures": 0, "reconnects": 0, "wifi_outages": 0,
+    up.c = {"connects": 0, "conn_fails": 0, "reconnects": 0, "wifi_lost": 0,
             "msgs": 0, "sent": 0, "live": 0, "replayed": 0, "acks": 0, "bad_msgs": 0,
-            "rewinds": 0, "hellos": 0, "encode_errors": 0, "beacons": 0, "stall_hellos": 0,
-            "bad_acks": 0, "old_beacons": 0}
+            "rewinds": 0, "hellos": 0, "enc_errors": 0, "beacons": 0, "stalls": 0,
+            "bad_acks": 0, "old_beacon": 0}
