@@ -24,13 +24,6 @@ _FW_VERSION = const("0.1.0")
 _MP = sys.implementation.name == "micropython"
 _REBASE_MS = const(1 << 28)  # rebase the pipeline's relative time well before small ints overflow
 _HI = const(1 << 28)  # firmware.clock: boot ms = ms_hi * 2**28 + ms_lo
-_RESET_AFTER = const(5)  # task failures within a minute before the board is reset
-
-
-def _u32(v):
-    if v < 0:
-        return 0
-    return v if v <= 0xFFFFFFFF else 0xFFFFFFFF
 
 
 class App:
@@ -52,11 +45,11 @@ class App:
         """Give the pipeline its base: epoch ms at t_rel 0 when synced, else boot ms."""
         self._x("sync_pipeline")
 
-    def _x(self, name):
-        """Run firmware/appx.py's name(self): rarely run App code, unloaded after (RAM)."""
+    def _x(self, name, *a):
+        """Run firmware/appx.py's name(self, *a): rarely run App code, unloaded after (RAM)."""
         from firmware import appx
         try:
-            return getattr(appx, name)(self)
+            return getattr(appx, name)(self, *a)
         finally:
             _hal.unload("firmware.appx")
 
@@ -159,32 +152,14 @@ class App:
             await self.hal.sleep_ms(100)
 
     async def _supervise(self, name, fn):
-        """Run a task; any exception is counted, logged and the task restarted after 1 s. More
-        than _RESET_AFTER failures of one task within a minute: the board is reset (HAL)."""
+        """Run a task; any exception is counted, logged and the task restarted after 1 s; too
+        many failures of one task within a minute reset the board (firmware/appx.py)."""
         while self.running:
             try:
                 await fn()
                 return  # ended normally (stop)
             except Exception as e:  # CancelledError is a BaseException: not caught
-                self.c["task_errors"] += 1
-                f = self._fails.get(name)
-                now = self.clock.boot_ms()
-                if f is None or now - f[1] >= 60000:
-                    f = self._fails[name] = [0, now]
-                f[0] += 1
-                self.hal.console("edgeflow: task %s failed (%d): %r" % (name, f[0], e))
-                try:
-                    sys.print_exception(e)
-                except AttributeError:
-                    pass
-                if f[0] > _RESET_AFTER:
-                    self.hal.console("edgeflow: task %s keeps failing: reset" % name)
-                    self.hal.reset()
-                    f[0] = 0
-                if name == "uplink":  # a fresh session after the restart
-                    self.uplink.session = False
-                    self.outbox.end_session()
-                    self.uplink.client.close()
+                self._x("task_failed", name, e)
                 await self.hal.sleep_ms(1000)
 
     def progressing(self):
@@ -204,10 +179,8 @@ class App:
         return True
 
     def status_body(self):
-        ob = self.outbox
-        return (_u32(self.clock.boot_ms() // 1000), _u32(ob.stored_records()), _u32(ob.total_bytes()),
-                _u32(ob.dropped + ob.refused), _u32(getattr(self.pipeline, "late", 0)),
-                self.clock.offset_ms, _u32(self.hal.mem_free()), _u32(self.uplink.c["reconnects"]))
+        """The status record's body (firmware/appx.py)."""
+        return self._x("status_body")
 
     async def _housekeeping(self):
         hal = self.hal

@@ -1,6 +1,10 @@
 # Rarely run App code (firmware/app.py): the pipeline's time base after a clock change or
-# every 2**28 ms, the NTP query, the shutdown flush, counters (tests, simulator, selftest), the
-# simulated power cut. Imported on demand and unloaded after on MicroPython (RAM).
+# every 2**28 ms, the NTP query, the status record's body (once a status period), a failed
+# task, the shutdown flush, counters (tests, simulator, selftest), the simulated power cut.
+# Imported on demand and unloaded after on MicroPython (RAM).
+import sys
+
+_RESET_AFTER = 5  # task failures within a minute before the board is reset
 
 
 def sync_pipeline(app):
@@ -85,3 +89,41 @@ def flush_all(app):
     app.pipeline.flush(app.clock.boot_ms() - app._pbase)
     app.outbox.flush()
     app.outbox.persist_acks()
+
+
+def _u32(v):
+    if v < 0:
+        return 0
+    return v if v <= 0xFFFFFFFF else 0xFFFFFFFF
+
+
+def status_body(app):
+    """The status record's body (shared/wire_dev.py: KIND_STATUS)."""
+    ob = app.outbox
+    return (_u32(app.clock.boot_ms() // 1000), _u32(ob.stored_records()), _u32(ob.total_bytes()),
+            _u32(ob.dropped + ob.refused), _u32(getattr(app.pipeline, "late", 0)),
+            app.clock.offset_ms, _u32(app.hal.mem_free()), _u32(app.uplink.c["reconnects"]))
+
+
+def task_failed(app, name, e):
+    """App._supervise: a task raised e. Counted and logged; more than _RESET_AFTER failures of
+    one task within a minute reset the board (HAL); the uplink restarts with a fresh session."""
+    app.c["task_errors"] += 1
+    f = app._fails.get(name)
+    now = app.clock.boot_ms()
+    if f is None or now - f[1] >= 60000:
+        f = app._fails[name] = [0, now]
+    f[0] += 1
+    app.hal.console("edgeflow: task %s failed (%d): %r" % (name, f[0], e))
+    try:
+        sys.print_exception(e)
+    except AttributeError:
+        pass
+    if f[0] > _RESET_AFTER:
+        app.hal.console("edgeflow: task %s keeps failing: reset" % name)
+        app.hal.reset()
+        f[0] = 0
+    if name == "uplink":  # a fresh session after the restart
+        app.uplink.session = False
+        app.outbox.end_session()
+        app.uplink.client.close()

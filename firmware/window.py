@@ -152,19 +152,26 @@ class EventWindow:
     window (or than the last closed one) is late: counted in .late, not added.
     """
 
+    # defaults as class attributes: an instance entry only once set (RAM: a window's attribute
+    # table stays at 10 entries instead of 17)
+    offset = 0
+    grace_ms = 0
+    late = 0
+    open = False
+
     def __init__(self, ch, size_ms, offset_ms, sink, grace_ms=0):
         self.ch = ch
         self.size = size_ms
-        self.offset = offset_ms
-        self.grace_ms = grace_ms
+        if offset_ms:
+            self.offset = offset_ms
+        if grace_ms:
+            self.grace_ms = grace_ms
         self.sink = sink
         self.phase = 0
         self.agg = Agg()
-        self.open = False
         self.start = 0
         self.end = 0
         self.floor = _TMIN  # samples before this are late
-        self.late = 0
         self.t_last = _TMIN  # newest event time summarised so far
 
     def set_phase(self, base_ms):
