@@ -240,7 +240,7 @@ class Uplink:
         while self.running:
             if not self.hal.wifi_connected():
                 now = ticks_ms()
-                if wifi_started is None or ticks_diff(now, wifi_started) > self.cfg["uplink"]["wifi_timeout_ms"]:
+                if wifi_started is None or ticks_diff(now, wifi_started) > self.wifi_timeout_ms:
                     self.c["wifi_lost"] += 1
                     wifi_started = now
                     try:
