@@ -99,7 +99,7 @@ def build(config_path):
     app.cfg = app.uplink.cfg = {
         "sample_ms": c["sample_ms"], "watchdog_ms": c["watchdog_ms"], "status_every_s": c["status_every_s"],
         "clock": {"ntp_every_s": c["clock"]["ntp_every_s"], "ntp_host": c["clock"]["ntp_host"]},
-        "uplink": {"wifi_timeout_ms": c["uplink"]["wifi_timeout_ms"]}, "wifi": c["wifi"]}
+        "wifi": c["wifi"]}
     return app
 
 
@@ -134,6 +134,7 @@ def uplink_init(up, cfg, hal, outbox, clock, fw, console, instance):
     u = cfg["uplink"]
     up.batch_max = u["batch_max"]
     up.resend_ms = u["resend_ms"]
+    up.wifi_timeout_ms = u["wifi_timeout_ms"]  # an attribute: its name is interned once (RAM)
     up.backoff = Backoff(u["backoff_base_ms"], u["backoff_cap_ms"], rng=hal.rand)
     b = cfg["broker"]
     up.client = MQTTClient(
@@ -157,7 +158,7 @@ def uplink_init(up, cfg, hal, outbox, clock, fw, console, instance):
     up.wake = asyncio.Event()
     up.session = False
     # counters
-    up.c = {"connects": 0, "connect_failures": 0, "reconnects": 0, "wifi_outages": 0,
+    up.c = {"connects": 0, "conn_fails": 0, "reconnects": 0, "wifi_lost": 0,
             "msgs": 0, "sent": 0, "live": 0, "replayed": 0, "acks": 0, "bad_msgs": 0,
-            "rewinds": 0, "hellos": 0, "encode_errors": 0, "beacons": 0, "stall_hellos": 0,
-            "bad_acks": 0, "old_beacons": 0}
+            "rewinds": 0, "hellos": 0, "enc_errors": 0, "beacons": 0, "stalls": 0,
+            "bad_acks": 0, "old_beacon": 0}

@@ -67,10 +67,7 @@ class Esp32Hal:
         w = self._wlan
         w.active(True)
         if not w.isconnected():
-            try:
-                w.connect(ssid, password)  # returns at once; wifi_connected() polls
-            except OSError as e:
-                print("edgeflow: wifi connect error %r" % (e,))
+            w.connect(ssid, password)  # returns at once; wifi_connected() polls; the uplink logs errors
 
     def wifi_connected(self):
         return self._wlan.isconnected()

@@ -91,18 +91,13 @@ def parse(first, body):
     if t == _PUBLISH:
         qos = (first >> 1) & 3
         if qos > 1:
-            raise MQTTError("qos 2 not supported")
-        if len(body) < 2:
+            raise MQTTError("qos %r not supported" % qos)
+        off = 2 + ((body[0] << 8) | body[1]) if len(body) >= 2 else 2  # after the topic
+        if off + (2 if qos else 0) > len(body):
             raise MQTTError("truncated publish")
-        tl = (body[0] << 8) | body[1]
-        off = 2 + tl
-        if off > len(body):
-            raise MQTTError("truncated topic")
         topic = bytes(body[2:off]).decode()
         pid = 0
         if qos:
-            if off + 2 > len(body):
-                raise MQTTError("truncated packet id")
             pid = (body[off] << 8) | body[off + 1]
             off += 2
         return ("publish", topic, bytes(body[off:]), qos, bool(first & 1), bool(first & 8), pid)
@@ -132,16 +127,14 @@ class MQTTClient:
         unload("firmware.mqttc")
 
     def _next_pid(self):
-        for _ in range(0x10000):
-            self._pid = self._pid % 0xFFFF + 1
-            busy = False
+        # one is free within len(inflight) + 1 tries: the in-flight window is bounded
+        while True:
+            pid = self._pid = self._pid % 0xFFFF + 1
             for p in self.inflight:
-                if p[0] == self._pid:
-                    busy = True
+                if p[0] == pid:
                     break
-            if not busy:
-                return self._pid
-        raise MQTTError("no free packet id")
+            else:
+                return pid
 
     async def connect(self):
         """Open the connection, CONNECT, wait for CONNACK, retransmit in-flight QoS 1 (DUP)
@@ -185,7 +178,7 @@ class MQTTClient:
         try:
             await asyncio.wait_for(self._lock.acquire(), t)
         except Exception:  # asyncio.TimeoutError
-            self._drop(MQTTError("send lock timeout"))
+            self._drop(MQTTError("write timeout"))
             return False
         try:
             w.write(data)

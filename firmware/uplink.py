@@ -82,7 +82,7 @@ class Uplink:
         self.replay = replay
         if gw_time is not None:
             if self._beacon is not None and gw_time < self._beacon:
-                self.c["old_beacons"] += 1  # an older (replayed) ack must not step the clock back
+                self.c["old_beacon"] += 1  # an older (replayed) ack must not step the clock back
             else:
                 self._beacon = gw_time
                 self.c["beacons"] += 1
@@ -127,7 +127,7 @@ class Uplink:
         hello itself restarts the wait). Returns True if a hello was sent."""
         if not self.stalled(ticks_ms() if now is None else now):
             return False
-        self.c["stall_hellos"] += 1
+        self.c["stalls"] += 1
         await self.hello()
         return True
 
@@ -144,7 +144,7 @@ class Uplink:
             try:
                 payload = self._message(fr, i, j, m, st)
             except wire.WireError:
-                self.c["encode_errors"] += 1
+                self.c["enc_errors"] += 1
                 payload = None
             k += m
             i = j
@@ -240,8 +240,8 @@ class Uplink:
         while self.running:
             if not self.hal.wifi_connected():
                 now = ticks_ms()
-                if wifi_started is None or ticks_diff(now, wifi_started) > self.cfg["uplink"]["wifi_timeout_ms"]:
-                    self.c["wifi_outages"] += 1
+                if wifi_started is None or ticks_diff(now, wifi_started) > self.wifi_timeout_ms:
+                    self.c["wifi_lost"] += 1
                     wifi_started = now
                     try:
                         self.hal.wifi_connect(self.cfg["wifi"]["ssid"], self.cfg["wifi"]["password"])
@@ -259,13 +259,13 @@ class Uplink:
                 await self._session()
             except Exception as e:
                 if self.running:
-                    self.console("mqtt %s (%r)" % ("session ended" if up else "connect failed", e))
+                    self.console(("mqtt session ended (%r)" if up else "mqtt connect failed (%r)") % (e,))
             if up:
                 self.session = False
                 self.outbox.end_session()
                 self.client.close()
             if self.running:
-                self.c["reconnects" if up else "connect_failures"] += 1
+                self.c["reconnects" if up else "conn_fails"] += 1
                 self.next_host()
                 await self._sleep(self.backoff.next())
 

@@ -74,7 +74,7 @@ def test_firmware_logic_imports_and_selftest_passes_on_the_board(board, deployed
     # every pure-logic firmware module imports on the board (the .mpy files just deployed)
     logic = []
     for name in sorted(os.listdir(os.path.join(ROOT, "firmware"))):
-        if not name.endswith(".py") or name in ("main.py", "boot.py", "__init__.py", "hal_sim.py", "cpyticks.py"):
+        if not name.endswith(".py") or name in ("main.py", "boot.py", "__init__.py") or "firmware/" + name in deploy.HOST_ONLY:
             continue
         with open(os.path.join(ROOT, "firmware", name)) as f:
             src = f.read()
@@ -209,6 +209,20 @@ def test_plan_places_files_and_compiles_for_xtensawin():
         assert "/main.py" in plan and "/lib/firmware/main.mpy" not in plan
     src = dict(deploy.plan_files(ROOT, "xtensawin", True, None))
     assert "/lib/shared/wire_dev.py" in src and "/config.json" not in src
+
+
+def test_freeze_manifest_lists_what_the_deploy_copies():
+    # tools/manifest.py (frozen modules for a self-built image) must freeze exactly the library
+    # files the deploy copies to the board: a module missing there fails at import on the board
+    frozen = set()
+
+    def package(name, files, base_path=None):
+        frozen.update("/lib/%s/%s" % (name, f) for f in files)
+
+    with open(os.path.join(ROOT, "tools", "manifest.py")) as f:
+        exec(f.read(), {"include": lambda *a, **k: None, "package": package})
+    copied = {p for p, _ in deploy.plan_files(ROOT, "xtensawin", True, None) if p.startswith("/lib/")}
+    assert frozen == copied, (sorted(copied - frozen), sorted(frozen - copied))
 
 
 def test_config_from_flags_and_file(tmp_path):

@@ -265,7 +265,7 @@ def test_replay_is_held_while_gateway_offline_and_kept_within_credits(broker):
         hal.set_wifi(False)  # Wi-Fi outage: a backlog builds on flash
         task = asyncio.create_task(app.run())
         assert await until(lambda: app.outbox is not None and app.outbox.seq >= 40)
-        assert app.uplink.c["wifi_outages"] >= 1 and app.uplink.c["connects"] == 0
+        assert app.uplink.c["wifi_lost"] >= 1 and app.uplink.c["connects"] == 0
         hal.set_wifi(True)
         assert await until(lambda: app.uplink.session and len(gw.hellos) >= 1)
         backlog_end = gw.hellos[-1]["next_seq"]
@@ -341,7 +341,7 @@ def test_wifi_outage_mid_session_and_ntp_time(broker):
     finally:
         gw.stop()
     assert gw.seqs(dev, app.boot) == list(range(n))
-    assert app.uplink.c["wifi_outages"] >= 1
+    assert app.uplink.c["wifi_lost"] >= 1
     lo = 1767225600000
     last = {}
     for (d, boot, seq), (kind, t, fl, body) in sorted(gw.records.items()):

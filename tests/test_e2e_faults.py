@@ -76,7 +76,7 @@ def test_wifi_outage_backlog_replay_and_late_records(broker, tmp_path):
     rep, fleet, site, drained = run_case(broker, tmp_path, "outage@1+9:0-2", duration=12)
     assert_exact(rep, drained)
     for d in fleet.devices[:3]:
-        assert d.app.uplink.c["wifi_outages"] >= 1 and d.app.uplink.c["replayed"] > 20, d.app.counters()
+        assert d.app.uplink.c["wifi_lost"] >= 1 and d.app.uplink.c["replayed"] > 20, d.app.counters()
     assert rep.counts["late_rows"] > 0
     # the cut-off devices' backlog is late; on a loaded machine another device can go idle too
     # and be late for real (the checker verified every late row against its watermark)
@@ -123,7 +123,7 @@ def test_reconnect_storm(broker, tmp_path):
                                          gw={"lateness_ms": 10000})
     assert_exact(rep, drained)
     for d in fleet.devices:
-        assert d.app.uplink.c["wifi_outages"] >= 1 and d.app.uplink.c["replayed"] > 0
+        assert d.app.uplink.c["wifi_lost"] >= 1 and d.app.uplink.c["replayed"] > 0
     got = db_rows(site, "SELECT sum(backlog_received) FROM devices")[0][0]
     assert got and got > 12 * 30
 

@@ -271,3 +271,44 @@ def test_uplink_client_leaves_resends_to_the_outbox():
     app = App({"device_id": "n1", "broker": {"host": "127.0.0.1"}, "insecure": True}, SimHal())
     app._boot()
     assert app.uplink.client.retransmit is False
+
+
+class _ResetWriter:
+    """A stream writer whose connection was reset: every drain() fails."""
+
+    def __init__(self):
+        self.closed = False
+
+    def write(self, data):
+        pass
+
+    async def drain(self):
+        raise OSError(104, "ECONNRESET")
+
+    def close(self):
+        self.closed = True
+
+
+def test_failed_write_drops_the_connection_and_never_raises():
+    # the keepalive's ping runs MQTTClient._send as a task of its own: a failed write must drop
+    # the connection and return False (an exception there would be an unretrieved task error);
+    # publish then raises MQTTError
+    async def main():
+        c = MQTTClient("id", "127.0.0.1", 1, timeout_ms=500)
+        c.connected, c._w = True, _ResetWriter()
+        w = c._w
+        assert await c._send(b"\xc0\x00") is False
+        assert not c.connected and w.closed and isinstance(c.last_error, OSError)
+        assert await c._send(b"\xc0\x00") is False  # not connected: nothing written
+        c.connected, c._w = True, _ResetWriter()
+        with pytest.raises(MQTTError):
+            await c.publish("t", b"x", 1)
+        assert not c.connected and not c._lock.locked()
+    run(main())
+
+
+def test_next_pid_skips_ids_in_flight_and_wraps():
+    c = MQTTClient("id", "127.0.0.1", 1)
+    c._pid = 65534
+    c.inflight = [[65535, None], [1, None]]
+    assert c._next_pid() == 2 and c._next_pid() == 3

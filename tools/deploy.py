@@ -247,8 +247,9 @@ def compile_mpy(src, arch):
 # never on the board: the simulated HAL and CPython's ticks; the gateway side of the wire contract (wire.py and
 # its record-body decoders), the outbox's frame helpers for tests and tools and the self-test (which needs the
 # decoders) only with --selftest
-HOST_ONLY = ("firmware/hal_sim.py", "firmware/cpyticks.py")
-SELFTEST_ONLY = ("firmware/selftest.py", "shared/wire.py", "shared/wire_body.py", "firmware/obframe.py")
+HOST_ONLY = ("firmware/hal_sim.py", "firmware/hal_base.py", "firmware/cpyticks.py")  # the simulator's
+SELFTEST_ONLY = ("firmware/selftest.py", "shared/wire.py", "shared/wire_body.py", "firmware/obframe.py",
+                 "firmware/pexample.py")
 
 
 def plan_files(root=ROOT, arch="xtensawin", as_py=False, cfg=None, extra=None, selftest=False):

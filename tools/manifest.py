@@ -7,8 +7,10 @@
 include("$(PORT_DIR)/boards/manifest.py")
 
 package("shared", files=["__init__.py", "wire_dev.py", "wire_ctl.py", "auth.py"], base_path="..")
+# (tests/test_deploy.py checks these lists against what edgeflow-deploy copies)
 package("firmware", files=[
-    "__init__.py", "anomaly.py", "app.py", "appboot.py", "backoff.py", "cep.py", "clock.py", "config.py", "cwindow.py", "hal.py",
-    "appx.py", "hal_esp32.py", "halnet.py", "identity.py", "slots.py", "mqtt.py", "mqttc.py", "outbox.py", "pconf.py", "pins.py", "pipeline.py", "prules.py", "ring.py",
-    "safemode.py", "uplink.py", "window.py",
+    "__init__.py", "anomaly.py", "app.py", "appboot.py", "appx.py", "backoff.py", "cep.py", "clock.py", "config.py",
+    "cwindow.py", "hal.py", "hal_esp32.py", "halnet.py", "identity.py", "mqtt.py", "mqttc.py", "obfull.py", "obload.py",
+    "obread.py", "outbox.py", "pconf.py", "pins.py", "pipeline.py", "prules.py", "ring.py", "safemode.py", "slots.py",
+    "uplink.py", "window.py",
 ], base_path="..")

@@ -331,7 +331,7 @@ async def scenario(workdir, devices=20, duration=40.0, gateways=2, partitions=8,
             moved = tried = []
             while time.time() - t_node < node_down_s:
                 ups = [d.app.uplink for d in on_dead if d.app and d.app.uplink]
-                tried = [u for u in ups if u.client.port != dead or u.c["connect_failures"]]
+                tried = [u for u in ups if u.client.port != dead or u.c["conn_fails"]]
                 moved = [u for u in ups if u.session and u.client.port != dead]
                 if len(moved) == len(on_dead) and site.outputs_moved(t_node, dead) == len(site.gws):
                     break
@@ -345,7 +345,7 @@ async def scenario(workdir, devices=20, duration=40.0, gateways=2, partitions=8,
             for d in on_dead:
                 u = d.app.uplink
                 log("  %s port %d session %s connects %d failures %d" % (d.id, u.client.port, u.session,
-                                                                        u.c["connects"], u.c["connect_failures"]))
+                                                                        u.c["connects"], u.c["conn_fails"]))
             await asyncio.sleep(max(0.0, step - (time.time() - t_node)))
             site.cluster.start_node(k)
             log("restart NATS node n%d" % k)

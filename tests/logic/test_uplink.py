@@ -123,7 +123,7 @@ def test_liveness_hello_when_backlog_stalls_without_credits():
     hellos = lambda: [p for p in up.client.pubs if p[0] == "edgeflow/d/d1/hello"]
     assert not _run(up.check_stall(T(t0, r - 1))) and not hellos()  # not yet resend_ms
     assert _run(up.check_stall(T(t0, r)))
-    assert len(hellos()) == 1 and up.c["stall_hellos"] == 1
+    assert len(hellos()) == 1 and up.c["stalls"] == 1
     h = wire.decode_hello(hellos()[0][1])
     assert (h["backlog"], h["floor_seq"]) == (6, 0)
     # bounded: at most once per resend_ms, counted from that hello
@@ -200,7 +200,7 @@ def test_forged_and_replayed_acks_are_ignored():
     assert up.c["bad_acks"] == 4 and ob.unacked() == 2
     # a genuine but older time beacon (replayed within the session) does not step the clock back
     _ack(up, 2, 7, EPOCH + 500, 0, up.nonce)
-    assert up.c["old_beacons"] == 1 and ob.unacked() == 0
+    assert up.c["old_beacon"] == 1 and ob.unacked() == 0
 
 
 def test_next_host_round_robin_over_broker_hosts():
