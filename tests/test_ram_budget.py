@@ -100,3 +100,14 @@ def test_board_qstrs_counted(ram):
         assert name in rom, name
     for name in ("firmware", "sample_step", "outbox", "uplink"):
         assert name not in rom, name
+
+
+def test_board_qstrs_below_the_next_pool_block(ram):
+    """The board's RAM qstrs, with every module a board loads in normal operation, stay below
+    the count at which its next qstr pool block (640 entries, 4,512 B) is allocated: a cliff of
+    4.5 KB the kept figure would take the day a change adds the names (default config)."""
+    if ram["name"] != "default":
+        pytest.skip("measured for the default config")
+    n = ram["qstr_end"]["board_qstrs"]
+    size, at = qstr_board.next_block(n)
+    assert size == 4512 and n < at, (n, at)

@@ -21,9 +21,10 @@ ENTRY = 7  # bytes per pool entry: const char * + 2-byte hash + 1-byte length
 HEADER = 24  # qstr_pool_t before its entries (32-bit)
 FIRST = 20  # entries of the first RAM pool (2 x the frozen pool's alloc of 10)
 # modules a board loads in normal operation soon after start-up, which the harness's start-up
-# (no network, empty flash) does not: the first connect (TLS connect, NTP query) and the replay
-# of a backlog (after any outage); their qstrs count as interned at start-up
-CONNECTED = ("/lib/firmware/halnet.mpy", "/lib/firmware/obread.mpy")
+# (no network, empty flash) does not: the first connect (TLS connect, NTP query), the replay of
+# a backlog (after any outage) and the boot scan of stored segments (its frame reader: every
+# boot but the first); their qstrs count as interned at start-up
+CONNECTED = ("/lib/firmware/halnet.mpy", "/lib/firmware/obread.mpy", "/lib/firmware/obfull.mpy")
 _STEP_WORDS = ("backlog", "live", "windows", "cep", "full")
 
 
