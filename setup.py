@@ -57,7 +57,9 @@ def ext_modules():
         if not os.path.exists(gen) or open(gen).read() != text:  # unchanged: no recompile
             with open(gen, "w") as f:
                 f.write(text)
-        shutil.copyfile(os.path.join("gateway", name + ".pxd"), os.path.join(GEN, "_c_%s.pxd" % name))
+        pxd = os.path.join("gateway", name + ".pxd")
+        if os.path.exists(pxd):  # C types for the module's loops (else compiled as plain Python)
+            shutil.copyfile(pxd, os.path.join(GEN, "_c_%s.pxd" % name))
         exts.append(Extension("gateway._c_" + name, [gen]))
     try:
         return cythonize(exts, compiler_directives={"language_level": 3}, quiet=True)

@@ -5,7 +5,8 @@ Cython into gateway/_c_<name> (a C extension beside the sources), stamped with t
 the .py and .pxd it was built from. The compiled module never takes the source's own name, so
 it cannot shadow the .py; it is used only if its stamp equals the sources on disk now. An
 edited .py (a dev checkout, a hot-fix on a Pi) therefore runs as the edited Python, with a
-warning, until `pip install -e .` rebuilds it. EDGEFLOW_PURE_PYTHON=1 forces pure Python.
+warning, until `pip install -e .` rebuilds it. EDGEFLOW_PURE_PYTHON=1 forces pure Python for
+all of them, EDGEFLOW_PURE_PYTHON=windows,dedup for those named.
 
 Which one runs: `edgeflow-gateway --version`, the gateway_started log line (field `accel`)
 and the metric edgeflow_gateway_compiled{module=...}.
@@ -39,7 +40,8 @@ def load(name, package=__package__):
     on disk, else the Python module. Records why in STATUS."""
     pure = importlib.import_module("%s.%s" % (package, name))
     why = None
-    if os.environ.get(PURE_ENV, "") not in ("", "0"):
+    env = os.environ.get(PURE_ENV, "")
+    if env == "1" or name in env.split(","):
         why = "pure (%s)" % PURE_ENV
     else:
         try:
