@@ -8,8 +8,8 @@ edited .py (a dev checkout, a hot-fix on a Pi) therefore runs as the edited Pyth
 warning, until `pip install -e .` rebuilds it. EDGEFLOW_PURE_PYTHON=1 forces pure Python for
 all of them, EDGEFLOW_PURE_PYTHON=windows,dedup for those named.
 
-Which one runs: `edgeflow-gateway --version`, the gateway_started log line (field `accel`)
-and the metric edgeflow_gateway_compiled{module=...}.
+Which one runs: `edgeflow-gateway --version`, the gateway_started log line and the metric
+edgeflow_gateway_build_info (field / label `accel`: "batch=compiled" or "batch=pure (why)").
 """
 import hashlib
 import importlib

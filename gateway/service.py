@@ -27,7 +27,7 @@ import time
 from bisect import bisect_left
 from shared import wire
 
-from . import logs, metrics, ops
+from . import accel, logs, metrics, ops
 from .accel import batch
 from .admission import Admission
 from .config import Config, ConfigError
@@ -184,7 +184,7 @@ class Gateway:
         self._ops_task = asyncio.create_task(ops.ops_loop(self), name="ops")  # retention, watchdog
         stop = asyncio.create_task(self._stop.wait())
         logs.info("gateway_started", db=self.cfg.store.path, broker="%s:%d" % (self.cfg.mqtt.host, self.cfg.mqtt.port),
-                  devices=len(self.devices.devs), metrics_port=self.cfg.metrics.port)
+                  devices=len(self.devices.devs), metrics_port=self.cfg.metrics.port, accel=accel.summary())
         self.sinks.start()
         self.started.set()
         failed = None
