@@ -23,6 +23,7 @@ import json
 import logging
 import os
 import struct
+import sys
 import time
 from bisect import bisect_left
 from shared import wire
@@ -60,6 +61,12 @@ def _now_ms():
 # and after at most this many checkpoints: what they lag while the gateway runs.
 STATE_FOLD_S = 1.0
 STATE_FOLD_MAX = 64
+
+# The GIL switch interval while the gateway runs (CPython's default: 5 ms). The database thread
+# releases the GIL in every SQLite call and, with the loop busy, waits up to a whole interval to
+# get it back, several times per commit: a commit took 3-10x its own CPU time and the loop then
+# waited for it (issue 16, docs/benchmarks.md section 6). A shorter interval hands it back sooner.
+SWITCH_INTERVAL_S = 0.0005
 
 # Unsynced times are ms since the device booted: anything outside this cannot be one (and a
 # value beyond int64 would make the commit fail).
@@ -161,6 +168,14 @@ class Gateway:
         await self.sinks.open(self.store.db)
 
     async def run(self):
+        switch = sys.getswitchinterval()
+        sys.setswitchinterval(min(switch, SWITCH_INTERVAL_S))
+        try:
+            await self._run()
+        finally:
+            sys.setswitchinterval(switch)
+
+    async def _run(self):
         try:
             await self.open()
             try:
