@@ -37,7 +37,7 @@ from .devices import Registry
 from .ingest import Ingest
 from .keys import Keys, load_devices_file
 from .sinks import SinkSet
-from .store import RAW_COLS, Store, journal_entry
+from .store import RAW_COLS, FoldMerge, Store, journal_entry
 from .watermark import Watermarks
 from .windows import LATE, WindowSet
 
@@ -143,6 +143,7 @@ class Gateway:
         self._group_wm = None
         self._commit_task = None
         self._journaled = 0  # state journal rows since the last fold (store.py)
+        self._fold_merge = FoldMerge()  # those rows merged, for the next fold (no decode then)
         self._folded = time.monotonic()
         self._ack_rx = {}  # dev -> monotonic receipt of the oldest committed message its next ack covers
         self.web = None
@@ -905,9 +906,12 @@ class Gateway:
             # second, in a checkpoint's transaction (store.py, "The state journal")
             if n_state:
                 writes.append(("state_journal", [(journal_entry(state),)]))
+                self._fold_merge.add(state)
                 self._journaled += 1
             if fold:
-                writes.append(("state_fold", [()]))
+                # open() folded the table, so it holds this run's rows only: the merge of them all
+                writes.append(("state_fold", [self._fold_merge.rows()]))
+                self._fold_merge = FoldMerge()
                 self._journaled, self._folded = 0, mono
                 rows += 1
             # the marks acked are the ones this transaction commits
