@@ -26,6 +26,7 @@ import struct
 import sys
 import time
 from bisect import bisect_left
+
 from shared import wire
 
 from . import accel, logs, metrics, ops
