@@ -103,7 +103,7 @@ def build(config_path):
     return app
 
 
-def uplink_init(up, cfg, hal, outbox, clock, fw, console, instance):
+def uplink_init(up, cfg, hal, outbox, clock, fw, instance):
     """Uplink.__init__ (firmware/uplink.py)."""
     from shared import auth
     from shared import wire_dev as wire
@@ -115,7 +115,6 @@ def uplink_init(up, cfg, hal, outbox, clock, fw, console, instance):
     up.outbox = outbox
     up.clock = clock
     up.fw = fw
-    up.console = console or hal.console
     up.dev = cfg["device_id"]
     up.devb = up.dev.encode()
     k = cfg.get("ack_key")

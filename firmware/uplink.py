@@ -38,9 +38,9 @@ _GW_HELLO_MS = const(1000)  # hellos triggered by the (unsigned) gateway state: 
 
 
 class Uplink:
-    def __init__(self, cfg, hal, outbox, clock, fw, console=None, instance=1):
+    def __init__(self, cfg, hal, outbox, clock, fw, instance=1):
         from firmware.appboot import uplink_init  # set-up code: unloaded after boot (RAM)
-        uplink_init(self, cfg, hal, outbox, clock, fw, console, instance)
+        uplink_init(self, cfg, hal, outbox, clock, fw, instance)
 
     # ------------------------------------------------------------ incoming
 
@@ -246,7 +246,7 @@ class Uplink:
                     try:
                         self.hal.wifi_connect(self.cfg["wifi"]["ssid"], self.cfg["wifi"]["password"])
                     except Exception as e:
-                        self.console("wifi error %r" % (e,))
+                        self.hal.console("wifi error %r" % (e,))
                 await self._sleep(250)
                 continue
             wifi_started = None
@@ -259,7 +259,7 @@ class Uplink:
                 await self._session()
             except Exception as e:
                 if self.running:
-                    self.console(("mqtt session ended (%r)" if up else "mqtt connect failed (%r)") % (e,))
+                    self.hal.console(("mqtt session ended (%r)" if up else "mqtt connect failed (%r)") % (e,))
             if up:
                 self.session = False
                 self.outbox.end_session()

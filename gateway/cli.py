@@ -16,6 +16,7 @@ import sqlite3
 import sys
 import time
 
+from . import accel
 from .config import Config, ConfigError
 from .store import OUTPUT_TABLES, STATE_TABLES, VIEWS
 from .version import version_line
@@ -38,7 +39,7 @@ def _broker(s):
 def build_parser():
     p = argparse.ArgumentParser(prog="edgeflow-gateway",
                                 description="edgeflow gateway: MQTT -> dedup -> watermarks -> windows -> SQLite")
-    p.add_argument("--version", action="version", version=version_line("edgeflow-gateway"))
+    p.add_argument("--version", action="version", version="%s; %s" % (version_line("edgeflow-gateway"), accel.summary()))
     sub = p.add_subparsers(dest="cmd", required=True)
     r = sub.add_parser("run", help="run the gateway (defaults: broker 127.0.0.1:1883, ./edgeflow.db)")
     r.add_argument("--config", "-c", default=os.environ.get(ENV_CONFIG) or None,

@@ -40,6 +40,7 @@ class Hist:
         return HistogramMetricFamily(name, doc, buckets=buckets, sum_value=self.sum)
 
 
+from . import accel  # noqa: E402  (build_info: compiled or pure Python modules)
 from .version import version  # noqa: E402,F401 (build_info; the web view shows it)
 
 
@@ -171,7 +172,7 @@ class GatewayCollector:
         yield rd
         info = InfoMetricFamily(p + "build", "gateway build")
         info.add_metric([], {"version": version(), "python": platform.python_version(),
-                             "wire_version": str(_wire_version())})
+                             "wire_version": str(_wire_version()), "accel": accel.summary()})
         yield info
         ing = gw.ingest
         yield GaugeMetricFamily(p + "broker_connected", "1 while the MQTT connection is up",

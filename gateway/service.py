@@ -23,14 +23,14 @@ import json
 import logging
 import os
 import struct
+import sys
 import time
 from bisect import bisect_left
-from itertools import compress
-from operator import mul
 
 from shared import wire
 
-from . import logs, metrics, ops
+from . import accel, logs, metrics, ops
+from .accel import batch
 from .admission import Admission
 from .config import Config, ConfigError
 from .dedup import BEYOND, DUP, REFLASH, RETIRED, Dedup
@@ -38,14 +38,11 @@ from .devices import Registry
 from .ingest import Ingest
 from .keys import Keys, load_devices_file
 from .sinks import SinkSet
-from .store import RAW_COLS, Store, journal_entry
+from .store import RAW_COLS, FoldMerge, Store, journal_entry
 from .watermark import Watermarks
 from .windows import LATE, WindowSet
 
 _HDR = struct.Struct(">BBBBIIqH")
-_READINGS_FMT = {}  # count -> (Struct for count readings unpacked flat, tuple(range(count)))
-_FMT_BUDGET = 16384  # sum of the cached counts: every count an attacker sends must not stay cached
-_fmt_size = [0]
 _UNSYNCED = wire.FLAG_UNSYNCED
 _CEP, _ANOMALY, _STATUS, _WINDOW, _GAP = wire.KIND_CEP, wire.KIND_ANOMALY, wire.KIND_STATUS, wire.KIND_WINDOW, wire.KIND_GAP
 
@@ -61,21 +58,16 @@ def _now_ms():
     return int(time.time() * 1000)
 
 
-def _readings_struct(n):
-    """(Struct, tuple(range(n))) for n readings; the cache is bounded (oldest entries leave)."""
-    s = _READINGS_FMT.get(n)
-    if s is None:
-        while _READINGS_FMT and _fmt_size[0] + n > _FMT_BUDGET:
-            _fmt_size[0] -= _READINGS_FMT.pop(next(iter(_READINGS_FMT)))[0].size // wire.READING_SIZE
-        s = _READINGS_FMT[n] = (struct.Struct(">" + "HiBBi" * n), tuple(range(n)))
-        _fmt_size[0] += n
-    return s
-
-
 # The state tables are brought up to date from the state journal (store.py) at least this often,
 # and after at most this many checkpoints: what they lag while the gateway runs.
 STATE_FOLD_S = 1.0
 STATE_FOLD_MAX = 64
+
+# The GIL switch interval while the gateway runs (CPython's default: 5 ms). The database thread
+# releases the GIL in every SQLite call and, with the loop busy, waits up to a whole interval to
+# get it back, several times per commit: a commit took 3-10x its own CPU time and the loop then
+# waited for it (issue 16, docs/benchmarks.md section 6). A shorter interval hands it back sooner.
+SWITCH_INTERVAL_S = 0.0005
 
 # Unsynced times are ms since the device booted: anything outside this cannot be one (and a
 # value beyond int64 would make the commit fail).
@@ -152,6 +144,7 @@ class Gateway:
         self._group_wm = None
         self._commit_task = None
         self._journaled = 0  # state journal rows since the last fold (store.py)
+        self._fold_merge = FoldMerge()  # those rows merged, for the next fold (no decode then)
         self._folded = time.monotonic()
         self._ack_rx = {}  # dev -> monotonic receipt of the oldest committed message its next ack covers
         self.web = None
@@ -177,6 +170,14 @@ class Gateway:
         await self.sinks.open(self.store.db)
 
     async def run(self):
+        switch = sys.getswitchinterval()
+        sys.setswitchinterval(min(switch, SWITCH_INTERVAL_S))
+        try:
+            await self._run()
+        finally:
+            sys.setswitchinterval(switch)
+
+    async def _run(self):
         try:
             await self.open()
             try:
@@ -200,7 +201,7 @@ class Gateway:
         self._ops_task = asyncio.create_task(ops.ops_loop(self), name="ops")  # retention, watchdog
         stop = asyncio.create_task(self._stop.wait())
         logs.info("gateway_started", db=self.cfg.store.path, broker="%s:%d" % (self.cfg.mqtt.host, self.cfg.mqtt.port),
-                  devices=len(self.devices.devs), metrics_port=self.cfg.metrics.port)
+                  devices=len(self.devices.devs), metrics_port=self.cfg.metrics.port, accel=accel.summary())
         self.sinks.start()
         self.started.set()
         failed = None
@@ -389,10 +390,9 @@ class Gateway:
             _m, _v, _t, idlen, boot, base, base_t, n = _HDR.unpack_from(payload)
             off = 22 + idlen
             if n and size == off + 12 * n and payload[22:off] == devb and base + n <= 0x100000000:
-                fmt, rng = _readings_struct(n)
-                flat = fmt.unpack_from(payload, off)
-                if flat[0::5] == rng:  # seqs base..base+n-1: the common batch
-                    self._readings_fast(topic, dev, boot, base, base_t, n, flat, now)
+                sc = batch.scan(payload, off, n)
+                if sc is not None:  # seqs base..base+n-1: the common batch
+                    self._readings_fast(topic, dev, boot, base, base_t, n, sc, payload, off, now)
                     return
         # anything unusual: the full decoder says exactly what is wrong
         try:
@@ -408,20 +408,21 @@ class Gateway:
         else:
             self._records(topic, dev, boot, recs, now)
 
-    def _readings_fast(self, topic, dev, boot, base, base_t, n, flat, now):
-        toffs = flat[1::5]
-        flags = flat[3::5]
+    def _readings_fast(self, topic, dev, boot, base, base_t, n, sc, payload, off, now):
+        """sc: batch.scan()'s (src, time offsets, or of the flags); src, payload and off are
+        what batch.columns() and batch.aggs() read the readings from."""
+        src, toffs, fl = sc
         tmin = base_t + min(toffs)
         tmax = base_t + max(toffs)
-        fset = set(flags)
-        clean = (fset == {0} or not any(f & _UNSYNCED for f in fset)) and \
+        clean = not fl & _UNSYNCED and \
             wire.check_event_time(tmin, now, self.max_future) is None and \
             wire.check_event_time(tmax, now, self.max_future) is None
         res = self.dedup.mark_run(dev, boot, base, n) if clean else None
         out = self.out
         out.touched.add((dev, boot))
         if res is None:  # mixed duplicates, bad times or unsynced records: one by one
-            recs = list(zip(range(base, base + n), map(base_t.__add__, toffs), flat[2::5], flags, flat[4::5]))
+            chans, flags, vals = batch.columns(src, payload, off, 0, n)
+            recs = list(zip(range(base, base + n), map(base_t.__add__, toffs), chans, flags, vals))
             self._readings(topic, dev, boot, recs, now)
             return
         d = self.devices.touch(dev)
@@ -429,13 +430,12 @@ class Gateway:
         if res == DUP:
             self._count_dup(d, dev, boot, base, base + n - 1, n, now)
             return
-        chans = flat[2::5]
-        vals = flat[4::5]
         d.received += n
         self.stats.readings += n
         out.records += n
         self._count_live(d, dev, boot, base, base + n - 1, n, now)
         if self.retain:
+            chans, flags, vals = batch.columns(src, payload, off, 0, n)
             raw = out.readings
             out.reading_spans.append((dev, boot, base, base + n - 1, tmin, tmax, len(raw) // RAW_COLS, n))
             buf = [dev] * (RAW_COLS * n)  # the rows' columns filled by C loops
@@ -457,43 +457,24 @@ class Gateway:
             # One window, not due at any record (watermarks stay below tmax - delay < last):
             # adding the batch at once equals adding it record by record. Aggregate per channel
             # in C loops.
-            self._add_run(dev, start, chans, vals, wm_d, gwm, gmap)
+            self._add_run(dev, start, src, payload, off, 0, n, wm_d, gwm, gmap)
             ceil = tmax - wms.delay
             if not (dw.due_after(dev, ceil) and self.group_windows.due_after(None, ceil)):
                 wm_d = self._step_through(dev, base_t, toffs, wm_d, now)
             self._observe(dev, tmax, wm_d, now)
         elif toffs == tuple(sorted(toffs)):
-            self._window_runs(dev, boot, base, base_t, toffs, chans, vals, d, now, gmap)
+            self._window_runs(dev, boot, base, base_t, toffs, src, payload, off, d, now, gmap)
         else:
+            chans, _flags, vals = batch.columns(src, payload, off, 0, n)
             self._window_seq(dev, boot, zip(range(base, base + n), map(base_t.__add__, toffs), chans, vals), d, now)
 
-    def _add_run(self, dev, start, chans, vals, wm_d, gwm, gmap):
-        """Records of one window that is not due: aggregated per channel in C loops."""
-        n = len(chans)
-        # Channel i of a period of m is vals[i::m] (aggregates add, so a channel may recur
-        # within the period). m: the device's channels per tick in its last batch, else found again.
-        nc = self._nchan.get(dev, 1)
-        m = nc if nc < n else n
-        if chans[m:] != chans[:-m]:
-            nc = len(set(chans))
-            if len(self._nchan) < 4 * self.max_devices:
-                self._nchan[dev] = nc
-            m = nc if nc < n else n
-            if chans[m:] != chans[:-m]:
-                m = 0  # no period: split by channel
-        if m == 1:
-            aggs = ((chans[0], n, sum(vals), sum(map(mul, vals, vals)), min(vals), max(vals)),)
-        elif m:
-            sq = list(map(mul, vals, vals))
-            aggs = []
-            for i in range(m):
-                vs = vals[i::m]
-                aggs.append((chans[i], len(vs), sum(vs), sum(sq[i::m]), min(vs), max(vs)))
-        else:
-            aggs = []
-            for ch in set(chans):
-                vs = list(compress(vals, map(ch.__eq__, chans)))
-                aggs.append((ch, len(vs), sum(vs), sum(map(mul, vs, vs)), min(vs), max(vs)))
+    def _add_run(self, dev, start, src, payload, off, i, j, wm_d, gwm, gmap):
+        """Readings i..j-1 of a batch, all in one window that is not due: aggregated per channel
+        (batch.aggs: C loops)."""
+        hint = self._nchan.get(dev, 1)
+        aggs, nc = batch.aggs(src, payload, off, i, j, hint)
+        if nc != hint and len(self._nchan) < 4 * self.max_devices:
+            self._nchan[dev] = nc
         self.dev_windows.add_aggs(dev, start, aggs, wm_d)
         if gmap:
             gw = self.group_windows
@@ -501,7 +482,7 @@ class Gateway:
                 for name in gmap.get(a[0], ()):
                     gw.add_agg(name, a[0], start, *a[1:], gwm)
 
-    def _window_runs(self, dev, boot, base, base_t, toffs, chans, vals, d, now, gmap):
+    def _window_runs(self, dev, boot, base, base_t, toffs, src, payload, poff, d, now, gmap):
         """A time-ordered batch that spans windows or makes some due: cut into runs that end where
         the window changes or at the record whose watermark makes any window due (it fires right
         after that record, as record by record). A run into a window not due is one aggregate;
@@ -525,11 +506,12 @@ class Gateway:
             wm_d = wms.device_wm(dev)
             gwm = wms.global_wm
             if (wm_d is None or wm_d < last) and (not gmap or gwm is None or gwm < last):
-                self._add_run(dev, start, chans[i:j], vals[i:j], wm_d, gwm, gmap)
+                self._add_run(dev, start, src, payload, poff, i, j, wm_d, gwm, gmap)
                 self._observe(dev, base_t + toffs[j - 1], wm_d, now)
             else:
+                chans, _flags, vals = batch.columns(src, payload, poff, i, j)
                 self._window_seq(dev, boot, zip(range(base + i, base + j), map(base_t.__add__, toffs[i:j]),
-                                                chans[i:j], vals[i:j]), d, now)
+                                                chans, vals), d, now)
             i = j
 
     def _step_through(self, dev, base_t, toffs, wm_d, now):
@@ -925,9 +907,12 @@ class Gateway:
             # second, in a checkpoint's transaction (store.py, "The state journal")
             if n_state:
                 writes.append(("state_journal", [(journal_entry(state),)]))
+                self._fold_merge.add(state)
                 self._journaled += 1
             if fold:
-                writes.append(("state_fold", [()]))
+                # open() folded the table, so it holds this run's rows only: the merge of them all
+                writes.append(("state_fold", [self._fold_merge.rows()]))
+                self._fold_merge = FoldMerge()
                 self._journaled, self._folded = 0, mono
                 rows += 1
             # the marks acked are the ones this transaction commits

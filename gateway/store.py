@@ -536,8 +536,8 @@ def _transaction(conn, writes, path=None, file_id=None, pruned=None):
                 if key == "quarantine_prune":
                     pruned[0] += conn.execute(SQL[key], rows[0]).rowcount
                     continue
-                if key == "state_fold":
-                    n += _fold(conn)
+                if key == "state_fold":  # [()]: fold what the table holds; [FoldMerge.rows()]: that
+                    n += _fold(conn, rows[0] or None)
                     continue
                 if key in ("readings", "readings_flat"):
                     base = (conn.execute("SELECT max(rowid) FROM readings").fetchone()[0] or 0) + 1
@@ -563,23 +563,24 @@ def _transaction(conn, writes, path=None, file_id=None, pruned=None):
     return n
 
 
-def _fold(conn):
-    """Apply the state journal to the state tables (each key once, its latest row; a later
-    delete wins over an earlier upsert and the reverse) and empty it. Inside a transaction.
-    Returns the rows written."""
-    entries = conn.execute("SELECT id, body FROM state_journal ORDER BY id").fetchall()
-    if not entries:
-        return 0
-    full, hot = {}, {}  # devices: whole rows, then the hot columns of newer changes
-    merged = {k: {} for k in _KEYED}
-    for _id, body in entries:
-        try:
-            # marshal: the gateway's own rows, folded within about a second and at every close;
-            # newer Pythons read older marshal versions (a crash, then an upgrade, still folds)
-            journal = marshal.loads(body)
-        except (ValueError, EOFError, TypeError) as e:
-            raise sqlite3.DatabaseError("state journal row %d is unreadable (%s): the file is damaged" % (_id, e))
+class FoldMerge:
+    """State journal entries merged: each key once, its latest row (a later delete wins over an
+    earlier upsert and the reverse; a device's hot columns over its older full row). _fold merges
+    the journal rows it reads back; the gateway merges each checkpoint's state as it commits it
+    and hands rows() to the fold (write key "state_fold"), which then decodes nothing."""
+
+    __slots__ = ("full", "hot", "merged")
+
+    def __init__(self):
+        self.full, self.hot = {}, {}  # devices: whole rows, then the hot columns of newer changes
+        self.merged = {k: {} for k in _KEYED}
+
+    def add(self, journal):
+        """journal: [(key, rows)] of JOURNALED keys, one checkpoint's (oldest first)."""
+        full, hot, merged = self.full, self.hot, self.merged
         for key, rows in journal:
+            if not rows:
+                continue
             if key == "devices":
                 for r in rows:
                     full[r[0]] = r
@@ -595,19 +596,46 @@ def _fold(conn):
                 m = merged[_DELETES[key]]
                 for r in rows:
                     m[tuple(r)] = None
+
+    def rows(self):
+        """(full device rows, hot device rows, [(key, deletes, upserts)]): plain lists, so a
+        replica (gateway/ckpt.py) can be sent the same fold."""
+        groups = []
+        for key in _KEYED:
+            m = self.merged[key]
+            groups.append((key, [k for k, r in m.items() if r is None], [r for r in m.values() if r is not None]))
+        return list(self.full.values()), list(self.hot.values()), groups
+
+
+def _fold(conn, rows=None):
+    """Apply the state journal to the state tables and empty it. Inside a transaction. rows:
+    FoldMerge.rows() of every journal entry in the table (the running gateway's), else the
+    entries are read and merged here. Returns the rows written."""
+    if rows is None:
+        entries = conn.execute("SELECT id, body FROM state_journal ORDER BY id").fetchall()
+        if not entries:
+            return 0
+        fm = FoldMerge()
+        for _id, body in entries:
+            try:
+                # marshal: the gateway's own rows, folded within about a second and at every close;
+                # newer Pythons read older marshal versions (a crash, then an upgrade, still folds)
+                journal = marshal.loads(body)
+            except (ValueError, EOFError, TypeError) as e:
+                raise sqlite3.DatabaseError("state journal row %d is unreadable (%s): the file is damaged" % (_id, e))
+            fm.add(journal)
+        rows = fm.rows()
+    full, hot, groups = rows
     n = len(full) + len(hot)
-    _insert(conn, SQL["devices"], list(full.values()))
+    _insert(conn, SQL["devices"], full)
     if hot:
-        conn.executemany(SQL["devices_hot"], list(hot.values()))
-    for key, (dkey, _kl) in _KEYED.items():
-        m = merged[key]
-        dels = [k for k, r in m.items() if r is None]
+        conn.executemany(SQL["devices_hot"], hot)
+    for key, dels, ups in groups:
         if dels:
-            conn.executemany(SQL[dkey], dels)
-        ups = [r for r in m.values() if r is not None]
+            conn.executemany(SQL[_KEYED[key][0]], dels)
         _insert(conn, SQL[key], ups)
         n += len(dels) + len(ups)
-    conn.execute("DELETE FROM state_journal WHERE id <= ?", (entries[-1][0],))
+    conn.execute("DELETE FROM state_journal")
     return n
 
 

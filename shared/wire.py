@@ -32,9 +32,15 @@ def to_fixed(x):
     return v
 
 
+def readings_buffer(device_id, boot, base_seq, base_time, n):
+    """(buffer, offset of the first record) of a readings message of n records (gateway side
+    and tools; the board calls records_buffer(..., readings=True) itself)."""
+    return records_buffer(device_id, boot, base_seq, base_time, n, n * READING_SIZE, True)
+
+
 def put_reading(out, off, seq, t, ch, flags, value, base_seq, base_time):
-    """One reading record at out[off:] of a records_buffer(..., readings=True) (the board
-    writes its records from the stored frames: firmware/uplink.py)."""
+    """One reading record at out[off:] of a readings_buffer (the board writes its records from
+    the stored frames: firmware/uplink.py)."""
     ds = seq - base_seq
     dt = t - base_time
     if ds < 0 or ds > 0xFFFF or dt < I32_MIN or dt > I32_MAX:
@@ -54,7 +60,7 @@ def encode_readings(device_id, boot, readings):
         raise WireError("empty")
     base_seq = readings[0][0]
     base_time = readings[0][1]
-    out, off = records_buffer(device_id, boot, base_seq, base_time, n, n * READING_SIZE, True)
+    out, off = readings_buffer(device_id, boot, base_seq, base_time, n)
     for r in readings:
         put_reading(out, off, r[0], r[1], r[2], r[3], r[4], base_seq, base_time)
         off += READING_SIZE

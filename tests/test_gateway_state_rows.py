@@ -5,6 +5,8 @@ rows where it can (issue 16); this checks that nothing changed is left out.
 """
 import asyncio
 
+import pytest
+
 from gateway.service import Gateway
 from shared import wire
 from tests.test_gateway_fakes import T0, readings
@@ -192,10 +194,12 @@ def test_batches_equal_one_by_one_without_groups(tmp_path):
         assert a == b == c, t
 
 
-def test_state_journal_fold_equals_writing_every_checkpoint(tmp_path):
+@pytest.mark.parametrize("merged", [False, True], ids=["fold-reads-journal", "fold-of-merged-rows"])
+def test_state_journal_fold_equals_writing_every_checkpoint(tmp_path, merged):
     """Random checkpoints' state writes (upserts, deletes and re-inserts of the same keys, full
     and hot device rows in any order), applied as they come in one database and journaled then
-    folded at random points (and at open) in another: the state tables end up identical."""
+    folded at random points (and at open) in another: the state tables end up identical. merged:
+    the running gateway's fold, of the rows it merged as it journaled them (store.FoldMerge)."""
     import random
     import sqlite3
     from gateway import store
@@ -234,12 +238,15 @@ def test_state_journal_fold_equals_writing_every_checkpoint(tmp_path):
     b.execute("PRAGMA synchronous=OFF")
     b.executescript(store.SCHEMA)
     folds = 0
+    fm = store.FoldMerge()
     for k in range(300):
         d = delta()
         store._transaction(a, d)
         w = [("state_journal", [(store.journal_entry(d),)])]
+        fm.add(d)
         if rng.random() < 0.2:
-            w.append(("state_fold", [()]))
+            w.append(("state_fold", [fm.rows() if merged else ()]))
+            fm = store.FoldMerge()
             folds += 1
         store._transaction(b, w)
         if k % 50 == 49:  # a restart: open folds
@@ -247,6 +254,7 @@ def test_state_journal_fold_equals_writing_every_checkpoint(tmp_path):
             b = sqlite3.connect(b_path, isolation_level=None)
             b.execute("PRAGMA synchronous=OFF")
             store.fold_journal(b)
+            fm = store.FoldMerge()
     store.fold_journal(b)
     assert folds > 30 and not b.execute("SELECT count(*) FROM state_journal").fetchone()[0]
     for t in ("devices", "dedup", "dedup_devices", "device_identity", "device_watermarks", "open_windows", "meta"):

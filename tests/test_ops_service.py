@@ -35,7 +35,9 @@ def _cli(*args, env=None, **kw):
 def test_version_on_every_cli(cmd):
     r = subprocess.run([PY] + cmd + ["--version"], cwd=ROOT, capture_output=True, text=True, timeout=60)
     assert r.returncode == 0, r.stderr
-    assert re.fullmatch(r"\S+ \d+\.\d+\S* \(edgeflow wire v\d+\)\n", r.stdout), r.stdout
+    # the gateway also says which of its modules run compiled (gateway/accel.py)
+    assert re.fullmatch(r"\S+ \d+\.\d+\S* \(edgeflow wire v\d+\)(; batch=(compiled|pure \(.+\)))?\n",
+                        r.stdout), r.stdout
 
 
 def _db(tmp_path, n=3000):

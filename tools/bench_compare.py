@@ -20,7 +20,9 @@ median of --rounds alternating rounds, with raw readings kept and without:
 
 Rates are unique readings committed per second, timed from the first message to the last
 commit. The window results of every engine are checked equal to the plain loop's (and the raw
-row count to the unique readings). Prints figures; it is not a test.
+row count to the unique readings). Prints figures; it is not a test. The gateway runs its compiled
+batch loops if built (gateway/accel.py; the header line says which): EDGEFLOW_PURE_PYTHON=1 for
+the pure Python ones.
 """
 import argparse
 import asyncio
@@ -359,6 +361,8 @@ def main(argv=None):
     dups = sum(len(wire.decode_data(p)[3]) for t, p in msgs if t.endswith("/data")) - n
     print("workload: %d devices x %d channels x %d s = %d readings + %d duplicates, %d messages (%.1f s to make)"
           % (args.devices, args.channels, args.seconds, n, dups, len(msgs), time.perf_counter() - t_gen))
+    from gateway import accel
+    print("gateway build: %s (EDGEFLOW_PURE_PYTHON=1: pure Python)" % accel.summary())
     print("load average before: %s (2 cores shared)" % loadavg())
     tmp = tempfile.mkdtemp(prefix="bench-cmp-")
     broker = port = None

@@ -16,6 +16,11 @@ python3 -c 'import venv, ensurepip' >/dev/null 2>&1 || need_apt+=(python3-venv)
 command -v chromium >/dev/null 2>&1 || need_apt+=(chromium)
 command -v chromedriver >/dev/null 2>&1 || need_apt+=(chromium-driver)
 command -v promtool >/dev/null 2>&1 || need_apt+=(prometheus)
+# perf: a C compiler and the Python headers, for the gateway's compiled modules (setup.py, Cython);
+# without them pip installs the gateway as pure Python (slower, same results)
+command -v gcc >/dev/null 2>&1 || need_apt+=(gcc)
+python3 -c 'import os, sys, sysconfig; sys.exit(not os.path.exists(os.path.join(sysconfig.get_paths()["include"], "Python.h")))' \
+  >/dev/null 2>&1 || need_apt+=(python3-dev)
 # sinks: the collector's PostgreSQL backend test starts a throwaway server (Debian's postgresql)
 ls /usr/lib/postgresql/*/bin/postgres >/dev/null 2>&1 || need_apt+=(postgresql)
 if [ ${#need_apt[@]} -gt 0 ]; then

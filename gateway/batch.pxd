@@ -1,0 +1,14 @@
+# C types for gateway/batch.py when Cython compiles it (setup.py); the .py stays plain Python.
+cimport cython
+
+ctypedef const unsigned char *cbytes
+
+@cython.locals(p=cbytes, k=Py_ssize_t, o=Py_ssize_t, fl=int)
+cpdef object _scan_bytes(bytes payload, Py_ssize_t off, Py_ssize_t n)
+
+@cython.locals(p=cbytes, k=Py_ssize_t, o=Py_ssize_t, ch=int, v="long long", sq="unsigned long long", sh="unsigned long long",
+               cnt="long long[256]", tot="long long[256]", sqhi="unsigned long long[256]",
+               sqlo="unsigned long long[256]", lo="long long[256]", hi="long long[256]")
+cpdef list _aggs_bytes(bytes payload, Py_ssize_t off, Py_ssize_t i, Py_ssize_t j)
+
+cdef long long _i32(cbytes p, Py_ssize_t o) noexcept
