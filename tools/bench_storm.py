@@ -59,7 +59,7 @@ def encode_batch(dev, idx, t_base, s0, k):
     replayers share the box with the gateway, and encoding record by record cost them about a
     third of their CPU (py-spy), CPU the gateway then lacked in the storm. main() checks
     that the bytes equal wire.encode_readings'."""
-    out, off = wire.records_buffer(dev, 1, s0, t_base + s0 * 1000, k, k * wire.READING_SIZE, True)
+    out, off = wire.readings_buffer(dev, 1, s0, t_base + s0 * 1000, k)
     pk = _PACKS.get(k)
     if pk is None:
         pk = _PACKS[k] = struct.Struct(">" + "HiBBi" * k)
