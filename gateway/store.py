@@ -174,15 +174,19 @@ class Database:
         """fn(connection, *args) in the database thread; awaitable."""
         return self._call(fn, self._conn, *args)
 
+    # No cursor ever leaves the database thread: a cursor freed in the event loop's thread resets
+    # its statement there, and a connection used from two threads at once can lose the error of
+    # the other thread's failing call (sqlite3 raises SystemError "returned NULL without setting
+    # an exception", or a wrong error): the connection is used in its own thread only.
     def execute(self, sql, params=()):
-        """The cursor (rowcount, lastrowid; fetch rows with execute_fetchall)."""
-        return self._call(self._conn.execute, sql, params)
+        """The number of rows changed (fetch rows with execute_fetchall)."""
+        return self._call(_rowcount, self._conn.execute, sql, params)
 
     def executemany(self, sql, rows):
-        return self._call(self._conn.executemany, sql, rows)
+        return self._call(_rowcount, self._conn.executemany, sql, rows)
 
     def executescript(self, script):
-        return self._call(self._conn.executescript, script)
+        return self._call(_rowcount, self._conn.executescript, script)
 
     def execute_fetchall(self, sql, params=()):
         return self._call(_fetchall, self._conn, sql, params)
@@ -201,7 +205,19 @@ class Database:
 
 
 def _fetchall(conn, sql, params):
-    return conn.execute(sql, params).fetchall()
+    cur = conn.execute(sql, params)
+    try:
+        return cur.fetchall()
+    finally:
+        cur.close()
+
+
+def _rowcount(method, *args):
+    cur = method(*args)
+    try:
+        return cur.rowcount
+    finally:
+        cur.close()
 
 
 RAW_COLS = 7  # columns of a raw reading row
@@ -377,9 +393,9 @@ class Store:
                     sql = "DELETE FROM readings WHERE rowid IN (SELECT rowid FROM readings WHERE rowid < %d AND " \
                           "t < ? LIMIT ?)" % (await self.db.run(_first_spanned_row))
             while True:
-                cur = await self.db.execute(sql, (cut, batch))
-                n += cur.rowcount
-                if cur.rowcount < batch:
+                k = await self.db.execute(sql, (cut, batch))
+                n += k
+                if k < batch:
                     break
             if n:
                 out[table] = n

@@ -274,3 +274,25 @@ def test_database_deleted_under_the_running_gateway_exits(broker, tmp_path):
             if proc.poll() is None:
                 proc.kill()
             proc.wait(30)
+
+
+def test_no_cursor_leaves_the_database_thread(tmp_path):
+    """A cursor freed in the event loop's thread resets its statement there while the database
+    thread may be failing a call on the same connection: sqlite3 then loses that call's error
+    (SystemError "returned NULL without setting an exception", seen in a start-up test). Every
+    Database call hands back plain values, never a cursor."""
+    from gateway.store import Database
+
+    async def main():
+        db = await Database.connect(str(tmp_path / "c.db"), isolation_level=None)
+        try:
+            got = [await db.executescript("CREATE TABLE t (x INTEGER)"),
+                   await db.executemany("INSERT INTO t VALUES (?)", [(1,), (2,), (3,)]),
+                   await db.execute("DELETE FROM t WHERE x > ?", (1,)),
+                   await db.execute_fetchall("SELECT x FROM t")]
+        finally:
+            await db.close()
+        assert not any(isinstance(v, sqlite3.Cursor) for v in got), got
+        assert got[1:] == [3, 2, [(1,)]]
+
+    asyncio.run(main())

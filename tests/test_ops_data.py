@@ -105,10 +105,10 @@ def test_retention_deletes_old_rows_in_bounded_batches(tmp_path):
     real = s.db.execute
 
     async def counting(sql, params=()):
-        cur = await real(sql, params)
+        n = await real(sql, params)
         if sql.startswith("DELETE"):
-            deleted_per_statement.append(cur.rowcount)
-        return cur
+            deleted_per_statement.append(n)
+        return n
 
     async def go():
         s.db.execute = counting
