@@ -69,7 +69,7 @@ SCHEMA = {
         "groups": ([], list, None, "list of {name, devices (list or ['*']), channel}: windows over several devices"),
     },
     "admission": {
-        "replay_rate": (200000.0, float, (1, 1e9), "backlog records per second granted to replaying devices (token bucket); with adaptive: the starting rate and the ceiling"),
+        "replay_rate": (500000.0, float, (1, 1e9), "backlog records per second granted to replaying devices (token bucket); with adaptive: the starting rate and the ceiling"),
         "adaptive": (True, bool, None, "adapt the replay rate to the measured committed records/s and the expected wait of granted backlog"),
         "replay_rate_min": (2000.0, float, (1, 1e9), "adaptive: the rate never goes below this (records/s)"),
         "latency_target_s": (5.0, float, (0.1, 3600), "adaptive: back off when granted backlog would wait longer than this (keep well below the devices' resend timer, 30 s)"),
