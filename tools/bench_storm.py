@@ -452,6 +452,20 @@ def _cpu_shares(a, b):
                     for x, y in zip(a[1], b[1]))
 
 
+def _listen_overflows():
+    """The kernel's count of connections dropped because a listen queue was full (each one
+    costs that device a SYN retransmit, 1 s and more): the broker's accept backlog."""
+    try:
+        with open("/proc/net/netstat") as f:
+            lines = f.read().splitlines()
+        for names, values in zip(lines[::2], lines[1::2]):
+            if names.startswith("TcpExt:"):
+                return int(dict(zip(names.split(), values.split()))["ListenOverflows"])
+    except (OSError, KeyError, ValueError):
+        pass
+    return None
+
+
 def _loadavg():
     try:
         return " ".join(open("/proc/loadavg").read().split()[:3])
@@ -567,6 +581,7 @@ def main(argv=None):
         if n_steady:
             steady_phase("l", "before")
         gw_cpu0, gw_loop0 = proc_cpu_s(site.gateway.pid), _loop_cpu_s(site.gateway.pid)
+        lo0 = _listen_overflows()
         cpu0 = time.process_time()
         t0, committed = asyncio.run(bench.run(site, a.timeout, a.progress_s))
         st = bench.st
@@ -575,7 +590,9 @@ def main(argv=None):
         gw_cpu, br_cpu = proc_cpu_s(site.gateway.pid) - gw_cpu0, proc_cpu_s(site.broker.pid)
         gw_loop = _loop_cpu_s(site.gateway.pid) - gw_loop0
         me_cpu = time.process_time() - cpu0
-        print("storm done, load average %s" % _loadavg(), flush=True)
+        lo1 = _listen_overflows()
+        print("storm done, load average %s; connects dropped by a full listen queue (whole machine): %s" % (
+            _loadavg(), "-" if lo0 is None or lo1 is None else lo1 - lo0), flush=True)
         if n_steady:
             steady_phase("m", "after")
         gw_kb, br_kb = vm_hwm_kb(site.gateway.pid), vm_hwm_kb(site.broker.pid)
