@@ -68,6 +68,7 @@ STATE_FOLD_MAX = 64
 # get it back, several times per commit: a commit took 3-10x its own CPU time and the loop then
 # waited for it (issue 16, docs/benchmarks.md section 6). A shorter interval hands it back sooner.
 SWITCH_INTERVAL_S = 0.0005
+_running = [0, 0.005]  # gateways running in this process, the interval before the first
 
 # Unsynced times are ms since the device booted: anything outside this cannot be one (and a
 # value beyond int64 would make the commit fail).
@@ -170,12 +171,18 @@ class Gateway:
         await self.sinks.open(self.store.db)
 
     async def run(self):
-        switch = sys.getswitchinterval()
-        sys.setswitchinterval(min(switch, SWITCH_INTERVAL_S))
+        # process-wide: several gateways of one process (scale-out partitions) share it, so the
+        # first to start sets it and the last to stop restores it
+        if not _running[0]:
+            _running[1] = sys.getswitchinterval()
+            sys.setswitchinterval(min(_running[1], SWITCH_INTERVAL_S))
+        _running[0] += 1
         try:
             await self._run()
         finally:
-            sys.setswitchinterval(switch)
+            _running[0] -= 1
+            if not _running[0]:
+                sys.setswitchinterval(_running[1])
 
     async def _run(self):
         try:

@@ -654,3 +654,38 @@ def test_adaptive_never_grants_under_T_with_little_outstanding():
     b = _storm_admission(300000, 100000)  # D = 3 s
     b.rate = 54447 / 1000.0
     assert b.adapt(1000, queue_full=True) == 54447.0
+
+
+def test_switch_interval_held_while_any_gateway_of_the_process_runs(monkeypatch):
+    """Scale-out runs several gateways (partitions) in one process: one stopping (a rebalance)
+    must not put the others back on CPython's 5 ms GIL switch interval."""
+    import asyncio
+    import sys
+
+    from gateway import service
+
+    gates = {}
+
+    async def fake_run(self):
+        await gates[self].wait()
+
+    monkeypatch.setattr(service.Gateway, "_run", fake_run)
+    before = sys.getswitchinterval()
+
+    async def main():
+        a, b = object.__new__(service.Gateway), object.__new__(service.Gateway)
+        gates[a], gates[b] = asyncio.Event(), asyncio.Event()
+        ta, tb = asyncio.create_task(a.run()), asyncio.create_task(b.run())
+        await asyncio.sleep(0)
+        assert sys.getswitchinterval() == service.SWITCH_INTERVAL_S
+        gates[a].set()
+        await ta
+        assert sys.getswitchinterval() == service.SWITCH_INTERVAL_S  # b still runs
+        gates[b].set()
+        await tb
+        assert sys.getswitchinterval() == before
+
+    try:
+        asyncio.run(main())
+    finally:
+        sys.setswitchinterval(before)
