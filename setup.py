@@ -54,7 +54,11 @@ def ext_modules():
         with open(py) as f:
             text = f.read() + stamp
         gen = os.path.join(GEN, "_c_%s.py" % name)
-        if not os.path.exists(gen) or open(gen).read() != text:  # unchanged: no recompile
+        old = None
+        if os.path.exists(gen):
+            with open(gen) as f:
+                old = f.read()
+        if old != text:  # unchanged: no recompile
             with open(gen, "w") as f:
                 f.write(text)
         pxd = os.path.join("gateway", name + ".pxd")

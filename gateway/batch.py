@@ -15,6 +15,8 @@ import struct
 from itertools import compress
 from operator import mul
 
+from shared.wire_dev import READING_SIZE
+
 COMPILED = not __file__.endswith(".py")
 
 _FMT = {}  # count -> (Struct for count readings unpacked flat, tuple(range(count)))
@@ -28,7 +30,7 @@ def _readings_struct(n):
     s = _FMT.get(n)
     if s is None:
         while _FMT and _fmt_size[0] + n > _FMT_BUDGET:
-            _fmt_size[0] -= _FMT.pop(next(iter(_FMT)))[0].size // 12
+            _fmt_size[0] -= _FMT.pop(next(iter(_FMT)))[0].size // READING_SIZE
         s = _FMT[n] = (struct.Struct(">" + "HiBBi" * n), tuple(range(n)))
         _fmt_size[0] += n
     return s
