@@ -384,6 +384,8 @@ class Bench:
         reps = [Replayer(self, "s%05d" % i, i) for i in range(self.devices)]
         t0 = time.monotonic()
         tasks = [asyncio.ensure_future(r.run()) for r in reps]
+        lag = [0.0]  # the replayers' event loop: worst lateness of a 20 ms timer since the last progress line
+        probe = asyncio.ensure_future(_lag_probe(lag))
         st = self.st
         total = self.devices * self.backlog
         last = 0
@@ -404,12 +406,15 @@ class Bench:
                 committed = sum(r.acked + 1 for r in reps)
                 now_cpu = (time.monotonic(), _cpus(site))
                 print("  t=%5.1fs connected %d/%d done %d committed %d/%d (%.0f%%) msgs %d rewinds %d "
-                      "connect failures %d gateway RSS %s MB | CPU %% gateway/broker/replayers %s | gauges: %s" % (
+                      "connect failures %d gateway RSS %s MB | CPU %% gateway/broker/replayers %s, replayers' loop "
+                      "late by up to %.0f ms | gauges: %s" % (
                           time.monotonic() - t0, st.connects, self.devices, st.done, committed, total,
                           100.0 * committed / total, st.msgs, st.rewinds, st.connect_failures,
                           _mb(vm_hwm_kb(site.gateway.pid) if site.gateway else None), _cpu_shares(cpu_last, now_cpu),
-                          gateway_gauges(self.metrics_port) if self.metrics_port else "-"), flush=True)
+                          1000 * lag[0], gateway_gauges(self.metrics_port) if self.metrics_port else "-"), flush=True)
                 cpu_last = now_cpu
+                lag[0] = 0.0
+        probe.cancel()
         print("  " + connect_spread(reps, t0))
         stuck = [r for r in reps if r.acked < r.n - 1]
         if stuck:
@@ -428,6 +433,15 @@ async def _end(tasks, reps):
     for r in reps:
         if r.tr is not None:
             r.tr.abort()
+
+
+async def _lag_probe(lag):
+    """How late the replayers' loop runs a timer: a device's CONNACK, ack or grant waits as long."""
+    loop = asyncio.get_running_loop()
+    while True:
+        t = loop.time()
+        await asyncio.sleep(0.02)
+        lag[0] = max(lag[0], loop.time() - t - 0.02)
 
 
 def connect_spread(reps, t0):
