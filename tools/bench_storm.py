@@ -391,6 +391,7 @@ class Bench:
         last = 0
         seen, moved = -1, time.monotonic()
         cpu_last = (time.monotonic(), _cpus(site))
+        wait_last = (time.monotonic(), _waits(site))
         while time.monotonic() - t0 < timeout:
             await asyncio.sleep(0.5)
             if st.done == self.devices:
@@ -405,14 +406,15 @@ class Bench:
                 last = time.monotonic()
                 committed = sum(r.acked + 1 for r in reps)
                 now_cpu = (time.monotonic(), _cpus(site))
+                now_wait = (time.monotonic(), _waits(site))
                 print("  t=%5.1fs connected %d/%d done %d committed %d/%d (%.0f%%) msgs %d rewinds %d "
-                      "connect failures %d gateway RSS %s MB | CPU %% gateway/broker/replayers %s, replayers' loop "
-                      "late by up to %.0f ms | gauges: %s" % (
+                      "connect failures %d gateway RSS %s MB | CPU %% gateway/broker/replayers %s, waiting for a CPU %% "
+                      "(main threads) %s, replayers' loop late by up to %.0f ms | gauges: %s" % (
                           time.monotonic() - t0, st.connects, self.devices, st.done, committed, total,
                           100.0 * committed / total, st.msgs, st.rewinds, st.connect_failures,
                           _mb(vm_hwm_kb(site.gateway.pid) if site.gateway else None), _cpu_shares(cpu_last, now_cpu),
-                          1000 * lag[0], gateway_gauges(self.metrics_port) if self.metrics_port else "-"), flush=True)
-                cpu_last = now_cpu
+                          _cpu_shares(wait_last, now_wait), 1000 * lag[0], gateway_gauges(self.metrics_port) if self.metrics_port else "-"), flush=True)
+                cpu_last, wait_last = now_cpu, now_wait
                 lag[0] = 0.0
         probe.cancel()
         print("  " + connect_spread(reps, t0))
@@ -521,6 +523,22 @@ def _cpus(site):
     """CPU seconds so far of the gateway, the broker and this process (the replayers)."""
     return (proc_cpu_s(site.gateway.pid) if site.gateway else None,
             proc_cpu_s(site.broker.pid) if site.broker else None, time.process_time())
+
+
+def _run_delay_s(pid):
+    """Seconds a process's main thread was runnable but waited for a CPU (/proc/PID/schedstat)."""
+    try:
+        with open("/proc/%d/schedstat" % pid) as f:
+            return int(f.read().split()[1]) / 1e9
+    except (OSError, IndexError, ValueError):
+        return None
+
+
+def _waits(site):
+    """Run delay so far of the gateway's event loop, the broker and the replayers' loop: the share
+    of the wall time each waited for a CPU says how oversubscribed the 2 cores were."""
+    return (_run_delay_s(site.gateway.pid) if site.gateway else None,
+            _run_delay_s(site.broker.pid) if site.broker else None, _run_delay_s(os.getpid()))
 
 
 def _cpu_shares(a, b):
