@@ -362,6 +362,7 @@ class Bench:
             await asyncio.sleep(0.05)
         await asyncio.sleep(0.5)  # the hellos' acks, the connects' state messages
         c0 = (time.monotonic(), _cpus(site))
+        w0 = (time.monotonic(), _waits(site))
         cpu0, loop0 = c0[1][0], _loop_cpu_s(site.gateway.pid)
         t0 = time.monotonic()
         self.st.last_done = None
@@ -371,6 +372,7 @@ class Bench:
             await asyncio.sleep(0.05)
         dt = (self.st.last_done or time.monotonic()) - t0
         c1 = (time.monotonic(), _cpus(site))
+        w1 = (time.monotonic(), _waits(site))
         cpu = c1[1][0] - cpu0
         loop_cpu = _loop_cpu_s(site.gateway.pid) - loop0
         await asyncio.wait(tasks, timeout=5)
@@ -378,7 +380,7 @@ class Bench:
         self.st = Stats()
         self.go = asyncio.Event()
         self.backlog, self.jitter = saved
-        return dt, sum(r.acked + 1 for r in devs), cpu, _cpu_shares(c0, c1), loop_cpu
+        return dt, sum(r.acked + 1 for r in devs), cpu, _cpu_shares(c0, c1), loop_cpu, _cpu_shares(w0, w1)
 
     async def run(self, site, timeout, progress_s=5.0):
         reps = [Replayer(self, "s%05d" % i, i) for i in range(self.devices)]
@@ -616,6 +618,8 @@ def main(argv=None):
                     "(its metrics endpoint; with 10,000 devices each scrape costs the gateway ~3%% of its CPU "
                     "during the storm, which biases the ratio)")
     ap.add_argument("--progress-s", type=float, default=5.0, help="seconds between progress lines")
+    ap.add_argument("--loop", choices=("auto", "uvloop", "asyncio"), default="auto",
+                    help="the replayers' event loop (auto: uvloop if installed)")
     ap.add_argument("--replayer-nice", type=int, default=0, help="run this process (the 10,000 devices' "
                     "stand-ins) this much nicer than the broker and the gateway, in every phase")
     ap.add_argument("--steady-devices", type=int, default=100, help="steady phase: devices sending live data")
@@ -650,6 +654,7 @@ def main(argv=None):
     print("bench_storm: %d devices x %d backlog readings = %d readings, %d per message" % (
         a.devices, a.backlog, a.devices * a.backlog, a.per_msg))
     print("machine: %s" % machine())
+    print("replayers' event loop: %s" % use_loop(a.loop))
     print("load average before: %s (2 cores shared)" % _loadavg())
     rc = 1
     try:
@@ -670,9 +675,10 @@ def main(argv=None):
         def steady_phase(prefix, when):
             r = asyncio.run(bench.steady(site, n_steady, per_dev, a.timeout, prefix))
             print("steady %s: %d connected devices x %d live readings: %d committed in %.1f s = %.0f readings/s, "
-                  "gateway CPU %.2f us per reading (event loop %.2f), CPU %% gateway/broker/replayers %s, "
-                  "load average %s" % (when, n_steady, per_dev, r[1], r[0], r[1] / r[0], 1e6 * r[2] / max(1, r[1]),
-                                       1e6 * r[4] / max(1, r[1]), r[3], _loadavg()),
+                  "gateway CPU %.2f us per reading (event loop %.2f), CPU %% gateway/broker/replayers %s, waiting for a "
+                  "CPU %% (main threads) %s, load average %s" % (
+                      when, n_steady, per_dev, r[1], r[0], r[1] / r[0], 1e6 * r[2] / max(1, r[1]),
+                      1e6 * r[4] / max(1, r[1]), r[3], r[5], _loadavg()),
                   flush=True)
             if r[1] != n_steady * per_dev:
                 print("steady phase incomplete: the ratio below is not valid")
@@ -758,6 +764,24 @@ def main(argv=None):
             shutil.rmtree(d, ignore_errors=True)
     return rc
 
+
+
+def use_loop(which):
+    """The replayers' event loop (this process only; the gateway keeps asyncio's): uvloop when it
+    is installed (auto), else asyncio's. Same protocol code either way; uvloop's cheaper sockets,
+    transports and callbacks leave more of the 2 shared cores to the broker and the gateway during
+    the connect burst (docs/benchmarks.md, run I). Returns what is used."""
+    if which in ("auto", "uvloop"):
+        try:
+            import uvloop
+        except ImportError:
+            if which == "uvloop":
+                raise SystemExit("bench_storm: --loop uvloop: uvloop is not installed (pip install uvloop)")
+        else:
+            asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
+            return "uvloop %s" % uvloop.__version__
+    asyncio.set_event_loop_policy(None)
+    return "asyncio"
 
 
 def _version_line(prog):
