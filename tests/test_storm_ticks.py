@@ -75,3 +75,20 @@ def test_bench_storm_short_run_is_exact_and_prints_the_ratio(tmp_path, capsys):
     assert rc == 0, out
     assert "RESULT: OK (0 lost, 0 duplicated)" in out and "storm / steady (goal >= 0.8):" in out
     assert out.count("5 connected devices x 1000 live readings: 5000 committed") == 2
+
+
+def test_bench_storm_encodes_exactly_what_the_wire_contract_does():
+    """The replayers build a message's pack from cached columns and slices (tools/bench_storm.py):
+    every batch size, seq and device index must give wire.encode_readings' bytes, also past the
+    cached value table's first size (k > 50)."""
+    import random
+    from shared import wire
+    from tools import bench_storm
+    rnd = random.Random(16)
+    t_base = bench_storm.NOW - 720000
+    for k in (1, 2, 3, 49, 50, 51, 137, 300):
+        for _ in range(40):
+            idx, s0 = rnd.randrange(0, 10200), rnd.randrange(0, 20000)
+            dev = "s%05d" % idx
+            assert bench_storm.encode_batch(dev, idx, t_base, s0, k) == \
+                wire.encode_readings(dev, 1, bench_storm._rows(idx, t_base, s0, k)), (idx, s0, k)
