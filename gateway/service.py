@@ -18,6 +18,7 @@ that message as internal_error; a failed commit stops the gateway (nothing is
 acked that is not committed; systemd restarts it and state is restored).
 """
 import asyncio
+import gc
 import hashlib
 import json
 import logging
@@ -68,7 +69,15 @@ STATE_FOLD_MAX = 64
 # get it back, several times per commit: a commit took 3-10x its own CPU time and the loop then
 # waited for it (issue 16, docs/benchmarks.md section 6). A shorter interval hands it back sooner.
 SWITCH_INTERVAL_S = 0.0005
-_running = [0, 0.005]  # gateways running in this process, the interval before the first
+
+# The cyclic GC's thresholds while the gateway runs (CPython's default: 700, 10, 10). A checkpoint
+# exports a few thousand rows that live until its commit: with 700 the young generation was
+# collected several times per checkpoint and the whole heap about once a second (each full pass
+# walks every live object: the devices' state, and whatever else the process holds), about a
+# tenth of the CPU (issue 16, docs/benchmarks.md section 6). The data path makes no reference
+# cycles; a larger young generation only delays collecting the few others (a few MB at most).
+GC_THRESHOLD = (50000, 20, 10)
+_running = [0, 0.005, None]  # gateways running in this process, the interval and thresholds before the first
 
 # Unsynced times are ms since the device booted: anything outside this cannot be one (and a
 # value beyond int64 would make the commit fail).
@@ -176,6 +185,9 @@ class Gateway:
         if not _running[0]:
             _running[1] = sys.getswitchinterval()
             sys.setswitchinterval(min(_running[1], SWITCH_INTERVAL_S))
+            _running[2] = gc.get_threshold()
+            if 0 < _running[2][0] < GC_THRESHOLD[0]:  # 0: the process turned collection off
+                gc.set_threshold(*GC_THRESHOLD)
         _running[0] += 1
         try:
             await self._run()
@@ -183,6 +195,7 @@ class Gateway:
             _running[0] -= 1
             if not _running[0]:
                 sys.setswitchinterval(_running[1])
+                gc.set_threshold(*_running[2])
 
     async def _run(self):
         try:
