@@ -39,7 +39,7 @@ from .devices import Registry
 from .ingest import Ingest
 from .keys import Keys, load_devices_file
 from .sinks import SinkSet
-from .store import RAW_COLS, FoldMerge, Store, journal_entry
+from .store import RAW_COLS, Store, journal_entry
 from .watermark import Watermarks
 from .windows import LATE, WindowSet
 
@@ -154,7 +154,6 @@ class Gateway:
         self._group_wm = None
         self._commit_task = None
         self._journaled = 0  # state journal rows since the last fold (store.py)
-        self._fold_merge = FoldMerge()  # those rows merged, for the next fold (no decode then)
         self._folded = time.monotonic()
         self._ack_rx = {}  # dev -> monotonic receipt of the oldest committed message its next ack covers
         self.web = None
@@ -908,7 +907,7 @@ class Gateway:
                 ("devices", dev_rows), ("devices_hot", dev_hot),
                 ("dedup", dd_ups), ("dedup_del", dd_dels), ("dedup_devices", list(mins.items())),
                 ("device_identity", ids),
-                ("device_watermarks", [(dev, mt, on) for dev, (mt, on) in wm_rows.items()]),
+                ("device_watermarks", wm_rows),
                 ("open_windows", ow1 + ow2), ("open_windows_del", owd1 + owd2),
                 ("meta", [("global_watermark", gwm)] if global_changed else []),
             ]
@@ -927,18 +926,31 @@ class Gateway:
             # second, in a checkpoint's transaction (store.py, "The state journal")
             if n_state:
                 writes.append(("state_journal", [(journal_entry(state),)]))
-                self._fold_merge.add(state)
                 self._journaled += 1
             if fold:
-                # open() folded the table, so it holds this run's rows only: the merge of them all
-                writes.append(("state_fold", [self._fold_merge.rows()]))
-                self._fold_merge = FoldMerge()
+                # open() folded the table, so it holds this run's rows only: their merge
+                writes.append(("state_fold", [self._fold_rows()]))
                 self._journaled, self._folded = 0, mono
                 rows += 1
             # the marks acked are the ones this transaction commits
             ep = self._epoch
             acks = sorted((dev, boot, self.dedup.hwm(dev, boot), ep.get(dev, 0)) for dev, boot in out.touched)
             self._commit_task = asyncio.ensure_future(self._commit(writes, rows, out.mids, acks, out.records, out.rx))
+
+    def _fold_rows(self):
+        """store.FoldMerge.rows() of the journal rows since the last fold, without merging them:
+        each key changed since then once, read from the state right after this checkpoint's
+        export, which is what its last journal row holds (tests/test_gateway_state_rows.py
+        checks the two folds equal)."""
+        full, hot = self.devices.fold_rows()
+        ups, dels, mins, ids = self.dedup.fold_rows()
+        wms, gchanged = self.watermarks.fold_rows()
+        ow1, owd1 = self.dev_windows.fold_rows()
+        ow2, owd2 = self.group_windows.fold_rows()
+        meta = [("global_watermark", self.watermarks.global_wm)] if gchanged else []
+        return full, hot, [("dedup", dels, ups), ("dedup_devices", [], list(mins.items())),
+                           ("device_identity", [], ids), ("device_watermarks", [], wms),
+                           ("open_windows", owd1 + owd2, ow1 + ow2), ("meta", [], meta)]
 
     async def _commit(self, writes, rows, mids, acks, records=0, rx=()):
         t0 = time.perf_counter()

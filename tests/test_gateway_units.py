@@ -166,7 +166,7 @@ def test_watermark_restore_keeps_devices_active():
     w.observe("b", 200, now=0)
     rows, g = w.export()
     v = Watermarks(0, 1000)
-    v.restore([(dev, mt, on) for dev, (mt, on) in rows.items()], g, now=50)
+    v.restore(rows, g, now=50)
     assert v.global_wm == g == 99
     v.observe("b", 300, now=60)
     assert v.global_wm == 99  # a still holds it: a restart does not let b race ahead
