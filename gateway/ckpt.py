@@ -45,7 +45,7 @@ from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy, DiscardPolicy,
 from nats.js.errors import APIError, BucketNotFoundError, NotFoundError
 
 from . import logs
-from .store import Store, StoreError, _transaction, create_schema, fold_journal
+from .store import Database, Store, StoreError, _transaction, create_schema, fold_journal
 
 STREAM = "EDGEFLOW_CKPT"
 BUCKET = "edgeflow_ckpt"
@@ -402,36 +402,34 @@ async def _rebuild_once(js, obs, st, p, path, upto):
         info.snapshot_bytes = os.path.getsize(tmp)
         start = int(mk["seq"]) + 1
         want_id = mk["ckpt_id"]
-    loop = asyncio.get_running_loop()
-    conn = await loop.run_in_executor(None, _open_rebuild, tmp)
+    # store.Database: the file is used from one thread, in order; a cancelled rebuild closes it
+    # only after the statement in flight (never from another thread under it)
+    db = await Database.connect(tmp, isolation_level=None)
     try:
-        got = await loop.run_in_executor(None, _meta_id, conn)
+        await db.run(_prepare_rebuild)
+        got = await db.run(_meta_id)
         if want_id is not None and got != want_id:
             raise StoreError("snapshot of partition %d holds %r, its marker says %r" % (p, got, want_id))
         if upto is None:
             last = await _last(js, delta_subject(st.prefix, p))
             upto = last.seq if last is not None else 0
         if upto >= start:
-            got = await _replay(js, st, p, conn, start, upto, info, got)
+            got = await _replay(js, st, p, db, start, upto, info, got)
         # the state journal's tail after the last fold: its tables current for readers of the
         # file (--rebuild-to, merge), as Store.open() leaves an owner's file
-        await loop.run_in_executor(None, fold_journal, conn)
-        await loop.run_in_executor(None, conn.close)
-    except BaseException:
-        conn.close()
-        raise
+        await db.run(fold_journal)
+    finally:
+        await db.close()
     _remove_db(path)
     os.replace(tmp, path)
     info.db_bytes = os.path.getsize(path)
     return info, got, marker.seq if marker is not None else 0
 
 
-def _open_rebuild(tmp):
-    conn = sqlite3.connect(tmp, isolation_level=None, check_same_thread=False)
+def _prepare_rebuild(conn):
     conn.execute("PRAGMA journal_mode=WAL")
     conn.execute("PRAGMA synchronous=OFF")  # a half-built file is thrown away anyway
     create_schema(conn)  # what Store.open() makes: a rebuilt file equals the owner's
-    return conn
 
 
 def _meta_id(conn):
@@ -445,11 +443,10 @@ def _apply(conn, deltas):
     conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
 
 
-async def _replay(js, st, p, conn, start, upto, info, got):
+async def _replay(js, st, p, db, start, upto, info, got):
     """Apply the complete deltas with start <= seq <= upto, in order. A delta whose chunks
     stop before its last (its publisher was fenced or died mid-way, and acked nothing) is
     skipped: the next publisher's state did not include it either."""
-    loop = asyncio.get_running_loop()
     cfg = ConsumerConfig(deliver_policy=DeliverPolicy.BY_START_SEQUENCE, opt_start_seq=start,
                          ack_policy=AckPolicy.NONE, inactive_threshold=60.0, mem_storage=True, num_replicas=1)
     sub = await js.pull_subscribe(delta_subject(st.prefix, p), stream=STREAM, config=cfg)
@@ -481,7 +478,7 @@ async def _replay(js, st, p, conn, start, upto, info, got):
                     info.deltas += 1
                     got, cur, parts = cid, None, []
             if batch:
-                await loop.run_in_executor(None, _apply, conn, batch)
+                await db.run(_apply, batch)
                 batch = []
     finally:
         try:

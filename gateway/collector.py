@@ -36,6 +36,7 @@ except ImportError:  # pragma: no cover
     loads = json.loads
 from .sinks import tables as T
 from .sinks.jetstream import NATS_SECURITY_KEYS, close_quietly
+from .store import Database
 
 SITE_RE = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
 TEXT_COLS = {"device", "scope", "key", "rule", "evidence", "kind"}
@@ -152,6 +153,10 @@ def validate(subject, data, prefix):
 
 
 class SqliteStore:
+    """SQLite through store.Database: the connection lives in one thread and its calls run there
+    in order, so close() (queued behind any write still running, e.g. one whose task SIGTERM
+    cancelled) never closes the connection under a transaction."""
+
     def __init__(self, path, synchronous="FULL"):
         self.path = path
         self.sync = synchronous
@@ -161,17 +166,21 @@ class SqliteStore:
     async def open(self):
         d = os.path.dirname(os.path.abspath(self.path))
         os.makedirs(d, exist_ok=True)
-        self.db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
-        self.db.execute("PRAGMA journal_mode=WAL")
-        self.db.execute("PRAGMA synchronous=%s" % self.sync)
-        for s in ddl(False):
-            self.db.execute(s)
-        self.q_rows = self.db.execute("SELECT count(*) FROM quarantine").fetchone()[0]
+        self.db = await Database.connect(self.path, isolation_level=None)
+        self.q_rows = await self.db.run(self._prepare)
 
-    def _write(self, batch, bad, now):
-        """One transaction: batch = [(site, table, rows)], bad = [(subject, reason, detail, payload)]."""
-        db = self.db
+    def _prepare(self, db):
+        db.execute("PRAGMA journal_mode=WAL")
+        db.execute("PRAGMA synchronous=%s" % self.sync)
+        for s in ddl(False):
+            db.execute(s)
+        return db.execute("SELECT count(*) FROM quarantine").fetchone()[0]
+
+    def _write(self, db, batch, bad, now):
+        """In the database thread, one transaction: batch = [(site, table, rows)],
+        bad = [(subject, reason, detail, payload)]. Returns {site: [messages, new, duplicate rows]}."""
         per_site = {}
+        quarantined = 0
         db.execute("BEGIN IMMEDIATE")
         try:
             for site, table, rows in batch:
@@ -190,23 +199,30 @@ class SqliteStore:
                            "messages=messages+excluded.messages, rows_new=rows_new+excluded.rows_new, "
                            "rows_dup=rows_dup+excluded.rows_dup", (site, now, now, m, new, dup))
             for subject, reason, detail, payload in bad:
-                if self.q_rows < QUARANTINE_MAX_ROWS:
+                if self.q_rows + quarantined < QUARANTINE_MAX_ROWS:
                     db.execute("INSERT INTO quarantine VALUES (?,?,?,?,?)",
                                (now, subject, reason, detail, payload[:QUARANTINE_MAX_PAYLOAD]))
-                    self.q_rows += 1
+                    quarantined += 1
             db.execute("COMMIT")
+            self.q_rows += quarantined  # what committed (here: a cancelled task's write counts too)
         except BaseException:
-            db.execute("ROLLBACK")
+            # SQLite may have rolled back already (SQLITE_FULL, I/O errors): a second ROLLBACK
+            # would raise 'no transaction is active' and hide the real error
+            if db.in_transaction:
+                try:
+                    db.execute("ROLLBACK")
+                except sqlite3.Error:
+                    pass
             raise
         return per_site
 
     async def write(self, batch, bad, now):
-        return await asyncio.to_thread(self._write, batch, bad, now)
+        return await self.db.run(self._write, batch, bad, now)
 
     async def close(self):
         if self.db is not None:
-            self.db.close()
-            self.db = None
+            db, self.db = self.db, None
+            await db.close()
 
 
 class PostgresStore:

@@ -63,6 +63,8 @@ class Dedup:
         self.removed = set()  # (dev, boot) retired since the last export
         self.dirty_devs = set()  # min_boot changed
         self.dirty_ids = set()  # instance / nonce / retired changed
+        # the same since the last fold_rows() (upserted / deleted keys: the last export's op wins)
+        self._f_up, self._f_del, self._f_devs, self._f_ids = set(), set(), set(), set()
         self.evicted_boots = 0
         self.reflashes = 0
 
@@ -80,7 +82,11 @@ class Dedup:
         st = d.boots.get(boot)
         if st is None and create:
             st = d.boots[boot] = [-1, 0]
+            # a row even if nothing is marked (a seq beyond the window): it counts towards
+            # max_boots, and a boot retired by a re-flash and back in the same checkpoint must
+            # overwrite its old row, not keep it (no delete goes out for it now)
             self.removed.discard((dev, boot))
+            self.dirty.add((dev, boot))
             if len(d.boots) > self.max_boots:
                 self._retire_below(dev, d, min(d.boots) + 1)
                 self.evicted_boots += 1
@@ -255,30 +261,54 @@ class Dedup:
 
     # ------------------------------------------------------------ checkpoint
 
-    def export(self):
-        """Rows changed since the last export: (upserts, deletes, {dev: min_boot})."""
+    def _rows(self, keys, removed, dev_keys):
+        devs = self.devs
         ups = []
-        for dev, boot in self.dirty:
-            st = self.devs[dev].boots[boot]
+        for dev, boot in keys:
+            st = devs[dev].boots[boot]
             # only the bytes the bitmap uses (restore reads any length): an in-order device's is
             # empty, not window/8 bytes rewritten for every device at every checkpoint
             ups.append((dev, boot, st[0], st[1].to_bytes((st[1].bit_length() + 7) // 8, "little")))
-        dels = list(self.removed)
-        mins = {dev: self.devs[dev].min_boot for dev in self.dirty_devs}
+        return ups, list(removed), {dev: devs[dev].min_boot for dev in dev_keys}
+
+    def export(self):
+        """Rows changed since the last export: (upserts, deletes, {dev: min_boot})."""
+        dirty, removed = self.dirty, self.removed
+        f_up, f_del = self._f_up, self._f_del
+        f_up |= dirty  # a fold applies a checkpoint's upserts, then its deletes
+        f_up -= removed
+        f_del -= dirty
+        f_del |= removed
+        self._f_devs |= self.dirty_devs
+        out = self._rows(dirty, removed, self.dirty_devs)
         self.dirty = set()
         self.removed = set()
         self.dirty_devs = set()
-        return ups, dels, mins
+        return out
 
-    def export_ids(self):
-        """Changed identity rows: (device, instance, nonce, retired as text, reflashes)."""
+    def _id_rows(self, devs):
         rows = []
-        for dev in self.dirty_ids:
+        for dev in devs:
             d = self.devs.get(dev)
             if d is not None:
                 rows.append((dev, d.instance, d.nonce, " ".join(str(i) for i in d.retired), d.reflashes))
+        return rows
+
+    def export_ids(self):
+        """Changed identity rows: (device, instance, nonce, retired as text, reflashes)."""
+        self._f_ids |= self.dirty_ids
+        rows = self._id_rows(self.dirty_ids)
         self.dirty_ids = set()
         return rows
+
+    def fold_rows(self):
+        """What the exports since the last fold_rows() merge to, each key once (its last op),
+        read from the state as it is now: right after an export it is what they exported.
+        (upserts, deletes, {dev: min_boot}, identity rows)."""
+        ups, dels, mins = self._rows(self._f_up, self._f_del, self._f_devs)
+        ids = self._id_rows(self._f_ids)
+        self._f_up, self._f_del, self._f_devs, self._f_ids = set(), set(), set(), set()
+        return ups, dels, mins, ids
 
     def restore_ids(self, rows):
         for dev, inst, nonce, retired, reflashes in rows:

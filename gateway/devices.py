@@ -60,6 +60,7 @@ class Registry:
         self.dirty = set()  # full rows to write
         self.hot = set()  # only last_seen and the counters changed, the row is in the table
         self.stored = set()  # devices whose row is in the table (or in a transaction before the next)
+        self._f_full, self._f_hot = set(), set()  # the same since the last fold_rows()
 
     def get(self, dev):
         """The device, its whole row to be written at the next checkpoint."""
@@ -81,15 +82,28 @@ class Registry:
     def row(self, d):
         return _HEAD(d) + _COUNTS(d) + tuple(d.status or _NO_STATUS)
 
+    def _rows(self, dirty, hot):
+        devs = self.devs
+        return [self.row(devs[dev]) for dev in dirty], [_HOT(devs[dev]) for dev in hot if dev not in dirty]
+
     def export(self):
         """(full rows, hot rows) since the last export."""
-        devs, dirty = self.devs, self.dirty
-        rows = [self.row(devs[dev]) for dev in dirty]
-        hot = [_HOT(devs[dev]) for dev in self.hot if dev not in dirty]
+        dirty = self.dirty
+        self._f_full |= dirty
+        self._f_hot |= self.hot
+        out = self._rows(dirty, self.hot)
         self.stored |= dirty
         self.dirty = set()
         self.hot = set()
-        return rows, hot
+        return out
+
+    def fold_rows(self):
+        """(full rows, hot rows) of every export since the last fold_rows(), each device once,
+        as it is now (right after an export: what they exported; a device's later hot columns
+        are in its full row already)."""
+        out = self._rows(self._f_full, self._f_hot)
+        self._f_full, self._f_hot = set(), set()
+        return out
 
     def restore(self, rows):
         for r in rows:

@@ -18,6 +18,7 @@ that message as internal_error; a failed commit stops the gateway (nothing is
 acked that is not committed; systemd restarts it and state is restored).
 """
 import asyncio
+import gc
 import hashlib
 import json
 import logging
@@ -38,7 +39,7 @@ from .devices import Registry
 from .ingest import Ingest
 from .keys import Keys, load_devices_file
 from .sinks import SinkSet
-from .store import RAW_COLS, FoldMerge, Store, journal_entry
+from .store import RAW_COLS, Store, journal_entry
 from .watermark import Watermarks
 from .windows import LATE, WindowSet
 
@@ -68,7 +69,15 @@ STATE_FOLD_MAX = 64
 # get it back, several times per commit: a commit took 3-10x its own CPU time and the loop then
 # waited for it (issue 16, docs/benchmarks.md section 6). A shorter interval hands it back sooner.
 SWITCH_INTERVAL_S = 0.0005
-_running = [0, 0.005]  # gateways running in this process, the interval before the first
+
+# The cyclic GC's thresholds while the gateway runs (CPython's default: 700, 10, 10). A checkpoint
+# exports a few thousand rows that live until its commit: with 700 the young generation was
+# collected several times per checkpoint and the whole heap about once a second (each full pass
+# walks every live object: the devices' state, and whatever else the process holds), about a
+# tenth of the CPU (issue 16, docs/benchmarks.md section 6). The data path makes no reference
+# cycles; a larger young generation only delays collecting the few others (a few MB at most).
+GC_THRESHOLD = (50000, 20, 10)
+_running = [0, 0.005, None]  # gateways running in this process, the interval and thresholds before the first
 
 # Unsynced times are ms since the device booted: anything outside this cannot be one (and a
 # value beyond int64 would make the commit fail).
@@ -145,7 +154,6 @@ class Gateway:
         self._group_wm = None
         self._commit_task = None
         self._journaled = 0  # state journal rows since the last fold (store.py)
-        self._fold_merge = FoldMerge()  # those rows merged, for the next fold (no decode then)
         self._folded = time.monotonic()
         self._ack_rx = {}  # dev -> monotonic receipt of the oldest committed message its next ack covers
         self.web = None
@@ -176,6 +184,9 @@ class Gateway:
         if not _running[0]:
             _running[1] = sys.getswitchinterval()
             sys.setswitchinterval(min(_running[1], SWITCH_INTERVAL_S))
+            _running[2] = gc.get_threshold()
+            if 0 < _running[2][0] < GC_THRESHOLD[0]:  # 0: the process turned collection off
+                gc.set_threshold(*GC_THRESHOLD)
         _running[0] += 1
         try:
             await self._run()
@@ -183,6 +194,7 @@ class Gateway:
             _running[0] -= 1
             if not _running[0]:
                 sys.setswitchinterval(_running[1])
+                gc.set_threshold(*_running[2])
 
     async def _run(self):
         try:
@@ -895,7 +907,7 @@ class Gateway:
                 ("devices", dev_rows), ("devices_hot", dev_hot),
                 ("dedup", dd_ups), ("dedup_del", dd_dels), ("dedup_devices", list(mins.items())),
                 ("device_identity", ids),
-                ("device_watermarks", [(dev, mt, on) for dev, (mt, on) in wm_rows.items()]),
+                ("device_watermarks", wm_rows),
                 ("open_windows", ow1 + ow2), ("open_windows_del", owd1 + owd2),
                 ("meta", [("global_watermark", gwm)] if global_changed else []),
             ]
@@ -914,18 +926,31 @@ class Gateway:
             # second, in a checkpoint's transaction (store.py, "The state journal")
             if n_state:
                 writes.append(("state_journal", [(journal_entry(state),)]))
-                self._fold_merge.add(state)
                 self._journaled += 1
             if fold:
-                # open() folded the table, so it holds this run's rows only: the merge of them all
-                writes.append(("state_fold", [self._fold_merge.rows()]))
-                self._fold_merge = FoldMerge()
+                # open() folded the table, so it holds this run's rows only: their merge
+                writes.append(("state_fold", [self._fold_rows()]))
                 self._journaled, self._folded = 0, mono
                 rows += 1
             # the marks acked are the ones this transaction commits
             ep = self._epoch
             acks = sorted((dev, boot, self.dedup.hwm(dev, boot), ep.get(dev, 0)) for dev, boot in out.touched)
             self._commit_task = asyncio.ensure_future(self._commit(writes, rows, out.mids, acks, out.records, out.rx))
+
+    def _fold_rows(self):
+        """store.FoldMerge.rows() of the journal rows since the last fold, without merging them:
+        each key changed since then once, read from the state right after this checkpoint's
+        export, which is what its last journal row holds (tests/test_gateway_state_rows.py
+        checks the two folds equal)."""
+        full, hot = self.devices.fold_rows()
+        ups, dels, mins, ids = self.dedup.fold_rows()
+        wms, gchanged = self.watermarks.fold_rows()
+        ow1, owd1 = self.dev_windows.fold_rows()
+        ow2, owd2 = self.group_windows.fold_rows()
+        meta = [("global_watermark", self.watermarks.global_wm)] if gchanged else []
+        return full, hot, [("dedup", dels, ups), ("dedup_devices", [], list(mins.items())),
+                           ("device_identity", [], ids), ("device_watermarks", [], wms),
+                           ("open_windows", owd1 + owd2, ow1 + ow2), ("meta", [], meta)]
 
     async def _commit(self, writes, rows, mids, acks, records=0, rx=()):
         t0 = time.perf_counter()

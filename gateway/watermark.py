@@ -41,6 +41,7 @@ class Watermarks:
         self._idle_due = float("inf")  # no active device can go idle before this (tick)
         self.dirty = set()
         self.global_dirty = False
+        self._f_devs, self._f_global = set(), False  # the same since the last fold_rows()
         self.idle_transitions = 0
         self.rejoins = 0
 
@@ -141,11 +142,25 @@ class Watermarks:
 
     # ------------------------------------------------------------ checkpoint
 
+    def _rows(self, keys):
+        devs = self.devs
+        return [(dev, devs[dev].max_t, 1 if devs[dev].online else 0) for dev in keys]
+
     def export(self):
-        rows = {dev: (self.devs[dev].max_t, 1 if self.devs[dev].online else 0) for dev in self.dirty}
+        """([(dev, max_t, online)] changed since the last export, the global watermark)."""
+        self._f_devs |= self.dirty
+        self._f_global = self._f_global or self.global_dirty
+        rows = self._rows(self.dirty)
         self.dirty = set()
         self.global_dirty = False
         return rows, self.global_wm
+
+    def fold_rows(self):
+        """The rows of every export since the last fold_rows(), as the state is now (right
+        after an export: what they exported), and whether the global watermark changed."""
+        rows, changed = self._rows(self._f_devs), self._f_global
+        self._f_devs, self._f_global = set(), False
+        return rows, changed
 
     def restore(self, rows, global_wm, now):
         """rows: (dev, max_t, online). Restored online devices are active with a fresh

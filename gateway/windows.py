@@ -54,6 +54,7 @@ class WindowSet:
         self.keys = {}
         self.dirty = {}  # (key, ch, start) -> its state list, for the windows whose open state changed
         self.purged = set()  # (key, ch, start) to delete from the open-window table
+        self._f_up, self._f_del = set(), set()  # the same since the last fold_rows()
         self.results = []  # emitted results since the last drain, in order
         self.fired = 0
         self.revisions = 0
@@ -179,17 +180,34 @@ class WindowSet:
 
     # ------------------------------------------------------------ checkpoint
 
-    def export(self):
-        """(open-window upserts, deletes, results) since the last export."""
+    def _rows(self, items, purged):
         scope = self.scope
         # sumsq: its TEXT column stores an int as the same text; only a value past int64 (which
         # SQLite cannot bind) is made a str here, the rest SQLite converts in C
         ups = [(scope, key, ch, start, n, s, sq if sq < _I64 else str(sq), mn, mx, rev)
-               for (key, ch, start), (n, s, sq, mn, mx, rev) in self.dirty.items()]
-        dels = [(scope, key, ch, start) for key, ch, start in self.purged]
+               for (key, ch, start), (n, s, sq, mn, mx, rev) in items]
+        return ups, [(scope, key, ch, start) for key, ch, start in purged]
+
+    def export(self):
+        """(open-window upserts, deletes, results) since the last export."""
+        dirty, purged = self.dirty, self.purged
+        f_up, f_del = self._f_up, self._f_del
+        f_up.update(dirty)  # a fold applies a checkpoint's upserts, then its deletes
+        f_up -= purged
+        f_del.difference_update(dirty)
+        f_del |= purged
+        ups, dels = self._rows(dirty.items(), purged)
         res = self.results
         self.dirty, self.purged, self.results = {}, set(), []
         return ups, dels, res
+
+    def fold_rows(self):
+        """(upserts, deletes) of every export since the last fold_rows(), each window once (its
+        last op), read from the state as it is now (right after an export: what they exported)."""
+        keys = self.keys
+        ups, dels = self._rows(((k, keys[k[0]].wins[k[1:]]) for k in self._f_up), self._f_del)
+        self._f_up, self._f_del = set(), set()
+        return ups, dels
 
     def restore(self, rows):
         for key, ch, start, n, s, sq, mn, mx, rev in rows:

@@ -166,7 +166,7 @@ def test_watermark_restore_keeps_devices_active():
     w.observe("b", 200, now=0)
     rows, g = w.export()
     v = Watermarks(0, 1000)
-    v.restore([(dev, mt, on) for dev, (mt, on) in rows.items()], g, now=50)
+    v.restore(rows, g, now=50)
     assert v.global_wm == g == 99
     v.observe("b", 300, now=60)
     assert v.global_wm == 99  # a still holds it: a restart does not let b race ahead
@@ -658,8 +658,10 @@ def test_adaptive_never_grants_under_T_with_little_outstanding():
 
 def test_switch_interval_held_while_any_gateway_of_the_process_runs(monkeypatch):
     """Scale-out runs several gateways (partitions) in one process: one stopping (a rebalance)
-    must not put the others back on CPython's 5 ms GIL switch interval."""
+    must not put the others back on CPython's 5 ms GIL switch interval, nor on its GC
+    thresholds; the last to stop restores both."""
     import asyncio
+    import gc
     import sys
 
     from gateway import service
@@ -671,6 +673,7 @@ def test_switch_interval_held_while_any_gateway_of_the_process_runs(monkeypatch)
 
     monkeypatch.setattr(service.Gateway, "_run", fake_run)
     before = sys.getswitchinterval()
+    gc_before = gc.get_threshold()
 
     async def main():
         a, b = object.__new__(service.Gateway), object.__new__(service.Gateway)
@@ -678,14 +681,18 @@ def test_switch_interval_held_while_any_gateway_of_the_process_runs(monkeypatch)
         ta, tb = asyncio.create_task(a.run()), asyncio.create_task(b.run())
         await asyncio.sleep(0)
         assert sys.getswitchinterval() == service.SWITCH_INTERVAL_S
+        assert gc.get_threshold() == service.GC_THRESHOLD != gc_before
         gates[a].set()
         await ta
         assert sys.getswitchinterval() == service.SWITCH_INTERVAL_S  # b still runs
+        assert gc.get_threshold() == service.GC_THRESHOLD
         gates[b].set()
         await tb
         assert sys.getswitchinterval() == before
+        assert gc.get_threshold() == gc_before
 
     try:
         asyncio.run(main())
     finally:
         sys.setswitchinterval(before)
+        gc.set_threshold(*gc_before)
