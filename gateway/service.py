@@ -991,9 +991,7 @@ class Gateway:
         s.checkpoint_hist.observe(dt)
         mono = s.last_commit_mono = time.monotonic()
         if rx:
-            h = s.commit_latency
-            for t in rx:
-                h.observe(mono - t if t else 0.0)
+            s.commit_latency.observe_all([mono - t if t else 0.0 for t in rx])
             oldest = min(rx)
             ack_rx = self._ack_rx
             for ack in acks:
