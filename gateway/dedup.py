@@ -265,10 +265,10 @@ class Dedup:
         devs = self.devs
         ups = []
         for dev, boot in keys:
-            st = devs[dev].boots[boot]
+            hwm, bits = devs[dev].boots[boot]
             # only the bytes the bitmap uses (restore reads any length): an in-order device's is
             # empty, not window/8 bytes rewritten for every device at every checkpoint
-            ups.append((dev, boot, st[0], st[1].to_bytes((st[1].bit_length() + 7) // 8, "little")))
+            ups.append((dev, boot, hwm, bits.to_bytes((bits.bit_length() + 7) // 8, "little") if bits else b""))
         return ups, list(removed), {dev: devs[dev].min_boot for dev in dev_keys}
 
     def export(self):
@@ -276,9 +276,11 @@ class Dedup:
         dirty, removed = self.dirty, self.removed
         f_up, f_del = self._f_up, self._f_del
         f_up |= dirty  # a fold applies a checkpoint's upserts, then its deletes
-        f_up -= removed
-        f_del -= dirty
-        f_del |= removed
+        if f_del:
+            f_del -= dirty
+        if removed:
+            f_up -= removed
+            f_del |= removed
         self._f_devs |= self.dirty_devs
         out = self._rows(dirty, removed, self.dirty_devs)
         self.dirty = set()

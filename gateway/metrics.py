@@ -32,6 +32,14 @@ class Hist:
         self.sum += v * n
         self.count += n
 
+    def observe_all(self, values):
+        """observe(v) for each of a list (one call per commit, not one per message)."""
+        counts, bounds = self.counts, self.bounds
+        for v in values:
+            counts[bisect_left(bounds, v)] += 1
+        self.sum += sum(values)
+        self.count += len(values)
+
     def family(self, name, doc):
         acc, buckets = 0, []
         for b, c in zip(self.bounds + (float("inf"),), self.counts):

@@ -46,6 +46,7 @@ from .windows import LATE, WindowSet
 _HDR = struct.Struct(">BBBBIIqH")
 _UNSYNCED = wire.FLAG_UNSYNCED
 _CEP, _ANOMALY, _STATUS, _WINDOW, _GAP = wire.KIND_CEP, wire.KIND_ANOMALY, wire.KIND_STATUS, wire.KIND_WINDOW, wire.KIND_GAP
+_ACK_FLAGS = wire.ACK_HAS_TIME
 
 
 def _mtime(path):
@@ -156,6 +157,7 @@ class Gateway:
         self._journaled = 0  # state journal rows since the last fold (store.py)
         self._folded = time.monotonic()
         self._ack_rx = {}  # dev -> monotonic receipt of the oldest committed message its next ack covers
+        self._ack_topics = {}  # dev -> its ack topic
         self.web = None
         self._ops_task = None
         self._ckpt_lock = None
@@ -933,8 +935,7 @@ class Gateway:
                 self._journaled, self._folded = 0, mono
                 rows += 1
             # the marks acked are the ones this transaction commits
-            ep = self._epoch
-            acks = sorted((dev, boot, self.dedup.hwm(dev, boot), ep.get(dev, 0)) for dev, boot in out.touched)
+            acks = self._acks_of(out.touched)
             self._commit_task = asyncio.ensure_future(self._commit(writes, rows, out.mids, acks, out.records, out.rx))
 
     def _fold_rows(self):
@@ -972,11 +973,7 @@ class Gateway:
         # committed: now the broker may forget the messages and devices their records
         self.admission.committed(records, _now_ms())  # T for the adaptive replay rate
         self.ingest.puback(mids)
-        for dev, boot, hwm, epoch in acks:
-            if epoch != self._epoch.get(dev, 0):
-                continue  # the device was re-flashed meanwhile: these marks are the old flash's
-            self._committed.setdefault(dev, {})[boot] = hwm
-            self._ack_due.setdefault(dev, set()).add(boot)
+        self._ack_committed(acks)
         self._flush_acks(_now_ms())
         ck = self.cfg.checkpoint
         if len(self.out.mids) >= ck.max_messages or self.out.records >= ck.max_records:
@@ -994,9 +991,7 @@ class Gateway:
         s.checkpoint_hist.observe(dt)
         mono = s.last_commit_mono = time.monotonic()
         if rx:
-            h = s.commit_latency
-            for t in rx:
-                h.observe(mono - t if t else 0.0)
+            s.commit_latency.observe_all([mono - t if t else 0.0 for t in rx])
             oldest = min(rx)
             ack_rx = self._ack_rx
             for ack in acks:
@@ -1004,43 +999,89 @@ class Gateway:
                 if dev not in ack_rx:
                     ack_rx[dev] = oldest
 
+    def _acks_of(self, touched):
+        """[(dev, boot, committed mark, re-flash epoch)] of the (dev, boot) a checkpoint touched,
+        sorted: the marks its transaction commits (Dedup.hwm, inlined: one per device and commit)."""
+        devs, ep = self.dedup.devs, self._epoch
+        acks = []
+        for dev, boot in touched:
+            d = devs.get(dev)
+            if d is None:
+                hwm = -1
+            elif boot < d.min_boot:
+                hwm = 0xFFFFFFFF
+            else:
+                st = d.boots.get(boot)
+                hwm = -1 if st is None else st[0]
+            acks.append((dev, boot, hwm, ep.get(dev, 0) if ep else 0))
+        acks.sort()
+        return acks
+
+    def _ack_committed(self, acks):
+        """The marks of a commit (_acks_of) become due to be acked."""
+        ep, committed, due = self._epoch, self._committed, self._ack_due
+        for dev, boot, hwm, epoch in acks:
+            if ep and epoch != ep.get(dev, 0):
+                continue  # the device was re-flashed meanwhile: these marks are the old flash's
+            marks = committed.get(dev)
+            if marks is None:
+                committed[dev] = {boot: hwm}
+            else:
+                marks[boot] = hwm
+            b = due.get(dev)
+            if b is None:
+                due[dev] = {boot}
+            else:
+                b.add(boot)
+
     def _flush_acks(self, now):
         """Send the committed marks that are due. Acks are cumulative, so at most one per
         device per ack_interval_ms carries them all; credits ride on the first."""
-        interval = self.cfg.checkpoint.ack_interval_ms
+        cut = now - self.cfg.checkpoint.ack_interval_ms  # acked after this: not yet
         paused = None
-        for dev in list(self._ack_due):
-            if now - self._last_ack.get(dev, -interval) < interval:
+        due, last, committed, ddevs = self._ack_due, self._last_ack, self._committed, self.dedup.devs
+        mono = time.monotonic()
+        for dev in list(due):
+            if last.get(dev, cut) > cut:
                 continue
-            if not self.dedup.nonce(dev):
+            d = ddevs.get(dev)
+            if d is None or not d.nonce:
                 continue  # no hello yet: the device would refuse an ack without its nonce
             if paused is None:
                 paused = self._replay_paused()
-            boots = sorted(self._ack_due.pop(dev))
-            marks = self._committed[dev]
+            boots = due.pop(dev)
+            if len(boots) > 1:
+                boots = sorted(boots)
+            marks = committed[dev]
             credits, replay = self.admission.grant(dev, now, paused)
             for boot in boots:
-                self._send_ack(dev, boot, marks[boot], now, credits, replay)
+                self._send_ack(dev, boot, marks[boot], now, credits, replay, mono)
                 credits = 0
-            self._last_ack[dev] = now
+            last[dev] = now
             if len(marks) > 1:  # forget boots the device has retired
-                mb = self.dedup.min_boot(dev)
+                mb = d.min_boot
                 for b in [b for b in marks if b < mb and b not in boots]:
                     del marks[b]
 
-    def _send_ack(self, dev, boot, hwm, now, credits, replay):
+    def _send_ack(self, dev, boot, hwm, now, credits, replay, mono=None):
         """Signed with the device's ack_key over the device id and every field, and bound to
         the nonce of its latest hello (docs/wire.md): a forged or replayed ack is useless."""
-        flags = wire.ACK_HAS_TIME
+        flags = _ACK_FLAGS
         if hwm < 0:
             flags |= wire.ACK_NONE
         payload = wire.encode_ack(dev, boot, max(hwm, 0), now, credits, self.dedup.nonce(dev), self.keys.hmac(dev),
                                   replay, flags)
-        self.ingest.publish(self.topics.ack(dev), payload)
-        self.stats.acks_sent += 1
+        topic = self._ack_topics.get(dev)
+        if topic is None:
+            topic = self.topics.ack(dev)
+            if len(self._ack_topics) < 4 * self.max_devices:
+                self._ack_topics[dev] = topic
+        self.ingest.publish(topic, payload)
+        st = self.stats
+        st.acks_sent += 1
         rx = self._ack_rx.pop(dev, None)
         if rx:
-            self.stats.ack_latency.observe(time.monotonic() - rx)
+            st.ack_latency.observe((mono or time.monotonic()) - rx)
 
     def _send_grant(self, dev, now):
         """An ack that only carries credits; its (boot, seq) repeats a committed mark."""

@@ -95,8 +95,11 @@ _DELETES = {d: up for up, (d, _k) in _KEYED.items() if d}
 
 
 def journal_entry(state):
-    """[(key, rows)] of JOURNALED keys -> the state_journal body."""
-    return marshal.dumps([(k, rows) for k, rows in state if rows])
+    """[(key, rows)] of JOURNALED keys -> the state_journal body. Marshal format 2: no
+    back-references; with them (format 3+) marshal hashes every object the live state shares
+    (each device id, each int of a window): 2.3x the time in the running gateway, for a body
+    about a quarter smaller (_fold reads any format)."""
+    return marshal.dumps([(k, rows) for k, rows in state if rows], 2)
 
 _WINDOW_COLS = "scope, key, channel, start, end, revision, count, sum, min, max, mean, std, watermark"
 

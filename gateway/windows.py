@@ -193,9 +193,11 @@ class WindowSet:
         dirty, purged = self.dirty, self.purged
         f_up, f_del = self._f_up, self._f_del
         f_up.update(dirty)  # a fold applies a checkpoint's upserts, then its deletes
-        f_up -= purged
-        f_del.difference_update(dirty)
-        f_del |= purged
+        if f_del:  # (tested first: a pass over the keys hashes ~3 per device)
+            f_del.difference_update(dirty)
+        if purged:
+            f_up -= purged
+            f_del |= purged
         ups, dels = self._rows(dirty.items(), purged)
         res = self.results
         self.dirty, self.purged, self.results = {}, set(), []
