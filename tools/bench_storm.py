@@ -479,34 +479,35 @@ ADMISSION_COUNTERS = (("credits_granted_total", "credits granted"), ("backlog_an
                       ("replay_rate_decreases_total", "rate cuts"), ("ingest_pauses_total", "ingest pauses"))
 
 
-def gateway_counters(port):
-    """The admission's counters, scraped once after the storm (one scrape: no bias): credits
-    granted beyond the 7.2 M backlog are grants the devices could not use."""
+def _scrape(port, timeout):
+    """{metric name without the edgeflow_gateway_ prefix: value text} from the gateway's metrics
+    endpoint; raises OSError."""
     import urllib.request
-    try:
-        text = urllib.request.urlopen("http://127.0.0.1:%d/metrics" % port, timeout=5).read().decode()
-    except OSError as e:
-        return "(metrics: %s)" % e
+    text = urllib.request.urlopen("http://127.0.0.1:%d/metrics" % port, timeout=timeout).read().decode()
     got = {}
     for ln in text.splitlines():
         if ln.startswith("edgeflow_gateway_"):
             k, _, v = ln[len("edgeflow_gateway_"):].partition(" ")
             got[k] = v
+    return got
+
+
+def gateway_counters(port):
+    """The admission's counters, scraped once after the storm (one scrape: no bias): credits
+    granted beyond the 7.2 M backlog are grants the devices could not use."""
+    try:
+        got = _scrape(port, 5)
+    except OSError as e:
+        return "(metrics: %s)" % e
     return ", ".join("%s %.0f" % (name, float(got[k])) for k, name in ADMISSION_COUNTERS if k in got)
 
 
 def gateway_gauges(port):
     """The admission state from the gateway's metrics endpoint (what limits the drain), one line."""
-    import urllib.request
     try:
-        text = urllib.request.urlopen("http://127.0.0.1:%d/metrics" % port, timeout=1).read().decode()
+        got = _scrape(port, 1)
     except OSError:
         return ""
-    got = {}
-    for ln in text.splitlines():
-        if ln.startswith("edgeflow_gateway_"):
-            k, _, v = ln[len("edgeflow_gateway_"):].partition(" ")
-            got[k] = v
     return " ".join("%s %.0f" % (short, float(got[k])) for k, short in GAUGES if k in got)
 
 
