@@ -24,7 +24,10 @@ connect of each device is spread uniformly over --jitter-s (a real fleet's recon
 Measured: drain time (first connect -> last device fully acked, i.e. every record committed
 in SQLite), readings/s, peak RSS (VmHWM) and CPU of the gateway, the broker and this process,
 then the gateway's database is checked: every (device, boot=1, seq 0..backlog-1) present
-exactly once.
+exactly once. Where the wall time went: per phase the CPU share of each process and the share of
+the wall time its main thread waited for a CPU (2 shared cores), how late the replayers' own loop
+ran, the devices' CONNACK waits and the connects the broker's listen queue dropped
+(docs/benchmarks.md section 3, run I).
 """
 import argparse
 import asyncio
