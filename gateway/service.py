@@ -300,6 +300,7 @@ class Gateway:
         wake = self.ingest.wake
         ck = self.cfg.checkpoint
         max_msgs, max_recs = ck.max_messages, ck.max_records
+        ahead_msgs, ahead_recs = max(ck.ahead_messages, max_msgs), 2 * max_recs
         handle = self._handle
         while True:
             if not q:
@@ -319,10 +320,12 @@ class Gateway:
                 out.mids.append((mid, qos))
                 out.rx.append(rx)
                 if len(out.mids) >= max_msgs or out.records >= max_recs:
-                    # While a commit runs keep processing (up to twice the limits): the next
-                    # checkpoint starts as soon as it finishes, so the two overlap.
+                    # While a commit runs keep processing, up to ahead_messages or twice
+                    # max_records: the next checkpoint starts as soon as it finishes and takes
+                    # all of it. Group commit: the longer commits take, the larger they get and
+                    # the fewer times a device's state is journaled per message.
                     if self._commit_task is None or self._commit_task.done() or \
-                            len(out.mids) >= 2 * max_msgs or out.records >= 2 * max_recs:
+                            len(out.mids) >= ahead_msgs or out.records >= ahead_recs:
                         await self.checkpoint()
             self.stats.messages += n
             self.ingest.maybe_resume()

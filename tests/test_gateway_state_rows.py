@@ -306,7 +306,7 @@ def test_a_stopped_gateway_leaves_the_state_tables_current_through_its_last_comm
     db = str(tmp_path / "gw.db")
     c = bg.gateway_cfg(1883, db, "NORMAL")
     bc.tweak_cfg(False)(c)
-    c["checkpoint"]["max_messages"] = 7
+    c["checkpoint"]["max_messages"] = c["checkpoint"]["ahead_messages"] = 7  # several commits
     asyncio.run(bg._run_gateway(c, until_readings=n, ingest_factory=lambda cf, st: bc.MemIngest(msgs, cf, st)))
     assert sum("state_journal" in k for k in keys) > 3 and "state_fold" in keys[-1]
     conn = sqlite3.connect(db)
