@@ -13,9 +13,10 @@ insecure set-up.
 TEMPLATE = """\
 # edgeflow broker config (tools/brokerconf.py)
 listener {port}{bind}
-{security}{user_line}{persistence_lines}# Room for a gateway that falls behind during a reconnect storm: pressure is
-# held by the broker's queue, not dropped.
-max_inflight_messages 1000
+{security}{user_line}{persistence_lines}# Room for a gateway that falls behind during a reconnect storm (pressure is
+# held by the broker's queue, not dropped) and for its group commit: it processes up
+# to checkpoint.ahead_messages (3,200) while a commit is in flight.
+max_inflight_messages 4000
 max_queued_messages 200000
 max_queued_bytes 0
 message_size_limit 262144
