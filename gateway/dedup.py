@@ -21,6 +21,7 @@ its old boots can never come back, and its boot counter restarts at 1, so the
 device's whole state starts afresh (`reflashes` counts it). Instances retired that
 way are remembered (the last MAX_RETIRED): a hello from one of them is refused.
 """
+from .store import since_fold
 
 NEW = 0
 DUP = 1
@@ -274,13 +275,7 @@ class Dedup:
     def export(self):
         """Rows changed since the last export: (upserts, deletes, {dev: min_boot})."""
         dirty, removed = self.dirty, self.removed
-        f_up, f_del = self._f_up, self._f_del
-        f_up |= dirty  # a fold applies a checkpoint's upserts, then its deletes
-        if f_del:
-            f_del -= dirty
-        if removed:
-            f_up -= removed
-            f_del |= removed
+        since_fold(self._f_up, self._f_del, dirty, removed)
         self._f_devs |= self.dirty_devs
         out = self._rows(dirty, removed, self.dirty_devs)
         self.dirty = set()

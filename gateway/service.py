@@ -157,7 +157,6 @@ class Gateway:
         self._journaled = 0  # state journal rows since the last fold (store.py)
         self._folded = time.monotonic()
         self._ack_rx = {}  # dev -> monotonic receipt of the oldest committed message its next ack covers
-        self._ack_topics = {}  # dev -> its ack topic
         self.web = None
         self._ops_task = None
         self._ckpt_lock = None
@@ -1004,27 +1003,15 @@ class Gateway:
 
     def _acks_of(self, touched):
         """[(dev, boot, committed mark, re-flash epoch)] of the (dev, boot) a checkpoint touched,
-        sorted: the marks its transaction commits (Dedup.hwm, inlined: one per device and commit)."""
-        devs, ep = self.dedup.devs, self._epoch
-        acks = []
-        for dev, boot in touched:
-            d = devs.get(dev)
-            if d is None:
-                hwm = -1
-            elif boot < d.min_boot:
-                hwm = 0xFFFFFFFF
-            else:
-                st = d.boots.get(boot)
-                hwm = -1 if st is None else st[0]
-            acks.append((dev, boot, hwm, ep.get(dev, 0) if ep else 0))
-        acks.sort()
-        return acks
+        sorted: the marks its transaction commits."""
+        hwm, ep = self.dedup.hwm, self._epoch
+        return sorted((dev, boot, hwm(dev, boot), ep.get(dev, 0)) for dev, boot in touched)
 
     def _ack_committed(self, acks):
         """The marks of a commit (_acks_of) become due to be acked."""
         ep, committed, due = self._epoch, self._committed, self._ack_due
         for dev, boot, hwm, epoch in acks:
-            if ep and epoch != ep.get(dev, 0):
+            if epoch != ep.get(dev, 0):
                 continue  # the device was re-flashed meanwhile: these marks are the old flash's
             marks = committed.get(dev)
             if marks is None:
@@ -1042,13 +1029,12 @@ class Gateway:
         device per ack_interval_ms carries them all; credits ride on the first."""
         cut = now - self.cfg.checkpoint.ack_interval_ms  # acked after this: not yet
         paused = None
-        due, last, committed, ddevs = self._ack_due, self._last_ack, self._committed, self.dedup.devs
+        due, last, committed, dedup = self._ack_due, self._last_ack, self._committed, self.dedup
         mono = time.monotonic()
         for dev in list(due):
             if last.get(dev, cut) > cut:
                 continue
-            d = ddevs.get(dev)
-            if d is None or not d.nonce:
+            if not dedup.nonce(dev):
                 continue  # no hello yet: the device would refuse an ack without its nonce
             if paused is None:
                 paused = self._replay_paused()
@@ -1062,7 +1048,7 @@ class Gateway:
                 credits = 0
             last[dev] = now
             if len(marks) > 1:  # forget boots the device has retired
-                mb = d.min_boot
+                mb = dedup.min_boot(dev)
                 for b in [b for b in marks if b < mb and b not in boots]:
                     del marks[b]
 
@@ -1074,12 +1060,7 @@ class Gateway:
             flags |= wire.ACK_NONE
         payload = wire.encode_ack(dev, boot, max(hwm, 0), now, credits, self.dedup.nonce(dev), self.keys.hmac(dev),
                                   replay, flags)
-        topic = self._ack_topics.get(dev)
-        if topic is None:
-            topic = self.topics.ack(dev)
-            if len(self._ack_topics) < 4 * self.max_devices:
-                self._ack_topics[dev] = topic
-        self.ingest.publish(topic, payload)
+        self.ingest.publish(self.topics.ack(dev), payload)
         st = self.stats
         st.acks_sent += 1
         rx = self._ack_rx.pop(dev, None)

@@ -582,6 +582,19 @@ def _transaction(conn, writes, path=None, file_id=None, pruned=None):
     return n
 
 
+def since_fold(f_up, f_del, upserted, deleted):
+    """Add one export's upserted and deleted keys to the keys changed since the last fold
+    (f_up, f_del: sets; each key ends in one of them, by its last op; a fold applies a
+    checkpoint's upserts, then its deletes). The running gateway's fold writes these keys' rows
+    as the state holds them (Gateway._fold_rows)."""
+    f_up.update(upserted)
+    if f_del:  # tested first: a pass over the keys hashes each of them
+        f_del.difference_update(upserted)
+    if deleted:
+        f_up.difference_update(deleted)
+        f_del.update(deleted)
+
+
 class FoldMerge:
     """State journal entries merged: each key once, its latest row (a later delete wins over an
     earlier upsert and the reverse; a device's hot columns over its older full row). _fold merges

@@ -17,6 +17,8 @@ when a result is emitted, in the same fixed-point unit as every other value.
 """
 import math
 
+from .store import since_fold
+
 OK = 0
 LATE = 1
 AMENDED = 2
@@ -191,13 +193,7 @@ class WindowSet:
     def export(self):
         """(open-window upserts, deletes, results) since the last export."""
         dirty, purged = self.dirty, self.purged
-        f_up, f_del = self._f_up, self._f_del
-        f_up.update(dirty)  # a fold applies a checkpoint's upserts, then its deletes
-        if f_del:  # (tested first: a pass over the keys hashes ~3 per device)
-            f_del.difference_update(dirty)
-        if purged:
-            f_up -= purged
-            f_del |= purged
+        since_fold(self._f_up, self._f_del, dirty, purged)
         ups, dels = self._rows(dirty.items(), purged)
         res = self.results
         self.dirty, self.purged, self.results = {}, set(), []

@@ -2,7 +2,6 @@
 only, and close() never overlaps a write still running (the collector cancels its task on
 SIGTERM while a batch may be in the database thread)."""
 import asyncio
-import inspect
 import sqlite3
 import time
 
@@ -13,12 +12,6 @@ T0 = 1767225600000
 
 def _rows(n):
     return [("dev%03d" % (s % 7), 1, s, T0 + s, s % 3, 0, s) for s in range(n)]
-
-
-async def _sql(st, q):
-    r = st.db.execute(q)  # the store's own connection (max_page_count is per connection)
-    if inspect.isawaitable(r):
-        await r
 
 
 def test_close_waits_for_a_cancelled_write(tmp_path):
@@ -75,7 +68,7 @@ def test_failed_write_reports_its_own_error_and_counts_nothing(tmp_path):
         try:
             st_rows = _rows(50000)
             bad = [("edgeflow.sink.x", "bad", "", b"x" * 100)] * 3
-            await _sql(st, "PRAGMA max_page_count = 64")
+            await st.db.execute("PRAGMA max_page_count = 64")  # the store's own connection: the limit is per connection
             try:
                 await st.write([("s1", "readings", st_rows)], bad, T0)
             except sqlite3.DatabaseError as e:
@@ -83,7 +76,7 @@ def test_failed_write_reports_its_own_error_and_counts_nothing(tmp_path):
             else:
                 err = None
             q = st.q_rows
-            await _sql(st, "PRAGMA max_page_count = 1000000")
+            await st.db.execute("PRAGMA max_page_count = 1000000")
             again = await st.write([("s1", "readings", _rows(10))], [], T0)
             return err, q, again
         finally:

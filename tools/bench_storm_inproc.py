@@ -22,7 +22,7 @@ if ROOT not in sys.path:
 from gateway.service import Gateway  # noqa: E402
 from shared import wire  # noqa: E402
 from tools.bench_compare import MemIngest  # noqa: E402
-from tools.bench_storm import NOW, encode_batch  # noqa: E402
+from tools.bench_storm import NOW, _loadavg, encode_batch  # noqa: E402
 
 T = wire.Topics("edgeflow")
 
@@ -94,7 +94,7 @@ def main(argv=None):
         shutil.rmtree(d, ignore_errors=True)
     print("%s: %d devices x %d readings = %d: %.2f us of CPU per reading (event loop %.2f), %.0f readings/s, "
           "load average %s" % (a.shape, devices, backlog, n, 1e6 * cpu / n, 1e6 * loop_cpu / n, n / wall,
-                               " ".join(open("/proc/loadavg").read().split()[:3])))
+                               _loadavg()))
     return 0
 
 
