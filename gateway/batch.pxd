@@ -12,3 +12,11 @@ cpdef object _scan_bytes(bytes payload, Py_ssize_t off, Py_ssize_t n)
 cpdef list _aggs_bytes(bytes payload, Py_ssize_t off, Py_ssize_t i, Py_ssize_t j)
 
 cdef long long _i32(cbytes p, Py_ssize_t o) noexcept
+
+@cython.locals(p=cbytes, size=Py_ssize_t, idlen=Py_ssize_t, n=Py_ssize_t, off=Py_ssize_t, k=Py_ssize_t, o=Py_ssize_t,
+               boot="long long", base="long long", base_t="long long", bto=object, fl=int,
+               ordered=bint, t="long long", lo="long long", hi="long long", prev="long long", d=cbytes)
+cpdef object _head_bytes(bytes payload, bytes devb)
+
+@cython.locals(hi="long long")
+cdef long long _u32(cbytes p, Py_ssize_t o) noexcept

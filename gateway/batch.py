@@ -15,6 +15,7 @@ import struct
 from itertools import compress
 from operator import mul
 
+from shared.wire import MAGIC, MAX_PAYLOAD, MSG_READINGS, VERSION
 from shared.wire_dev import READING_SIZE
 
 COMPILED = not __file__.endswith(".py")
@@ -34,6 +35,82 @@ def _readings_struct(n):
         s = _FMT[n] = (struct.Struct(">" + "HiBBi" * n), tuple(range(n)))
         _fmt_size[0] += n
     return s
+
+
+_HDR = struct.Struct(">BBBBIIqH")  # magic, version, type, id length, boot, base seq, base time, count
+
+
+def head(payload, devb):
+    """A readings batch of device devb (its id as bytes) whose seq offsets are exactly 0..n-1 (the
+    common batch): (boot, base seq, base time, n, offset of the readings, src, time offsets,
+    flags of all readings or-ed, first time, last time, times in order). None for anything else
+    (the full decoder says what). src: as scan()."""
+    if COMPILED and type(payload) is bytes and type(devb) is bytes:
+        return _head_bytes(payload, devb)
+    size = len(payload)
+    if not (22 <= size <= MAX_PAYLOAD and payload[2] == MSG_READINGS and payload[0] == MAGIC and
+            payload[1] == VERSION):
+        return None
+    _m, _v, _t, idlen, boot, base, base_t, n = _HDR.unpack_from(payload)
+    off = 22 + idlen
+    if not (n and size == off + 12 * n and payload[22:off] == devb and base + n <= 0x100000000):
+        return None
+    sc = scan(payload, off, n)
+    if sc is None:
+        return None
+    src, toffs, fl = sc
+    return (boot, base, base_t, n, off, src, toffs, fl, base_t + min(toffs), base_t + max(toffs),
+            toffs == tuple(sorted(toffs)))
+
+
+def _head_bytes(payload, devb):
+    """head() reading the bytes one by one (C when compiled). The times stay Python ints: a
+    hostile base time near 2^63 plus an offset must not wrap."""
+    p = payload
+    size = len(payload)
+    if not (22 <= size <= MAX_PAYLOAD and p[2] == MSG_READINGS and p[0] == MAGIC and p[1] == VERSION):
+        return None
+    idlen = p[3]
+    n = p[20] << 8 | p[21]
+    off = 22 + idlen
+    if n == 0 or size != off + 12 * n or len(devb) != idlen:
+        return None
+    d = devb
+    for k in range(idlen):
+        if p[22 + k] != d[k]:
+            return None
+    boot = _u32(p, 4)
+    base = _u32(p, 8)
+    if base + n > 0x100000000:
+        return None
+    base_t = _i32(p, 12) * 4294967296 + _u32(p, 16)  # int64: in the C range at every step
+    toffs = [0] * n
+    fl = 0
+    ordered = True
+    o = off
+    t = _i32(p, o + 2)
+    lo = hi = prev = t
+    for k in range(n):
+        o = off + 12 * k
+        if (p[o] << 8 | p[o + 1]) != k:
+            return None
+        t = _i32(p, o + 2)
+        toffs[k] = t
+        fl |= p[o + 7]
+        if t < prev:
+            ordered = False
+        if t < lo:
+            lo = t
+        elif t > hi:
+            hi = t
+        prev = t
+    bto = base_t  # a Python int (object when compiled): the sums below must not wrap
+    return boot, base, bto, n, off, None, tuple(toffs), fl, bto + lo, bto + hi, ordered
+
+
+def _u32(p, o):
+    hi = p[o] << 8 | p[o + 1]  # a C long long when compiled: the shifts below stay in range
+    return hi * 65536 + (p[o + 2] << 8 | p[o + 3])
 
 
 def scan(payload, off, n):

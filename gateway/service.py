@@ -23,7 +23,6 @@ import hashlib
 import json
 import logging
 import os
-import struct
 import sys
 import time
 from bisect import bisect_left
@@ -43,10 +42,10 @@ from .store import RAW_COLS, Store, journal_entry
 from .watermark import Watermarks
 from .windows import LATE, WindowSet
 
-_HDR = struct.Struct(">BBBBIIqH")
 _UNSYNCED = wire.FLAG_UNSYNCED
 _CEP, _ANOMALY, _STATUS, _WINDOW, _GAP = wire.KIND_CEP, wire.KIND_ANOMALY, wire.KIND_STATUS, wire.KIND_WINDOW, wire.KIND_GAP
 _ACK_FLAGS = wire.ACK_HAS_TIME
+_MIN_TIME_MS = wire.MIN_TIME_MS
 
 
 def _mtime(path):
@@ -407,16 +406,10 @@ class Gateway:
     # ================================================================ data
 
     def _on_data(self, topic, dev, devb, payload, now):
-        size = len(payload)
-        if 22 <= size <= wire.MAX_PAYLOAD and payload[2] == wire.MSG_READINGS and payload[0] == wire.MAGIC \
-                and payload[1] == wire.VERSION:
-            _m, _v, _t, idlen, boot, base, base_t, n = _HDR.unpack_from(payload)
-            off = 22 + idlen
-            if n and size == off + 12 * n and payload[22:off] == devb and base + n <= 0x100000000:
-                sc = batch.scan(payload, off, n)
-                if sc is not None:  # seqs base..base+n-1: the common batch
-                    self._readings_fast(topic, dev, boot, base, base_t, n, sc, payload, off, now)
-                    return
+        h = batch.head(payload, devb)
+        if h is not None:  # a readings batch of this device, seqs base..base+n-1: the common batch
+            self._readings_fast(topic, dev, h, payload, now)
+            return
         # anything unusual: the full decoder says exactly what is wrong
         try:
             mtype, pdev, boot, recs = wire.decode_data(payload)
@@ -431,15 +424,12 @@ class Gateway:
         else:
             self._records(topic, dev, boot, recs, now)
 
-    def _readings_fast(self, topic, dev, boot, base, base_t, n, sc, payload, off, now):
-        """sc: batch.scan()'s (src, time offsets, or of the flags); src, payload and off are
-        what batch.columns() and batch.aggs() read the readings from."""
-        src, toffs, fl = sc
-        tmin = base_t + min(toffs)
-        tmax = base_t + max(toffs)
-        clean = not fl & _UNSYNCED and \
-            wire.check_event_time(tmin, now, self.max_future) is None and \
-            wire.check_event_time(tmax, now, self.max_future) is None
+    def _readings_fast(self, topic, dev, h, payload, now):
+        """h: batch.head()'s tuple; src, payload and off are what batch.columns() and batch.aggs()
+        read the readings from."""
+        boot, base, base_t, n, off, src, toffs, fl, tmin, tmax, ordered = h
+        # wire.check_event_time of every reading is None iff these two hold (tmin <= t <= tmax)
+        clean = not fl & _UNSYNCED and tmin >= _MIN_TIME_MS and tmax <= now + self.max_future
         res = self.dedup.mark_run(dev, boot, base, n) if clean else None
         out = self.out
         out.touched.add((dev, boot))
@@ -485,7 +475,7 @@ class Gateway:
             if not (dw.due_after(dev, ceil) and self.group_windows.due_after(None, ceil)):
                 wm_d = self._step_through(dev, base_t, toffs, wm_d, now)
             self._observe(dev, tmax, wm_d, now)
-        elif toffs == tuple(sorted(toffs)):
+        elif ordered:
             self._window_runs(dev, boot, base, base_t, toffs, src, payload, off, d, now, gmap)
         else:
             chans, _flags, vals = batch.columns(src, payload, off, 0, n)

@@ -72,7 +72,11 @@ class Watermarks:
             if not d.in_heap:
                 d.in_heap = True
                 heapq.heappush(self._heap, (d.max_t, dev))
-            self._recompute()
+                self._recompute()
+            elif self._heap[0][1] == dev:
+                self._recompute()
+            # else its entry is below the top, which _recompute left valid (active, its key
+            # current) and nothing here changed: the minimum, and W, stay as they are
         return d.max_t - self.delay
 
     def set_online(self, dev, online):

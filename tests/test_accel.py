@@ -77,6 +77,54 @@ def test_the_byte_loops_equal_the_struct_path_at_every_limit():
         assert pure.scan(bytes(bad), 0, 10) is None
 
 
+def _batch(dev, boot, base, base_t, recs, kind=wire.MSG_READINGS, idlen=None):
+    d = dev.encode()
+    return struct.pack(">BBBBIIqH", wire.MAGIC, wire.VERSION, kind, len(d) if idlen is None else idlen, boot, base,
+                       base_t, len(recs)) + d + b"".join(struct.pack(">HiBBi", *r) for r in recs)
+
+
+def test_the_header_parse_equals_the_struct_path_at_every_limit():
+    """head(): every header field at 0, max and max+1 where it has one (boot, base seq + n past
+    2^32, base time at both int64 ends plus int32 offsets: Python ints, never wrapped), a wrong
+    id, id length, type, size, a seq offset out of place, times in and out of order."""
+    comp = _compiled()
+    rng = random.Random(5)
+    I64 = (-2 ** 63, 2 ** 63 - 1)
+    cases = []
+    for boot in (0, 1, 2 ** 32 - 1):
+        for base_t in (I64[0], I64[1], 0, 1767225600000, -1):
+            for n in (1, 2, 50):
+                for base in (0, 2 ** 32 - n, 2 ** 32 - n + 1 if n > 1 else 2 ** 32 - 1):
+                    toffs = [rng.choice([I32[0], I32[1], 0, -1, rng.randrange(-9999, 9999)]) for _ in range(n)]
+                    if rng.random() < 0.5:
+                        toffs.sort()
+                    recs = [(k, toffs[k], rng.randrange(256), rng.choice([0, 1, 2, 128, 255]),
+                             rng.choice(I32)) for k in range(n)]
+                    cases.append(("dev%d" % n, _batch("dev%d" % n, boot, base, base_t, recs)))
+    good = _batch("ab", 1, 0, 1767225600000, [(0, 5, 1, 0, 7), (1, 6, 2, 0, 8)])
+    cases += [("ab", good), ("ac", good), ("a", good), ("ab", good + b"x"), ("ab", good[:-1]), ("ab", good[:21]),
+              ("ab", _batch("ab", 1, 0, 0, [(0, 5, 1, 0, 7), (2, 6, 2, 0, 8)])),
+              ("ab", _batch("ab", 1, 0, 0, [])), ("ab", _batch("ab", 1, 0, 0, [(0, 0, 0, 0, 0)], idlen=3)),
+              ("ab", _batch("ab", 1, 0, 0, [(0, 0, 0, 0, 0)], kind=wire.MSG_RECORDS)),
+              ("ab", b"\x00" + good[1:]), ("ab", good[:1] + b"\x09" + good[2:])]
+    seen = 0
+    for dev, p in cases:
+        want = pure.head(p, dev.encode())
+        for mod in [pure] + ([comp] if comp else []):
+            got = mod._head_bytes(p, dev.encode())
+            if want is None:
+                assert got is None
+                continue
+            assert got[:5] + got[6:] == want[:5] + want[6:]
+            assert mod.head(p, dev.encode())[:5] + mod.head(p, dev.encode())[6:] == want[:5] + want[6:]
+            seen += 1
+        if want is not None:
+            boot, base, base_t, n, off, src, toffs, fl, tmin, tmax, ordered = want
+            assert (tmin, tmax, ordered) == (base_t + min(toffs), base_t + max(toffs), list(toffs) == sorted(toffs))
+            assert base + n <= 2 ** 32 and n == len(toffs)
+    assert seen > 50
+
+
 def test_the_built_module_is_compiled_from_the_sources_on_disk():
     comp = _compiled()
     if comp is None:
