@@ -16,7 +16,7 @@ import importlib
 import logging
 import os
 
-MODULES = ("batch",)
+MODULES = ("batch", "windows", "watermark")
 PURE_ENV = "EDGEFLOW_PURE_PYTHON"
 
 STATUS = {}  # name -> "compiled" or "pure (why)"
@@ -64,3 +64,5 @@ def summary():
 
 
 batch = load("batch")
+windows = load("windows")
+watermark = load("watermark")

@@ -39,8 +39,10 @@ from .ingest import Ingest
 from .keys import Keys, load_devices_file
 from .sinks import SinkSet
 from .store import RAW_COLS, Store, journal_entry
-from .watermark import Watermarks
-from .windows import LATE, WindowSet
+
+Watermarks = accel.watermark.Watermarks  # compiled if built (gateway/accel.py)
+WindowSet = accel.windows.WindowSet
+LATE = accel.windows.LATE
 
 _UNSYNCED = wire.FLAG_UNSYNCED
 _CEP, _ANOMALY, _STATUS, _WINDOW, _GAP = wire.KIND_CEP, wire.KIND_ANOMALY, wire.KIND_STATUS, wire.KIND_WINDOW, wire.KIND_GAP

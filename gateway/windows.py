@@ -29,6 +29,10 @@ _I64 = 1 << 63  # sums of squares are >= 0
 _N, _SUM, _SQ, _MIN, _MAX, _REV = range(6)
 
 
+def _by_start(item):
+    return item[0][1]  # ((channel, start), state)
+
+
 def result_fields(st):
     """(count, sum, min, max, mean, std), fixed point like the readings (divide by wire.SCALE)."""
     n, s, sq = st[_N], st[_SUM], st[_SQ]
@@ -69,7 +73,10 @@ class WindowSet:
         """True if advancing `key`'s watermark (every key's if key is None) to wm fires or
         purges nothing."""
         if key is None:
-            return not self.keys or all(k.due is None or k.due > wm for k in self.keys.values())
+            for k in self.keys.values():
+                if k.due is not None and k.due <= wm:
+                    return False
+            return True
         k = self.keys.get(key)
         return k is None or k.due is None or k.due > wm
 
@@ -149,7 +156,9 @@ class WindowSet:
             return
         size, lateness = self.size, self.lateness
         due = None
-        for (ch, start), st in sorted(k.wins.items(), key=lambda kv: kv[0][1]):
+        items = list(k.wins.items())
+        items.sort(key=_by_start)
+        for (ch, start), st in items:
             last = start + size - 1
             if st[_REV] < 0:
                 if wm >= last:

@@ -19,12 +19,18 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 I32 = (-2 ** 31, 2 ** 31 - 1)
 
 
-def _compiled():
-    """gateway._c_batch if it was built (pip install -e . with a C compiler), else None."""
+def _compiled(name="batch"):
+    """gateway._c_<name> if it was built (pip install -e . with a C compiler), else None."""
     try:
-        return importlib.import_module("gateway._c_batch")
+        return importlib.import_module("gateway._c_" + name)
     except ImportError:
         return None
+
+
+def _all_compiled():
+    """{name: compiled module} of every module of accel.MODULES, or None if one is not built."""
+    mods = {name: _compiled(name) for name in accel.MODULES}
+    return None if None in mods.values() else mods
 
 
 def _merge(aggs):
@@ -125,20 +131,28 @@ def test_the_header_parse_equals_the_struct_path_at_every_limit():
     assert seen > 50
 
 
-def test_the_built_module_is_compiled_from_the_sources_on_disk():
-    comp = _compiled()
+@pytest.mark.parametrize("name", accel.MODULES)
+def test_the_built_module_is_compiled_from_the_sources_on_disk(name):
+    comp = _compiled(name)
+    py = importlib.import_module("gateway." + name)
     if comp is None:
-        why = "gateway._c_batch not built (no Cython or no C compiler at pip install): pure Python only"
+        why = "gateway._c_%s not built (no Cython or no C compiler at pip install): pure Python only" % name
         if os.environ.get("CI"):  # .ci/run installs gcc and python3-dev: a skipped build is a failure there
             pytest.fail(why)
         pytest.skip(why)
-    if comp.SOURCE_SHA256 != accel.source_digest(pure.__file__):
-        pytest.fail("gateway/_c_batch is older than gateway/batch.py or .pxd: rebuild with pip install -e .")
-    assert comp.COMPILED and not pure.COMPILED
-    # the .pxd was applied: _i32 is a C function, not a Python attribute of the module
-    assert hasattr(pure, "_i32") and not hasattr(comp, "_i32")
+    if comp.SOURCE_SHA256 != accel.source_digest(py.__file__):
+        pytest.fail("gateway/_c_%s is older than gateway/%s.py or .pxd: rebuild with pip install -e ." % (name, name))
+    # the .pxd was applied: C functions and C classes, not Python ones
+    if name == "batch":
+        assert comp.COMPILED and not pure.COMPILED
+        assert hasattr(pure, "_i32") and not hasattr(comp, "_i32")
+    else:
+        cls, attr = {"windows": ("WindowSet", "keys"), "watermark": ("Watermarks", "devs")}[name]
+        # a C class: its attributes are C fields (descriptors on the type), not instance dict entries
+        assert type(vars(getattr(comp, cls)).get(attr)).__name__ == "getset_descriptor"
+        assert attr not in vars(getattr(py, cls))
     if not os.environ.get(accel.PURE_ENV):
-        assert accel.batch is comp and accel.STATUS["batch"] == "compiled"
+        assert getattr(accel, name) is comp and accel.STATUS[name] == "compiled"
 
 
 def _stamp(py):
@@ -231,11 +245,14 @@ def _workload():
     return msgs
 
 
-def _run(monkeypatch, mod):
+def _run(monkeypatch, mods):
+    """mods: {name: module} for accel.MODULES (the compiled or the pure ones)."""
     import asyncio
     from tests.test_gateway_fakes import T0
     from tests.test_gateway_pipeline import StubIngest
-    monkeypatch.setattr(service, "batch", mod)
+    monkeypatch.setattr(service, "batch", mods["batch"])
+    monkeypatch.setattr(service, "WindowSet", mods["windows"].WindowSet)
+    monkeypatch.setattr(service, "Watermarks", mods["watermark"].Watermarks)
     cfg = {"store": {"path": ":memory:", "retain_readings": True}, "metrics": {"port": 0},
            "watermark": {"out_of_orderness_ms": 2000, "idle_timeout_ms": 10 ** 9},
            "windows": {"size_ms": 10000, "allowed_lateness_ms": 5000,
@@ -243,6 +260,7 @@ def _run(monkeypatch, mod):
 
     async def go():
         gw = service.Gateway(cfg)
+        assert type(gw.dev_windows) is mods["windows"].WindowSet and type(gw.watermarks) is mods["watermark"].Watermarks
         gw.ingest = StubIngest()
         gw._loop = asyncio.get_running_loop()
         for topic, p in _workload():
@@ -255,12 +273,30 @@ def _run(monkeypatch, mod):
 
 
 def test_the_gateway_gives_the_same_outputs_compiled_and_pure(monkeypatch):
-    """Every output row and every state export of the data path, with the compiled batch loops and
-    with the pure Python ones (the fallback of a build without a C compiler)."""
-    comp = _compiled()
+    """Every output row and every state export of the data path, with the compiled modules (batch
+    loops, windows, watermarks) and with the pure Python ones (the fallback of a build without a
+    C compiler)."""
+    comp = _all_compiled()
     if comp is None:
-        pytest.skip("gateway._c_batch not built: only the pure path exists")
+        pytest.skip("gateway._c_* not built: only the pure path exists")
     a = _run(monkeypatch, comp)
-    b = _run(monkeypatch, pure)
+    b = _run(monkeypatch, {name: importlib.import_module("gateway." + name) for name in accel.MODULES})
     assert a[0] and a[3] and a[4] and a[7][0][2]  # raw rows, late rows, quarantine, window results
     assert a == b
+
+
+def test_the_window_and_watermark_unit_tests_pass_compiled(monkeypatch):
+    """tests/test_gateway_units.py's window and watermark tests (Flink's boundaries, revisions,
+    idleness, the brute-force watermark model) against the compiled classes too."""
+    from tests import test_gateway_units as units
+    win, wm = _compiled("windows"), _compiled("watermark")
+    if win is None or wm is None:
+        pytest.skip("gateway._c_windows / _c_watermark not built: only the pure path exists")
+    monkeypatch.setattr(units, "WindowSet", win.WindowSet)
+    monkeypatch.setattr(units, "Watermarks", wm.Watermarks)
+    ran = 0
+    for name in sorted(vars(units)):
+        if name.startswith(("test_window", "test_watermark")):
+            getattr(units, name)()
+            ran += 1
+    assert ran >= 12 and type(units.ws()) is win.WindowSet
