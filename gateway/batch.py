@@ -44,7 +44,8 @@ def head(payload, devb):
     """A readings batch of device devb (its id as bytes) whose seq offsets are exactly 0..n-1 (the
     common batch): (boot, base seq, base time, n, offset of the readings, src, time offsets,
     flags of all readings or-ed, first time, last time, times in order). None for anything else
-    (the full decoder says what). src: as scan()."""
+    (the full decoder says what). src: as scan(). The time offsets are None when compiled (a
+    Python int each: most batches need none): scan() gives them."""
     if COMPILED and type(payload) is bytes and type(devb) is bytes:
         return _head_bytes(payload, devb)
     size = len(payload)
@@ -84,18 +85,15 @@ def _head_bytes(payload, devb):
     if base + n > 0x100000000:
         return None
     base_t = _i32(p, 12) * 4294967296 + _u32(p, 16)  # int64: in the C range at every step
-    toffs = [0] * n
     fl = 0
     ordered = True
-    o = off
-    t = _i32(p, o + 2)
+    t = _i32(p, off + 2)
     lo = hi = prev = t
     for k in range(n):
         o = off + 12 * k
         if (p[o] << 8 | p[o + 1]) != k:
             return None
         t = _i32(p, o + 2)
-        toffs[k] = t
         fl |= p[o + 7]
         if t < prev:
             ordered = False
@@ -105,7 +103,7 @@ def _head_bytes(payload, devb):
             hi = t
         prev = t
     bto = base_t  # a Python int (object when compiled): the sums below must not wrap
-    return boot, base, bto, n, off, None, tuple(toffs), fl, bto + lo, bto + hi, ordered
+    return boot, base, bto, n, off, None, None, fl, bto + lo, bto + hi, ordered
 
 
 def _u32(p, o):

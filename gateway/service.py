@@ -436,6 +436,8 @@ class Gateway:
         out = self.out
         out.touched.add((dev, boot))
         if res is None:  # mixed duplicates, bad times or unsynced records: one by one
+            if toffs is None:
+                toffs = batch.scan(payload, off, n)[1]
             chans, flags, vals = batch.columns(src, payload, off, 0, n)
             recs = list(zip(range(base, base + n), map(base_t.__add__, toffs), chans, flags, vals))
             self._readings(topic, dev, boot, recs, now)
@@ -450,6 +452,8 @@ class Gateway:
         out.records += n
         self._count_live(d, dev, boot, base, base + n - 1, n, now)
         if self.retain:
+            if toffs is None:
+                toffs = batch.scan(payload, off, n)[1]
             chans, flags, vals = batch.columns(src, payload, off, 0, n)
             raw = out.readings
             out.reading_spans.append((dev, boot, base, base + n - 1, tmin, tmax, len(raw) // RAW_COLS, n))
@@ -475,11 +479,17 @@ class Gateway:
             self._add_run(dev, start, src, payload, off, 0, n, wm_d, gwm, gmap)
             ceil = tmax - wms.delay
             if not (dw.due_after(dev, ceil) and self.group_windows.due_after(None, ceil)):
+                if toffs is None:
+                    toffs = batch.scan(payload, off, n)[1]
                 wm_d = self._step_through(dev, base_t, toffs, wm_d, now)
             self._observe(dev, tmax, wm_d, now)
         elif ordered:
+            if toffs is None:
+                toffs = batch.scan(payload, off, n)[1]
             self._window_runs(dev, boot, base, base_t, toffs, src, payload, off, d, now, gmap)
         else:
+            if toffs is None:
+                toffs = batch.scan(payload, off, n)[1]
             chans, _flags, vals = batch.columns(src, payload, off, 0, n)
             self._window_seq(dev, boot, zip(range(base, base + n), map(base_t.__add__, toffs), chans, vals), d, now)
 
