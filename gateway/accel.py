@@ -16,7 +16,7 @@ import importlib
 import logging
 import os
 
-MODULES = ("batch", "windows", "watermark")
+MODULES = ("batch", "windows", "watermark", "datapath")
 PURE_ENV = "EDGEFLOW_PURE_PYTHON"
 
 STATUS = {}  # name -> "compiled" or "pure (why)"
@@ -66,3 +66,4 @@ def summary():
 batch = load("batch")
 windows = load("windows")
 watermark = load("watermark")
+datapath = load("datapath")

@@ -20,3 +20,6 @@ cpdef object _head_bytes(bytes payload, bytes devb)
 
 @cython.locals(hi="long long")
 cdef long long _u32(cbytes p, Py_ssize_t o) noexcept
+
+@cython.locals(buf=object)  # a generic object: Cython's list slice assignment takes lists only
+cpdef object raw_rows(dev, boot, base, base_t, toffs, chans, flags, vals)

@@ -137,6 +137,20 @@ def columns(src, payload, off, i, j):
     return flat[2::5], flat[3::5], flat[4::5]
 
 
+def raw_rows(dev, boot, base, base_t, toffs, chans, flags, vals):
+    """The raw rows of n readings as one flat list, store.RAW_COLS (7) values per reading (the
+    columns filled by C loops: slice assignments)."""
+    n = len(toffs)
+    buf = [dev] * (7 * n)
+    buf[1::7] = [boot] * n
+    buf[2::7] = range(base, base + n)
+    buf[3::7] = map(base_t.__add__, toffs)
+    buf[4::7] = chans
+    buf[5::7] = flags
+    buf[6::7] = vals
+    return buf
+
+
 def aggs(src, payload, off, i, j, hint):
     """Per-channel aggregates of readings i..j-1: ([(channel, count, sum, sum of squares, min,
     max)], hint). hint: the channels per tick of the device's last batch (a guess that lets the

@@ -149,7 +149,8 @@ def test_the_built_module_is_compiled_from_the_sources_on_disk(name):
         assert comp.COMPILED and not pure.COMPILED
         assert hasattr(pure, "_i32") and not hasattr(comp, "_i32")
     else:
-        cls, attr = {"windows": ("WindowSet", "keys"), "watermark": ("Watermarks", "devs")}[name]
+        cls, attr = {"windows": ("WindowSet", "keys"), "watermark": ("Watermarks", "devs"),
+                     "datapath": ("DataPath", "dedup")}[name]
         # a C class: its attributes are C fields (descriptors on the type), not instance dict entries
         assert type(vars(getattr(comp, cls)).get(attr)).__name__ == "getset_descriptor"
         assert attr not in vars(getattr(py, cls))
@@ -247,14 +248,12 @@ def _workload():
     return msgs
 
 
-def _run(monkeypatch, mods):
-    """mods: {name: module} for accel.MODULES (the compiled or the pure ones)."""
+def _outputs():
+    """(accel.summary(), every output row and state export of the data path on _workload()), in
+    this process: with the build accel picked (EDGEFLOW_PURE_PYTHON decides)."""
     import asyncio
     from tests.test_gateway_fakes import T0
     from tests.test_gateway_pipeline import StubIngest
-    monkeypatch.setattr(service, "batch", mods["batch"])
-    monkeypatch.setattr(service, "WindowSet", mods["windows"].WindowSet)
-    monkeypatch.setattr(service, "Watermarks", mods["watermark"].Watermarks)
     cfg = {"store": {"path": ":memory:", "retain_readings": True}, "metrics": {"port": 0},
            "watermark": {"out_of_orderness_ms": 2000, "idle_timeout_ms": 10 ** 9},
            "windows": {"size_ms": 10000, "allowed_lateness_ms": 5000,
@@ -262,7 +261,8 @@ def _run(monkeypatch, mods):
 
     async def go():
         gw = service.Gateway(cfg)
-        assert type(gw.dev_windows) is mods["windows"].WindowSet and type(gw.watermarks) is mods["watermark"].Watermarks
+        assert type(gw.dev_windows) is accel.windows.WindowSet and type(gw.watermarks) is accel.watermark.Watermarks
+        assert isinstance(gw, accel.datapath.DataPath)
         gw.ingest = StubIngest()
         gw._loop = asyncio.get_running_loop()
         for topic, p in _workload():
@@ -271,18 +271,32 @@ def _run(monkeypatch, mods):
         exp = [ws.export() for ws in (gw.dev_windows, gw.group_windows)]
         return (o.readings, o.reading_spans, o.unsynced, o.late, [q[:7] for q in o.quarantine], o.records,
                 sorted(o.touched), exp, gw.dedup.export(), gw.watermarks.export(), gw.devices.export())
-    return asyncio.run(go())
+    return accel.summary(), asyncio.run(go())
 
 
-def test_the_gateway_gives_the_same_outputs_compiled_and_pure(monkeypatch):
+def _outputs_in_process(pure):
+    """_outputs() in a fresh interpreter, compiled (every module of accel.MODULES) or pure."""
+    import pickle
+    e = {k: v for k, v in os.environ.items() if k != accel.PURE_ENV}
+    e["PYTHONHASHSEED"] = "0"  # the exports list sets: the same order in both interpreters
+    if pure:
+        e[accel.PURE_ENV] = "1"
+    code = "import pickle, sys; from tests.test_accel import _outputs; sys.stdout.buffer.write(pickle.dumps(_outputs()))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, timeout=120, env=e, cwd=ROOT)
+    assert out.returncode == 0, out.stderr.decode()
+    return pickle.loads(out.stdout)
+
+
+def test_the_gateway_gives_the_same_outputs_compiled_and_pure():
     """Every output row and every state export of the data path, with the compiled modules (batch
-    loops, windows, watermarks) and with the pure Python ones (the fallback of a build without a
-    C compiler)."""
-    comp = _all_compiled()
-    if comp is None:
+    loops, windows, watermarks, the data path) and with the pure Python ones (the fallback of a
+    build without a C compiler), each in its own interpreter."""
+    if _all_compiled() is None:
         pytest.skip("gateway._c_* not built: only the pure path exists")
-    a = _run(monkeypatch, comp)
-    b = _run(monkeypatch, {name: importlib.import_module("gateway." + name) for name in accel.MODULES})
+    ca, a = _outputs_in_process(False)
+    cb, b = _outputs_in_process(True)
+    assert ca == ", ".join("%s=compiled" % m for m in sorted(accel.MODULES))
+    assert cb == ", ".join("%s=pure (%s)" % (m, accel.PURE_ENV) for m in sorted(accel.MODULES))
     assert a[0] and a[3] and a[4] and a[7][0][2]  # raw rows, late rows, quarantine, window results
     assert a == b
 
