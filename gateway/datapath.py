@@ -110,10 +110,13 @@ class DataPath:
     def _add_run(self, dev, start, src, payload, off, i, j, wm_d, gwm, gmap):
         """Readings i..j-1 of a batch, all in one window that is not due: aggregated per channel
         (batch.aggs: C loops)."""
-        hint = self._nchan.get(dev, 1)
-        aggs, nc = batch.aggs(src, payload, off, i, j, hint)
-        if nc != hint and len(self._nchan) < 4 * self.max_devices:
-            self._nchan[dev] = nc
+        if src is None:  # the C loops over the bytes: no guess needed
+            aggs = batch.aggs(None, payload, off, i, j, 1)[0]
+        else:
+            hint = self._nchan.get(dev, 1)
+            aggs, nc = batch.aggs(src, payload, off, i, j, hint)
+            if nc != hint and len(self._nchan) < 4 * self.max_devices:
+                self._nchan[dev] = nc
         self.dev_windows.add_aggs(dev, start, aggs, wm_d)
         if gmap:
             gw = self.group_windows
