@@ -1,5 +1,8 @@
 """Compiled or pure Python: which build of the gateway's hot modules runs.
 
+The hot modules (MODULES): batch (the per-reading byte loops), windows and watermark (C classes
+for the window and watermark state), datapath (the Gateway's per-message handlers, its base class).
+
 setup.py compiles each module of MODULES (gateway/<name>.py with its gateway/<name>.pxd) with
 Cython into gateway/_c_<name> (a C extension beside the sources), stamped with the SHA-256 of
 the .py and .pxd it was built from. The compiled module never takes the source's own name, so
@@ -9,7 +12,8 @@ warning, until `pip install -e .` rebuilds it. EDGEFLOW_PURE_PYTHON=1 forces pur
 all of them, EDGEFLOW_PURE_PYTHON=windows,dedup for those named.
 
 Which one runs: `edgeflow-gateway --version`, the gateway_started log line and the metric
-edgeflow_gateway_build_info (field / label `accel`: "batch=compiled" or "batch=pure (why)").
+edgeflow_gateway_build_info (field / label `accel`: "batch=compiled, datapath=compiled, ..." or
+"batch=pure (why), ...").
 """
 import hashlib
 import importlib
