@@ -178,6 +178,11 @@ class FakeDevice:
                 self.sent_upto = max(self.sent_upto, self.cursor)
             return False
 
+    def acked_entries(self):
+        """How many outbox entries are acked (the workload's progress)."""
+        with self.lock:
+            return self._first_unacked()
+
     def done(self):
         with self.lock:
             return self._first_unacked() == len(self.outbox)

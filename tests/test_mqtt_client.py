@@ -141,9 +141,17 @@ def test_broker_restart_mid_stream_loses_nothing(broker):
         broker.proc.kill()
         await loop.run_in_executor(None, broker.proc.wait)
         broker.stop(hold_port=True)  # already dead: keeps its port from other processes until start()
+        # the subscriber must be back before the publisher: a new broker drops what nobody
+        # subscribes to (under load the subscriber's reader saw the dead socket late)
+        for _ in range(500):
+            if not sub.connected:
+                break
+            await asyncio.sleep(0.01)
+        assert not sub.connected
         # from the loop's (main) thread: mosquitto's parent-death signal is tied to the thread
         # that forks it, and a pool thread exits when the loop closes (killing the broker)
         broker.start()
+        await reconnect(sub, True)
         i = CUT + 10
         while i < N:
             if not sub.connected:
