@@ -151,6 +151,7 @@ class Gateway(DataPath):
         self._last_ack = {}  # dev -> processing ms of the last ack
         self._group_wm = None
         self._commit_task = None
+        self._snapshots = 0  # checkpoints that took self.out (checkpoint())
         self._journaled = 0  # state journal rows since the last fold (store.py)
         self._folded = time.monotonic()
         self._ack_rx = {}  # dev -> monotonic receipt of the oldest committed message its next ack covers
@@ -320,8 +321,11 @@ class Gateway(DataPath):
                     # max_records: the next checkpoint starts as soon as it finishes and takes
                     # all of it. Group commit: the longer commits take, the larger they get and
                     # the fewer times a device's state is journaled per message.
-                    if self._commit_task is None or self._commit_task.done() or \
-                            len(out.mids) >= ahead_msgs or out.records >= ahead_recs:
+                    # A checkpoint task holding the lock (the timer's, or the one a commit
+                    # started) takes the snapshot as soon as it runs: no waiting for it either.
+                    if len(out.mids) >= ahead_msgs or out.records >= ahead_recs:
+                        await self.checkpoint(ahead=(ahead_msgs, ahead_recs))
+                    elif (self._commit_task is None or self._commit_task.done()) and not self._ckpt_lock.locked():
                         await self.checkpoint()
             self.stats.messages += n
             self.ingest.maybe_resume()
@@ -570,18 +574,28 @@ class Gateway(DataPath):
 
     # ================================================================ checkpoint and acks
 
-    async def checkpoint(self, fold=False):
+    async def checkpoint(self, fold=False, ahead=None):
         """Commit everything since the last checkpoint; acks follow the commit.
 
         The snapshot is taken synchronously, so processing continues while the
         transaction runs in the database thread; only one commit is in flight.
-        fold: also bring the state tables up to date (the last checkpoint of run())."""
+        fold: also bring the state tables up to date (the last checkpoint of run()).
+        ahead: (messages, records) the processing loop may hold while a commit is in flight.
+        A call that finds a snapshot taken since it was made (by the checkpoint ahead of it on
+        the lock) returns at once, with less than `ahead` pending: what it was to commit is in
+        that commit, and waiting for it (holding the lock) would stop processing for a whole
+        commit (issue 16, docs/benchmarks.md section 6)."""
+        gen = self._snapshots
         async with self._ckpt_lock:
             if self._commit_task is not None:
+                if not fold and gen != self._snapshots and (
+                        ahead is None or (len(self.out.mids) < ahead[0] and self.out.records < ahead[1])):
+                    return
                 await asyncio.shield(self._commit_task)
                 self._commit_task = None
             out = self.out
             self.out = Outputs()
+            self._snapshots += 1
             dd_ups, dd_dels, mins = self.dedup.export()
             ids = self.dedup.export_ids()
             global_changed = self.watermarks.global_dirty
