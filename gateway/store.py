@@ -87,11 +87,16 @@ STATE_TABLES = ("dedup", "dedup_devices", "device_identity", "device_watermarks"
 # key once with its latest row, and empties it in the same transaction. So the database holds
 # the exact state at every commit: tables + journal; the tables alone lag by up to a fold.
 JOURNALED = ("devices", "devices_hot", "dedup", "dedup_del", "dedup_devices", "device_identity",
-             "device_watermarks", "open_windows", "open_windows_del", "meta")
+             "device_watermarks", "open_windows", "open_windows_del", "windows", "meta")
+# "windows": the open windows as WindowSet.export() gives them, [(scope, {(key, channel, start):
+# [count, sum, sumsq, min, max, revision]}, {(key, channel, start) deleted})]: marshalled as they
+# are, no row tuple per window on the event loop (FoldMerge makes the rows). "open_windows" and
+# "open_windows_del" (rows) are what journals written before it hold.
 # upsert key -> (its delete key or None, key columns); rows of a delete key are key columns
 _KEYED = {"dedup": ("dedup_del", 2), "dedup_devices": (None, 1), "device_identity": (None, 1),
           "device_watermarks": (None, 1), "open_windows": ("open_windows_del", 4), "meta": (None, 1)}
 _DELETES = {d: up for up, (d, _k) in _KEYED.items() if d}
+_I64 = 1 << 63
 
 
 def journal_entry(state):
@@ -620,6 +625,14 @@ class FoldMerge:
             elif key == "devices_hot":
                 for r in rows:
                     hot[r[-1]] = r  # the device is the last column
+            elif key == "windows":
+                m = merged["open_windows"]
+                for scope, ups, gone in rows:
+                    for k, (n, s, sq, mn, mx, rev) in ups.items():
+                        # sumsq past int64 (which SQLite cannot bind) as text, as WindowSet._rows
+                        m[(scope,) + k] = (scope,) + k + (n, s, sq if sq < _I64 else str(sq), mn, mx, rev)
+                    for k in gone:
+                        m[(scope,) + k] = None
             elif key in _KEYED:
                 m, kl = merged[key], _KEYED[key][1]
                 for r in rows:

@@ -200,13 +200,19 @@ class WindowSet:
         return ups, [(scope, key, ch, start) for key, ch, start in purged]
 
     def export(self):
-        """(open-window upserts, deletes, results) since the last export."""
+        """(open windows changed since the last export, deleted ones, results) since the last
+        export. The changed ones as {(key, ch, start): state list}: the live lists, no row built
+        per window (a checkpoint marshals them into the state journal at once, before the state
+        changes again, store.FoldMerge reads them back); rows() makes table rows of them."""
         dirty, purged = self.dirty, self.purged
         since_fold(self._f_up, self._f_del, dirty, purged)
-        ups, dels = self._rows(dirty.items(), purged)
         res = self.results
         self.dirty, self.purged, self.results = {}, set(), []
-        return ups, dels, res
+        return dirty, purged, res
+
+    def rows(self, changed, deleted):
+        """export()'s changed and deleted windows as open_windows rows (upserts, deletes)."""
+        return self._rows(changed.items(), deleted)
 
     def fold_rows(self):
         """(upserts, deletes) of every export since the last fold_rows(), each window once (its

@@ -496,3 +496,42 @@ def test_a_boot_back_after_a_reflash_in_one_checkpoint_does_not_keep_the_old_fla
 
     asyncio.run(first())
     assert asyncio.run(second()) == (100, 0)
+
+
+def test_journaled_open_windows_in_their_live_form_fold_to_the_rows():
+    """WindowSet.export() gives the changed windows as its live state lists (no row per window);
+    the journal holds them as they are. Folded, they give the same open_windows rows as the rows
+    written directly: a window changed, one deleted, one re-opened, a sum of squares past int64
+    (stored as text), windows of both scopes."""
+    import sqlite3
+    from gateway import store
+    from gateway.windows import WindowSet
+
+    dev, grp = WindowSet("device", 1000, 0, 500), WindowSet("group", 1000, 0, 500)
+    a = sqlite3.connect(":memory:", isolation_level=None)
+    b = sqlite3.connect(":memory:", isolation_level=None)
+    for c in (a, b):
+        c.executescript(store.SCHEMA)
+    steps = [
+        lambda: (dev.add_agg("d1", 0, 0, 3, 30, 302, 9, 11, None), dev.add_agg("d2", 1, 2000, 1, 4, 1 << 70, 4, 4, None),
+                 grp.add("g", 0, 100, 5, None)),
+        lambda: (dev.add("d1", 0, 10, 7, None), dev.add("d1", 1, 1200, 1, None)),
+        lambda: (dev.advance("d1", 1600), dev.advance("d2", 999), grp.advance("g", 999)),  # d1's first purged
+        lambda: (dev.add("d1", 1, 1300, 2, 1600), grp.advance("g", 1600)),  # g's purged
+        lambda: (),
+    ]
+    for step in steps:
+        step()
+        direct, journal = [], []
+        for ws in (dev, grp):
+            ups, dels, _res = ws.export()
+            rows = ws.rows(ups, dels)
+            direct += [("open_windows", rows[0]), ("open_windows_del", rows[1])]
+            journal.append((ws.scope, ups, list(dels)))
+        store._transaction(a, direct)
+        store._transaction(b, [("state_journal", [(store.journal_entry([("windows", journal)]),)])])
+    store._transaction(b, [("state_fold", [()])])
+    q = "SELECT * FROM open_windows ORDER BY scope, key, channel, start"
+    want = a.execute(q).fetchall()
+    assert want == b.execute(q).fetchall()
+    assert want == [("device", "d1", 1, 1000, 2, 3, "5", 1, 2, -1), ("device", "d2", 1, 2000, 1, 4, str(1 << 70), 4, 4, -1)]

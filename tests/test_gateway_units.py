@@ -284,6 +284,7 @@ def test_window_export_restore():
     a.add("k", 2, 1100, 6, None)
     a.advance("k", 999)
     ups, dels, res = a.export()
+    ups, dels = a.rows(ups, dels)
     b = ws(lateness=1000)
     b.restore([u[1:] for u in ups])
     assert b.add("k", 2, 150, 1, 999) == AMENDED
