@@ -301,6 +301,8 @@ def _backup(conn, tmp):
 class ReplicatedStore(Store):
     """Store whose commit() returns only once the delta is in JetStream (see the module doc)."""
 
+    pipelined = False  # one delta in flight: each is appended fenced on the one before
+
     def __init__(self, path, synchronous, replicator):
         super().__init__(path, synchronous)
         self.rep = replicator

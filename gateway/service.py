@@ -82,6 +82,13 @@ _running = [0, 0.005, None]  # gateways running in this process, the interval an
 
 
 
+def _retrieved(task):
+    """Done callback: the task's exception counts as seen (no "never retrieved" log when it is
+    collected, which may be in the middle of anything) where another task raises the same failure."""
+    if not task.cancelled():
+        task.exception()
+
+
 class StartupError(RuntimeError):
     """The gateway cannot start (a port taken, ...): reported, the process exits non-zero."""
 
@@ -150,14 +157,14 @@ class Gateway(DataPath):
         self._ack_due = {}  # dev -> boots whose committed mark is not acked yet
         self._last_ack = {}  # dev -> processing ms of the last ack
         self._group_wm = None
-        self._commit_task = None
+        self._commit_task = None  # the last commit (done: every commit before it is done too)
+        self._commit_prev = None  # the one before it while in flight (a pipelined store)
         self._snapshots = 0  # checkpoints that took self.out (checkpoint())
         self._journaled = 0  # state journal rows since the last fold (store.py)
         self._folded = time.monotonic()
         self._ack_rx = {}  # dev -> monotonic receipt of the oldest committed message its next ack covers
         self.web = None
         self._ops_task = None
-        self._ckpt_lock = None
         self._stop = None
         self._loop = None
         self.started = asyncio.Event()  # set once run() is connected and processing
@@ -170,7 +177,6 @@ class Gateway(DataPath):
         """Open the database and restore the checkpointed state (run() does this first)."""
         self._loop = asyncio.get_running_loop()
         self._stop = asyncio.Event()
-        self._ckpt_lock = asyncio.Lock()
         await self.store.open()
         self.channels = ops.channel_map(self.cfg, self.keys.devices)
         await self.store.prepare(self.channels, self.cfg.store.index_readings)
@@ -321,11 +327,9 @@ class Gateway(DataPath):
                     # max_records: the next checkpoint starts as soon as it finishes and takes
                     # all of it. Group commit: the longer commits take, the larger they get and
                     # the fewer times a device's state is journaled per message.
-                    # A checkpoint task holding the lock (the timer's, or the one a commit
-                    # started) takes the snapshot as soon as it runs: no waiting for it either.
                     if len(out.mids) >= ahead_msgs or out.records >= ahead_recs:
                         await self.checkpoint(ahead=(ahead_msgs, ahead_recs))
-                    elif (self._commit_task is None or self._commit_task.done()) and not self._ckpt_lock.locked():
+                    elif self._commit_task is None or self._commit_task.done():
                         await self.checkpoint()
             self.stats.messages += n
             self.ingest.maybe_resume()
@@ -578,77 +582,97 @@ class Gateway(DataPath):
         """Commit everything since the last checkpoint; acks follow the commit.
 
         The snapshot is taken synchronously, so processing continues while the
-        transaction runs in the database thread; only one commit is in flight.
+        transaction runs in the database thread. One commit is in flight, or two for the
+        processing loop (ahead) on a pipelined store: then the next one queues behind the one
+        in flight (the database thread runs them in order, none after one failed) and the
+        database thread goes from one to the next instead of idling until the loop notices
+        the first is done and snapshots (issue 16, docs/benchmarks.md section 6).
         fold: also bring the state tables up to date (the last checkpoint of run()).
         ahead: (messages, records) the processing loop may hold while a commit is in flight.
-        A call that finds a snapshot taken since it was made (by the checkpoint ahead of it on
-        the lock) returns at once, with less than `ahead` pending: what it was to commit is in
-        that commit, and waiting for it (holding the lock) would stop processing for a whole
-        commit (issue 16, docs/benchmarks.md section 6)."""
+        A call that finds a snapshot taken since it was made (by another checkpoint while this
+        one waited for a commit) returns at once, with less than `ahead` pending: what it was
+        to commit is in that one. No lock: nothing is awaited between the last look at the
+        commits in flight and the snapshot."""
         gen = self._snapshots
-        async with self._ckpt_lock:
-            if self._commit_task is not None:
-                if not fold and gen != self._snapshots and (
-                        ahead is None or (len(self.out.mids) < ahead[0] and self.out.records < ahead[1])):
-                    return
-                await asyncio.shield(self._commit_task)
-                self._commit_task = None
-            out = self.out
-            self.out = Outputs()
-            self._snapshots += 1
-            dd_ups, dd_dels, mins = self.dedup.export()
-            ids = self.dedup.export_ids()
-            global_changed = self.watermarks.global_dirty
-            wm_rows, gwm = self.watermarks.export()
-            ow1, owd1, res1 = self.dev_windows.export()
-            ow2, owd2, res2 = self.group_windows.export()
-            results = res1 + res2
-            dev_rows, dev_hot = self.devices.export()
-            self.stats.window_results += sum(1 for r in results if r[5] == 0)
-            self.stats.window_revisions += sum(1 for r in results if r[5] > 0)
-            writes = [
-                ("readings_flat", out.readings), ("reading_spans", out.reading_spans), ("unsynced", out.unsynced),
-                ("device_windows", out.device_windows),
-                ("cep_events", out.cep_events), ("anomalies", out.anomalies), ("device_status", out.device_status),
-                ("gaps", out.gaps), ("late", out.late), ("quarantine", out.quarantine),
-                ("quarantine_prune", [(self.q_rows,)] if out.quarantine else []),
-                ("window_revisions", results), ("window_results", results),
-            ]
-            state = [  # store.JOURNALED, in the order a fold applies them
-                ("devices", dev_rows), ("devices_hot", dev_hot),
-                ("dedup", dd_ups), ("dedup_del", dd_dels), ("dedup_devices", list(mins.items())),
-                ("device_identity", ids),
-                ("device_watermarks", wm_rows),
-                # the deletes as a list: marshal sorts a set (about 10x the time)
-                ("windows", [(ws.scope, ups, list(dels)) for ws, ups, dels in ((self.dev_windows, ow1, owd1),
-                                                                               (self.group_windows, ow2, owd2))
-                             if ups or dels]),
-                ("meta", [("global_watermark", gwm)] if global_changed else []),
-            ]
-            if self.sinks:  # downstream items commit with the results they carry
-                raw = out.readings  # as rows only for sinks that forward raw readings
-                rows = list(zip(*[iter(raw)] * RAW_COLS)) if raw and self.sinks.forwards("readings") else []
-                writes.append(("sink_outbox", self.sinks.stage(writes + [("readings", rows)])))
-            n_state = sum(len(r) for _k, r in state) + len(ow1) + len(owd1) + len(ow2) + len(owd2)
-            rows = sum(len(r) for _k, r in writes) - len(out.readings) + len(out.readings) // RAW_COLS + n_state
-            mono = time.monotonic()
-            fold = (self._journaled or n_state) and (fold or mono - self._folded >= STATE_FOLD_S or
-                                                     self._journaled >= STATE_FOLD_MAX)
-            if not rows and not out.mids and not out.touched and not fold:
+        while True:
+            for t in (self._commit_prev, self._commit_task):
+                if t is not None and t.done():
+                    t.result()  # a failed commit stops the gateway: raised here
+            if not fold and gen != self._snapshots and (
+                    ahead is None or (len(self.out.mids) < ahead[0] and self.out.records < ahead[1])):
                 return
-            # the state's changes: one journal row; folded into the state tables about once a
-            # second, in a checkpoint's transaction (store.py, "The state journal")
-            if n_state:
-                writes.append(("state_journal", [(journal_entry(state),)]))
-                self._journaled += 1
-            if fold:
-                # open() folded the table, so it holds this run's rows only: their merge
-                writes.append(("state_fold", [self._fold_rows()]))
-                self._journaled, self._folded = 0, mono
-                rows += 1
-            # the marks acked are the ones this transaction commits
-            acks = self._acks_of(out.touched)
-            self._commit_task = asyncio.ensure_future(self._commit(writes, rows, out.mids, acks, out.records, out.rx))
+            last = self._commit_task
+            if last is None or last.done():
+                break
+            if ahead is not None and self.store.pipelined:
+                prev = self._commit_prev
+                if prev is None or prev.done():
+                    break  # queued behind `last`
+                await asyncio.shield(prev)
+            else:
+                await asyncio.shield(last)
+        # the snapshot: nothing is awaited from here on
+        out = self.out
+        self.out = Outputs()
+        self._snapshots += 1
+        dd_ups, dd_dels, mins = self.dedup.export()
+        ids = self.dedup.export_ids()
+        global_changed = self.watermarks.global_dirty
+        wm_rows, gwm = self.watermarks.export()
+        ow1, owd1, res1 = self.dev_windows.export()
+        ow2, owd2, res2 = self.group_windows.export()
+        results = res1 + res2
+        dev_rows, dev_hot = self.devices.export()
+        self.stats.window_results += sum(1 for r in results if r[5] == 0)
+        self.stats.window_revisions += sum(1 for r in results if r[5] > 0)
+        writes = [
+            ("readings_flat", out.readings), ("reading_spans", out.reading_spans), ("unsynced", out.unsynced),
+            ("device_windows", out.device_windows),
+            ("cep_events", out.cep_events), ("anomalies", out.anomalies), ("device_status", out.device_status),
+            ("gaps", out.gaps), ("late", out.late), ("quarantine", out.quarantine),
+            ("quarantine_prune", [(self.q_rows,)] if out.quarantine else []),
+            ("window_revisions", results), ("window_results", results),
+        ]
+        state = [  # store.JOURNALED, in the order a fold applies them
+            ("devices", dev_rows), ("devices_hot", dev_hot),
+            ("dedup", dd_ups), ("dedup_del", dd_dels), ("dedup_devices", list(mins.items())),
+            ("device_identity", ids),
+            ("device_watermarks", wm_rows),
+            # the deletes as a list: marshal sorts a set (about 10x the time)
+            ("windows", [(ws.scope, ups, list(dels)) for ws, ups, dels in ((self.dev_windows, ow1, owd1),
+                                                                           (self.group_windows, ow2, owd2))
+                         if ups or dels]),
+            ("meta", [("global_watermark", gwm)] if global_changed else []),
+        ]
+        if self.sinks:  # downstream items commit with the results they carry
+            raw = out.readings  # as rows only for sinks that forward raw readings
+            rows = list(zip(*[iter(raw)] * RAW_COLS)) if raw and self.sinks.forwards("readings") else []
+            writes.append(("sink_outbox", self.sinks.stage(writes + [("readings", rows)])))
+        n_state = sum(len(r) for _k, r in state) + len(ow1) + len(owd1) + len(ow2) + len(owd2)
+        rows = sum(len(r) for _k, r in writes) - len(out.readings) + len(out.readings) // RAW_COLS + n_state
+        mono = time.monotonic()
+        fold = (self._journaled or n_state) and (fold or mono - self._folded >= STATE_FOLD_S or
+                                                 self._journaled >= STATE_FOLD_MAX)
+        if not rows and not out.mids and not out.touched and not fold:
+            return
+        # the state's changes: one journal row; folded into the state tables about once a
+        # second, in a checkpoint's transaction (store.py, "The state journal")
+        if n_state:
+            writes.append(("state_journal", [(journal_entry(state),)]))
+            self._journaled += 1
+        if fold:
+            # open() folded the table, so it holds this run's rows only: their merge
+            writes.append(("state_fold", [self._fold_rows()]))
+            self._journaled, self._folded = 0, mono
+            rows += 1
+        # the marks acked are the ones this transaction commits
+        acks = self._acks_of(out.touched)
+        last = self._commit_task  # in flight still, or done
+        self._commit_prev = last if last is not None and not last.done() else None
+        self._commit_task = asyncio.ensure_future(self._commit(writes, rows, out.mids, acks, out.records, out.rx))
+        # a failure is raised to the next checkpoint() (the processing loop's: the gateway
+        # stops); a commit queued behind a failed one fails too, and nobody may look at it
+        self._commit_task.add_done_callback(_retrieved)
 
     def _fold_rows(self):
         """store.FoldMerge.rows() of the journal rows since the last fold, without merging them:
@@ -689,7 +713,8 @@ class Gateway(DataPath):
         self._flush_acks(_now_ms())
         ck = self.cfg.checkpoint
         if len(self.out.mids) >= ck.max_messages or self.out.records >= ck.max_records:
-            asyncio.ensure_future(self.checkpoint())  # work piled up during this commit
+            # work piled up during this commit (a failure of it is the processing loop's to raise)
+            asyncio.ensure_future(self.checkpoint()).add_done_callback(_retrieved)
         if dt > 1.0:
             logs.warning("slow_checkpoint", seconds=round(dt, 3), rows=rows)
         else:

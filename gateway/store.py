@@ -330,6 +330,10 @@ def prune_sql(table, col, indexed=True):
 
 
 class Store:
+    # commit() may be called again while one is in flight: the database thread runs them in
+    # order (a failed one stops the rest). gateway/ckpt.py's replicated store may not.
+    pipelined = True
+
     def __init__(self, path, synchronous="FULL"):
         self.path = path
         self.synchronous = synchronous
@@ -339,6 +343,7 @@ class Store:
         self._file_id = None  # (st_dev, st_ino) of the file opened: a replaced file is detected
         self.pruned = [0]  # quarantine rows deleted to keep its bound
         self.failed = None  # the error of a failed commit: nothing more is written, not even at close
+        self._broken = []  # the same, in the database thread (_after_ok)
 
     async def open(self):
         """Open, check (PRAGMA quick_check) and create the schema. StoreError on any problem,
@@ -346,7 +351,8 @@ class Store:
         try:
             d = os.path.dirname(os.path.abspath(self.path))
             os.makedirs(d, exist_ok=True)
-            self.db = await Database.connect(self.path, isolation_level=None)
+            # statements of every multi-row size of every table stay prepared (_parts)
+            self.db = await Database.connect(self.path, isolation_level=None, cached_statements=256)
             # no mmap of the database file: an I/O error must be an error, not SIGBUS
             await self.db.execute("PRAGMA mmap_size=0")
             bad = [str(r[0]) for r in await self.db.execute_fetchall("PRAGMA quick_check(3)")]
@@ -428,7 +434,7 @@ class Store:
 
         The whole transaction is one call into the database thread (Database.run)."""
         try:
-            n = await self.db.run(_transaction, writes, self.path, self._file_id, self.pruned)
+            n = await self.db.run(_after_ok, self._broken, writes, self.path, self._file_id, self.pruned)
         except StoreError as e:
             self.failed = e
             raise
@@ -474,36 +480,67 @@ CHUNK = 500
 _MULTI = {}
 
 
-def _multi_sql(sql):
-    m = _MULTI.get(sql)
+def _multi_sql(sql, k=CHUNK):
+    m = _MULTI.get((sql, k))
     if m is None:
         head, _, one = sql.partition(" VALUES ")
-        m = _MULTI[sql] = head + " VALUES " + ",".join([one] * CHUNK)
+        m = _MULTI[(sql, k)] = head + " VALUES " + ",".join([one] * k)
     return m
 
 
+def _parts(n):
+    """[(rows per statement, statements)] of the multi-row INSERTs for n rows: CHUNK rows each,
+    then the rest in powers of two (at most 9 statements more, of sizes the statement cache
+    keeps) instead of row by row: each statement releases and retakes the GIL, and the rest
+    alone (250 rows on average, twice per checkpoint for the window results) cost the
+    database thread more waiting than all the rest of a commit (issue 16)."""
+    full, rest = divmod(n, CHUNK)
+    out = [(CHUNK, full)] if full else []
+    k = 256
+    while rest:
+        if rest >= k:
+            out.append((k, 1))
+            rest -= k
+        k >>= 1
+    return out
+
+
 def _insert(conn, sql, rows):
-    n = len(rows)
-    if n >= CHUNK and sql.startswith("INSERT") and " VALUES (" in sql:
-        full = n - n % CHUNK
-        conn.executemany(_multi_sql(sql), [tuple(chain.from_iterable(rows[i:i + CHUNK]))
-                                           for i in range(0, full, CHUNK)])
-        rows = rows[full:]
-    if rows:
+    if not (sql.startswith("INSERT") and " VALUES (" in sql):
         conn.executemany(sql, rows)
+        return
+    i = 0
+    for k, times in _parts(len(rows)):
+        if k == 1:
+            conn.execute(sql, rows[i])
+        else:
+            conn.executemany(_multi_sql(sql, k), [tuple(chain.from_iterable(rows[j:j + k]))
+                                                  for j in range(i, i + k * times, k)])
+        i += k * times
 
 
 def _insert_flat(conn, sql, flat, cols):
-    """Rows given as one flat list of `cols` values each: CHUNK-row INSERTs straight from
-    slices, the rest row by row. Returns the rows inserted."""
-    step = CHUNK * cols
-    full = len(flat) - len(flat) % step
-    if full:
-        conn.executemany(_multi_sql(sql), [tuple(flat[i:i + step]) for i in range(0, full, step)])
-    if full < len(flat):
-        rest = flat[full:]
-        conn.executemany(sql, zip(*[iter(rest)] * cols))
+    """Rows given as one flat list of `cols` values each: multi-row INSERTs straight from
+    slices (_parts). Returns the rows inserted."""
+    i = 0
+    for k, times in _parts(len(flat) // cols):
+        step = k * cols
+        conn.executemany(_multi_sql(sql, k), [tuple(flat[j:j + step]) for j in range(i, i + step * times, step)])
+        i += step * times
     return len(flat) // cols
+
+
+def _after_ok(conn, broken, *args):
+    """_transaction(conn, *args) in the database thread unless a commit before it failed there:
+    commits may be queued behind one in flight (Store.pipelined) and each holds only the state
+    changed since the one before, so none may commit after one failed."""
+    if broken:
+        raise StoreError("not committed: a commit before it failed (%r)" % (broken[0],))
+    try:
+        return _transaction(conn, *args)
+    except BaseException as e:
+        broken.append(e)
+        raise
 
 
 def _check_same_file(path, file_id):

@@ -4,6 +4,7 @@ keeps processing up to checkpoint.ahead_messages, and the next commit takes all 
 commit that stopped processing at twice max_messages left the event loop waiting for the
 database thread (issue 16, docs/benchmarks.md section 6)."""
 import asyncio
+import sqlite3
 import time
 
 from gateway import store as gstore
@@ -109,3 +110,105 @@ def test_processing_does_not_wait_for_a_commit_another_checkpoint_started(tmp_pa
     assert sum(sizes) == len(msgs)
     # the first commit starts before the loop is ahead, the last ones take the rest
     assert sum(1 for s in sizes[1:-2] if s < 100) <= 1, sizes
+
+
+def _run_slow(tmp_path, monkeypatch, transaction, msgs, n, watch=None):
+    cfg = bg.gateway_cfg(1883, str(tmp_path / "gw.db"), "FULL")
+    cfg["checkpoint"] = {"interval_ms": 60000, "max_messages": 10, "max_records": 1000000, "ahead_messages": 100}
+    cfg["web"] = {"port": 0}
+    monkeypatch.setattr(gstore, "_transaction", transaction)
+
+    async def go():
+        made = []
+        gw = Gateway(cfg, ingest_factory=lambda c, s: made.append(bc.MemIngest(msgs, c, s)) or made[0])
+        if watch:
+            watch(gw)
+        task = asyncio.ensure_future(gw.run())
+        for _ in range(3000):  # at most 30 s
+            await asyncio.sleep(0.01)
+            if task.done():
+                break
+            if gw.stats.readings >= n and not gw.out.mids and (gw._commit_task is None or gw._commit_task.done()):
+                break
+        gw.stop()
+        try:
+            await task
+        except Exception as e:  # noqa: BLE001 - returned to the test
+            return gw, made[0], e
+        return gw, made[0], None
+
+    return asyncio.run(go())
+
+
+def test_a_commit_queues_behind_the_one_in_flight_and_they_commit_in_order(tmp_path, monkeypatch):
+    """Pipelined store: when the loop is ahead_messages ahead of a slow commit, the next commit
+    is handed to the database thread at once (queued behind it), not after it: the database
+    thread goes from one to the next. Never more than two; every message committed once."""
+    msgs, n, _rows = bc.workload(20, 1, 300, per_msg=5, dup_frac=0)
+    orig = gstore._transaction
+    order = []
+
+    def transaction(conn, writes, *a, **k):
+        time.sleep(0.1)
+        order.append(dict(writes).get("state_journal"))
+        return orig(conn, writes, *a, **k)
+
+    flight = [0, 0]  # in flight, most at once
+    submitted = []
+
+    def watch(gw):
+        commit = gw.store.commit
+
+        async def counted(writes):
+            submitted.append(dict(writes).get("state_journal"))
+            flight[0] += 1
+            flight[1] = max(flight[1], flight[0])
+            try:
+                return await commit(writes)
+            finally:
+                flight[0] -= 1
+        gw.store.commit = counted
+
+    gw, ingest, err = _run_slow(tmp_path, monkeypatch, transaction, msgs, n, watch)
+    assert err is None and gw.stats.readings == n and ingest.acked == len(msgs)
+    assert flight[1] == 2, flight
+    assert order == submitted  # the database thread ran them as handed over
+
+
+def test_no_commit_queued_behind_a_failed_one_is_written(tmp_path, monkeypatch):
+    """Each commit holds the state changed since the one before: one queued behind a commit that
+    fails must not be written (its dedup marks would cover records the failed one held, and
+    they were never acked: resent, they would be taken for duplicates). The gateway stops;
+    nothing of either is acked."""
+    msgs, n, _rows = bc.workload(20, 1, 300, per_msg=5, dup_frac=0)
+    orig = gstore._transaction
+    calls = []
+
+    def transaction(conn, writes, *a, **k):
+        calls.append(len(calls))
+        if len(calls) == 3:
+            time.sleep(0.3)  # the loop runs ahead meanwhile and queues the next commit
+            raise sqlite3.OperationalError("disk I/O error")
+        return orig(conn, writes, *a, **k)
+
+    queued = [0]
+
+    def watch(gw):
+        commit = gw.store.commit
+
+        async def counted(writes):
+            queued[0] += 1
+            return await commit(writes)
+        gw.store.commit = counted
+
+    gw, ingest, err = _run_slow(tmp_path, monkeypatch, transaction, msgs, n, watch)
+    assert isinstance(err, sqlite3.Error), err
+    assert queued[0] >= 4  # a commit was handed over behind the failing one ...
+    assert len(calls) == 3, calls  # ... and never written
+    assert gw.stats.checkpoint_failures >= 1
+    c = sqlite3.connect(str(tmp_path / "gw.db"))
+    try:
+        journal = c.execute("SELECT count(*) FROM state_journal").fetchone()[0]
+    finally:
+        c.close()
+    assert journal <= 2  # the first two commits' rows (a fold may have emptied it), no third

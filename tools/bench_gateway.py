@@ -137,8 +137,8 @@ async def _run_gateway(cfg, until_readings=None, register_only=False, ingest_fac
             last_change, last_n = time.perf_counter(), gw.stats.readings
         elif time.perf_counter() - last_change > 10:
             raise RuntimeError("stalled at %d of %d readings (queue %d, paused %s)" % (
-                last_n, until_readings, gw.queue_depth(), gw.ingest.paused) + " %r %r %r %r" % (
-                gw._commit_task, len(gw.out.mids), gw.out.records, gw._ckpt_lock))
+                last_n, until_readings, gw.queue_depth(), gw.ingest.paused) + " %r %r %r" % (
+                gw._commit_task, len(gw.out.mids), gw.out.records))
         if gw.stats.readings >= until_readings and (gw._commit_task is None or gw._commit_task.done()) \
                 and not gw.out.records and not gw.out.mids:
             break
