@@ -535,3 +535,33 @@ def test_journaled_open_windows_in_their_live_form_fold_to_the_rows():
     want = a.execute(q).fetchall()
     assert want == b.execute(q).fetchall()
     assert want == [("device", "d1", 1, 1000, 2, 3, "5", 1, 2, -1), ("device", "d2", 1, 2000, 1, 4, str(1 << 70), 4, 4, -1)]
+
+
+def test_a_folds_multi_row_deletes_and_updates_equal_them_row_by_row():
+    """store._many (a fold's device updates and deletes, several rows per statement) against the
+    same rows one statement each: keys present and absent, repeated deletes, every chunk size."""
+    import random
+    import sqlite3
+    from gateway import store
+
+    rng = random.Random(7)
+    for n in (1, 2, 3, 255, 499, 500, 501, 777, 1100):
+        a, b = sqlite3.connect(":memory:"), sqlite3.connect(":memory:")
+        for c in (a, b):
+            c.executescript(store.SCHEMA)
+            for d in range(400):
+                c.execute("INSERT INTO devices VALUES (%s)" % ",".join("?" * 29), ("d%d" % d, "fw") + (1,) * 18 + (None,) * 9)
+                for ch in range(3):
+                    c.execute("INSERT INTO open_windows VALUES (?,?,?,?,?,?,?,?,?,?)",
+                              ("device", "d%d" % d, ch, 0, 1, 2, "3", 4, 5, -1))
+                    c.execute("INSERT INTO dedup VALUES (?,?,?,?)", ("d%d" % d, ch, 5, b""))
+        hot = [(rng.randrange(10 ** 12),) + tuple(rng.randrange(99) for _ in range(10)) + ("d%d" % d,)
+               for d in rng.sample(range(410), min(n, 410))]
+        dels = [("device", "d%d" % rng.randrange(410), rng.randrange(4), 0) for _ in range(n)]
+        ddels = [("d%d" % rng.randrange(410), rng.randrange(4)) for _ in range(n)]
+        for key, rows in (("devices_hot", hot), ("open_windows_del", dels), ("dedup_del", ddels)):
+            store._many(a, key, rows)
+            b.executemany(store.SQL[key], rows)
+        for t in ("devices", "open_windows", "dedup"):
+            q = "SELECT * FROM %s ORDER BY 1, 2, 3" % t
+            assert a.execute(q).fetchall() == b.execute(q).fetchall(), (n, t)
