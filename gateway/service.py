@@ -106,6 +106,18 @@ class Outputs:
         self.touched = set()  # (device, boot) to ack after the commit
         self.records = 0
 
+    def over(self, ahead):
+        """ahead = (messages, records): as many messages pending, or records that are rows held
+        here (not a reading without raw retention: a window aggregate; the bound is for memory,
+        so without raw readings commits grow to the messages bound, fewer and larger)."""
+        return len(self.mids) >= ahead[0] or (self.records >= ahead[1] and self.held() >= ahead[1])
+
+    def held(self):
+        """Rows held for the next commit."""
+        return (len(self.readings) // RAW_COLS + len(self.reading_spans) + len(self.unsynced) +
+                len(self.device_windows) + len(self.cep_events) + len(self.anomalies) + len(self.device_status) +
+                len(self.gaps) + len(self.late) + len(self.quarantine))
+
 
 class Gateway(DataPath):
     """Python API: Gateway(config).run() until stop(); config is a Config, a dict of sections or None."""
@@ -327,7 +339,7 @@ class Gateway(DataPath):
                     # max_records: the next checkpoint starts as soon as it finishes and takes
                     # all of it. Group commit: the longer commits take, the larger they get and
                     # the fewer times a device's state is journaled per message.
-                    if len(out.mids) >= ahead_msgs or out.records >= ahead_recs:
+                    if out.over((ahead_msgs, ahead_recs)):
                         await self.checkpoint(ahead=(ahead_msgs, ahead_recs))
                     elif self._commit_task is None or self._commit_task.done():
                         await self.checkpoint()
@@ -598,8 +610,7 @@ class Gateway(DataPath):
             for t in (self._commit_prev, self._commit_task):
                 if t is not None and t.done():
                     t.result()  # a failed commit stops the gateway: raised here
-            if not fold and gen != self._snapshots and (
-                    ahead is None or (len(self.out.mids) < ahead[0] and self.out.records < ahead[1])):
+            if not fold and gen != self._snapshots and (ahead is None or not self.out.over(ahead)):
                 return
             last = self._commit_task
             if last is None or last.done():

@@ -7,6 +7,8 @@ import asyncio
 import sqlite3
 import time
 
+import pytest
+
 from gateway import store as gstore
 from gateway.service import Gateway
 from tools import bench_compare as bc
@@ -212,3 +214,42 @@ def test_no_commit_queued_behind_a_failed_one_is_written(tmp_path, monkeypatch):
     finally:
         c.close()
     assert journal <= 2  # the first two commits' rows (a fold may have emptied it), no third
+
+
+@pytest.mark.parametrize("retain", [False, True])
+def test_the_records_bound_counts_rows_held_not_aggregated_readings(tmp_path, monkeypatch, retain):
+    """Twice max_records bounds the rows held while a commit is in flight (memory). Without raw
+    retention a reading is a window aggregate, no row: the loop runs ahead to ahead_messages
+    (larger, fewer commits); with raw rows it stops at twice max_records."""
+    msgs, n, _rows = bc.workload(20, 1, 600, per_msg=10, dup_frac=0)  # 20 hellos + 1,200 data messages
+    held = [0, 0]  # most messages, rows pending while the slow commit ran
+    calls = []
+
+    def transaction(*a, **k):
+        calls.append(1)
+        if len(calls) == 2:
+            time.sleep(0.5)  # the second commit is slow
+        return orig(*a, **k)
+
+    def watch(gw):
+        gw.retain = retain
+        gw.cfg.checkpoint.max_records = 50  # ahead: 100 records, 10 messages of 10 readings
+        commit = gw._commit
+
+        async def watched(*a, **k):
+            t = asyncio.ensure_future(commit(*a, **k))
+            while not t.done():
+                held[0] = max(held[0], len(gw.out.mids))
+                o = gw.out
+                held[1] = max(held[1], len(o.readings) // 7 + len(o.reading_spans))
+                await asyncio.sleep(0.005)
+            return t.result()
+        gw._commit = watched
+
+    orig = gstore._transaction
+    gw, ingest, err = _run_slow(tmp_path, monkeypatch, transaction, msgs, n, watch)
+    assert err is None and gw.stats.readings == n
+    if retain:
+        assert held[1] <= 100 + 10 and held[0] <= 12, held  # a message's rows over the bound at most
+    else:
+        assert held[0] >= 100 and held[1] == 0, held
