@@ -98,19 +98,30 @@ class Outputs:
     flat list, RAW_COLS values per reading (no tuple per reading; store.py inserts it as is)."""
 
     __slots__ = ("readings", "reading_spans", "unsynced", "device_windows", "cep_events", "anomalies",
-                 "device_status", "gaps", "late", "quarantine", "mids", "touched", "records", "rx")
+                 "device_status", "gaps", "late", "quarantine", "mids", "touched", "records", "rx", "recheck")
 
     def __init__(self):
         for k in self.__slots__:
             setattr(self, k, [])
         self.touched = set()  # (device, boot) to ack after the commit
         self.records = 0
+        self.recheck = 0  # over(): records at which to count the rows held again
 
     def over(self, ahead):
         """ahead = (messages, records): as many messages pending, or records that are rows held
         here (not a reading without raw retention: a window aggregate; the bound is for memory,
         so without raw readings commits grow to the messages bound, fewer and larger)."""
-        return len(self.mids) >= ahead[0] or (self.records >= ahead[1] and self.held() >= ahead[1])
+        if len(self.mids) >= ahead[0]:
+            return True
+        if self.records < self.recheck:
+            return False
+        h = self.held()
+        if h >= ahead[1]:
+            return True
+        # no need to count again before records could have made the rows up to the bound (a
+        # record makes a few rows at most: a raw reading, a late row, its message's span)
+        self.recheck = self.records + max(1, (ahead[1] - h) // 3)
+        return False
 
     def held(self):
         """Rows held for the next commit."""
