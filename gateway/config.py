@@ -52,7 +52,7 @@ SCHEMA = {
         "interval_ms": (200, int, (1, 60000), "commit at least this often when there is pending work"),
         "max_records": (50000, int, (1, 10000000), "commit when this many records are pending"),
         "max_messages": (400, int, (1, 100000), "commit when this many MQTT messages await their PUBACK (keep below the broker's max_inflight_messages)"),
-        "ahead_messages": (3200, int, (1, 1000000), "while a commit is in flight keep processing until this many messages (or twice max_records records) are pending; the next commit takes them all (group commit). The broker's max_inflight_messages caps it over MQTT"),
+        "ahead_messages": (3200, int, (1, 1000000), "while a commit is in flight keep processing until this many messages (or twice max_records rows to write) are pending; the next commit takes them all (group commit). The broker's max_inflight_messages caps it over MQTT"),
         "ack_interval_ms": (100, int, (0, 60000), "at most one ack per device per interval; acks in between are merged (they are cumulative)"),
     },
     "dedup": {
