@@ -61,6 +61,7 @@ class WindowSet:
         self.dirty = {}  # (key, ch, start) -> its state list, for the windows whose open state changed
         self.purged = set()  # (key, ch, start) to delete from the open-window table
         self._f_up, self._f_del = set(), set()  # the same since the last fold_rows()
+        self._stored = set()  # (key, ch, start) in the open_windows table: restored or folded since
         self.results = []  # emitted results since the last drain, in order
         self.fired = 0
         self.revisions = 0
@@ -216,9 +217,14 @@ class WindowSet:
 
     def fold_rows(self):
         """(upserts, deletes) of every export since the last fold_rows(), each window once (its
-        last op), read from the state as it is now (right after an export: what they exported)."""
-        keys = self.keys
-        ups, dels = self._rows(((k, keys[k[0]].wins[k[1:]]) for k in self._f_up), self._f_del)
+        last op), read from the state as it is now (right after an export: what they exported).
+        Deletes only of windows the table holds: one opened and purged between two folds never
+        got a row (in a replay, most of them: a second of processing spans minutes of event time)."""
+        keys, stored = self.keys, self._stored
+        gone = self._f_del & stored
+        stored -= self._f_del
+        stored |= self._f_up
+        ups, dels = self._rows(((k, keys[k[0]].wins[k[1:]]) for k in self._f_up), gone)
         self._f_up, self._f_del = set(), set()
         return ups, dels
 
@@ -228,6 +234,7 @@ class WindowSet:
             if k is None:
                 k = self.keys[key] = _Key()
             k.wins[(ch, start)] = [n, s, int(sq), mn, mx, rev]
+            self._stored.add((key, ch, start))
             self.open_count += 1
             last = start + self.size - 1
             d = last if rev < 0 else last + self.lateness

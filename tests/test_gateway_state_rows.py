@@ -565,3 +565,21 @@ def test_a_folds_multi_row_deletes_and_updates_equal_them_row_by_row():
         for t in ("devices", "open_windows", "dedup"):
             q = "SELECT * FROM %s ORDER BY 1, 2, 3" % t
             assert a.execute(q).fetchall() == b.execute(q).fetchall(), (n, t)
+
+
+def test_a_fold_deletes_the_windows_the_table_holds_and_only_those():
+    """WindowSet.fold_rows deletes a purged window only if the table holds it (restored, or
+    written by an earlier fold): one opened and purged between two folds has no row."""
+    from gateway.windows import WindowSet
+
+    ws = WindowSet("device", 1000, 0, 0)
+    ws.restore([("d", 0, 0, 1, 5, "25", 5, 5, -1)])  # in the table: restored
+    ws.add("d", 0, 1500, 7, None)  # [1000, 2000): opened after the restore
+    ws.export()
+    ups, dels = ws.fold_rows()
+    assert [u[1:4] for u in ups] == [("d", 0, 1000)] and dels == []
+    ws.add("d", 0, 2500, 1, None)  # [2000, 3000): opened and purged before the next fold
+    ws.advance("d", 3500)  # purges all three
+    ws.export()
+    ups, dels = ws.fold_rows()
+    assert ups == [] and sorted(dels) == [("device", "d", 0, 0), ("device", "d", 0, 1000)]
