@@ -346,10 +346,11 @@ class Gateway(DataPath):
                 out.mids.append((mid, qos))
                 out.rx.append(rx)
                 if len(out.mids) >= max_msgs or out.records >= max_recs:
-                    # While a commit runs keep processing, up to ahead_messages or twice
-                    # max_records: the next checkpoint starts as soon as it finishes and takes
-                    # all of it. Group commit: the longer commits take, the larger they get and
-                    # the fewer times a device's state is journaled per message.
+                    # While a commit runs keep processing, up to ahead_messages or rows for twice
+                    # max_records: then the next commit takes all of it, queued behind the one in
+                    # flight (checkpoint()); otherwise the next checkpoint starts as soon as that
+                    # one finishes. Group commit: the longer commits take, the larger they get
+                    # and the fewer times a device's state is journaled per message.
                     if out.over((ahead_msgs, ahead_recs)):
                         await self.checkpoint(ahead=(ahead_msgs, ahead_recs))
                     elif self._commit_task is None or self._commit_task.done():

@@ -89,7 +89,7 @@ STATE_TABLES = ("dedup", "dedup_devices", "device_identity", "device_watermarks"
 JOURNALED = ("devices", "devices_hot", "dedup", "dedup_del", "dedup_devices", "device_identity",
              "device_watermarks", "open_windows", "open_windows_del", "windows", "meta")
 # "windows": the open windows as WindowSet.export() gives them, [(scope, {(key, channel, start):
-# [count, sum, sumsq, min, max, revision]}, {(key, channel, start) deleted})]: marshalled as they
+# [count, sum, sumsq, min, max, revision]}, [(key, channel, start) deleted])]: marshalled as they
 # are, no row tuple per window on the event loop (FoldMerge makes the rows). "open_windows" and
 # "open_windows_del" (rows) are what journals written before it hold.
 # upsert key -> (its delete key or None, key columns); rows of a delete key are key columns
