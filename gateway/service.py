@@ -646,8 +646,9 @@ class Gateway(DataPath):
         ow2, owd2, res2 = self.group_windows.export()
         results = res1 + res2
         dev_rows, dev_hot = self.devices.export()
-        self.stats.window_results += sum(1 for r in results if r[5] == 0)
-        self.stats.window_revisions += sum(1 for r in results if r[5] > 0)
+        revisions = sum(1 for r in results if r[5])  # revision 0 is the first result
+        self.stats.window_results += len(results) - revisions
+        self.stats.window_revisions += revisions
         writes = [
             ("readings_flat", out.readings), ("reading_spans", out.reading_spans), ("unsynced", out.unsynced),
             ("device_windows", out.device_windows),
