@@ -1,7 +1,8 @@
 """Compiled or pure Python: which build of the gateway's hot modules runs.
 
 The hot modules (MODULES): batch (the per-reading byte loops), windows and watermark (C classes
-for the window and watermark state), datapath (the Gateway's per-message handlers, its base class).
+for the window and watermark state), datapath (the Gateway's per-message handlers, its base class),
+mqttc (the MQTT packet cutter of the ingest; added by the ingest helper).
 
 setup.py compiles each module of MODULES (gateway/<name>.py with its gateway/<name>.pxd) with
 Cython into gateway/_c_<name> (a C extension beside the sources), stamped with the SHA-256 of
@@ -20,7 +21,7 @@ import importlib
 import logging
 import os
 
-MODULES = ("batch", "windows", "watermark", "datapath")
+MODULES = ("batch", "windows", "watermark", "datapath", "mqttc")
 PURE_ENV = "EDGEFLOW_PURE_PYTHON"
 
 STATUS = {}  # name -> "compiled" or "pure (why)"
@@ -71,3 +72,4 @@ batch = load("batch")
 windows = load("windows")
 watermark = load("watermark")
 datapath = load("datapath")
+mqttc = load("mqttc")

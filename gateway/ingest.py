@@ -1,7 +1,8 @@
 """MQTT ingest: the gateway's own asyncio MQTT client (mqttc.py) feeding a bounded queue.
 
 No thread: the connection is an asyncio Protocol; every chunk read (up to 256 KiB) is cut
-into packets in one pass, a message costs one deque append. When the queue holds
+into packets in one pass (mqttc.cut, compiled when built: accel), a message costs one tuple
+and one deque append, the processing loop is woken once per read. When the queue holds
 `queue_size` messages the transport stops reading: TCP fills, and the broker holds the
 rest (backpressure). QoS 1 messages are acknowledged manually, only after the checkpoint
 holding their effects has committed (one write for a commit's PUBACKs).
@@ -22,7 +23,8 @@ import time
 from shared import wire
 
 from . import logs
-from .mqttc import Protocol, connect_packet, puback_packets, subscribe_packet
+from .accel import mqttc
+from .mqttc import connect_packet, puback_packets, subscribe_packet
 
 
 class _NamedContext(ssl.SSLContext):
@@ -89,7 +91,7 @@ class Ingest:
 
     async def _open(self):
         """One connection attempt: TCP (+TLS) and CONNECT; the CONNACK arrives in on_connack."""
-        proto = Protocol(self)
+        proto = mqttc.Protocol(self)  # compiled packet cutter if built (accel)
         ctx = self._ssl
         await asyncio.wait_for(self._loop.create_connection(
             lambda: proto, self.cfg.host, self.cfg.port, ssl=ctx,
@@ -220,18 +222,21 @@ class Ingest:
         await asyncio.sleep(delay * (0.5 + random.random() / 2))
         await self._connect_with_backoff()
 
-    def on_message(self, topic, payload, mid, qos, now):
-        """Returns True when the queue is full: the protocol stops reading."""
+    @property
+    def tag(self):
+        """Or-ed into every queued mid: the connection number (see puback)."""
+        return self._conn << 16
+
+    def on_messages(self):
+        """The protocol queued messages (once per read, not per message); when the queue holds
+        maxsize it has stopped reading."""
         q = self.queue
-        q.append((topic, payload, mid | self._conn << 16, qos, now))
         self.wake.set()
         if len(q) >= self.maxsize:
             if len(q) > self.stats.queue_max:
                 self.stats.queue_max = len(q)
             if not self.paused:
                 self._paused()
-            return True
-        return False
 
     # ------------------------------------------------------------ backpressure
 

@@ -21,6 +21,9 @@ from firmware.mqtt import DISCONNECT_PACKET, PINGREQ_PACKET, publish_packet  # n
 from firmware.mqttc import connect_packet, subscribe_packet  # noqa: F401  (the firmware's connect-time code)
 
 _H = struct.Struct(">H")
+_HEAD1 = struct.Struct(">BBH")  # PUBLISH fixed header (1-3 length bytes) + topic length
+_HEAD2 = struct.Struct(">BBBH")
+_HEAD3 = struct.Struct(">BBBBH")
 MAX_PACKET = 16 * 1024 * 1024  # larger than the broker lets through (brokerconf message_size_limit)
 
 
@@ -34,10 +37,97 @@ def puback_packets(mids):
     return b"".join(b"\x40\x02" + pack(mid) for mid, qos in mids if qos == 1)
 
 
+FULL = -2  # cut(): the queue holds its limit
+MORE = -1  # cut(): the next packet is not all there yet
+
+
+def cut(buf, off, queue, limit, tag, now):
+    """Cuts the MQTT packets of `buf` (bytes) from `off` (C when compiled: mqttc.pxd).
+
+    Each PUBLISH goes into `queue` as (topic, payload, mid | tag, qos, now), until the queue
+    holds `limit` (then returns with kind FULL). Returns (off, kind, o, end): kind MORE when
+    the packet at `off` is incomplete, FULL, or the type of a control packet (its body is
+    buf[o:end], `off` is past it) for the caller. Raises ProtocolError on a malformed packet
+    (untrusted input: no read past the packet, no length over MAX_PACKET)."""
+    d = buf
+    n = len(buf)
+    while off + 2 <= n:
+        first = d[off]
+        o = off + 1
+        c = d[o]
+        ln = c & 0x7F
+        o += 1
+        shift = 7
+        while c & 0x80:  # remaining length: 1-4 bytes
+            if shift > 21:
+                raise ProtocolError("remaining length over 4 bytes")
+            if o >= n:
+                return off, MORE, 0, 0
+            c = d[o]
+            o += 1
+            ln |= (c & 0x7F) << shift
+            shift += 7
+        if ln > MAX_PACKET:
+            raise ProtocolError("packet of %d bytes" % ln)
+        end = o + ln
+        if end > n:
+            return off, MORE, 0, 0
+        kind = first >> 4
+        if ln < 2 and (kind == 2 or kind == 3 or kind == 4 or kind == 9):
+            raise ProtocolError("packet type %d of %d bytes" % (kind, ln))
+        if kind != 3:
+            return end, kind, o, end
+        qos = (first >> 1) & 3
+        p = o + 2 + ((d[o] << 8) | d[o + 1])
+        if qos:
+            if qos > 1:
+                raise ProtocolError("QoS 2 PUBLISH (subscribed at QoS 1)")
+            if p + 2 > end:
+                raise ProtocolError("PUBLISH shorter than its topic")
+            mid = (d[p] << 8) | d[p + 1]
+            queue.append((buf[o + 2:p], buf[p + 2:end], mid | tag, qos, now))
+        else:
+            if p > end:
+                raise ProtocolError("PUBLISH shorter than its topic")
+            queue.append((buf[o + 2:p], buf[p:end], tag, qos, now))
+        off = end
+        if len(queue) >= limit:
+            return off, FULL, 0, 0
+    return off, MORE, 0, 0
+
+
+def publish_bytes(topic, payload, qos, retain, pid):
+    """publish_packet(topic, payload, qos, retain, False, pid) of firmware/mqtt.py in one join
+    (C when compiled): the gateway sends an ack per device and commit. Anything unusual (a
+    bad QoS or packet id, a topic over 65,535 bytes, a packet over 2 MB) goes to the firmware's
+    encoder, which refuses it or encodes it the same way."""
+    t = topic.encode() if isinstance(topic, str) else topic
+    tl = len(t)
+    ln = 2 + tl + len(payload)
+    first = 0x31 if retain else 0x30
+    if qos == 1 and 0 < pid <= 0xFFFF:
+        ln += 2
+        first |= 2
+    elif qos != 0:
+        return publish_packet(topic, payload, qos, retain, False, pid)
+    if tl > 0xFFFF or ln >= 2097152:
+        return publish_packet(topic, payload, qos, retain, False, pid)
+    if ln < 128:
+        head = _HEAD1.pack(first, ln, tl)
+    elif ln < 16384:
+        head = _HEAD2.pack(first, (ln & 0x7F) | 0x80, ln >> 7, tl)
+    else:
+        head = _HEAD3.pack(first, (ln & 0x7F) | 0x80, ((ln >> 7) & 0x7F) | 0x80, ln >> 14, tl)
+    if first & 2:
+        return b"".join((head, t, _H.pack(pid), payload))
+    return b"".join((head, t, payload))
+
+
 class Protocol(asyncio.Protocol):
-    """One connection. `owner` gets: on_connack(session_present, rc), on_message(topic bytes,
-    payload bytes, mid, qos, receipt monotonic) -> True to stop reading (pause), on_suback(codes),
-    on_protocol_error(detail), on_lost(protocol, exc)."""
+    """One connection. Incoming PUBLISHes go into owner.queue (a deque) as (topic bytes,
+    payload bytes, mid | owner.tag, qos, receipt monotonic); reading pauses when it holds
+    owner.maxsize. The owner gets: on_messages() after messages were queued, on_connack(
+    session_present, rc), on_suback(codes), on_protocol_error(detail), on_lost(protocol, exc)."""
 
     def __init__(self, owner):
         self.owner = owner
@@ -66,6 +156,8 @@ class Protocol(asyncio.Protocol):
         self.owner.on_lost(self, exc)
 
     def data_received(self, data):
+        if type(data) is not bytes:  # cut() reads bytes
+            data = bytes(data)
         self.buf = self.buf + data if self.buf else data
         if not self.paused:
             self._parse()
@@ -73,80 +165,41 @@ class Protocol(asyncio.Protocol):
     # ---- reading
     def _parse(self):
         buf = self.buf
-        n = len(buf)
-        off = 0
         owner = self.owner
-        on_message = owner.on_message
-        now = time.monotonic()
+        q = owner.queue
+        queued = len(q)
+        off = 0
         try:
-            while off + 2 <= n:
-                first = buf[off]
-                # remaining length (1-4 bytes)
-                o = off + 1
-                c = buf[o]
-                ln = c & 0x7F
-                o += 1
-                if c & 0x80:
-                    shift = 7
-                    while True:
-                        if o >= n:
-                            raise IndexError
-                        c = buf[o]
-                        o += 1
-                        ln |= (c & 0x7F) << shift
-                        if not c & 0x80:
-                            break
-                        shift += 7
-                        if shift > 21:
-                            raise ProtocolError("remaining length over 4 bytes")
-                    if ln > MAX_PACKET:
-                        raise ProtocolError("packet of %d bytes" % ln)
-                end = o + ln
-                if end > n:
-                    break
-                kind = first >> 4
-                if ln < 2 and kind in (2, 3, 4, 9):
-                    raise ProtocolError("packet type %d of %d bytes" % (kind, ln))
-                if kind == 3:  # PUBLISH
-                    qos = (first >> 1) & 3
-                    tl = (buf[o] << 8) | buf[o + 1]
-                    p = o + 2 + tl
-                    topic = buf[o + 2:p]
-                    if qos:
-                        if qos > 1:
-                            raise ProtocolError("QoS 2 PUBLISH (subscribed at QoS 1)")
-                        if p + 2 > end:
-                            raise ProtocolError("PUBLISH shorter than its topic")
-                        mid = (buf[p] << 8) | buf[p + 1]
-                        p += 2
-                    else:
-                        mid = 0
-                    if p > end:
-                        raise ProtocolError("PUBLISH shorter than its topic")
-                    off = end
-                    if on_message(topic, buf[p:end], mid, qos, now):
+            while True:
+                off, kind, o, end = cut(buf, off, q, owner.maxsize, owner.tag, time.monotonic())
+                if kind < 0:
+                    if kind == FULL:
                         self.paused = True
-                        break
-                    continue
-                off = end
+                    break
                 if kind == 4:  # PUBACK of ours
                     self.inflight.discard((buf[o] << 8) | buf[o + 1])
                 elif kind == 13:  # PINGRESP
                     self.ping_sent = None
-                elif kind == 2:  # CONNACK
-                    owner.on_connack(buf[o] & 1, buf[o + 1])
-                elif kind == 9:  # SUBACK
-                    owner.on_suback(bytes(buf[o + 2:end]))
+                elif kind == 2 or kind == 9:
+                    if len(q) != queued:  # what came before first
+                        queued = len(q)
+                        owner.on_messages()
+                    if kind == 2:  # CONNACK
+                        owner.on_connack(buf[o] & 1, buf[o + 1])
+                    else:  # SUBACK
+                        owner.on_suback(bytes(buf[o + 2:end]))
                 # anything else (UNSUBACK, a stray PUBREL) is ignored
-        except IndexError:  # a header cut in the middle: wait for more bytes
-            pass
         except ProtocolError as e:
             self.buf = b""
+            if len(q) != queued:  # the good messages before the bad packet
+                owner.on_messages()
             owner.on_protocol_error(str(e))
             if self.tr is not None:
                 self.tr.abort()
             return
-        self.buf = buf[off:] if off < n else b""
+        self.buf = buf[off:] if off < len(buf) else b""
+        if len(q) != queued:
+            owner.on_messages()
         if self.paused and self.tr is not None:
             self.tr.pause_reading()
 
@@ -208,7 +261,7 @@ class Protocol(asyncio.Protocol):
             if pid is None:
                 return None
             self.inflight.add(pid)
-        self.write(publish_packet(topic, payload, 1 if qos else 0, retain, False, pid))
+        self.write(publish_bytes(topic, payload, 1 if qos else 0, retain, pid))
         return pid
 
     def is_published(self, pid):

@@ -1,6 +1,7 @@
 """The gateway's MQTT client codec and reader (gateway/mqttc.py) without a broker: every
 split point of a packet stream, backpressure in the middle of a read, malformed input.
 The same client against the real mosquitto: tests/test_gateway_mqtt.py, test_security.py."""
+import collections
 import random
 
 from firmware import mqtt as M
@@ -8,15 +9,25 @@ from gateway.mqttc import Protocol, publish_packet, puback_packets
 
 
 class Owner:
-    def __init__(self, stop_after=None):
+    """What the protocol needs of its owner (the Ingest): a queue, its limit, a mid tag."""
+
+    def __init__(self, maxsize=10 ** 6, hold=False):
         self.events = []
-        self.stop_after = stop_after  # pause (return True) after this many messages
+        self.queue = collections.deque()
+        self.maxsize = maxsize  # the protocol pauses when the queue holds this many
+        self.hold = hold  # leave messages in the queue (backpressure), else taken at once
+        self.tag = 0
         self.errors = []
         self.lost = []
 
-    def on_message(self, topic, payload, mid, qos, now):
-        self.events.append(("msg", bytes(topic), bytes(payload), mid, qos))
-        return self.stop_after is not None and len([e for e in self.events if e[0] == "msg"]) >= self.stop_after
+    def take(self):
+        while self.queue:
+            topic, payload, mid, qos, now = self.queue.popleft()
+            self.events.append(("msg", bytes(topic), bytes(payload), mid, qos))
+
+    def on_messages(self):
+        if not self.hold:
+            self.take()
 
     def on_connack(self, sp, rc):
         self.events.append(("connack", sp, rc))
@@ -107,23 +118,26 @@ def test_every_split_point_and_random_chunks_give_the_same_messages():
 def test_backpressure_stops_in_the_middle_of_a_read_and_loses_nothing():
     pk, ev = _stream()
     msgs = [e for e in ev if e[0] == "msg"]
-    o = Owner(stop_after=3)
+    o = Owner(maxsize=3, hold=True)
     p = _proto(o)
     p.data_received(b"".join(pk))  # one read holds every packet
+    o.take()
     got = [e for e in o.events if e[0] == "msg"]
     assert got == msgs[:3] and p.paused and not p.tr.reading  # the socket is no longer read
     p.data_received(b"")  # asyncio may still deliver what it had: kept, not parsed
-    assert len([e for e in o.events if e[0] == "msg"]) == 3
-    o.stop_after = None
+    assert not o.queue
+    o.maxsize, o.hold = 10 ** 6, False
     p.resume()
     assert [e for e in o.events if e[0] == "msg"] == msgs and p.tr.reading and p.buf == b""
     # pausing again on every message: still each exactly once, in order
-    o = Owner(stop_after=0)
+    o = Owner(maxsize=1, hold=True)
     p = _proto(o)
     p.data_received(b"".join(pk))
     for _ in range(len(msgs)):
+        assert len(o.queue) == 1 and p.paused
+        o.take()
         p.resume()
-    assert [e for e in o.events if e[0] == "msg"] == msgs
+    assert [e for e in o.events if e[0] == "msg"] == msgs and not o.queue
 
 
 def test_malformed_packets_close_the_connection_with_the_reason():
