@@ -388,3 +388,121 @@ def test_writes_of_one_loop_step_go_out_as_one_transport_write_in_order():
         p.disconnect()  # flushes first: DISCONNECT is last
         assert writes[1:] == [b"\xc0\x00", b"\xe0\x00"]
     asyncio.run(go())
+
+
+def _cutters():
+    """The pure packet cutter and, if built, its compiled twin (gateway._c_mqttc, accel)."""
+    import importlib
+
+    from gateway import mqttc
+    try:
+        return [mqttc, importlib.import_module("gateway._c_mqttc")]
+    except ImportError:
+        return [mqttc]
+
+
+def _cut_all(mod, buf, limit=10 ** 6):
+    """cut() over all of buf as the protocol drives it: (steps, queued messages, error)."""
+    q = collections.deque()
+    steps = []
+    off = 0
+    try:
+        while True:
+            off, kind, o, end = mod.cut(buf, off, q, limit, 7 << 16, 1.5)
+            steps.append((off, kind, o, end))
+            if kind < 0:
+                break
+        err = None
+    except Exception as e:  # noqa: BLE001 - compared between the two builds
+        err = (type(e).__name__, str(e))
+    return steps, list(q), err
+
+
+def _hostile_buffers():
+    """Every remaining-length limit, every truncation point, lying topic lengths, garbage."""
+    out = []
+    for ln in (0, 1, 2, 3, 127, 128, 129, 16383, 16384, 2097151, 2097152, 16 * 1024 * 1024,
+               16 * 1024 * 1024 + 1, 268435455):
+        rl = M.varlen(ln)
+        for first in (0x30, 0x32, 0x34, 0x20, 0x40, 0x90, 0xd0, 0x00, 0xf0):
+            body = b"\x00\x03abc\x00\x09" + bytes(ln - 7) if ln <= 16384 and ln >= 7 else bytes(min(ln, 16384))
+            out.append(bytes((first,)) + rl + body)  # whole, or cut short for the large ones
+            out.append(bytes((first,)) + rl)  # header alone
+    out += [b"\x30\x80\x80\x80\x80\x01", b"\x30\xff\xff\xff\xff", b"\x30\xff\xff\xff", b"\x30\x80\x00",
+            b"\x30\x80\x80\x80\x00", b"\x32\x04\xff\xff\x00\x01", b"\x32\x05\x00\x02ab\x00", b"\x32\x06\x00\x02ab\x00\x00",
+            b"\x30\x02\x00\x00", b"\x30\x02\x00\x01", b"\x36\x04\x00\x00\x00\x01", b"\x31\x03\x00\x00x"]
+    pk, _ = _stream()
+    stream = b"".join(pk[:6]) + pk[-2] + pk[-1]
+    out += [stream[:k] for k in range(len(stream) + 1)]  # truncated at every byte
+    rnd = random.Random(16)
+    for _ in range(3000):
+        b = bytearray(rnd.getrandbits(8) for _ in range(rnd.randrange(2, 40)))
+        if rnd.random() < 0.7:  # mostly plausible PUBLISH headers, so the checks past the length are reached
+            b[0] = rnd.choice((0x30, 0x31, 0x32, 0x33, 0x34, 0x40, 0x20, 0x90))
+            b[1] = rnd.randrange(0, 40) if rnd.random() < 0.8 else b[1]
+        out.append(bytes(b))
+    return out
+
+
+def test_the_compiled_cutter_equals_the_pure_one_on_hostile_input():
+    """The broker's bytes are untrusted: both builds of cut() give the same packets, stops and
+    errors on every hostile buffer; none reads past the buffer or accepts more than MAX_PACKET."""
+    from gateway import mqttc
+    mods = _cutters()
+    bufs = _hostile_buffers()
+    errors = 0
+    for buf in bufs:
+        results = [_cut_all(m, buf) for m in mods]
+        assert all(r == results[0] for r in results[1:]), (buf[:40], results)
+        steps, queued, err = results[0]
+        errors += err is not None
+        for off, kind, o, end in steps:
+            assert 0 <= off <= len(buf) and (kind < 0 or o <= end <= len(buf))
+        for topic, payload, mid, qos, now in queued:
+            assert qos in (0, 1) and mid >> 16 == 7 and len(topic) + len(payload) < len(buf)
+    assert errors > 100
+    # cut at every byte: the whole packets before the cut, then a stop at the cut one's start
+    pk, ev = _stream()
+    pk = pk[:6] + pk[-2:]
+    stream = b"".join(pk)
+    ends = [sum(map(len, pk[:i + 1])) for i in range(len(pk))]
+    for k in range(len(stream) + 1):
+        whole = [e for e in ends if e <= k]
+        steps, queued, err = _cut_all(mods[-1], stream[:k])
+        assert err is None and steps[-1] == ((whole or [0])[-1], mqttc.MORE, 0, 0), k
+        assert [(bytes(t), bytes(p), mid & 0xFFFF, qos) for t, p, mid, qos, _ in queued] == \
+            [e[1:] for e in ev[:min(len(whole), 6)] if e[0] == "msg"]  # the last two give no event
+    # the limit of the queue: exactly `limit` messages, then FULL, the rest left in the buffer
+    pk, ev = _stream()
+    data = b"".join(pk)
+    for m in mods:
+        steps, queued, err = _cut_all(m, data, limit=3)
+        assert steps[-1][1] == m.FULL and len(queued) == 3 and err is None
+        assert [(bytes(t), bytes(p), mid & 0xFFFF, qos) for t, p, mid, qos, _ in queued] == \
+            [e[1:] for e in ev if e[0] == "msg"][:3]
+    # too large announced: refused from the header alone, before any of its body is buffered
+    for m in mods:
+        assert _cut_all(m, b"\x30" + M.varlen(mqttc.MAX_PACKET + 1))[2] == (
+            "ProtocolError", "packet of %d bytes" % (mqttc.MAX_PACKET + 1))
+        assert _cut_all(m, b"\x30" + M.varlen(mqttc.MAX_PACKET))[0] == [(0, m.MORE, 0, 0)]
+
+
+def test_publish_bytes_equal_the_firmware_encoder_at_every_limit():
+    from gateway import mqttc
+    for m in _cutters():
+        for tl in (0, 1, 122, 123, 65535, 65536):
+            for n in (0, 1, 127, 128, 16383, 16384, 2097151, 2097152):
+                for qos, pid in ((0, 0), (1, 1), (1, 65535), (1, 0), (1, 65536), (2, 5)):
+                    for retain in (False, True):
+                        topic = "t" * tl if tl % 2 else b"t" * tl
+                        payload = bytes(n)
+                        try:
+                            want = M.publish_packet(topic, payload, qos, retain, False, pid)
+                        except M.MQTTError as e:
+                            want = repr(e)
+                        try:
+                            got = m.publish_bytes(topic, payload, qos, retain, pid)
+                        except M.MQTTError as e:
+                            got = repr(e)
+                        assert got == want, (m.__name__, tl, n, qos, pid, retain)
+    assert mqttc.publish_bytes is not None
