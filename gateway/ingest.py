@@ -24,7 +24,7 @@ from shared import wire
 
 from . import logs
 from .accel import mqttc
-from .mqttc import connect_packet, puback_packets, subscribe_packet
+from .mqttc import connect_packet, subscribe_packet
 
 
 class _NamedContext(ssl.SSLContext):
@@ -273,8 +273,7 @@ class Ingest:
         acked, so a late PUBACK on the new connection could ack a different, uncommitted
         message. The resent copy is deduplicated and acked in its turn."""
         if self.proto is not None:
-            conn = self._conn
-            self.proto.write(puback_packets([(m & 0xFFFF, q) for m, q in mids if m >> 16 == conn]))
+            self.proto.write(mqttc.puback_of(mids, self._conn))
 
     def publish(self, topic, payload, qos=1, retain=False):
         """Acks and the state: not queued while disconnected (acks are cumulative and the device

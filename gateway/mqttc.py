@@ -33,8 +33,22 @@ class ProtocolError(Exception):
 
 def puback_packets(mids):
     """PUBACKs for QoS 1 messages [(mid, qos)], one bytes object."""
-    pack = _H.pack
-    return b"".join(b"\x40\x02" + pack(mid) for mid, qos in mids if qos == 1)
+    return puback_of(mids, 0)
+
+
+def puback_of(mids, conn):
+    """PUBACKs for the QoS 1 messages of [(mid | conn << 16, qos)] that came on connection
+    `conn`, one bytes object (C when compiled: one per message of a commit)."""
+    out = bytearray(4 * len(mids))
+    k = 0
+    for m, qos in mids:
+        if qos == 1 and m >> 16 == conn:
+            out[k] = 0x40
+            out[k + 1] = 2
+            out[k + 2] = (m >> 8) & 0xFF
+            out[k + 3] = m & 0xFF
+            k += 4
+    return bytes(out[:k])
 
 
 FULL = -2  # cut(): the queue holds its limit

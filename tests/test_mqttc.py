@@ -505,4 +505,8 @@ def test_publish_bytes_equal_the_firmware_encoder_at_every_limit():
                         except M.MQTTError as e:
                             got = repr(e)
                         assert got == want, (m.__name__, tl, n, qos, pid, retain)
-    assert mqttc.publish_bytes is not None
+    mids = [(1 | 2 << 16, 1), (65535 | 2 << 16, 1), (7 | 2 << 16, 0), (9 | 3 << 16, 1), (65535, 1), (0xFFFF | 0xFFFF << 16, 1)]
+    for m in _cutters():
+        assert m.puback_of(mids, 2) == M.puback_packet(1) + M.puback_packet(65535)
+        assert m.puback_of(mids, 0) == M.puback_packet(65535) and m.puback_of(mids, 0xFFFF) == M.puback_packet(65535)
+        assert m.puback_of([], 2) == b"" == mqttc.puback_of(mids, 5)
