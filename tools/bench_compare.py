@@ -21,8 +21,8 @@ median of --rounds alternating rounds, with raw readings kept and without:
 Rates are unique readings committed per second, timed from the first message to the last
 commit. The window results of every engine are checked equal to the plain loop's (and the raw
 row count to the unique readings). Prints figures; it is not a test. The gateway runs its compiled
-modules if built (batch loops, windows, watermarks, the data path: gateway/accel.py; the header
-line says which): EDGEFLOW_PURE_PYTHON=1 for the pure Python ones.
+modules if built (batch loops, windows, watermarks, the data path, the MQTT packet cutter:
+gateway/accel.py; the header line says which): EDGEFLOW_PURE_PYTHON=1 for the pure Python ones.
 """
 import argparse
 import asyncio
