@@ -5,7 +5,7 @@ ctypedef const unsigned char *cbytes
 
 @cython.locals(d=cbytes, n=Py_ssize_t, o=Py_ssize_t, ln=Py_ssize_t, end=Py_ssize_t, p=Py_ssize_t, c=int, shift=int,
                first=int, kind=int, qos=int, mid=Py_ssize_t)
-cpdef tuple cut(bytes buf, Py_ssize_t off, object queue, Py_ssize_t limit, Py_ssize_t tag, object now)
+cpdef tuple cut(bytes buf, Py_ssize_t off, object queue, Py_ssize_t limit, Py_ssize_t tag, object now, set inflight)
 
 @cython.locals(tl=Py_ssize_t, ln=Py_ssize_t, first=int)
 cpdef bytes publish_bytes(object topic, object payload, object qos, object retain, object pid)

@@ -55,11 +55,13 @@ FULL = -2  # cut(): the queue holds its limit
 MORE = -1  # cut(): the next packet is not all there yet
 
 
-def cut(buf, off, queue, limit, tag, now):
+def cut(buf, off, queue, limit, tag, now, inflight):
     """Cuts the MQTT packets of `buf` (bytes) from `off` (C when compiled: mqttc.pxd).
 
     Each PUBLISH goes into `queue` as (topic, payload, mid | tag, qos, now), until the queue
-    holds `limit` (then returns with kind FULL). Returns (off, kind, o, end): kind MORE when
+    holds `limit` (then returns with kind FULL); a PUBACK takes its packet id out of the set
+    `inflight` (the broker's PUBACK of our acks, one per device and commit). Returns (off,
+    kind, o, end): kind MORE when
     the packet at `off` is incomplete, FULL, or the type of a control packet (its body is
     buf[o:end], `off` is past it) for the caller. Raises ProtocolError on a malformed packet
     (untrusted input: no read past the packet, no length over MAX_PACKET)."""
@@ -90,6 +92,10 @@ def cut(buf, off, queue, limit, tag, now):
         if ln < 2 and (kind == 2 or kind == 3 or kind == 4 or kind == 9):
             raise ProtocolError("packet type %d of %d bytes" % (kind, ln))
         if kind != 3:
+            if kind == 4:
+                inflight.discard((d[o] << 8) | d[o + 1])
+                off = end
+                continue
             return end, kind, o, end
         qos = (first >> 1) & 3
         p = o + 2 + ((d[o] << 8) | d[o + 1])
@@ -185,14 +191,12 @@ class Protocol(asyncio.Protocol):
         off = 0
         try:
             while True:
-                off, kind, o, end = cut(buf, off, q, owner.maxsize, owner.tag, time.monotonic())
+                off, kind, o, end = cut(buf, off, q, owner.maxsize, owner.tag, time.monotonic(), self.inflight)
                 if kind < 0:
                     if kind == FULL:
                         self.paused = True
                     break
-                if kind == 4:  # PUBACK of ours
-                    self.inflight.discard((buf[o] << 8) | buf[o + 1])
-                elif kind == 13:  # PINGRESP
+                if kind == 13:  # PINGRESP
                     self.ping_sent = None
                 elif kind == 2 or kind == 9:
                     if len(q) != queued:  # what came before first

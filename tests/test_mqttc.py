@@ -401,21 +401,25 @@ def _cutters():
         return [mqttc]
 
 
+_INFLIGHT = frozenset(range(0, 65536, 7)) | {0x1234}  # our publishes awaiting a PUBACK
+
+
 def _cut_all(mod, buf, limit=10 ** 6):
     """cut() over all of buf as the protocol drives it: (steps, queued messages, error)."""
     q = collections.deque()
     steps = []
     off = 0
+    inflight = set(_INFLIGHT)
     try:
         while True:
-            off, kind, o, end = mod.cut(buf, off, q, limit, 7 << 16, 1.5)
+            off, kind, o, end = mod.cut(buf, off, q, limit, 7 << 16, 1.5, inflight)
             steps.append((off, kind, o, end))
             if kind < 0:
                 break
         err = None
     except Exception as e:  # noqa: BLE001 - compared between the two builds
         err = (type(e).__name__, str(e))
-    return steps, list(q), err
+    return steps, list(q), err, sorted(_INFLIGHT - inflight)  # + the ids PUBACKed
 
 
 def _hostile_buffers():
@@ -454,7 +458,7 @@ def test_the_compiled_cutter_equals_the_pure_one_on_hostile_input():
     for buf in bufs:
         results = [_cut_all(m, buf) for m in mods]
         assert all(r == results[0] for r in results[1:]), (buf[:40], results)
-        steps, queued, err = results[0]
+        steps, queued, err, acked = results[0]
         errors += err is not None
         for off, kind, o, end in steps:
             assert 0 <= off <= len(buf) and (kind < 0 or o <= end <= len(buf))
@@ -468,7 +472,8 @@ def test_the_compiled_cutter_equals_the_pure_one_on_hostile_input():
     ends = [sum(map(len, pk[:i + 1])) for i in range(len(pk))]
     for k in range(len(stream) + 1):
         whole = [e for e in ends if e <= k]
-        steps, queued, err = _cut_all(mods[-1], stream[:k])
+        steps, queued, err, acked = _cut_all(mods[-1], stream[:k])
+        assert acked == ([0x1234] if k >= ends[6] else [])  # the PUBACK of one of ours
         assert err is None and steps[-1] == ((whole or [0])[-1], mqttc.MORE, 0, 0), k
         assert [(bytes(t), bytes(p), mid & 0xFFFF, qos) for t, p, mid, qos, _ in queued] == \
             [e[1:] for e in ev[:min(len(whole), 6)] if e[0] == "msg"]  # the last two give no event
@@ -476,7 +481,7 @@ def test_the_compiled_cutter_equals_the_pure_one_on_hostile_input():
     pk, ev = _stream()
     data = b"".join(pk)
     for m in mods:
-        steps, queued, err = _cut_all(m, data, limit=3)
+        steps, queued, err, acked = _cut_all(m, data, limit=3)
         assert steps[-1][1] == m.FULL and len(queued) == 3 and err is None
         assert [(bytes(t), bytes(p), mid & 0xFFFF, qos) for t, p, mid, qos, _ in queued] == \
             [e[1:] for e in ev if e[0] == "msg"][:3]
