@@ -7,8 +7,5 @@ ctypedef const unsigned char *cbytes
                first=int, kind=int, qos=int, mid=Py_ssize_t)
 cpdef tuple cut(bytes buf, Py_ssize_t off, object queue, Py_ssize_t limit, Py_ssize_t tag, object now, set inflight)
 
-@cython.locals(tl=Py_ssize_t, ln=Py_ssize_t, first=int)
-cpdef bytes publish_bytes(object topic, object payload, object qos, object retain, object pid)
-
 @cython.locals(k=Py_ssize_t, m=Py_ssize_t, out=bytearray)
 cpdef bytes puback_of(object mids, Py_ssize_t conn)

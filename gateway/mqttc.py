@@ -13,27 +13,17 @@ tracking, PINGREQ. No QoS 2 (the gateway subscribes at QoS 1, so the broker neve
 it; a QoS 2 PUBLISH would be a protocol error and closes the connection).
 """
 import asyncio
-import struct
 import time
 
 # the encoders are the firmware's (the same MQTT 3.1.1 codec, pure functions, CPython and MicroPython)
 from firmware.mqtt import DISCONNECT_PACKET, PINGREQ_PACKET, publish_packet  # noqa: F401
 from firmware.mqttc import connect_packet, subscribe_packet  # noqa: F401  (the firmware's connect-time code)
 
-_H = struct.Struct(">H")
-_HEAD1 = struct.Struct(">BBH")  # PUBLISH fixed header (1-3 length bytes) + topic length
-_HEAD2 = struct.Struct(">BBBH")
-_HEAD3 = struct.Struct(">BBBBH")
 MAX_PACKET = 16 * 1024 * 1024  # larger than the broker lets through (brokerconf message_size_limit)
 
 
 class ProtocolError(Exception):
     pass
-
-
-def puback_packets(mids):
-    """PUBACKs for QoS 1 messages [(mid, qos)], one bytes object."""
-    return puback_of(mids, 0)
 
 
 def puback_of(mids, conn):
@@ -114,33 +104,6 @@ def cut(buf, off, queue, limit, tag, now, inflight):
         if len(queue) >= limit:
             return off, FULL, 0, 0
     return off, MORE, 0, 0
-
-
-def publish_bytes(topic, payload, qos, retain, pid):
-    """publish_packet(topic, payload, qos, retain, False, pid) of firmware/mqtt.py in one join
-    (C when compiled): the gateway sends an ack per device and commit. Anything unusual (a
-    bad QoS or packet id, a topic over 65,535 bytes, a packet over 2 MB) goes to the firmware's
-    encoder, which refuses it or encodes it the same way."""
-    t = topic.encode() if isinstance(topic, str) else topic
-    tl = len(t)
-    ln = 2 + tl + len(payload)
-    first = 0x31 if retain else 0x30
-    if qos == 1 and 0 < pid <= 0xFFFF:
-        ln += 2
-        first |= 2
-    elif qos != 0:
-        return publish_packet(topic, payload, qos, retain, False, pid)
-    if tl > 0xFFFF or ln >= 2097152:
-        return publish_packet(topic, payload, qos, retain, False, pid)
-    if ln < 128:
-        head = _HEAD1.pack(first, ln, tl)
-    elif ln < 16384:
-        head = _HEAD2.pack(first, (ln & 0x7F) | 0x80, ln >> 7, tl)
-    else:
-        head = _HEAD3.pack(first, (ln & 0x7F) | 0x80, ((ln >> 7) & 0x7F) | 0x80, ln >> 14, tl)
-    if first & 2:
-        return b"".join((head, t, _H.pack(pid), payload))
-    return b"".join((head, t, payload))
 
 
 class Protocol(asyncio.Protocol):
@@ -279,7 +242,7 @@ class Protocol(asyncio.Protocol):
             if pid is None:
                 return None
             self.inflight.add(pid)
-        self.write(publish_bytes(topic, payload, 1 if qos else 0, retain, pid))
+        self.write(publish_packet(topic, payload, 1 if qos else 0, retain, False, pid))
         return pid
 
     def is_published(self, pid):

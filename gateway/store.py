@@ -99,6 +99,15 @@ _DELETES = {d: up for up, (d, _k) in _KEYED.items() if d}
 _I64 = 1 << 63
 
 
+def open_window_row(scope, k, st):
+    """The open_windows row of window k = (key, channel, start) with state list st =
+    [count, sum, sumsq, min, max, revision]. sumsq: its TEXT column stores an int as the same
+    text; only a value past int64 (which SQLite cannot bind) is made a str here, the rest
+    SQLite converts in C."""
+    n, s, sq, mn, mx, rev = st
+    return (scope,) + k + (n, s, sq if sq < _I64 else str(sq), mn, mx, rev)
+
+
 def journal_entry(state):
     """[(key, rows)] of JOURNALED keys -> the state_journal body. Marshal format 2: no
     back-references; with them (format 3+) marshal hashes every object the live state shares
@@ -696,9 +705,8 @@ class FoldMerge:
             elif key == "windows":
                 m = merged["open_windows"]
                 for scope, ups, gone in rows:
-                    for k, (n, s, sq, mn, mx, rev) in ups.items():
-                        # sumsq past int64 (which SQLite cannot bind) as text, as WindowSet._rows
-                        m[(scope,) + k] = (scope,) + k + (n, s, sq if sq < _I64 else str(sq), mn, mx, rev)
+                    for k, st in ups.items():
+                        m[(scope,) + k] = open_window_row(scope, k, st)
                     for k in gone:
                         m[(scope,) + k] = None
             elif key in _KEYED:

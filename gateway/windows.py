@@ -17,13 +17,12 @@ when a result is emitted, in the same fixed-point unit as every other value.
 """
 import math
 
-from .store import since_fold
+from .store import open_window_row, since_fold
 
 OK = 0
 LATE = 1
 AMENDED = 2
 
-_I64 = 1 << 63  # sums of squares are >= 0
 
 # state list slots
 _N, _SUM, _SQ, _MIN, _MAX, _REV = range(6)
@@ -194,10 +193,7 @@ class WindowSet:
 
     def _rows(self, items, purged):
         scope = self.scope
-        # sumsq: its TEXT column stores an int as the same text; only a value past int64 (which
-        # SQLite cannot bind) is made a str here, the rest SQLite converts in C
-        ups = [(scope, key, ch, start, n, s, sq if sq < _I64 else str(sq), mn, mx, rev)
-               for (key, ch, start), (n, s, sq, mn, mx, rev) in items]
+        ups = [open_window_row(scope, k, st) for k, st in items]
         return ups, [(scope, key, ch, start) for key, ch, start in purged]
 
     def export(self):
