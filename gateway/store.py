@@ -523,8 +523,8 @@ def _insert(conn, sql, rows):
         if k == 1:
             conn.execute(sql, rows[i])
         else:
-            conn.executemany(_multi_sql(sql, k), [tuple(chain.from_iterable(rows[j:j + k]))
-                                                  for j in range(i, i + k * times, k)])
+            conn.executemany(_multi_sql(sql, k), (tuple(chain.from_iterable(rows[j:j + k]))
+                                                  for j in range(i, i + k * times, k)))
         i += k * times
 
 
@@ -555,7 +555,7 @@ def _many(conn, key, rows):
         sql = _MULTI.get((key, k))
         if sql is None:
             sql = _MULTI[(key, k)] = tmpl % ",".join([one] * k)
-        conn.executemany(sql, [tuple(chain.from_iterable(rows[j:j + k])) for j in range(i, i + k * times, k)])
+        conn.executemany(sql, (tuple(chain.from_iterable(rows[j:j + k])) for j in range(i, i + k * times, k)))
         i += k * times
 
 
@@ -565,7 +565,7 @@ def _insert_flat(conn, sql, flat, cols):
     i = 0
     for k, times in _parts(len(flat) // cols):
         step = k * cols
-        conn.executemany(_multi_sql(sql, k), [tuple(flat[j:j + step]) for j in range(i, i + step * times, step)])
+        conn.executemany(_multi_sql(sql, k), (tuple(flat[j:j + step]) for j in range(i, i + step * times, step)))
         i += step * times
     return len(flat) // cols
 
