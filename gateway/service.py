@@ -105,7 +105,9 @@ def _gc_sweep(mono, force=False):
     _running[3] = mono
     gc.unfreeze()
     if gc.isenabled():
-        gc.collect()
+        t0 = time.perf_counter()
+        n = gc.collect()
+        logs.event(logging.DEBUG, "gc_sweep", ms=round(1000 * (time.perf_counter() - t0), 1), collected=n)
     return True
 
 
