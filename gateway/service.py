@@ -97,10 +97,10 @@ def _gc_snapshot():
         gc.freeze()
 
 
-def _gc_sweep(mono, force=False):
+def _gc_sweep(mono):
     """Every GC_SWEEP_S (one for all the gateways of the process): a full collection of what
     the snapshots froze, the cycles among it included. Returns True if it ran."""
-    if not force and mono - _running[3] < GC_SWEEP_S:
+    if mono - _running[3] < GC_SWEEP_S:
         return False
     _running[3] = mono
     gc.unfreeze()
