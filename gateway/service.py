@@ -86,9 +86,19 @@ GC_THRESHOLD = (50000, 20, 10)
 # missed by the collector if it is part of a reference cycle that became garbage after it was
 # frozen: every GC_SWEEP_S the timer unfreezes everything and makes one full collection.
 GC_SWEEP_S = 60.0
-# gateways running in this process, the switch interval and GC thresholds before the first, the
-# last sweep (time.monotonic())
-_running = [0, 0.005, None, 0.0]
+
+
+class _Process:
+    """Process-wide settings the gateways of one process share (scale-out runs several)."""
+    __slots__ = ("gateways", "interval", "thresholds", "swept")
+
+    def __init__(self):
+        self.gateways = 0  # running
+        self.interval, self.thresholds = 0.005, None  # as they were before the first started
+        self.swept = 0.0  # time.monotonic() of the last sweep
+
+
+_running = _Process()
 
 
 def _gc_snapshot():
@@ -100,9 +110,9 @@ def _gc_snapshot():
 def _gc_sweep(mono):
     """Every GC_SWEEP_S (one for all the gateways of the process): a full collection of what
     the snapshots froze, the cycles among it included. Returns True if it ran."""
-    if mono - _running[3] < GC_SWEEP_S:
+    if mono - _running.swept < GC_SWEEP_S:
         return False
-    _running[3] = mono
+    _running.swept = mono
     gc.unfreeze()
     if gc.isenabled():
         t0 = time.perf_counter()
@@ -239,21 +249,22 @@ class Gateway(DataPath):
     async def run(self):
         # process-wide: several gateways of one process (scale-out partitions) share it, so the
         # first to start sets it and the last to stop restores it
-        if not _running[0]:
-            _running[1] = sys.getswitchinterval()
-            sys.setswitchinterval(min(_running[1], SWITCH_INTERVAL_S))
-            _running[2] = gc.get_threshold()
-            if 0 < _running[2][0] < GC_THRESHOLD[0]:  # 0: the process turned collection off
+        p = _running
+        if not p.gateways:
+            p.interval = sys.getswitchinterval()
+            sys.setswitchinterval(min(p.interval, SWITCH_INTERVAL_S))
+            p.thresholds = gc.get_threshold()
+            if 0 < p.thresholds[0] < GC_THRESHOLD[0]:  # 0: the process turned collection off
                 gc.set_threshold(*GC_THRESHOLD)
-            _running[3] = time.monotonic()
-        _running[0] += 1
+            p.swept = time.monotonic()
+        p.gateways += 1
         try:
             await self._run()
         finally:
-            _running[0] -= 1
-            if not _running[0]:
-                sys.setswitchinterval(_running[1])
-                gc.set_threshold(*_running[2])
+            p.gateways -= 1
+            if not p.gateways:
+                sys.setswitchinterval(p.interval)
+                gc.set_threshold(*p.thresholds)
                 gc.unfreeze()  # the process's collector as it was
 
     async def _run(self):

@@ -741,7 +741,7 @@ def test_a_checkpoint_freezes_the_heap_and_the_sweep_collects_cycles_that_died_f
         del node
         gc.collect()
         assert refs[0]() is not None  # frozen: not collected yet
-        last = service._running[3]
+        last = service._running.swept
         assert not service._gc_sweep(last + service.GC_SWEEP_S - 0.5)  # not due
         assert service._gc_sweep(last + service.GC_SWEEP_S)
         assert refs[0]() is None  # the sweep collected it
