@@ -92,3 +92,27 @@ def test_bench_storm_encodes_exactly_what_the_wire_contract_does():
             dev = "s%05d" % idx
             assert bench_storm.encode_batch(dev, idx, t_base, s0, k) == \
                 wire.encode_readings(dev, 1, bench_storm._rows(idx, t_base, s0, k)), (idx, s0, k)
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/autogroup"), reason="no scheduler autogroups (Linux only)")
+def test_replayer_nice_lowers_the_benchs_autogroup_not_only_its_process_nice():
+    """With autogroups on, the CPU is shared between sessions first: a process nice alone does not
+    lower the replayers against the gateway and the broker (their own sessions). The bench's
+    --replayer-nice sets its session's autogroup nice; a session of its own, so the caller's
+    session keeps its share."""
+    import subprocess
+    import sys
+    from tools import bench_storm
+    with open("/proc/self/autogroup") as f:
+        mine = f.read()
+    code = ("import sys; sys.path.insert(0, %r); from tools import bench_storm as b; print(b._lower_priority(3))"
+            % os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    out = subprocess.run([sys.executable, "-c", code], start_new_session=True, capture_output=True, text=True,
+                         timeout=60)
+    assert out.returncode == 0, out.stderr
+    if bench_storm._autogroups():
+        assert out.stdout.strip().startswith("autogroup ") and out.stdout.strip().endswith(" nice 3"), out.stdout
+    else:
+        assert "process nice" in out.stdout, out.stdout
+    with open("/proc/self/autogroup") as f:
+        assert f.read() == mine  # the test's own session untouched
