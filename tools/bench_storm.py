@@ -54,7 +54,7 @@ from shared import wire  # noqa: E402
 from firmware import mqtt as M  # noqa: E402
 from firmware import mqttc as MC  # noqa: E402  (connect-time packets)
 from tools.fleet import Site, proc_cpu_s, vm_hwm_kb  # noqa: E402
-from tools.proc import popen  # noqa: E402
+from tools.proc import exit_on_sigterm, popen  # noqa: E402
 
 NOW = int(time.time() * 1000)
 KEEPALIVE = 60  # s; a PINGREQ goes out after KEEPALIVE / 2 without sending
@@ -653,6 +653,8 @@ def main(argv=None):
                                                                          "(0: no steady phase, no ratio)")
     ap.add_argument("--steady-window", type=int, default=1000, help="steady phase: unacked live readings per device")
     a = ap.parse_args(argv)
+    if argv is None:  # a command, not a test's call: SIGTERM stops the gateway and mosquitto in order
+        exit_on_sigterm()
     if a.replayer_nice and _autogroups():
         rc = _own_session(sys.argv[1:] if argv is None else argv)
         if rc is not None:
@@ -807,17 +809,12 @@ def _autogroups():
 
 
 def _own_session(argv):
-    """Make this bench the leader of a session of its own, so that its autogroup's nice touches
-    nothing else (the shell that started it): setsid(), or, when this process leads its process
-    group (started from an interactive shell), the same bench again in a new session, dying with
-    this one. Returns that run's exit code, or None in the session leader."""
+    """Run this bench in a session of its own, so that its autogroup's nice touches nothing else
+    (the shell that started it): the same bench again in a new session, dying with this one, which
+    stays in the caller's session for its Ctrl-C (a setsid() here would leave the terminal's
+    process group and never see it). Returns that run's exit code, or None in the new session."""
     if os.getsid(0) == os.getpid():
         return None
-    try:
-        os.setsid()
-        return None
-    except OSError:
-        pass
     p = popen([sys.executable, os.path.abspath(__file__)] + list(argv), start_new_session=True)
     try:
         return p.wait()
