@@ -19,7 +19,7 @@ the truth; a local file is only trusted while its ckpt_id is the stream's last.
 
 Takeover (prepare()): trust the local file only if its ckpt_id equals the stream's last
 delta; otherwise rebuild a fresh file from the latest snapshot + the deltas after it, then
-publish a claim (an empty delta) that fences any older owner still running.
+publish a claim (no data; it folds the state journal) that fences any older owner still running.
 
 Snapshots keep the stream bounded: after a commit, once the deltas since the last snapshot
 exceed max(snapshot_min_bytes, the last snapshot's size), the DB is copied (SQLite backup,
@@ -520,9 +520,13 @@ async def prepare(js, obs, st, p, path, gid):
         mk = json.loads(marker.data)
         snap_obj, snap_size = mk["object"], int(mk.get("size", 0))
     rep = Replicator(js, obs, st, p, gid, last_seq, marker.seq if marker is not None else 0, snap_obj, snap_size)
-    # the claim: an empty delta, committed locally, then appended; fences the old owner
+    # the claim: a delta with no data, committed locally, then appended; fences the old owner.
+    # It folds the state journal ([()]: what the table holds): the old owner's changes since
+    # its last fold (it was killed or fenced before the next) are journal rows only, this
+    # file folded them (the rebuild's last step, or Store.open), and a replica must fold them
+    # here too: this owner's own folds carry only the keys it changed, then empty the journal.
     cid = rep.next_id()
-    writes = [("meta", [("ckpt_id", cid)])]
+    writes = [("state_fold", [()]), ("meta", [("ckpt_id", cid)])]
     loop = asyncio.get_running_loop()
     await loop.run_in_executor(None, _commit_file, path, writes)
     await rep.publish(cid, writes)

@@ -176,6 +176,41 @@ def test_rebuild_from_snapshot_and_tail_equals_the_owners_file_and_the_stream_st
     _on_secure_node(tmp_path, 1, go)
 
 
+def test_a_takeover_folds_the_old_owners_journal_in_the_stream_too(tmp_path, monkeypatch):
+    """The old owner stops between two folds (kill -9, or fenced): the stream holds its state
+    changes since its last fold as journal rows only. The new owner's file folds them (the
+    rebuild's last step); the stream must fold them at the same point (the claim), or the new
+    owner's first fold (its own changed keys, then the journal emptied) drops them from every
+    file rebuilt later: window state stuck at a revision its results are past (found by
+    test_gateway_kill_partitions_rebuilt_from_jetstream_exactly_once, once in CI)."""
+    from gateway import service
+    monkeypatch.setattr(service, "STATE_FOLD_S", 1e9)  # a folds only when it stops
+    monkeypatch.setattr(service, "STATE_FOLD_MAX", 1 << 30)
+
+    async def go(c, gw):
+        nc, js = await _connect(c, gw)
+        try:
+            st = ckpt.Settings(replicas=1, snapshot_min_bytes=1 << 30)  # no snapshot hides the tail
+            obs = await ckpt.ensure(js, st)
+            a = await Pipe(js, obs, st, 0, str(tmp_path / "a" / "part-000.db"), "a").start()
+            msgs = _msgs(0, n_dev=3, per_dev=200)
+            for i in range(0, len(msgs), 10):
+                await a.feed(msgs[i:i + 10])
+            assert len(a.ing.acked) == len(msgs)
+            b = await Pipe(js, obs, st, 0, str(tmp_path / "b" / "part-000.db"), "b").start()
+            assert not b.info.trusted
+            assert isinstance((await a.stop())[0], StoreError)  # fenced: its final fold is not in the stream
+            await b.feed(_msgs(6, n_dev=3, per_dev=60))  # other devices: b's own fold does not touch a's keys
+            assert (await b.stop())[0] is None
+            r = str(tmp_path / "r" / "part-000.db")
+            await ckpt.rebuild(js, obs, st, 0, r)
+            assert ckpt.dump(r) == ckpt.dump(b.path)
+        finally:
+            await nc.close()
+
+    _on_secure_node(tmp_path, 1, go)
+
+
 _ACK_FMT = ">BBBBIIqIBI"  # shared/wire_dev.py's ack layout: ..., boot, seq, ...
 
 
