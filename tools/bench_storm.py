@@ -828,8 +828,8 @@ def _lower_priority(n):
     scheduler shares the CPU between sessions first and a process's own nice only orders it within
     its session; the broker and the gateway run in sessions of their own (tools/fleet.Site), so
     what counts is this session's autogroup nice (sched(7))."""
-    os.setpriority(os.PRIO_PROCESS, 0, os.getpriority(os.PRIO_PROCESS, 0) + n)
     if not _autogroups():
+        os.setpriority(os.PRIO_PROCESS, 0, os.getpriority(os.PRIO_PROCESS, 0) + n)
         return "process nice %d" % os.getpriority(os.PRIO_PROCESS, 0)
     with open("/proc/self/autogroup", "w") as f:
         f.write("%d" % n)
