@@ -417,9 +417,17 @@ class _Stub:
 
 
 async def run(messages, seed=1, n_real=8, workdir=None, max_devices=300, oracle_cls=None):
+    """The fuzz run's figures (below). Its database goes into workdir, or a temporary
+    directory removed afterwards."""
+    if workdir is not None:
+        return await _run(messages, seed, n_real, workdir, max_devices, oracle_cls)
+    with tempfile.TemporaryDirectory(prefix="edgeflow-fuzz-") as tmp:
+        return await _run(messages, seed, n_real, tmp, max_devices, oracle_cls)
+
+
+async def _run(messages, seed, n_real, workdir, max_devices, oracle_cls):
     logging.disable(logging.WARNING)  # hostile hellos make the gateway warn (re-flashes): not the figures
     rng = random.Random(seed)
-    workdir = workdir or tempfile.mkdtemp(prefix="edgeflow-fuzz-")
     db = os.path.join(workdir, "fuzz.db")
     limits = {"max_devices": max_devices, "quarantine_payload_bytes": 256, "quarantine_max_rows": 20000}
     gw = Gateway({"store": {"path": db, "synchronous": "NORMAL"}, "metrics": {"port": 0}, "limits": limits,
@@ -523,7 +531,7 @@ def main(argv=None):
     ap.add_argument("--messages", type=int, default=100000)
     ap.add_argument("--seed", type=int, default=1)
     ap.add_argument("--real", type=int, default=8, help="real devices among the hostile traffic")
-    ap.add_argument("--dir", default=None, help="work dir (default: a new temporary dir)")
+    ap.add_argument("--dir", default=None, help="work dir, kept (default: a temporary dir, removed)")
     args = ap.parse_args(argv)
     res = asyncio.run(run(args.messages, args.seed, args.real, args.dir))
     for k, v in res.items():
