@@ -525,6 +525,25 @@ def gateway_counters(port):
     return ", ".join("%s %.0f" % (name, float(got[k])) for k, name in ADMISSION_COUNTERS if k in got)
 
 
+def commits(port):
+    """(checkpoints, seconds spent in their commits, acks sent) so far, from one metrics scrape, or None.
+    Scraped between phases only (a scrape with 10,000 devices costs the gateway CPU)."""
+    try:
+        got = _scrape(port, 5)
+        return tuple(float(got[k]) for k in ("checkpoint_seconds_count", "checkpoint_seconds_sum", "acks_total"))
+    except (OSError, KeyError, ValueError):
+        return None
+
+
+def commits_line(a, b, readings):
+    """How the phase between scrapes a and b committed: the storm's per-commit overheads show here."""
+    if a is None or b is None or b[0] <= a[0]:
+        return "checkpoints: -"
+    n = b[0] - a[0]
+    return "checkpoints %d (%.0f readings each, commit %.1f ms mean), acks %d (%.1f readings each)" % (
+        n, readings / n, 1000.0 * (b[1] - a[1]) / n, b[2] - a[2], readings / max(1.0, b[2] - a[2]))
+
+
 def gateway_gauges(port):
     """The admission state from the gateway's metrics endpoint (what limits the drain), one line."""
     try:
@@ -705,14 +724,17 @@ def main(argv=None):
         per_dev = -(-a.steady_readings // n_steady) if n_steady else 0
 
         def steady_phase(prefix, when):
+            k0 = commits(metrics_port)
             with no_gc():
                 r = asyncio.run(bench.steady(site, n_steady, per_dev, a.timeout, prefix))
+            k1 = commits(metrics_port)
             print("steady %s: %d connected devices x %d live readings: %d committed in %.1f s = %.0f readings/s, "
                   "gateway CPU %.2f us per reading (event loop %.2f), CPU %% gateway/broker/replayers %s, waiting for a "
                   "CPU %% (main threads) %s, load average %s" % (
                       when, n_steady, per_dev, r[1], r[0], r[1] / r[0], 1e6 * r[2] / max(1, r[1]),
                       1e6 * r[4] / max(1, r[1]), r[3], r[5], _loadavg()),
                   flush=True)
+            print("  steady %s: %s" % (when, commits_line(k0, k1, r[1])), flush=True)
             if r[1] != n_steady * per_dev:
                 print("steady phase incomplete: the ratio below is not valid")
             steady.append(r)
@@ -721,6 +743,7 @@ def main(argv=None):
             steady_phase("l", "before")
         gw_cpu0, gw_loop0 = proc_cpu_s(site.gateway.pid), _loop_cpu_s(site.gateway.pid)
         lo0 = _listen_overflows()
+        k0 = commits(metrics_port)
         cpu0 = time.process_time()
         with no_gc():
             t0, committed = asyncio.run(bench.run(site, a.timeout, a.progress_s))
@@ -730,10 +753,12 @@ def main(argv=None):
         gw_cpu, br_cpu = proc_cpu_s(site.gateway.pid) - gw_cpu0, proc_cpu_s(site.broker.pid)
         gw_loop = _loop_cpu_s(site.gateway.pid) - gw_loop0
         me_cpu = time.process_time() - cpu0
+        k1 = commits(metrics_port)
         lo1 = _listen_overflows()
         print("storm done, load average %s; connects dropped by a full listen queue (whole machine): %s" % (
             _loadavg(), "-" if lo0 is None or lo1 is None else lo1 - lo0), flush=True)
         print("gateway admission counters (whole run): %s" % gateway_counters(metrics_port), flush=True)
+        print("storm: %s" % commits_line(k0, k1, committed), flush=True)
         if n_steady:
             steady_phase("m", "after")
         gw_kb, br_kb = vm_hwm_kb(site.gateway.pid), vm_hwm_kb(site.broker.pid)
