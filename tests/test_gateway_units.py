@@ -770,7 +770,7 @@ def test_the_timer_puts_the_gc_sweep_off_while_messages_flow_and_sweeps_when_idl
     from gateway.service import Gateway
     from tools import bench_compare as bc, bench_gateway as bg
 
-    calls = []  # (busy, readings committed by then, messages pending)
+    calls = []  # (busy, messages processed by then, messages queued or awaiting their commit)
     real = service._gc_sweep
 
     msgs, n, _rows = bc.workload(20, 1, 2000, per_msg=10, dup_frac=0)

@@ -536,7 +536,8 @@ def commits(port):
 
 
 def commits_line(a, b, readings):
-    """How the phase between scrapes a and b committed: the storm's per-commit overheads show here."""
+    """How the phase between scrapes a and b committed. The commit time is the gateway's
+    checkpoint_seconds: from the call, so a commit queued behind the one in flight counts its wait."""
     if a is None or b is None or b[0] <= a[0]:
         return "checkpoints: -"
     n = b[0] - a[0]
@@ -741,9 +742,9 @@ def main(argv=None):
 
         if n_steady:
             steady_phase("l", "before")
+        k0 = commits(metrics_port)  # before the CPU marks: the scrape is not the storm's work
         gw_cpu0, gw_loop0 = proc_cpu_s(site.gateway.pid), _loop_cpu_s(site.gateway.pid)
         lo0 = _listen_overflows()
-        k0 = commits(metrics_port)
         cpu0 = time.process_time()
         with no_gc():
             t0, committed = asyncio.run(bench.run(site, a.timeout, a.progress_s))
