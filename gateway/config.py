@@ -96,6 +96,7 @@ SCHEMA = {
         "port": (9108, int, (0, 65535), "Prometheus endpoint port; 0 disables it"),
         "host": ("127.0.0.1", str, None, "Prometheus endpoint address"),
         "health_max_commit_age_s": (30.0, float, (1.0, 86400.0), "/healthz fails when work is pending and no commit succeeded for this long"),
+        "device_series_max": (100, int, (0, 1 << 20), "per-device gauges (watermark lag) only for this many devices, the most lagging; the rest are in the fleet-wide gauges (10,000 devices' series took 0.3-0.4 s of the gateway's CPU per scrape)"),
     },
     "web": {
         "port": (8088, int, (0, 65535), "live web view port (fleet, plots, alerts); 0 disables it"),

@@ -99,6 +99,22 @@ class GatewayCollector:
     def __init__(self, gw):
         self.gw = gw
 
+    def most_lagging(self, now):
+        """([(lag ms, device)] of the metrics.device_series_max devices with the largest
+        watermark lag, sorted by device id; how many devices have a lag). A series for every
+        device of a 10,000-device fleet made each scrape 1.4 MB and 0.3-0.4 s of the gateway's
+        CPU, holding the GIL the data path needs."""
+        wm = self.gw.watermarks
+        lags = [(v, dev) for dev in wm.devs for v in (wm.lag(dev, now),) if v is not None]
+        n = self.gw.cfg.metrics.device_series_max
+        if len(lags) > n:
+            lags.sort(reverse=True)  # one C sort: heapq.nlargest re-keyed most of a fleet in lockstep
+            top = lags[:n]
+        else:
+            top = lags
+        top.sort(key=lambda x: x[1])
+        return top, len(lags)
+
     def collect(self):
         gw, s = self.gw, self.gw.stats
         p = "edgeflow_gateway_"
@@ -194,21 +210,20 @@ class GatewayCollector:
         if wm.global_wm is not None:
             yield GaugeMetricFamily(p + "watermark_lag_seconds", "now - global watermark (event time)",
                                     value=(now - wm.global_wm) / 1000.0)
-        lag_s = GaugeMetricFamily(p + "device_watermark_lag_seconds", "now - device watermark (event time)",
-                                  labels=["device"])
-        for dev in sorted(wm.devs):
-            v = wm.lag(dev, now)
-            if v is not None:
-                lag_s.add_metric([dev], v / 1000.0)
+        lags, with_lag = self.most_lagging(now)
+        lag_s = GaugeMetricFamily(p + "device_watermark_lag_seconds", "now - device watermark (event time); the "
+                                  "metrics.device_series_max most lagging devices", labels=["device"])
+        for v, dev in lags:
+            lag_s.add_metric([dev], v / 1000.0)
         yield lag_s
+        yield GaugeMetricFamily(p + "device_watermark_lag_devices", "devices with a watermark (the per-device lag "
+                                "gauges show at most metrics.device_series_max of them)", value=with_lag)
         if wm.global_wm is not None:
             yield GaugeMetricFamily(p + "watermark_lag_ms", "now - global watermark", value=now - wm.global_wm)
         yield GaugeMetricFamily(p + "active_devices", "devices inside the global watermark", value=wm.active_count())
         lag = GaugeMetricFamily(p + "device_watermark_lag_ms", "now - device watermark", labels=["device"])
-        for dev in sorted(wm.devs):
-            v = wm.lag(dev, now)
-            if v is not None:
-                lag.add_metric([dev], v)
+        for v, dev in lags:
+            lag.add_metric([dev], v)
         yield lag
         # downstream sinks: outbox items/bytes/lag, delivered, dropped (gateway/sinks)
         from .sinks import collect_metrics
