@@ -105,7 +105,9 @@ class GatewayCollector:
         device of a 10,000-device fleet made each scrape 1.4 MB and 0.3-0.4 s of the gateway's
         CPU, holding the GIL the data path needs."""
         wm = self.gw.watermarks
-        lags = [(v, dev) for dev in wm.devs for v in (wm.lag(dev, now),) if v is not None]
+        # the endpoint's thread reads the event loop's dicts: iterate a copy (list() of a dict is one
+        # C call under the GIL), or a device added meanwhile fails the scrape
+        lags = [(v, dev) for dev in list(wm.devs) for v in (wm.lag(dev, now),) if v is not None]
         n = self.gw.cfg.metrics.device_series_max
         if len(lags) > n:
             lags.sort(reverse=True)  # one C sort: heapq.nlargest re-keyed most of a fleet in lockstep
@@ -201,7 +203,7 @@ class GatewayCollector:
         ing = gw.ingest
         yield GaugeMetricFamily(p + "broker_connected", "1 while the MQTT connection is up",
                                 value=1 if ing is not None and ing.connected.is_set() else 0)
-        online = sum(1 for d in gw.devices.devs.values() if d.online)
+        online = sum(1 for d in list(gw.devices.devs.values()) if d.online)  # a copy: see most_lagging
         yield GaugeMetricFamily(p + "devices_online", "devices whose last state is online", value=online)
         yield GaugeMetricFamily(p + "devices_known", "devices seen since the database was created",
                                 value=len(gw.devices.devs))

@@ -142,7 +142,8 @@ class Watermarks:
         return None if w is None else now - w
 
     def active_count(self):
-        return sum(1 for d in self.devs.values() if d.active)
+        # over a copy: the metrics endpoint's thread calls it while the event loop adds devices
+        return sum(1 for d in list(self.devs.values()) if d.active)
 
     # ------------------------------------------------------------ checkpoint
 

@@ -246,3 +246,49 @@ def test_per_device_lag_gauges_show_only_the_most_lagging_devices(tmp_path):
         assert re.search(r"^edgeflow_gateway_device_watermark_lag_devices 5\.0$", text, re.M)
     lags = [float(v) for v in re.findall(r'^edgeflow_gateway_device_watermark_lag_seconds\{[^}]+\} (\S+)$', text, re.M)]
     assert lags == sorted(lags) and lags[-1] - lags[0] > 390  # 100 s apart, by device
+
+
+def test_a_scrape_from_the_endpoints_thread_survives_devices_added_meanwhile(tmp_path):
+    """The metrics endpoint runs in prometheus_client's thread and reads the event loop's dicts;
+    with the GIL switching every 0.5 ms a storm's new device can arrive mid-scrape. Iterating the
+    live dict then raised 'dictionary changed size during iteration' and the scrape failed."""
+    import asyncio
+    from prometheus_client import generate_latest
+    from gateway import metrics
+    from gateway.service import Gateway
+    from tools.bench_compare import MemIngest
+    from tools.bench_storm import NOW
+    from tools.bench_storm_inproc import config, workload
+
+    msgs = workload("storm", 5, 50)
+    cfg = config(str(tmp_path))
+
+    async def go():
+        gw = Gateway(cfg, ingest_factory=lambda c, s: MemIngest(msgs, c, s))
+        task = asyncio.ensure_future(gw.run())
+        for _ in range(1000):  # at most 10 s
+            await asyncio.sleep(0.01)
+            if task.done():
+                task.result()
+            if gw.stats.readings >= 250:
+                break
+        wm = gw.watermarks
+        real, added = wm.lag, []
+
+        def lag(dev, now):  # a device arrives while the scrape walks the devices
+            if not added:
+                added.append(wm.observe("late-comer", NOW, 0))
+            return real(dev, now)
+
+        wm.lag = lag
+        try:
+            text = await asyncio.get_running_loop().run_in_executor(None, generate_latest, metrics.registry(gw))
+        finally:
+            del wm.lag
+        gw.stop()
+        await task
+        return text.decode(), added
+
+    text, added = asyncio.run(go())
+    assert added
+    assert re.search(r"^edgeflow_gateway_device_watermark_lag_devices 5\.0$", text, re.M)  # the copy it walked
