@@ -198,16 +198,38 @@ def test_healthz_fails_when_no_commit_succeeds_with_work_pending(tmp_path):
     asyncio.run(go())
 
 
+def _inproc_scrape(cfg, msgs, readings, scrape):
+    """Runs a gateway on msgs (no MQTT) until `readings` are processed, then returns
+    await scrape(gw), the exposition text."""
+    import asyncio
+    from gateway.service import Gateway
+    from tools.bench_compare import MemIngest
+
+    async def go():
+        gw = Gateway(cfg, ingest_factory=lambda c, s: MemIngest(msgs, c, s))
+        task = asyncio.ensure_future(gw.run())
+        for _ in range(1000):  # at most 10 s
+            await asyncio.sleep(0.01)
+            if task.done():
+                task.result()
+            if gw.stats.readings >= readings:
+                break
+        try:
+            return await scrape(gw)
+        finally:
+            gw.stop()
+            await task
+
+    return asyncio.run(go())
+
+
 def test_per_device_lag_gauges_show_only_the_most_lagging_devices(tmp_path):
     """metrics.device_series_max: a series per device of a 10,000-device fleet made each scrape
     1.4 MB and 0.3-0.4 s of the gateway's CPU. The N most lagging devices are exported (what the
     dashboard's topk shows), the count of all devices with a lag beside them."""
-    import asyncio
     from prometheus_client import generate_latest
     from shared import wire
     from gateway import metrics
-    from gateway.service import Gateway
-    from tools.bench_compare import MemIngest
     from tools.bench_storm import NOW, encode_batch
     from tools.bench_storm_inproc import T, config
 
@@ -223,21 +245,10 @@ def test_per_device_lag_gauges_show_only_the_most_lagging_devices(tmp_path):
         os.makedirs(os.path.dirname(cfg["store"]["path"]), exist_ok=True)
         cfg["metrics"]["device_series_max"] = series_max
 
-        async def go():
-            gw = Gateway(cfg, ingest_factory=lambda c, s: MemIngest(msgs, c, s))
-            task = asyncio.ensure_future(gw.run())
-            for _ in range(1000):  # at most 10 s
-                await asyncio.sleep(0.01)
-                if task.done():
-                    task.result()
-                if gw.stats.readings >= 250:
-                    break
-            text = generate_latest(metrics.registry(gw)).decode()
-            gw.stop()
-            await task
-            return text
+        async def text(gw):
+            return generate_latest(metrics.registry(gw)).decode()
 
-        return asyncio.run(go())
+        return _inproc_scrape(cfg, msgs, 250, text)
 
     for series_max, shown in ((2, ["s00003", "s00004"]), (100, ["s0000%d" % i for i in range(5)])):
         text = scrape(series_max)
@@ -255,25 +266,14 @@ def test_a_scrape_from_the_endpoints_thread_survives_devices_added_meanwhile(tmp
     import asyncio
     from prometheus_client import generate_latest
     from gateway import metrics
-    from gateway.service import Gateway
-    from tools.bench_compare import MemIngest
     from tools.bench_storm import NOW
     from tools.bench_storm_inproc import config, workload
 
-    msgs = workload("storm", 5, 50)
-    cfg = config(str(tmp_path))
+    added = []
 
-    async def go():
-        gw = Gateway(cfg, ingest_factory=lambda c, s: MemIngest(msgs, c, s))
-        task = asyncio.ensure_future(gw.run())
-        for _ in range(1000):  # at most 10 s
-            await asyncio.sleep(0.01)
-            if task.done():
-                task.result()
-            if gw.stats.readings >= 250:
-                break
+    async def scrape_while_a_device_arrives(gw):
         wm = gw.watermarks
-        real, added = wm.lag, []
+        real = wm.lag
 
         def lag(dev, now):  # a device arrives while the scrape walks the devices
             if not added:
@@ -281,14 +281,12 @@ def test_a_scrape_from_the_endpoints_thread_survives_devices_added_meanwhile(tmp
             return real(dev, now)
 
         wm.lag = lag
-        try:
-            text = await asyncio.get_running_loop().run_in_executor(None, generate_latest, metrics.registry(gw))
+        try:  # in another thread, as prometheus_client's endpoint
+            return (await asyncio.get_running_loop().run_in_executor(None, generate_latest,
+                                                                     metrics.registry(gw))).decode()
         finally:
             del wm.lag
-        gw.stop()
-        await task
-        return text.decode(), added
 
-    text, added = asyncio.run(go())
+    text = _inproc_scrape(config(str(tmp_path)), workload("storm", 5, 50), 250, scrape_while_a_device_arrives)
     assert added
     assert re.search(r"^edgeflow_gateway_device_watermark_lag_devices 5\.0$", text, re.M)  # the copy it walked
