@@ -515,23 +515,28 @@ def _scrape(port, timeout):
     return got
 
 
-def gateway_counters(port):
-    """The admission's counters, scraped once after the storm (one scrape: no bias): credits
-    granted beyond the 7.2 M backlog are grants the devices could not use."""
+def scrape_between_phases(port):
+    """One scrape of the gateway's metrics, taken between phases only (a scrape is CPU the
+    gateway spends): the dict _scrape returns, or the OSError."""
     try:
-        got = _scrape(port, 5)
+        return _scrape(port, 5)
     except OSError as e:
-        return "(metrics: %s)" % e
+        return e
+
+
+def gateway_counters(got):
+    """The admission's counters in a scrape taken after the storm: credits granted beyond the
+    7.2 M backlog are grants the devices could not use."""
+    if isinstance(got, OSError):
+        return "(metrics: %s)" % got
     return ", ".join("%s %.0f" % (name, float(got[k])) for k, name in ADMISSION_COUNTERS if k in got)
 
 
-def commits(port):
-    """(checkpoints, seconds spent in their commits, acks sent) so far, from one metrics scrape, or None.
-    Scraped between phases only (a scrape with 10,000 devices costs the gateway CPU)."""
+def commits(got):
+    """(checkpoints, seconds spent in their commits, acks sent) in a scrape, or None."""
     try:
-        got = _scrape(port, 5)
         return tuple(float(got[k]) for k in ("checkpoint_seconds_count", "checkpoint_seconds_sum", "acks_total"))
-    except (OSError, KeyError, ValueError):
+    except (TypeError, KeyError, ValueError):
         return None
 
 
@@ -724,11 +729,12 @@ def main(argv=None):
         steady = []
         per_dev = -(-a.steady_readings // n_steady) if n_steady else 0
 
-        def steady_phase(prefix, when):
-            k0 = commits(metrics_port)
+        def steady_phase(prefix, when, k0=None):
+            if k0 is None:
+                k0 = commits(scrape_between_phases(metrics_port))
             with no_gc():
                 r = asyncio.run(bench.steady(site, n_steady, per_dev, a.timeout, prefix))
-            k1 = commits(metrics_port)
+            k1 = commits(scrape_between_phases(metrics_port))
             print("steady %s: %d connected devices x %d live readings: %d committed in %.1f s = %.0f readings/s, "
                   "gateway CPU %.2f us per reading (event loop %.2f), CPU %% gateway/broker/replayers %s, waiting for a "
                   "CPU %% (main threads) %s, load average %s" % (
@@ -742,7 +748,7 @@ def main(argv=None):
 
         if n_steady:
             steady_phase("l", "before")
-        k0 = commits(metrics_port)  # before the CPU marks: the scrape is not the storm's work
+        k0 = commits(scrape_between_phases(metrics_port))  # before the CPU marks: the scrape is not the storm's work
         gw_cpu0, gw_loop0 = proc_cpu_s(site.gateway.pid), _loop_cpu_s(site.gateway.pid)
         lo0 = _listen_overflows()
         cpu0 = time.process_time()
@@ -754,14 +760,15 @@ def main(argv=None):
         gw_cpu, br_cpu = proc_cpu_s(site.gateway.pid) - gw_cpu0, proc_cpu_s(site.broker.pid)
         gw_loop = _loop_cpu_s(site.gateway.pid) - gw_loop0
         me_cpu = time.process_time() - cpu0
-        k1 = commits(metrics_port)
+        after = scrape_between_phases(metrics_port)  # one scrape: the commits and the admission counters
+        k1 = commits(after)
         lo1 = _listen_overflows()
         print("storm done, load average %s; connects dropped by a full listen queue (whole machine): %s" % (
             _loadavg(), "-" if lo0 is None or lo1 is None else lo1 - lo0), flush=True)
-        print("gateway admission counters (whole run): %s" % gateway_counters(metrics_port), flush=True)
+        print("gateway admission counters (whole run): %s" % gateway_counters(after), flush=True)
         print("storm: %s" % commits_line(k0, k1, committed), flush=True)
         if n_steady:
-            steady_phase("m", "after")
+            steady_phase("m", "after", k1)  # the storm's closing scrape opens it
         gw_kb, br_kb = vm_hwm_kb(site.gateway.pid), vm_hwm_kb(site.broker.pid)
         me_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
         total = a.devices * a.backlog
