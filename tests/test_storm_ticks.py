@@ -116,3 +116,25 @@ def test_replayer_nice_lowers_the_benchs_autogroup_not_only_its_process_nice():
         assert "process nice" in out.stdout, out.stdout
     with open("/proc/self/autogroup") as f:
         assert f.read() == mine  # the test's own session untouched
+
+
+def test_bench_storm_inproc_sequence_runs_each_phase_after_the_one_before_is_committed(tmp_path, capsys):
+    """The short variant of `python tools/bench_storm_inproc.py sequence steady storm steady`:
+    one gateway, one database, each phase with devices of its own, queued only once every
+    message before it is committed, every reading stored exactly once."""
+    import sqlite3
+    from tools import bench_storm_inproc as bsi
+    res = bsi.sequence(["steady:4x300", "storm:30x120", "steady:4x300"], str(tmp_path))
+    out = capsys.readouterr().out
+    assert [(name, n) for name, n, _ in res] == [("1 steady 4 x 300", 1200), ("2 storm 30 x 120", 3600),
+                                                 ("3 steady 4 x 300", 1200)]
+    for name, n, (cpu, loop_cpu, sql_cpu, wrote, wall, ckpts, _ckpt_s) in res:
+        assert cpu > 0 and loop_cpu > 0 and sql_cpu > 0 and wrote > 0 and wall > 0 and ckpts >= 1, name
+        assert "phase %s = %d readings:" % (name, n) in out
+    db = sqlite3.connect(str(tmp_path / "gw.db"))
+    try:
+        rows = db.execute("SELECT substr(device, 1, 3), count(*), count(DISTINCT device || ' ' || boot || ' ' || seq) "
+                          "FROM readings GROUP BY 1 ORDER BY 1").fetchall()
+    finally:
+        db.close()
+    assert rows == [("l0-", 1200, 1200), ("l2-", 1200, 1200), ("s1-", 3600, 3600)]

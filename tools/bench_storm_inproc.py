@@ -6,6 +6,14 @@ CPU. Figures, not a test.
 
     python tools/bench_storm_inproc.py storm --devices 10000 --backlog 720
     python tools/bench_storm_inproc.py steady --devices 100 --backlog 14400
+
+`sequence` runs phases one after another in one gateway and one database, each phase with
+devices of its own, queued once the phase before is committed: how the cost per reading moves
+as the gateway's state and its database grow (tools/bench_storm.py's steady / storm / steady):
+
+    python tools/bench_storm_inproc.py sequence steady storm steady
+    python tools/bench_storm_inproc.py sequence steady steady steady steady
+    python tools/bench_storm_inproc.py sequence steady:100x14400 storm:1000x720
 """
 import argparse
 import asyncio
@@ -13,6 +21,7 @@ import os
 import shutil
 import sys
 import tempfile
+import threading
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -37,9 +46,9 @@ def config(d):
             "log": {"level": "warning"}, "limits": {"max_devices": 20000}}
 
 
-def workload(shape, devices, backlog, per_msg=50):
+def workload(shape, devices, backlog, per_msg=50, prefix=None):
     now = int(time.time() * 1000)
-    prefix = "s" if shape == "storm" else "l"
+    prefix = prefix or ("s" if shape == "storm" else "l")
     out = []
     for i in range(devices):
         dev = "%s%05d" % (prefix, i)
@@ -50,11 +59,13 @@ def workload(shape, devices, backlog, per_msg=50):
     if shape == "storm":  # one device after the other, its messages in a row
         for i in range(devices):
             for s0 in range(0, backlog, per_msg):
-                out.append((T.data("s%05d" % i), encode_batch("s%05d" % i, i, t_base, s0, min(per_msg, backlog - s0))))
+                dev = "%s%05d" % (prefix, i)
+                out.append((T.data(dev), encode_batch(dev, i, t_base, s0, min(per_msg, backlog - s0))))
     else:  # round robin, as the steady phase's devices send side by side
         for s0 in range(0, backlog, per_msg):
             for i in range(devices):
-                out.append((T.data("l%05d" % i), encode_batch("l%05d" % i, i, t_base, s0, min(per_msg, backlog - s0))))
+                dev = "%s%05d" % (prefix, i)
+                out.append((T.data(dev), encode_batch(dev, i, t_base, s0, min(per_msg, backlog - s0))))
     return out
 
 
@@ -76,13 +87,112 @@ async def _run(cfg, msgs, n):
     return p1 - p0, m1 - m0, w1 - w0
 
 
+def _thread_cpu(prefix):
+    """CPU seconds of the live threads whose name starts with prefix (the store's SQLite thread)."""
+    return sum(time.clock_gettime(time.pthread_getcpuclockid(t.ident)) for t in threading.enumerate()
+               if t.name.startswith(prefix) and t.ident is not None)
+
+
+def _written():
+    """Bytes this process has written (/proc/self/io wchar): the WAL and the checkpoints into
+    the database file."""
+    try:
+        with open("/proc/self/io") as f:
+            return next(int(ln.split()[1]) for ln in f if ln.startswith("wchar:"))
+    except (OSError, StopIteration):
+        return 0
+
+
+def _probe(gw):
+    s = gw.stats
+    return (time.process_time(), time.clock_gettime(time.CLOCK_THREAD_CPUTIME_ID), _thread_cpu("edgeflow-sqlite"),
+            _written(), time.perf_counter(), s.checkpoints, s.checkpoint_seconds)
+
+
+async def _run_phases(cfg, phases):
+    """phases: [(name, msgs, readings)], each queued once every message before it is committed.
+    Returns [(name, readings, deltas of _probe)]."""
+    ingest = []
+
+    def factory(c, s):
+        ingest.append(MemIngest([], c, s))
+        return ingest[0]
+
+    gw = Gateway(cfg, ingest_factory=factory)
+    task = asyncio.ensure_future(gw.run())
+    while not ingest or not ingest[0].connected.is_set():
+        await asyncio.sleep(0.005)
+        if task.done():
+            task.result()
+    ing = ingest[0]
+    ing.maxsize = max(10, sum(len(m) for _, m, _ in phases))
+    out, mid = [], 0
+    for name, msgs, n in phases:
+        a = _probe(gw)
+        now = time.monotonic()
+        ing.queue.extend((t.encode(), p, mid + i, 1, now) for i, (t, p) in enumerate(msgs))
+        mid += len(msgs)
+        ing.wake.set()
+        while ing.acked < mid:  # committed (the service pubacks a message once its checkpoint is)
+            await asyncio.sleep(0.002)
+            if task.done():
+                task.result()
+        out.append((name, n, [y - x for x, y in zip(a, _probe(gw))]))
+    gw.stop()
+    await task
+    return out
+
+
+def _phase(spec, k):
+    """'storm' / 'steady' / 'storm:DxB' -> (name, shape, devices, backlog, prefix)."""
+    shape, _, size = spec.partition(":")
+    if shape not in ("storm", "steady"):
+        raise SystemExit("phase %r: storm or steady, optionally :DEVICESxBACKLOG" % spec)
+    devices, backlog = (10000, 720) if shape == "storm" else (100, 14400)
+    if size:
+        try:
+            devices, backlog = (int(x) for x in size.split("x"))
+        except ValueError:
+            raise SystemExit("phase %r: the size is DEVICESxBACKLOG, e.g. storm:10000x720" % spec)
+    return shape, devices, backlog, "%s%d-" % ("s" if shape == "storm" else "l", k)
+
+
+def sequence(specs, directory=None):
+    """Runs the phases (specs: storm / steady / storm:DxB ...) and prints a line per phase; the
+    database goes in directory if given (kept), else in a temporary one."""
+    phases = []
+    for k, spec in enumerate(specs):
+        shape, devices, backlog, prefix = _phase(spec, k)
+        phases.append(("%d %s %d x %d" % (k + 1, shape, devices, backlog),
+                       workload(shape, devices, backlog, prefix=prefix), devices * backlog))
+    d = directory or tempfile.mkdtemp(prefix="edgeflow-inproc-")
+    try:
+        res = asyncio.run(_run_phases(config(d), phases))
+    finally:
+        if directory is None:
+            shutil.rmtree(d, ignore_errors=True)
+    for name, n, (cpu, loop_cpu, sql_cpu, wrote, wall, ckpts, ckpt_s) in res:
+        print("phase %s = %d readings: %.2f us of CPU per reading (event loop %.2f, SQLite thread %.2f), "
+              "%.0f readings/s, %.0f bytes written per reading, %d checkpoints (%.0f ms mean)"
+              % (name, n, 1e6 * cpu / n, 1e6 * loop_cpu / n, 1e6 * sql_cpu / n, n / wall, wrote / n, ckpts,
+                 1000 * ckpt_s / max(1, ckpts)), flush=True)
+    print("load average %s" % _loadavg())
+    return res
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("shape", choices=("storm", "steady"))
+    ap.add_argument("shape", choices=("storm", "steady", "sequence"))
+    ap.add_argument("phases", nargs="*", help="sequence: its phases in order (storm, steady, storm:DxB, ...)")
     ap.add_argument("--devices", type=int, default=None, help="default: 10000 (storm), 100 (steady)")
     ap.add_argument("--backlog", type=int, default=None, help="readings per device; default: 720 (storm), "
                                                               "14400 (steady)")
     a = ap.parse_args(argv)
+    if a.shape == "sequence":
+        sequence(a.phases or ["steady", "storm", "steady"])
+        return 0
+    if a.phases:
+        ap.error("phases are for sequence")
     devices = a.devices or (10000 if a.shape == "storm" else 100)
     backlog = a.backlog or (720 if a.shape == "storm" else 14400)
     msgs = workload(a.shape, devices, backlog)
