@@ -93,15 +93,23 @@ class MemIngest:
     """The service's ingest interface over pre-generated messages, all queued at once."""
 
     def __init__(self, msgs, cfg, stats):
-        now = time.monotonic()
-        self.queue = collections.deque((t.encode(), p, i, 1, now) for i, (t, p) in enumerate(msgs))
-        self.maxsize = max(10, len(self.queue))
+        self.queue = collections.deque()
+        self.maxsize = 10
+        self.mids = 0  # message ids handed out
         self.wake = asyncio.Event()
-        self.wake.set()
+        self.add(msgs)
         self.connected = asyncio.Event()
         self.paused = self.closing = False
         self.acked = self.published = 0
         self.t_start = None
+
+    def add(self, msgs):
+        """Queue [(topic, payload)] behind what is queued (QoS 1, received now)."""
+        now, m = time.monotonic(), self.mids
+        self.queue.extend((t.encode(), p, m + i, 1, now) for i, (t, p) in enumerate(msgs))
+        self.mids += len(msgs)
+        self.maxsize = max(self.maxsize, len(self.queue))
+        self.wake.set()
 
     async def start(self):
         self.t_start = time.perf_counter()  # processing starts right after this

@@ -125,15 +125,11 @@ async def _run_phases(cfg, phases):
         if task.done():
             task.result()
     ing = ingest[0]
-    ing.maxsize = max(10, sum(len(m) for _, m, _ in phases))
-    out, mid = [], 0
+    out = []
     for name, msgs, n in phases:
         a = _probe(gw)
-        now = time.monotonic()
-        ing.queue.extend((t.encode(), p, mid + i, 1, now) for i, (t, p) in enumerate(msgs))
-        mid += len(msgs)
-        ing.wake.set()
-        while ing.acked < mid:  # committed (the service pubacks a message once its checkpoint is)
+        ing.add(msgs)
+        while ing.acked < ing.mids:  # committed (the service pubacks a message once its checkpoint is)
             await asyncio.sleep(0.002)
             if task.done():
                 task.result()
@@ -144,7 +140,8 @@ async def _run_phases(cfg, phases):
 
 
 def _phase(spec, k):
-    """'storm' / 'steady' / 'storm:DxB' -> (name, shape, devices, backlog, prefix)."""
+    """'storm' / 'steady' / 'storm:DxB' (phase k of the sequence) -> (shape, devices, backlog,
+    device id prefix of its own)."""
     shape, _, size = spec.partition(":")
     if shape not in ("storm", "steady"):
         raise SystemExit("phase %r: storm or steady, optionally :DEVICESxBACKLOG" % spec)
@@ -153,7 +150,9 @@ def _phase(spec, k):
         try:
             devices, backlog = (int(x) for x in size.split("x"))
         except ValueError:
-            raise SystemExit("phase %r: the size is DEVICESxBACKLOG, e.g. storm:10000x720" % spec)
+            devices = 0
+        if not (1 <= devices <= 99999 and backlog >= 1):  # ids are prefix + 5 digits
+            raise SystemExit("phase %r: the size is DEVICESxBACKLOG, 1-99999 devices, e.g. storm:10000x720" % spec)
     return shape, devices, backlog, "%s%d-" % ("s" if shape == "storm" else "l", k)
 
 
