@@ -69,24 +69,6 @@ def workload(shape, devices, backlog, per_msg=50, prefix=None):
     return out
 
 
-async def _run(cfg, msgs, n):
-    gw = Gateway(cfg, ingest_factory=lambda c, s: MemIngest(msgs, c, s))
-    task = asyncio.ensure_future(gw.run())
-    while gw.ingest is None or not gw.ingest.connected.is_set():
-        await asyncio.sleep(0.005)
-        if task.done():
-            task.result()
-    p0, m0, w0 = time.process_time(), time.clock_gettime(time.CLOCK_THREAD_CPUTIME_ID), time.perf_counter()
-    while gw.stats.readings < n or not (gw._commit_task is None or gw._commit_task.done()):
-        await asyncio.sleep(0.002)
-        if task.done():
-            task.result()
-    p1, m1, w1 = time.process_time(), time.clock_gettime(time.CLOCK_THREAD_CPUTIME_ID), time.perf_counter()
-    gw.stop()
-    await task
-    return p1 - p0, m1 - m0, w1 - w0
-
-
 def _thread_cpu(prefix):
     """CPU seconds of the live threads whose name starts with prefix (the store's SQLite thread)."""
     return sum(time.clock_gettime(time.pthread_getcpuclockid(t.ident)) for t in threading.enumerate()
@@ -198,7 +180,8 @@ def main(argv=None):
     n = devices * backlog
     d = tempfile.mkdtemp(prefix="edgeflow-inproc-")
     try:
-        cpu, loop_cpu, wall = asyncio.run(_run(config(d), msgs, n))
+        [(_name, _n, (cpu, loop_cpu, _sql, _wrote, wall, _ck, _ck_s))] = asyncio.run(
+            _run_phases(config(d), [(a.shape, msgs, n)]))
     finally:
         shutil.rmtree(d, ignore_errors=True)
     print("%s: %d devices x %d readings = %d: %.2f us of CPU per reading (event loop %.2f), %.0f readings/s, "
