@@ -138,3 +138,15 @@ def test_bench_storm_inproc_sequence_runs_each_phase_after_the_one_before_is_com
     finally:
         db.close()
     assert rows == [("l0-", 1200, 1200), ("l2-", 1200, 1200), ("s1-", 3600, 3600)]
+
+
+def test_bench_storm_inproc_refuses_figures_of_a_phase_the_gateway_quarantined(tmp_path):
+    """More devices than the gateway's limit are quarantined (too_many_devices), which costs
+    next to nothing: the harness must stop instead of printing such a phase as cheap."""
+    import asyncio
+    from tools import bench_storm_inproc as bsi
+    cfg = bsi.config(str(tmp_path))
+    cfg["limits"]["max_devices"] = 2
+    phases = [("storm 3 x 50", bsi.workload("storm", 3, 50, prefix="q0-"), 150)]
+    with pytest.raises(SystemExit, match="quarantined"):
+        asyncio.run(bsi._run_phases(cfg, phases))

@@ -36,14 +36,15 @@ from tools.bench_storm import NOW, _loadavg, encode_batch  # noqa: E402
 T = wire.Topics("edgeflow")
 
 
-def config(d):
-    """tools/bench_storm.py's gateway (tools/fleet.Site) without MQTT."""
+def config(d, max_devices=20000):
+    """tools/bench_storm.py's gateway (tools/fleet.Site) without MQTT; max_devices: at least the
+    devices of every phase in one gateway (more are quarantined as too_many_devices)."""
     return {"mqtt": {"port": 1883, "queue_size": 1000},
             "store": {"path": os.path.join(d, "gw.db"), "synchronous": "FULL"},
             "watermark": {"out_of_orderness_ms": 5000, "idle_timeout_ms": 60000},
             "windows": {"size_ms": 60000, "allowed_lateness_ms": 60000}, "metrics": {"port": 0},
             "web": {"port": 0}, "security": {"insecure": True}, "dedup": {"max_boots": 4},
-            "log": {"level": "warning"}, "limits": {"max_devices": 20000}}
+            "log": {"level": "warning"}, "limits": {"max_devices": max_devices}}
 
 
 def workload(shape, devices, backlog, per_msg=50, prefix=None):
@@ -116,6 +117,10 @@ async def _run_phases(cfg, phases):
             if task.done():
                 task.result()
         out.append((name, n, [y - x for x, y in zip(a, _probe(gw))]))
+        if gw.stats.quarantined:  # a refused message is cheap: the phase's figures would be wrong
+            gw.stop()
+            await task
+            raise SystemExit("phase %s: the gateway quarantined messages %s" % (name, gw.stats.quarantined))
     gw.stop()
     await task
     return out
@@ -142,13 +147,15 @@ def sequence(specs, directory=None):
     """Runs the phases (specs: storm / steady / storm:DxB ...) and prints a line per phase; the
     database goes in directory if given (kept), else in a temporary one."""
     phases = []
+    devices_in_all = 0
     for k, spec in enumerate(specs):
         shape, devices, backlog, prefix = _phase(spec, k)
+        devices_in_all += devices
         phases.append(("%d %s %d x %d" % (k + 1, shape, devices, backlog),
                        workload(shape, devices, backlog, prefix=prefix), devices * backlog))
     d = directory or tempfile.mkdtemp(prefix="edgeflow-inproc-")
     try:
-        res = asyncio.run(_run_phases(config(d), phases))
+        res = asyncio.run(_run_phases(config(d, max(20000, devices_in_all)), phases))
     finally:
         if directory is None:
             shutil.rmtree(d, ignore_errors=True)
