@@ -109,20 +109,20 @@ async def _run_phases(cfg, phases):
             task.result()
     ing = ingest[0]
     out = []
-    for name, msgs, n in phases:
-        a = _probe(gw)
-        ing.add(msgs)
-        while ing.acked < ing.mids:  # committed (the service pubacks a message once its checkpoint is)
-            await asyncio.sleep(0.002)
-            if task.done():
-                task.result()
-        out.append((name, n, [y - x for x, y in zip(a, _probe(gw))]))
-        if gw.stats.quarantined:  # a refused message is cheap: the phase's figures would be wrong
-            gw.stop()
-            await task
-            raise SystemExit("phase %s: the gateway quarantined messages %s" % (name, gw.stats.quarantined))
-    gw.stop()
-    await task
+    try:
+        for name, msgs, n in phases:
+            a = _probe(gw)
+            ing.add(msgs)
+            while ing.acked < ing.mids:  # committed (the service pubacks a message once its checkpoint is)
+                await asyncio.sleep(0.002)
+                if task.done():
+                    task.result()
+            out.append((name, n, [y - x for x, y in zip(a, _probe(gw))]))
+            if gw.stats.quarantined:  # a refused message is cheap: the phase's figures would be wrong
+                raise SystemExit("phase %s: the gateway quarantined messages %s" % (name, gw.stats.quarantined))
+    finally:
+        gw.stop()
+        await task
     return out
 
 
@@ -188,7 +188,7 @@ def main(argv=None):
     d = tempfile.mkdtemp(prefix="edgeflow-inproc-")
     try:
         [(_name, _n, (cpu, loop_cpu, _sql, _wrote, wall, _ck, _ck_s))] = asyncio.run(
-            _run_phases(config(d), [(a.shape, msgs, n)]))
+            _run_phases(config(d, max(20000, devices)), [(a.shape, msgs, n)]))
     finally:
         shutil.rmtree(d, ignore_errors=True)
     print("%s: %d devices x %d readings = %d: %.2f us of CPU per reading (event loop %.2f), %.0f readings/s, "
