@@ -6,6 +6,7 @@ and a 10,000-device storm drained with a full token bucket and every replay slot
 (tools/bench_storm.py's progress lines: active 0, tokens 75,000, thousands waiting)."""
 import asyncio
 import os
+import re
 
 import pytest
 
@@ -64,17 +65,42 @@ def test_admission_ticks_and_grants_go_on_while_a_commit_is_in_flight(tmp_path):
 
 
 @pytest.mark.broker
-def test_bench_storm_short_run_is_exact_and_prints_the_ratio(tmp_path, capsys):
+def test_bench_storm_short_run_is_exact_and_prints_the_median_of_its_rounds(tmp_path, capsys):
     """The short variant of tools/bench_storm.py: steady phases before and after, a small storm
-    through the real mosquitto and gateway processes, every record exactly once."""
+    through the real mosquitto and gateway processes, every record exactly once; two rounds,
+    each in a fresh process with its own broker, gateway and database, and their median."""
     from tools import bench_storm
     rc = bench_storm.main(["--devices", "150", "--backlog", "60", "--jitter-s", "1", "--steady-devices", "5",
                            "--steady-readings", "5000", "--insecure", "--timeout", "120", "--stall-s", "30",
-                           "--dir", str(tmp_path / "storm")])
+                           "--dir", str(tmp_path / "storm"), "--rounds", "2"])
     out = capsys.readouterr().out
     assert rc == 0, out
-    assert "RESULT: OK (0 lost, 0 duplicated)" in out and "storm / steady (goal >= 0.8):" in out
-    assert out.count("5 connected devices x 1000 live readings: 5000 committed") == 2
+    assert out.count("RESULT: OK (0 lost, 0 duplicated)") == 2 and out.count("storm / steady (goal >= 0.8):") == 2
+    assert out.count("5 connected devices x 1000 live readings: 5000 committed") == 4
+    assert sorted(os.listdir(tmp_path / "storm")) == ["round-1", "round-2"]
+    summary = [x for x in out.splitlines() if x.startswith("rounds: 2;")]
+    assert len(summary) == 1 and summary[0].endswith("rounds with 0 lost and 0 duplicated: 2 of 2"), out
+    walls = re.search(r"by wall clock: ([0-9.]+) ([0-9.]+) -> median ([0-9.]+);", summary[0])
+    assert walls, summary[0]
+    a, b, m = map(float, walls.groups())
+    assert m == pytest.approx((a + b) / 2, abs=0.006)
+
+
+def test_bench_storm_rounds_summary_takes_the_median_and_counts_a_round_without_a_ratio_as_missing():
+    from tools import bench_storm
+    line = bench_storm.rounds_summary([0.79, 0.91, 0.85], [0.8, 0.9, 0.95], 3, 3)
+    assert "by wall clock: 0.79 0.91 0.85 -> median 0.85;" in line
+    assert "by gateway CPU per reading: 0.80 0.90 0.95 -> median 0.90;" in line
+    # a round that failed before its ratio: two ratios, median of those, and 1 of 3 not exact
+    line = bench_storm.rounds_summary([0.7, 0.9], [0.8, 0.9], 2, 3)
+    assert "0.70 0.90 -> median 0.80;" in line and "rounds with 0 lost and 0 duplicated: 2 of 3" in line
+    assert "by wall clock: none" in bench_storm.rounds_summary([], [], 0, 2)
+    assert bench_storm._strip_rounds(["--devices", "5", "--rounds", "3", "--rounds=4", "--insecure"]) == \
+        ["--devices", "5", "--insecure"]
+    assert bench_storm._RATIO.search(
+        "storm / steady (goal >= 0.8): 0.79 by wall clock (226855 / 286089 readings/s, steady before and after: "
+        "288424 283754), 0.82 by gateway CPU per reading (4.16 / 3.43 us; event loop 2.05 / 1.64)").groups() == \
+        ("0.79", "0.82")
 
 
 def test_bench_storm_encodes_exactly_what_the_wire_contract_does():
