@@ -95,8 +95,6 @@ def test_bench_storm_rounds_summary_takes_the_median_and_counts_a_round_without_
     line = bench_storm.rounds_summary([0.7, 0.9], [0.8, 0.9], 2, 3)
     assert "0.70 0.90 -> median 0.80;" in line and "rounds with 0 lost and 0 duplicated: 2 of 3" in line
     assert "by wall clock: none" in bench_storm.rounds_summary([], [], 0, 2)
-    assert bench_storm._strip_rounds(["--devices", "5", "--rounds", "3", "--rounds=4", "--insecure"]) == \
-        ["--devices", "5", "--insecure"]
     assert bench_storm._RATIO.search(
         "storm / steady (goal >= 0.8): 0.79 by wall clock (226855 / 286089 readings/s, steady before and after: "
         "288424 283754), 0.82 by gateway CPU per reading (4.16 / 3.43 us; event loop 2.05 / 1.64)").groups() == \

@@ -865,27 +865,17 @@ def rounds_summary(walls, cpus, ok, n):
             "rounds with 0 lost and 0 duplicated: %d of %d" % (n, part(walls), part(cpus), ok, n))
 
 
-def _strip_rounds(argv):
-    out, skip = [], False
-    for x in argv:
-        if skip:
-            skip = False
-        elif x == "--rounds":
-            skip = True
-        elif not x.startswith("--rounds="):
-            out.append(x)
-    return out
-
-
 def _rounds(argv, n, work_dir):
     """--rounds n: the bench n times, each in a fresh process (dying with this one), its output
     passed through, then rounds_summary(). Exit code 0 iff every round was exact."""
-    base = _strip_rounds(argv)
     walls, cpus, ok = [], [], 0
     for k in range(n):
         print("==== round %d of %d" % (k + 1, n), flush=True)
         extra = ["--dir", os.path.join(work_dir, "round-%d" % (k + 1))] if work_dir else []
-        p = popen([sys.executable, os.path.abspath(__file__)] + base + extra, stdout=subprocess.PIPE, text=True)
+        # the options as given, then what this round differs in (argparse: the last one counts, also over
+        # an abbreviation such as --round 5)
+        p = popen([sys.executable, os.path.abspath(__file__)] + list(argv) + extra + ["--rounds", "1"],
+                  stdout=subprocess.PIPE, text=True)
         try:
             for line in p.stdout:
                 print(line, end="", flush=True)
