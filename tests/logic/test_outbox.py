@@ -241,28 +241,45 @@ def test_power_cut_at_every_byte_offset():
             assert s > acked[1], (budget, s)
 
 
+def posix_fs_root():
+    """A directory of its own for a PosixFS test (MicroPython has no tempfile; two runs at once
+    must not share one): (its path, a function that removes it with what the test left in it)."""
+    import os
+    import random
+    root = "/tmp/edgeflow-ob-test-%08x" % random.getrandbits(30)
+    os.mkdir(root)
+
+    def remove():
+        for sub in ("ob", ""):
+            d = root + "/" + sub if sub else root
+            try:
+                for n in os.listdir(d):
+                    os.remove(d + "/" + n)
+                os.rmdir(d)
+            except OSError:
+                pass
+    return root, remove
+
+
 def test_posix_fs_roundtrip():
     import os
-    root = "/tmp/edgeflow_ob_test"
+    root, remove = posix_fs_root()
     try:
-        os.mkdir(root)
+        fs = PosixFS(root)
+        ob = _ob(fs, 1)
+        _fill(ob, 6, 1)
+        ob.flush()
+        ob.on_ack(1, 1)
+        ob.persist_acks()
+        ob2 = _ob(fs, 2)
+        assert [r[1] for r in _drain(ob2)] == [2, 3, 4, 5]
+    finally:
+        remove()
+    try:
+        os.stat(root)
+        assert False, "%s left behind" % root
     except OSError:
         pass
-    fs = PosixFS(root)
-    try:
-        for n in fs.listdir("ob"):
-            fs.remove("ob/" + n)
-    except OSError:
-        pass
-    ob = _ob(fs, 1)
-    _fill(ob, 6, 1)
-    ob.flush()
-    ob.on_ack(1, 1)
-    ob.persist_acks()
-    ob2 = _ob(fs, 2)
-    assert [r[1] for r in _drain(ob2)] == [2, 3, 4, 5]
-    for n in fs.listdir("ob"):
-        fs.remove("ob/" + n)
 
 
 def test_write_error_keeps_batch_and_uses_new_segment():
