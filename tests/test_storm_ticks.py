@@ -101,6 +101,20 @@ def test_bench_storm_rounds_summary_takes_the_median_and_counts_a_round_without_
         ("0.79", "0.82")
 
 
+def test_bench_storm_prints_no_cpu_ratio_from_phases_shorter_than_its_clock_resolution():
+    """/proc counts CPU in 10 ms ticks: a tiny run's steady phase measured 0 s and the bench
+    printed a CPU ratio of 0.00."""
+    from tools import bench_storm
+    tick = 1.0 / os.sysconf("SC_CLK_TCK")
+    assert bench_storm.cpu_ratio([0.0, 0.5, 0.4], 4e-6, 5e-6) == "n/a"
+    assert bench_storm.cpu_ratio([(bench_storm.MIN_CPU_TICKS - 1) * tick, 5.0, 5.0], 4e-6, 5e-6) == "n/a"
+    assert bench_storm.cpu_ratio([7.0, 30.0, 7.2], 4e-6, 5e-6) == "0.80"
+    assert bench_storm.cpu_ratio([7.0, 30.0, 7.2], 4e-6, 0) == "n/a"
+    m = bench_storm._RATIO.search("storm / steady (goal >= 0.8): 0.24 by wall clock (1 / 4 readings/s, steady "
+                                  "before and after: 4 4), n/a by gateway CPU per reading (1.00 / 0.00 us; ...)")
+    assert m.groups() == ("0.24", "n/a")
+
+
 def test_bench_storm_encodes_exactly_what_the_wire_contract_does():
     """The replayers build a message's pack from cached columns and slices (tools/bench_storm.py):
     every batch size, seq and device index must give wire.encode_readings' bytes, also past the

@@ -831,9 +831,9 @@ def main(argv=None):
             s_rate, s_cpu = sum(rates) / len(rates), sum(cpus) / len(cpus)
             st_rate, st_cpu = committed / drain, (gw_cpu or 0) / max(1, committed)
             print("storm / steady (goal >= 0.8): %.2f by wall clock (%.0f / %.0f readings/s, steady before and after: "
-                  "%s), %.2f by gateway CPU per reading (%.2f / %.2f us; event loop %.2f / %.2f)" % (
+                  "%s), %s by gateway CPU per reading (%.2f / %.2f us; event loop %.2f / %.2f)" % (
                       st_rate / s_rate, st_rate, s_rate, " ".join("%.0f" % x for x in rates),
-                      s_cpu / st_cpu if st_cpu else 0, 1e6 * st_cpu, 1e6 * s_cpu,
+                      cpu_ratio([r[2] for r in steady] + [gw_cpu or 0], s_cpu, st_cpu), 1e6 * st_cpu, 1e6 * s_cpu,
                       1e6 * gw_loop / max(1, committed), 1e6 * sum(r[4] / max(1, r[1]) for r in steady) / len(steady)))
         print("RESULT: %s" % ("OK (0 lost, 0 duplicated)" if ok else
                               "FAILED (%d devices stalled with %d records undelivered, %d duplicated rows)"
@@ -847,7 +847,17 @@ def main(argv=None):
 
 
 
-_RATIO = re.compile(r"storm / steady \(goal >= 0\.8\): ([0-9.]+) by wall clock .*?, ([0-9.]+) by gateway CPU")
+_RATIO = re.compile(r"storm / steady \(goal >= 0\.8\): ([0-9.]+) by wall clock .*?, ([0-9.]+|n/a) by gateway CPU")
+MIN_CPU_TICKS = 10  # a phase's gateway CPU below this many /proc clock ticks makes the CPU ratio mostly rounding
+
+
+def cpu_ratio(phase_cpu_s, steady_per_reading, storm_per_reading):
+    """The storm / steady ratio by gateway CPU per reading, as printed: n/a when any phase's gateway
+    CPU is under MIN_CPU_TICKS clock ticks (/proc counts CPU in ticks of 10 ms: a 50-device run's
+    steady phase measured 0 and printed 0.00)."""
+    if min(phase_cpu_s) * os.sysconf("SC_CLK_TCK") < MIN_CPU_TICKS or not storm_per_reading:
+        return "n/a"
+    return "%.2f" % (steady_per_reading / storm_per_reading)
 
 
 def _median(xs):
@@ -882,7 +892,8 @@ def _rounds(argv, n, work_dir):
                 m = _RATIO.search(line)
                 if m:
                     walls.append(float(m.group(1)))
-                    cpus.append(float(m.group(2)))
+                    if m.group(2) != "n/a":
+                        cpus.append(float(m.group(2)))
             ok += p.wait() == 0
         finally:
             if p.poll() is None:
