@@ -48,6 +48,7 @@ import resource
 import shutil
 import signal
 import sqlite3
+import statistics
 import struct
 import subprocess
 import sys
@@ -860,17 +861,11 @@ def cpu_ratio(phase_cpu_s, steady_per_reading, storm_per_reading):
     return "%.2f" % (steady_per_reading / storm_per_reading)
 
 
-def _median(xs):
-    xs = sorted(xs)
-    m = len(xs) // 2
-    return xs[m] if len(xs) % 2 else (xs[m - 1] + xs[m]) / 2
-
-
 def rounds_summary(walls, cpus, ok, n):
     """The --rounds figure: each round's ratios and their medians (a round that printed no ratio
     counts as missing, not as 0)."""
     def part(xs):
-        return "%s -> median %.2f" % (" ".join("%.2f" % x for x in xs), _median(xs)) if xs else "none"
+        return "%s -> median %.2f" % (" ".join("%.2f" % x for x in xs), statistics.median(xs)) if xs else "none"
     return ("rounds: %d; storm / steady (goal >= 0.8) by wall clock: %s; by gateway CPU per reading: %s; "
             "rounds with 0 lost and 0 duplicated: %d of %d" % (n, part(walls), part(cpus), ok, n))
 

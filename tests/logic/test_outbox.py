@@ -250,8 +250,7 @@ def posix_fs_root():
     os.mkdir(root)
 
     def remove():
-        for sub in ("ob", ""):
-            d = root + "/" + sub if sub else root
+        for d in (root + "/ob", root):
             try:
                 for n in os.listdir(d):
                     os.remove(d + "/" + n)
